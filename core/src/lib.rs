@@ -1,0 +1,15 @@
+//! Ambit's pure domain model.
+//!
+//! Everything here is a plain function over plain data: SPIFFE identities, the
+//! certificate authority's decisions (who may obtain which identity, how long a
+//! certificate lives) and the certificate manager's renewal schedule. The current time
+//! is always an argument.
+//!
+//! This crate must not open sockets, spawn tasks, read files or the environment, or
+//! depend on tokio: the IO crates (`net`, `ca` and the components) call into it.
+
+pub mod certificate;
+pub mod identity;
+pub mod renewal;
+
+pub use identity::{IdentityError, SpiffeId, TrustDomain};

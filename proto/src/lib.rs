@@ -1,0 +1,16 @@
+//! Ambit's wire types: the `.proto` files under `proto/` and the prost/tonic code
+//! generated from them, checked in under `src/gen/` so that building Ambit needs no
+//! `protoc` (a test fails when the two drift apart).
+//!
+//! No logic lives here: conversions into domain types belong to the crates that use
+//! them.
+
+/// Istio's certificate signing API (`istio.v1.auth.IstioCertificateService`).
+pub mod ca {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/istio.v1.auth.rs");
+
+    /// The request metadata key through which a node agent names the identity it asks
+    /// a certificate for.
+    pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+}
