@@ -1,0 +1,86 @@
+//! Wires a [`Config`] into a running CA: store → authority → authenticators → server.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ambit_core::certificate::ValidityLimits;
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::auth::{Authenticator, PeerCertificateAuthenticator, TokenAuthenticator};
+use crate::authority::CertificateAuthority;
+use crate::config::Config;
+use crate::server;
+use crate::service::CaService;
+use crate::store::{DirectoryStore, RootStore};
+
+/// Loads the CA from `store`, generating and saving a root when it holds none.
+pub fn load_or_create(
+    store: &dyn RootStore,
+    config: &Config,
+    now: SystemTime,
+) -> anyhow::Result<CertificateAuthority> {
+    let limits = ValidityLimits {
+        default_ttl: config.default_ttl,
+        max_ttl: config.max_ttl,
+        ..ValidityLimits::default()
+    };
+    anyhow::ensure!(
+        config.default_ttl <= config.max_ttl,
+        "--default-ttl {:?} exceeds --max-ttl {:?}",
+        config.default_ttl,
+        config.max_ttl
+    );
+    let material = match store.load()? {
+        Some(m) => {
+            tracing::info!(location = %store.location(), "loaded CA material");
+            m
+        }
+        None => {
+            let m = CertificateAuthority::generate_root(&config.trust_domain, now)?;
+            store.save(&m)?;
+            tracing::info!(location = %store.location(), "generated a new self-signed root");
+            m
+        }
+    };
+    CertificateAuthority::from_material(&material, config.trust_domain.clone(), limits, now)
+        .with_context(|| format!("CA material in {} is unusable", store.location()))
+}
+
+/// Runs the CA until `shutdown` completes. `on_listening` gets the bound address
+/// (useful with port 0).
+pub async fn run(
+    config: Config,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let store = DirectoryStore::new(&config.root_dir);
+    let ca = Arc::new(load_or_create(&store, &config, SystemTime::now())?);
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
+    if let Some(path) = &config.tokens {
+        let tokens = TokenAuthenticator::from_file(path)?;
+        tracing::info!(path = %path.display(), tokens = tokens.len(), "loaded bearer tokens");
+        authenticators.push(Arc::new(tokens));
+    } else {
+        tracing::warn!("no --tokens file: only callers holding a mesh certificate can be served");
+    }
+    authenticators.push(Arc::new(PeerCertificateAuthenticator));
+    let identity = config.control_identity()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, %identity, trust_domain = %config.trust_domain, "CA serving");
+    on_listening(addr);
+    let service = CaService::new(ca.clone(), authenticators);
+    server::serve(
+        listener,
+        ca,
+        service,
+        identity,
+        config.serving_dns_names(),
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The CA's network face: gRPC over TLS 1.3 (port 15012 by default). The client
+//! certificate is optional at the TLS layer — a first request carries only a token —
+//! but when one is presented it must chain to the mesh root, and its identity is
+//! handed to the service as [`PeerInfo`]. The serving certificate is issued by the
+//! CA itself for the control plane identity and rotated at half-life.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use ambit_core::renewal::RenewalPolicy;
+use ambit_core::SpiffeId;
+use ambit_net::tls::{self, CertSlot, ClientAuth, WorkloadCert};
+use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::authority::{CertificateAuthority, IssueError};
+use crate::service::CaService;
+
+/// How long a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Lifetime of the CA's own serving certificate.
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What the service learns about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: SocketAddr,
+    /// Identity of a verified client certificate, if one was presented.
+    pub identity: Option<SpiffeId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot issue the CA's serving certificate: {0}")]
+    ServingCert(#[from] IssueError),
+    #[error("serving certificate unusable: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// The serving certificate for `identity` and `dns_names`, freshly issued.
+pub fn serving_cert(
+    ca: &CertificateAuthority,
+    identity: &SpiffeId,
+    dns_names: &[String],
+    now: SystemTime,
+) -> Result<WorkloadCert, ServeError> {
+    let (chain, key) = ca.issue_own(identity, dns_names, SERVING_CERT_TTL, now)?;
+    let roots = vec![
+        CertificateDer::from_pem_slice(ca.root_pem().as_bytes()).map_err(|e| {
+            tls::TlsError::BadCertificatePem {
+                index: 0,
+                reason: e.to_string(),
+            }
+        })?,
+    ];
+    Ok(WorkloadCert::from_pem(&chain, &key, Some(roots))?)
+}
+
+/// Serves the CA on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    ca: Arc<CertificateAuthority>,
+    service: CaService,
+    identity: SpiffeId,
+    dns_names: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let cert = serving_cert(&ca, &identity, &dns_names, SystemTime::now())?;
+    let slot = CertSlot::new(&cert);
+    let config = tls::server_config(
+        slot.clone(),
+        cert.roots(),
+        ClientAuth::Optional(ca.trust_domain().clone()),
+    )?;
+    let rotation = tokio::spawn(rotate_serving_cert(ca, slot, identity, dns_names, cert));
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
+    let incoming = ReceiverStream::new(rx);
+    let result = tonic::transport::Server::builder()
+        .add_service(IstioCertificateServiceServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    accept.abort();
+    rotation.abort();
+    Ok(result?)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<io::Result<TlsConn>>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        // Handshakes run on their own tasks so a slow client never holds up others.
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| tls::identity_of(leaf).ok());
+                    let _ = tx
+                        .send(Ok(TlsConn {
+                            stream,
+                            info: PeerInfo { remote, identity },
+                        }))
+                        .await;
+                }
+                Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn rotate_serving_cert(
+    ca: Arc<CertificateAuthority>,
+    slot: Arc<CertSlot>,
+    identity: SpiffeId,
+    dns_names: Vec<String>,
+    mut current: WorkloadCert,
+) {
+    let policy = RenewalPolicy::default();
+    let mut failures = 0u32;
+    loop {
+        let at = policy.renew_at(current.not_before(), current.not_after(), rand::random());
+        let wait = if failures == 0 {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        } else {
+            policy.backoff(failures, rand::random())
+        };
+        tokio::time::sleep(wait).await;
+        match serving_cert(&ca, &identity, &dns_names, SystemTime::now()) {
+            Ok(cert) => {
+                slot.replace(&cert);
+                tracing::info!(not_after = ?cert.not_after(), "rotated serving certificate");
+                current = cert;
+                failures = 0;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::error!(error = %e, "cannot rotate serving certificate; keeping the current one");
+            }
+        }
+    }
+}
+
+/// A TLS connection plus what the handshake established about the peer.
+#[derive(Debug)]
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

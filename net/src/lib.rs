@@ -1,0 +1,8 @@
+//! Ambit's shared IO building blocks: mesh TLS (rustls configs and SPIFFE peer
+//! verification), the client of the CA's certificate API, and the certificate manager
+//! that keeps each workload identity's certificate fresh.
+//!
+//! This crate holds no component logic: it must not decide where traffic goes or
+//! whether it is allowed (that is `core`), and it must not depend on any component.
+
+pub mod tls;
