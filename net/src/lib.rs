@@ -5,4 +5,6 @@
 //! This crate holds no component logic: it must not decide where traffic goes or
 //! whether it is allowed (that is `core`), and it must not depend on any component.
 
+pub mod ca_client;
+pub mod cert_manager;
 pub mod tls;

@@ -1,0 +1,185 @@
+//! Client of the CA's `CreateCertificate` over TLS: the CA's serving certificate must
+//! chain to the mesh root and carry the control plane's identity. The caller proves
+//! who it is with a bearer token (a node agent also names the identity it wants in
+//! `ImpersonatedIdentity`) or, for renewal, with the certificate being renewed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::SpiffeId;
+use ambit_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use ambit_proto::ca::{IstioCertificateRequest, IMPERSONATED_IDENTITY};
+use futures::future::BoxFuture;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::tls::{self, WorkloadCert};
+
+/// One certificate request, as the certificate manager hands it to a source.
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    pub identity: SpiffeId,
+    pub csr_pem: String,
+    pub validity: Duration,
+    /// The certificate being renewed, usable as the client certificate.
+    pub current: Option<WorkloadCert>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach the CA at {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("CA refused ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("no credentials to request {0}: configure a token or hold a current certificate")]
+    NoCredentials(SpiffeId),
+    #[error("CA answer unusable: {0}")]
+    BadResponse(String),
+    #[error("cannot build a TLS client: {0}")]
+    Tls(String),
+}
+
+/// Where certificates come from. The gRPC client is the real one; tests may supply
+/// their own.
+pub trait CertificateSource: Send + Sync + std::fmt::Debug {
+    /// Returns the PEM chain, leaf first and root last.
+    fn fetch(&self, request: FetchRequest) -> BoxFuture<'_, Result<Vec<String>, FetchError>>;
+}
+
+/// How to reach and authenticate to the CA.
+#[derive(Debug, Clone)]
+pub struct CaClientConfig {
+    /// `host:port` of the CA.
+    pub address: String,
+    /// Identity the CA's serving certificate must carry.
+    pub ca_identity: SpiffeId,
+    /// Mesh roots the CA's certificate must chain to.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Bearer token, when the caller has one.
+    pub token: Option<String>,
+    /// Whether to name the requested identity in `ImpersonatedIdentity` (node agents).
+    pub impersonate: bool,
+    /// Deadline for one request, connection included.
+    pub timeout: Duration,
+}
+
+/// The CA's gRPC client.
+#[derive(Debug, Clone)]
+pub struct GrpcCaClient {
+    config: Arc<CaClientConfig>,
+    /// Reused for token-authenticated requests; mTLS requests need a connection that
+    /// presents the specific certificate being renewed.
+    token_channel: Option<Channel>,
+}
+
+impl GrpcCaClient {
+    pub fn new(config: CaClientConfig) -> Result<Self, FetchError> {
+        let config = Arc::new(config);
+        let token_channel = match config.token {
+            Some(_) => Some(channel(&config, None)?),
+            None => None,
+        };
+        Ok(GrpcCaClient {
+            config,
+            token_channel,
+        })
+    }
+
+    async fn request(&self, req: FetchRequest) -> Result<Vec<String>, FetchError> {
+        let cfg = &self.config;
+        let (channel, token) = match (&self.token_channel, &cfg.token, &req.current) {
+            (Some(ch), Some(token), _) => (ch.clone(), Some(token.as_str())),
+            (_, _, Some(current)) => (channel(cfg, Some(current))?, None),
+            _ => return Err(FetchError::NoCredentials(req.identity.clone())),
+        };
+        let mut fields = BTreeMap::new();
+        if cfg.impersonate && token.is_some() {
+            fields.insert(
+                IMPERSONATED_IDENTITY.to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(
+                        req.identity.to_string(),
+                    )),
+                },
+            );
+        }
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: req.csr_pem,
+            validity_duration: req.validity.as_secs() as i64,
+            metadata: Some(prost_types::Struct { fields }),
+        });
+        request.set_timeout(cfg.timeout);
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| FetchError::BadResponse("token is not valid ASCII metadata".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut client = IstioCertificateServiceClient::new(channel);
+        let response = tokio::time::timeout(cfg.timeout, client.create_certificate(request))
+            .await
+            .map_err(|_| FetchError::Connect {
+                address: cfg.address.clone(),
+                reason: format!("no answer within {:?}", cfg.timeout),
+            })?
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown
+                    if status.message().contains("transport") =>
+                {
+                    FetchError::Connect {
+                        address: cfg.address.clone(),
+                        reason: status.message().to_string(),
+                    }
+                }
+                code => FetchError::Refused {
+                    code,
+                    message: status.message().to_string(),
+                },
+            })?;
+        Ok(response.into_inner().cert_chain)
+    }
+}
+
+impl CertificateSource for GrpcCaClient {
+    fn fetch(&self, request: FetchRequest) -> BoxFuture<'_, Result<Vec<String>, FetchError>> {
+        Box::pin(self.request(request))
+    }
+}
+
+/// A lazily connecting channel whose connections are TLS to the CA, presenting
+/// `client_cert` when given.
+fn channel(
+    cfg: &Arc<CaClientConfig>,
+    client_cert: Option<&WorkloadCert>,
+) -> Result<Channel, FetchError> {
+    let tls_config = tls::client_config(client_cert, &cfg.roots, [cfg.ca_identity.clone()])
+        .map_err(|e| FetchError::Tls(e.to_string()))?;
+    let connector = TlsConnector::from(Arc::new(tls_config));
+    // TLS is done by the connector below, so the URI scheme is plain http to tonic.
+    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.address)).map_err(|e| {
+        FetchError::Connect {
+            address: cfg.address.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let endpoint = endpoint.connect_timeout(cfg.timeout);
+    let address = cfg.address.clone();
+    let connect = tower::service_fn(move |_: Uri| {
+        let connector = connector.clone();
+        let address = address.clone();
+        async move {
+            let tcp = TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            // The server name is unused: the verifier checks the SPIFFE identity.
+            let name = ServerName::try_from("ambit-ca.invalid")
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connect))
+}
