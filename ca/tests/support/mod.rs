@@ -94,3 +94,31 @@ pub fn secs_between(a: SystemTime, b: SystemTime) -> i64 {
 }
 
 pub const HOUR: Duration = Duration::from_secs(3600);
+
+pub const WORKLOAD_TOKEN: &str = "workload-token-0123456789";
+pub const AGENT_TOKEN: &str = "node-agent-token-0123456789";
+
+pub fn tokens_yaml() -> String {
+    format!(
+        "- token: \"{WORKLOAD_TOKEN}\"\n  identity: {CART}\n\
+         - token: \"{AGENT_TOKEN}\"\n  identity: {ZTUNNEL}\n  nodeAgent: true\n  node: node-a\n"
+    )
+}
+
+/// Client settings for a CA at `addr` whose root is in `root_dir`.
+pub fn client_config(
+    addr: std::net::SocketAddr,
+    root_dir: &std::path::Path,
+    token: Option<&str>,
+    impersonate: bool,
+) -> ambit_net::ca_client::CaClientConfig {
+    let root_pem = std::fs::read_to_string(root_dir.join("root-cert.pem")).unwrap();
+    ambit_net::ca_client::CaClientConfig {
+        address: addr.to_string(),
+        ca_identity: id(CONTROL),
+        roots: vec![der(&root_pem)],
+        token: token.map(String::from),
+        impersonate,
+        timeout: Duration::from_secs(10),
+    }
+}
