@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Ambit's whole test suite: formatting, lints, Rust unit/component/integration tests,
+# then the interoperability tests that call the real binaries from foreign clients
+# (Python grpcio). This is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build binaries"
+cargo build --workspace --bins --locked
+
+step "Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+    # nextest does not run doc tests.
+    cargo test --workspace --doc --locked
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
+
+step "interop tests (Python grpcio client against the real binaries)"
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+AMBIT_CA_BIN="$PWD/target/debug/ambit-ca" "$venv/bin/python" -m pytest -q tests/interop
