@@ -126,7 +126,7 @@ impl TokenAuthenticator {
 
     /// Parses the tokens file; `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, TokensFileError> {
-        let entries: Vec<TokenEntry> = serde_yaml::from_str::<Option<Vec<TokenEntry>>>(text)
+        let entries: Vec<TokenEntry> = serde_yaml_ng::from_str::<Option<Vec<TokenEntry>>>(text)
             .map_err(|e| TokensFileError::Parse {
                 path: origin.to_string(),
                 reason: e.to_string(),
