@@ -44,8 +44,13 @@ pub struct ParsedCsr {
 pub fn parse_csr(pem: &str) -> Result<ParsedCsr, CsrError> {
     let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| CsrError::NotPem(e.to_string()))?;
-    let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    parse_csr_der(der.as_ref())
+}
+
+/// Parses and verifies a DER CSR.
+pub fn parse_csr_der(der: &[u8]) -> Result<ParsedCsr, CsrError> {
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::TrailingData(rest.len()));
     }

@@ -11,8 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ambit_net::ca_client::{CertificateSource, FetchRequest, GrpcCaClient};
-use ambit_net::cert_manager::new_key_and_csr;
+use ambit_net::ca_client::GrpcCaClient;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ambit-ca");
@@ -119,16 +118,7 @@ async fn request(
 ) -> Vec<String> {
     let client =
         GrpcCaClient::new(client_config(p.addr, root_dir, Some(token), impersonate)).unwrap();
-    let (_, csr_pem) = new_key_and_csr(&id(identity)).unwrap();
-    client
-        .fetch(FetchRequest {
-            identity: id(identity),
-            csr_pem,
-            validity: HOUR,
-            current: None,
-        })
-        .await
-        .unwrap()
+    fetch_raw(&client, identity, None).await.unwrap()
 }
 
 #[tokio::test]

@@ -87,22 +87,6 @@ fn manager(config: CaClientConfig) -> CertificateManager {
     )
 }
 
-async fn fetch_raw(
-    client: &GrpcCaClient,
-    identity: &str,
-    current: Option<ambit_net::tls::WorkloadCert>,
-) -> Result<Vec<String>, FetchError> {
-    let (_, csr_pem) = new_key_and_csr(&id(identity)).unwrap();
-    client
-        .fetch(FetchRequest {
-            identity: id(identity),
-            csr_pem,
-            validity: HOUR,
-            current,
-        })
-        .await
-}
-
 #[tokio::test]
 async fn workload_token_gets_its_own_certificate_through_the_manager() {
     let ca = start().await;
@@ -280,4 +264,20 @@ async fn plaintext_client_gets_no_answer() {
     // And the CA still serves TLS clients afterwards.
     let good = GrpcCaClient::new(ca.client(Some(WORKLOAD_TOKEN), false)).unwrap();
     fetch_raw(&good, CART, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_ca_is_a_connect_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root-cert.pem"), new_ca().root_pem()).unwrap();
+    let client =
+        GrpcCaClient::new(client_config(addr, dir.path(), Some(WORKLOAD_TOKEN), false)).unwrap();
+    let err = fetch_raw(&client, CART, None).await.unwrap_err();
+    assert!(
+        matches!(&err, FetchError::Connect { address, .. } if *address == addr.to_string()),
+        "{err:?}"
+    );
 }

@@ -22,6 +22,8 @@ struct Outcome {
     version: Option<rustls::ProtocolVersion>,
     alpn: Option<Vec<u8>>,
     kx: Option<String>,
+    /// The leaf certificate the server presented.
+    server_leaf: CertificateDer<'static>,
 }
 
 /// Runs one handshake and a byte exchange; `Err` carries both sides' errors.
@@ -30,7 +32,16 @@ async fn handshake(
     auth: ClientAuth,
     client: rustls::ClientConfig,
 ) -> Result<Outcome, String> {
-    let server_cfg = tls::server_config(CertSlot::new(server), server.roots(), auth).unwrap();
+    handshake_with(CertSlot::new(server), server.roots(), auth, client).await
+}
+
+async fn handshake_with(
+    slot: Arc<CertSlot>,
+    roots: &[CertificateDer<'static>],
+    auth: ClientAuth,
+    client: rustls::ClientConfig,
+) -> Result<Outcome, String> {
+    let server_cfg = tls::server_config(slot, roots, auth).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(server_cfg));
@@ -80,6 +91,7 @@ async fn handshake(
             conn.alpn_protocol().map(|a| a.to_vec()),
             conn.negotiated_key_exchange_group()
                 .map(|g| format!("{:?}", g.name())),
+            conn.peer_certificates().unwrap()[0].clone().into_owned(),
         ))
     };
     let client_result = tokio::time::timeout(Duration::from_secs(10), client_side)
@@ -90,11 +102,12 @@ async fn handshake(
         .expect("server side hung")
         .unwrap();
     match (client_result, server_result) {
-        (Ok((version, alpn, kx)), Ok(client_identity)) => Ok(Outcome {
+        (Ok((version, alpn, kx, server_leaf)), Ok(client_identity)) => Ok(Outcome {
             client_identity,
             version,
             alpn,
             kx,
+            server_leaf,
         }),
         (c, s) => Err(format!("{:?} / {:?}", c.err(), s.err())),
     }
@@ -320,4 +333,23 @@ async fn tls12_only_client_is_refused() {
         err.contains("ProtocolVersion") || err.contains("protocol version"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn replaced_server_certificate_is_presented_by_new_handshakes() {
+    let ca = new_ca();
+    let first = issue(&ca, PAY);
+    let second = issue(&ca, PAY);
+    let client = issue(&ca, CART);
+    let slot = CertSlot::new(&first);
+    let cfg = || mesh_client(Some(&client), client.roots(), PAY);
+    let out = handshake_with(slot.clone(), first.roots(), required(), cfg())
+        .await
+        .unwrap();
+    assert_eq!(out.server_leaf, first.chain()[0]);
+    slot.replace(&second);
+    let out = handshake_with(slot, first.roots(), required(), cfg())
+        .await
+        .unwrap();
+    assert_eq!(out.server_leaf, second.chain()[0]);
 }

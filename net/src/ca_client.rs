@@ -126,19 +126,22 @@ impl GrpcCaClient {
                 address: cfg.address.clone(),
                 reason: format!("no answer within {:?}", cfg.timeout),
             })?
-            .map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown
-                    if status.message().contains("transport") =>
+            .map_err(|status| {
+                // Transport failures surface as Unavailable with the IO error as
+                // source; anything else is the CA's own answer.
+                if status.code() == tonic::Code::Unavailable
+                    && std::error::Error::source(&status).is_some()
                 {
                     FetchError::Connect {
                         address: cfg.address.clone(),
                         reason: status.message().to_string(),
                     }
+                } else {
+                    FetchError::Refused {
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    }
                 }
-                code => FetchError::Refused {
-                    code,
-                    message: status.message().to_string(),
-                },
             })?;
         Ok(response.into_inner().cert_chain)
     }

@@ -122,3 +122,21 @@ pub fn client_config(
         timeout: Duration::from_secs(10),
     }
 }
+
+/// Asks the CA through `client` for `identity` with a fresh key; returns the raw chain.
+pub async fn fetch_raw(
+    client: &ambit_net::ca_client::GrpcCaClient,
+    identity: &str,
+    current: Option<WorkloadCert>,
+) -> Result<Vec<String>, ambit_net::ca_client::FetchError> {
+    use ambit_net::ca_client::{CertificateSource, FetchRequest};
+    let (_, csr_pem) = key_and_csr(identity);
+    client
+        .fetch(FetchRequest {
+            identity: id(identity),
+            csr_pem,
+            validity: HOUR,
+            current,
+        })
+        .await
+}
