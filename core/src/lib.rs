@@ -2,13 +2,15 @@
 //!
 //! Everything here is a plain function over plain data: SPIFFE identities, the
 //! certificate authority's decisions (who may obtain which identity, how long a
-//! certificate lives) and the certificate manager's renewal schedule. The current time
-//! is always an argument.
+//! certificate lives), the certificate manager's renewal schedule, and HBONE's request
+//! semantics (CONNECT target, headers, refusal statuses). The current time and any
+//! randomness are always arguments.
 //!
 //! This crate must not open sockets, spawn tasks, read files or the environment, or
 //! depend on tokio: the IO crates (`net`, `ca` and the components) call into it.
 
 pub mod certificate;
+pub mod hbone;
 pub mod identity;
 pub mod renewal;
 
