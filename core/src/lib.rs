@@ -12,6 +12,8 @@
 pub mod certificate;
 pub mod hbone;
 pub mod identity;
+pub mod model;
+pub mod outbound;
 pub mod renewal;
 
 pub use identity::{IdentityError, SpiffeId, TrustDomain};

@@ -1,0 +1,304 @@
+//! The mesh model ztunnel works from: workloads (pods) and services, indexed for the
+//! lookups traffic needs (by IP, by VIP). It is built once per config change from
+//! whatever source supplies it (a local YAML file now, xDS later) and then only read.
+//!
+//! The YAML form (`MeshConfig`) is Ambit's own model format, camelCase:
+//!
+//! ```yaml
+//! workloads:
+//! - uid: shop/cart-7d9f
+//!   name: cart-7d9f
+//!   namespace: shop
+//!   serviceAccount: cart
+//!   node: node-a
+//!   ips: [10.1.0.5]
+//!   protocol: HBONE          # or TCP: not in the mesh, reached in plaintext
+//!   canonicalName: cart      # optional, for telemetry
+//!   canonicalRevision: v1
+//! services:
+//! - name: cart
+//!   namespace: shop
+//!   vips: [10.96.0.10]
+//!   ports: [{port: 80, targetPort: 8080}]
+//!   endpoints: [{workloadUid: shop/cart-7d9f}]
+//! ```
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{IdentityError, SpiffeId, TrustDomain};
+
+/// How a workload is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Protocol {
+    /// Enrolled and listening on 15008: reached over HBONE.
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Not in the mesh (or not yet captured): reached in plaintext.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub canonical_name: Option<String>,
+    #[serde(default)]
+    pub canonical_revision: Option<String>,
+    /// Kind and name of the owning workload (e.g. deployment `cart`), for telemetry.
+    #[serde(default)]
+    pub workload_kind: Option<String>,
+    #[serde(default)]
+    pub workload_name: Option<String>,
+    /// Unhealthy workloads are not picked as service endpoints.
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+}
+
+fn default_sa() -> String {
+    "default".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub workload_uid: String,
+    /// Per-endpoint target ports (service port -> target port), for named ports that
+    /// resolve differently per pod. Falls back to the service port's targetPort.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    /// Defaults to `<name>.<namespace>.svc.cluster.local`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// The whole model as a source supplies it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A workload with its identity resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub spec: WorkloadSpec,
+    pub identity: SpiffeId,
+}
+
+impl Workload {
+    pub fn uid(&self) -> &str {
+        &self.spec.uid
+    }
+
+    pub fn is_hbone(&self) -> bool {
+        self.spec.protocol == Protocol::Hbone
+    }
+
+    /// The workload's address in the same family as `like`, if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.spec
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub spec: ServiceSpec,
+    pub hostname: String,
+}
+
+impl Service {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.spec.namespace, self.spec.name)
+    }
+}
+
+/// Why a model cannot be built. Names the offending object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("workload {uid}: identity: {source}")]
+    Identity { uid: String, source: IdentityError },
+    #[error("workload uid {0} appears twice")]
+    DuplicateUid(String),
+    #[error("workload {uid} has no IP address")]
+    NoIp { uid: String },
+    #[error("IP {ip} belongs to both workload {first} and {second}")]
+    DuplicateIp {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+    #[error("service {service}: VIP {vip} is also {other}")]
+    DuplicateVip {
+        service: String,
+        vip: IpAddr,
+        other: String,
+    },
+    #[error("service {service}: port {port}: {reason}")]
+    BadPort {
+        service: String,
+        port: u16,
+        reason: &'static str,
+    },
+}
+
+/// The indexed, validated model.
+#[derive(Debug, Clone, Default)]
+pub struct MeshState {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl MeshState {
+    /// Validates and indexes `config`. Any error names the object at fault; the caller
+    /// decides whether to keep its previous state.
+    pub fn build(config: &MeshConfig, trust_domain: &TrustDomain) -> Result<Self, ModelError> {
+        let mut state = MeshState::default();
+        for spec in &config.workloads {
+            let identity =
+                SpiffeId::new(trust_domain.clone(), &spec.namespace, &spec.service_account)
+                    .map_err(|source| ModelError::Identity {
+                        uid: spec.uid.clone(),
+                        source,
+                    })?;
+            if spec.ips.is_empty() {
+                return Err(ModelError::NoIp {
+                    uid: spec.uid.clone(),
+                });
+            }
+            let w = Arc::new(Workload {
+                spec: spec.clone(),
+                identity,
+            });
+            if state
+                .workloads
+                .insert(spec.uid.clone(), w.clone())
+                .is_some()
+            {
+                return Err(ModelError::DuplicateUid(spec.uid.clone()));
+            }
+            for ip in &spec.ips {
+                if let Some(prev) = state.by_ip.insert(*ip, w.clone()) {
+                    return Err(ModelError::DuplicateIp {
+                        ip: *ip,
+                        first: prev.spec.uid.clone(),
+                        second: spec.uid.clone(),
+                    });
+                }
+            }
+        }
+        for spec in &config.services {
+            let hostname = spec
+                .hostname
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", spec.name, spec.namespace));
+            let svc = Arc::new(Service {
+                spec: spec.clone(),
+                hostname,
+            });
+            for p in &spec.ports {
+                if p.port == 0 || p.target_port == 0 {
+                    return Err(ModelError::BadPort {
+                        service: svc.key(),
+                        port: p.port,
+                        reason: "port and targetPort must be non-zero",
+                    });
+                }
+                if spec.ports.iter().filter(|q| q.port == p.port).count() > 1 {
+                    return Err(ModelError::BadPort {
+                        service: svc.key(),
+                        port: p.port,
+                        reason: "listed twice",
+                    });
+                }
+            }
+            for vip in &spec.vips {
+                let clash = state
+                    .by_vip
+                    .get(vip)
+                    .map(|s| format!("a VIP of service {}", s.key()))
+                    .or_else(|| {
+                        state
+                            .by_ip
+                            .get(vip)
+                            .map(|w| format!("the IP of workload {}", w.uid()))
+                    });
+                if let Some(other) = clash {
+                    return Err(ModelError::DuplicateVip {
+                        service: svc.key(),
+                        vip: *vip,
+                        other,
+                    });
+                }
+                state.by_vip.insert(*vip, svc.clone());
+            }
+            state.services.push(svc);
+        }
+        Ok(state)
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.iter()
+    }
+}
