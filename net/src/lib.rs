@@ -7,4 +7,5 @@
 
 pub mod ca_client;
 pub mod cert_manager;
+pub mod hbone;
 pub mod tls;

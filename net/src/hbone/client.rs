@@ -1,0 +1,138 @@
+//! Opening HBONE tunnels: the HTTP/2 client side of one mutual-TLS connection, which
+//! carries many tunnels (streams) at once. Pooling connections across tunnels is the
+//! caller's concern; this type only knows one connection.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ambit_core::hbone::{Baggage, Forwarded, HboneTarget, TraceParent};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{H2Settings, H2Stream};
+
+/// What to ask the far side for.
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    pub target: HboneTarget,
+    pub forwarded: Forwarded,
+    pub baggage: Baggage,
+    pub traceparent: Option<TraceParent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The far side answered with a refusal; `reason` is its `x-ambit-reason`.
+    #[error("HBONE CONNECT to {target} refused with {status}{}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    Refused {
+        target: HboneTarget,
+        status: u16,
+        reason: Option<String>,
+    },
+    #[error("HBONE connection failed: {0}")]
+    H2(#[from] h2::Error),
+    #[error("invalid CONNECT request: {0}")]
+    Request(#[from] http::Error),
+}
+
+impl TunnelError {
+    /// Stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::Refused { status: 401, .. } => "denied",
+            TunnelError::Refused { status: 503, .. } => "upstream_connect_failed",
+            TunnelError::Refused { .. } => "refused",
+            TunnelError::H2(_) => "hbone_connection_failed",
+            TunnelError::Request(_) => "bad_request",
+        }
+    }
+}
+
+/// One HBONE connection to a destination; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct HboneConnection {
+    send: SendRequest<Bytes>,
+    /// Tunnels currently open on this connection.
+    active: Arc<AtomicUsize>,
+}
+
+impl HboneConnection {
+    /// Runs the HTTP/2 handshake on an established TLS stream; the connection is driven
+    /// by a spawned task that ends when the connection closes.
+    pub async fn handshake<IO>(io: IO, settings: H2Settings) -> Result<Self, TunnelError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_concurrent_streams(settings.max_streams)
+            .max_frame_size(settings.max_frame_size)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HBONE connection ended");
+            }
+        });
+        Ok(HboneConnection {
+            send,
+            active: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Tunnels open right now.
+    pub fn active_tunnels(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Opens a tunnel; resolves once the far side answered 200.
+    pub async fn connect(&self, req: &OutboundRequest) -> Result<Tunnel, TunnelError> {
+        let mut builder = Request::builder()
+            .method(Method::CONNECT)
+            .uri(req.target.to_string())
+            .header("forwarded", req.forwarded.header_value());
+        let baggage = req.baggage.header_value();
+        if !baggage.is_empty() {
+            builder = builder.header("baggage", baggage);
+        }
+        if let Some(tp) = &req.traceparent {
+            builder = builder.header("traceparent", tp.header_value());
+        }
+        let request = builder.body(())?;
+        let mut send = self.send.clone().ready().await?;
+        let (response, stream) = send.send_request(request, false)?;
+        let response = response.await?;
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                target: req.target,
+                status: response.status().as_u16(),
+                reason: response
+                    .headers()
+                    .get("x-ambit-reason")
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from),
+            });
+        }
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Ok(Tunnel {
+            stream: H2Stream::new(stream, response.into_body()),
+            active: self.active.clone(),
+        })
+    }
+}
+
+/// An open tunnel; counts itself out of its connection when dropped.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub stream: H2Stream,
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,160 @@
+//! Terminating HBONE: runs the HTTP/2 server side of one mutual-TLS connection and, for
+//! each CONNECT, asks a handler for the upstream. The answer is `200` only once the
+//! handler has connected; a refusal is answered with its status (400/401/503) and
+//! never affects the connection's other tunnels.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, TraceParent};
+use ambit_core::SpiffeId;
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{H2Settings, H2Stream};
+
+/// A CONNECT the server accepted for consideration, parsed and typed.
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// The client's verified identity (from its certificate).
+    pub peer: SpiffeId,
+    /// Address of the TLS connection's remote end (the source node or pod).
+    pub peer_addr: SocketAddr,
+    pub target: HboneTarget,
+    pub forwarded: Option<Forwarded>,
+    pub baggage: Baggage,
+    pub traceparent: Option<TraceParent>,
+}
+
+/// What happened to one tunnel, for logs and metrics.
+#[derive(Debug, Clone)]
+pub struct TunnelOutcome {
+    pub request: InboundRequest,
+    /// Bytes from the client to the upstream, and back.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration: std::time::Duration,
+    pub error: Option<String>,
+}
+
+/// Decides and opens the upstream for each CONNECT; told how each tunnel ended.
+pub trait InboundHandler: Clone + Send + Sync + 'static {
+    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn connect(
+        &self,
+        request: &InboundRequest,
+    ) -> impl Future<Output = Result<Self::Upstream, ConnectRefusal>> + Send;
+    fn finished(&self, outcome: TunnelOutcome);
+    fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
+}
+
+/// Serves HBONE on one established TLS connection until the peer closes it. Each
+/// tunnel runs on its own task.
+pub async fn serve_connection<IO, H>(
+    io: IO,
+    peer: SpiffeId,
+    peer_addr: SocketAddr,
+    settings: H2Settings,
+    handler: H,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: InboundHandler,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_concurrent_streams(settings.max_streams)
+        .max_frame_size(settings.max_frame_size)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    while let Some(next) = conn.accept().await {
+        let (request, respond) = next?;
+        let handler = handler.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            serve_stream(request, respond, peer, peer_addr, handler).await;
+        });
+    }
+    Ok(())
+}
+
+async fn serve_stream<H: InboundHandler>(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SpiffeId,
+    peer_addr: SocketAddr,
+    handler: H,
+) {
+    let (parts, recv) = request.into_parts();
+    let inbound = match parse(&parts, peer, peer_addr) {
+        Ok(r) => r,
+        Err(refusal) => {
+            handler.refused(None, &refusal);
+            reply_refusal(&mut respond, &refusal);
+            return;
+        }
+    };
+    let mut upstream = match handler.connect(&inbound).await {
+        Ok(u) => u,
+        Err(refusal) => {
+            handler.refused(Some(&inbound), &refusal);
+            reply_refusal(&mut respond, &refusal);
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(_) => return, // peer went away meanwhile
+    };
+    let started = Instant::now();
+    let mut tunnel = H2Stream::new(send, recv);
+    let result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
+    let (bytes_in, bytes_out, error) = match result {
+        Ok((a, b)) => (a, b, None),
+        Err(e) => (0, 0, Some(e.to_string())),
+    };
+    handler.finished(TunnelOutcome {
+        request: inbound,
+        bytes_in,
+        bytes_out,
+        duration: started.elapsed(),
+        error,
+    });
+}
+
+fn parse(
+    parts: &http::request::Parts,
+    peer: SpiffeId,
+    peer_addr: SocketAddr,
+) -> Result<InboundRequest, ConnectRefusal> {
+    if parts.method != Method::CONNECT {
+        return Err(ConnectRefusal::NotConnect(parts.method.to_string()));
+    }
+    let authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let target = HboneTarget::parse_authority(authority)?;
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    Ok(InboundRequest {
+        peer,
+        peer_addr,
+        target,
+        // Telemetry headers are advisory: a malformed one is dropped, not fatal.
+        forwarded: header("forwarded").and_then(|v| Forwarded::parse(v).ok()),
+        baggage: header("baggage").map(Baggage::parse).unwrap_or_default(),
+        traceparent: header("traceparent").and_then(|v| v.parse().ok()),
+    })
+}
+
+fn reply_refusal(respond: &mut SendResponse<Bytes>, refusal: &ConnectRefusal) {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    // The reason helps whoever debugs the client side; it names no secrets.
+    if let Ok(v) = http::HeaderValue::from_str(refusal.reason()) {
+        response.headers_mut().insert("x-ambit-reason", v);
+    }
+    let _ = respond.send_response(response, true);
+}
