@@ -7,5 +7,7 @@
 
 pub mod ca_client;
 pub mod cert_manager;
+pub mod handoff;
 pub mod hbone;
+pub mod redirect;
 pub mod tls;

@@ -14,3 +14,12 @@ pub mod ca {
     /// a certificate for.
     pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 }
+
+/// The pod hand-off protocol between a node agent and ztunnel (`handoff.proto`).
+pub mod handoff {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/ambit.handoff.v1.rs");
+
+    /// The protocol version this build speaks.
+    pub const VERSION: u32 = 1;
+}
