@@ -1,0 +1,18 @@
+//! Ambit's node proxy (ztunnel).
+//!
+//! One ztunnel per node serves every enrolled pod on that node from inside the pod's
+//! network namespace: it receives pods from the node agent over the hand-off socket
+//! (`ambit_net::handoff`), opens 15001/15006/15008 in each, carries outbound traffic
+//! over HBONE (`ambit_net::hbone`) along the path `ambit_core::outbound` decides, and
+//! terminates inbound HBONE for its pods.
+//!
+//! Built so far: the model file source ([`model_file`]), Istio's TCP metrics
+//! ([`metrics`]) and the operations endpoints ([`admin`]). The proxy wiring and the
+//! binary come next.
+//!
+//! ztunnel must not make decisions itself (they are pure functions in `ambit_core`) and
+//! must not depend on another component.
+
+pub mod admin;
+pub mod metrics;
+pub mod model_file;
