@@ -14,5 +14,6 @@
 //! must not depend on another component.
 
 pub mod admin;
+pub mod config;
 pub mod metrics;
 pub mod model_file;
