@@ -12,6 +12,7 @@
 pub mod certificate;
 pub mod hbone;
 pub mod identity;
+pub mod inbound;
 pub mod model;
 pub mod outbound;
 pub mod renewal;
