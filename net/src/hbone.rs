@@ -7,6 +7,7 @@
 //! connection carries bulk transfers at full speed, and configurable.
 
 pub mod client;
+pub mod pool;
 pub mod server;
 
 use std::io;

@@ -9,5 +9,6 @@ pub mod ca_client;
 pub mod cert_manager;
 pub mod handoff;
 pub mod hbone;
+pub mod netns;
 pub mod redirect;
 pub mod tls;

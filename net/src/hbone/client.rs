@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use ambit_core::hbone::{Baggage, Forwarded, HboneTarget, TraceParent};
 use bytes::Bytes;
@@ -86,6 +87,24 @@ impl HboneConnection {
     /// Tunnels open right now.
     pub fn active_tunnels(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether no new tunnel can be opened here any more: the connection failed, the
+    /// peer closed it, or it sent GOAWAY. Tunnels already open may still be running.
+    /// A pool uses this to stop handing the connection out.
+    pub fn is_closed(&self) -> bool {
+        // A fresh handle has no stream waiting to open, so `poll_ready` only reports
+        // the connection's error state; it never waits and never keeps the waker.
+        let mut send = self.send.clone();
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(send.poll_ready(&mut cx), Poll::Ready(Err(_)))
+    }
+
+    /// Streams the far side lets this connection have open at once (its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; unlimited until its SETTINGS arrive). Beyond it
+    /// h2 queues new tunnels instead of failing them, so a pool must stay under it.
+    pub fn peer_max_streams(&self) -> usize {
+        self.send.current_max_send_streams()
     }
 
     /// Opens a tunnel; resolves once the far side answered 200.
