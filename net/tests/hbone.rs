@@ -324,3 +324,45 @@ async fn malformed_requests_from_a_foreign_client_get_400_and_405() {
         );
     }
 }
+
+#[tokio::test]
+async fn bytes_are_reported_even_when_the_upstream_resets() {
+    let s = setup().await;
+    // An upstream that reads 1000 bytes and then resets the connection. (Any reply
+    // it wrote first could be discarded by the kernel when the RST lands, so only the
+    // request direction is asserted exactly.)
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rude = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1000];
+        tcp.read_exact(&mut buf).await.unwrap();
+        // Zero linger: the close sends RST at once (nothing blocks).
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(tcp); // RST
+    });
+    let mut tunnel = s.conn.connect(&request(rude)).await.unwrap();
+    tunnel.stream.write_all(&[1u8; 1000]).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tunnel.stream.read_to_end(&mut rest).await;
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "the tunnel ends with the upstream"
+    );
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(o) = s.recorder.outcomes.lock().unwrap().first() {
+            assert!(o.error.is_some(), "the reset is reported: {o:?}");
+            assert_eq!(o.bytes_in, 1000, "{o:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no tunnel outcome reported"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -14,7 +14,7 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{H2Settings, H2Stream};
+use super::{Counted, H2Settings, H2Stream};
 
 /// A CONNECT the server accepted for consideration, parsed and typed.
 #[derive(Debug, Clone)]
@@ -111,18 +111,16 @@ async fn serve_stream<H: InboundHandler>(
         Err(_) => return, // peer went away meanwhile
     };
     let started = Instant::now();
-    let mut tunnel = H2Stream::new(send, recv);
+    // Counted on the tunnel side: read = client -> upstream, written = upstream ->
+    // client; kept even when the copy ends in an error.
+    let mut tunnel = Counted::new(H2Stream::new(send, recv));
     let result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
-    let (bytes_in, bytes_out, error) = match result {
-        Ok((a, b)) => (a, b, None),
-        Err(e) => (0, 0, Some(e.to_string())),
-    };
     handler.finished(TunnelOutcome {
         request: inbound,
-        bytes_in,
-        bytes_out,
+        bytes_in: tunnel.read(),
+        bytes_out: tunnel.written(),
         duration: started.elapsed(),
-        error,
+        error: result.err().map(|e| e.to_string()),
     });
 }
 
