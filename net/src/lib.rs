@@ -10,5 +10,6 @@ pub mod cert_manager;
 pub mod handoff;
 pub mod hbone;
 pub mod netns;
+pub mod process;
 pub mod redirect;
 pub mod tls;

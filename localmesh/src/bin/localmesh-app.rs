@@ -1,0 +1,307 @@
+//! The local mesh's test application, run inside pods:
+//!
+//! - `echo --port P`: TCP echo server. Logs `listening on ADDR` once bound and
+//!   `accepted from PEER` for each connection, so tests can check the source address
+//!   the app saw.
+//! - `http --port P [--name NAME]`: minimal HTTP/1.1 server answering every request
+//!   `200` with the body `pod=NAME client=PEER`, then closing.
+//! - `send --to ADDR --bytes N [--connections C]`: opens C connections (default 1),
+//!   sends N bytes on each, reads them back and checks them. Exit 0 when every byte came
+//!   back intact, 1 on a mismatch, 2 when a connection failed.
+//! - `get --to ADDR [--count K]`: K HTTP GETs, one per connection, printing each body.
+//!   Exit 0 when all answered 200, 1 otherwise, 2 when a connection failed.
+//!
+//! Raises its open-file limit to the hard limit, for thousands of connections.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const USAGE: &str = "usage: localmesh-app echo --port P | http --port P [--name NAME] \
+                     | send --to ADDR --bytes N [--connections C] | get --to ADDR [--count K]";
+
+/// The bytes `send` writes: position-dependent, so a reordered or shifted stream fails
+/// the check, and not a multiple of common buffer sizes.
+fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((mode, flags)) = parse(&args) else {
+        return usage();
+    };
+    // Thousands of concurrent connections need more than the default 1024 files. If
+    // raising fails, the connections past the limit fail and say why.
+    let _ = ambit_localmesh::raise_nofile_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    runtime.block_on(run(&mode, &flags))
+}
+
+async fn run(mode: &str, flags: &HashMap<String, String>) -> ExitCode {
+    match mode {
+        "echo" => match port(flags) {
+            Some(port) => served(echo(port).await),
+            None => usage(),
+        },
+        "http" => match port(flags) {
+            Some(port) => {
+                let name = flags
+                    .get("name")
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into());
+                served(http(port, name).await)
+            }
+            None => usage(),
+        },
+        "send" => match (
+            addr(flags),
+            number(flags, "bytes", None),
+            number(flags, "connections", Some(1)),
+        ) {
+            (Some(to), Some(bytes), Some(connections)) => send(to, bytes, connections).await,
+            _ => usage(),
+        },
+        "get" => match (addr(flags), number(flags, "count", Some(1))) {
+            (Some(to), Some(count)) => get(to, count).await,
+            _ => usage(),
+        },
+        _ => usage(),
+    }
+}
+
+fn usage() -> ExitCode {
+    eprintln!("{USAGE}");
+    ExitCode::from(64)
+}
+
+/// A server only returns when it failed.
+fn served(result: std::io::Result<()>) -> ExitCode {
+    if let Err(e) = result {
+        eprintln!("{e}");
+    }
+    ExitCode::from(2)
+}
+
+/// `MODE --key value ...`
+fn parse(args: &[String]) -> Option<(String, HashMap<String, String>)> {
+    let (mode, rest) = args.split_first()?;
+    if rest.len() % 2 != 0 {
+        return None;
+    }
+    let mut flags = HashMap::new();
+    for pair in rest.chunks(2) {
+        let key = pair[0].strip_prefix("--")?;
+        flags.insert(key.to_owned(), pair[1].clone());
+    }
+    Some((mode.clone(), flags))
+}
+
+fn port(flags: &HashMap<String, String>) -> Option<u16> {
+    flags.get("port")?.parse().ok()
+}
+
+fn addr(flags: &HashMap<String, String>) -> Option<SocketAddr> {
+    flags.get("to")?.parse().ok()
+}
+
+fn number(flags: &HashMap<String, String>, key: &str, default: Option<u64>) -> Option<u64> {
+    match flags.get(key) {
+        Some(v) => v.parse().ok(),
+        None => default,
+    }
+}
+
+async fn bind(port: u16) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    println!("listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+async fn echo(port: u16) -> std::io::Result<()> {
+    let listener = bind(port).await?;
+    loop {
+        let (mut stream, peer) = listener.accept().await?;
+        println!("accepted from {peer}");
+        tokio::spawn(async move {
+            let (mut rd, mut wr) = stream.split();
+            if let Err(e) = tokio::io::copy(&mut rd, &mut wr).await {
+                println!("connection from {peer}: {e}");
+            }
+            let _ = wr.shutdown().await;
+        });
+    }
+}
+
+async fn http(port: u16, name: String) -> std::io::Result<()> {
+    let listener = bind(port).await?;
+    let name: Arc<str> = name.into();
+    loop {
+        let (mut stream, peer) = listener.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            println!("request from {peer}");
+            let body = format!("pod={name} client={peer}\n");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Why one `send` connection failed: the exit code says which.
+enum SendFailure {
+    Connect(String),
+    Mismatch(String),
+}
+
+async fn send(to: SocketAddr, bytes: u64, connections: u64) -> ExitCode {
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(send_one(to, bytes)))
+        .collect();
+    let (mut ok, mut mismatches, mut failures) = (0u64, 0u64, 0u64);
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(SendFailure::Mismatch(e))) => {
+                mismatches += 1;
+                println!("mismatch: {e}");
+            }
+            Ok(Err(SendFailure::Connect(e))) => {
+                failures += 1;
+                println!("failed: {e}");
+            }
+            Err(e) => {
+                failures += 1;
+                println!("failed: {e}");
+            }
+        }
+    }
+    println!("{ok} of {connections} connections echoed {bytes} bytes intact to {to}");
+    if mismatches > 0 {
+        ExitCode::from(1)
+    } else if failures > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn send_one(to: SocketAddr, bytes: u64) -> Result<(), SendFailure> {
+    let io = |what: &str, e: std::io::Error| SendFailure::Connect(format!("{what} {to}: {e}"));
+    let stream = TcpStream::connect(to).await.map_err(|e| io("connect", e))?;
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(buf.len() as u64) as usize;
+            for (j, b) in buf[..n].iter_mut().enumerate() {
+                *b = pattern_byte(sent + j as u64);
+            }
+            wr.write_all(&buf[..n]).await?;
+            sent += n as u64;
+        }
+        wr.shutdown().await
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n = rd.read(&mut buf).await.map_err(|e| io("read from", e))?;
+        if n == 0 {
+            break;
+        }
+        for (j, b) in buf[..n].iter().enumerate() {
+            let at = received + j as u64;
+            if at >= bytes || *b != pattern_byte(at) {
+                return Err(SendFailure::Mismatch(format!(
+                    "byte {at} from {to} is {b}, expected {}",
+                    if at >= bytes {
+                        "nothing".to_owned()
+                    } else {
+                        pattern_byte(at).to_string()
+                    }
+                )));
+            }
+        }
+        received += n as u64;
+    }
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(io("write to", e)),
+        Err(e) => return Err(SendFailure::Connect(format!("writer: {e}"))),
+    }
+    if received != bytes {
+        return Err(SendFailure::Mismatch(format!(
+            "{to} echoed {received} of {bytes} bytes"
+        )));
+    }
+    Ok(())
+}
+
+async fn get(to: SocketAddr, count: u64) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    for _ in 0..count {
+        match get_one(to).await {
+            Ok((status, body)) => {
+                println!("{status} {}", body.trim_end());
+                if status != 200 {
+                    code = ExitCode::from(1);
+                }
+            }
+            Err(e) => {
+                println!("failed: GET {to}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    code
+}
+
+async fn get_one(to: SocketAddr) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(to).await?;
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad response: {text:?}"),
+        )
+    };
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
+}

@@ -1,0 +1,88 @@
+//! Process-level helpers for code that starts and supervises other processes (the local
+//! mesh, later the node agent): tying a child's life to its parent's, and raising the
+//! open-file limit for processes that hold many connections.
+//!
+//! This module must not: start processes itself or decide which ones to start.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::sys::prctl;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::Signal;
+use nix::unistd::{getpid, getppid};
+
+/// Makes the child that `cmd` starts get `SIGKILL` when its parent dies, so a killed
+/// test run leaves no processes behind (`PR_SET_PDEATHSIG`, kept across `exec` of
+/// programs that are not set-user-ID).
+///
+/// Linux delivers the signal when the *thread* that forked the child exits, not only
+/// when the whole process does: spawn from a thread that lives as long as the child
+/// should (not, for example, from a tokio blocking-pool thread, which exits when idle).
+///
+/// If the parent is already gone by the time the child sets the signal, the child
+/// does not run the program: spawning fails with `ESRCH`.
+#[allow(unsafe_code)]
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    let parent = getpid();
+    // SAFETY: the closure runs in the forked child before `exec`, where only
+    // async-signal-safe work is allowed: it makes two system calls (prctl, getppid),
+    // allocates nothing (errors are raw OS codes) and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died between fork and prctl: the signal would
+            // never come, since we were already reparented.
+            if getppid() != parent {
+                return Err(io::Error::from(Errno::ESRCH));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit (processes that
+/// open thousands of connections, such as load tests, need more than the usual 1024).
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_with_parent_death_signal_runs_normally() {
+        let mut cmd = Command::new("true");
+        let status = die_with_parent(&mut cmd).status().unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn child_is_killed_when_the_thread_that_spawned_it_exits() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            die_with_parent(&mut cmd).spawn().unwrap()
+        })
+        .join()
+        .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
+    }
+
+    #[test]
+    fn nofile_limit_is_raised_to_the_hard_limit() {
+        let raised = raise_nofile_limit().unwrap();
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!((soft, hard), (raised, raised));
+    }
+}
