@@ -57,6 +57,10 @@ impl InboundHandler for EchoHandler {
 
     async fn connect(&self, request: &InboundRequest) -> Result<DuplexStream, ConnectRefusal> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if request.target.port() == SILENT_PORT {
+            // Never answers: the upstream connect hangs forever.
+            std::future::pending::<()>().await;
+        }
         if !request.target.ip().is_loopback() {
             return Err(ConnectRefusal::NotLocal(request.target));
         }
@@ -163,6 +167,9 @@ impl Server {
         }
     }
 }
+
+/// CONNECTs to this port are never answered by the test server.
+const SILENT_PORT: u16 = 9;
 
 fn key(source: &str, destination: &[&str], addr: SocketAddr) -> PoolKey {
     PoolKey {
@@ -479,6 +486,42 @@ async fn a_refused_connect_is_returned_as_such_and_not_retried() {
     // A refusal says nothing bad about the connection: it stays and is reused.
     assert_eq!(echo_via(&pool, &key, &cert, b"ok").await, b"ok");
     assert_eq!(server.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_connect_without_answer_times_out_and_its_connection_is_evicted() {
+    let ca = TestCa::new();
+    let server = Server::start(&ca, PAY).await;
+    let cert = ca.issue(CART);
+    let key = key(CART, &[PAY], server.addr);
+    let pool = HbonePool::new(
+        PoolConfig {
+            response_timeout: Duration::from_millis(300),
+            ..config()
+        },
+        MeshConnector::new(),
+    );
+    let started = std::time::Instant::now();
+    let error = pool
+        .connect(&key, &cert, &request("127.0.0.1:9"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, PoolError::NoAnswer { .. }), "{error:?}");
+    assert_eq!(error.reason(), "hbone_no_answer");
+    assert!(
+        error.to_string().contains("no answer within 300ms"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(server.requests(), 1, "not retried");
+    assert_eq!(
+        pool.connections(&key),
+        0,
+        "the silent connection was evicted"
+    );
+    // The next tunnel gets a fresh connection and works.
+    assert_eq!(echo_via(&pool, &key, &cert, b"ok").await, b"ok");
+    assert_eq!(server.accepted(), 2);
 }
 
 #[tokio::test]

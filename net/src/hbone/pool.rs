@@ -86,6 +86,10 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Bound on TCP connect, TLS handshake and HTTP/2 handshake together.
     pub connect_timeout: Duration,
+    /// How long to wait for the far side's answer to a CONNECT. The far side answers
+    /// only after connecting to its upstream, so this must exceed its upstream connect
+    /// deadline; without it a silently dead peer would hang the client forever.
+    pub response_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -103,6 +107,8 @@ impl Default for PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            // Above the 10 s upstream connect deadline on the far side.
+            response_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -165,9 +171,22 @@ impl<C: Connector> HbonePool<C> {
         let mut retried = false;
         loop {
             let (id, conn, _reservation) = self.inner.checkout(key, cert).await?;
-            let error = match conn.connect(request).await {
-                Ok(tunnel) => return Ok(tunnel),
-                Err(e) => e,
+            let answer =
+                tokio::time::timeout(self.inner.config.response_timeout, conn.connect(request))
+                    .await;
+            let error = match answer {
+                Ok(Ok(tunnel)) => return Ok(tunnel),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    // The connection may be dead without anyone having noticed: keep
+                    // new tunnels off it. Not retried: the far side may have acted on
+                    // the request.
+                    self.inner.evict(key, id);
+                    return Err(PoolError::NoAnswer {
+                        key: key.clone(),
+                        after: self.inner.config.response_timeout,
+                    });
+                }
             };
             let retry = match &error {
                 TunnelError::H2(e) => {
@@ -233,6 +252,9 @@ pub enum PoolError {
     /// The caller passed a certificate for another identity than the key's source.
     #[error("certificate of {presented} cannot open connections to {key}")]
     WrongCertificate { key: PoolKey, presented: SpiffeId },
+    /// The far side did not answer the CONNECT in time.
+    #[error("HBONE CONNECT via {key} got no answer within {after:?}")]
+    NoAnswer { key: PoolKey, after: Duration },
 }
 
 impl PoolError {
@@ -242,6 +264,7 @@ impl PoolError {
             PoolError::Connect { source, .. } => source.reason(),
             PoolError::Tunnel { source, .. } => source.reason(),
             PoolError::WrongCertificate { .. } => "wrong_certificate",
+            PoolError::NoAnswer { .. } => "hbone_no_answer",
         }
     }
 
@@ -250,7 +273,8 @@ impl PoolError {
         match self {
             PoolError::Connect { key, .. }
             | PoolError::Tunnel { key, .. }
-            | PoolError::WrongCertificate { key, .. } => key,
+            | PoolError::WrongCertificate { key, .. }
+            | PoolError::NoAnswer { key, .. } => key,
         }
     }
 }
