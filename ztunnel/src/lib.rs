@@ -14,6 +14,9 @@
 //! must not depend on another component.
 
 pub mod admin;
+pub mod app;
 pub mod config;
 pub mod metrics;
 pub mod model_file;
+pub mod pods;
+pub mod proxy;

@@ -1,0 +1,156 @@
+//! Wires a [`Config`] into a running ztunnel: model source, certificate manager, the
+//! operations endpoints, and the hand-off socket through which pods arrive.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ambit_net::ca_client::{CaClientConfig, GrpcCaClient};
+use ambit_net::cert_manager::{CertificateManager, ManagerConfig, SystemClock};
+use ambit_net::handoff::{self, PacketListener};
+use ambit_net::hbone::H2Settings;
+use anyhow::Context;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpListener;
+
+use crate::admin::{self, Admin, Readiness, SetLogFilter};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model_file;
+use crate::pods::Pods;
+use crate::proxy::Shared;
+
+/// Runs ztunnel until `shutdown` completes, then drains open connections for up to the
+/// configured deadline.
+pub async fn run(
+    config: Config,
+    set_log_filter: SetLogFilter,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let readiness = Readiness::new();
+    let starting = readiness.block("startup");
+    let (model, _model_task) = model_file::watch_file(
+        config.model_file.clone(),
+        config.trust_domain.clone(),
+        config.model_poll,
+    )?;
+
+    let root_pem = std::fs::read_to_string(&config.ca_root)
+        .with_context(|| format!("--ca-root {}", config.ca_root.display()))?;
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(root_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!(
+                "--ca-root {}: not PEM certificates",
+                config.ca_root.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--ca-root {}: no certificate",
+        config.ca_root.display()
+    );
+    let token = std::fs::read_to_string(&config.ca_token_file)
+        .with_context(|| format!("--ca-token-file {}", config.ca_token_file.display()))?
+        .trim()
+        .to_string();
+    let ca = GrpcCaClient::new(CaClientConfig {
+        address: config.ca_address.clone(),
+        ca_identity: config.ca_identity()?,
+        roots,
+        token: Some(token),
+        impersonate: true,
+        timeout: Duration::from_secs(10),
+    })?;
+    let certs = Arc::new(CertificateManager::new(
+        Arc::new(ca),
+        Arc::new(SystemClock),
+        ManagerConfig::default(),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared {
+        node: config.node.clone(),
+        cluster: config.cluster_id.clone(),
+        trust_domain: config.trust_domain.clone(),
+        model: model.clone(),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+        settings: H2Settings {
+            stream_window: config.hbone_stream_window,
+            connection_window: config.hbone_connection_window,
+            max_streams: config.hbone_max_streams,
+            ..H2Settings::default()
+        },
+        picks: Default::default(),
+        active: Default::default(),
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))
+    };
+    let admin = Arc::new(Admin {
+        model,
+        certs,
+        set_log_filter,
+        log_filter: Mutex::new(config.log.clone()),
+    });
+    tokio::spawn(admin::serve(
+        bind(config.admin_addr).await?,
+        admin,
+        stopped(),
+    ));
+    tokio::spawn(admin::serve(
+        bind(config.metrics_addr).await?,
+        metrics,
+        stopped(),
+    ));
+    tokio::spawn(admin::serve(
+        bind(config.readiness_addr).await?,
+        readiness.clone(),
+        stopped(),
+    ));
+
+    if let Some(dir) = config.handoff_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    let listener = PacketListener::bind(&config.handoff_socket)?;
+    let pods = Pods::new(shared.clone());
+    let handoff_pods = pods.clone();
+    let handoff_task = tokio::spawn(async move {
+        if let Err(e) = handoff::serve(listener, &handoff_pods).await {
+            tracing::error!(error = %e, "hand-off socket failed");
+        }
+    });
+    drop(starting);
+    tracing::info!(node = %config.node, handoff = %config.handoff_socket.display(), "ztunnel ready");
+
+    shutdown.await;
+    // Drain: stop taking pods and new connections, let open ones finish.
+    tracing::info!(active = shared.active.load(Ordering::Relaxed), "draining");
+    handoff_task.abort();
+    for uid in ambit_net::handoff::HandoffHandler::served(&pods) {
+        if let Some(pod) = pods.get(&uid) {
+            pod.stop();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + config.drain_deadline;
+    while shared.active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(true);
+    tracing::info!(
+        left = shared.active.load(Ordering::Relaxed),
+        "ztunnel stopped"
+    );
+    Ok(())
+}

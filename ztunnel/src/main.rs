@@ -1,0 +1,57 @@
+use std::io::IsTerminal;
+
+use ambit_ztunnel::config::Config;
+use clap::Parser;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{reload, EnvFilter};
+
+fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    match run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ztunnel: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&config.log)?);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+    let set_filter = Box::new(move |f: &str| {
+        let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(new).map_err(|e| e.to_string())
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(ambit_ztunnel::app::run(
+        config,
+        set_filter,
+        shutdown_signal(),
+    ))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("SIGTERM: shutting down");
+}

@@ -1,0 +1,258 @@
+//! The pods this ztunnel serves, each from inside its own network namespace.
+//!
+//! When the node agent hands a pod over (`ambit_net::handoff`), ztunnel fetches the
+//! pod's certificate (node-agent impersonation), then opens three listeners in the
+//! pod's namespace: 15001 (outbound capture), 15006 (inbound plaintext, TPROXY) and
+//! 15008 (inbound HBONE). Removing the pod closes them. The traffic paths themselves
+//! are in [`crate::proxy`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use ambit_core::hbone::HBONE_PORT;
+use ambit_core::SpiffeId;
+use ambit_net::handoff::HandoffHandler;
+use ambit_net::hbone::pool::{HbonePool, MeshConnector, PoolConfig};
+use ambit_net::netns::{ConnectOpts, ListenOpts, NetnsHandle};
+use ambit_net::redirect::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ambit_net::tls::{self, CertSlot, ClientAuth};
+use ambit_proto::handoff::WorkloadInfo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::proxy::{self, Shared};
+
+/// One served pod.
+#[derive(Debug)]
+pub struct Pod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: SpiffeId,
+    pub netns: NetnsHandle,
+    pub pool: HbonePool<MeshConnector>,
+    /// Accept loops and certificate rotation; aborted when the pod is removed.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Pod {
+    /// Closes the pod's listeners; connections already open run to their end.
+    pub fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The registry of served pods; the hand-off protocol's handler.
+#[derive(Debug, Clone)]
+pub struct Pods {
+    shared: Arc<Shared>,
+    pods: Arc<Mutex<HashMap<String, Arc<Pod>>>>,
+}
+
+impl Pods {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Pods {
+            shared,
+            pods: Arc::default(),
+        }
+    }
+
+    pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
+        self.lock().get(uid).cloned()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Pod>>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn start(&self, uid: &str, info: &WorkloadInfo, netns: OwnedFd) -> Result<Pod, String> {
+        let shared = &self.shared;
+        let name = format!("pod {}/{}", info.namespace, info.name);
+        let netns =
+            NetnsHandle::from_fd(netns, name.clone()).map_err(|e| format!("{name}: {e}"))?;
+        let sa = if info.service_account.is_empty() {
+            "default"
+        } else {
+            &info.service_account
+        };
+        let identity = SpiffeId::new(shared.trust_domain.clone(), &info.namespace, sa)
+            .map_err(|e| format!("{name}: identity: {e}"))?;
+        let cert = shared
+            .certs
+            .fetch(&identity)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+
+        let listen = |addr: SocketAddr, transparent: bool| {
+            let netns = netns.clone();
+            async move {
+                let opts = ListenOpts {
+                    transparent,
+                    ..ListenOpts::default()
+                };
+                netns.listen(addr, opts).await
+            }
+        };
+        let mut listeners: Vec<(TcpListener, Role)> = Vec::new();
+        for (port, role, transparent) in [
+            (OUTBOUND_PORT, Role::Outbound, false),
+            (INBOUND_PLAINTEXT_PORT, Role::InboundPlaintext, true),
+            (HBONE_PORT, Role::InboundHbone, false),
+        ] {
+            let v4 = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), transparent)
+                .await
+                .map_err(|e| format!("{name}: {e}"))?;
+            listeners.push((v4, role));
+            // IPv6 where the pod has it; without it, the redirect rules drop IPv6.
+            if let Ok(v6) =
+                listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), transparent).await
+            {
+                listeners.push((v6, role));
+            }
+        }
+
+        let connect_ns = netns.clone();
+        let pool = HbonePool::new(
+            PoolConfig {
+                settings: shared.settings,
+                max_streams_per_connection: shared.settings.max_streams as usize,
+                ..PoolConfig::default()
+            },
+            MeshConnector::with_tcp(move |addr| {
+                let netns = connect_ns.clone();
+                async move { netns.connect(addr, ConnectOpts::default()).await }
+            }),
+        );
+        let slot = CertSlot::new(&cert);
+        let server_tls = Arc::new(
+            tls::server_config(
+                slot.clone(),
+                cert.roots(),
+                ClientAuth::Required(shared.trust_domain.clone()),
+            )
+            .map_err(|e| format!("{name}: {e}"))?,
+        );
+        let pod = Pod {
+            uid: uid.to_string(),
+            name: info.name.clone(),
+            namespace: info.namespace.clone(),
+            identity: identity.clone(),
+            netns,
+            pool,
+            tasks: Mutex::new(Vec::new()),
+        };
+        let tasks = self.spawn_tasks(&pod, listeners, server_tls, slot);
+        *pod.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        Ok(pod)
+    }
+
+    fn spawn_tasks(
+        &self,
+        pod: &Pod,
+        listeners: Vec<(TcpListener, Role)>,
+        server_tls: Arc<rustls::ServerConfig>,
+        slot: Arc<CertSlot>,
+    ) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let uid = pod.uid.clone();
+        for (listener, role) in listeners {
+            let shared = self.shared.clone();
+            let pods = self.clone();
+            let uid = uid.clone();
+            let server_tls = server_tls.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let (stream, peer) = match listener.accept().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(pod = %uid, error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Some(pod) = pods.get(&uid) else { return };
+                    let shared = shared.clone();
+                    let server_tls = server_tls.clone();
+                    tokio::spawn(async move {
+                        match role {
+                            Role::Outbound => proxy::outbound(&shared, &pod, stream, peer).await,
+                            Role::InboundPlaintext => {
+                                proxy::inbound_plaintext(&shared, &pod, stream, peer).await
+                            }
+                            Role::InboundHbone => {
+                                proxy::inbound_hbone(&shared, &pod, stream, peer, server_tls).await
+                            }
+                        }
+                    });
+                }
+            }));
+        }
+        // Present the renewed certificate on new inbound handshakes.
+        let mut watch = self.shared.certs.watch(&pod.identity);
+        tasks.push(tokio::spawn(async move {
+            while watch.changed().await.is_ok() {
+                if let Some(cert) = watch.borrow_and_update().cert.clone() {
+                    slot.replace(&cert);
+                }
+            }
+        }));
+        tasks
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Outbound,
+    InboundPlaintext,
+    InboundHbone,
+}
+
+impl HandoffHandler for Pods {
+    async fn add(&self, uid: &str, info: &WorkloadInfo, netns: OwnedFd) -> Result<(), String> {
+        if self.lock().contains_key(uid) {
+            // Re-added (node agent restart without keep): the namespace is the same pod's.
+            return Ok(());
+        }
+        let pod = self.start(uid, info, netns).await?;
+        tracing::info!(pod = %uid, identity = %pod.identity, "serving pod");
+        self.lock().insert(uid.to_string(), Arc::new(pod));
+        Ok(())
+    }
+
+    async fn remove(&self, uid: &str) -> Result<(), String> {
+        let removed = self.lock().remove(uid);
+        if let Some(pod) = removed {
+            pod.stop();
+            tracing::info!(pod = %uid, "no longer serving pod");
+            // Other pods may share the identity; only forget the certificate when none do.
+            let still_used = self.lock().values().any(|p| p.identity == pod.identity);
+            if !still_used {
+                self.shared.certs.forget(&pod.identity);
+            }
+        }
+        Ok(())
+    }
+
+    fn served(&self) -> BTreeSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+}

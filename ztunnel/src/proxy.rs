@@ -1,0 +1,355 @@
+//! The traffic paths of one pod: outbound (15001), inbound plaintext (15006) and
+//! inbound HBONE (15008). Decisions come from `ambit_core` (`outbound::route`,
+//! `inbound::local_target`); this module moves bytes and records metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
+use ambit_core::inbound::local_target;
+use ambit_core::model::Workload;
+use ambit_core::outbound::{route, OrigDst, OutboundRoute};
+use ambit_core::TrustDomain;
+use ambit_net::cert_manager::CertificateManager;
+use ambit_net::hbone::client::OutboundRequest;
+use ambit_net::hbone::pool::PoolKey;
+use ambit_net::hbone::server::{serve_connection, InboundHandler, InboundRequest, TunnelOutcome};
+use ambit_net::hbone::{Counted, H2Settings};
+use ambit_net::netns::{self, ConnectOpts};
+use ambit_net::tls;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::{ConnectionLabels, Metrics, PeerLabels, Reporter, SecurityPolicy};
+use crate::model_file::ModelSnapshot;
+use crate::pods::Pod;
+
+/// What every pod's traffic paths share.
+#[derive(Debug)]
+pub struct Shared {
+    pub node: String,
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    pub model: watch::Receiver<ModelSnapshot>,
+    pub certs: Arc<CertificateManager>,
+    pub metrics: Arc<Metrics>,
+    pub settings: H2Settings,
+    /// Round-robin counter for picking service endpoints.
+    pub picks: AtomicU64,
+    /// Connections being proxied now (for draining).
+    pub active: AtomicU64,
+}
+
+/// Counts a connection as active while alive.
+struct Active<'a>(&'a AtomicU64);
+
+impl<'a> Active<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Active(counter)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn workload_labels(shared: &Shared, w: Option<&Arc<Workload>>) -> PeerLabels {
+    w.map(|w| PeerLabels::from_workload(w, &shared.cluster))
+        .unwrap_or_else(PeerLabels::unknown)
+}
+
+fn random_trace() -> TraceParent {
+    TraceParent::from_random(rand::random(), rand::random())
+}
+
+/// An outbound connection captured on 15001.
+pub async fn outbound(shared: &Shared, pod: &Arc<Pod>, mut client: TcpStream, peer: SocketAddr) {
+    let _active = Active::new(&shared.active);
+    let orig = match netns::original_dst(&client) {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::debug!(pod = %pod.uid, %peer, error = %e, "connection to 15001 was not redirected; closing");
+            return;
+        }
+    };
+    let state = shared.model.borrow().state.clone();
+    let pick = shared.picks.fetch_add(1, Ordering::Relaxed);
+    let decided = match route(&state, OrigDst(orig), pick) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), error = %e, "outbound connection refused");
+            return;
+        }
+    };
+    let source_workload = state.workload(&pod.uid);
+    let source = workload_labels(shared, source_workload);
+    match decided {
+        OutboundRoute::Hbone(path) => {
+            let Some(cert) = shared.certs.cached(&pod.identity) else {
+                tracing::warn!(pod = %pod.uid, "no valid certificate; refusing outbound connection");
+                return;
+            };
+            let key = PoolKey {
+                source: pod.identity.clone(),
+                destination: [path.identity.clone()].into_iter().collect(),
+                addr: path.hbone_addr,
+            };
+            let baggage = Baggage {
+                cluster: Some(shared.cluster.clone()),
+                namespace: Some(pod.namespace.clone()),
+                workload: source_workload.map(|w| {
+                    (
+                        w.spec
+                            .workload_kind
+                            .clone()
+                            .unwrap_or_else(|| "pod".into())
+                            .to_lowercase(),
+                        w.spec
+                            .workload_name
+                            .clone()
+                            .unwrap_or_else(|| w.spec.name.clone()),
+                    )
+                }),
+                service: source_workload.and_then(|w| w.spec.canonical_name.clone()),
+                version: source_workload.and_then(|w| w.spec.canonical_revision.clone()),
+            };
+            let request = OutboundRequest {
+                target: path.target,
+                forwarded: Forwarded {
+                    for_addr: peer,
+                    host: path.service.as_ref().map(|s| s.hostname.clone()),
+                },
+                baggage,
+                traceparent: Some(random_trace()),
+            };
+            let destination = workload_labels(shared, Some(&path.workload));
+            let labels = ConnectionLabels::new(
+                Reporter::source,
+                &source,
+                &destination,
+                path.service.as_deref(),
+                SecurityPolicy::mutual_tls,
+            );
+            let mut tunnel = match pod.pool.connect(&key, &cert, &request).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, reason = e.reason(), error = %e, "HBONE connection failed");
+                    return;
+                }
+            };
+            shared.metrics.connection_opened(&labels);
+            let mut counted = Counted::new(&mut client);
+            let result = tokio::io::copy_bidirectional(&mut counted, &mut tunnel.stream).await;
+            shared
+                .metrics
+                .connection_closed(&labels, counted.read(), counted.written());
+            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, result = ?result.err(), "outbound HBONE connection closed");
+        }
+        OutboundRoute::Passthrough {
+            dst,
+            workload,
+            service,
+        } => {
+            let destination = workload_labels(shared, workload.as_ref());
+            let labels = ConnectionLabels::new(
+                Reporter::source,
+                &source,
+                &destination,
+                service.as_deref(),
+                SecurityPolicy::unknown,
+            );
+            let mut upstream = match pod.netns.connect(dst, ConnectOpts::default()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(pod = %pod.uid, %dst, error = %e, "passthrough connect failed");
+                    return;
+                }
+            };
+            shared.metrics.connection_opened(&labels);
+            let mut counted = Counted::new(&mut client);
+            let _ = tokio::io::copy_bidirectional(&mut counted, &mut upstream).await;
+            shared
+                .metrics
+                .connection_closed(&labels, counted.read(), counted.written());
+        }
+    }
+}
+
+/// Connects to the app in `pod` from `source`'s address (IP_TRANSPARENT), so the app sees
+/// the real client.
+async fn connect_app(
+    pod: &Pod,
+    target: SocketAddr,
+    source: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let opts = ConnectOpts {
+        bind_source: Some(SocketAddr::new(source.ip(), 0)),
+        ..ConnectOpts::default()
+    };
+    pod.netns.connect(target, opts).await
+}
+
+/// An inbound plaintext connection TPROXYed to 15006 (a client outside the mesh).
+pub async fn inbound_plaintext(
+    shared: &Shared,
+    pod: &Arc<Pod>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let _active = Active::new(&shared.active);
+    // With TPROXY the accepted socket's local address is the original destination.
+    let Ok(dst) = client.local_addr() else { return };
+    let state = shared.model.borrow().state.clone();
+    let target = ambit_core::hbone::HboneTarget::new(dst);
+    let workload = match local_target(&state, &shared.node, |uid| uid == pod.uid, target) {
+        Ok(w) => w.clone(),
+        Err(e) => {
+            tracing::info!(pod = %pod.uid, %peer, %dst, error = %e, "inbound plaintext connection refused");
+            return;
+        }
+    };
+    let source = workload_labels(shared, state.workload_by_ip(peer.ip()));
+    let destination = workload_labels(shared, Some(&workload));
+    let labels = ConnectionLabels::new(
+        Reporter::destination,
+        &source,
+        &destination,
+        None,
+        SecurityPolicy::unknown,
+    );
+    let mut app = match connect_app(pod, dst, peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(pod = %pod.uid, %dst, error = %e, "connect to app failed");
+            return;
+        }
+    };
+    shared.metrics.connection_opened(&labels);
+    let mut counted = Counted::new(&mut client);
+    let _ = tokio::io::copy_bidirectional(&mut counted, &mut app).await;
+    shared
+        .metrics
+        .connection_closed(&labels, counted.read(), counted.written());
+}
+
+/// An inbound HBONE connection on 15008: mutual TLS as the pod, then tunnels.
+pub async fn inbound_hbone(
+    shared: &Arc<Shared>,
+    pod: &Arc<Pod>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    server_tls: Arc<rustls::ServerConfig>,
+) {
+    let _active = Active::new(&shared.active);
+    let tls_stream = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        TlsAcceptor::from(server_tls).accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(pod = %pod.uid, %peer, error = %e, "inbound HBONE handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(pod = %pod.uid, %peer, "inbound HBONE handshake timed out");
+            return;
+        }
+    };
+    let Some(client_id) = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| tls::identity_of(c).ok())
+    else {
+        return;
+    };
+    let handler = PodInbound {
+        shared: shared.clone(),
+        pod: pod.clone(),
+    };
+    if let Err(e) = serve_connection(tls_stream, client_id, peer, shared.settings, handler).await {
+        tracing::debug!(pod = %pod.uid, %peer, error = %e, "inbound HBONE connection ended");
+    }
+}
+
+/// Opens the app connection for each accepted CONNECT and records the outcome.
+#[derive(Clone)]
+struct PodInbound {
+    shared: Arc<Shared>,
+    pod: Arc<Pod>,
+}
+
+impl PodInbound {
+    fn labels(&self, request: &InboundRequest) -> ConnectionLabels {
+        let state = self.shared.model.borrow().state.clone();
+        let client_ip = request
+            .forwarded
+            .as_ref()
+            .map_or(request.peer_addr.ip(), |f| f.for_addr.ip());
+        let source = match state.workload_by_ip(client_ip) {
+            Some(w) => PeerLabels::from_workload(w, &self.shared.cluster),
+            None => PeerLabels::from_baggage(&request.baggage, Some(request.peer.as_str())),
+        };
+        let destination = workload_labels(&self.shared, state.workload(&self.pod.uid));
+        ConnectionLabels::new(
+            Reporter::destination,
+            &source,
+            &destination,
+            None,
+            SecurityPolicy::mutual_tls,
+        )
+    }
+}
+
+impl InboundHandler for PodInbound {
+    type Upstream = TcpStream;
+
+    async fn connect(&self, request: &InboundRequest) -> Result<TcpStream, ConnectRefusal> {
+        let state = self.shared.model.borrow().state.clone();
+        local_target(
+            &state,
+            &self.shared.node,
+            |uid| uid == self.pod.uid,
+            request.target,
+        )?;
+        let source = request
+            .forwarded
+            .as_ref()
+            .map_or(request.peer_addr, |f| f.for_addr);
+        let app = connect_app(&self.pod, request.target.addr(), source)
+            .await
+            .map_err(|e| ConnectRefusal::UpstreamConnect {
+                target: request.target,
+                reason: e.to_string(),
+            })?;
+        self.shared.metrics.connection_opened(&self.labels(request));
+        Ok(app)
+    }
+
+    fn finished(&self, outcome: TunnelOutcome) {
+        let labels = self.labels(&outcome.request);
+        self.shared
+            .metrics
+            .connection_closed(&labels, outcome.bytes_in, outcome.bytes_out);
+        tracing::debug!(pod = %self.pod.uid, peer = %outcome.request.peer, target = %outcome.request.target, bytes_in = outcome.bytes_in, bytes_out = outcome.bytes_out, "inbound tunnel closed");
+    }
+
+    fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
+        tracing::info!(
+            pod = %self.pod.uid,
+            peer = %request.map(|r| r.peer.to_string()).unwrap_or_default(),
+            status = refusal.status(),
+            reason = refusal.reason(),
+            error = %refusal,
+            "inbound HBONE CONNECT refused"
+        );
+    }
+}
