@@ -6,9 +6,10 @@
 //! over HBONE (`ambit_net::hbone`) along the path `ambit_core::outbound` decides, and
 //! terminates inbound HBONE for its pods.
 //!
-//! Built so far: the model file source ([`model_file`]), Istio's TCP metrics
-//! ([`metrics`]) and the operations endpoints ([`admin`]). The proxy wiring and the
-//! binary come next.
+//! Pieces: [`config`] (flags), [`app`] (wiring and drain), [`pods`] (served pods and
+//! their listeners), [`proxy`] (the traffic paths), [`model_file`] (the model source),
+//! [`metrics`] (Istio's TCP metrics) and [`admin`] (admin, metrics and readiness
+//! endpoints).
 //!
 //! ztunnel must not make decisions itself (they are pure functions in `ambit_core`) and
 //! must not depend on another component.
