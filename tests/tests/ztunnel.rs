@@ -3,138 +3,237 @@
 //! installed in each enrolled pod, and pods handed to ztunnel over the hand-off socket.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::IpAddr;
-use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::time::Duration;
+mod support;
 
-use ambit_localmesh::{target_binary, LocalMesh, Pod, PodSpec, Process, Protocol};
-use ambit_net::handoff::HandoffClient;
-use ambit_net::redirect::{self, RedirectConfig};
-use ambit_proto::handoff::WorkloadInfo;
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-const DEADLINE: Duration = Duration::from_secs(30);
+use ambit_localmesh::{LocalMesh, Pod, PodSpec, Protocol, ServiceSpec, Signal};
+use support::{eventually, metric, Harness, DEADLINE};
 
-/// A mesh with a CA and one ztunnel per node, ready to enrol pods.
-struct Harness {
-    mesh: LocalMesh,
-    _ca: Process,
-    ztunnels: Vec<(String, Process, PathBuf)>,
-}
-
-fn bin(name: &str) -> PathBuf {
-    target_binary(name)
-        .unwrap_or_else(|e| panic!("{e}: build the binaries first (cargo build --bins)"))
-}
-
-impl Harness {
-    /// Builds the mesh, writes the model (with `hbone` pods marked HBONE), starts the
-    /// CA in the fabric namespace and a ztunnel in every node.
-    fn start(mesh: LocalMesh) -> Harness {
-        let dir = mesh.dir().to_path_buf();
-        let ca_dir = dir.join("ca");
-        let mut tokens = String::new();
-        for node in mesh.nodes() {
-            let token = format!("node-agent-token-for-{}", node.name());
-            std::fs::write(dir.join(format!("{}.token", node.name())), &token).unwrap();
-            tokens.push_str(&format!(
-                "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
-                node.name()
-            ));
-        }
-        std::fs::write(dir.join("tokens.yaml"), tokens).unwrap();
-        let ca_addr = format!("{}:15012", mesh.fabric_ip());
-        let ca = mesh
-            .spawn_in(
-                mesh.fabric(),
-                bin("ambit-ca"),
-                [
-                    "--root-dir",
-                    ca_dir.to_str().unwrap(),
-                    "--listen",
-                    &ca_addr,
-                    "--tokens",
-                    dir.join("tokens.yaml").to_str().unwrap(),
-                ],
-                &[],
-            )
-            .unwrap();
-        ca.wait_for_log("CA serving", DEADLINE).unwrap();
-        let model = mesh.write_model().unwrap();
-        let mut ztunnels = Vec::new();
-        for node in mesh.nodes() {
-            let socket = dir.join(format!("{}.sock", node.name()));
-            let z = mesh
-                .spawn_in(
-                    node.netns(),
-                    bin("ztunnel"),
-                    [
-                        "--node",
-                        node.name(),
-                        "--model-file",
-                        model.to_str().unwrap(),
-                        "--model-poll",
-                        "100ms",
-                        "--ca-address",
-                        &ca_addr,
-                        "--ca-root",
-                        ca_dir.join("root-cert.pem").to_str().unwrap(),
-                        "--ca-token-file",
-                        dir.join(format!("{}.token", node.name())).to_str().unwrap(),
-                        "--handoff-socket",
-                        socket.to_str().unwrap(),
-                        "--log",
-                        "info,ambit_ztunnel=debug",
-                    ],
-                    &[],
-                )
-                .unwrap();
-            z.wait_for_log("ztunnel ready", DEADLINE).unwrap();
-            ztunnels.push((node.name().to_string(), z, socket));
-        }
-        Harness {
-            mesh,
-            _ca: ca,
-            ztunnels,
-        }
-    }
-
-    fn ztunnel(&self, node: &str) -> &Process {
-        &self.ztunnels.iter().find(|(n, _, _)| n == node).unwrap().1
-    }
-
-    /// Installs the redirect rules in `pod` and hands it to its node's ztunnel, as the
-    /// node agent will.
-    async fn enrol(&self, pod: &Pod) {
-        let node = self.mesh.node(pod.node()).unwrap();
-        let gateway = IpAddr::V4(node.pod_cidr().host(1));
-        redirect::install(
-            pod.netns().path(),
-            &RedirectConfig {
-                probe_sources: vec![gateway],
-                ..RedirectConfig::default()
-            },
+/// A two-node mesh with an HBONE `client` pod on `client_node` and an HBONE `server`
+/// pod on `server_node`, both in namespace `shop`.
+fn client_server(client_node: &str, server_node: &str) -> (Harness, Pod, Pod) {
+    let mesh = LocalMesh::builder()
+        .nodes(["node-a", "node-b"])
+        .build()
+        .unwrap();
+    let client = mesh
+        .add_pod(
+            client_node,
+            PodSpec::new("shop", "client").service_account("client"),
         )
         .unwrap();
-        let socket = &self
-            .ztunnels
-            .iter()
-            .find(|(n, _, _)| n == pod.node())
-            .unwrap()
-            .2;
-        let client = HandoffClient::connect(socket).await.unwrap();
-        let ns = std::fs::File::open(pod.netns().path()).unwrap();
-        let info = WorkloadInfo {
-            name: pod.name().to_string(),
-            namespace: pod.namespace().to_string(),
-            service_account: pod.service_account().to_string(),
-        };
-        client.add(&pod.uid(), info, ns.as_fd()).await.unwrap();
-    }
+    let server = mesh
+        .add_pod(
+            server_node,
+            PodSpec::new("shop", "server").service_account("server"),
+        )
+        .unwrap();
+    mesh.set_protocol(&client, Protocol::Hbone).unwrap();
+    mesh.set_protocol(&server, Protocol::Hbone).unwrap();
+    (Harness::start(mesh), client, server)
+}
+
+/// Sends through both ztunnels and checks bytes, the source IP the app saw and that
+/// each side's ztunnel carried the connection over HBONE.
+async fn pod_to_pod_over_hbone(client_node: &str, server_node: &str, bytes: u64) {
+    let (h, client, server) = client_server(client_node, server_node);
+    let echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+
+    h.send_ok(&client, server.addr(8080), bytes, 1);
+    // The app saw the client pod's own address.
+    echo.wait_for_log(&format!("accepted from {}:", client.ip()), DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    // And it went out of the client's ztunnel over HBONE and into the server's.
+    let inbound = h
+        .ztunnel(server_node)
+        .wait_for_log("inbound tunnel closed", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    assert!(
+        inbound.contains(&format!("bytes_in={bytes}")),
+        "inbound tunnel did not carry {bytes} bytes: {inbound}"
+    );
+    let outbound = h
+        .ztunnel(client_node)
+        .wait_for_log("outbound HBONE connection closed", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    assert!(
+        outbound.contains(&format!("dst={}", server.addr(8080))),
+        "unexpected outbound connection: {outbound}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_to_pod_across_nodes_goes_over_hbone_and_the_app_sees_the_client_ip() {
+    pod_to_pod_over_hbone("node-a", "node-b", 1_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_to_pod_on_the_same_node_goes_over_hbone_and_the_app_sees_the_client_ip() {
+    pod_to_pod_over_hbone("node-a", "node-a", 1_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_100_mb_transfer_across_nodes_arrives_intact() {
+    pod_to_pod_over_hbone("node-a", "node-b", 100_000_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_vip_traffic_reaches_every_endpoint() {
+    let mesh = LocalMesh::builder()
+        .nodes(["node-a", "node-b"])
+        .build()
+        .unwrap();
+    let client = mesh
+        .add_pod(
+            "node-a",
+            PodSpec::new("shop", "client").service_account("client"),
+        )
+        .unwrap();
+    let web_a = mesh
+        .add_pod(
+            "node-a",
+            PodSpec::new("shop", "web-a").service_account("web"),
+        )
+        .unwrap();
+    let web_b = mesh
+        .add_pod(
+            "node-b",
+            PodSpec::new("shop", "web-b").service_account("web"),
+        )
+        .unwrap();
+    for pod in [&client, &web_a, &web_b] {
+        mesh.set_protocol(pod, Protocol::Hbone).unwrap();
+    }
+    let h = Harness::start(mesh);
+    let _servers: Vec<_> = [(&web_a, "web-a"), (&web_b, "web-b")]
+        .into_iter()
+        .map(|(pod, name)| h.serve(pod, &["http", "--port", "8080", "--name", name]))
+        .collect();
+    for pod in [&client, &web_a, &web_b] {
+        h.enrol(pod).await;
+    }
+    // The service comes after ztunnel started: it must pick it up from the model file.
+    let web = h
+        .mesh
+        .add_service(
+            ServiceSpec::new("shop", "web")
+                .port(80, 8080)
+                .endpoints([&web_a, &web_b]),
+        )
+        .unwrap();
+    h.mesh.write_model().unwrap();
+    for node in ["node-a", "node-b"] {
+        h.ztunnel(node)
+            .wait_for_log("model reloaded", DEADLINE)
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    }
+
+    let to = web.addr(80).to_string();
+    let mut seen = BTreeSet::new();
+    let start = Instant::now();
+    // Endpoint choice may be random: ask until both answered (each round is 10 GETs).
+    while seen.len() < 2 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "only {seen:?} answered on {to}\n{}",
+            h.logs()
+        );
+        let out = h.run_app(&client, &["get", "--to", &to, "--count", "10"], DEADLINE);
+        assert!(
+            out.status.success(),
+            "GET {to} failed: {}\n{}",
+            out.log,
+            h.logs()
+        );
+        for line in out.log.lines() {
+            let pod = line.split_whitespace().find_map(|w| w.strip_prefix("pod="));
+            if let Some(pod) = pod {
+                // Each endpoint saw the client pod's own address.
+                assert!(line.contains(&format!("client={}:", client.ip())), "{line}");
+                seen.insert(pod.to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from(["web-a".to_owned(), "web-b".to_owned()])
+    );
+    // And it went over HBONE to endpoints, never to the VIP itself.
+    let outbound = h
+        .ztunnel("node-a")
+        .wait_for_log("outbound HBONE connection closed", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    assert!(outbound.contains("15008"), "{outbound}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_outside_the_mesh_reaches_a_mesh_pod_through_15006() {
+    let mesh = LocalMesh::builder()
+        .nodes(["node-a", "node-b"])
+        .build()
+        .unwrap();
+    // Not enrolled, plain TCP in the model.
+    let outsider = mesh
+        .add_pod("node-a", PodSpec::new("legacy", "outsider"))
+        .unwrap();
+    let server = mesh
+        .add_pod(
+            "node-b",
+            PodSpec::new("shop", "server").service_account("server"),
+        )
+        .unwrap();
+    mesh.set_protocol(&server, Protocol::Hbone).unwrap();
+    let h = Harness::start(mesh);
+    let echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&server).await;
+
+    h.send_ok(&outsider, server.addr(8080), 100_000, 1);
+    echo.wait_for_log(&format!("accepted from {}:", outsider.ip()), DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    // It went through the server's ztunnel (inbound plaintext), which counted it.
+    let principal = "spiffe://cluster.local/ns/shop/sa/server";
+    eventually(
+        DEADLINE,
+        || async {
+            let text = h.metrics("node-b").await;
+            let bytes = metric(
+                &text,
+                "istio_tcp_received_bytes_total",
+                &[
+                    ("reporter", "destination"),
+                    ("destination_principal", principal),
+                ],
+            );
+            (bytes >= 100_000.0).then_some(())
+        },
+        || format!("no plaintext inbound counted\n{}", h.logs()),
+    )
+    .await;
+}
+
+/// Starts `tcpdump` on the fabric bridge, printing payloads as ASCII.
+fn capture(h: &Harness) -> ambit_localmesh::Process {
+    let dump = h
+        .mesh
+        .spawn_in(
+            h.mesh.fabric(),
+            "tcpdump",
+            ["-i", "br0", "-n", "-l", "-U", "-A", "-s", "0", "tcp"],
+            &[],
+        )
+        .unwrap();
+    dump.wait_for_log("listening on", DEADLINE)
+        .unwrap_or_else(|e| panic!("tcpdump (needs the tcpdump package): {e}"));
+    dump
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_marker_never_crosses_nodes_in_plaintext_unless_the_destination_is_outside_the_mesh() {
     let mesh = LocalMesh::builder()
         .nodes(["node-a", "node-b"])
         .build()
@@ -151,43 +250,228 @@ async fn pod_to_pod_across_nodes_goes_over_hbone_and_the_app_sees_the_client_ip(
             PodSpec::new("shop", "server").service_account("server"),
         )
         .unwrap();
+    // Outside the mesh: the client's ztunnel passes its traffic through in plaintext.
+    let outside = mesh
+        .add_pod("node-b", PodSpec::new("legacy", "outside"))
+        .unwrap();
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);
-    let app = bin("localmesh-app");
-    let echo = h
-        .mesh
-        .spawn_in(server.netns(), &app, ["echo", "--port", "8080"], &[])
-        .unwrap();
-    echo.wait_for_log("listening", DEADLINE).unwrap();
+    let secret = "AMBITSECRETMARKER7f3a";
+    let open = "AMBITOPENMARKER91c2";
+    let _s1 = h.serve(&server, &["http", "--port", "8080", "--name", secret]);
+    let _s2 = h.serve(&outside, &["http", "--port", "8080", "--name", open]);
     h.enrol(&client).await;
     h.enrol(&server).await;
 
-    let target = format!("{}:8080", server.ip());
-    let sent = h
-        .mesh
-        .run_in(
-            client.netns(),
-            &app,
-            ["send", "--to", target.as_str(), "--bytes", "1000000"],
+    let dump = capture(&h);
+    for (to, marker) in [(server.addr(8080), secret), (outside.addr(8080), open)] {
+        let to = to.to_string();
+        let path = format!("/{marker}");
+        let out = h.run_app(
+            &client,
+            &["get", "--to", &to, "--path", &path, "--count", "3"],
             DEADLINE,
+        );
+        assert!(
+            out.status.success() && out.log.contains(marker),
+            "GET {to} failed: {}\n{}",
+            out.log,
+            h.logs()
+        );
+    }
+    // The passthrough marker on the wire also proves the capture saw the traffic.
+    let hbone_port = format!("{}.15008", server.ip());
+    dump.wait_for_log(open, DEADLINE)
+        .unwrap_or_else(|e| panic!("passthrough marker not captured: {e}\n{}", h.logs()));
+    dump.wait_for_log(&hbone_port, DEADLINE)
+        .unwrap_or_else(|e| panic!("no HBONE traffic captured: {e}\n{}", h.logs()));
+    dump.stop().unwrap();
+    let captured = dump.log();
+    assert!(
+        !captured.contains(secret),
+        "the mesh marker crossed the bridge in plaintext:\n{captured}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_the_connections_and_bytes_sent() {
+    let (h, client, server) = client_server("node-a", "node-b");
+    let _echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+    let (connections, bytes) = (3u64, 250_000u64);
+    h.send_ok(&client, server.addr(8080), bytes, connections);
+
+    let src = "spiffe://cluster.local/ns/shop/sa/client";
+    let dst = "spiffe://cluster.local/ns/shop/sa/server";
+    for (node, reporter) in [("node-b", "destination"), ("node-a", "source")] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_principal", src),
+            ("destination_principal", dst),
+        ];
+        eventually(
+            DEADLINE,
+            || async {
+                let text = h.metrics(node).await;
+                let opened = metric(&text, "istio_tcp_connections_opened_total", &labels);
+                let closed = metric(&text, "istio_tcp_connections_closed_total", &labels);
+                let received = metric(&text, "istio_tcp_received_bytes_total", &labels);
+                let sent = metric(&text, "istio_tcp_sent_bytes_total", &labels);
+                (opened >= connections as f64
+                    && closed >= connections as f64
+                    && received >= (connections * bytes) as f64
+                    && sent >= (connections * bytes) as f64)
+                    .then_some(())
+            },
+            || {
+                format!(
+                    "{node}'s {reporter} metrics do not count {connections} x {bytes} bytes\n{}",
+                    h.logs()
+                )
+            },
+        )
+        .await;
+    }
+    let text = h.metrics("node-b").await;
+    let opened = metric(
+        &text,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", src),
+            ("destination_principal", dst),
+        ],
+    );
+    assert_eq!(opened, connections as f64, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_a_pod_closes_its_listeners() {
+    let (h, client, server) = client_server("node-a", "node-b");
+    let _echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+    h.send_ok(&client, server.addr(8080), 1000, 1);
+
+    h.remove(&client).await;
+    h.ztunnel("node-a")
+        .wait_for_log("no longer serving pod", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    // The rules still redirect the client's traffic to 15001, where nothing listens.
+    let to = server.addr(8080).to_string();
+    let out = h.run_app(&client, &["send", "--to", &to, "--bytes", "1000"], DEADLINE);
+    assert!(
+        !out.status.success(),
+        "a removed pod still reached {to}: {}\n{}",
+        out.log,
+        h.logs()
+    );
+    assert!(out.log.contains("failed"), "{}", out.log);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ztunnel_drains_and_exits_on_sigterm() {
+    let (h, client, server) = client_server("node-a", "node-b");
+    let _echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+    h.send_ok(&client, server.addr(8080), 1000, 1);
+
+    let z = h.ztunnel("node-a");
+    let start = Instant::now();
+    z.signal(Signal::SIGTERM);
+    // Within the drain deadline (default 5 s), with a margin for a loaded machine.
+    let status = z
+        .wait(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    println!("ztunnel exited {:?} after SIGTERM", start.elapsed());
+    assert!(status.success(), "ztunnel exited {status}\n{}", h.logs());
+    z.wait_for_log("ztunnel stopped", Duration::ZERO)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Established TCP connections to 15008 in `pod`'s namespace.
+fn hbone_connections(pod: &Pod) -> usize {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns().path().display()))
+        .args(["ss", "-Htn", "state", "established", "( sport = :15008 )"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ss: {:?}", out);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_concurrent_connections_use_at_most_ten_tls_connections() {
+    ambit_localmesh::raise_nofile_limit().unwrap();
+    let (h, client, server) = client_server("node-a", "node-b");
+    let echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+
+    let to = server.addr(8080).to_string();
+    let sender = h
+        .mesh
+        .spawn_in(
+            client.netns(),
+            support::app(),
+            [
+                "send",
+                "--to",
+                &to,
+                "--bytes",
+                "100000",
+                "--connections",
+                "1000",
+            ],
+            &[],
         )
         .unwrap();
+    // Count while the connections are open, and after (the pool keeps them idle).
+    let mut most = 0;
+    let start = Instant::now();
+    let status = loop {
+        most = most.max(hbone_connections(&server));
+        if let Some(status) = sender.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "send still running: {}\n{}",
+            sender.log(),
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    most = most.max(hbone_connections(&server));
     assert!(
-        sent.status.success(),
-        "transfer failed: {}\nclient ztunnel:\n{}\nserver ztunnel:\n{}",
-        sent.log,
-        h.ztunnel("node-a").log(),
-        h.ztunnel("node-b").log()
+        status.success(),
+        "send failed ({status}): {}\n{}",
+        sender.log(),
+        h.logs()
     );
-    // The app saw the client pod's own address.
-    echo.wait_for_log(&format!("accepted from {}:", client.ip()), DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\necho log:\n{}", echo.log()));
-    // And it went through both ztunnels over HBONE.
-    h.ztunnel("node-b")
-        .wait_for_log("inbound tunnel closed", DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\nserver ztunnel:\n{}", h.ztunnel("node-b").log()));
-    h.ztunnel("node-a")
-        .wait_for_log("outbound HBONE connection closed", DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\nclient ztunnel:\n{}", h.ztunnel("node-a").log()));
+    assert!(
+        sender
+            .log()
+            .contains("1000 of 1000 connections echoed 100000 bytes intact"),
+        "{}",
+        sender.log()
+    );
+    let accepted = echo
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("accepted from {}:", client.ip())))
+        .count();
+    assert_eq!(accepted, 1000, "the app saw another source");
+    println!("1,000 tunnels used at most {most} TLS connections");
+    assert!(
+        (1..=10).contains(&most),
+        "{most} TLS connections for 1,000 tunnels\n{}",
+        h.logs()
+    );
 }

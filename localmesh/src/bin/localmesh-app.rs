@@ -8,7 +8,8 @@
 //! - `send --to ADDR --bytes N [--connections C]`: opens C connections (default 1),
 //!   sends N bytes on each, reads them back and checks them. Exit 0 when every byte came
 //!   back intact, 1 on a mismatch, 2 when a connection failed.
-//! - `get --to ADDR [--count K]`: K HTTP GETs, one per connection, printing each body.
+//! - `get --to ADDR [--count K] [--path PATH]`: K HTTP GETs of PATH (default `/`), one
+//!   per connection, printing each body.
 //!   Exit 0 when all answered 200, 1 otherwise, 2 when a connection failed.
 //!
 //! Raises its open-file limit to the hard limit, for thousands of connections.
@@ -22,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const USAGE: &str = "usage: localmesh-app echo --port P | http --port P [--name NAME] \
-                     | send --to ADDR --bytes N [--connections C] | get --to ADDR [--count K]";
+                     | send --to ADDR --bytes N [--connections C] | get --to ADDR [--count K] [--path PATH]";
 
 /// The bytes `send` writes: position-dependent, so a reordered or shifted stream fails
 /// the check, and not a multiple of common buffer sizes.
@@ -76,7 +77,10 @@ async fn run(mode: &str, flags: &HashMap<String, String>) -> ExitCode {
             _ => usage(),
         },
         "get" => match (addr(flags), number(flags, "count", Some(1))) {
-            (Some(to), Some(count)) => get(to, count).await,
+            (Some(to), Some(count)) => {
+                let path = flags.get("path").map_or("/", String::as_str);
+                get(to, count, path).await
+            }
             _ => usage(),
         },
         _ => usage(),
@@ -264,10 +268,10 @@ async fn send_one(to: SocketAddr, bytes: u64) -> Result<(), SendFailure> {
     Ok(())
 }
 
-async fn get(to: SocketAddr, count: u64) -> ExitCode {
+async fn get(to: SocketAddr, count: u64, path: &str) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
     for _ in 0..count {
-        match get_one(to).await {
+        match get_one(to, path).await {
             Ok((status, body)) => {
                 println!("{status} {}", body.trim_end());
                 if status != 200 {
@@ -283,10 +287,12 @@ async fn get(to: SocketAddr, count: u64) -> ExitCode {
     code
 }
 
-async fn get_one(to: SocketAddr) -> std::io::Result<(u16, String)> {
+async fn get_one(to: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(to).await?;
     stream
-        .write_all(format!("GET / HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;

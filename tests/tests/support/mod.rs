@@ -1,0 +1,251 @@
+//! The end-to-end harness: a local mesh with the real `ambit-ca` and one real `ztunnel`
+//! per node, and the node agent's part (redirect rules + hand-off) played by the test.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ambit_localmesh::{target_binary, Completed, LocalMesh, Pod, Process};
+use ambit_net::handoff::HandoffClient;
+use ambit_net::netns::NetnsHandle;
+use ambit_net::redirect::{self, RedirectConfig};
+use ambit_proto::handoff::WorkloadInfo;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A mesh with a CA and one ztunnel per node, ready to enrol pods.
+pub struct Harness {
+    pub mesh: LocalMesh,
+    ca: Process,
+    ztunnels: Vec<(String, Process, PathBuf)>,
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    target_binary(name)
+        .unwrap_or_else(|e| panic!("{e}: build the binaries first (cargo build --bins)"))
+}
+
+pub fn app() -> PathBuf {
+    bin("localmesh-app")
+}
+
+impl Harness {
+    /// Builds the mesh, writes the model (with `hbone` pods marked HBONE), starts the
+    /// CA in the fabric namespace and a ztunnel in every node.
+    pub fn start(mesh: LocalMesh) -> Harness {
+        let dir = mesh.dir().to_path_buf();
+        let ca_dir = dir.join("ca");
+        let mut tokens = String::new();
+        for node in mesh.nodes() {
+            let token = format!("node-agent-token-for-{}", node.name());
+            std::fs::write(dir.join(format!("{}.token", node.name())), &token).unwrap();
+            tokens.push_str(&format!(
+                "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
+                node.name()
+            ));
+        }
+        std::fs::write(dir.join("tokens.yaml"), tokens).unwrap();
+        let ca_addr = format!("{}:15012", mesh.fabric_ip());
+        let ca = mesh
+            .spawn_in(
+                mesh.fabric(),
+                bin("ambit-ca"),
+                [
+                    "--root-dir",
+                    ca_dir.to_str().unwrap(),
+                    "--listen",
+                    &ca_addr,
+                    "--tokens",
+                    dir.join("tokens.yaml").to_str().unwrap(),
+                ],
+                &[],
+            )
+            .unwrap();
+        ca.wait_for_log("CA serving", DEADLINE).unwrap();
+        let model = mesh.write_model().unwrap();
+        let mut ztunnels = Vec::new();
+        for node in mesh.nodes() {
+            let socket = dir.join(format!("{}.sock", node.name()));
+            let z = mesh
+                .spawn_in(
+                    node.netns(),
+                    bin("ztunnel"),
+                    [
+                        "--node",
+                        node.name(),
+                        "--model-file",
+                        model.to_str().unwrap(),
+                        "--model-poll",
+                        "100ms",
+                        "--ca-address",
+                        &ca_addr,
+                        "--ca-root",
+                        ca_dir.join("root-cert.pem").to_str().unwrap(),
+                        "--ca-token-file",
+                        dir.join(format!("{}.token", node.name())).to_str().unwrap(),
+                        "--handoff-socket",
+                        socket.to_str().unwrap(),
+                        "--log",
+                        "info,ambit_ztunnel=debug",
+                    ],
+                    &[],
+                )
+                .unwrap();
+            z.wait_for_log("ztunnel ready", DEADLINE).unwrap();
+            ztunnels.push((node.name().to_string(), z, socket));
+        }
+        Harness { mesh, ca, ztunnels }
+    }
+
+    pub fn ztunnel(&self, node: &str) -> &Process {
+        &self.ztunnels.iter().find(|(n, _, _)| n == node).unwrap().1
+    }
+
+    fn socket(&self, node: &str) -> &PathBuf {
+        &self.ztunnels.iter().find(|(n, _, _)| n == node).unwrap().2
+    }
+
+    /// Every ztunnel's log (and the CA's), for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- {} ---\n{}\n", self.ca.label(), self.ca.log());
+        for (node, z, _) in &self.ztunnels {
+            out.push_str(&format!("--- ztunnel on {node} ---\n{}\n", z.log()));
+        }
+        out
+    }
+
+    /// Installs the redirect rules in `pod` and hands it to its node's ztunnel, as the
+    /// node agent will.
+    pub async fn enrol(&self, pod: &Pod) {
+        let node = self.mesh.node(pod.node()).unwrap();
+        let gateway = IpAddr::V4(node.pod_cidr().host(1));
+        redirect::install(
+            pod.netns().path(),
+            &RedirectConfig {
+                probe_sources: vec![gateway],
+                ..RedirectConfig::default()
+            },
+        )
+        .unwrap();
+        let client = HandoffClient::connect(self.socket(pod.node()))
+            .await
+            .unwrap();
+        let ns = std::fs::File::open(pod.netns().path()).unwrap();
+        let info = WorkloadInfo {
+            name: pod.name().to_string(),
+            namespace: pod.namespace().to_string(),
+            service_account: pod.service_account().to_string(),
+        };
+        client
+            .add(&pod.uid(), info, ns.as_fd())
+            .await
+            .unwrap_or_else(|e| panic!("enrolling {}: {e}\n{}", pod.name(), self.logs()));
+    }
+
+    /// Takes `pod` away from its ztunnel (`DelWorkload`), leaving its redirect rules.
+    pub async fn remove(&self, pod: &Pod) {
+        let client = HandoffClient::connect(self.socket(pod.node()))
+            .await
+            .unwrap();
+        client
+            .remove(&pod.uid())
+            .await
+            .unwrap_or_else(|e| panic!("removing {}: {e}\n{}", pod.name(), self.logs()));
+    }
+
+    /// Runs the test app in `pod` to completion.
+    pub fn run_app(&self, pod: &Pod, args: &[&str], deadline: Duration) -> Completed {
+        self.mesh
+            .run_in(pod.netns(), app(), args, deadline)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+
+    /// Starts a server mode of the test app in `pod` and waits until it listens.
+    pub fn serve(&self, pod: &Pod, args: &[&str]) -> Process {
+        let p = self.mesh.spawn_in(pod.netns(), app(), args, &[]).unwrap();
+        p.wait_for_log("listening", DEADLINE).unwrap();
+        p
+    }
+
+    /// `send` from `pod` to `to`, asserting every byte came back intact.
+    pub fn send_ok(&self, pod: &Pod, to: SocketAddr, bytes: u64, connections: u64) {
+        let to = to.to_string();
+        let (bytes, connections) = (bytes.to_string(), connections.to_string());
+        let out = self.run_app(
+            pod,
+            &[
+                "send",
+                "--to",
+                &to,
+                "--bytes",
+                &bytes,
+                "--connections",
+                &connections,
+            ],
+            Duration::from_secs(180),
+        );
+        assert!(
+            out.status.success(),
+            "send to {to} failed ({}): {}\n{}",
+            out.status,
+            out.log,
+            self.logs()
+        );
+    }
+
+    /// The ztunnel of `node`'s Prometheus text, fetched from inside the node.
+    pub async fn metrics(&self, node: &str) -> String {
+        let ns = NetnsHandle::from_path(self.mesh.node(node).unwrap().netns().path()).unwrap();
+        ns.run(|| {
+            let addr: SocketAddr = "127.0.0.1:15020".parse().unwrap();
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("metrics of {node}: {e}\n{}", self.logs()))
+    }
+}
+
+/// The sum of the samples of `name` whose labels include every `labels` pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (lbls, value) = rest.rsplit_once(' ')?;
+            if !(lbls.starts_with('{') || lbls.is_empty()) {
+                return None; // a longer metric name
+            }
+            labels
+                .iter()
+                .all(|(k, v)| lbls.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what()` after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut f: F, what: impl Fn() -> String) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("not within {deadline:?}: {}", what());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
