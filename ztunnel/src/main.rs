@@ -30,6 +30,12 @@ fn run(config: Config) -> anyhow::Result<()> {
         let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
         handle.reload(new).map_err(|e| e.to_string())
     });
+    // Every proxied connection holds two descriptors (and HBONE a third, shared); the
+    // default soft limit of 1024 would cap a node at a few hundred connections.
+    match ambit_net::process::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
