@@ -475,3 +475,58 @@ async fn a_thousand_concurrent_connections_use_at_most_ten_tls_connections() {
         h.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_with_the_wrong_identity_is_refused_and_the_source_logs_why() {
+    let mesh = LocalMesh::builder()
+        .nodes(["node-a", "node-b"])
+        .build()
+        .unwrap();
+    let client = mesh
+        .add_pod(
+            "node-a",
+            PodSpec::new("shop", "client").service_account("client"),
+        )
+        .unwrap();
+    let server = mesh
+        .add_pod(
+            "node-b",
+            PodSpec::new("shop", "server").service_account("server"),
+        )
+        .unwrap();
+    mesh.set_protocol(&client, Protocol::Hbone).unwrap();
+    mesh.set_protocol(&server, Protocol::Hbone).unwrap();
+    let h = Harness::start(mesh);
+    let echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    // The model says the server runs as shop/server, but its ztunnel serves it as
+    // shop/impostor: the certificate it presents on 15008 is not the expected one.
+    h.enrol_as(&server, "impostor").await;
+
+    let target = format!("{}:8080", server.ip());
+    let sent = h.run_app(
+        &client,
+        &["send", "--to", &target, "--bytes", "1000"],
+        DEADLINE,
+    );
+    assert!(
+        !sent.status.success(),
+        "traffic reached an impostor: {}\n{}",
+        sent.log,
+        h.logs()
+    );
+    let why = h
+        .ztunnel("node-a")
+        .wait_for_log("HBONE connection failed", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    assert!(
+        why.contains("expected=spiffe://cluster.local/ns/shop/sa/server")
+            && why.contains("spiffe://cluster.local/ns/shop/sa/impostor"),
+        "the source ztunnel should name both identities: {why}"
+    );
+    assert!(
+        !echo.log().contains("accepted from"),
+        "the app must never see the connection:\n{}",
+        echo.log()
+    );
+}

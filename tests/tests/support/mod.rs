@@ -120,6 +120,12 @@ impl Harness {
     /// Installs the redirect rules in `pod` and hands it to its node's ztunnel, as the
     /// node agent will.
     pub async fn enrol(&self, pod: &Pod) {
+        self.enrol_as(pod, pod.service_account()).await;
+    }
+
+    /// Like [`Harness::enrol`], but tells ztunnel the pod runs as `service_account`
+    /// (which may differ from what the model says, to provoke an identity mismatch).
+    pub async fn enrol_as(&self, pod: &Pod, service_account: &str) {
         let node = self.mesh.node(pod.node()).unwrap();
         let gateway = IpAddr::V4(node.pod_cidr().host(1));
         redirect::install(
@@ -137,7 +143,7 @@ impl Harness {
         let info = WorkloadInfo {
             name: pod.name().to_string(),
             namespace: pod.namespace().to_string(),
-            service_account: pod.service_account().to_string(),
+            service_account: service_account.to_string(),
         };
         client
             .add(&pod.uid(), info, ns.as_fd())
