@@ -133,7 +133,8 @@ pub fn target_binary(name: &str) -> Result<PathBuf, MeshError> {
         source,
     })?;
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    if dir.ends_with("deps") {
+    // Tests run from target/<profile>/deps, examples from target/<profile>/examples.
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.pop();
     }
     let path = dir.join(name);
