@@ -16,6 +16,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build binaries"
 cargo build --workspace --bins --locked
 
+# The Python interop clients need their venv before the Rust tests too: the end-to-end
+# HBONE interop test (tests/tests/hbone_interop.rs) runs tests/interop/hbone_client.py.
+step "Python venv for the interop clients"
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+export AMBIT_PYTHON="$PWD/$venv/bin/python"
+
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast
@@ -26,9 +36,4 @@ else
 fi
 
 step "interop tests (Python grpcio client against the real binaries)"
-venv=.venv
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
 AMBIT_CA_BIN="$PWD/target/debug/ambit-ca" "$venv/bin/python" -m pytest -q tests/interop

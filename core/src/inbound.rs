@@ -3,9 +3,11 @@
 //! scheduled on this node, and has been handed to this ztunnel by the node agent;
 //! anything else is answered 400 (HBONE) or closed (plaintext).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::hbone::{ConnectRefusal, HboneTarget};
+use crate::hbone::{ConnectRefusal, Forwarded, HboneTarget};
+use crate::identity::SpiffeId;
 use crate::model::{MeshState, Workload};
 
 /// The local workload `target` addresses, or why it is not one.
@@ -18,6 +20,31 @@ pub fn local_target<'a>(
     match state.workload_by_ip(target.ip()) {
         Some(w) if w.spec.node == node && is_served(w.uid()) => Ok(w),
         _ => Err(ConnectRefusal::NotLocal(target)),
+    }
+}
+
+/// The client address ztunnel connects to the app from. The `forwarded` address a peer
+/// claims is honoured only when it is the peer's own connection address, or belongs to
+/// a workload running as the peer's certificate identity; otherwise the connection's
+/// address is used and `false` says the claim was ignored. So no mesh identity can
+/// make an app see another workload's address (decision record 0004).
+pub fn client_source(
+    state: &MeshState,
+    peer: &SpiffeId,
+    peer_addr: SocketAddr,
+    forwarded: Option<&Forwarded>,
+) -> (SocketAddr, bool) {
+    match forwarded {
+        None => (peer_addr, true),
+        Some(f) if f.for_addr.ip() == peer_addr.ip() => (f.for_addr, true),
+        Some(f)
+            if state
+                .workload_by_ip(f.for_addr.ip())
+                .is_some_and(|w| &w.identity == peer) =>
+        {
+            (f.for_addr, true)
+        }
+        Some(_) => (peer_addr, false),
     }
 }
 
@@ -55,6 +82,34 @@ mod tests {
                 }
                 (got, want) => panic!("{target}: {got:?} vs {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn forwarded_address_is_honoured_only_for_the_peers_own_workloads() {
+        let config: MeshConfig = serde_yaml_ng::from_str(
+            "workloads:\n\
+             - {uid: c, name: c, namespace: shop, serviceAccount: client, node: node-a, ips: [10.1.0.5], protocol: HBONE}\n\
+             - {uid: s, name: s, namespace: shop, serviceAccount: server, node: node-b, ips: [10.2.0.2], protocol: HBONE}\n",
+        )
+        .unwrap();
+        let state = MeshState::build(&config, &TrustDomain::default()).unwrap();
+        let client = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/client").unwrap();
+        let conn: SocketAddr = "172.30.0.1:40000".parse().unwrap();
+        let fwd = |a: &str| Forwarded {
+            for_addr: a.parse().unwrap(),
+            host: None,
+        };
+        let cases = [
+            (None, "172.30.0.1:40000", true),
+            (Some(fwd("172.30.0.1:5555")), "172.30.0.1:5555", true), // the peer's own address
+            (Some(fwd("10.1.0.5:5555")), "10.1.0.5:5555", true), // a workload running as the peer
+            (Some(fwd("10.2.0.2:4444")), "172.30.0.1:40000", false), // another identity's workload
+            (Some(fwd("10.9.9.9:1")), "172.30.0.1:40000", false), // unknown address
+        ];
+        for (forwarded, want, honoured) in cases {
+            let got = client_source(&state, &client, conn, forwarded.as_ref());
+            assert_eq!(got, (want.parse().unwrap(), honoured), "{forwarded:?}");
         }
     }
 }

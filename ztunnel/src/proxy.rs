@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
-use ambit_core::inbound::local_target;
+use ambit_core::inbound::{client_source, local_target};
 use ambit_core::model::Workload;
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
 use ambit_core::TrustDomain;
@@ -290,10 +290,16 @@ struct PodInbound {
 impl PodInbound {
     fn labels(&self, request: &InboundRequest) -> ConnectionLabels {
         let state = self.shared.model.borrow().state.clone();
-        let client_ip = request
-            .forwarded
-            .as_ref()
-            .map_or(request.peer_addr.ip(), |f| f.for_addr.ip());
+        // Labels follow the same rule as the app connection: a claimed address counts
+        // only when it belongs to the peer's identity.
+        let client_ip = client_source(
+            &state,
+            &request.peer,
+            request.peer_addr,
+            request.forwarded.as_ref(),
+        )
+        .0
+        .ip();
         let source = match state.workload_by_ip(client_ip) {
             Some(w) => PeerLabels::from_workload(w, &self.shared.cluster),
             None => PeerLabels::from_baggage(&request.baggage, Some(request.peer.as_str())),
@@ -320,10 +326,21 @@ impl InboundHandler for PodInbound {
             |uid| uid == self.pod.uid,
             request.target,
         )?;
-        let source = request
-            .forwarded
-            .as_ref()
-            .map_or(request.peer_addr, |f| f.for_addr);
+        let (source, honoured) = client_source(
+            &state,
+            &request.peer,
+            request.peer_addr,
+            request.forwarded.as_ref(),
+        );
+        if !honoured {
+            tracing::warn!(
+                pod = %self.pod.uid,
+                peer = %request.peer,
+                claimed = ?request.forwarded.as_ref().map(|f| f.for_addr),
+                using = %source,
+                "forwarded address does not belong to the peer's identity; connecting from the connection's address"
+            );
+        }
         let app = connect_app(&self.pod, request.target.addr(), source)
             .await
             .map_err(|e| ConnectRefusal::UpstreamConnect {
