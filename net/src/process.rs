@@ -1,6 +1,6 @@
-//! Process-level helpers for code that starts and supervises other processes (the local
-//! mesh, later the node agent): tying a child's life to its parent's, and raising the
-//! open-file limit for processes that hold many connections.
+//! Process-level helpers: tying a child's life to its parent's (the local mesh, later
+//! the node agent), raising the open-file limit for processes that hold many
+//! connections, and the shutdown signal every Ambit binary waits for.
 //!
 //! This module must not: start processes itself or decide which ones to start.
 
@@ -52,6 +52,22 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
     Ok(hard)
+}
+
+/// Completes on SIGTERM (how Kubernetes and the local mesh stop a process) or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 #[cfg(test)]

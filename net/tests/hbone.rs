@@ -24,11 +24,37 @@ const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/pay";
 /// Port the test handler treats as denied by policy.
 const DENIED_PORT: u16 = 7;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Recorder {
     requests: Arc<Mutex<Vec<InboundRequest>>>,
-    outcomes: Arc<Mutex<Vec<TunnelOutcome>>>,
+    /// A watch, so tests await the outcome instead of polling for it.
+    outcomes: Arc<tokio::sync::watch::Sender<Vec<TunnelOutcome>>>,
     refusals: Arc<Mutex<Vec<String>>>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            requests: Arc::default(),
+            outcomes: Arc::new(tokio::sync::watch::channel(Vec::new()).0),
+            refusals: Arc::default(),
+        }
+    }
+}
+
+impl Recorder {
+    /// The first tunnel outcome, once the server reports one.
+    async fn first_outcome(&self) -> TunnelOutcome {
+        let mut rx = self.outcomes.subscribe();
+        let outcomes = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|o| !o.is_empty()),
+        )
+        .await
+        .expect("no tunnel outcome reported")
+        .unwrap();
+        outcomes[0].clone()
+    }
 }
 
 impl InboundHandler for Recorder {
@@ -53,7 +79,7 @@ impl InboundHandler for Recorder {
     }
 
     fn finished(&self, outcome: TunnelOutcome) {
-        self.outcomes.lock().unwrap().push(outcome);
+        self.outcomes.send_modify(|o| o.push(outcome));
     }
 
     fn refused(&self, _request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
@@ -210,21 +236,11 @@ async fn tunnel_carries_bytes_both_ways_and_headers_arrive() {
     assert_eq!(r.peer_addr.ip(), s.hbone_addr.ip());
 
     // The outcome is reported once the tunnel closes.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        if let Some(o) = s.recorder.outcomes.lock().unwrap().first() {
-            assert_eq!(
-                (o.bytes_in, o.bytes_out),
-                (data.len() as u64, data.len() as u64)
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no tunnel outcome reported"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let o = s.recorder.first_outcome().await;
+    assert_eq!(
+        (o.bytes_in, o.bytes_out),
+        (data.len() as u64, data.len() as u64)
+    );
 }
 
 #[tokio::test]
@@ -352,17 +368,7 @@ async fn bytes_are_reported_even_when_the_upstream_resets() {
         "the tunnel ends with the upstream"
     );
 
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        if let Some(o) = s.recorder.outcomes.lock().unwrap().first() {
-            assert!(o.error.is_some(), "the reset is reported: {o:?}");
-            assert_eq!(o.bytes_in, 1000, "{o:?}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no tunnel outcome reported"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let o = s.recorder.first_outcome().await;
+    assert!(o.error.is_some(), "the reset is reported: {o:?}");
+    assert_eq!(o.bytes_in, 1000, "{o:?}");
 }

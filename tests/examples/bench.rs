@@ -18,8 +18,8 @@ mod support;
 
 use std::time::Duration;
 
-use ambit_localmesh::{LocalMesh, Pod, PodSpec, Protocol};
-use support::Harness;
+use ambit_localmesh::{Pod, PodSpec, Protocol};
+use support::{two_nodes, Harness};
 
 const RUN: Duration = Duration::from_secs(60);
 
@@ -132,10 +132,7 @@ fn measure(h: &Harness, client: &Pod, server: &Pod) -> Figures {
 
 #[tokio::main]
 async fn main() {
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
+    let mesh = two_nodes();
     let client = mesh
         .add_pod("node-a", PodSpec::new("bench", "client"))
         .unwrap();

@@ -9,8 +9,8 @@ mod support;
 
 use std::time::Duration;
 
-use ambit_localmesh::{LocalMesh, PodSpec, Protocol};
-use support::{metric, Harness};
+use ambit_localmesh::{LocalMesh, Protocol};
+use support::{metric, pod, Harness};
 
 #[tokio::main]
 async fn main() {
@@ -19,15 +19,8 @@ async fn main() {
         eprintln!("local mesh: {e}\n(the local mesh needs root, iproute2, iptables and containernetworking-plugins)");
         std::process::exit(1)
     });
-    let client = mesh
-        .add_pod(
-            "node-a",
-            PodSpec::new("shop", "client").service_account("client"),
-        )
-        .unwrap();
-    let web = mesh
-        .add_pod("node-b", PodSpec::new("shop", "web").service_account("web"))
-        .unwrap();
+    let client = pod(&mesh, "node-a", "shop", "client", "client");
+    let web = pod(&mesh, "node-b", "shop", "web", "web");
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&web, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);

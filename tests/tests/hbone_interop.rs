@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambit_core::SpiffeId;
-use ambit_localmesh::{LocalMesh, Netns, PodSpec, Protocol};
+use ambit_localmesh::{Netns, Protocol};
 use ambit_net::ca_client::{CaClientConfig, CertificateSource, FetchRequest, GrpcCaClient};
 use ambit_net::cert_manager::new_key_and_csr;
 use ambit_net::netns::NetnsHandle;
-use support::{Harness, DEADLINE};
+use support::{pod, two_nodes, Harness, DEADLINE};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/python";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/server";
@@ -229,16 +229,8 @@ fn python_connect(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_h2_client_with_a_ca_certificate_speaks_hbone_to_ztunnel() {
     python(); // fail before building a mesh when the interpreter is missing
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
-    let server = mesh
-        .add_pod(
-            "node-b",
-            PodSpec::new("shop", "server").service_account("server"),
-        )
-        .unwrap();
+    let mesh = two_nodes();
+    let server = pod(&mesh, "node-b", "shop", "server", "server");
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);
     let echo = h.serve(&server, &["echo", "--port", "8080"]);

@@ -9,16 +9,13 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_localmesh::{LocalMesh, Pod, PodSpec, Protocol, ServiceSpec, Signal};
-use support::{eventually, metric, Harness, DEADLINE};
+use ambit_localmesh::{Pod, PodSpec, Protocol, ServiceSpec, Signal};
+use support::{eventually, metric, pod, two_nodes, Harness, DEADLINE};
 
 /// A two-node mesh with an HBONE `client` pod on `client_node` and an HBONE `server`
 /// pod on `server_node`, both in namespace `shop`.
 fn client_server(client_node: &str, server_node: &str) -> (Harness, Pod, Pod) {
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
+    let mesh = two_nodes();
     let client = mesh
         .add_pod(
             client_node,
@@ -84,28 +81,10 @@ async fn a_100_mb_transfer_across_nodes_arrives_intact() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn service_vip_traffic_reaches_every_endpoint() {
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
-    let client = mesh
-        .add_pod(
-            "node-a",
-            PodSpec::new("shop", "client").service_account("client"),
-        )
-        .unwrap();
-    let web_a = mesh
-        .add_pod(
-            "node-a",
-            PodSpec::new("shop", "web-a").service_account("web"),
-        )
-        .unwrap();
-    let web_b = mesh
-        .add_pod(
-            "node-b",
-            PodSpec::new("shop", "web-b").service_account("web"),
-        )
-        .unwrap();
+    let mesh = two_nodes();
+    let client = pod(&mesh, "node-a", "shop", "client", "client");
+    let web_a = pod(&mesh, "node-a", "shop", "web-a", "web");
+    let web_b = pod(&mesh, "node-b", "shop", "web-b", "web");
     for pod in [&client, &web_a, &web_b] {
         mesh.set_protocol(pod, Protocol::Hbone).unwrap();
     }
@@ -173,20 +152,12 @@ async fn service_vip_traffic_reaches_every_endpoint() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_outside_the_mesh_reaches_a_mesh_pod_through_15006() {
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
+    let mesh = two_nodes();
     // Not enrolled, plain TCP in the model.
     let outsider = mesh
         .add_pod("node-a", PodSpec::new("legacy", "outsider"))
         .unwrap();
-    let server = mesh
-        .add_pod(
-            "node-b",
-            PodSpec::new("shop", "server").service_account("server"),
-        )
-        .unwrap();
+    let server = pod(&mesh, "node-b", "shop", "server", "server");
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);
     let echo = h.serve(&server, &["echo", "--port", "8080"]);
@@ -234,22 +205,9 @@ fn capture(h: &Harness) -> ambit_localmesh::Process {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_marker_never_crosses_nodes_in_plaintext_unless_the_destination_is_outside_the_mesh() {
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
-    let client = mesh
-        .add_pod(
-            "node-a",
-            PodSpec::new("shop", "client").service_account("client"),
-        )
-        .unwrap();
-    let server = mesh
-        .add_pod(
-            "node-b",
-            PodSpec::new("shop", "server").service_account("server"),
-        )
-        .unwrap();
+    let mesh = two_nodes();
+    let client = pod(&mesh, "node-a", "shop", "client", "client");
+    let server = pod(&mesh, "node-b", "shop", "server", "server");
     // Outside the mesh: the client's ztunnel passes its traffic through in plaintext.
     let outside = mesh
         .add_pod("node-b", PodSpec::new("legacy", "outside"))
@@ -478,22 +436,9 @@ async fn a_thousand_concurrent_connections_use_at_most_ten_tls_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_with_the_wrong_identity_is_refused_and_the_source_logs_why() {
-    let mesh = LocalMesh::builder()
-        .nodes(["node-a", "node-b"])
-        .build()
-        .unwrap();
-    let client = mesh
-        .add_pod(
-            "node-a",
-            PodSpec::new("shop", "client").service_account("client"),
-        )
-        .unwrap();
-    let server = mesh
-        .add_pod(
-            "node-b",
-            PodSpec::new("shop", "server").service_account("server"),
-        )
-        .unwrap();
+    let mesh = two_nodes();
+    let client = pod(&mesh, "node-a", "shop", "client", "client");
+    let server = pod(&mesh, "node-b", "shop", "server", "server");
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ambit_localmesh::{target_binary, Completed, LocalMesh, Pod, Process};
+use ambit_localmesh::{target_binary, Completed, LocalMesh, Pod, PodSpec, Process};
 use ambit_net::handoff::HandoffClient;
 use ambit_net::netns::NetnsHandle;
 use ambit_net::redirect::{self, RedirectConfig};
@@ -254,4 +254,18 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A fresh mesh of two nodes, `node-a` and `node-b`.
+pub fn two_nodes() -> LocalMesh {
+    LocalMesh::builder()
+        .nodes(["node-a", "node-b"])
+        .build()
+        .unwrap()
+}
+
+/// Adds pod `<namespace>/<name>` running as service account `sa` on `node`.
+pub fn pod(mesh: &LocalMesh, node: &str, namespace: &str, name: &str, sa: &str) -> Pod {
+    mesh.add_pod(node, PodSpec::new(namespace, name).service_account(sa))
+        .unwrap()
 }
