@@ -55,7 +55,7 @@ pub use naming::MeshId;
 pub use nix::sys::signal::Signal;
 pub use process::{Process, ProcessError};
 pub use services::{POSTROUTING_CHAIN, SERVICES_CHAIN};
-pub use sweep::{sweep_stale, sweep_stale_in, SweepReport};
+pub use sweep::{sweep_stale, sweep_stale_in, sweep_stale_with_prefix, SweepReport};
 pub use topology::{
     Ipv4Cidr, Netns, Node, Pod, PodSpec, Service, ServiceSpec, FABRIC_IP, MAX_NODES, SERVICE_CIDR,
     UNDERLAY,

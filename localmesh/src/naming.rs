@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The prefix of every mesh id.
-const PREFIX: &str = "am";
+pub(crate) const PREFIX: &str = "am";
 
 /// Longest namespace name we make (a file name in `/run/netns`, at most 255 bytes).
 const MAX_NETNS_NAME: usize = 120;
@@ -36,7 +36,12 @@ impl MeshId {
     /// The id at the start of `name` (a namespace or directory name), if it has one:
     /// `am<pid>x<seq>` alone or followed by `-`.
     pub fn parse_prefix(name: &str) -> Option<MeshId> {
-        let rest = name.strip_prefix(PREFIX)?;
+        Self::parse_prefix_with(name, PREFIX)
+    }
+
+    /// [`MeshId::parse_prefix`] for ids written with another prefix than `am`.
+    pub fn parse_prefix_with(name: &str, prefix: &str) -> Option<MeshId> {
+        let rest = name.strip_prefix(prefix)?;
         let id = rest.split_once('-').map_or(rest, |(id, _)| id);
         let (pid, seq) = id.split_once('x')?;
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -131,6 +136,17 @@ mod tests {
         assert_eq!(MeshId::parse_prefix("am4194303x12"), Some(id));
         assert_eq!(MeshId::parse_prefix(&id.netns_name("node-a")), Some(id));
         assert_eq!(MeshId::parse_prefix("am4194303x12-p3-shop-cart"), Some(id));
+    }
+
+    #[test]
+    fn another_prefix_is_neither_read_as_nor_confused_with_ours() {
+        let id = MeshId { pid: 42, seq: 3 };
+        assert_eq!(
+            MeshId::parse_prefix_with("amtest42x3-fabric", "amtest"),
+            Some(id)
+        );
+        assert_eq!(MeshId::parse_prefix("amtest42x3-fabric"), None);
+        assert_eq!(MeshId::parse_prefix_with("am42x3-fabric", "amtest"), None);
     }
 
     #[test]

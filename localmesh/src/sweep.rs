@@ -39,10 +39,18 @@ pub fn sweep_stale() -> Result<SweepReport, MeshError> {
 
 /// [`sweep_stale`] with state directories under `state_root`.
 pub fn sweep_stale_in(state_root: &Path) -> Result<SweepReport, MeshError> {
+    sweep_stale_with_prefix(state_root, crate::naming::PREFIX)
+}
+
+/// [`sweep_stale_in`] for names of the form `<prefix><pid>x<seq>` rather than
+/// `am<pid>x<seq>`. Meshes always use `am`; another prefix lets a test plant stale
+/// names that the sweepers of meshes built concurrently by other tests never touch.
+pub fn sweep_stale_with_prefix(state_root: &Path, prefix: &str) -> Result<SweepReport, MeshError> {
+    let parse = |name: &str| MeshId::parse_prefix_with(name, prefix);
     let mut report = SweepReport::default();
     let stale: Vec<String> = list_dir(Path::new(NETNS_DIR))?
         .into_iter()
-        .filter(|name| MeshId::parse_prefix(name).is_some_and(|id| is_stale(id, pid_alive)))
+        .filter(|name| parse(name).is_some_and(|id| is_stale(id, pid_alive)))
         .collect();
     if !stale.is_empty() {
         let paths: Vec<PathBuf> = stale.iter().map(|n| Path::new(NETNS_DIR).join(n)).collect();
@@ -58,10 +66,10 @@ pub fn sweep_stale_in(state_root: &Path) -> Result<SweepReport, MeshError> {
     }
     for name in list_dir(state_root)? {
         // A state directory is named by the mesh id alone.
-        let Some(id) = MeshId::parse_prefix(&name) else {
+        let Some(id) = parse(&name) else {
             continue;
         };
-        if id.to_string() != name || !is_stale(id, pid_alive) {
+        if format!("{prefix}{}x{}", id.pid, id.seq) != name || !is_stale(id, pid_alive) {
             continue;
         }
         let dir = state_root.join(&name);

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use ambit_core::identity::TrustDomain;
 use ambit_core::model::{MeshState, Protocol};
-use ambit_localmesh::{sweep_stale_in, LocalMesh, MeshError, Pod, PodSpec, Process, ServiceSpec};
+use ambit_localmesh::{
+    sweep_stale_with_prefix, LocalMesh, MeshError, Pod, PodSpec, Process, ServiceSpec,
+};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const ECHO_PORT: &str = "7000";
@@ -297,16 +299,20 @@ fn dropping_the_mesh_leaves_no_namespace_interface_process_or_cni_state() {
 fn sweeper_removes_namespaces_processes_and_state_of_dead_owners_only() {
     let root = std::env::temp_dir().join(format!("ambit-localmesh-sweep-{}", std::process::id()));
     fs::create_dir_all(&root).unwrap();
+    // Names with the mesh prefix `am` would be swept by any mesh that another test
+    // builds meanwhile, even while `ip netns add` is still making them; this prefix is
+    // ours alone.
+    const P: &str = "amsweeptest";
     let dead = dead_pid();
-    let stale_ns = format!("am{dead}x0-n-node-a");
+    let stale_ns = format!("{P}{dead}x0-n-node-a");
     // A name of our own pid that no mesh of ours holds: a dead run whose pid we reuse.
-    let reused_ns = format!("am{}x{}-fabric", std::process::id(), u32::MAX);
+    let reused_ns = format!("{P}{}x{}-fabric", std::process::id(), u32::MAX);
     // pid 1 lives as long as the machine.
-    let live_ns = format!("am1x{dead}-n-node-a");
+    let live_ns = format!("{P}1x{dead}-n-node-a");
     let _made = [&stale_ns, &reused_ns, &live_ns].map(|ns| TestNetns::add(ns));
-    let stale_dir = root.join(format!("am{dead}x0"));
+    let stale_dir = root.join(format!("{P}{dead}x0"));
     fs::create_dir_all(stale_dir.join("cni/node-a/ipam")).unwrap();
-    let live_dir = root.join(format!("am1x{dead}"));
+    let live_dir = root.join(format!("{P}1x{dead}"));
     fs::create_dir_all(&live_dir).unwrap();
     // A process left in a stale namespace (its parent death signal never came).
     let mut orphan = Command::new("nsenter")
@@ -315,7 +321,7 @@ fn sweeper_removes_namespaces_processes_and_state_of_dead_owners_only() {
         .unwrap();
     wait_until_in_netns(orphan.id(), &stale_ns);
 
-    let report = sweep_stale_in(&root).unwrap();
+    let report = sweep_stale_with_prefix(&root, P).unwrap();
 
     let names = netns_names();
     assert!(!names.contains(&stale_ns), "{report:?}");
@@ -334,11 +340,15 @@ struct TestNetns(String);
 
 impl TestNetns {
     fn add(name: &str) -> TestNetns {
-        let ok = Command::new("ip")
+        let out = Command::new("ip")
             .args(["netns", "add", name])
-            .status()
+            .output()
             .unwrap();
-        assert!(ok.success());
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         TestNetns(name.to_owned())
     }
 }
