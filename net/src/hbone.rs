@@ -43,11 +43,11 @@ impl Default for H2Settings {
 /// become DATA frames, shutdown sends END_STREAM (a TCP half-close carried through).
 #[derive(Debug)]
 pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    pub(crate) send: SendStream<Bytes>,
+    pub(crate) recv: RecvStream,
     /// Received data not yet read.
-    pending: Bytes,
-    shut_down: bool,
+    pub(crate) pending: Bytes,
+    pub(crate) shut_down: bool,
 }
 
 impl H2Stream {
@@ -61,7 +61,7 @@ impl H2Stream {
     }
 }
 
-fn h2_io_error(e: h2::Error) -> io::Error {
+pub(crate) fn h2_io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
@@ -141,68 +141,5 @@ impl AsyncWrite for H2Stream {
                 .map_err(h2_io_error)?;
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-/// Counts the bytes read from and written to a stream, so a proxy can report what it
-/// carried even when the copy ends in an error (`copy_bidirectional` reports counts only
-/// on success).
-#[derive(Debug)]
-pub struct Counted<S> {
-    inner: S,
-    read: u64,
-    written: u64,
-}
-
-impl<S> Counted<S> {
-    pub fn new(inner: S) -> Self {
-        Counted {
-            inner,
-            read: 0,
-            written: 0,
-        }
-    }
-
-    /// Bytes read from the stream so far.
-    pub fn read(&self) -> u64 {
-        self.read
-    }
-
-    /// Bytes written to the stream so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        self.read += (buf.filled().len() - before) as u64;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, data))?;
-        self.written += n as u64;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -12,4 +12,5 @@ pub mod hbone;
 pub mod netns;
 pub mod process;
 pub mod redirect;
+pub mod relay;
 pub mod tls;

@@ -59,8 +59,9 @@ impl Recorder {
 
 impl InboundHandler for Recorder {
     type Upstream = TcpStream;
+    type Tunnel = ();
 
-    async fn connect(&self, request: &InboundRequest) -> Result<TcpStream, ConnectRefusal> {
+    async fn connect(&self, request: &InboundRequest) -> Result<(TcpStream, ()), ConnectRefusal> {
         self.requests.lock().unwrap().push(request.clone());
         if !request.target.ip().is_loopback() {
             return Err(ConnectRefusal::NotLocal(request.target));
@@ -70,15 +71,16 @@ impl InboundHandler for Recorder {
                 policy: "shop/deny-7".into(),
             });
         }
-        TcpStream::connect(request.target.addr())
+        let upstream = TcpStream::connect(request.target.addr())
             .await
             .map_err(|e| ConnectRefusal::UpstreamConnect {
                 target: request.target,
                 reason: e.to_string(),
-            })
+            })?;
+        Ok((upstream, ()))
     }
 
-    fn finished(&self, outcome: TunnelOutcome) {
+    fn finished(&self, (): (), outcome: TunnelOutcome) {
         self.outcomes.send_modify(|o| o.push(outcome));
     }
 

@@ -54,8 +54,12 @@ struct EchoHandler {
 
 impl InboundHandler for EchoHandler {
     type Upstream = DuplexStream;
+    type Tunnel = ();
 
-    async fn connect(&self, request: &InboundRequest) -> Result<DuplexStream, ConnectRefusal> {
+    async fn connect(
+        &self,
+        request: &InboundRequest,
+    ) -> Result<(DuplexStream, ()), ConnectRefusal> {
         self.requests.fetch_add(1, Ordering::SeqCst);
         if request.target.port() == SILENT_PORT {
             // Never answers: the upstream connect hangs forever.
@@ -70,10 +74,10 @@ impl InboundHandler for EchoHandler {
             let _ = tokio::io::copy(&mut r, &mut w).await;
             let _ = w.shutdown().await;
         });
-        Ok(ours)
+        Ok((ours, ()))
     }
 
-    fn finished(&self, _outcome: TunnelOutcome) {}
+    fn finished(&self, (): (), _outcome: TunnelOutcome) {}
 
     fn refused(&self, _request: Option<&InboundRequest>, _refusal: &ConnectRefusal) {}
 }

@@ -154,6 +154,24 @@ impl ConnectionLabels {
     }
 }
 
+/// The counters of one open connection.
+#[derive(Debug)]
+#[must_use = "count the connection closed with `closed`"]
+pub struct OpenConnection {
+    closed: Counter,
+    received_bytes: Counter,
+    sent_bytes: Counter,
+}
+
+impl OpenConnection {
+    /// `request_bytes` went client → server, `response_bytes` server → client.
+    pub fn closed(self, request_bytes: u64, response_bytes: u64) {
+        self.closed.inc();
+        self.received_bytes.inc_by(request_bytes);
+        self.sent_bytes.inc_by(response_bytes);
+    }
+}
+
 /// The ztunnel's metrics registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -207,22 +225,16 @@ impl Metrics {
         }
     }
 
-    pub fn connection_opened(&self, labels: &ConnectionLabels) {
+    /// Counts a connection as opened; the returned handle counts it closed. The label
+    /// set is needed only here: the handle holds the counters themselves, so an open
+    /// connection costs a few pointers, not a copy of its labels.
+    pub fn connection_opened(&self, labels: &ConnectionLabels) -> OpenConnection {
         self.opened.get_or_create(labels).inc();
-    }
-
-    /// `request_bytes` went client → server, `response_bytes` server → client.
-    pub fn connection_closed(
-        &self,
-        labels: &ConnectionLabels,
-        request_bytes: u64,
-        response_bytes: u64,
-    ) {
-        self.closed.get_or_create(labels).inc();
-        self.received_bytes
-            .get_or_create(labels)
-            .inc_by(request_bytes);
-        self.sent_bytes.get_or_create(labels).inc_by(response_bytes);
+        OpenConnection {
+            closed: self.closed.get_or_create(labels).clone(),
+            received_bytes: self.received_bytes.get_or_create(labels).clone(),
+            sent_bytes: self.sent_bytes.get_or_create(labels).clone(),
+        }
     }
 
     /// The Prometheus text exposition.
@@ -263,8 +275,7 @@ mod tests {
             SecurityPolicy::mutual_tls,
         );
         let m = Metrics::new();
-        m.connection_opened(&labels);
-        m.connection_closed(&labels, 100, 2500);
+        m.connection_opened(&labels).closed(100, 2500);
         let text = m.encode();
         for want in [
             "istio_tcp_connections_opened_total{",

@@ -6,23 +6,26 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
+use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, TraceParent};
 use ambit_core::inbound::{client_source, local_target};
 use ambit_core::model::Workload;
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
-use ambit_core::TrustDomain;
+use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::cert_manager::CertificateManager;
 use ambit_net::hbone::client::OutboundRequest;
 use ambit_net::hbone::pool::PoolKey;
 use ambit_net::hbone::server::{serve_connection, InboundHandler, InboundRequest, TunnelOutcome};
-use ambit_net::hbone::{Counted, H2Settings};
+use ambit_net::hbone::H2Settings;
 use ambit_net::netns::{self, ConnectOpts};
+use ambit_net::relay::{relay_streams, relay_tunnel};
 use ambit_net::tls;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::metrics::{ConnectionLabels, Metrics, PeerLabels, Reporter, SecurityPolicy};
+use crate::metrics::{
+    ConnectionLabels, Metrics, OpenConnection, PeerLabels, Reporter, SecurityPolicy,
+};
 use crate::model_file::ModelSnapshot;
 use crate::pods::Pod;
 
@@ -142,13 +145,11 @@ pub async fn outbound(shared: &Shared, pod: &Arc<Pod>, mut client: TcpStream, pe
                     return;
                 }
             };
-            shared.metrics.connection_opened(&labels);
-            let mut counted = Counted::new(&mut client);
-            let result = tokio::io::copy_bidirectional(&mut counted, &mut tunnel.stream).await;
-            shared
-                .metrics
-                .connection_closed(&labels, counted.read(), counted.written());
-            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, result = ?result.err(), "outbound HBONE connection closed");
+            let metrics = shared.metrics.connection_opened(&labels);
+            drop(labels);
+            let relayed = relay_tunnel(&mut client, &mut tunnel.stream).await;
+            metrics.closed(relayed.forward, relayed.backward);
+            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, result = ?relayed.error, "outbound HBONE connection closed");
         }
         OutboundRoute::Passthrough {
             dst,
@@ -170,12 +171,10 @@ pub async fn outbound(shared: &Shared, pod: &Arc<Pod>, mut client: TcpStream, pe
                     return;
                 }
             };
-            shared.metrics.connection_opened(&labels);
-            let mut counted = Counted::new(&mut client);
-            let _ = tokio::io::copy_bidirectional(&mut counted, &mut upstream).await;
-            shared
-                .metrics
-                .connection_closed(&labels, counted.read(), counted.written());
+            let metrics = shared.metrics.connection_opened(&labels);
+            drop(labels);
+            let relayed = relay_streams(&mut client, &mut upstream).await;
+            metrics.closed(relayed.forward, relayed.backward);
         }
     }
 }
@@ -229,12 +228,10 @@ pub async fn inbound_plaintext(
             return;
         }
     };
-    shared.metrics.connection_opened(&labels);
-    let mut counted = Counted::new(&mut client);
-    let _ = tokio::io::copy_bidirectional(&mut counted, &mut app).await;
-    shared
-        .metrics
-        .connection_closed(&labels, counted.read(), counted.written());
+    let metrics = shared.metrics.connection_opened(&labels);
+    drop(labels);
+    let relayed = relay_streams(&mut client, &mut app).await;
+    metrics.closed(relayed.forward, relayed.backward);
 }
 
 /// An inbound HBONE connection on 15008: mutual TLS as the pod, then tunnels.
@@ -315,10 +312,21 @@ impl PodInbound {
     }
 }
 
+/// What an open inbound tunnel keeps: its counters and what its closing log names.
+struct InboundTunnel {
+    metrics: OpenConnection,
+    peer: SpiffeId,
+    target: HboneTarget,
+}
+
 impl InboundHandler for PodInbound {
     type Upstream = TcpStream;
+    type Tunnel = InboundTunnel;
 
-    async fn connect(&self, request: &InboundRequest) -> Result<TcpStream, ConnectRefusal> {
+    async fn connect(
+        &self,
+        request: &InboundRequest,
+    ) -> Result<(TcpStream, InboundTunnel), ConnectRefusal> {
         let state = self.shared.model.borrow().state.clone();
         local_target(
             &state,
@@ -347,16 +355,20 @@ impl InboundHandler for PodInbound {
                 target: request.target,
                 reason: e.to_string(),
             })?;
-        self.shared.metrics.connection_opened(&self.labels(request));
-        Ok(app)
+        let metrics = self.shared.metrics.connection_opened(&self.labels(request));
+        Ok((
+            app,
+            InboundTunnel {
+                metrics,
+                peer: request.peer.clone(),
+                target: request.target,
+            },
+        ))
     }
 
-    fn finished(&self, outcome: TunnelOutcome) {
-        let labels = self.labels(&outcome.request);
-        self.shared
-            .metrics
-            .connection_closed(&labels, outcome.bytes_in, outcome.bytes_out);
-        tracing::debug!(pod = %self.pod.uid, peer = %outcome.request.peer, target = %outcome.request.target, bytes_in = outcome.bytes_in, bytes_out = outcome.bytes_out, "inbound tunnel closed");
+    fn finished(&self, tunnel: InboundTunnel, outcome: TunnelOutcome) {
+        tunnel.metrics.closed(outcome.bytes_in, outcome.bytes_out);
+        tracing::debug!(pod = %self.pod.uid, peer = %tunnel.peer, target = %tunnel.target, bytes_in = outcome.bytes_in, bytes_out = outcome.bytes_out, "inbound tunnel closed");
     }
 
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {

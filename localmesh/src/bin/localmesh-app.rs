@@ -11,6 +11,10 @@
 //! - `get --to ADDR [--count K] [--path PATH]`: K HTTP GETs of PATH (default `/`), one
 //!   per connection, printing each body.
 //!   Exit 0 when all answered 200, 1 otherwise, 2 when a connection failed.
+//! - `hold --to ADDR --connections C`: opens C connections to an echo server (at most
+//!   100 connecting at once), checks one echoed byte on each, prints
+//!   `holding C connections` and keeps them open and idle until killed. Exit 2 when a
+//!   connection failed.
 //!
 //! Raises its open-file limit to the hard limit, for thousands of connections.
 
@@ -23,7 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const USAGE: &str = "usage: localmesh-app echo --port P | http --port P [--name NAME] \
-                     | send --to ADDR --bytes N [--connections C] | get --to ADDR [--count K] [--path PATH]";
+                     | send --to ADDR --bytes N [--connections C] | get --to ADDR [--count K] [--path PATH] \
+                     | hold --to ADDR --connections C";
 
 /// The bytes `send` writes: position-dependent, so a reordered or shifted stream fails
 /// the check, and not a multiple of common buffer sizes.
@@ -81,6 +86,10 @@ async fn run(mode: &str, flags: &HashMap<String, String>) -> ExitCode {
                 let path = flags.get("path").map_or("/", String::as_str);
                 get(to, count, path).await
             }
+            _ => usage(),
+        },
+        "hold" => match (addr(flags), number(flags, "connections", None)) {
+            (Some(to), Some(connections)) => hold(to, connections).await,
             _ => usage(),
         },
         _ => usage(),
@@ -310,4 +319,41 @@ async fn get_one(to: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
     Ok((status, body.to_owned()))
+}
+
+async fn hold(to: SocketAddr, connections: u64) -> ExitCode {
+    let gate = Arc::new(tokio::sync::Semaphore::new(100));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await;
+                let mut stream = TcpStream::connect(to).await?;
+                stream.write_all(b"h").await?;
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await?;
+                if &byte != b"h" {
+                    return Err(std::io::Error::other("wrong byte echoed"));
+                }
+                Ok::<_, std::io::Error>(stream)
+            })
+        })
+        .collect();
+    let mut held = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match task.await {
+            Ok(Ok(stream)) => held.push(stream),
+            Ok(Err(e)) => {
+                println!("failed: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                println!("failed: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    println!("holding {} connections", held.len());
+    std::future::pending::<()>().await;
+    ExitCode::SUCCESS
 }

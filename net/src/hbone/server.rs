@@ -14,7 +14,8 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Counted, H2Settings, H2Stream};
+use super::{H2Settings, H2Stream};
+use crate::relay::relay_tunnel;
 
 /// A CONNECT the server accepted for consideration, parsed and typed.
 #[derive(Debug, Clone)]
@@ -32,7 +33,6 @@ pub struct InboundRequest {
 /// What happened to one tunnel, for logs and metrics.
 #[derive(Debug, Clone)]
 pub struct TunnelOutcome {
-    pub request: InboundRequest,
     /// Bytes from the client to the upstream, and back.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -43,11 +43,15 @@ pub struct TunnelOutcome {
 /// Decides and opens the upstream for each CONNECT; told how each tunnel ended.
 pub trait InboundHandler: Clone + Send + Sync + 'static {
     type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What the handler keeps about one accepted tunnel while it is open (its log
+    /// fields, its metric counters), handed back with the outcome. Held by every open
+    /// tunnel, so keep it small.
+    type Tunnel: Send + 'static;
     fn connect(
         &self,
         request: &InboundRequest,
-    ) -> impl Future<Output = Result<Self::Upstream, ConnectRefusal>> + Send;
-    fn finished(&self, outcome: TunnelOutcome);
+    ) -> impl Future<Output = Result<(Self::Upstream, Self::Tunnel), ConnectRefusal>> + Send;
+    fn finished(&self, tunnel: Self::Tunnel, outcome: TunnelOutcome);
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
 }
 
@@ -98,30 +102,32 @@ async fn serve_stream<H: InboundHandler>(
             return;
         }
     };
-    let mut upstream = match handler.connect(&inbound).await {
-        Ok(u) => u,
+    let (mut upstream, tunnel) = match handler.connect(&inbound).await {
+        Ok(accepted) => accepted,
         Err(refusal) => {
             handler.refused(Some(&inbound), &refusal);
             reply_refusal(&mut respond, &refusal);
             return;
         }
     };
+    // The request's headers are not needed any more; an idle tunnel should not
+    // keep them.
+    drop(inbound);
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
         Err(_) => return, // peer went away meanwhile
     };
     let started = Instant::now();
-    // Counted on the tunnel side: read = client -> upstream, written = upstream ->
-    // client; kept even when the copy ends in an error.
-    let mut tunnel = Counted::new(H2Stream::new(send, recv));
-    let result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
-    handler.finished(TunnelOutcome {
-        request: inbound,
-        bytes_in: tunnel.read(),
-        bytes_out: tunnel.written(),
-        duration: started.elapsed(),
-        error: result.err().map(|e| e.to_string()),
-    });
+    let relayed = relay_tunnel(&mut upstream, &mut H2Stream::new(send, recv)).await;
+    handler.finished(
+        tunnel,
+        TunnelOutcome {
+            bytes_in: relayed.backward,
+            bytes_out: relayed.forward,
+            duration: started.elapsed(),
+            error: relayed.error.map(|e| e.to_string()),
+        },
+    );
 }
 
 fn parse(
