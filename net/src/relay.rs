@@ -13,7 +13,7 @@
 //! directions have ended, and an error in either direction ends it at once (the caller
 //! then drops both ends, which resets them). Byte counts are kept even then.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -43,7 +43,10 @@ pub struct Relayed {
 
 /// Relays between a byte stream (a TCP connection, usually) and an HBONE tunnel until
 /// both directions have ended. `forward` counts bytes from `io` into the tunnel.
-pub async fn relay_tunnel<A>(io: &mut A, tunnel: &mut H2Stream) -> Relayed
+///
+/// The future owns both ends and is small (a few hundred bytes), because a proxy holds
+/// one per open connection: pass `&mut stream` to keep using a stream afterwards.
+pub fn relay_tunnel<A>(io: A, tunnel: H2Stream) -> TunnelRelay<A>
 where
     A: AsyncRead + AsyncWrite + Unpin,
 {
@@ -55,54 +58,118 @@ where
     } = tunnel;
     let mut forward = Half::new();
     // Whoever used the tunnel as a stream before may have ended it or left bytes.
-    forward.eof = *shut_down;
-    forward.done = *shut_down;
+    forward.eof = shut_down;
+    forward.done = shut_down;
     let mut backward = Half::new();
-    backward.pending = std::mem::take(pending);
-    let result = poll_fn(|cx| {
-        let f = forward.poll(cx, &mut Io(&mut *io), &mut H2Send(&mut *send))?;
-        let b = backward.poll(cx, &mut H2Recv(&mut *recv), &mut Io(&mut *io))?;
-        both(f, b)
-    })
-    .await;
-    *shut_down |= forward.done;
-    Relayed {
-        forward: forward.bytes,
-        backward: backward.bytes,
-        error: result.err(),
+    backward.pending = pending;
+    TunnelRelay {
+        io,
+        send,
+        recv,
+        forward,
+        backward,
+    }
+}
+
+/// The future of [`relay_tunnel`].
+#[derive(Debug)]
+#[must_use = "a relay does nothing unless awaited"]
+pub struct TunnelRelay<A> {
+    io: A,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    forward: Half,
+    backward: Half,
+}
+
+impl<A: AsyncRead + AsyncWrite + Unpin> Future for TunnelRelay<A> {
+    type Output = Relayed;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
+        let this = &mut *self;
+        let step = (|| {
+            let f = this
+                .forward
+                .poll(cx, &mut Io(&mut this.io), &mut H2Send(&mut this.send))?;
+            let b = this
+                .backward
+                .poll(cx, &mut H2Recv(&mut this.recv), &mut Io(&mut this.io))?;
+            Ok(both(f, b))
+        })();
+        finish(step, &this.forward, &this.backward)
     }
 }
 
 /// Relays between two byte streams until both directions have ended. `forward`
-/// counts bytes from `a` to `b`.
-pub async fn relay_streams<A, B>(a: &mut A, b: &mut B) -> Relayed
+/// counts bytes from `a` to `b`. Small, like [`relay_tunnel`].
+pub fn relay_streams<A, B>(a: A, b: B) -> StreamRelay<A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut forward = Half::new();
-    let mut backward = Half::new();
-    let result = poll_fn(|cx| {
-        let f = forward.poll(cx, &mut Io(&mut *a), &mut Io(&mut *b))?;
-        let r = backward.poll(cx, &mut Io(&mut *b), &mut Io(&mut *a))?;
-        both(f, r)
-    })
-    .await;
-    Relayed {
-        forward: forward.bytes,
-        backward: backward.bytes,
-        error: result.err(),
+    StreamRelay {
+        a,
+        b,
+        forward: Half::new(),
+        backward: Half::new(),
     }
 }
 
-fn both(a: Poll<()>, b: Poll<()>) -> Poll<io::Result<()>> {
+/// The future of [`relay_streams`].
+#[derive(Debug)]
+#[must_use = "a relay does nothing unless awaited"]
+pub struct StreamRelay<A, B> {
+    a: A,
+    b: B,
+    forward: Half,
+    backward: Half,
+}
+
+impl<A, B> Future for StreamRelay<A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = Relayed;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
+        let this = &mut *self;
+        let step = (|| {
+            let f = this
+                .forward
+                .poll(cx, &mut Io(&mut this.a), &mut Io(&mut this.b))?;
+            let b = this
+                .backward
+                .poll(cx, &mut Io(&mut this.b), &mut Io(&mut this.a))?;
+            Ok(both(f, b))
+        })();
+        finish(step, &this.forward, &this.backward)
+    }
+}
+
+/// The relay's result once it is over: both directions ended, or one failed.
+fn finish(step: io::Result<Poll<()>>, forward: &Half, backward: &Half) -> Poll<Relayed> {
+    let error = match step {
+        Ok(Poll::Pending) => return Poll::Pending,
+        Ok(Poll::Ready(())) => None,
+        Err(e) => Some(e),
+    };
+    Poll::Ready(Relayed {
+        forward: forward.bytes,
+        backward: backward.bytes,
+        error,
+    })
+}
+
+fn both(a: Poll<()>, b: Poll<()>) -> Poll<()> {
     match (a, b) {
-        (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+        (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(()),
         _ => Poll::Pending,
     }
 }
 
 /// One direction: bytes read and not yet written, and where it stands.
+#[derive(Debug)]
 struct Half {
     pending: Bytes,
     chunk: usize,

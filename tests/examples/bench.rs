@@ -6,11 +6,14 @@
 //!
 //! - throughput: iperf3, 1 and 8 streams;
 //! - latency: sockperf ping-pong with 1 KB messages, one-way p50 and p99;
-//! - new connections per second: wrk with `Connection: close` against the test app's
-//!   HTTP server.
+//! - new connections per second: wrk with `Connection: close` against nginx;
+//! - CPU at a fixed 1,000 requests/s: hey `-q` against nginx, the whole machine's CPU
+//!   time and (through the mesh) the two ztunnels' own;
+//! - memory of 10,000 idle proxied connections: each ztunnel's resident set before and
+//!   while the test app holds them open (mesh only: the direct path has no proxy).
 //!
 //! Run (as root): `scripts/bench.sh`. The report is printed and written to
-//! `target/bench-report.md`.
+//! `target/bench-report.md`. `scripts/bench.sh idle` measures only the memory figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -30,6 +33,97 @@ struct Figures {
     p50_us: f64,
     p99_us: f64,
     conns_per_s: f64,
+    /// Requests/s hey reached at the fixed rate.
+    fixed_rps: f64,
+    /// Whole-machine CPU used during the fixed-rate run, in cores.
+    machine_cores: f64,
+    /// CPU the ztunnels used during it, in cores (0 on the direct path).
+    ztunnel_cores: f64,
+}
+
+/// Requests per second of the fixed-rate run: `-c` workers of `-q` each.
+const FIXED_WORKERS: u32 = 10;
+const FIXED_RATE_EACH: u32 = 100;
+/// Idle connections held for the memory figure.
+const IDLE_CONNECTIONS: u32 = 10_000;
+
+/// Busy and total jiffies of the whole machine, from `/proc/stat`.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = cpu[3] + cpu[4];
+    let total: u64 = cpu.iter().take(8).sum();
+    (total - idle, total)
+}
+
+/// User plus system CPU time of `pid`, in clock ticks.
+fn process_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after `comm` (which may hold spaces) start after the last `)`.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Resident set of `pid` in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+fn ticks_per_second() -> f64 {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// nginx serving a fixed 200 on port 8080 in `pod`, its files under a fresh directory.
+fn start_nginx(h: &Harness, pod: &Pod) -> (ambit_localmesh::Process, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("ambit-bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = format!(
+        "daemon off;\nworker_processes 1;\nerror_log stderr;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 16384; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{ listen 8080 reuseport backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+        d = dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let nginx = h
+        .mesh
+        .spawn_in(
+            pod.netns(),
+            "nginx",
+            [
+                "-p",
+                dir.to_str().unwrap(),
+                "-c",
+                conf_path.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .unwrap();
+    (nginx, dir)
 }
 
 /// The number after `"key":` at or after `anchor` in iperf3's JSON.
@@ -60,7 +154,7 @@ fn run(h: &Harness, pod: &Pod, program: &str, args: &[&str]) -> String {
     out.log
 }
 
-fn measure(h: &Harness, client: &Pod, server: &Pod) -> Figures {
+fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
     let ip = server.ip().to_string();
     let iperf = |streams: &str| {
         let out = run(
@@ -121,12 +215,49 @@ fn measure(h: &Harness, client: &Pod, server: &Pod) -> Figures {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{wrk}"));
+    let ztunnels: Vec<u32> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| h.ztunnel(n).pid())
+        .collect();
+    let z_before: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
+    let m_before = machine_jiffies();
+    let started = std::time::Instant::now();
+    let (workers, rate) = (FIXED_WORKERS.to_string(), FIXED_RATE_EACH.to_string());
+    let hey = run(
+        h,
+        client,
+        "hey",
+        &["-z", "10s", "-c", &workers, "-q", &rate, &url],
+    );
+    let wall = started.elapsed().as_secs_f64();
+    let m_after = machine_jiffies();
+    let z_after: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
+    let fixed_rps = hey
+        .lines()
+        .find(|l| l.trim_start().starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in hey output:\n{hey}"));
+    assert!(
+        hey.contains("[200]\t"),
+        "hey got answers other than 200:\n{hey}"
+    );
+    let tck = ticks_per_second();
+    let machine_cores = (m_after.0 - m_before.0) as f64 / tck / wall;
+    let ztunnel_cores = if enrolled {
+        (z_after - z_before) as f64 / tck / wall
+    } else {
+        0.0
+    };
     Figures {
         gbps_1,
         gbps_8,
         p50_us,
         p99_us,
         conns_per_s,
+        fixed_rps,
+        machine_cores,
+        ztunnel_cores,
     }
 }
 
@@ -162,14 +293,27 @@ async fn main() {
         )
         .unwrap();
     _sockperf.wait_for_log("sockperf: Warmup stage", RUN).ok();
-    let _http = h.serve(&server, &["http", "--port", "8080", "--name", "server"]);
+    let (_nginx, nginx_dir) = start_nginx(&h, &server);
+    let _echo = h.serve(&server, &["echo", "--port", "9000"]);
 
+    if std::env::args().nth(1).as_deref() == Some("idle") {
+        // Only the memory figure, for working on it: `bench idle`.
+        h.enrol(&client).await;
+        h.enrol(&server).await;
+        for (node, per_conn) in idle_memory(&h, &client, &server) {
+            println!("ztunnel on {node}: {per_conn:.0} B per idle proxied connection");
+        }
+        let _ = std::fs::remove_dir_all(&nginx_dir);
+        return;
+    }
     eprintln!("==> direct path (pods not enrolled)");
-    let direct = measure(&h, &client, &server);
+    let direct = measure(&h, &client, &server, false);
     eprintln!("==> through two ztunnels over HBONE");
     h.enrol(&client).await;
     h.enrol(&server).await;
-    let mesh = measure(&h, &client, &server);
+    let mesh = measure(&h, &client, &server, true);
+    let idle = idle_memory(&h, &client, &server);
+    let _ = std::fs::remove_dir_all(&nginx_dir);
 
     let row = |name: &str, d: f64, m: f64, unit: &str, ratio: String| {
         format!("| {name} | {d:.2} {unit} | {m:.2} {unit} | {ratio} |\n")
@@ -213,8 +357,76 @@ async fn main() {
         "/s",
         format!("{:.2}x", mesh.conns_per_s / direct.conns_per_s),
     );
+    report += &row(
+        "hey fixed rate, requests/s reached",
+        direct.fixed_rps,
+        mesh.fixed_rps,
+        "/s",
+        format!("{:.2}x", mesh.fixed_rps / direct.fixed_rps),
+    );
+    report += &row(
+        "machine CPU at that rate (all processes)",
+        direct.machine_cores * 1000.0,
+        mesh.machine_cores * 1000.0,
+        "millicores",
+        format!(
+            "+{:.0} millicores",
+            (mesh.machine_cores - direct.machine_cores) * 1000.0
+        ),
+    );
+    report += &format!(
+        "| both ztunnels' CPU per 1000 requests/s | - | {:.0} millicores | - |\n",
+        mesh.ztunnel_cores * 1000.0 * 1000.0 / mesh.fixed_rps
+    );
+    for (node, per_conn) in &idle {
+        report += &format!(
+            "| ztunnel on {node}, memory per idle proxied connection ({IDLE_CONNECTIONS} held) | - | {:.0} B | - |\n",
+            per_conn
+        );
+    }
     print!("{report}");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-report.md");
     std::fs::write(&path, &report).unwrap();
     eprintln!("report written to {}", path.display());
+}
+
+/// Bytes of resident memory each ztunnel adds per idle proxied connection: its
+/// resident set before and while the client holds `IDLE_CONNECTIONS` to the echo
+/// server, each checked with an echoed byte.
+fn idle_memory(h: &Harness, client: &Pod, server: &Pod) -> Vec<(String, f64)> {
+    let nodes = ["node-a", "node-b"];
+    let before: Vec<u64> = nodes
+        .iter()
+        .map(|n| rss_bytes(h.ztunnel(n).pid()))
+        .collect();
+    let to = format!("{}:9000", server.ip());
+    let connections = IDLE_CONNECTIONS.to_string();
+    let hold = h
+        .mesh
+        .spawn_in(
+            client.netns(),
+            support::app(),
+            ["hold", "--to", &to, "--connections", &connections],
+            &[],
+        )
+        .unwrap();
+    hold.wait_for_log(&format!("holding {IDLE_CONNECTIONS} connections"), RUN)
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", hold.log(), h.logs()));
+    // Let both sides settle (h2 settings, window updates) before reading.
+    std::thread::sleep(Duration::from_secs(2));
+    let during: Vec<u64> = nodes
+        .iter()
+        .map(|n| rss_bytes(h.ztunnel(n).pid()))
+        .collect();
+    let _ = hold.stop();
+    nodes
+        .iter()
+        .zip(before.iter().zip(&during))
+        .map(|(n, (b, d))| {
+            (
+                n.to_string(),
+                d.saturating_sub(*b) as f64 / f64::from(IDLE_CONNECTIONS),
+            )
+        })
+        .collect()
 }

@@ -165,7 +165,7 @@ pub struct OpenConnection {
 
 impl OpenConnection {
     /// `request_bytes` went client → server, `response_bytes` server → client.
-    pub fn closed(self, request_bytes: u64, response_bytes: u64) {
+    pub fn closed(&self, request_bytes: u64, response_bytes: u64) {
         self.closed.inc();
         self.received_bytes.inc_by(request_bytes);
         self.sent_bytes.inc_by(response_bytes);

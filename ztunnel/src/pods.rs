@@ -192,17 +192,32 @@ impl Pods {
                     let Some(pod) = pods.get(&uid) else { return };
                     let shared = shared.clone();
                     let server_tls = server_tls.clone();
-                    tokio::spawn(async move {
-                        match role {
-                            Role::Outbound => proxy::outbound(&shared, &pod, stream, peer).await,
-                            Role::InboundPlaintext => {
-                                proxy::inbound_plaintext(&shared, &pod, stream, peer).await
-                            }
-                            Role::InboundHbone => {
-                                proxy::inbound_hbone(&shared, &pod, stream, peer, server_tls).await
-                            }
+                    // The opening phase is boxed, and freed once the connection is
+                    // open: an open connection's task holds only its small relay.
+                    match role {
+                        Role::Outbound => {
+                            let open = Box::pin(proxy::open_outbound(shared, pod, stream, peer));
+                            tokio::spawn(async move {
+                                if let Some(opened) = open.await {
+                                    opened.await;
+                                }
+                            });
                         }
-                    });
+                        Role::InboundPlaintext => {
+                            let open =
+                                Box::pin(proxy::open_inbound_plaintext(shared, pod, stream, peer));
+                            tokio::spawn(async move {
+                                if let Some(opened) = open.await {
+                                    opened.await;
+                                }
+                            });
+                        }
+                        Role::InboundHbone => {
+                            tokio::spawn(async move {
+                                proxy::inbound_hbone(&shared, &pod, stream, peer, server_tls).await
+                            });
+                        }
+                    }
                 }
             }));
         }

@@ -138,20 +138,25 @@ impl HboneConnection {
         self.active.fetch_add(1, Ordering::Relaxed);
         Ok(Tunnel {
             stream: H2Stream::new(stream, response.into_body()),
-            active: self.active.clone(),
+            open: OpenTunnel(self.active.clone()),
         })
     }
 }
 
-/// An open tunnel; counts itself out of its connection when dropped.
+/// An open tunnel: its stream, and its place among its connection's open tunnels.
 #[derive(Debug)]
 pub struct Tunnel {
     pub stream: H2Stream,
-    active: Arc<AtomicUsize>,
+    /// Keep this as long as the stream is in use, also when the stream is moved out.
+    pub open: OpenTunnel,
 }
 
-impl Drop for Tunnel {
+/// Counts a tunnel among its connection's open tunnels until dropped.
+#[derive(Debug)]
+pub struct OpenTunnel(Arc<AtomicUsize>);
+
+impl Drop for OpenTunnel {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -77,57 +77,66 @@ where
         .await?;
     while let Some(next) = conn.accept().await {
         let (request, respond) = next?;
+        // Accepting a tunnel holds the request and the handler's connect; boxed, that
+        // state is freed once the tunnel is open, so the task of an open (often idle)
+        // tunnel holds only its relay and the handler's small per-tunnel value.
+        let accept = Box::pin(accept_stream(
+            request,
+            respond,
+            peer.clone(),
+            peer_addr,
+            handler.clone(),
+        ));
         let handler = handler.clone();
-        let peer = peer.clone();
         tokio::spawn(async move {
-            serve_stream(request, respond, peer, peer_addr, handler).await;
+            let Some((upstream, tunnel, stream)) = accept.await else {
+                return;
+            };
+            let started = Instant::now();
+            let relayed = relay_tunnel(upstream, stream).await;
+            handler.finished(
+                tunnel,
+                TunnelOutcome {
+                    bytes_in: relayed.backward,
+                    bytes_out: relayed.forward,
+                    duration: started.elapsed(),
+                    error: relayed.error.map(|e| e.to_string()),
+                },
+            );
         });
     }
     Ok(())
 }
 
-async fn serve_stream<H: InboundHandler>(
+/// Parses a CONNECT, has the handler open the upstream and answers: 200 with the
+/// tunnel, or the refusal.
+async fn accept_stream<H: InboundHandler>(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: SpiffeId,
     peer_addr: SocketAddr,
     handler: H,
-) {
+) -> Option<(H::Upstream, H::Tunnel, H2Stream)> {
     let (parts, recv) = request.into_parts();
     let inbound = match parse(&parts, peer, peer_addr) {
         Ok(r) => r,
         Err(refusal) => {
             handler.refused(None, &refusal);
             reply_refusal(&mut respond, &refusal);
-            return;
+            return None;
         }
     };
-    let (mut upstream, tunnel) = match handler.connect(&inbound).await {
+    let (upstream, tunnel) = match handler.connect(&inbound).await {
         Ok(accepted) => accepted,
         Err(refusal) => {
             handler.refused(Some(&inbound), &refusal);
             reply_refusal(&mut respond, &refusal);
-            return;
+            return None;
         }
     };
-    // The request's headers are not needed any more; an idle tunnel should not
-    // keep them.
-    drop(inbound);
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(s) => s,
-        Err(_) => return, // peer went away meanwhile
-    };
-    let started = Instant::now();
-    let relayed = relay_tunnel(&mut upstream, &mut H2Stream::new(send, recv)).await;
-    handler.finished(
-        tunnel,
-        TunnelOutcome {
-            bytes_in: relayed.backward,
-            bytes_out: relayed.forward,
-            duration: started.elapsed(),
-            error: relayed.error.map(|e| e.to_string()),
-        },
-    );
+    // The peer may have gone away meanwhile.
+    let send = respond.send_response(Response::new(()), false).ok()?;
+    Some((upstream, tunnel, H2Stream::new(send, recv)))
 }
 
 fn parse(
