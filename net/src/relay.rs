@@ -25,10 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::hbone::{h2_io_error, H2Stream};
 
 /// Smallest and largest read size.
-const MIN_CHUNK: usize = 2 << 10;
-const MAX_CHUNK: usize = 256 << 10;
+const MIN_CHUNK: u32 = 2 << 10;
+const MAX_CHUNK: u32 = 256 << 10;
 /// Read size of a new connection.
-const FIRST_CHUNK: usize = 16 << 10;
+const FIRST_CHUNK: u32 = 16 << 10;
 
 /// What a relay carried, and how it ended.
 #[derive(Debug)]
@@ -172,7 +172,7 @@ fn both(a: Poll<()>, b: Poll<()>) -> Poll<()> {
 #[derive(Debug)]
 struct Half {
     pending: Bytes,
-    chunk: usize,
+    chunk: u32,
     bytes: u64,
     /// The source has ended; once `pending` is written the sink is finished.
     eof: bool,
@@ -228,7 +228,7 @@ impl Half {
         io: &mut R,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut buf = BytesMut::with_capacity(self.chunk);
+        let mut buf = BytesMut::with_capacity(self.chunk as usize);
         let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut buf))?;
         if n == 0 {
             self.eof = true;
@@ -242,6 +242,7 @@ impl Half {
 
     /// Grows the read size while reads fill it, shrinks it while they use little.
     fn adapt(&mut self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
         if n >= self.chunk {
             self.chunk = (self.chunk * 2).min(MAX_CHUNK);
         } else if n < self.chunk / 8 {
@@ -376,12 +377,12 @@ mod tests {
     fn read_size_follows_the_traffic_within_bounds() {
         let mut half = Half::new();
         for _ in 0..20 {
-            let chunk = half.chunk;
+            let chunk = half.chunk as usize;
             half.adapt(chunk);
         }
         assert_eq!(half.chunk, MAX_CHUNK);
         // A read using most of the buffer keeps the size.
-        half.adapt(MAX_CHUNK / 2);
+        half.adapt(MAX_CHUNK as usize / 2);
         assert_eq!(half.chunk, MAX_CHUNK);
         for _ in 0..20 {
             half.adapt(10);

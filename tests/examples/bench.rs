@@ -341,7 +341,11 @@ async fn main() {
         direct.p50_us,
         mesh.p50_us,
         "µs",
-        format!("+{:.1} µs", mesh.p50_us - direct.p50_us),
+        format!(
+            "+{:.1} µs (round trip +{:.1} µs)",
+            mesh.p50_us - direct.p50_us,
+            2.0 * (mesh.p50_us - direct.p50_us)
+        ),
     );
     report += &row(
         "sockperf 1 KB one-way p99",

@@ -196,21 +196,14 @@ impl Pods {
                     // open: an open connection's task holds only its small relay.
                     match role {
                         Role::Outbound => {
-                            let open = Box::pin(proxy::open_outbound(shared, pod, stream, peer));
-                            tokio::spawn(async move {
-                                if let Some(opened) = open.await {
-                                    opened.await;
-                                }
-                            });
+                            tokio::spawn(proxy::ConnectionTask::new(proxy::open_outbound(
+                                shared, pod, stream, peer,
+                            )));
                         }
                         Role::InboundPlaintext => {
-                            let open =
-                                Box::pin(proxy::open_inbound_plaintext(shared, pod, stream, peer));
-                            tokio::spawn(async move {
-                                if let Some(opened) = open.await {
-                                    opened.await;
-                                }
-                            });
+                            tokio::spawn(proxy::ConnectionTask::new(
+                                proxy::open_inbound_plaintext(shared, pod, stream, peer),
+                            ));
                         }
                         Role::InboundHbone => {
                             tokio::spawn(async move {
