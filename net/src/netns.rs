@@ -9,6 +9,11 @@
 //! sockets it creates are handed back and used from the tokio runtime like any other.
 //! The thread exits when the last clone of the handle is dropped.
 //!
+//! Connecting is on every proxied connection's path, so [`NetnsHandle::connect`] does
+//! not wait for the worker: the worker keeps a small stock of fresh sockets made in the
+//! namespace, a connect takes one and sets it up on the caller's thread (socket options
+//! and `bind` work from any thread), and the worker refills the stock meanwhile.
+//!
 //! Every socket ztunnel creates in a pod's namespace must carry [`ZTUNNEL_MARK`], or the
 //! pod's redirect rules would capture ztunnel's own traffic: [`ListenOpts`] and
 //! [`ConnectOpts`] set it by default.
@@ -31,7 +36,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -54,7 +59,23 @@ struct Inner {
     fd: OwnedFd,
     /// Dropping the last sender ends the worker's loop.
     jobs: mpsc::Sender<Job>,
+    /// Fresh TCP sockets made in the namespace, for connects.
+    stock: Arc<Mutex<Stock>>,
 }
+
+/// Sockets kept ready per family; a family gets a stock once it is first used.
+#[derive(Default)]
+struct Stock {
+    v4: Vec<Socket>,
+    v6: Vec<Socket>,
+    /// A refill of that family is queued.
+    refilling_v4: bool,
+    refilling_v6: bool,
+}
+
+/// A refill makes this many sockets, and starts when fewer than `STOCK_LOW` are left.
+const STOCK_SIZE: usize = 16;
+const STOCK_LOW: usize = 4;
 
 /// A job for the worker: given whether entering the namespace worked, it runs (or
 /// reports the failure) and sends its own reply.
@@ -113,7 +134,12 @@ impl NetnsHandle {
             })
             .map_err(spawn_error)?;
         Ok(NetnsHandle {
-            inner: Arc::new(Inner { name, fd, jobs }),
+            inner: Arc::new(Inner {
+                name,
+                fd,
+                jobs,
+                stock: Arc::default(),
+            }),
         })
     }
 
@@ -202,10 +228,14 @@ impl NetnsHandle {
                 )));
             }
         }
-        let unconnected = self
-            .submit(move || unconnected_stream(dst, &opts))
-            .await
-            .map_err(|failure| error(failure.into_io()))?;
+        let fresh = match self.take_stocked(dst) {
+            Some(socket) => socket,
+            None => self
+                .submit(move || new_stream_socket(dst))
+                .await
+                .map_err(|failure| error(failure.into_io()))?,
+        };
+        let unconnected = configure_stream(fresh, &opts).map_err(error)?;
         let socket = tokio::net::TcpSocket::from_std_stream(unconnected);
         match tokio::time::timeout(opts.timeout, socket.connect(dst)).await {
             Ok(connected) => connected.map_err(error),
@@ -214,6 +244,44 @@ impl NetnsHandle {
                 format!("no connection within {:?}", opts.timeout),
             ))),
         }
+    }
+
+    /// A fresh socket for `dst`'s family from the stock, if there is one; queues a
+    /// refill when the stock runs low.
+    fn take_stocked(&self, dst: SocketAddr) -> Option<Socket> {
+        let v4 = dst.is_ipv4();
+        let (socket, refill) = {
+            let mut stock = self
+                .inner
+                .stock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (sockets, refilling) = stock.family(v4);
+            let socket = sockets.pop();
+            let refill = sockets.len() < STOCK_LOW && !*refilling;
+            if refill {
+                *refilling = true;
+            }
+            (socket, refill)
+        };
+        if refill {
+            let stock = self.inner.stock.clone();
+            // Nobody waits for it: a failed refill only means the next connects ask
+            // the worker themselves (and report why that fails).
+            drop(self.submit(move || {
+                let mut made = Vec::with_capacity(STOCK_SIZE);
+                let result = (0..STOCK_SIZE).try_for_each(|_| {
+                    made.push(new_stream_socket(dst)?);
+                    Ok(())
+                });
+                let mut stock = stock.lock().unwrap_or_else(PoisonError::into_inner);
+                let (sockets, refilling) = stock.family(v4);
+                sockets.append(&mut made);
+                *refilling = false;
+                result
+            }));
+        }
+        socket
     }
 
     /// Queues `f` for the worker; the reply tells a failure of `f` from one of the
@@ -489,9 +557,23 @@ fn bind_listener(addr: SocketAddr, opts: &ListenOpts) -> io::Result<std::net::Tc
     Ok(socket.into())
 }
 
-/// On the worker: a non-blocking, not yet connected stream socket for `dst`.
-fn unconnected_stream(dst: SocketAddr, opts: &ConnectOpts) -> io::Result<std::net::TcpStream> {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+impl Stock {
+    fn family(&mut self, v4: bool) -> (&mut Vec<Socket>, &mut bool) {
+        if v4 {
+            (&mut self.v4, &mut self.refilling_v4)
+        } else {
+            (&mut self.v6, &mut self.refilling_v6)
+        }
+    }
+}
+
+/// On the worker: a fresh stream socket of `dst`'s family, in the worker's namespace.
+fn new_stream_socket(dst: SocketAddr) -> io::Result<Socket> {
+    Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+}
+
+/// On any thread: sets up a fresh socket as `opts` say, not yet connected.
+fn configure_stream(socket: Socket, opts: &ConnectOpts) -> io::Result<std::net::TcpStream> {
     if let Some(mark) = opts.mark {
         socket.set_mark(mark)?;
     }

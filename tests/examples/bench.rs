@@ -13,7 +13,8 @@
 //!   while the test app holds them open (mesh only: the direct path has no proxy).
 //!
 //! Run (as root): `scripts/bench.sh`. The report is printed and written to
-//! `target/bench-report.md`. `scripts/bench.sh idle` measures only the memory figure.
+//! `target/bench-report.md`. `scripts/bench.sh idle` measures only the memory figure,
+//! `scripts/bench.sh conns` only new connections/s through the mesh (20 s, to profile).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -95,7 +96,13 @@ fn ticks_per_second() -> f64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-/// nginx serving a fixed 200 on port 8080 in `pod`, its files under a fresh directory.
+/// nginx's ports. Every new-connection run uses a port of its own: a closed
+/// connection's 4-tuple lingers in TIME_WAIT (and conntrack) for a minute, and a run
+/// reusing another run's tuples to the same port would measure those collisions.
+const NGINX_PORTS: [u16; 8] = [8080, 8081, 8082, 8083, 8084, 8085, 8086, 8087];
+
+/// nginx serving a fixed 200 on `NGINX_PORTS` in `pod`, its files under a fresh
+/// directory.
 fn start_nginx(h: &Harness, pod: &Pod) -> (ambit_localmesh::Process, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("ambit-bench-nginx-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -104,8 +111,11 @@ fn start_nginx(h: &Harness, pod: &Pod) -> (ambit_localmesh::Process, std::path::
          events {{ worker_connections 16384; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{ listen 8080 reuseport backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-        d = dir.display()
+           server {{\n    {listens}\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        d = dir.display(),
+        listens = NGINX_PORTS
+            .map(|p| format!("listen {p} reuseport backlog=4096;"))
+            .join(" "),
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
@@ -192,29 +202,11 @@ fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
         line.rsplit('=').next().unwrap().trim().parse().unwrap()
     };
     let (p50_us, p99_us) = (percentile("50.000"), percentile("99.000"));
-    let url = format!("http://{ip}:8080/");
-    let wrk = run(
-        h,
-        client,
-        "wrk",
-        &[
-            "-t",
-            "1",
-            "-c",
-            "8",
-            "-d",
-            "5s",
-            "-H",
-            "Connection: close",
-            &url,
-        ],
-    );
-    let conns_per_s = wrk
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{wrk}"));
+    // Each path gets nginx ports of its own (see `NGINX_PORTS`).
+    let ports = if enrolled { [8082, 8083] } else { [8080, 8081] };
+    let url = format!("http://{ip}:{}/", ports[0]);
+    let conns_per_s = new_connections(h, client, &url, "5s");
+    let url = format!("http://{ip}:{}/", ports[1]);
     let ztunnels: Vec<u32> = ["node-a", "node-b"]
         .iter()
         .map(|n| h.ztunnel(n).pid())
@@ -272,7 +264,8 @@ async fn main() {
         .unwrap();
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
-    let h = Harness::start(mesh);
+    // ztunnel's default log level, as a user runs it: no line per connection.
+    let h = Harness::start_logging(mesh, "info");
     let _iperf = h
         .mesh
         .spawn_in(
@@ -296,6 +289,34 @@ async fn main() {
     let (_nginx, nginx_dir) = start_nginx(&h, &server);
     let _echo = h.serve(&server, &["echo", "--port", "9000"]);
 
+    if std::env::args().nth(1).as_deref() == Some("conns") {
+        // Only new connections/s, at several concurrencies, then through the mesh
+        // for 20 s more (to profile).
+        let url = |port: u16| format!("http://{}:{port}/", server.ip());
+        let sweep = |h: &Harness, ports: &[u16]| -> Vec<f64> {
+            ["1", "8", "32"]
+                .iter()
+                .zip(ports)
+                .map(|(c, &port)| new_connections_with(h, &client, &url(port), "5s", c))
+                .collect()
+        };
+        let direct = sweep(&h, &NGINX_PORTS[..3]);
+        let direct_long = new_connections(&h, &client, &url(NGINX_PORTS[6]), "20s");
+        h.enrol(&client).await;
+        h.enrol(&server).await;
+        let mesh = sweep(&h, &NGINX_PORTS[3..6]);
+        for ((c, d), m) in ["1", "8", "32"].iter().zip(&direct).zip(&mesh) {
+            println!(
+                "{c} connections at a time: direct {d:.0}/s, mesh {m:.0}/s ({:.2}x)",
+                m / d
+            );
+        }
+        eprintln!("==> wrk through the mesh for 20 s");
+        let rate = new_connections(&h, &client, &url(NGINX_PORTS[7]), "20s");
+        println!("8 at a time for 20 s: direct {direct_long:.0}/s, mesh {rate:.0}/s");
+        let _ = std::fs::remove_dir_all(&nginx_dir);
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("idle") {
         // Only the memory figure, for working on it: `bench idle`.
         h.enrol(&client).await;
@@ -433,4 +454,40 @@ fn idle_memory(h: &Harness, client: &Pod, server: &Pod) -> Vec<(String, f64)> {
             )
         })
         .collect()
+}
+
+/// wrk with `Connection: close` against nginx for `duration`: new connections/s.
+fn new_connections(h: &Harness, client: &Pod, url: &str, duration: &str) -> f64 {
+    new_connections_with(h, client, url, duration, "8")
+}
+
+/// [`new_connections`] with `concurrency` connections at a time.
+fn new_connections_with(
+    h: &Harness,
+    client: &Pod,
+    url: &str,
+    duration: &str,
+    concurrency: &str,
+) -> f64 {
+    let wrk = run(
+        h,
+        client,
+        "wrk",
+        &[
+            "-t",
+            "1",
+            "-c",
+            concurrency,
+            "-d",
+            duration,
+            "-H",
+            "Connection: close",
+            url,
+        ],
+    );
+    wrk.lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{wrk}"))
 }

@@ -145,7 +145,7 @@ async fn service_vip_traffic_reaches_every_endpoint() {
     // And it went over HBONE to endpoints, never to the VIP itself.
     let outbound = h
         .ztunnel("node-a")
-        .wait_for_log("outbound HBONE connection closed", DEADLINE)
+        .wait_for_log("outbound HBONE tunnel opened", DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     assert!(outbound.contains("15008"), "{outbound}");
 }

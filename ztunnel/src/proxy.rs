@@ -243,6 +243,9 @@ pub async fn open_outbound(
                     return None;
                 }
             };
+            // The tunnel's way is logged here: an open connection keeps too little to
+            // log it at the end.
+            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, "outbound HBONE tunnel opened");
             Some(Opened {
                 metrics: shared.metrics.connection_opened(&labels),
                 relay: Relay::Hbone {

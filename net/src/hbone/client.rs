@@ -84,9 +84,18 @@ impl HboneConnection {
         })
     }
 
-    /// Tunnels open right now.
+    /// Tunnels open or being opened right now (see [`HboneConnection::reserve`]).
     pub fn active_tunnels(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more tunnel on this connection from now on, before its CONNECT is
+    /// even sent; [`HboneConnection::connect_in`] hands the count to the tunnel, and
+    /// dropping it (the tunnel, or the slot of a failed CONNECT) takes it back. A pool
+    /// choosing connections by load so never sees a tunnel twice or not at all.
+    pub fn reserve(&self) -> OpenTunnel {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        OpenTunnel(self.active.clone())
     }
 
     /// Whether no new tunnel can be opened here any more: the connection failed, the
@@ -109,6 +118,15 @@ impl HboneConnection {
 
     /// Opens a tunnel; resolves once the far side answered 200.
     pub async fn connect(&self, req: &OutboundRequest) -> Result<Tunnel, TunnelError> {
+        self.connect_in(self.reserve(), req).await
+    }
+
+    /// [`HboneConnection::connect`] in a slot taken with [`HboneConnection::reserve`].
+    pub async fn connect_in(
+        &self,
+        slot: OpenTunnel,
+        req: &OutboundRequest,
+    ) -> Result<Tunnel, TunnelError> {
         let mut builder = Request::builder()
             .method(Method::CONNECT)
             .uri(req.target.to_string())
@@ -135,10 +153,9 @@ impl HboneConnection {
                     .map(String::from),
             });
         }
-        self.active.fetch_add(1, Ordering::Relaxed);
         Ok(Tunnel {
             stream: H2Stream::new(stream, response.into_body()),
-            open: OpenTunnel(self.active.clone()),
+            open: slot,
         })
     }
 }

@@ -10,10 +10,10 @@
 //!
 //! How a tunnel finds its connection ([`HbonePool::connect`]):
 //! - Under the pool's lock, it takes the oldest live connection of its key with room
-//!   and reserves a slot on it. Load is "tunnels being opened" (the pool's
-//!   reservations) plus "tunnels open" ([`HboneConnection::active_tunnels`]), so
+//!   and reserves a slot on it ([`HboneConnection::reserve`]). Load counts tunnels
+//!   from their reservation to their end ([`HboneConnection::active_tunnels`]), so
 //!   concurrent callers cannot overfill a connection while their CONNECTs are in
-//!   flight. Filling the oldest first lets the extra connections of a burst drain and
+//!   flight, and a tunnel is never counted twice. Filling the oldest first lets the extra connections of a burst drain and
 //!   idle out afterwards.
 //! - With no room, it joins the key's connection attempt, starting one if none is
 //!   running: at most one connection per key is being established at a time, and
@@ -36,7 +36,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::client::{HboneConnection, OutboundRequest, Tunnel, TunnelError};
+use super::client::{HboneConnection, OpenTunnel, OutboundRequest, Tunnel, TunnelError};
 use super::H2Settings;
 use crate::tls::{self, TlsError, WorkloadCert};
 
@@ -170,10 +170,12 @@ impl<C: Connector> HbonePool<C> {
         }
         let mut retried = false;
         loop {
-            let (id, conn, _reservation) = self.inner.checkout(key, cert).await?;
-            let answer =
-                tokio::time::timeout(self.inner.config.response_timeout, conn.connect(request))
-                    .await;
+            let (id, conn, slot) = self.inner.checkout(key, cert).await?;
+            let answer = tokio::time::timeout(
+                self.inner.config.response_timeout,
+                conn.connect_in(slot, request),
+            )
+            .await;
             let error = match answer {
                 Ok(Ok(tunnel)) => return Ok(tunnel),
                 Ok(Err(e)) => e,
@@ -421,17 +423,14 @@ type Attempt = Shared<BoxFuture<'static, Result<u64, Arc<ConnectError>>>>;
 struct Pooled {
     id: u64,
     conn: HboneConnection,
-    /// Tunnels being opened on this connection (reserved, CONNECT not yet answered).
-    opening: Arc<AtomicUsize>,
     /// When the sweeper first saw it without tunnels since it was last handed out.
     idle_since: Option<Instant>,
 }
 
 impl Pooled {
-    /// Tunnels opening or open. Briefly counts a tunnel twice as it goes from the one
-    /// to the other, which errs towards a new connection, never towards overfilling.
+    /// Tunnels opening or open.
     fn load(&self) -> usize {
-        self.opening.load(Ordering::Relaxed) + self.conn.active_tunnels()
+        self.conn.active_tunnels()
     }
 
     fn has_room(&self, max: usize) -> bool {
@@ -441,26 +440,10 @@ impl Pooled {
     }
 }
 
-/// A slot taken on a connection until the tunnel is open (or failed).
-struct Reservation(Arc<AtomicUsize>);
-
-impl Reservation {
-    fn new(opening: &Arc<AtomicUsize>) -> Self {
-        opening.fetch_add(1, Ordering::Relaxed);
-        Reservation(opening.clone())
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Entry {
     /// Reserves a slot on the oldest live connection with room, dropping the closed
     /// ones met on the way.
-    fn checkout(&mut self, max: usize) -> Option<(u64, HboneConnection, Reservation)> {
+    fn checkout(&mut self, max: usize) -> Option<(u64, HboneConnection, OpenTunnel)> {
         loop {
             let index = self.conns.iter().position(|c| c.has_room(max))?;
             let pooled = &mut self.conns[index];
@@ -470,11 +453,7 @@ impl Entry {
                 continue;
             }
             pooled.idle_since = None;
-            return Some((
-                pooled.id,
-                pooled.conn.clone(),
-                Reservation::new(&pooled.opening),
-            ));
+            return Some((pooled.id, pooled.conn.clone(), pooled.conn.reserve()));
         }
     }
 
@@ -537,7 +516,7 @@ impl<C: Connector> Inner<C> {
         self: &Arc<Self>,
         key: &PoolKey,
         cert: &WorkloadCert,
-    ) -> Result<(u64, HboneConnection, Reservation), PoolError> {
+    ) -> Result<(u64, HboneConnection, OpenTunnel), PoolError> {
         let max = self.config.max_streams_per_connection;
         // The connection the last attempt we waited for produced.
         let mut awaited: Option<u64> = None;
@@ -636,7 +615,6 @@ impl<C: Connector> Inner<C> {
             .push(Pooled {
                 id,
                 conn,
-                opening: Arc::default(),
                 idle_since: None,
             });
         if state.sweeper.is_none() {

@@ -36,6 +36,12 @@ impl Harness {
     /// Builds the mesh, writes the model (with `hbone` pods marked HBONE), starts the
     /// CA in the fabric namespace and a ztunnel in every node.
     pub fn start(mesh: LocalMesh) -> Harness {
+        // Tests read the per-connection debug lines.
+        Self::start_logging(mesh, "info,ambit_ztunnel=debug")
+    }
+
+    /// [`Harness::start`] with ztunnel's `--log` filter `log`.
+    pub fn start_logging(mesh: LocalMesh, log: &str) -> Harness {
         let dir = mesh.dir().to_path_buf();
         let ca_dir = dir.join("ca");
         let mut tokens = String::new();
@@ -89,7 +95,7 @@ impl Harness {
                         "--handoff-socket",
                         socket.to_str().unwrap(),
                         "--log",
-                        "info,ambit_ztunnel=debug",
+                        log,
                     ],
                     &[],
                 )
