@@ -248,6 +248,22 @@ async fn connect_reaches_another_namespace_with_the_ztunnel_mark_by_default() {
 }
 
 #[tokio::test]
+async fn every_connect_comes_from_the_namespace_across_stock_refills() {
+    let net = Network::new("stock");
+    let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
+    let server = net.peer.listen(at(NODE, 0), false);
+    let target = server.local_addr().unwrap();
+    // More connects than one refill makes, some in quick succession while a refill
+    // is still queued: each socket must still be the pod's, and marked.
+    for i in 0..40 {
+        let client = pod.connect(target, ConnectOpts::default()).await.unwrap();
+        assert_eq!(SockRef::from(&client).mark().unwrap(), ZTUNNEL_MARK, "{i}");
+        let (_upstream, peer) = accept_std(&server).expect("the peer accepts");
+        assert_eq!(peer.ip(), addr(&format!("{POD}:0")).ip(), "connect {i}");
+    }
+}
+
+#[tokio::test]
 async fn connect_errors_name_the_namespace_and_the_address() {
     let net = Network::new("refuse");
     let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
