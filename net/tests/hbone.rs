@@ -6,12 +6,13 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, TraceParent};
 use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::hbone::client::{HboneConnection, OutboundRequest, TunnelError};
 use ambit_net::hbone::server::{serve_connection, InboundHandler, InboundRequest, TunnelOutcome};
-use ambit_net::hbone::H2Settings;
+use ambit_net::hbone::{H2Settings, H2Stream};
 use ambit_net::tls::{self, CertSlot, ClientAuth};
 use rustls_pki_types::ServerName;
 use support::TestCa;
@@ -115,6 +116,10 @@ struct Setup {
     echo: SocketAddr,
     hbone_addr: SocketAddr,
     client_cfg: Arc<rustls::ClientConfig>,
+    /// Set to true to make the server drain.
+    drain: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How many connections the server has finished serving.
+    served: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Setup {
@@ -143,17 +148,27 @@ async fn setup() -> Setup {
     .unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(server_cfg));
     let handler = recorder.clone();
+    let drain = Arc::new(tokio::sync::watch::Sender::new(false));
+    let served = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let (drain2, served2) = (drain.clone(), served.clone());
     tokio::spawn(async move {
         loop {
             let (tcp, peer_addr) = listener.accept().await.unwrap();
             let acceptor = acceptor.clone();
             let handler = handler.clone();
+            let mut draining = drain2.subscribe();
+            let served = served2.clone();
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
                 let peer =
                     tls::identity_of(&tls.get_ref().1.peer_certificates().unwrap()[0]).unwrap();
+                let drain = async move {
+                    let _ = draining.wait_for(|d| *d).await;
+                };
                 let _ =
-                    serve_connection(tls, peer, peer_addr, H2Settings::default(), handler).await;
+                    serve_connection(tls, peer, peer_addr, H2Settings::default(), handler, drain)
+                        .await;
+                served.send_modify(|n| *n += 1);
             });
         }
     });
@@ -179,6 +194,8 @@ async fn setup() -> Setup {
         echo: echo_server().await,
         hbone_addr,
         client_cfg,
+        drain,
+        served,
     }
 }
 
@@ -373,4 +390,56 @@ async fn bytes_are_reported_even_when_the_upstream_resets() {
     let o = s.recorder.first_outcome().await;
     assert!(o.error.is_some(), "the reset is reported: {o:?}");
     assert_eq!(o.bytes_in, 1000, "{o:?}");
+}
+
+#[tokio::test]
+async fn draining_keeps_open_tunnels_refuses_new_ones_and_ends_after_them() {
+    let s = setup().await;
+    let mut tunnel = s.conn.connect(&request(s.echo)).await.unwrap();
+    round_trip(&mut tunnel.stream, b"before").await;
+
+    s.drain.send_replace(true);
+    // The client learns of the drain (GOAWAY): no new tunnel goes there any more. A
+    // pool sees this through the same `is_closed`; there is no event to await.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !s.conn.is_closed() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no GOAWAY reached the client"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(5), s.conn.connect(&request(s.echo)))
+        .await
+        .expect("a new tunnel is answered");
+    assert!(refused.is_err(), "a new tunnel was accepted after GOAWAY");
+    // ...while the open one carries on, and the connection is still served.
+    round_trip(&mut tunnel.stream, b"during the drain").await;
+    assert_eq!(
+        *s.served.borrow(),
+        0,
+        "the connection ended with a tunnel open"
+    );
+
+    // Once the last tunnel ends, so does the connection.
+    tunnel.stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.stream.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    drop(tunnel);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        s.served.subscribe().wait_for(|n| *n == 1),
+    )
+    .await
+    .expect("the drained connection ends after its last tunnel")
+    .unwrap();
+}
+
+/// Writes `data` into an echoing tunnel and reads it back.
+async fn round_trip(stream: &mut H2Stream, data: &[u8]) {
+    stream.write_all(data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
 }

@@ -143,6 +143,7 @@ impl Server {
                         peer_addr,
                         H2Settings::default(),
                         s2.handler.clone(),
+                        std::future::pending(),
                     )
                     .await;
                 });

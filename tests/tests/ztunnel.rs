@@ -10,11 +10,22 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambit_localmesh::{Pod, PodSpec, Protocol, ServiceSpec, Signal};
-use support::{eventually, metric, pod, two_nodes, Harness, DEADLINE};
+use ambit_net::netns::{ConnectOpts, NetnsHandle};
+use support::{eventually, metric, pod, two_nodes, Harness, DEADLINE, TEST_LOG};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A two-node mesh with an HBONE `client` pod on `client_node` and an HBONE `server`
 /// pod on `server_node`, both in namespace `shop`.
 fn client_server(client_node: &str, server_node: &str) -> (Harness, Pod, Pod) {
+    client_server_with(client_node, server_node, &[])
+}
+
+/// [`client_server`] with more ztunnel flags.
+fn client_server_with(
+    client_node: &str,
+    server_node: &str,
+    ztunnel_flags: &[&str],
+) -> (Harness, Pod, Pod) {
     let mesh = two_nodes();
     let client = mesh
         .add_pod(
@@ -30,7 +41,11 @@ fn client_server(client_node: &str, server_node: &str) -> (Harness, Pod, Pod) {
         .unwrap();
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
-    (Harness::start(mesh), client, server)
+    (
+        Harness::start_with(mesh, TEST_LOG, ztunnel_flags),
+        client,
+        server,
+    )
 }
 
 /// Sends through both ztunnels and checks bytes, the source IP the app saw and that
@@ -330,24 +345,63 @@ async fn removing_a_pod_closes_its_listeners() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn ztunnel_drains_and_exits_on_sigterm() {
-    let (h, client, server) = client_server("node-a", "node-b");
+async fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
+    // A drain deadline long enough that only the open connection's end, never the
+    // deadline, can end the drain within this test.
+    let (h, client, server) = client_server_with("node-a", "node-b", &["--drain-deadline", "60s"]);
     let _echo = h.serve(&server, &["echo", "--port", "8080"]);
     h.enrol(&client).await;
     h.enrol(&server).await;
-    h.send_ok(&client, server.addr(8080), 1000, 1);
+    // A connection as the client's app makes it: unmarked, so captured.
+    let app = NetnsHandle::from_path(client.netns().path()).unwrap();
+    let unmarked = ConnectOpts {
+        mark: None,
+        ..ConnectOpts::default()
+    };
+    let mut open = app.connect(server.addr(8080), unmarked).await.unwrap();
+    round_trip(&mut open, b"before").await;
 
-    let z = h.ztunnel("node-a");
-    let start = Instant::now();
-    z.signal(Signal::SIGTERM);
-    // Within the drain deadline (default 5 s), with a margin for a loaded machine.
-    let status = z
-        .wait(Duration::from_secs(15))
-        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
-    println!("ztunnel exited {:?} after SIGTERM", start.elapsed());
-    assert!(status.success(), "ztunnel exited {status}\n{}", h.logs());
-    z.wait_for_log("ztunnel stopped", Duration::ZERO)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (source, destination) = (h.ztunnel("node-a"), h.ztunnel("node-b"));
+    source.signal(Signal::SIGTERM);
+    destination.signal(Signal::SIGTERM);
+    for z in [source, destination] {
+        z.wait_for_log("draining", DEADLINE)
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    }
+    // The open connection carries on through both draining ztunnels...
+    round_trip(&mut open, b"during the drain").await;
+    // ...while a new one is refused: the pod's outbound listener is gone, and its
+    // traffic is still captured, so it fails closed.
+    let to = server.addr(8080).to_string();
+    let refused = h.run_app(&client, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.log);
+    for z in [source, destination] {
+        assert!(z.try_wait().unwrap().is_none(), "{}", h.logs());
+    }
+
+    // Its end ends the drain: both exit cleanly with nothing left behind.
+    drop(open);
+    for z in [source, destination] {
+        let status = z
+            .wait(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+        assert!(status.success(), "ztunnel exited {status}\n{}", h.logs());
+        let stopped = z
+            .wait_for_log("ztunnel stopped", Duration::ZERO)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(stopped.contains("left=0"), "{stopped}");
+    }
+}
+
+/// Writes `data` to an echoed connection and reads it back.
+async fn round_trip(stream: &mut tokio::net::TcpStream, data: &[u8]) {
+    stream.write_all(data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .expect("echo within the deadline")
+        .unwrap();
+    assert_eq!(back, data);
 }
 
 /// Established TCP connections to 15008 in `pod`'s namespace.

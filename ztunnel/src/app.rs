@@ -69,6 +69,7 @@ pub async fn run(
         ManagerConfig::default(),
     ));
     let metrics = Arc::new(Metrics::new());
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         node: config.node.clone(),
         cluster: config.cluster_id.clone(),
@@ -84,6 +85,7 @@ pub async fn run(
         },
         picks: Default::default(),
         active: Default::default(),
+        draining: draining_rx,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -135,8 +137,11 @@ pub async fn run(
     tracing::info!(node = %config.node, handoff = %config.handoff_socket.display(), "ztunnel ready");
 
     shutdown.await;
-    // Drain: stop taking pods and new connections, let open ones finish.
+    // Drain: not ready any more, stop taking pods and new connections, tell HBONE
+    // peers (GOAWAY), let open connections finish.
+    let _draining = readiness.block("draining");
     tracing::info!(active = shared.active.load(Ordering::Relaxed), "draining");
+    let _ = draining_tx.send(true);
     handoff_task.abort();
     for uid in ambit_net::handoff::HandoffHandler::served(&pods) {
         if let Some(pod) = pods.get(&uid) {

@@ -46,6 +46,19 @@ pub struct Shared {
     pub picks: AtomicU64,
     /// Connections being proxied now (for draining).
     pub active: AtomicU64,
+    /// Becomes true when ztunnel starts draining.
+    pub draining: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Completes once ztunnel drains.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut draining = self.draining.clone();
+        async move {
+            // An error means the sender is gone: ztunnel is stopping anyway.
+            let _ = draining.wait_for(|d| *d).await;
+        }
+    }
 }
 
 /// Counts a connection as active while alive.
@@ -381,7 +394,19 @@ pub async fn inbound_hbone(
         shared: shared.clone(),
         pod: pod.clone(),
     };
-    if let Err(e) = serve_connection(tls_stream, client_id, peer, shared.settings, handler).await {
+    // Draining sends GOAWAY: peers open their next tunnels elsewhere, and the
+    // connection ends with its last open tunnel.
+    let drained = shared.drained();
+    if let Err(e) = serve_connection(
+        tls_stream,
+        client_id,
+        peer,
+        shared.settings,
+        handler,
+        drained,
+    )
+    .await
+    {
         tracing::debug!(pod = %pod.uid, %peer, error = %e, "inbound HBONE connection ended");
     }
 }

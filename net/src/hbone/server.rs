@@ -58,13 +58,16 @@ pub trait InboundHandler: Clone + Send + Sync + Unpin + 'static {
 }
 
 /// Serves HBONE on one established TLS connection until the peer closes it. Each
-/// tunnel runs on its own task.
+/// tunnel runs on its own task. Once `drain` completes, the connection takes no new
+/// tunnels (GOAWAY: the peer opens its next ones elsewhere) and ends when its open
+/// tunnels have.
 pub async fn serve_connection<IO, H>(
     io: IO,
     peer: SpiffeId,
     peer_addr: SocketAddr,
     settings: H2Settings,
     handler: H,
+    drain: impl Future<Output = ()>,
 ) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -77,7 +80,22 @@ where
         .max_frame_size(settings.max_frame_size)
         .handshake::<_, Bytes>(io)
         .await?;
-    while let Some(next) = conn.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        let next = if draining {
+            conn.accept().await
+        } else {
+            tokio::select! {
+                next = conn.accept() => next,
+                () = &mut drain => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+            }
+        };
+        let Some(next) = next else { break };
         let (request, respond) = next?;
         tokio::spawn(StreamTask::Accepting {
             accept: Box::pin(accept_stream(

@@ -17,6 +17,9 @@ use ambit_proto::handoff::WorkloadInfo;
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A mesh with a CA and one ztunnel per node, ready to enrol pods.
+/// ztunnel's log filter in tests, which read its per-connection debug lines.
+pub const TEST_LOG: &str = "info,ambit_ztunnel=debug";
+
 pub struct Harness {
     pub mesh: LocalMesh,
     ca: Process,
@@ -36,12 +39,16 @@ impl Harness {
     /// Builds the mesh, writes the model (with `hbone` pods marked HBONE), starts the
     /// CA in the fabric namespace and a ztunnel in every node.
     pub fn start(mesh: LocalMesh) -> Harness {
-        // Tests read the per-connection debug lines.
-        Self::start_logging(mesh, "info,ambit_ztunnel=debug")
+        Self::start_logging(mesh, TEST_LOG)
     }
 
     /// [`Harness::start`] with ztunnel's `--log` filter `log`.
     pub fn start_logging(mesh: LocalMesh, log: &str) -> Harness {
+        Self::start_with(mesh, log, &[])
+    }
+
+    /// [`Harness::start_logging`] with more ztunnel flags.
+    pub fn start_with(mesh: LocalMesh, log: &str, ztunnel_flags: &[&str]) -> Harness {
         let dir = mesh.dir().to_path_buf();
         let ca_dir = dir.join("ca");
         let mut tokens = String::new();
@@ -96,7 +103,9 @@ impl Harness {
                         socket.to_str().unwrap(),
                         "--log",
                         log,
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(ztunnel_flags.iter().copied()),
                     &[],
                 )
                 .unwrap();
