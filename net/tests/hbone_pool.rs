@@ -306,6 +306,33 @@ async fn sequential_tunnels_reuse_one_connection() {
 }
 
 #[tokio::test]
+async fn a_renewed_certificate_gets_new_connections_and_the_old_one_no_new_tunnels() {
+    let ca = TestCa::new();
+    let server = Server::start(&ca, PAY).await;
+    let old = ca.issue(CART);
+    let key = key(CART, &[PAY], server.addr);
+    let pool = HbonePool::new(config(), MeshConnector::new());
+    assert_eq!(echo_via(&pool, &key, &old, b"old").await, b"old");
+    // A tunnel left open on the old connection keeps it in the pool.
+    let mut open = pool
+        .connect(&key, &old, &request(LOCAL_TARGET))
+        .await
+        .unwrap();
+
+    let renewed = ca.issue(CART);
+    for _ in 0..3 {
+        assert_eq!(echo_via(&pool, &key, &renewed, b"new").await, b"new");
+    }
+    assert_eq!(server.accepted(), 2, "one connection per certificate");
+    assert_eq!(pool.connections(&key), 2);
+    // The open tunnel on the old connection still works.
+    open.stream.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    open.stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+}
+
+#[tokio::test]
 async fn concurrent_callers_for_a_new_key_share_one_connection_attempt() {
     // join_all polls every caller before the spawned attempt can run on this
     // single-threaded runtime, so all 50 find the pool empty at once.

@@ -388,6 +388,8 @@ pub async fn inbound_hbone(
         .and_then(|c| c.first())
         .and_then(|c| tls::identity_of(c).ok())
     else {
+        // The verifier already demands an identity; this is a second line.
+        tracing::warn!(pod = %pod.uid, %peer, "inbound HBONE client presented no SPIFFE identity; closing");
         return;
     };
     let handler = PodInbound {

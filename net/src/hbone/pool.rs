@@ -20,6 +20,9 @@
 //!   every caller waiting for it shares its outcome (a dead destination costs one
 //!   connect timeout, not one per caller). The attempt runs on its own task, so a
 //!   caller that gives up does not cancel it for the others.
+//! - A connection is handed out only to callers presenting the certificate it was
+//!   made with: after the source's certificate is renewed, new tunnels go over new
+//!   connections and the old ones idle out.
 //! - A connection that failed, was closed or sent GOAWAY is removed when seen. If
 //!   opening the tunnel fails because the connection broke (or the stream was refused
 //!   unprocessed), the tunnel is retried once; a status from the far side is an answer
@@ -42,6 +45,7 @@ use std::time::Duration;
 
 use ambit_core::SpiffeId;
 use futures::future::{BoxFuture, FutureExt, Shared};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -423,6 +427,11 @@ type Attempt = Shared<BoxFuture<'static, Result<u64, Arc<ConnectError>>>>;
 struct Pooled {
     id: u64,
     conn: HboneConnection,
+    /// The source certificate it authenticated with. Once the source's certificate is
+    /// renewed, callers present the new one and this connection takes no new tunnels
+    /// (its open ones carry on); it then closes when idle, long before that
+    /// certificate expires.
+    cert: Arc<CertifiedKey>,
     /// When the sweeper first saw it without tunnels since it was last handed out.
     idle_since: Option<Instant>,
 }
@@ -443,9 +452,16 @@ impl Pooled {
 impl Entry {
     /// Reserves a slot on the oldest live connection with room, dropping the closed
     /// ones met on the way.
-    fn checkout(&mut self, max: usize) -> Option<(u64, HboneConnection, OpenTunnel)> {
+    fn checkout(
+        &mut self,
+        max: usize,
+        cert: &Arc<CertifiedKey>,
+    ) -> Option<(u64, HboneConnection, OpenTunnel)> {
         loop {
-            let index = self.conns.iter().position(|c| c.has_room(max))?;
+            let index = self
+                .conns
+                .iter()
+                .position(|c| Arc::ptr_eq(&c.cert, cert) && c.has_room(max))?;
             let pooled = &mut self.conns[index];
             if pooled.conn.is_closed() {
                 tracing::debug!(id = pooled.id, "HBONE connection closed; evicted");
@@ -518,13 +534,18 @@ impl<C: Connector> Inner<C> {
         cert: &WorkloadCert,
     ) -> Result<(u64, HboneConnection, OpenTunnel), PoolError> {
         let max = self.config.max_streams_per_connection;
+        let presented = cert.certified_key();
         // The connection the last attempt we waited for produced.
         let mut awaited: Option<u64> = None;
         loop {
             let attempt = {
                 let mut state = self.lock();
                 // The common case, a connection with room, without cloning the key.
-                if let Some(slot) = state.keys.get_mut(key).and_then(|e| e.checkout(max)) {
+                if let Some(slot) = state
+                    .keys
+                    .get_mut(key)
+                    .and_then(|e| e.checkout(max, &presented))
+                {
                     return Ok(slot);
                 }
                 let entry = state.keys.entry(key.clone()).or_default();
@@ -615,6 +636,7 @@ impl<C: Connector> Inner<C> {
             .push(Pooled {
                 id,
                 conn,
+                cert: cert.certified_key(),
                 idle_since: None,
             });
         if state.sweeper.is_none() {
