@@ -13,6 +13,7 @@ pub mod server;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
@@ -26,6 +27,12 @@ pub struct H2Settings {
     /// Streams (tunnels) one connection carries at most.
     pub max_streams: u32,
     pub max_frame_size: u32,
+    /// Every this often each side PINGs the other, and closes the connection when the
+    /// answer takes longer than `keepalive_timeout`: a peer that vanished (node gone,
+    /// link cut) would otherwise hold the connection and its tunnels forever. `None`
+    /// sends no PINGs.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for H2Settings {
@@ -35,6 +42,31 @@ impl Default for H2Settings {
             connection_window: 16 << 20,
             max_streams: 100,
             max_frame_size: 1 << 20,
+            keepalive_interval: Some(Duration::from_secs(10)),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Completes when the peer fails to answer a PING in time (see
+/// [`H2Settings::keepalive_interval`]); never, if keepalive is off or the connection
+/// offers no PINGs. A PING the connection cannot send means it has ended, which its
+/// own future reports, so that never completes either.
+pub(crate) async fn keepalive(ping_pong: Option<h2::PingPong>, settings: H2Settings) -> Duration {
+    let (Some(mut ping_pong), Some(every)) = (ping_pong, settings.keepalive_interval) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let answer = tokio::time::timeout(
+            settings.keepalive_timeout,
+            ping_pong.ping(h2::Ping::opaque()),
+        )
+        .await;
+        match answer {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_elapsed) => return settings.keepalive_timeout,
         }
     }
 }

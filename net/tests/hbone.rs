@@ -443,3 +443,82 @@ async fn round_trip(stream: &mut H2Stream, data: &[u8]) {
     stream.read_exact(&mut back).await.unwrap();
     assert_eq!(back, data);
 }
+
+/// Forwards TCP connections to `to` until frozen; frozen, it swallows everything both
+/// ways and keeps the connections open, like a peer whose node vanished.
+async fn freezable_forwarder(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let frozen = Arc::new(AtomicBool::new(false));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (inbound, _) = listener.accept().await.unwrap();
+            let outbound = TcpStream::connect(to).await.unwrap();
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut r, mut w) in [(ri, wo), (ro, wi)].map(|(r, w)| {
+                (
+                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                )
+            }) {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !flag.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_is_kept() {
+    let s = setup().await;
+    let (via, frozen) = freezable_forwarder(s.hbone_addr).await;
+    let settings = H2Settings {
+        keepalive_interval: Some(Duration::from_millis(50)),
+        keepalive_timeout: Duration::from_millis(200),
+        ..H2Settings::default()
+    };
+    let tls = TlsConnector::from(s.client_cfg.clone())
+        .connect(
+            ServerName::try_from("ignored.invalid").unwrap(),
+            TcpStream::connect(via).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    let conn = HboneConnection::handshake(tls, settings).await.unwrap();
+    let mut tunnel = conn.connect(&request(s.echo)).await.unwrap();
+    // Many PINGs answered: the idle connection and its tunnel stay.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!conn.is_closed(), "a peer answering PINGs was dropped");
+    round_trip(&mut tunnel.stream, b"alive").await;
+
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !conn.is_closed() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a silent peer was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its tunnel fails rather than hanging.
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.stream.read(&mut buf))
+        .await
+        .expect("the tunnel ends with its connection");
+    assert!(!matches!(read, Ok(1)), "{read:?}");
+}

@@ -66,16 +66,25 @@ impl HboneConnection {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, connection) = h2::client::Builder::new()
+        let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
             .max_concurrent_streams(settings.max_streams)
             .max_frame_size(settings.max_frame_size)
             .handshake::<_, Bytes>(io)
             .await?;
+        let ping_pong = connection.ping_pong();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HBONE connection ended");
+            tokio::select! {
+                ended = &mut connection => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "HBONE connection ended");
+                    }
+                }
+                // Dropping the connection closes it; its tunnels fail, the pool evicts it.
+                waited = super::keepalive(ping_pong, settings) => {
+                    tracing::info!(?waited, "HBONE peer did not answer a PING; connection closed");
+                }
             }
         });
         Ok(HboneConnection {

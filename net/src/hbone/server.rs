@@ -82,17 +82,19 @@ where
         .await?;
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
+    let mut keepalive = std::pin::pin!(super::keepalive(conn.ping_pong(), settings));
     loop {
-        let next = if draining {
-            conn.accept().await
-        } else {
-            tokio::select! {
-                next = conn.accept() => next,
-                () = &mut drain => {
-                    draining = true;
-                    conn.graceful_shutdown();
-                    continue;
-                }
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut drain, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            waited = &mut keepalive => {
+                // Returning drops the connection, which closes it and its tunnels.
+                tracing::info!(%peer, ?waited, "HBONE peer did not answer a PING; connection closed");
+                return Ok(());
             }
         };
         let Some(next) = next else { break };
