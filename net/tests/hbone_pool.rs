@@ -184,6 +184,28 @@ fn key(source: &str, destination: &[&str], addr: SocketAddr) -> PoolKey {
     }
 }
 
+/// The setup most tests share: a mesh CA, a server with PAY's identity, CART's
+/// certificate and the pool key for CART reaching PAY at the server.
+struct Fixture {
+    ca: TestCa,
+    server: Server,
+    cert: WorkloadCert,
+    key: PoolKey,
+}
+
+async fn fixture() -> Fixture {
+    let ca = TestCa::new();
+    let server = Server::start(&ca, PAY).await;
+    let cert = ca.issue(CART);
+    let key = key(CART, &[PAY], server.addr);
+    Fixture {
+        ca,
+        server,
+        cert,
+        key,
+    }
+}
+
 fn request(target: &str) -> OutboundRequest {
     OutboundRequest {
         target: HboneTarget::new(target.parse().unwrap()),
@@ -247,10 +269,9 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> Result<(), String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_tunnels_fill_ten_connections_of_a_hundred() {
     const TUNNELS: usize = 1000;
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let pool = HbonePool::new(config(), MeshConnector::new());
     // Every tunnel stays open until all are open, so all 1,000 are carried at once.
     let all_open = Arc::new(tokio::sync::Barrier::new(TUNNELS));
@@ -292,10 +313,9 @@ async fn a_thousand_concurrent_tunnels_fill_ten_connections_of_a_hundred() {
 
 #[tokio::test]
 async fn sequential_tunnels_reuse_one_connection() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let pool = HbonePool::new(config(), MeshConnector::new());
     for i in 0..20u8 {
         assert_eq!(echo_via(&pool, &key, &cert, &[i; 100]).await, [i; 100]);
@@ -307,10 +327,12 @@ async fn sequential_tunnels_reuse_one_connection() {
 
 #[tokio::test]
 async fn a_renewed_certificate_gets_new_connections_and_the_old_one_no_new_tunnels() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let old = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        ca,
+        server,
+        cert: old,
+        key,
+    } = fixture().await;
     let pool = HbonePool::new(config(), MeshConnector::new());
     assert_eq!(echo_via(&pool, &key, &old, b"old").await, b"old");
     // A tunnel left open on the old connection keeps it in the pool.
@@ -336,10 +358,9 @@ async fn a_renewed_certificate_gets_new_connections_and_the_old_one_no_new_tunne
 async fn concurrent_callers_for_a_new_key_share_one_connection_attempt() {
     // join_all polls every caller before the spawned attempt can run on this
     // single-threaded runtime, so all 50 find the pool empty at once.
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let connector = TestConnector::default();
     let pool = HbonePool::new(config(), connector.clone());
     let request = request(LOCAL_TARGET);
@@ -383,10 +404,9 @@ async fn different_keys_never_share_a_connection() {
 
 #[tokio::test]
 async fn a_connection_killed_by_the_server_is_replaced() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let pool = HbonePool::new(config(), MeshConnector::new());
     assert_eq!(echo_via(&pool, &key, &cert, b"before").await, b"before");
     server.kill_all();
@@ -398,10 +418,9 @@ async fn a_connection_killed_by_the_server_is_replaced() {
 
 #[tokio::test]
 async fn a_tunnel_failing_on_a_broken_connection_is_retried_once_on_a_new_one() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let connector = TestConnector::default();
     let pool = HbonePool::new(config(), connector.clone());
     assert_eq!(echo_via(&pool, &key, &cert, b"one").await, b"one");
@@ -493,10 +512,9 @@ async fn idle_connections_close_after_the_idle_timeout_and_busy_ones_stay() {
 
 #[tokio::test]
 async fn a_refused_connect_is_returned_as_such_and_not_retried() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let pool = HbonePool::new(config(), MeshConnector::new());
     let error = pool
         .connect(&key, &cert, &request(REMOTE_TARGET))
@@ -522,10 +540,9 @@ async fn a_refused_connect_is_returned_as_such_and_not_retried() {
 
 #[tokio::test]
 async fn a_connect_without_answer_times_out_and_its_connection_is_evicted() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        server, cert, key, ..
+    } = fixture().await;
     let pool = HbonePool::new(
         PoolConfig {
             response_timeout: Duration::from_millis(300),
@@ -595,10 +612,12 @@ async fn connecting_where_nothing_listens_fails_fast_naming_the_address() {
 
 #[tokio::test]
 async fn the_tcp_hook_makes_the_socket_and_a_wrong_certificate_is_refused() {
-    let ca = TestCa::new();
-    let server = Server::start(&ca, PAY).await;
-    let cert = ca.issue(CART);
-    let key = key(CART, &[PAY], server.addr);
+    let Fixture {
+        ca,
+        server,
+        cert,
+        key,
+    } = fixture().await;
     let hooked = Arc::new(AtomicUsize::new(0));
     let counter = hooked.clone();
     let pool = HbonePool::new(

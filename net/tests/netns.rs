@@ -8,50 +8,35 @@
 //!
 //! Each test builds its own namespaces: a "pod" joined by a veth pair to a "peer" that
 //! plays the rest of the network (the node, other pods, the outside world). The
-//! namespace plumbing is copied from `tests/redirect.rs`.
+//! namespace plumbing, shared with `tests/redirect.rs`, is in `support`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::File;
+mod support;
+
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ambit_net::netns::{self, ConnectOpts, ListenOpts, NetnsError, NetnsHandle};
 use ambit_net::redirect::{
     self, RedirectConfig, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, ZTUNNEL_MARK,
 };
-use nix::sched::{setns, CloneFlags};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::SockRef;
+// `accept` and `assert_nothing_pending` here are for the code under test's tokio
+// listeners; `support`'s, for the test's own std ones, go by `_std`.
+use support::{
+    accept as accept_std, addr, assert_nothing_pending as assert_nothing_pending_std, at, Dial,
+    Netns, Network, CONNECTED, NODE, OTHER, OTHER6, POD, POD6, REMOTE,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The node, as the pod sees it: its default gateway.
-const NODE: &str = "192.0.2.1";
-const NODE6: &str = "2001:db8:1::1";
-/// Another peer on the pod's network.
-const OTHER: &str = "192.0.2.3";
-const OTHER6: &str = "2001:db8:1::3";
-const POD: &str = "192.0.2.2";
-const POD6: &str = "2001:db8:1::2";
-/// A destination beyond the gateway.
-const REMOTE: &str = "198.51.100.7:80";
 /// A client address the pod does not have: the original source of an inbound
 /// connection that ztunnel terminated.
 const CLIENT: &str = "10.99.0.7:40000";
 const CLIENT6: &str = "[2001:db8:99::7]:40000";
-
-const CONNECTED: Duration = Duration::from_secs(3);
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn at(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 // ---------------------------------------------------------------------------------
 // The handle and its worker
@@ -180,12 +165,12 @@ async fn a_listener_lives_in_its_namespace() {
     assert_eq!(there.local_addr().unwrap(), address);
     assert_eq!(SockRef::from(&there).mark().unwrap(), ZTUNNEL_MARK);
 
-    let from_inside = ns.connect(address, None).unwrap();
+    let from_inside = ns.connect(address, &Dial::default()).unwrap();
     let (accepted, peer) = accept(&there).await.expect("a connection made inside");
     assert_eq!(peer, from_inside.local_addr().unwrap());
     assert_eq!(accepted.local_addr().unwrap(), address);
 
-    let from_here = dial(address, None).unwrap();
+    let from_here = Dial::default().connect(address).unwrap();
     let (_, peer) = accept_std(&here).expect("a connection made outside stays outside");
     assert_eq!(peer, from_here.local_addr().unwrap());
     assert_nothing_pending(&there);
@@ -206,9 +191,11 @@ async fn ipv4_and_ipv6_listeners_share_a_port() {
         .expect("IPv6 listeners are IPV6_V6ONLY");
     assert!(SockRef::from(&v6).only_v6().unwrap());
 
-    ns.connect(at("::1", OUTBOUND_PORT), None).unwrap();
+    ns.connect(at("::1", OUTBOUND_PORT), &Dial::default())
+        .unwrap();
     accept(&v6).await.expect("IPv6 on the IPv6 listener");
-    ns.connect(at("127.0.0.1", OUTBOUND_PORT), None).unwrap();
+    ns.connect(at("127.0.0.1", OUTBOUND_PORT), &Dial::default())
+        .unwrap();
     accept(&v4).await.expect("IPv4 on the IPv4 listener");
 }
 
@@ -216,7 +203,7 @@ async fn ipv4_and_ipv6_listeners_share_a_port() {
 async fn connect_reaches_another_namespace_with_the_ztunnel_mark_by_default() {
     let net = Network::new("conn");
     let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
-    let server = net.peer.listen(at(NODE, 0), false);
+    let server = net.peer.listen(at(NODE, 0));
     let target = server.local_addr().unwrap();
 
     let mut client = pod.connect(target, ConnectOpts::default()).await.unwrap();
@@ -251,7 +238,7 @@ async fn connect_reaches_another_namespace_with_the_ztunnel_mark_by_default() {
 async fn every_connect_comes_from_the_namespace_across_stock_refills() {
     let net = Network::new("stock");
     let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
-    let server = net.peer.listen(at(NODE, 0), false);
+    let server = net.peer.listen(at(NODE, 0));
     let target = server.local_addr().unwrap();
     // More connects than one refill makes, some in quick succession while a refill
     // is still queued: each socket must still be the pod's, and marked.
@@ -312,7 +299,7 @@ async fn transparent_connect_reaches_the_app_from_the_original_client_address() 
     let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
 
     for (pod_ip, client) in [(POD, CLIENT), (POD6, CLIENT6)] {
-        let app = net.pod.listen(at(pod_ip, 8080), false);
+        let app = net.pod.listen(at(pod_ip, 8080));
         // ztunnel's inbound upstream, after HBONE termination.
         let from_client = ConnectOpts {
             bind_source: Some(addr(client)),
@@ -347,7 +334,13 @@ async fn tproxy_listener_sees_the_original_destination_as_local_address() {
             .unwrap();
         let mut client = net
             .peer
-            .connect(at(pod_ip, 8080), Some(at(other, 0)))
+            .connect(
+                at(pod_ip, 8080),
+                &Dial {
+                    bind: Some(at(other, 0)),
+                    ..Dial::default()
+                },
+            )
             .unwrap();
         let (mut accepted, peer) = accept(&inbound).await.expect("inbound plaintext on 15006");
         assert_eq!(
@@ -371,7 +364,7 @@ async fn tproxy_listener_sees_the_original_destination_as_local_address() {
 #[tokio::test]
 async fn redirect_listener_reads_the_original_destination() {
     let net = Network::new("redir");
-    let remote = net.peer.listen(addr(REMOTE), false);
+    let remote = net.peer.listen(addr(REMOTE));
     redirect::install(net.pod.path(), &RedirectConfig::default()).unwrap();
     let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
     let outbound = pod
@@ -379,7 +372,7 @@ async fn redirect_listener_reads_the_original_destination() {
         .await
         .unwrap();
 
-    let app = net.pod.connect(addr(REMOTE), None).unwrap();
+    let app = net.pod.connect(addr(REMOTE), &Dial::default()).unwrap();
     let (accepted, peer) = accept(&outbound).await.expect("outbound on 15001");
     assert_eq!(peer, app.local_addr().unwrap());
     assert_eq!(netns::original_dst(&accepted).unwrap(), addr(REMOTE));
@@ -414,7 +407,7 @@ async fn original_dst_without_conntrack_is_an_error_naming_the_connection() {
         .await
         .unwrap();
     let address = listener.local_addr().unwrap();
-    let app = ns.connect(address, None).unwrap();
+    let app = ns.connect(address, &Dial::default()).unwrap();
     let (accepted, _) = accept(&listener).await.unwrap();
     // No rule in this namespace uses conntrack, so the kernel tracks nothing in it and
     // there is no original destination to read.
@@ -429,157 +422,12 @@ async fn original_dst_without_conntrack_is_an_error_naming_the_connection() {
 }
 
 // ---------------------------------------------------------------------------------
-// Test support
-
-/// A network namespace, deleted when dropped.
-struct Netns {
-    name: String,
-    path: PathBuf,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ambit-ns-{tag}-{:08x}", rand::random::<u32>());
-        run(&["ip", "netns", "add", &name]);
-        let path = PathBuf::from(format!("/run/netns/{name}"));
-        Netns { name, path }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn path_str(&self) -> &str {
-        self.path.to_str().unwrap()
-    }
-
-    fn ip(&self, args: &str) {
-        let net = format!("--net={}", self.path.display());
-        let mut all = vec!["nsenter", net.as_str(), "ip"];
-        all.extend(args.split_whitespace());
-        run(&all);
-    }
-
-    /// Runs `f` on a thread inside the namespace; sockets it creates stay there. The
-    /// test's own way in, independent of the code under test.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = File::open(&self.path).unwrap();
-        std::thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn listen(&self, addr: SocketAddr, transparent: bool) -> TcpListener {
-        self.enter(move || listener(addr, transparent))
-    }
-
-    /// Connects from inside the namespace, from `bind` if given.
-    fn connect(&self, target: SocketAddr, bind: Option<SocketAddr>) -> io::Result<TcpStream> {
-        self.enter(move || dial(target, bind))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !matches!(deleted, Ok(s) if s.success()) {
-            eprintln!(
-                "could not delete network namespace {}: {deleted:?}",
-                self.name
-            );
-        }
-    }
-}
-
-/// A pod namespace and a peer namespace joined by a veth pair. The peer is the node
-/// (192.0.2.1, 2001:db8:1::1, the pod's gateway), another host on the pod's network
-/// (192.0.2.3, 2001:db8:1::3) and a remote destination (198.51.100.7) beyond it.
-struct Network {
-    pod: Netns,
-    peer: Netns,
-}
-
-impl Network {
-    fn new(tag: &str) -> Network {
-        let pod = Netns::new(&format!("{tag}-pod"));
-        let peer = Netns::new(&format!("{tag}-peer"));
-        run(&[
-            "ip", "link", "add", "eth0", "netns", &pod.name, "type", "veth", "peer", "name",
-            "veth0", "netns", &peer.name,
-        ]);
-        for ns in [&pod, &peer] {
-            ns.ip("link set lo up");
-        }
-        pod.ip(&format!("addr add {POD}/24 dev eth0"));
-        pod.ip(&format!("-6 addr add {POD6}/64 dev eth0 nodad"));
-        pod.ip("link set eth0 up");
-        pod.ip(&format!("route add default via {NODE}"));
-        pod.ip(&format!("-6 route add default via {NODE6}"));
-
-        peer.ip(&format!("addr add {NODE}/24 dev veth0"));
-        peer.ip(&format!("addr add {OTHER}/24 dev veth0"));
-        peer.ip(&format!("-6 addr add {NODE6}/64 dev veth0 nodad"));
-        peer.ip(&format!("-6 addr add {OTHER6}/64 dev veth0 nodad"));
-        peer.ip("addr add 198.51.100.7/32 dev lo");
-        peer.ip("link set veth0 up");
-        Network { pod, peer }
-    }
-}
-
-/// A test client (an app, a peer): a plain socket, from `bind` if given.
-fn dial(target: SocketAddr, bind: Option<SocketAddr>) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
-    if let Some(bind) = bind {
-        socket.bind(&bind.into())?;
-    }
-    socket.connect_timeout(&target.into(), CONNECTED)?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(CONNECTED))?;
-    Ok(stream)
-}
-
-fn listener(addr: SocketAddr, transparent: bool) -> TcpListener {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
-    socket.set_reuse_address(true).unwrap();
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).unwrap();
-    }
-    if transparent {
-        socket.set_ip_transparent_v4(true).unwrap();
-    }
-    socket.bind(&addr.into()).unwrap();
-    socket.listen(16).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    socket.into()
-}
+// Test support: the namespaces, test sockets and addresses are in `support`; the
+// helpers for the code under test's tokio sockets and for worker threads are here.
 
 /// The next connection on a listener made by the code under test, within a deadline.
 async fn accept(listener: &tokio::net::TcpListener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     within(listener.accept()).await.map(Result::unwrap)
-}
-
-/// The next connection on a test listener, polled for until a deadline.
-fn accept_std(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
-    let deadline = Instant::now() + CONNECTED;
-    loop {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                stream.set_nonblocking(false).unwrap();
-                stream.set_read_timeout(Some(CONNECTED)).unwrap();
-                return Some((stream, peer));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-            Err(e) => panic!("accept on {:?}: {e}", listener.local_addr()),
-        }
-    }
 }
 
 /// Asserts no connection is waiting. Called after a connection that went elsewhere
@@ -589,16 +437,6 @@ fn assert_nothing_pending(listener: &tokio::net::TcpListener) {
     match SockRef::from(listener).accept() {
         Ok((_, peer)) => panic!(
             "unexpected connection on {:?} from {peer:?}",
-            listener.local_addr()
-        ),
-        Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}"),
-    }
-}
-
-fn assert_nothing_pending_std(listener: &TcpListener) {
-    match listener.accept() {
-        Ok((_, peer)) => panic!(
-            "unexpected connection on {:?} from {peer}",
             listener.local_addr()
         ),
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}"),
@@ -640,15 +478,4 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-fn run(args: &[&str]) -> String {
-    let output = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        output.status.success(),
-        "`{}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -10,43 +10,26 @@
 //! plays the rest of the network (the node, other pods, the outside world).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fs::File;
+mod support;
+
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit_net::redirect::{
     self, IpFamily, Ipv6Mode, RedirectConfig, RedirectError, Step, INBOUND_PLAINTEXT_PORT,
     OUTBOUND_PORT, ZTUNNEL_MARK,
 };
-use nix::sched::{setns, CloneFlags};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::SockRef;
+use support::{
+    accept, addr, assert_nothing_pending, at, Dial, Netns, Network, NODE, NODE6, OTHER, OTHER6,
+    POD, POD6, REMOTE, REMOTE6,
+};
 
-/// The node, as the pod sees it: its default gateway and the health probes' source.
-const NODE: &str = "192.0.2.1";
-const NODE6: &str = "2001:db8:1::1";
-/// Another peer on the pod's network.
-const OTHER: &str = "192.0.2.3";
-const OTHER6: &str = "2001:db8:1::3";
-const POD: &str = "192.0.2.2";
-const POD6: &str = "2001:db8:1::2";
-/// A destination beyond the gateway.
-const REMOTE: &str = "198.51.100.7:80";
-const REMOTE6: &str = "[2001:db8::7]:80";
-
-const CONNECTED: Duration = Duration::from_secs(3);
 /// How long a connection that should be dropped gets to show it is not.
 const DROPPED: Duration = Duration::from_millis(300);
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn at(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 // ---------------------------------------------------------------------------------
 // Install, reinstall, remove
@@ -233,7 +216,7 @@ fn outbound_tcp_lands_on_15001_with_its_original_destination() {
 
     let _client = net.pod.connect(addr(REMOTE), &Dial::default()).unwrap();
 
-    let accepted = accept(&ztunnel).expect("outbound connection on 15001");
+    let (accepted, _) = accept(&ztunnel).expect("outbound connection on 15001");
     let original = SockRef::from(&accepted).original_dst_v4().unwrap();
     assert_eq!(original.as_socket(), Some(addr(REMOTE)));
     assert_eq!(
@@ -295,7 +278,7 @@ fn inbound_plaintext_lands_on_15006_but_hbone_and_probes_do_not() {
     };
 
     let _c = net.peer.connect(at(POD, 8080), &from_other).unwrap();
-    let accepted = accept(&plaintext).expect("inbound plaintext on 15006");
+    let (accepted, _) = accept(&plaintext).expect("inbound plaintext on 15006");
     assert_eq!(accepted.local_addr().unwrap(), at(POD, 8080));
     assert_eq!(
         accepted.peer_addr().unwrap().ip(),
@@ -346,7 +329,7 @@ fn app_replies_to_ztunnels_spoofed_source_connection_come_back_to_ztunnel() {
             },
         )
         .expect("with the rules the reply comes back to ztunnel");
-    let mut upstream = accept(&app).expect("app accepts ztunnel's connection");
+    let (mut upstream, _) = accept(&app).expect("app accepts ztunnel's connection");
     assert_eq!(
         upstream.peer_addr().unwrap(),
         at(OTHER, 40001),
@@ -368,7 +351,7 @@ fn ipv6_is_captured_like_ipv4() {
     let app = net.pod.listen(at("::", 8080));
 
     let _c = net.pod.connect(addr(REMOTE6), &Dial::default()).unwrap();
-    let accepted = accept(&outbound).expect("IPv6 outbound on 15001");
+    let (accepted, _) = accept(&outbound).expect("IPv6 outbound on 15001");
     let original = SockRef::from(&accepted).original_dst_v6().unwrap();
     assert_eq!(original.as_socket(), Some(addr(REMOTE6)));
 
@@ -384,7 +367,7 @@ fn ipv6_is_captured_like_ipv4() {
         ..Dial::default()
     };
     let _i = net.peer.connect(at(POD6, 8080), &from_other).unwrap();
-    let accepted = accept(&plaintext).expect("IPv6 inbound plaintext on 15006");
+    let (accepted, _) = accept(&plaintext).expect("IPv6 inbound plaintext on 15006");
     assert_eq!(accepted.local_addr().unwrap(), at(POD6, 8080));
     assert_nothing_pending(&app);
 }
@@ -429,46 +412,16 @@ fn ipv6_drop_mode_blocks_ipv6_tcp_while_ipv4_is_still_captured() {
     accept(&local6).expect("IPv6 loopback still works");
 
     net.pod.connect(addr(REMOTE), &Dial::default()).unwrap();
-    let accepted = accept(&outbound).expect("IPv4 outbound still on 15001");
+    let (accepted, _) = accept(&outbound).expect("IPv4 outbound still on 15001");
     let original = SockRef::from(&accepted).original_dst_v4().unwrap();
     assert_eq!(original.as_socket(), Some(addr(REMOTE)));
 }
 
 // ---------------------------------------------------------------------------------
-// Test support
-
-/// A network namespace, deleted when dropped.
-struct Netns {
-    name: String,
-    path: PathBuf,
-}
+// Test support: the namespaces, sockets and constants are in `support`; what is
+// about the redirect rules is here.
 
 impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ambit-rd-{tag}-{:08x}", rand::random::<u32>());
-        run(&["ip", "netns", "add", &name]);
-        let path = PathBuf::from(format!("/run/netns/{name}"));
-        Netns { name, path }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs a command inside the namespace; panics unless it succeeds.
-    fn run(&self, args: &[&str]) -> String {
-        let net = format!("--net={}", self.path.display());
-        let mut all = vec!["nsenter", net.as_str()];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    fn ip(&self, args: &str) {
-        let mut all = vec!["ip"];
-        all.extend(args.split_whitespace());
-        self.run(&all);
-    }
-
     fn save(&self, family: IpFamily) -> String {
         self.run(&[match family {
             IpFamily::V4 => "iptables-save",
@@ -487,7 +440,7 @@ impl Netns {
             let rules = self.ip_rules(family);
             assert!(!rules.contains("0x111"), "{family} ip rule left:\n{rules}");
             let routes = Command::new("nsenter")
-                .arg(format!("--net={}", self.path.display()))
+                .arg(format!("--net={}", self.path().display()))
                 .args(["ip", flag(family), "route", "show", "table", "100"])
                 .output()
                 .unwrap();
@@ -495,90 +448,10 @@ impl Netns {
             assert!(!routes.contains("local"), "{family} route left:\n{routes}");
         }
     }
-
-    /// Runs `f` on a thread inside the namespace; sockets it creates stay there.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = File::open(&self.path).unwrap();
-        std::thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    fn listen(&self, addr: SocketAddr) -> TcpListener {
-        self.enter(move || listener(addr, false))
-    }
-
-    /// A listener that accepts TPROXYed connections, like ztunnel's 15006.
-    fn listen_transparent(&self, addr: SocketAddr) -> TcpListener {
-        self.enter(move || listener(addr, true))
-    }
-
-    fn udp(&self, addr: SocketAddr) -> UdpSocket {
-        self.enter(move || {
-            let socket = UdpSocket::bind(addr).unwrap();
-            socket.set_read_timeout(Some(CONNECTED)).unwrap();
-            socket
-        })
-    }
-
-    fn connect(&self, target: SocketAddr, dial: &Dial) -> io::Result<TcpStream> {
-        let dial = dial.clone();
-        self.enter(move || dial.connect(target))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !matches!(deleted, Ok(s) if s.success()) {
-            eprintln!(
-                "could not delete network namespace {}: {deleted:?}",
-                self.name
-            );
-        }
-    }
-}
-
-/// A pod namespace and a peer namespace joined by a veth pair. The peer is the node
-/// (192.0.2.1, the pod's gateway and probe source), another host on the pod's network
-/// (192.0.2.3) and a remote destination (198.51.100.7, 2001:db8::7) beyond it.
-struct Network {
-    pod: Netns,
-    peer: Netns,
 }
 
 impl Network {
-    fn new(tag: &str) -> Network {
-        let pod = Netns::new(&format!("{tag}-pod"));
-        let peer = Netns::new(&format!("{tag}-peer"));
-        run(&[
-            "ip", "link", "add", "eth0", "netns", &pod.name, "type", "veth", "peer", "name",
-            "veth0", "netns", &peer.name,
-        ]);
-        for ns in [&pod, &peer] {
-            ns.ip("link set lo up");
-        }
-        pod.ip(&format!("addr add {POD}/24 dev eth0"));
-        pod.ip(&format!("-6 addr add {POD6}/64 dev eth0 nodad"));
-        pod.ip("link set eth0 up");
-        pod.ip(&format!("route add default via {NODE}"));
-        pod.ip(&format!("-6 route add default via {NODE6}"));
-
-        peer.ip(&format!("addr add {NODE}/24 dev veth0"));
-        peer.ip(&format!("addr add {OTHER}/24 dev veth0"));
-        peer.ip(&format!("-6 addr add {NODE6}/64 dev veth0 nodad"));
-        peer.ip(&format!("-6 addr add {OTHER6}/64 dev veth0 nodad"));
-        peer.ip("addr add 198.51.100.7/32 dev lo");
-        peer.ip("-6 addr add 2001:db8::7/128 dev lo");
-        peer.ip("link set veth0 up");
-        Network { pod, peer }
-    }
-
+    /// Installs the rules in the pod, with the node as the health probes' source.
     fn install(&self, ipv6: Ipv6Mode) {
         let config = RedirectConfig {
             probe_sources: vec![NODE.parse().unwrap(), NODE6.parse().unwrap()],
@@ -586,99 +459,6 @@ impl Network {
             ..RedirectConfig::default()
         };
         redirect::install(self.pod.path(), &config).unwrap();
-    }
-}
-
-/// How a test client connects.
-#[derive(Debug, Clone)]
-struct Dial {
-    mark: Option<u32>,
-    bind: Option<SocketAddr>,
-    /// IP_TRANSPARENT, to bind an address that is not the namespace's own.
-    transparent: bool,
-    timeout: Duration,
-}
-
-impl Default for Dial {
-    fn default() -> Self {
-        Dial {
-            mark: None,
-            bind: None,
-            transparent: false,
-            timeout: CONNECTED,
-        }
-    }
-}
-
-impl Dial {
-    fn connect(&self, target: SocketAddr) -> io::Result<TcpStream> {
-        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
-        if let Some(mark) = self.mark {
-            socket.set_mark(mark)?;
-        }
-        if self.transparent {
-            match target {
-                SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-                SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
-            }
-        }
-        if let Some(bind) = self.bind {
-            socket.bind(&bind.into())?;
-        }
-        socket.connect_timeout(&target.into(), self.timeout)?;
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(CONNECTED))?;
-        Ok(stream)
-    }
-}
-
-fn listener(addr: SocketAddr, transparent: bool) -> TcpListener {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
-    socket.set_reuse_address(true).unwrap();
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).unwrap();
-    }
-    if transparent {
-        match addr {
-            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true).unwrap(),
-            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true).unwrap(),
-        }
-    }
-    socket.bind(&addr.into()).unwrap();
-    socket.listen(16).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    socket.into()
-}
-
-/// The next connection on `listener`, polled for until a deadline.
-fn accept(listener: &TcpListener) -> Option<TcpStream> {
-    let deadline = Instant::now() + CONNECTED;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false).unwrap();
-                stream.set_read_timeout(Some(CONNECTED)).unwrap();
-                return Some(stream);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-            Err(e) => panic!("accept on {:?}: {e}", listener.local_addr()),
-        }
-    }
-}
-
-/// Asserts no connection is waiting on `listener`. Called after a connection that
-/// went elsewhere was accepted there, so a misrouted one would already be queued.
-fn assert_nothing_pending(listener: &TcpListener) {
-    match listener.accept() {
-        Ok((stream, peer)) => panic!(
-            "unexpected connection on {:?} from {peer} to {:?}",
-            listener.local_addr(),
-            stream.local_addr()
-        ),
-        Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}"),
     }
 }
 
@@ -706,15 +486,4 @@ fn flag(family: IpFamily) -> &'static str {
         IpFamily::V4 => "-4",
         IpFamily::V6 => "-6",
     }
-}
-
-fn run(args: &[&str]) -> String {
-    let output = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        output.status.success(),
-        "`{}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
