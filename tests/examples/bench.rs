@@ -7,8 +7,8 @@
 //! - throughput: iperf3, 1 and 8 streams;
 //! - latency: sockperf ping-pong with 1 KB messages, one-way p50 and p99;
 //! - new connections per second: wrk with `Connection: close` against nginx;
-//! - CPU at a fixed 1,000 requests/s: hey `-q` against nginx, the whole machine's CPU
-//!   time and (through the mesh) the two ztunnels' own;
+//! - CPU at a fixed 1,000 requests/s: hey `-q` against nginx, the two ztunnels' CPU
+//!   time (the tools' own CPU varies too much between runs to compare machines);
 //! - memory of 10,000 idle proxied connections: each ztunnel's resident set before and
 //!   while the test app holds them open (mesh only: the direct path has no proxy).
 //!
@@ -36,8 +36,6 @@ struct Figures {
     conns_per_s: f64,
     /// Requests/s hey reached at the fixed rate.
     fixed_rps: f64,
-    /// Whole-machine CPU used during the fixed-rate run, in cores.
-    machine_cores: f64,
     /// CPU the ztunnels used during it, in cores (0 on the direct path).
     ztunnel_cores: f64,
 }
@@ -47,23 +45,6 @@ const FIXED_WORKERS: u32 = 10;
 const FIXED_RATE_EACH: u32 = 100;
 /// Idle connections held for the memory figure.
 const IDLE_CONNECTIONS: u32 = 10_000;
-
-/// Busy and total jiffies of the whole machine, from `/proc/stat`.
-fn machine_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let idle = cpu[3] + cpu[4];
-    let total: u64 = cpu.iter().take(8).sum();
-    (total - idle, total)
-}
 
 /// User plus system CPU time of `pid`, in clock ticks.
 fn process_ticks(pid: u32) -> u64 {
@@ -212,7 +193,6 @@ fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
         .map(|n| h.ztunnel(n).pid())
         .collect();
     let z_before: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
-    let m_before = machine_jiffies();
     let started = std::time::Instant::now();
     let (workers, rate) = (FIXED_WORKERS.to_string(), FIXED_RATE_EACH.to_string());
     let hey = run(
@@ -222,7 +202,6 @@ fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
         &["-z", "10s", "-c", &workers, "-q", &rate, &url],
     );
     let wall = started.elapsed().as_secs_f64();
-    let m_after = machine_jiffies();
     let z_after: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
     let fixed_rps = hey
         .lines()
@@ -235,7 +214,6 @@ fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
         "hey got answers other than 200:\n{hey}"
     );
     let tck = ticks_per_second();
-    let machine_cores = (m_after.0 - m_before.0) as f64 / tck / wall;
     let ztunnel_cores = if enrolled {
         (z_after - z_before) as f64 / tck / wall
     } else {
@@ -248,7 +226,6 @@ fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
         p99_us,
         conns_per_s,
         fixed_rps,
-        machine_cores,
         ztunnel_cores,
     }
 }
@@ -388,16 +365,6 @@ async fn main() {
         mesh.fixed_rps,
         "/s",
         format!("{:.2}x", mesh.fixed_rps / direct.fixed_rps),
-    );
-    report += &row(
-        "machine CPU at that rate (all processes)",
-        direct.machine_cores * 1000.0,
-        mesh.machine_cores * 1000.0,
-        "millicores",
-        format!(
-            "+{:.0} millicores",
-            (mesh.machine_cores - direct.machine_cores) * 1000.0
-        ),
     );
     report += &format!(
         "| both ztunnels' CPU per 1000 requests/s | - | {:.0} millicores | - |\n",
