@@ -219,7 +219,9 @@ impl Network {
         peer.ip(&format!("-6 addr add {NODE6}/64 dev veth0 nodad"));
         peer.ip(&format!("-6 addr add {OTHER6}/64 dev veth0 nodad"));
         peer.ip("addr add 198.51.100.7/32 dev lo");
-        peer.ip("-6 addr add 2001:db8::7/128 dev lo");
+        // nodad: even on loopback an address is tentative until a queued DAD job
+        // runs, and binding it fails meanwhile (seen under load).
+        peer.ip("-6 addr add 2001:db8::7/128 dev lo nodad");
         peer.ip("link set veth0 up");
         Network { pod, peer }
     }
