@@ -497,11 +497,12 @@ impl Default for ConnectOpts {
 /// socket knows its own. For a `TPROXY` listener (15006) use `local_addr()` instead.
 /// The listener must be of the connection's family (IPv6 ones are `IPV6_V6ONLY`).
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
-    let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
     let socket = SockRef::from(stream);
-    let original = match local {
-        SocketAddr::V4(_) => socket.original_dst_v4(),
-        SocketAddr::V6(_) => socket.original_dst_v6(),
+    // The family decides the option's level; the addresses are only read for an error
+    // (this runs for every outbound connection).
+    let original = match socket.domain()? {
+        Domain::IPV6 => socket.original_dst_v6(),
+        _ => socket.original_dst_v4(),
     };
     original
         .and_then(|addr| {
@@ -510,11 +511,12 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
             })
         })
         .map_err(|source| {
+            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
             io_error(
                 source.kind(),
                 NetnsError::OriginalDst {
-                    local,
-                    peer,
+                    local: stream.local_addr().unwrap_or(unknown),
+                    peer: stream.peer_addr().unwrap_or(unknown),
                     source,
                 },
             )

@@ -190,6 +190,13 @@ impl Pods {
                         }
                     };
                     let Some(pod) = pods.get(&uid) else { return };
+                    // No Nagle on any socket ztunnel relays through, as on the ones
+                    // it opens (Envoy and Istio's ztunnel do the same): relayed bytes
+                    // go out as they come, and on HBONE connections h2 already batches
+                    // frames. With Nagle, a tunnel's small 200 waited for the peer's
+                    // delayed ACK before its first data could follow: new connections/s
+                    // through the mesh went from 0.29x to 0.41-0.45x of direct.
+                    let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let server_tls = server_tls.clone();
                     // The opening phase is boxed, and freed once the connection is
