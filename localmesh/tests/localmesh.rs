@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -315,11 +314,24 @@ fn sweeper_removes_namespaces_processes_and_state_of_dead_owners_only() {
     let live_dir = root.join(format!("{P}1x{dead}"));
     fs::create_dir_all(&live_dir).unwrap();
     // A process left in a stale namespace (its parent death signal never came).
+    // nsenter enters before it runs the shell, so the line means it is in there.
     let mut orphan = Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{stale_ns}"), "sleep", "60"])
+        .args([
+            &format!("--net=/run/netns/{stale_ns}"),
+            "sh",
+            "-c",
+            "echo entered; exec sleep 60",
+        ])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until_in_netns(orphan.id(), &stale_ns);
+    let mut entered = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(orphan.stdout.take().unwrap()),
+        &mut entered,
+    )
+    .unwrap();
+    assert_eq!(entered, "entered\n");
 
     let report = sweep_stale_with_prefix(&root, P).unwrap();
 
@@ -358,25 +370,6 @@ impl Drop for TestNetns {
         if Path::new("/run/netns").join(&self.0).exists() {
             let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
         }
-    }
-}
-
-/// Polls until process `pid` has entered the namespace `netns`.
-fn wait_until_in_netns(pid: u32, netns: &str) {
-    let want = fs::metadata(Path::new("/run/netns").join(netns))
-        .unwrap()
-        .ino();
-    let start = Instant::now();
-    loop {
-        let now = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino());
-        if now.as_ref().ok() == Some(&want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "process {pid} never entered {netns}: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

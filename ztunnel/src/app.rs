@@ -85,6 +85,7 @@ pub async fn run(
         },
         picks: Default::default(),
         active: Default::default(),
+        none_active: Default::default(),
         draining: draining_rx,
     });
 
@@ -148,10 +149,7 @@ pub async fn run(
             pod.stop();
         }
     }
-    let deadline = tokio::time::Instant::now() + config.drain_deadline;
-    while shared.active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _ = tokio::time::timeout(config.drain_deadline, shared.all_closed()).await;
     let _ = stop_tx.send(true);
     tracing::info!(
         left = shared.active.load(Ordering::Relaxed),

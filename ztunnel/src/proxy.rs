@@ -46,11 +46,25 @@ pub struct Shared {
     pub picks: AtomicU64,
     /// Connections being proxied now (for draining).
     pub active: AtomicU64,
+    /// Notified each time `active` drops to zero.
+    pub none_active: tokio::sync::Notify,
     /// Becomes true when ztunnel starts draining.
     pub draining: watch::Receiver<bool>,
 }
 
 impl Shared {
+    /// Completes once no connection is being proxied.
+    pub async fn all_closed(&self) {
+        loop {
+            // Registered before the check, so a drop to zero in between is not missed.
+            let notified = self.none_active.notified();
+            if self.active.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Completes once ztunnel drains.
     pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut draining = self.draining.clone();
@@ -74,7 +88,9 @@ impl Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.none_active.notify_waiters();
+        }
     }
 }
 
