@@ -71,6 +71,9 @@ impl HboneConnection {
             .initial_connection_window_size(settings.connection_window)
             .max_concurrent_streams(settings.max_streams)
             .max_frame_size(settings.max_frame_size)
+            // No HPACK dynamic table: a CONNECT's headers are mostly unique per tunnel
+            // (client port, trace ids), and the table cost 4 KiB per side per connection.
+            .header_table_size(0)
             .handshake::<_, Bytes>(io)
             .await?;
         let ping_pong = connection.ping_pong();
