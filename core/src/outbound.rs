@@ -16,7 +16,8 @@ use crate::hbone::{HboneTarget, HBONE_PORT};
 use crate::identity::SpiffeId;
 use crate::model::{MeshState, Service, Workload};
 
-/// The address a captured connection was originally sent to (`SO_ORIGINAL_DST`).
+/// The address a captured connection was originally sent to (TPROXY leaves it as the
+/// accepted socket's local address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OrigDst(pub SocketAddr);
 

@@ -18,10 +18,11 @@
 //! pod's redirect rules would capture ztunnel's own traffic: [`ListenOpts`] and
 //! [`ConnectOpts`] set it by default.
 //!
-//! Original destinations: a connection accepted on the outbound listener (15001,
-//! iptables `REDIRECT`) has it in conntrack, read with [`original_dst`]; a connection
-//! accepted on the inbound plaintext listener (15006, `TPROXY`) has it as its
-//! `local_addr()`, since TPROXY delivers without rewriting the destination.
+//! Original destinations: the redirect rules hand connections to both the outbound
+//! listener (15001) and the inbound plaintext one (15006) with iptables `TPROXY`, which
+//! delivers without rewriting the destination, so an accepted socket's `local_addr()`
+//! is where the app meant to go; [`original_dst`] reads it and rejects connections
+//! made to the listener itself. Both listeners need [`ListenOpts::transparent`].
 //!
 //! This module must not: enter a namespace on any thread but a handle's own worker (a
 //! tokio worker thread that entered one would carry it into every task it runs later);
@@ -416,13 +417,11 @@ pub enum NetnsError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot read the original destination of the connection {peer} -> {local}: {source}")]
-    OriginalDst {
-        local: SocketAddr,
-        peer: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error(
+        "the connection {peer} -> {local} was made to the outbound listener itself, \
+         not redirected to it: it has no original destination"
+    )]
+    NotRedirected { local: SocketAddr, peer: SocketAddr },
     #[error("cannot set mark {mark:#x} on the connection {peer} -> {local}: {source}")]
     SetMark {
         local: SocketAddr,
@@ -444,7 +443,7 @@ fn io_error(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenOpts {
     /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT`: needed to accept TPROXYed connections
-    /// (the inbound plaintext listener, 15006).
+    /// (the outbound listener, 15001, and the inbound plaintext one, 15006).
     pub transparent: bool,
     /// `SO_MARK`; accepted sockets inherit it. Default [`ZTUNNEL_MARK`], so the
     /// redirect rules leave ztunnel's side of the connection alone.
@@ -492,35 +491,23 @@ impl Default for ConnectOpts {
     }
 }
 
-/// The original destination of a connection accepted on a `REDIRECT` listener (the
-/// outbound 15001), from conntrack (`SO_ORIGINAL_DST`). Works in any namespace: the
-/// socket knows its own. For a `TPROXY` listener (15006) use `local_addr()` instead.
-/// The listener must be of the connection's family (IPv6 ones are `IPV6_V6ONLY`).
+/// The original destination of a connection accepted on the outbound listener (15001).
+/// The redirect rules `TPROXY` it there without rewriting the destination, so it is the
+/// connection's local address (the same holds on the inbound plaintext listener, 15006).
+/// A loopback local address means the app connected to the listener itself, which
+/// the rules never capture: that is an error naming the connection.
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
-    let socket = SockRef::from(stream);
-    // The family decides the option's level; the addresses are only read for an error
-    // (this runs for every outbound connection).
-    let original = match socket.domain()? {
-        Domain::IPV6 => socket.original_dst_v6(),
-        _ => socket.original_dst_v4(),
-    };
-    original
-        .and_then(|addr| {
-            addr.as_socket().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "not an IP socket address")
-            })
-        })
-        .map_err(|source| {
-            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-            io_error(
-                source.kind(),
-                NetnsError::OriginalDst {
-                    local: stream.local_addr().unwrap_or(unknown),
-                    peer: stream.peer_addr().unwrap_or(unknown),
-                    source,
-                },
-            )
-        })
+    let local = stream.local_addr()?;
+    if local.ip().is_loopback() || local.ip().is_unspecified() {
+        let peer = stream
+            .peer_addr()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        return Err(io_error(
+            io::ErrorKind::InvalidInput,
+            NetnsError::NotRedirected { local, peer },
+        ));
+    }
+    Ok(local)
 }
 
 /// Sets `SO_MARK` on an established connection (from now on its packets carry it).

@@ -3,8 +3,12 @@
 //! listening in that same namespace (in-pod mode, like Istio ambient). One
 //! implementation, used by the CNI node agent and the local mesh.
 //!
-//! - Outbound TCP goes to [`OUTBOUND_PORT`] (nat `REDIRECT`; ztunnel reads the original
-//!   destination with `SO_ORIGINAL_DST`).
+//! - Outbound TCP goes to [`OUTBOUND_PORT`] on loopback: a new connection gets
+//!   [`CAPTURED_MARK`] as connmark and packet mark, the mark routes it to `lo`, and
+//!   mangle `TPROXY` there hands it to the listener without rewriting the destination,
+//!   so the accepted socket's local address is the original destination and its
+//!   4-tuple is the app's own (no NAT: see `docs/decisions/0005-outbound-capture-is-tproxy.md`).
+//!   With no listener, TPROXY drops the SYN: the connect waits, it never leaks.
 //! - Inbound plaintext TCP goes to [`INBOUND_PLAINTEXT_PORT`] (mangle `TPROXY`, so the
 //!   accepted socket's local address is the original destination). Inbound to
 //!   [`HBONE_PORT`] is delivered normally: ztunnel listens on it in the namespace.
@@ -42,7 +46,8 @@ pub use ambit_core::hbone::HBONE_PORT;
 use routing::IpCommand;
 use rules::{NetfilterState, RuleSet};
 
-/// ztunnel's outbound capture listener: outbound TCP is REDIRECTed here.
+/// ztunnel's outbound capture listener (on 127.0.0.1 and ::1, transparent): outbound
+/// TCP is TPROXYed here.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// ztunnel's inbound plaintext listener: inbound TCP (except HBONE) is TPROXYed here.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;

@@ -2,9 +2,9 @@
 //! handle's jobs run inside its namespace and its worker thread ends with the last
 //! handle; listeners live where they were made; connections carry ztunnel's mark by
 //! default, reach other namespaces, and can come from a non-local source (ztunnel's
-//! inbound upstream); with the redirect rules installed the 15006 listener sees the
-//! original destination as its local address and the 15001 listener reads it with
-//! `SO_ORIGINAL_DST`; errors name the namespace and the address.
+//! inbound upstream); with the redirect rules installed the 15006 and 15001 listeners
+//! see the original destination as their local address; errors name the namespace and
+//! the address.
 //!
 //! Each test builds its own namespaces: a "pod" joined by a veth pair to a "peer" that
 //! plays the rest of the network (the node, other pods, the outside world). The
@@ -362,13 +362,17 @@ async fn tproxy_listener_sees_the_original_destination_as_local_address() {
 }
 
 #[tokio::test]
-async fn redirect_listener_reads_the_original_destination() {
+async fn outbound_listener_reads_the_original_destination() {
     let net = Network::new("redir");
     let remote = net.peer.listen(addr(REMOTE));
     redirect::install(net.pod.path(), &RedirectConfig::default()).unwrap();
     let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
+    let transparent = ListenOpts {
+        transparent: true,
+        ..ListenOpts::default()
+    };
     let outbound = pod
-        .listen(at("0.0.0.0", OUTBOUND_PORT), ListenOpts::default())
+        .listen(at("127.0.0.1", OUTBOUND_PORT), transparent)
         .await
         .unwrap();
 
@@ -398,21 +402,24 @@ async fn redirect_listener_reads_the_original_destination() {
 }
 
 #[tokio::test]
-async fn original_dst_without_conntrack_is_an_error_naming_the_connection() {
+async fn a_connection_to_the_outbound_listener_itself_has_no_original_destination() {
     let ns = Netns::new("noorig");
     ns.ip("link set lo up");
     let handle = NetnsHandle::from_path(ns.path()).unwrap();
+    let transparent = ListenOpts {
+        transparent: true,
+        ..ListenOpts::default()
+    };
     let listener = handle
-        .listen(at("127.0.0.1", 0), ListenOpts::default())
+        .listen(at("127.0.0.1", 0), transparent)
         .await
         .unwrap();
     let address = listener.local_addr().unwrap();
+    // Loopback is never captured: the app dialled the listener.
     let app = ns.connect(address, &Dial::default()).unwrap();
     let (accepted, _) = accept(&listener).await.unwrap();
-    // No rule in this namespace uses conntrack, so the kernel tracks nothing in it and
-    // there is no original destination to read.
     let err = netns::original_dst(&accepted).unwrap_err();
-    assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
     let message = err.to_string();
     assert!(
         message.contains(&address.to_string())

@@ -22,7 +22,7 @@ use ambit_net::redirect::{
     self, IpFamily, Ipv6Mode, RedirectConfig, RedirectError, Step, INBOUND_PLAINTEXT_PORT,
     OUTBOUND_PORT, ZTUNNEL_MARK,
 };
-use socket2::SockRef;
+use socket2::{Domain, Socket, Type};
 use support::{
     accept, addr, assert_nothing_pending, at, Dial, Netns, Network, NODE, NODE6, OTHER, OTHER6,
     POD, POD6, REMOTE, REMOTE6,
@@ -48,11 +48,7 @@ fn install_twice_leaves_one_copy_and_remove_leaves_nothing() {
         for family in IpFamily::ALL {
             let save = ns.save(family);
             let tables = sections(&save);
-            for (table, chain) in [
-                ("mangle", "AMBIT_PRERT"),
-                ("mangle", "AMBIT_OUTPUT"),
-                ("nat", "AMBIT_OUTPUT"),
-            ] {
+            for (table, chain) in [("mangle", "AMBIT_PRERT"), ("mangle", "AMBIT_OUTPUT")] {
                 let lines = &tables[table];
                 assert!(
                     lines.contains(&format!(":{chain} - [0:0]")),
@@ -62,7 +58,6 @@ fn install_twice_leaves_one_copy_and_remove_leaves_nothing() {
             for (table, jump) in [
                 ("mangle", "-A PREROUTING -j AMBIT_PRERT"),
                 ("mangle", "-A OUTPUT -j AMBIT_OUTPUT"),
-                ("nat", "-A OUTPUT -j AMBIT_OUTPUT"),
             ] {
                 let count = tables[table].iter().filter(|l| *l == jump).count();
                 assert_eq!(
@@ -74,7 +69,14 @@ fn install_twice_leaves_one_copy_and_remove_leaves_nothing() {
                 .iter()
                 .filter(|l| l.starts_with("-A AMBIT_PRERT "))
                 .count();
-            assert_eq!(prerouting, 6, "round {round}: {family}:\n{save}");
+            assert_eq!(prerouting, 7, "round {round}: {family}:\n{save}");
+            assert!(
+                !save.contains("REDIRECT")
+                    && tables
+                        .get("nat")
+                        .is_none_or(|lines| !lines.iter().any(|l| l.contains("AMBIT"))),
+                "round {round}: {family}: nothing in nat:\n{save}"
+            );
             let rules = ns.ip_rules(family);
             assert_eq!(
                 rules.matches("fwmark 0x111/0xfff lookup 100").count(),
@@ -212,18 +214,53 @@ fn outbound_tcp_lands_on_15001_with_its_original_destination() {
     let net = Network::new("out4");
     let remote = net.peer.listen(addr(REMOTE));
     net.install(Ipv6Mode::Capture);
-    let ztunnel = net.pod.listen(at("0.0.0.0", OUTBOUND_PORT));
+    let ztunnel = net.pod.listen_transparent(at("127.0.0.1", OUTBOUND_PORT));
 
     let _client = net.pod.connect(addr(REMOTE), &Dial::default()).unwrap();
 
     let (accepted, _) = accept(&ztunnel).expect("outbound connection on 15001");
-    let original = SockRef::from(&accepted).original_dst_v4().unwrap();
-    assert_eq!(original.as_socket(), Some(addr(REMOTE)));
+    assert_eq!(accepted.local_addr().unwrap(), addr(REMOTE));
     assert_eq!(
         accepted.peer_addr().unwrap().ip(),
         POD.parse::<std::net::IpAddr>().unwrap()
     );
     assert_nothing_pending(&remote);
+}
+
+/// ztunnel closes first when the server does, so the TIME_WAIT is on its side. The app
+/// may reuse the client port at once towards another destination (the kernel's port
+/// choice does); that must be a new connection, not a collision with the old TIME_WAIT
+/// (behind REDIRECT every captured connection's local address was 127.0.0.1:15001, so
+/// it collided, and the SYN was answered with an ACK for the old connection: about half
+/// the destinations then stalled until the SYN was retransmitted a second later).
+#[test]
+fn a_client_port_reused_after_ztunnel_closed_first_is_a_new_connection() {
+    let net = Network::new("reuse");
+    net.install(Ipv6Mode::Capture);
+    let ztunnel = net.pod.listen_transparent(at("127.0.0.1", OUTBOUND_PORT));
+    let client_port = at(POD, 40123);
+    // Shorter than the first SYN retransmission (1 s): a stalled connect fails.
+    let dial = Dial {
+        bind: Some(client_port),
+        timeout: Duration::from_millis(900),
+        ..Dial::default()
+    };
+    for last in 1..=8u8 {
+        let destination = at(&format!("198.51.100.{last}"), 80);
+        let mut client = net
+            .pod
+            .connect(destination, &dial)
+            .unwrap_or_else(|e| panic!("connect to {destination} from {client_port}: {e}"));
+        let (accepted, _) = accept(&ztunnel).expect("captured");
+        assert_eq!(accepted.local_addr().unwrap(), destination);
+        // ztunnel closes first; the app sees the end, then closes too.
+        drop(accepted);
+        assert_eq!(client.read(&mut [0; 1]).unwrap(), 0);
+        drop(client);
+        // The app's side leaves LAST_ACK once ztunnel's TIME_WAIT socket acks its FIN;
+        // only then is the port free to bind again.
+        wait_until_port_is_free(&net.pod, client_port);
+    }
 }
 
 #[test]
@@ -232,7 +269,7 @@ fn ztunnel_sockets_loopback_self_and_udp_are_not_captured() {
     let remote = net.peer.listen(addr(REMOTE));
     let remote_udp = net.peer.udp(addr("198.51.100.7:53"));
     net.install(Ipv6Mode::Capture);
-    let ztunnel = net.pod.listen(at("0.0.0.0", OUTBOUND_PORT));
+    let ztunnel = net.pod.listen_transparent(at("127.0.0.1", OUTBOUND_PORT));
     let local = net.pod.listen(addr("127.0.0.1:8081"));
     let own_ip = net.pod.listen(at(POD, 8082));
 
@@ -346,14 +383,13 @@ fn ipv6_is_captured_like_ipv4() {
     let net = Network::new("cap6");
     let remote = net.peer.listen(addr(REMOTE6));
     net.install(Ipv6Mode::Capture);
-    let outbound = net.pod.listen(at("::", OUTBOUND_PORT));
+    let outbound = net.pod.listen_transparent(at("::1", OUTBOUND_PORT));
     let plaintext = net.pod.listen_transparent(at("::", INBOUND_PLAINTEXT_PORT));
     let app = net.pod.listen(at("::", 8080));
 
     let _c = net.pod.connect(addr(REMOTE6), &Dial::default()).unwrap();
     let (accepted, _) = accept(&outbound).expect("IPv6 outbound on 15001");
-    let original = SockRef::from(&accepted).original_dst_v6().unwrap();
-    assert_eq!(original.as_socket(), Some(addr(REMOTE6)));
+    assert_eq!(accepted.local_addr().unwrap(), addr(REMOTE6));
 
     let marked = Dial {
         mark: Some(ZTUNNEL_MARK),
@@ -384,8 +420,8 @@ fn ipv6_drop_mode_blocks_ipv6_tcp_while_ipv4_is_still_captured() {
     accept(&app6).unwrap();
 
     net.install(Ipv6Mode::Drop);
-    let outbound = net.pod.listen(at("0.0.0.0", OUTBOUND_PORT));
-    let outbound6 = net.pod.listen(at("::", OUTBOUND_PORT));
+    let outbound = net.pod.listen_transparent(at("127.0.0.1", OUTBOUND_PORT));
+    let outbound6 = net.pod.listen_transparent(at("::1", OUTBOUND_PORT));
     let quick = Dial {
         timeout: DROPPED,
         ..Dial::default()
@@ -413,8 +449,7 @@ fn ipv6_drop_mode_blocks_ipv6_tcp_while_ipv4_is_still_captured() {
 
     net.pod.connect(addr(REMOTE), &Dial::default()).unwrap();
     let (accepted, _) = accept(&outbound).expect("IPv4 outbound still on 15001");
-    let original = SockRef::from(&accepted).original_dst_v4().unwrap();
-    assert_eq!(original.as_socket(), Some(addr(REMOTE)));
+    assert_eq!(accepted.local_addr().unwrap(), addr(REMOTE));
 }
 
 // ---------------------------------------------------------------------------------
@@ -460,6 +495,21 @@ impl Network {
         };
         redirect::install(self.pod.path(), &config).unwrap();
     }
+}
+
+/// Waits (up to a few seconds) until `port` can be bound again in `netns`.
+fn wait_until_port_is_free(netns: &Netns, port: std::net::SocketAddr) {
+    let free = netns.enter(move || {
+        for _ in 0..300 {
+            let socket = Socket::new(Domain::for_address(port), Type::STREAM, None).unwrap();
+            if socket.bind(&port.into()).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    assert!(free, "{port} still in use");
 }
 
 fn drain(listener: &TcpListener) {

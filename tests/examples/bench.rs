@@ -77,9 +77,9 @@ fn ticks_per_second() -> f64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-/// nginx's ports. Every new-connection run uses a port of its own: a closed
-/// connection's 4-tuple lingers in TIME_WAIT (and conntrack) for a minute, and a run
-/// reusing another run's tuples to the same port would measure those collisions.
+/// nginx's ports. Every new-connection run uses a port of its own, so no run meets the
+/// previous run's TIME_WAITs and conntrack entries (a minute long) on its tuples, direct
+/// or through the mesh alike.
 const NGINX_PORTS: [u16; 8] = [8080, 8081, 8082, 8083, 8084, 8085, 8086, 8087];
 
 /// nginx serving a fixed 200 on `NGINX_PORTS` in `pod`, its files under a fresh

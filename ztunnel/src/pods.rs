@@ -113,20 +113,40 @@ impl Pods {
             }
         };
         let mut listeners: Vec<(TcpListener, Role)> = Vec::new();
-        for (port, role, transparent) in [
-            (OUTBOUND_PORT, Role::Outbound, false),
-            (INBOUND_PLAINTEXT_PORT, Role::InboundPlaintext, true),
-            (HBONE_PORT, Role::InboundHbone, false),
+        // Outbound on loopback: the redirect rules TPROXY captured connections to it
+        // whatever their destination, and a connection to the pod's own address on
+        // 15001 must not reach it (ztunnel would take the pod's address for a
+        // destination and send the connection back to itself).
+        for (v4, v6, port, role, transparent) in [
+            (
+                Ipv4Addr::LOCALHOST,
+                Ipv6Addr::LOCALHOST,
+                OUTBOUND_PORT,
+                Role::Outbound,
+                true,
+            ),
+            (
+                Ipv4Addr::UNSPECIFIED,
+                Ipv6Addr::UNSPECIFIED,
+                INBOUND_PLAINTEXT_PORT,
+                Role::InboundPlaintext,
+                true,
+            ),
+            (
+                Ipv4Addr::UNSPECIFIED,
+                Ipv6Addr::UNSPECIFIED,
+                HBONE_PORT,
+                Role::InboundHbone,
+                false,
+            ),
         ] {
-            let v4 = listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), transparent)
+            let listener = listen(SocketAddr::from((v4, port)), transparent)
                 .await
                 .map_err(|e| format!("{name}: {e}"))?;
-            listeners.push((v4, role));
+            listeners.push((listener, role));
             // IPv6 where the pod has it; without it, the redirect rules drop IPv6.
-            if let Ok(v6) =
-                listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), transparent).await
-            {
-                listeners.push((v6, role));
+            if let Ok(listener) = listen(SocketAddr::from((v6, port)), transparent).await {
+                listeners.push((listener, role));
             }
         }
 

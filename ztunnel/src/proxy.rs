@@ -203,7 +203,7 @@ pub async fn open_outbound(
     let orig = match netns::original_dst(&client) {
         Ok(addr) => addr,
         Err(e) => {
-            tracing::debug!(pod = %pod.uid, %peer, error = %e, "connection to 15001 was not redirected; closing");
+            tracing::debug!(pod = %pod.uid, %peer, error = %e, "connection to 15001 was not captured; closing");
             return None;
         }
     };

@@ -23,7 +23,7 @@ pub const CHAIN_PREFIX: &str = "AMBIT_";
 /// What one family's netfilter tables should hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuleSet {
-    /// TCP is captured: outbound to 15001 (REDIRECT), inbound to 15006 (TPROXY).
+    /// TCP is captured: outbound to 15001, inbound to 15006 (both TPROXY).
     Capture,
     /// TCP is never captured and never leaves or enters except over loopback and from
     /// the probe sources (IPv6 where capture is not possible).
@@ -206,9 +206,9 @@ fn chains(set: RuleSet, family: IpFamily, config: &RedirectConfig) -> Vec<OwnedC
 fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
     let ztunnel = format!("{ZTUNNEL_MARK:#x}/{MARK_MASK:#x}");
     let captured = format!("{CAPTURED_MARK:#x}/{MARK_MASK:#x}");
-    let loopback = match family {
-        IpFamily::V4 => "127.0.0.0/8",
-        IpFamily::V6 => "::1/128",
+    let (loopback, listener) = match family {
+        IpFamily::V4 => ("127.0.0.0/8", "127.0.0.1"),
+        IpFamily::V6 => ("::1/128", "::1"),
     };
 
     let mut prerouting = vec![
@@ -219,8 +219,17 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
     // Kubelet health probes come from the node: never captured.
     prerouting.extend(probes.iter().map(|p| format!("-s {p} -p tcp -j ACCEPT")));
     prerouting.extend([
-        // Everything arriving on lo is local: app to itself, ztunnel to the app, and the
-        // app's replies to ztunnel routed back by the fwmark rule.
+        // The first packet of an outbound connection, marked in OUTPUT and routed to lo:
+        // hand it to ztunnel's outbound listener. Its destination stays what the app
+        // asked for, so the accepted socket's local address is the original destination
+        // and the connection has the app's own 4-tuple on both sides (see OUTPUT).
+        format!(
+            "-i lo -p tcp -m mark --mark {captured} -m conntrack --ctstate NEW \
+             -j TPROXY --on-ip {listener} --on-port {OUTBOUND_PORT} --tproxy-mark {captured}"
+        ),
+        // Everything else arriving on lo is local: app to itself, ztunnel to the app, and
+        // the rest of a captured connection's packets, routed back by the fwmark rule to
+        // ztunnel's socket.
         "-i lo -p tcp -j ACCEPT".to_owned(),
         // HBONE is for ztunnel's own 15008 listener in this namespace.
         format!("-p tcp --dport {HBONE_PORT} -j ACCEPT"),
@@ -232,28 +241,32 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
         ),
     ]);
 
-    let mangle_output = vec![
-        // The app's replies on a connection ztunnel opened get the captured mark, which
-        // the fwmark rule routes to lo: the reply's destination is the remote source
-        // ztunnel spoofed, and it must reach ztunnel, not the network.
+    let mut mangle_output = vec![
+        // Every later packet of a captured connection (the app's side of one ztunnel
+        // opened inbound, or of one it accepted outbound) gets the captured mark, which
+        // the fwmark rule routes to lo: the destination is a remote address, and the
+        // packet must reach ztunnel's socket for it, not the network.
         format!(
             "-m connmark --mark {captured} \
              -j CONNMARK --restore-mark --nfmask {MARK_MASK:#x} --ctmask {MARK_MASK:#x}"
         ),
+        // Only new connections are captured; those set up before enrolment are left alone.
+        "-p tcp -m conntrack ! --ctstate NEW -j RETURN".to_owned(),
     ];
-
-    let mut nat_output: Vec<String> = probes
-        .iter()
-        .map(|p| format!("-d {p} -p tcp -j ACCEPT"))
-        .collect();
-    nat_output.extend([
-        format!("-p tcp -m mark --mark {captured} -j ACCEPT"),
+    // To the node: the pod calling its node is never captured.
+    mangle_output.extend(probes.iter().map(|p| format!("-d {p} -p tcp -j RETURN")));
+    mangle_output.extend([
         // To the pod's own addresses and loopback: never through ztunnel.
-        "-o lo -j ACCEPT".to_owned(),
-        format!(
-            "! -d {loopback} -p tcp -m mark ! --mark {ztunnel} \
-             -j REDIRECT --to-ports {OUTBOUND_PORT}"
-        ),
+        "-o lo -j RETURN".to_owned(),
+        format!("-p tcp -m mark --mark {ztunnel} -j RETURN"),
+        // A new outbound connection: captured. Not NAT (REDIRECT): ztunnel's accepted
+        // socket then has the app's own 4-tuple, so when ztunnel closes first its
+        // TIME_WAIT is keyed like the app's connection and a reused client port towards
+        // another destination is a different connection. Behind REDIRECT every captured
+        // connection shared the local address 127.0.0.1:15001, and such a reuse met the
+        // old TIME_WAIT and stalled for a SYN retransmission (1 s).
+        format!("-p tcp -j CONNMARK --set-xmark {captured}"),
+        format!("-p tcp -j MARK --set-xmark {captured}"),
     ]);
 
     vec![
@@ -268,12 +281,6 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
             hook: "OUTPUT",
             name: "AMBIT_OUTPUT",
             rules: mangle_output,
-        },
-        OwnedChain {
-            table: "nat",
-            hook: "OUTPUT",
-            name: "AMBIT_OUTPUT",
-            rules: nat_output,
         },
     ]
 }
@@ -341,19 +348,18 @@ mod tests {
 -A OUTPUT -j AMBIT_OUTPUT
 -A AMBIT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_PRERT -s 192.0.2.1/32 -p tcp -j ACCEPT
+-A AMBIT_PRERT -i lo -p tcp -m mark --mark 0x111/0xfff -m conntrack --ctstate NEW -j TPROXY --on-ip 127.0.0.1 --on-port 15001 --tproxy-mark 0x111/0xfff
 -A AMBIT_PRERT -i lo -p tcp -j ACCEPT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A AMBIT_PRERT ! -d 127.0.0.0/8 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
-COMMIT
-*nat
-:AMBIT_OUTPUT - [0:0]
--A OUTPUT -j AMBIT_OUTPUT
--A AMBIT_OUTPUT -d 192.0.2.1/32 -p tcp -j ACCEPT
--A AMBIT_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
--A AMBIT_OUTPUT -o lo -j ACCEPT
--A AMBIT_OUTPUT ! -d 127.0.0.0/8 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+-A AMBIT_OUTPUT -p tcp -m conntrack ! --ctstate NEW -j RETURN
+-A AMBIT_OUTPUT -d 192.0.2.1/32 -p tcp -j RETURN
+-A AMBIT_OUTPUT -o lo -j RETURN
+-A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
+-A AMBIT_OUTPUT -p tcp -j CONNMARK --set-xmark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -j MARK --set-xmark 0x111/0xfff
 COMMIT
 ";
 
@@ -365,19 +371,18 @@ COMMIT
 -A OUTPUT -j AMBIT_OUTPUT
 -A AMBIT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_PRERT -s fd00::1/128 -p tcp -j ACCEPT
+-A AMBIT_PRERT -i lo -p tcp -m mark --mark 0x111/0xfff -m conntrack --ctstate NEW -j TPROXY --on-ip ::1 --on-port 15001 --tproxy-mark 0x111/0xfff
 -A AMBIT_PRERT -i lo -p tcp -j ACCEPT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A AMBIT_PRERT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
-COMMIT
-*nat
-:AMBIT_OUTPUT - [0:0]
--A OUTPUT -j AMBIT_OUTPUT
--A AMBIT_OUTPUT -d fd00::1/128 -p tcp -j ACCEPT
--A AMBIT_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
--A AMBIT_OUTPUT -o lo -j ACCEPT
--A AMBIT_OUTPUT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+-A AMBIT_OUTPUT -p tcp -m conntrack ! --ctstate NEW -j RETURN
+-A AMBIT_OUTPUT -d fd00::1/128 -p tcp -j RETURN
+-A AMBIT_OUTPUT -o lo -j RETURN
+-A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
+-A AMBIT_OUTPUT -p tcp -j CONNMARK --set-xmark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -j MARK --set-xmark 0x111/0xfff
 COMMIT
 ";
 
@@ -415,14 +420,22 @@ COMMIT
 -A AMBIT_PRERT -s 192.0.2.1/32 -p tcp -j ACCEPT
 COMMIT
 # Completed on Sun Nov 22 06:09:10 2026
+";
+
+    /// `iptables-save` of a namespace set up by the rule set before outbound capture
+    /// moved from nat `REDIRECT` to `TPROXY`: it also has a nat chain.
+    const SAVED_REDIRECT_ERA: &str = "\
+*mangle
+:AMBIT_OUTPUT - [0:0]
+:AMBIT_PRERT - [0:0]
+-A PREROUTING -j AMBIT_PRERT
+-A OUTPUT -j AMBIT_OUTPUT
+COMMIT
 *nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
 :AMBIT_OUTPUT - [0:0]
 -A OUTPUT -j AMBIT_OUTPUT
--A AMBIT_OUTPUT -o lo -j ACCEPT
+-A AMBIT_OUTPUT ! -d 127.0.0.0/8 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
 COMMIT
 ";
 
@@ -520,26 +533,48 @@ COMMIT
     #[test]
     fn duplicate_and_foreign_jumps_are_deleted_keeping_one() {
         let config = config(&[], Ipv6Mode::Capture);
-        let save = "*nat\n:OUTPUT ACCEPT [0:0]\n:AMBIT_OUTPUT - [0:0]\n\
+        let save = "*mangle\n:OUTPUT ACCEPT [0:0]\n:AMBIT_OUTPUT - [0:0]\n\
                     -A OUTPUT -j AMBIT_OUTPUT\n-A OUTPUT -p tcp -j AMBIT_OUTPUT\n\
                     -A OUTPUT -j AMBIT_OUTPUT\n-A PREROUTING -j AMBIT_OUTPUT\nCOMMIT\n";
         let input = install(IpFamily::V4, &config, &NetfilterState::parse(save));
-        let nat: Vec<&str> = input
-            .split("*nat\n")
+        let mangle: Vec<&str> = input
+            .split("*mangle\n")
             .nth(1)
             .unwrap()
             .lines()
             .take_while(|l| !l.starts_with("-A AMBIT_"))
             .collect();
         assert_eq!(
-            nat,
+            mangle,
             [
                 "-D OUTPUT -p tcp -j AMBIT_OUTPUT",
                 "-D OUTPUT -j AMBIT_OUTPUT",
                 "-D PREROUTING -j AMBIT_OUTPUT",
+                ":AMBIT_PRERT - [0:0]",
                 ":AMBIT_OUTPUT - [0:0]",
+                "-A PREROUTING -j AMBIT_PRERT",
             ]
         );
+    }
+
+    #[test]
+    fn installing_over_the_redirect_era_rule_set_removes_its_nat_chain() {
+        let config = config(&["192.0.2.1"], Ipv6Mode::Capture);
+        let current = NetfilterState::parse(SAVED_REDIRECT_ERA);
+        let input = install(IpFamily::V4, &config, &current);
+        let mangle: String = IPV4_CAPTURE
+            .lines()
+            .filter(|l| {
+                !matches!(
+                    *l,
+                    "-A PREROUTING -j AMBIT_PRERT" | "-A OUTPUT -j AMBIT_OUTPUT"
+                )
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let nat =
+            "*nat\n-D OUTPUT -j AMBIT_OUTPUT\n:AMBIT_OUTPUT - [0:0]\n-X AMBIT_OUTPUT\nCOMMIT\n";
+        assert_eq!(input, format!("{mangle}{nat}"));
     }
 
     #[test]
@@ -587,11 +622,6 @@ COMMIT
 :AMBIT_PRERT - [0:0]
 -X AMBIT_OUTPUT
 -X AMBIT_PRERT
-COMMIT
-*nat
--D OUTPUT -j AMBIT_OUTPUT
-:AMBIT_OUTPUT - [0:0]
--X AMBIT_OUTPUT
 COMMIT
 "
         );
