@@ -14,6 +14,16 @@ use std::str::FromStr;
 
 /// The port every HBONE endpoint (pod or waypoint) listens on.
 pub const HBONE_PORT: u16 = 15008;
+/// ztunnel's outbound capture listener inside a pod (on 127.0.0.1 and ::1,
+/// transparent): the redirect rules TPROXY the pod's outbound TCP to it.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// ztunnel's inbound plaintext listener inside a pod: the redirect rules TPROXY inbound
+/// TCP (except HBONE) to it.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The ports ztunnel listens on inside every pod it serves. Traffic addressed to one
+/// of them is never proxied to the app: the app cannot listen there, and ztunnel would
+/// be proxying to itself, again and again.
+pub const ZTUNNEL_POD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
 
 /// The inner target of a CONNECT: an IP address and port, never a host name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,6 +81,8 @@ pub enum ConnectRefusal {
     BadTarget { authority: String, reason: String },
     #[error("CONNECT target {0} is not a workload on this node")]
     NotLocal(HboneTarget),
+    #[error("CONNECT target {0} is one of ztunnel's own ports in the pod, not the app's")]
+    ZtunnelPort(HboneTarget),
     #[error("CONNECT method required, got {0}")]
     NotConnect(String),
     #[error("denied by policy {policy}")]
@@ -83,7 +95,9 @@ impl ConnectRefusal {
     /// The HTTP status the refusal is answered with.
     pub fn status(&self) -> u16 {
         match self {
-            ConnectRefusal::BadTarget { .. } | ConnectRefusal::NotLocal(_) => 400,
+            ConnectRefusal::BadTarget { .. }
+            | ConnectRefusal::NotLocal(_)
+            | ConnectRefusal::ZtunnelPort(_) => 400,
             ConnectRefusal::NotConnect(_) => 405,
             ConnectRefusal::Denied { .. } => 401,
             ConnectRefusal::UpstreamConnect { .. } => 503,
@@ -95,6 +109,7 @@ impl ConnectRefusal {
         match self {
             ConnectRefusal::BadTarget { .. } => "bad_target",
             ConnectRefusal::NotLocal(_) => "not_local",
+            ConnectRefusal::ZtunnelPort(_) => "ztunnel_port",
             ConnectRefusal::NotConnect(_) => "not_connect",
             ConnectRefusal::Denied { .. } => "denied",
             ConnectRefusal::UpstreamConnect { .. } => "upstream_connect_failed",

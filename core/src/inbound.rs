@@ -6,17 +6,22 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::hbone::{ConnectRefusal, Forwarded, HboneTarget};
+use crate::hbone::{ConnectRefusal, Forwarded, HboneTarget, ZTUNNEL_POD_PORTS};
 use crate::identity::SpiffeId;
 use crate::model::{MeshState, Workload};
 
-/// The local workload `target` addresses, or why it is not one.
+/// The local workload `target` addresses, or why it is not one. A target on one of
+/// ztunnel's own pod ports is refused first: proxying it would reach ztunnel's
+/// listener again, from where it would be proxied again, without end.
 pub fn local_target<'a>(
     state: &'a MeshState,
     node: &str,
     is_served: impl Fn(&str) -> bool,
     target: HboneTarget,
 ) -> Result<&'a Arc<Workload>, ConnectRefusal> {
+    if ZTUNNEL_POD_PORTS.contains(&target.addr().port()) {
+        return Err(ConnectRefusal::ZtunnelPort(target));
+    }
     match state.workload_by_ip(target.ip()) {
         Some(w) if w.spec.node == node && is_served(w.uid()) => Ok(w),
         _ => Err(ConnectRefusal::NotLocal(target)),
@@ -83,6 +88,23 @@ mod tests {
                 (got, want) => panic!("{target}: {got:?} vs {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn ztunnels_own_pod_ports_are_never_a_target() {
+        let config: MeshConfig = serde_yaml_ng::from_str(
+            "workloads:\n\
+             - {uid: a, name: a, namespace: n, node: node-a, ips: [10.1.0.5], protocol: HBONE}\n",
+        )
+        .unwrap();
+        let state = MeshState::build(&config, &TrustDomain::default()).unwrap();
+        for port in [15001, 15006, 15008] {
+            let target = HboneTarget::new(SocketAddr::from(([10, 1, 0, 5], port)));
+            let e = local_target(&state, "node-a", |_| true, target).unwrap_err();
+            assert_eq!((e.status(), e.reason()), (400, "ztunnel_port"), "{port}");
+        }
+        let app = HboneTarget::new(SocketAddr::from(([10, 1, 0, 5], 15007)));
+        assert!(local_target(&state, "node-a", |_| true, app).is_ok());
     }
 
     #[test]

@@ -41,16 +41,11 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
-pub use ambit_core::hbone::HBONE_PORT;
+pub use ambit_core::hbone::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use routing::IpCommand;
 use rules::{NetfilterState, RuleSet};
 
-/// ztunnel's outbound capture listener (on 127.0.0.1 and ::1, transparent): outbound
-/// TCP is TPROXYed here.
-pub const OUTBOUND_PORT: u16 = 15001;
-/// ztunnel's inbound plaintext listener: inbound TCP (except HBONE) is TPROXYed here.
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// `SO_MARK` on every socket ztunnel creates in a pod's namespace (within [`MARK_MASK`]).
 pub const ZTUNNEL_MARK: u32 = 0x539;
 /// Connmark and packet mark of the connections ztunnel opens to the app, whose replies

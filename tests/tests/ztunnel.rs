@@ -201,6 +201,19 @@ async fn a_client_outside_the_mesh_reaches_a_mesh_pod_through_15006() {
         || format!("no plaintext inbound counted\n{}", h.logs()),
     )
     .await;
+
+    // ztunnel's own ports are not the app's: a connection to one is closed, not proxied
+    // to the pod's address, where ztunnel's listener would take it again, without end.
+    let to = server.addr(15006);
+    let out = h.run_app(
+        &outsider,
+        &["send", "--to", &to.to_string(), "--bytes", "10"],
+        DEADLINE,
+    );
+    assert!(!out.status.success(), "{to} answered: {}", out.log);
+    h.ztunnel("node-b")
+        .wait_for_log("is one of ztunnel's own ports", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
 }
 
 /// Starts `tcpdump` on the fabric bridge, printing payloads as ASCII.
