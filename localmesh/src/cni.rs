@@ -47,17 +47,26 @@ impl NetworkConfigList {
     }
 
     /// The primary network of a node: `ptp` (a veth pair per pod, routed by the node)
-    /// with `host-local` addresses from `subnet`, the state of which lives in
-    /// `data_dir`, and a default route via the gateway.
-    pub fn ptp(name: &str, subnet: &str, data_dir: &Path) -> NetworkConfigList {
+    /// with `host-local` addresses, one from each of `subnets` (an IPv4 and an IPv6 one
+    /// make a dual-stack pod), the state of which lives in `data_dir`, and a default
+    /// route via the gateway of each family.
+    pub fn ptp(name: &str, subnets: &[&str], data_dir: &Path) -> NetworkConfigList {
+        let ranges: Vec<Value> = subnets
+            .iter()
+            .map(|s| serde_json::json!([{ "subnet": s }]))
+            .collect();
+        let routes: Vec<Value> = subnets
+            .iter()
+            .map(|s| serde_json::json!({ "dst": if s.contains(':') { "::/0" } else { "0.0.0.0/0" } }))
+            .collect();
         let mut list = NetworkConfigList::new(name);
         list.push(serde_json::json!({
             "type": "ptp",
             "ipMasq": false,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{ "subnet": subnet }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
+                "ranges": ranges,
+                "routes": routes,
                 "dataDir": data_dir,
             },
         }));
@@ -352,7 +361,7 @@ mod tests {
 
     #[test]
     fn chained_plugin_gets_list_name_version_and_prev_result() {
-        let mut list = NetworkConfigList::ptp("pods", "10.1.0.0/24", Path::new("/m/ipam"));
+        let mut list = NetworkConfigList::ptp("pods", &["10.1.0.0/24"], Path::new("/m/ipam"));
         list.push(json!({"type": "ambit-cni", "socket": "/m/cni.sock"}));
         let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.2/24"}]});
         assert_eq!(

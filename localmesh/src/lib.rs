@@ -1,8 +1,9 @@
 //! A Kubernetes-like cluster on one machine, built from code, for Ambit's integration
 //! tests and `ambitctl local`: nodes and pods are Linux network namespaces, pods are
 //! networked by a real CNI chain invoked exactly as a container runtime does (Debian's
-//! `containernetworking-plugins`: `ptp` with `host-local`), nodes route each other's
-//! pod CIDRs over a bridge, and ClusterIP services are DNATed in every node the way
+//! `containernetworking-plugins`: `ptp` with `host-local`, dual-stack: every pod gets an
+//! IPv4 and an IPv6 address), nodes route each other's pod CIDRs over a bridge, and
+//! ClusterIP services (IPv4) are DNATed in every node the way
 //! kube-proxy does it. The mesh's components (ambit-ca, ztunnel, later ambit-control
 //! and ambit-cni) run in it as their real binaries, started with
 //! [`LocalMesh::spawn_in`].
@@ -57,8 +58,8 @@ pub use process::{Process, ProcessError};
 pub use services::{POSTROUTING_CHAIN, SERVICES_CHAIN};
 pub use sweep::{sweep_stale, sweep_stale_in, sweep_stale_with_prefix, SweepReport};
 pub use topology::{
-    Ipv4Cidr, Netns, Node, Pod, PodSpec, Service, ServiceSpec, FABRIC_IP, MAX_NODES, SERVICE_CIDR,
-    UNDERLAY,
+    Ipv4Cidr, Ipv6Cidr, Netns, Node, Pod, PodSpec, Service, ServiceSpec, FABRIC_IP, FABRIC_IP6,
+    MAX_NODES, SERVICE_CIDR, UNDERLAY, UNDERLAY6,
 };
 
 /// Why building or changing a mesh failed.
@@ -88,7 +89,7 @@ pub enum MeshError {
         #[source]
         source: Box<cni::CniError>,
     },
-    #[error("pod {pod}: the CNI result has no IPv4 address: {result}")]
+    #[error("pod {pod}: the CNI result lacks an IPv4 or an IPv6 address: {result}")]
     NoPodIp { pod: String, result: String },
     #[error("network namespace {0} is still there after deleting it")]
     NetnsLeft(String),

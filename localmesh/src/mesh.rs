@@ -136,7 +136,7 @@ impl LocalMesh {
     pub fn conflist(&self, node: &Node) -> NetworkConfigList {
         let mut list = NetworkConfigList::ptp(
             POD_NETWORK,
-            &node.pod_cidr.to_string(),
+            &[&node.pod_cidr.to_string(), &node.pod_cidr6.to_string()],
             &self.node_dir(node).join("ipam"),
         );
         list.plugins.extend(self.chained.iter().cloned());
@@ -483,6 +483,15 @@ impl LocalMesh {
         );
         let container_id = format!("{}-p{seq}", self.id());
         Cmd::new("ip").args(["netns", "add", netns.name()]).run()?;
+        // No duplicate address detection on the pod's interfaces: the addresses are
+        // the IPAM's to give, and `ptp` would otherwise wait about a second for DAD.
+        if let Err(e) = Cmd::in_netns(netns.path(), "sysctl")
+            .args(["-q", "-w", "net.ipv6.conf.default.accept_dad=0"])
+            .run()
+        {
+            sweep::delete_netns(&[netns.name().to_owned()]);
+            return Err(e);
+        }
         let inv = self.invocation(node, &netns, &container_id, &spec.namespace, &spec.name);
         let chain = self.conflist(node);
         let added = cni::add(&NetworkConfigList::loopback(), &inv)
@@ -492,6 +501,10 @@ impl LocalMesh {
                 source: Box::new(source),
             })
             .and_then(|result| {
+                let no_ip = || MeshError::NoPodIp {
+                    pod: uid.clone(),
+                    result: result.raw.to_string(),
+                };
                 let ip = result
                     .ips
                     .iter()
@@ -499,13 +512,18 @@ impl LocalMesh {
                         IpAddr::V4(ip) => Some(ip),
                         IpAddr::V6(_) => None,
                     })
-                    .ok_or_else(|| MeshError::NoPodIp {
-                        pod: uid.clone(),
-                        result: result.raw.to_string(),
-                    })?;
-                Ok((ip, result.raw))
+                    .ok_or_else(no_ip)?;
+                let ip6 = result
+                    .ips
+                    .iter()
+                    .find_map(|c| match c.address {
+                        IpAddr::V6(ip) => Some(ip),
+                        IpAddr::V4(_) => None,
+                    })
+                    .ok_or_else(no_ip)?;
+                Ok(((ip, ip6), result.raw))
             });
-        let (ip, raw) = match added {
+        let ((ip, ip6), raw) = match added {
             Ok(added) => added,
             Err(e) => {
                 // As a runtime does after a failed ADD: DEL, then drop the sandbox.
@@ -533,6 +551,7 @@ impl LocalMesh {
             labels: spec.labels,
             node: node.name.clone(),
             ip,
+            ip6,
             netns,
             container_id,
         };

@@ -26,7 +26,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
             namespace: p.pod.namespace().to_owned(),
             service_account: p.pod.service_account().to_owned(),
             node: p.pod.node().to_owned(),
-            ips: vec![p.pod.ip().into()],
+            ips: vec![p.pod.ip().into(), p.pod.ip6().into()],
             protocol: p.protocol,
             canonical_name: None,
             canonical_revision: None,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 
 use ambit_core::model::ServicePort;
@@ -14,6 +14,11 @@ pub const UNDERLAY: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(172, 30, 0, 0), 24);
 /// The fabric namespace's own address on the underlay, where mesh-wide services (the
 /// CA, later the control plane) can listen for every node and pod.
 pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The underlay's IPv6 subnet: node `k` is `fd00:a5b1::<k+1>`, the fabric `::fe`. The
+/// mesh is dual-stack: every node and pod has an IPv6 address too.
+pub const UNDERLAY6: Ipv6Cidr = Ipv6Cidr::new(Ipv6Addr::new(0xfd00, 0xa5b1, 0, 0, 0, 0, 0, 0), 64);
+/// The fabric namespace's IPv6 address on the underlay.
+pub const FABRIC_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa5b1, 0, 0, 0, 0, 0, 0xfe);
 /// Where service VIPs come from.
 pub const SERVICE_CIDR: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 96, 0, 0), 16);
 /// The first VIP handed out when a service does not ask for one.
@@ -52,6 +57,30 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
+/// An IPv6 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv6Cidr {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv6Cidr {
+    pub const fn new(addr: Ipv6Addr, prefix_len: u8) -> Ipv6Cidr {
+        Ipv6Cidr { addr, prefix_len }
+    }
+
+    /// The `n`th address of the network (`n = 1` is the first host).
+    pub fn host(&self, n: u32) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr).wrapping_add(u128::from(n)))
+    }
+}
+
+impl fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
 /// A network namespace of the mesh, by its name in `/run/netns`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Netns {
@@ -83,6 +112,8 @@ pub struct Node {
     pub(crate) index: usize,
     pub(crate) ip: Ipv4Addr,
     pub(crate) pod_cidr: Ipv4Cidr,
+    pub(crate) ip6: Ipv6Addr,
+    pub(crate) pod_cidr6: Ipv6Cidr,
     pub(crate) netns: Netns,
 }
 
@@ -90,11 +121,19 @@ impl Node {
     pub(crate) fn new(index: usize, name: String, netns: Netns) -> Node {
         let ip = UNDERLAY.host(index as u32 + 1);
         let pod_cidr = Ipv4Cidr::new(Ipv4Addr::new(10, index as u8 + 1, 0, 0), 24);
+        let ip6 = UNDERLAY6.host(index as u32 + 1);
+        // fd10:<k+1>::/64, the IPv6 twin of 10.<k+1>.0.0/24.
+        let pod_cidr6 = Ipv6Cidr::new(
+            Ipv6Addr::new(0xfd10, index as u16 + 1, 0, 0, 0, 0, 0, 0),
+            64,
+        );
         Node {
             name,
             index,
             ip,
             pod_cidr,
+            ip6,
+            pod_cidr6,
             netns,
         }
     }
@@ -115,6 +154,15 @@ impl Node {
 
     pub fn pod_cidr(&self) -> Ipv4Cidr {
         self.pod_cidr
+    }
+
+    /// Its IPv6 address on the underlay.
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
+    }
+
+    pub fn pod_cidr6(&self) -> Ipv6Cidr {
+        self.pod_cidr6
     }
 
     pub fn netns(&self) -> &Netns {
@@ -161,6 +209,7 @@ pub struct Pod {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) node: String,
     pub(crate) ip: Ipv4Addr,
+    pub(crate) ip6: Ipv6Addr,
     pub(crate) netns: Netns,
     pub(crate) container_id: String,
 }
@@ -200,6 +249,16 @@ impl Pod {
     /// `ip:port` on this pod.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddrV4::new(self.ip, port).into()
+    }
+
+    /// The IPv6 address the CNI chain gave it.
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
+    }
+
+    /// `[ip6]:port` on this pod.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddrV6::new(self.ip6, port, 0, 0).into()
     }
 
     pub fn netns(&self) -> &Netns {
@@ -308,6 +367,14 @@ mod tests {
         let node = Node::new(1, "node-b".into(), Netns::named("x".into()));
         assert_eq!(node.ip(), Ipv4Addr::new(172, 30, 0, 2));
         assert_eq!(node.pod_cidr().to_string(), "10.2.0.0/24");
+        assert_eq!(node.ip6().to_string(), "fd00:a5b1::2");
+        assert_eq!(node.pod_cidr6().to_string(), "fd10:2::/64");
+        assert_eq!(
+            Node::new(89, "n".into(), Netns::named("x".into()))
+                .pod_cidr6()
+                .to_string(),
+            "fd10:5a::/64"
+        );
         let last = Node::new(MAX_NODES - 1, "n".into(), Netns::named("x".into()));
         assert!(!SERVICE_CIDR.contains(last.pod_cidr().addr));
         assert!(UNDERLAY.contains(FABRIC_IP));

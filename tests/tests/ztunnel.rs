@@ -234,6 +234,38 @@ fn capture(h: &Harness) -> ambit_localmesh::Process {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_marker_never_crosses_nodes_in_plaintext_unless_the_destination_is_outside_the_mesh() {
+    marker_stays_encrypted(Family::V4).await;
+}
+
+/// The local mesh is dual-stack: over IPv6 the pod's traffic is captured and carried
+/// over HBONE just the same, and the app sees the client pod's own IPv6 address.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_ipv6_too_a_marker_never_crosses_in_plaintext_and_the_app_sees_the_client_ipv6() {
+    marker_stays_encrypted(Family::V6).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn addr(self, pod: &Pod, port: u16) -> std::net::SocketAddr {
+        match self {
+            Family::V4 => pod.addr(port),
+            Family::V6 => pod.addr6(port),
+        }
+    }
+
+    fn ip(self, pod: &Pod) -> std::net::IpAddr {
+        self.addr(pod, 0).ip()
+    }
+}
+
+/// HTTP to a mesh pod and to a pod outside the mesh on another node, over `family`,
+/// each answering with a marker: only the outside one's may show on the bridge.
+async fn marker_stays_encrypted(family: Family) {
     let mesh = two_nodes();
     let client = pod(&mesh, "node-a", "shop", "client", "client");
     let server = pod(&mesh, "node-b", "shop", "server", "server");
@@ -252,7 +284,14 @@ async fn a_marker_never_crosses_nodes_in_plaintext_unless_the_destination_is_out
     h.enrol(&server).await;
 
     let dump = capture(&h);
-    for (to, marker) in [(server.addr(8080), secret), (outside.addr(8080), open)] {
+    let client_ip = match family.ip(&client) {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    for (to, marker) in [
+        (family.addr(&server, 8080), secret),
+        (family.addr(&outside, 8080), open),
+    ] {
         let to = to.to_string();
         let path = format!("/{marker}");
         let out = h.run_app(
@@ -266,9 +305,16 @@ async fn a_marker_never_crosses_nodes_in_plaintext_unless_the_destination_is_out
             out.log,
             h.logs()
         );
+        // Both apps saw the client pod's own address (through the mesh, the server's
+        // ztunnel connected from it).
+        assert!(
+            out.log.contains(&format!("client={client_ip}:")),
+            "GET {to}: the app did not see {client_ip}: {}",
+            out.log
+        );
     }
     // The passthrough marker on the wire also proves the capture saw the traffic.
-    let hbone_port = format!("{}.15008", server.ip());
+    let hbone_port = format!("{}.15008", family.ip(&server));
     dump.wait_for_log(open, DEADLINE)
         .unwrap_or_else(|e| panic!("passthrough marker not captured: {e}\n{}", h.logs()));
     dump.wait_for_log(&hbone_port, DEADLINE)

@@ -1,6 +1,6 @@
 //! The local mesh's test application, run inside pods:
 //!
-//! - `echo --port P`: TCP echo server. Logs `listening on ADDR` once bound and
+//! - `echo --port P`: TCP echo server, on IPv4 and IPv6. Logs `listening on ADDR` once bound and
 //!   `accepted from PEER` for each connection, so tests can check the source address
 //!   the app saw.
 //! - `http --port P [--name NAME]`: minimal HTTP/1.1 server answering every request
@@ -138,16 +138,28 @@ fn number(flags: &HashMap<String, String>, key: &str, default: Option<u64>) -> O
     }
 }
 
+/// Listens on `port` for IPv4 and IPv6 (a dual-stack socket), or IPv4 only where the
+/// namespace has no IPv6.
 async fn bind(port: u16) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = match TcpListener::bind(("::", port)).await {
+        Ok(listener) => listener,
+        Err(_) => TcpListener::bind(("0.0.0.0", port)).await?,
+    };
     println!("listening on {}", listener.local_addr()?);
     Ok(listener)
+}
+
+/// `peer` as the client sent from: an IPv4 client of a dual-stack listener shows as an
+/// IPv4-mapped IPv6 address, printed here as the IPv4 address it is.
+fn client(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
 async fn echo(port: u16) -> std::io::Result<()> {
     let listener = bind(port).await?;
     loop {
         let (mut stream, peer) = listener.accept().await?;
+        let peer = client(peer);
         println!("accepted from {peer}");
         tokio::spawn(async move {
             let (mut rd, mut wr) = stream.split();
@@ -164,6 +176,7 @@ async fn http(port: u16, name: String) -> std::io::Result<()> {
     let name: Arc<str> = name.into();
     loop {
         let (mut stream, peer) = listener.accept().await?;
+        let peer = client(peer);
         let name = name.clone();
         tokio::spawn(async move {
             let mut head = Vec::new();

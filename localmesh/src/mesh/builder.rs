@@ -16,7 +16,9 @@ use crate::cni::NetworkConfigList;
 use crate::naming::LiveId;
 use crate::services;
 use crate::sweep;
-use crate::topology::{is_dns_label, Netns, Node, FABRIC_IP, MAX_NODES, UNDERLAY};
+use crate::topology::{
+    is_dns_label, Netns, Node, FABRIC_IP, FABRIC_IP6, MAX_NODES, UNDERLAY, UNDERLAY6,
+};
 use crate::MeshError;
 
 /// Builds a [`LocalMesh`]: `LocalMesh::builder().nodes(["node-a", "node-b"]).build()`.
@@ -119,7 +121,12 @@ impl MeshBuilder {
         let routes: String = mesh
             .nodes
             .iter()
-            .map(|n| format!("route add {} via {}\n", n.pod_cidr, n.ip))
+            .map(|n| {
+                format!(
+                    "route add {} via {}\nroute add {} via {}\n",
+                    n.pod_cidr, n.ip, n.pod_cidr6, n.ip6
+                )
+            })
             .collect();
         cmd::ip_batch(Some(mesh.fabric.name()), &routes)?;
         Ok(mesh)
@@ -147,8 +154,9 @@ impl LocalMesh {
                 "link set lo up\n\
                  link add br0 type bridge\n\
                  link set br0 up\n\
-                 addr add {FABRIC_IP}/{} dev br0\n",
-                UNDERLAY.prefix_len
+                 addr add {FABRIC_IP}/{} dev br0\n\
+                 addr add {FABRIC_IP6}/{} dev br0 nodad\n",
+                UNDERLAY.prefix_len, UNDERLAY6.prefix_len
             ),
         )
     }
@@ -173,16 +181,28 @@ impl LocalMesh {
         let mut script = format!(
             "link set lo up\n\
              link set eth0 up\n\
-             addr add {}/{} dev eth0\n",
-            node.ip, UNDERLAY.prefix_len
+             addr add {}/{} dev eth0\n\
+             addr add {}/{} dev eth0 nodad\n",
+            node.ip, UNDERLAY.prefix_len, node.ip6, UNDERLAY6.prefix_len
         );
         for other in self.nodes.iter().filter(|o| o.index != node.index) {
-            script.push_str(&format!("route add {} via {}\n", other.pod_cidr, other.ip));
+            script.push_str(&format!(
+                "route add {} via {}\nroute add {} via {}\n",
+                other.pod_cidr, other.ip, other.pod_cidr6, other.ip6
+            ));
         }
-        cmd::ip_batch(Some(node.netns.name()), &script)?;
+        // Forwarding, and no duplicate address detection on the pods' host-side
+        // interfaces (set before `ip` or `ptp` makes any).
         Cmd::in_netns(node.netns.path(), "sysctl")
-            .args(["-q", "-w", "net.ipv4.ip_forward=1"])
+            .args([
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0",
+            ])
             .run()?;
+        cmd::ip_batch(Some(node.netns.name()), &script)?;
         cmd::iptables_restore(node.netns.path(), &services::node_base())?;
         let dir = self.node_dir(node);
         fs::create_dir_all(&dir).map_err(|source| MeshError::Io {
