@@ -227,14 +227,15 @@ fn outbound_tcp_lands_on_15001_with_its_original_destination() {
     assert_nothing_pending(&remote);
 }
 
-/// ztunnel closes first when the server does, so the TIME_WAIT is on its side. The app
-/// may reuse the client port at once towards another destination (the kernel's port
-/// choice does); that must be a new connection, not a collision with the old TIME_WAIT
-/// (behind REDIRECT every captured connection's local address was 127.0.0.1:15001, so
-/// it collided, and the SYN was answered with an ACK for the old connection: about half
-/// the destinations then stalled until the SYN was retransmitted a second later).
+/// ztunnel closes first when the server does, so the TIME_WAIT is on its side. It must
+/// be keyed by the app's own 4-tuple, as the server's would be on the direct path, so
+/// the app reusing the client port towards another destination at once (the kernel's
+/// port choice does) is simply a new connection. Behind a NAT REDIRECT every such
+/// TIME_WAIT was keyed by 127.0.0.1:15001 and the client port alone; under sustained
+/// churn SYNs met them and were rejected by PAWS, a second's stall each (decision
+/// record 0005 has the counters).
 #[test]
-fn a_client_port_reused_after_ztunnel_closed_first_is_a_new_connection() {
+fn ztunnels_time_wait_has_the_apps_own_tuple_and_the_port_is_reused_at_once() {
     let net = Network::new("reuse");
     net.install(Ipv6Mode::Capture);
     let ztunnel = net.pod.listen_transparent(at("127.0.0.1", OUTBOUND_PORT));
@@ -260,6 +261,12 @@ fn a_client_port_reused_after_ztunnel_closed_first_is_a_new_connection() {
         // The app's side leaves LAST_ACK once ztunnel's TIME_WAIT socket acks its FIN;
         // only then is the port free to bind again.
         wait_until_port_is_free(&net.pod, client_port);
+        let time_wait = net.pod.run(&["ss", "-Htn", "state", "time-wait"]);
+        assert!(
+            time_wait.contains(&format!("{destination} {client_port}"))
+                && !time_wait.contains(&format!("127.0.0.1:{OUTBOUND_PORT}")),
+            "ztunnel's TIME_WAIT is not keyed by {destination} and {client_port}:\n{time_wait}"
+        );
     }
 }
 
