@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "system packages"
+if [ "$(id -u)" -eq 0 ]; then
+    scripts/system-packages.sh
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

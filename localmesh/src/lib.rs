@@ -29,7 +29,7 @@
 //! its files live in its own state directory, and every link it makes lives inside its
 //! own namespaces, so meshes in parallel tests (threads or processes) never collide,
 //! and [`sweep_stale`] can remove what killed runs left. Needs root, `ip`, `nsenter`,
-//! `iptables-restore`, `sysctl` and the CNI plugins.
+//! `iptables-restore`, `nft`, `sysctl` and the CNI plugins.
 //!
 //! This crate must not: link any component crate (it starts their binaries); touch the
 //! host's network namespace; leave anything behind when a mesh is dropped.

@@ -1,14 +1,16 @@
-//! The pod redirect rule set: the iptables rules and policy routes that, inside an
+//! The pod redirect rule set: the iptables rules, one nftables rule and the policy
+//! routes that, inside an
 //! enrolled pod's network namespace, hand the pod's TCP traffic to the node's ztunnel
 //! listening in that same namespace (in-pod mode, like Istio ambient). One
 //! implementation, used by the CNI node agent and the local mesh.
 //!
 //! - Outbound TCP goes to [`OUTBOUND_PORT`] on loopback: a new connection gets
-//!   [`CAPTURED_MARK`] as connmark and packet mark, the mark routes it to `lo`, and
-//!   mangle `TPROXY` there hands it to the listener without rewriting the destination,
-//!   so the accepted socket's local address is the original destination and its
-//!   4-tuple is the app's own (no NAT: see `docs/decisions/0005-outbound-capture-is-tproxy.md`).
-//!   With no listener, TPROXY drops the SYN: the connect waits, it never leaks.
+//!   [`CAPTURED_MARK`] as connmark and packet mark, the mark routes it to `lo`, and an
+//!   nftables `tproxy` rule there hands it to the listener without rewriting the
+//!   destination, so the accepted socket's local address is the original destination
+//!   and its 4-tuple is the app's own (no NAT: see
+//!   `docs/decisions/0005-outbound-capture-is-tproxy.md`). With no listener the packet
+//!   goes on to local delivery and is answered with a reset: refused, never leaked.
 //! - Inbound plaintext TCP goes to [`INBOUND_PLAINTEXT_PORT`] (mangle `TPROXY`, so the
 //!   accepted socket's local address is the original destination). Inbound to
 //!   [`HBONE_PORT`] is delivered normally: ztunnel listens on it in the namespace.
@@ -24,10 +26,12 @@
 //!
 //! The rules are pure functions of the config and of what the namespace holds now
 //! ([`rules`], [`routing`]), table-tested; [`install`] and [`remove`] only run
-//! `iptables-save`, `iptables-restore` and `ip` inside the namespace with `nsenter`.
+//! `iptables-save`, `iptables-restore`, `nft` and `ip` inside the namespace with
+//! `nsenter`.
 //!
-//! This module must not: touch any chain not prefixed `AMBIT_` or flush a built-in
-//! chain (the namespace's other rules belong to the CNI and the runtime); decide which
+//! This module must not: touch any chain not prefixed `AMBIT_`, any nftables table
+//! but its own ([`rules::NFT_TABLE`]), or flush a built-in chain (the namespace's other
+//! rules belong to the CNI and the runtime); decide which
 //! pods are captured (the node agent does); leave a half-installed rule set behind
 //! after a failed install; enter a namespace in-process (no `unsafe`, no `setns`).
 
@@ -226,6 +230,7 @@ pub enum Step {
     WriteRules(IpFamily),
     ReadRouting(IpFamily),
     WriteRouting(IpFamily),
+    WriteTproxy(IpFamily),
 }
 
 impl Step {
@@ -233,7 +238,8 @@ impl Step {
         let (Step::ReadRules(family)
         | Step::WriteRules(family)
         | Step::ReadRouting(family)
-        | Step::WriteRouting(family)) = self;
+        | Step::WriteRouting(family)
+        | Step::WriteTproxy(family)) = self;
         family
     }
 }
@@ -245,6 +251,9 @@ impl fmt::Display for Step {
             Step::WriteRules(family) => write!(f, "writing the {family} netfilter rules"),
             Step::ReadRouting(family) => write!(f, "reading the {family} routing rules"),
             Step::WriteRouting(family) => write!(f, "writing the {family} routes"),
+            Step::WriteTproxy(family) => {
+                write!(f, "writing the {family} outbound TPROXY rule (nftables)")
+            }
         }
     }
 }
@@ -263,13 +272,14 @@ impl<'a> Netns<'a> {
         Ok(Netns { path })
     }
 
-    /// Per family: the return route first, then the netfilter rules that start
-    /// capturing.
+    /// Per family: the return route and the outbound TPROXY rule first, then the
+    /// iptables rules that start capturing.
     fn install(&self, config: &RedirectConfig) -> Result<(), RedirectError> {
         for family in IpFamily::ALL {
             let set = RuleSet::for_family(family, config);
-            let table = (set == RuleSet::Capture).then_some(config.route_table);
-            self.apply_routing(family, table, None)?;
+            let capture = set == RuleSet::Capture;
+            self.apply_routing(family, capture.then_some(config.route_table), None)?;
+            self.apply_tproxy(family, capture)?;
             self.apply_rules(family, Some(set), config)?;
         }
         Ok(())
@@ -285,6 +295,7 @@ impl<'a> Netns<'a> {
         for family in IpFamily::ALL {
             let removed = self
                 .apply_rules(family, None, &RedirectConfig::default())
+                .and_then(|()| self.apply_tproxy(family, false))
                 .and_then(|()| self.apply_routing(family, None, table));
             if let Err(e) = removed {
                 first_failure.get_or_insert(e);
@@ -312,6 +323,12 @@ impl<'a> Netns<'a> {
             &args,
             Some(&input),
         )?;
+        Ok(())
+    }
+
+    fn apply_tproxy(&self, family: IpFamily, capture: bool) -> Result<(), RedirectError> {
+        let input = rules::nft_input(family, capture);
+        self.run(Step::WriteTproxy(family), "nft", &["-f", "-"], Some(&input))?;
         Ok(())
     }
 

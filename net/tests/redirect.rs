@@ -69,7 +69,17 @@ fn install_twice_leaves_one_copy_and_remove_leaves_nothing() {
                 .iter()
                 .filter(|l| l.starts_with("-A AMBIT_PRERT "))
                 .count();
-            assert_eq!(prerouting, 7, "round {round}: {family}:\n{save}");
+            assert_eq!(prerouting, 6, "round {round}: {family}:\n{save}");
+            let nft = ns.nft_tables();
+            let table = match family {
+                IpFamily::V4 => "table ip ambit",
+                IpFamily::V6 => "table ip6 ambit",
+            };
+            assert_eq!(
+                nft.matches(table).count(),
+                1,
+                "round {round}: {family}:\n{nft}"
+            );
             assert!(
                 !save.contains("REDIRECT")
                     && tables
@@ -268,6 +278,25 @@ fn ztunnels_time_wait_has_the_apps_own_tuple_and_the_port_is_reused_at_once() {
             "ztunnel's TIME_WAIT is not keyed by {destination} and {client_port}:\n{time_wait}"
         );
     }
+}
+
+/// With the rules in place and no outbound listener (ztunnel stopped, restarting, or
+/// no longer serving the pod), an app's connection is refused at once: never let out
+/// in plaintext, and not left waiting either.
+#[test]
+fn without_ztunnels_listener_outbound_connections_are_refused() {
+    let net = Network::new("nolisten");
+    let remote = net.peer.listen(addr(REMOTE));
+    net.install(Ipv6Mode::Capture);
+    for target in [addr(REMOTE), addr(REMOTE6)] {
+        let err = net.pod.connect(target, &Dial::default()).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{target}: {err}"
+        );
+    }
+    assert_nothing_pending(&remote);
 }
 
 #[test]
@@ -489,6 +518,13 @@ impl Netns {
             let routes = String::from_utf8_lossy(&routes.stdout);
             assert!(!routes.contains("local"), "{family} route left:\n{routes}");
         }
+        let nft = self.nft_tables();
+        assert!(!nft.contains(" ambit"), "nftables table left:\n{nft}");
+    }
+
+    /// `nft list tables`.
+    fn nft_tables(&self) -> String {
+        self.run(&["nft", "list", "tables"])
     }
 }
 

@@ -16,7 +16,7 @@ use support::{metric, pod, Harness};
 async fn main() {
     println!("==> building a local mesh: 2 nodes, a CA, a ztunnel per node");
     let mesh = LocalMesh::builder().nodes(["node-a", "node-b"]).build().unwrap_or_else(|e| {
-        eprintln!("local mesh: {e}\n(the local mesh needs root, iproute2, iptables and containernetworking-plugins)");
+        eprintln!("local mesh: {e}\n(the local mesh needs root, iproute2, iptables, nftables and containernetworking-plugins)");
         std::process::exit(1)
     });
     let client = pod(&mesh, "node-a", "shop", "client", "client");

@@ -188,6 +188,57 @@ fn table_lines(table: &str, wanted: &[&OwnedChain], current: &NetfilterState) ->
     lines
 }
 
+/// The nftables table holding the outbound TPROXY rule, in family `ip` and `ip6`.
+pub const NFT_TABLE: &str = "ambit";
+
+/// `nft -f` input that leaves exactly the outbound TPROXY rules in `family` (with
+/// `capture`) or nothing of ours (without). Declaring the table, deleting it and
+/// declaring it again is one transaction, whatever the namespace held.
+///
+/// `outbound` takes the first packet of an outbound connection, which the OUTPUT rules
+/// marked and the fwmark rule routed to `lo`, and hands it to ztunnel's outbound
+/// listener on loopback, leaving its destination as the app sent it: the accepted
+/// socket's local address is the original destination, and ztunnel's side of the
+/// connection has the app's own 4-tuple.
+///
+/// `refuse` is why these rules are nftables: when no listener is there (ztunnel
+/// stopped, restarting, or not serving the pod), the `tproxy` statement lets the packet
+/// go on to local delivery, where it is answered with a reset, so the app's connect is
+/// refused at once. (iptables' `TPROXY` target drops it, leaving the app waiting, and
+/// the kernel's own reset cannot be routed from the remote address it would carry.)
+pub fn nft_input(family: IpFamily, capture: bool) -> String {
+    let (table_family, listener) = match family {
+        IpFamily::V4 => ("ip", "127.0.0.1"),
+        IpFamily::V6 => ("ip6", "[::1]"),
+    };
+    let mut input =
+        format!("table {table_family} {NFT_TABLE}\ndelete table {table_family} {NFT_TABLE}\n");
+    if capture {
+        let first = format!(
+            "iifname \"lo\" meta l4proto tcp meta mark & {MARK_MASK:#x} == {CAPTURED_MARK:#x} \
+             ct state new"
+        );
+        let _ = write!(
+            input,
+            "table {table_family} {NFT_TABLE} {{\n\
+             \tchain outbound {{\n\
+             \t\ttype filter hook prerouting priority {NFT_PRIORITY}; policy accept;\n\
+             \t\t{first} tproxy to {listener}:{OUTBOUND_PORT}\n\
+             \t}}\n\
+             \tchain refuse {{\n\
+             \t\ttype filter hook input priority 0; policy accept;\n\
+             \t\t{first} socket transparent 1 accept\n\
+             \t\t{first} reject with tcp reset\n\
+             \t}}\n\
+             }}\n"
+        );
+    }
+    input
+}
+
+/// Just after iptables' mangle PREROUTING (-150), where `AMBIT_PRERT` runs.
+const NFT_PRIORITY: i32 = -149;
+
 /// The chains of one rule set, with their rules. The shape follows Istio's in-pod
 /// rules (ISTIO_PRERT / ISTIO_OUTPUT), so the same packets take the same paths.
 fn chains(set: RuleSet, family: IpFamily, config: &RedirectConfig) -> Vec<OwnedChain> {
@@ -206,9 +257,9 @@ fn chains(set: RuleSet, family: IpFamily, config: &RedirectConfig) -> Vec<OwnedC
 fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
     let ztunnel = format!("{ZTUNNEL_MARK:#x}/{MARK_MASK:#x}");
     let captured = format!("{CAPTURED_MARK:#x}/{MARK_MASK:#x}");
-    let (loopback, listener) = match family {
-        IpFamily::V4 => ("127.0.0.0/8", "127.0.0.1"),
-        IpFamily::V6 => ("::1/128", "::1"),
+    let loopback = match family {
+        IpFamily::V4 => "127.0.0.0/8",
+        IpFamily::V6 => "::1/128",
     };
 
     let mut prerouting = vec![
@@ -219,17 +270,10 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
     // Kubelet health probes come from the node: never captured.
     prerouting.extend(probes.iter().map(|p| format!("-s {p} -p tcp -j ACCEPT")));
     prerouting.extend([
-        // The first packet of an outbound connection, marked in OUTPUT and routed to lo:
-        // hand it to ztunnel's outbound listener. Its destination stays what the app
-        // asked for, so the accepted socket's local address is the original destination
-        // and the connection has the app's own 4-tuple on both sides (see OUTPUT).
-        format!(
-            "-i lo -p tcp -m mark --mark {captured} -m conntrack --ctstate NEW \
-             -j TPROXY --on-ip {listener} --on-port {OUTBOUND_PORT} --tproxy-mark {captured}"
-        ),
-        // Everything else arriving on lo is local: app to itself, ztunnel to the app, and
-        // the rest of a captured connection's packets, routed back by the fwmark rule to
-        // ztunnel's socket.
+        // Everything arriving on lo is local: app to itself, ztunnel to the app, and a
+        // captured connection's packets, routed back by the fwmark rule to ztunnel's
+        // socket (the first one of an outbound connection is handed to ztunnel's
+        // listener by the nftables rule, see [`nft_input`]).
         "-i lo -p tcp -j ACCEPT".to_owned(),
         // HBONE is for ztunnel's own 15008 listener in this namespace.
         format!("-p tcp --dport {HBONE_PORT} -j ACCEPT"),
@@ -348,7 +392,6 @@ mod tests {
 -A OUTPUT -j AMBIT_OUTPUT
 -A AMBIT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_PRERT -s 192.0.2.1/32 -p tcp -j ACCEPT
--A AMBIT_PRERT -i lo -p tcp -m mark --mark 0x111/0xfff -m conntrack --ctstate NEW -j TPROXY --on-ip 127.0.0.1 --on-port 15001 --tproxy-mark 0x111/0xfff
 -A AMBIT_PRERT -i lo -p tcp -j ACCEPT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
@@ -371,7 +414,6 @@ COMMIT
 -A OUTPUT -j AMBIT_OUTPUT
 -A AMBIT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_PRERT -s fd00::1/128 -p tcp -j ACCEPT
--A AMBIT_PRERT -i lo -p tcp -m mark --mark 0x111/0xfff -m conntrack --ctstate NEW -j TPROXY --on-ip ::1 --on-port 15001 --tproxy-mark 0x111/0xfff
 -A AMBIT_PRERT -i lo -p tcp -j ACCEPT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
@@ -624,6 +666,32 @@ COMMIT
 -X AMBIT_PRERT
 COMMIT
 "
+        );
+    }
+
+    #[test]
+    fn nft_input_replaces_the_table_with_the_outbound_rules_or_removes_it() {
+        let first = "iifname \"lo\" meta l4proto tcp meta mark & 0xfff == 0x111 ct state new";
+        assert_eq!(
+            nft_input(IpFamily::V4, true),
+            format!(
+                "table ip ambit\ndelete table ip ambit\ntable ip ambit {{\n\
+                 \tchain outbound {{\n\
+                 \t\ttype filter hook prerouting priority -149; policy accept;\n\
+                 \t\t{first} tproxy to 127.0.0.1:15001\n\
+                 \t}}\n\
+                 \tchain refuse {{\n\
+                 \t\ttype filter hook input priority 0; policy accept;\n\
+                 \t\t{first} socket transparent 1 accept\n\
+                 \t\t{first} reject with tcp reset\n\
+                 \t}}\n}}\n"
+            )
+        );
+        assert!(nft_input(IpFamily::V6, true).contains("tproxy to [::1]:15001"));
+        assert!(nft_input(IpFamily::V6, true).starts_with("table ip6 ambit\n"));
+        assert_eq!(
+            nft_input(IpFamily::V6, false),
+            "table ip6 ambit\ndelete table ip6 ambit\n"
         );
     }
 
