@@ -1,0 +1,102 @@
+//! The Kubernetes objects the control plane works from, keyed by namespace and name.
+//! Both sources (the Kubernetes API and the local directory) fill the same store; the
+//! translation reads only this.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// `namespace/name` (namespace empty for cluster-scoped objects).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// Every object the translation reads, in a stable order.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+}
+
+/// One object of a kind the control plane keeps.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+impl Object {
+    /// Its kind, as in `kind:`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+        }
+    }
+
+    /// Its key; a namespaced object without `metadata.namespace` is in `default`, as
+    /// `kubectl apply` would put it.
+    pub fn key(&self) -> ObjectKey {
+        let meta = match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+        };
+        let name = meta.name.clone().unwrap_or_default();
+        match self {
+            Object::Namespace(_) => ObjectKey::new("", &name),
+            _ => ObjectKey::new(meta.namespace.as_deref().unwrap_or("default"), &name),
+        }
+    }
+}
+
+impl Resources {
+    /// Adds or replaces `object`.
+    pub fn insert(&mut self, object: Object) {
+        let key = object.key();
+        match object {
+            Object::Namespace(o) => {
+                self.namespaces.insert(key.name, *o);
+            }
+            Object::Pod(o) => {
+                self.pods.insert(key, *o);
+            }
+            Object::Service(o) => {
+                self.services.insert(key, *o);
+            }
+            Object::EndpointSlice(o) => {
+                self.endpoint_slices.insert(key, *o);
+            }
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! From Kubernetes objects to Ambit's mesh model: a pure function, tested with golden
+//! files (`control/tests/golden/`).
+//!
+//! Workloads: one per running pod with an address and a node. It speaks HBONE only
+//! when all of these hold (DESIGN.md, "Who decides that a pod speaks HBONE"):
+//! - the pod, or else its namespace, is labelled `istio.io/dataplane-mode=ambient` (a
+//!   pod label `none` opts a pod out of an ambient namespace);
+//! - it is not on the host network (those are never enrolled);
+//! - its redirection is reported in place: annotation
+//!   `ambient.istio.io/redirection: enabled`, which the node agent sets once the pod's
+//!   traffic is captured. Until then it is reached in plaintext, so no peer sends HBONE
+//!   to a pod that does not listen on 15008.
+//!
+//! Services: ClusterIP services (one VIP per cluster IP), TCP ports, endpoints from the
+//! service's EndpointSlices when it has any (a cluster's controller writes them) and
+//! else from its selector over the namespace's pods (the local directory has no
+//! controller). A named target port resolves per endpoint: from the EndpointSlice's
+//! port, or from the pod's container port of that name.
+//!
+//! An object that cannot be translated is skipped and reported ([`Skipped`]); the rest
+//! of the model is unaffected.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ambit_core::model::{
+    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WorkloadSpec,
+};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::resources::{ObjectKey, Resources};
+
+/// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// The annotation the node agent sets once a pod's traffic is captured.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// The label an EndpointSlice names its service with.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The model, and what had to be left out of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub config: MeshConfig,
+    pub skipped: Vec<Skipped>,
+}
+
+/// An object left out of the model, and why. Logged by the caller, and later written
+/// as a status condition where the object has status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub kind: &'static str,
+    pub key: ObjectKey,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.key, self.reason)
+    }
+}
+
+/// The mesh model of `resources`.
+pub fn translate(resources: &Resources) -> Translation {
+    let mut skipped = Vec::new();
+    let mut workloads = Vec::new();
+    // Pods that became workloads, for the services' endpoints.
+    let mut running: BTreeMap<&ObjectKey, &Pod> = BTreeMap::new();
+    for (key, pod) in &resources.pods {
+        match workload(resources, key, pod) {
+            Ok(Some(w)) => {
+                running.insert(key, pod);
+                workloads.push(w);
+            }
+            Ok(None) => {}
+            Err(reason) => skipped.push(Skipped {
+                kind: "Pod",
+                key: key.clone(),
+                reason,
+            }),
+        }
+    }
+    let mut services = Vec::new();
+    for (key, service) in &resources.services {
+        match service_spec(resources, &running, key, service) {
+            Ok(Some(s)) => services.push(s),
+            Ok(None) => {}
+            Err(reason) => skipped.push(Skipped {
+                kind: "Service",
+                key: key.clone(),
+                reason,
+            }),
+        }
+    }
+    Translation {
+        config: MeshConfig {
+            workloads,
+            services,
+        },
+        skipped,
+    }
+}
+
+/// The workload of a pod; `None` for a pod that is not (or no longer) running, which
+/// is normal and not reported.
+fn workload(
+    resources: &Resources,
+    key: &ObjectKey,
+    pod: &Pod,
+) -> Result<Option<WorkloadSpec>, String> {
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return Ok(None);
+    }
+    let spec = pod.spec.as_ref().ok_or("no spec")?;
+    let node = match spec.node_name.as_deref() {
+        Some(node) if !node.is_empty() => node.to_owned(),
+        // Not scheduled yet.
+        _ => return Ok(None),
+    };
+    let ips = pod_ips(pod)?;
+    if ips.is_empty() {
+        // No address yet.
+        return Ok(None);
+    }
+    let labels = pod.metadata.labels.as_ref();
+    let label = |name: &str| labels.and_then(|l| l.get(name)).map(String::as_str);
+    let annotation = |name: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(name))
+            .map(String::as_str)
+    };
+    let namespace_mode = resources
+        .namespaces
+        .get(&key.namespace)
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+        .map(String::as_str);
+    let wants_ambient = match label(DATAPLANE_MODE_LABEL) {
+        Some("ambient") => true,
+        Some("none") => false,
+        _ => namespace_mode == Some("ambient"),
+    };
+    let host_network = spec.host_network == Some(true);
+    let captured = annotation(REDIRECTION_ANNOTATION) == Some("enabled");
+    let protocol = if wants_ambient && !host_network && captured {
+        Protocol::Hbone
+    } else {
+        Protocol::Tcp
+    };
+    let (workload_kind, workload_name) = owner(pod);
+    let canonical_name = [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .into_iter()
+    .find_map(label)
+    .map(str::to_owned)
+    .or_else(|| workload_name.clone());
+    let canonical_revision = [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .into_iter()
+    .find_map(label)
+    .map(str::to_owned);
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status == "True");
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    Ok(Some(WorkloadSpec {
+        uid: key.to_string(),
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node,
+        ips,
+        protocol,
+        canonical_name,
+        canonical_revision,
+        workload_kind,
+        workload_name,
+        // A pod without a Ready condition (as in the local directory) counts as ready.
+        healthy: ready.unwrap_or(true) && !terminating,
+    }))
+}
+
+/// `status.podIPs`, or else `status.podIP`.
+fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, String> {
+    let Some(status) = pod.status.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let listed: Vec<&str> = match &status.pod_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|p| p.ip.as_str()).collect(),
+        _ => status.pod_ip.as_deref().into_iter().collect(),
+    };
+    listed
+        .into_iter()
+        .map(|ip| {
+            ip.parse()
+                .map_err(|_| format!("status.podIPs: {ip:?} is not an IP address"))
+        })
+        .collect()
+}
+
+/// The owning workload's kind and name: a ReplicaSet's pods belong to its Deployment
+/// (the ReplicaSet's name less the pod-template hash).
+fn owner(pod: &Pod) -> (Option<String>, Option<String>) {
+    let Some(owner) = pod
+        .metadata
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.iter().find(|o| o.controller == Some(true)).or(o.first()))
+    else {
+        return (None, None);
+    };
+    let hash = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    match (owner.kind.as_str(), hash) {
+        ("ReplicaSet", Some(hash)) => match owner.name.strip_suffix(&format!("-{hash}")) {
+            Some(deployment) => (Some("Deployment".into()), Some(deployment.to_owned())),
+            None => (Some(owner.kind.clone()), Some(owner.name.clone())),
+        },
+        _ => (Some(owner.kind.clone()), Some(owner.name.clone())),
+    }
+}
+
+/// One port of a service as the model needs it, with its name for named lookups.
+struct Port {
+    name: Option<String>,
+    port: u16,
+    target: Target,
+}
+
+enum Target {
+    Number(u16),
+    Named(String),
+}
+
+/// The service's model; `None` for a service without a VIP (headless, ExternalName),
+/// which ztunnel has nothing to capture for.
+fn service_spec(
+    resources: &Resources,
+    running: &BTreeMap<&ObjectKey, &Pod>,
+    key: &ObjectKey,
+    service: &Service,
+) -> Result<Option<ServiceSpec>, String> {
+    let spec = service.spec.as_ref().ok_or("no spec")?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let listed: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    if listed.is_empty() || listed.contains(&"None") {
+        return Ok(None);
+    }
+    let vips = listed
+        .iter()
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("spec.clusterIPs: {ip:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("port {} is out of range", p.port))?;
+        let target = match &p.target_port {
+            None => Target::Number(port),
+            Some(IntOrString::Int(n)) => Target::Number(
+                u16::try_from(*n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("port {port}: targetPort {n} is out of range"))?,
+            ),
+            Some(IntOrString::String(name)) => match name.parse::<u16>() {
+                Ok(n) if n > 0 => Target::Number(n),
+                _ => Target::Named(name.clone()),
+            },
+        };
+        ports.push(Port {
+            name: p.name.clone(),
+            port,
+            target,
+        });
+    }
+    if ports.is_empty() {
+        return Ok(None);
+    }
+    let slices: Vec<_> = resources
+        .endpoint_slices
+        .iter()
+        .filter(|(k, s)| {
+            k.namespace == key.namespace
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    == Some(&key.name)
+        })
+        .map(|(_, s)| s)
+        .collect();
+    let endpoints = if slices.is_empty() {
+        selected_endpoints(running, key, service, &ports)
+    } else {
+        slice_endpoints(running, key, &slices, &ports)
+    };
+    Ok(Some(ServiceSpec {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        hostname: None,
+        vips,
+        ports: ports
+            .iter()
+            .map(|p| ServicePort {
+                port: p.port,
+                // A named target port resolves per endpoint; this is only a fallback.
+                target_port: match p.target {
+                    Target::Number(n) => n,
+                    Target::Named(_) => p.port,
+                },
+            })
+            .collect(),
+        endpoints,
+    }))
+}
+
+/// Endpoints from the service's selector over the running pods of its namespace. A pod
+/// that lacks a named target port is not an endpoint.
+fn selected_endpoints(
+    running: &BTreeMap<&ObjectKey, &Pod>,
+    key: &ObjectKey,
+    service: &Service,
+    ports: &[Port],
+) -> Vec<EndpointSpec> {
+    let Some(selector) = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+    else {
+        return Vec::new();
+    };
+    let mut endpoints = Vec::new();
+    'pods: for (pod_key, pod) in running {
+        if pod_key.namespace != key.namespace {
+            continue;
+        }
+        let labels = pod.metadata.labels.as_ref();
+        if !selector
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        {
+            continue;
+        }
+        let mut named = Vec::new();
+        for port in ports {
+            if let Target::Named(name) = &port.target {
+                match container_port(pod, name) {
+                    Some(target_port) => named.push(ServicePort {
+                        port: port.port,
+                        target_port,
+                    }),
+                    None => continue 'pods,
+                }
+            }
+        }
+        endpoints.push(EndpointSpec {
+            workload_uid: pod_key.to_string(),
+            ports: named,
+        });
+    }
+    endpoints
+}
+
+/// The TCP container port of `pod` named `name`.
+fn container_port(pod: &Pod, name: &str) -> Option<u16> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| {
+            p.name.as_deref() == Some(name)
+                && p.protocol.as_deref().is_none_or(|proto| proto == "TCP")
+        })
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+/// Endpoints from EndpointSlices: the ready pod endpoints that are running workloads,
+/// named target ports resolved from the slice's ports.
+fn slice_endpoints(
+    running: &BTreeMap<&ObjectKey, &Pod>,
+    key: &ObjectKey,
+    slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
+    ports: &[Port],
+) -> Vec<EndpointSpec> {
+    let mut endpoints = BTreeMap::new();
+    'slices: for slice in slices {
+        let mut named = Vec::new();
+        for port in ports {
+            if matches!(port.target, Target::Named(_)) {
+                // The slice's port of the same name as the service port carries the
+                // resolved number.
+                let resolved = slice
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name == port.name)
+                    .and_then(|p| p.port)
+                    .and_then(|n| u16::try_from(n).ok());
+                match resolved {
+                    Some(target_port) => named.push(ServicePort {
+                        port: port.port,
+                        target_port,
+                    }),
+                    None => continue 'slices,
+                }
+            }
+        }
+        for endpoint in slice.endpoints.iter().flatten() {
+            let Some(target) = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+            else {
+                continue;
+            };
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let pod_key = ObjectKey::new(
+                target.namespace.as_deref().unwrap_or(&key.namespace),
+                target.name.as_deref().unwrap_or_default(),
+            );
+            if running.contains_key(&pod_key) {
+                endpoints.insert(
+                    pod_key.to_string(),
+                    EndpointSpec {
+                        workload_uid: pod_key.to_string(),
+                        ports: named.clone(),
+                    },
+                );
+            }
+        }
+    }
+    endpoints.into_values().collect()
+}

@@ -1,0 +1,99 @@
+//! Golden translation tests: Kubernetes YAML in, Ambit's model out.
+//!
+//! Each directory under `tests/golden/` is a case. Its `input/` files are loaded
+//! through the directory source and translated; the model and the skipped objects must
+//! equal `expected.yaml`. A case with a `change/` directory then gets those files
+//! written over its input (a file `X.deleted` removes `X`), is reloaded, and must equal
+//! `expected-after-change.yaml`.
+//!
+//! After an intended change of output, `AMBIT_BLESS=1 cargo test -p ambit-control
+//! --test golden` rewrites the expected files; review their diff before committing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ambit_control::directory::Directory;
+use ambit_control::translate;
+use ambit_core::model::MeshConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Expected {
+    model: MeshConfig,
+    /// `Kind namespace/name: reason`, in order.
+    skipped: Vec<String>,
+}
+
+#[test]
+fn golden_translations() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut cases: Vec<PathBuf> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(!cases.is_empty(), "no cases under {}", root.display());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let work = tempfile::tempdir().unwrap();
+        copy_over(&case.join("input"), work.path());
+        let mut directory = Directory::new(work.path());
+        check(case, &mut directory, "expected.yaml", &mut failures);
+        let change = case.join("change");
+        if change.is_dir() {
+            copy_over(&change, work.path());
+            check(
+                case,
+                &mut directory,
+                "expected-after-change.yaml",
+                &mut failures,
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut Vec<String>) {
+    let errors = directory.reload().unwrap();
+    assert!(errors.is_empty(), "{}: {errors:?}", case.display());
+    let translation = translate(&directory.resources());
+    let got = Expected {
+        model: translation.config,
+        skipped: translation
+            .skipped
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    };
+    let path = case.join(expected);
+    if std::env::var_os("AMBIT_BLESS").is_some() {
+        fs::write(&path, serde_yaml_ng::to_string(&got).unwrap()).unwrap();
+        return;
+    }
+    let text = fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (AMBIT_BLESS=1 writes it)", path.display()));
+    let want: Expected = serde_yaml_ng::from_str(&text).unwrap();
+    if got != want {
+        failures.push(format!(
+            "{} differs; got:\n{}",
+            path.display(),
+            serde_yaml_ng::to_string(&got).unwrap()
+        ));
+    }
+}
+
+/// Copies the files of `from` into `to`; `X.deleted` deletes `X` instead.
+fn copy_over(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        match name.strip_suffix(".deleted") {
+            Some(deleted) => fs::remove_file(to.join(deleted)).unwrap(),
+            None => {
+                fs::copy(&path, to.join(name)).unwrap();
+            }
+        }
+    }
+}
