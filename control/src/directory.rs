@@ -255,8 +255,15 @@ mod tests {
         std::fs::write(&file, format!("{pod}---\nkind: a: b\n")).unwrap();
         let errors = source.reload().unwrap();
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert_eq!((errors[0].path.as_path(), errors[0].line), (file.as_path(), 5));
-        assert_eq!(source.resources().pods.len(), 1, "the last good content is kept");
+        assert_eq!(
+            (errors[0].path.as_path(), errors[0].line),
+            (file.as_path(), 5)
+        );
+        assert_eq!(
+            source.resources().pods.len(),
+            1,
+            "the last good content is kept"
+        );
 
         std::fs::remove_file(&file).unwrap();
         assert!(source.reload().unwrap().is_empty());

@@ -108,6 +108,15 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
+impl ServiceSpec {
+    /// `hostname`, or by default `<name>.<namespace>.svc.cluster.local`.
+    pub fn hostname(&self) -> String {
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", self.name, self.namespace))
+    }
+}
+
 /// The whole model as a source supplies it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -233,10 +242,7 @@ impl MeshState {
             }
         }
         for spec in &config.services {
-            let hostname = spec
-                .hostname
-                .clone()
-                .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", spec.name, spec.namespace));
+            let hostname = spec.hostname();
             let svc = Arc::new(Service {
                 spec: spec.clone(),
                 hostname,

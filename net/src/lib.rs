@@ -14,3 +14,4 @@ pub mod process;
 pub mod redirect;
 pub mod relay;
 pub mod tls;
+pub mod xds;

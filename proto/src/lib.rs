@@ -23,3 +23,19 @@ pub mod handoff {
     /// The protocol version this build speaks.
     pub const VERSION: u32 = 1;
 }
+
+/// Ambit's mesh model as xDS resources (`workload.proto`): workloads and services.
+pub mod workload {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/ambit.workload.v1.rs");
+
+    /// The type URL of [`Address`] resources in delta xDS.
+    pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/ambit.workload.v1.Address";
+}
+
+/// Envoy's delta xDS transport (`xds.proto`): the aggregated discovery service's
+/// `DeltaAggregatedResources` stream, with the fields Ambit uses.
+pub mod xds {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/envoy.service.discovery.v3.rs");
+}
