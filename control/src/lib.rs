@@ -6,6 +6,7 @@
 //! - [`directory`]: the local source, a directory of multi-document Kubernetes YAML.
 //! - [`translate`]: the pure function from those objects to the model
 //!   (`ambit_core::model::MeshConfig`), with what it had to skip and why.
+//! - [`xds`]: the delta xDS server that pushes the model to every ztunnel.
 //!
 //! This crate must not: decide anything about traffic (ztunnel does, from the model);
 //! skip a policy (policies fail closed, issue 6); do IO inside [`translate`].
@@ -13,6 +14,7 @@
 pub mod directory;
 pub mod resources;
 pub mod translate;
+pub mod xds;
 
 pub use directory::{Directory, DirectoryError, DocumentError};
 pub use resources::{ObjectKey, Resources};

@@ -1,0 +1,267 @@
+//! The delta xDS server: every connected ztunnel gets the model as `Address`
+//! resources, first what it lacks (a reconnecting client names, in
+//! `initial_resource_versions`, what it still holds), then each change as a diff:
+//! resources added or changed, names removed. Each response has a nonce; the client
+//! ACKs or NACKs it, and a NACK is logged with the client's reason. A snapshot that
+//! changes again before a stream has sent the previous one is sent once, as its latest
+//! state (the streams read a `watch` channel).
+//!
+//! Only the `Address` type and the wildcard subscription are served: a ztunnel needs
+//! the whole model.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ambit_core::model::MeshConfig;
+use ambit_proto::workload::{Address, ADDRESS_TYPE_URL};
+use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use ambit_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+/// The model as versioned resources, as every stream serves it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Increases with every change, for logs (`system_version_info`).
+    pub version: u64,
+    /// name → (version, resource). A resource's version is a hash of its encoding, so
+    /// an unchanged resource keeps its version across snapshots and restarts.
+    pub resources: BTreeMap<String, (String, Address)>,
+}
+
+impl Snapshot {
+    pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
+        let resources = ambit_net::xds::to_resources(config)
+            .into_iter()
+            .map(|(name, address)| {
+                let version = format!("{:016x}", fnv1a(&address.encode_to_vec()));
+                (name, (version, address))
+            })
+            .collect();
+        Snapshot { version, resources }
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds, unlike the standard library's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The gRPC service (`envoy.service.discovery.v3.AggregatedDiscoveryService`).
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl XdsServer {
+    /// Serves the latest of `snapshots` to every stream.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> XdsServer {
+        XdsServer { snapshots }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let mut requests = request.into_inner();
+        let first = match requests.next().await {
+            Some(Ok(first)) => first,
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::cancelled("stream ended before its first request")),
+        };
+        if first.type_url != ADDRESS_TYPE_URL {
+            return Err(Status::invalid_argument(format!(
+                "type {:?} is not served; only {ADDRESS_TYPE_URL}",
+                first.type_url
+            )));
+        }
+        let node = first
+            .node
+            .as_ref()
+            .map(|n| n.id.clone())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(4);
+        let stream = ClientStream {
+            node,
+            peer,
+            snapshots: self.snapshots.clone(),
+            sent: first.initial_resource_versions.into_iter().collect(),
+            nonce: 0,
+        };
+        tokio::spawn(stream.run(requests, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// One client's stream: what it has been sent, by name and version.
+struct ClientStream {
+    node: String,
+    peer: String,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    sent: BTreeMap<String, String>,
+    nonce: u64,
+}
+
+impl ClientStream {
+    async fn run(
+        mut self,
+        mut requests: Streaming<DeltaDiscoveryRequest>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) {
+        tracing::info!(node = %self.node, peer = %self.peer, held = self.sent.len(), "xDS client connected");
+        // The current snapshot first, then every change.
+        self.snapshots.mark_changed();
+        loop {
+            tokio::select! {
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        break; // The server is shutting down.
+                    }
+                    let snapshot = self.snapshots.borrow_and_update().clone();
+                    if let Some(response) = self.diff(&snapshot) {
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                request = requests.next() => match request {
+                    Some(Ok(request)) => self.on_request(&request),
+                    Some(Err(e)) => {
+                        tracing::info!(node = %self.node, error = %e, "xDS stream failed");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        tracing::info!(node = %self.node, peer = %self.peer, "xDS client disconnected");
+    }
+
+    /// The response that brings the client from what it was sent to `snapshot`, or
+    /// nothing if it has it all.
+    fn diff(&mut self, snapshot: &Snapshot) -> Option<DeltaDiscoveryResponse> {
+        let resources: Vec<Resource> = snapshot
+            .resources
+            .iter()
+            .filter(|(name, (version, _))| self.sent.get(*name) != Some(version))
+            .map(|(name, (version, address))| Resource {
+                version: version.clone(),
+                resource: Some(prost_types::Any {
+                    type_url: ADDRESS_TYPE_URL.to_owned(),
+                    value: address.encode_to_vec(),
+                }),
+                name: name.clone(),
+                aliases: Vec::new(),
+            })
+            .collect();
+        let removed: Vec<String> = self
+            .sent
+            .keys()
+            .filter(|name| !snapshot.resources.contains_key(*name))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        for r in &resources {
+            self.sent.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            self.sent.remove(name);
+        }
+        self.nonce += 1;
+        tracing::debug!(node = %self.node, nonce = self.nonce, changed = resources.len(), removed = removed.len(), "xDS push");
+        Some(DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.to_string(),
+            resources,
+            type_url: ADDRESS_TYPE_URL.to_owned(),
+            nonce: self.nonce.to_string(),
+            removed_resources: removed,
+        })
+    }
+
+    fn on_request(&mut self, request: &DeltaDiscoveryRequest) {
+        match &request.error_detail {
+            Some(error) => tracing::warn!(
+                node = %self.node,
+                nonce = %request.response_nonce,
+                reason = %error.message,
+                "xDS client rejected resources (NACK)"
+            ),
+            None if !request.response_nonce.is_empty() => {
+                tracing::debug!(node = %self.node, nonce = %request.response_nonce, "xDS ACK");
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(yaml: &str) -> MeshConfig {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    fn stream(sent: &[(&str, &str)]) -> ClientStream {
+        let (_, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        ClientStream {
+            node: "ztunnel~test".into(),
+            peer: "test".into(),
+            snapshots,
+            sent: sent
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            nonce: 0,
+        }
+    }
+
+    #[test]
+    fn a_client_gets_only_what_it_lacks_and_the_names_it_should_drop() {
+        let snapshot = Snapshot::new(
+            7,
+            &model(
+                "workloads:\n\
+                 - {uid: shop/a, name: a, namespace: shop, node: n, ips: [10.1.0.2]}\n\
+                 - {uid: shop/b, name: b, namespace: shop, node: n, ips: [10.1.0.3]}\n",
+            ),
+        );
+        let a = snapshot.resources["shop/a"].0.as_str();
+        // Holds a as it is, b in an older version, and c, which is gone.
+        let mut s = stream(&[("shop/a", a), ("shop/b", "old"), ("shop/c", "x")]);
+        let response = s.diff(&snapshot).unwrap();
+        let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["shop/b"]);
+        assert_eq!(response.removed_resources, ["shop/c"]);
+        assert_eq!(
+            (
+                response.nonce.as_str(),
+                response.system_version_info.as_str()
+            ),
+            ("1", "7")
+        );
+        // Up to date now: nothing more to send.
+        assert!(s.diff(&snapshot).is_none());
+        // Versions are content hashes: the same model gives the same versions.
+        assert_eq!(Snapshot::new(8, &model("workloads:\n- {uid: shop/a, name: a, namespace: shop, node: n, ips: [10.1.0.2]}\n")).resources["shop/a"].0, a);
+    }
+}

@@ -1,0 +1,136 @@
+//! The delta xDS server and ztunnel's client, talking gRPC over a local socket: the
+//! client gets the model, then each change; rejects a resource it cannot use while
+//! taking the rest; keeps its model while the server is gone, and resyncs from a new
+//! server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_control::xds::{Snapshot, XdsServer};
+use ambit_core::model::MeshConfig;
+use ambit_net::xds::client::{ClientConfig, XdsClient};
+use ambit_proto::workload::{address, Address, Workload};
+use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn config(yaml: &str) -> MeshConfig {
+    serde_yaml_ng::from_str(yaml).unwrap()
+}
+
+fn v1() -> MeshConfig {
+    config(
+        "workloads:\n\
+         - {uid: shop/a, name: a, namespace: shop, node: node-a, ips: [10.1.0.2], protocol: HBONE}\n\
+         - {uid: shop/b, name: b, namespace: shop, node: node-b, ips: [10.2.0.2], protocol: HBONE}\n\
+         services:\n\
+         - {name: web, namespace: shop, hostname: web.shop.svc.cluster.local, vips: [10.96.0.10],\n\
+            ports: [{port: 80, targetPort: 8080}], endpoints: [{workloadUid: shop/b}]}\n",
+    )
+}
+
+fn v2() -> MeshConfig {
+    config(
+        "workloads:\n\
+         - {uid: shop/b, name: b, namespace: shop, node: node-b, ips: [10.2.0.2], protocol: HBONE}\n\
+         - {uid: shop/c, name: c, namespace: shop, node: node-a, ips: [10.1.0.3]}\n\
+         services:\n\
+         - {name: web, namespace: shop, hostname: web.shop.svc.cluster.local, vips: [10.96.0.10],\n\
+            ports: [{port: 80, targetPort: 8081}], endpoints: [{workloadUid: shop/b}]}\n",
+    )
+}
+
+/// Serves `snapshots` on `addr` until the task is aborted.
+async fn serve(addr: SocketAddr, snapshots: watch::Receiver<Arc<Snapshot>>) -> JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
+                snapshots,
+            )))
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    })
+}
+
+async fn wait_for_model(model: &mut watch::Receiver<Arc<MeshConfig>>, want: &MeshConfig) {
+    let waited = tokio::time::timeout(DEADLINE, model.wait_for(|m| **m == *want))
+        .await
+        .is_ok();
+    assert!(
+        waited,
+        "the client's model did not become\n{want:#?}\nit is\n{:#?}",
+        model.borrow()
+    );
+}
+
+#[tokio::test]
+async fn a_client_follows_the_model_rejects_what_it_cannot_use_and_resyncs_after_a_restart() {
+    let addr: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::new(1, &v1())));
+    let server = serve(addr, snapshots_rx).await;
+
+    let (model_tx, mut model) = watch::channel(Arc::new(MeshConfig::default()));
+    let mut client_config = ClientConfig::new("ztunnel~node-a");
+    client_config.max_backoff = Duration::from_millis(200);
+    let client = XdsClient::new(client_config, model_tx);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let client = tokio::spawn(client.run(move || {
+        let endpoint = endpoint.clone();
+        async move { endpoint.connect().await }
+    }));
+
+    // The whole model on connect, then a change as a diff.
+    wait_for_model(&mut model, &v1()).await;
+    snapshots.send_replace(Arc::new(Snapshot::new(2, &v2())));
+    wait_for_model(&mut model, &v2()).await;
+
+    // A resource the client cannot use (a 3-byte address) is rejected on its own; the
+    // change that comes with it is taken.
+    let mut snapshot = Snapshot::new(3, &v2());
+    let bad = Address {
+        r#type: Some(address::Type::Workload(Workload {
+            uid: "shop/bad".into(),
+            addresses: vec![vec![10, 1, 0]],
+            ..Workload::default()
+        })),
+    };
+    snapshot
+        .resources
+        .insert("shop/bad".into(), ("1".into(), bad));
+    let mut v3 = v2();
+    v3.workloads[1].ips = vec!["10.1.0.4".parse().unwrap()];
+    let good = Snapshot::new(3, &v3);
+    snapshot
+        .resources
+        .insert("shop/c".into(), good.resources["shop/c"].clone());
+    snapshots.send_replace(Arc::new(snapshot));
+    wait_for_model(&mut model, &v3).await;
+
+    // The server goes away (its streams end with its snapshots, as they would with its
+    // process): the client keeps its model.
+    server.abort();
+    let _ = server.await;
+    drop(snapshots);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(**model.borrow(), v3);
+
+    // A new server with a newer model: the client reconnects and catches up.
+    let mut v4 = v3.clone();
+    v4.workloads.retain(|w| w.uid != "shop/c");
+    let (_snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::new(1, &v4)));
+    let server = serve(addr, snapshots_rx).await;
+    wait_for_model(&mut model, &v4).await;
+
+    client.abort();
+    server.abort();
+}

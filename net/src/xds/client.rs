@@ -1,0 +1,225 @@
+//! ztunnel's delta xDS client: subscribes to every `Address` resource, applies each
+//! response to the resources it holds, publishes the resulting model, and ACKs it, or
+//! NACKs the resources it cannot use, keeping their previous version (or their
+//! absence) and everything else.
+//!
+//! It never forgets: while disconnected the last good model stays published, and a
+//! reconnecting stream tells the server, in `initial_resource_versions`, what is held,
+//! so only differences are sent again. Reconnects back off exponentially (with jitter)
+//! from [`ClientConfig::min_backoff`] to [`ClientConfig::max_backoff`], starting over
+//! once a stream has delivered a response.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::model::MeshConfig;
+use ambit_proto::workload::{Address, ADDRESS_TYPE_URL};
+use ambit_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use ambit_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use super::resources::{from_resources, ResourceError};
+
+/// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK.
+const INVALID_ARGUMENT: i32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `Node.id` the server logs the client by.
+    pub node_id: String,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(node_id: &str) -> ClientConfig {
+        ClientConfig {
+            node_id: node_id.to_owned(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The client's state: the resources it holds, by name, with their versions.
+#[derive(Debug)]
+pub struct XdsClient {
+    config: ClientConfig,
+    held: BTreeMap<String, (String, Address)>,
+    model: watch::Sender<Arc<MeshConfig>>,
+}
+
+/// What one response did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub changed: usize,
+    pub removed: usize,
+    /// Resources rejected; their previous state was kept.
+    pub rejected: Vec<ResourceError>,
+}
+
+impl XdsClient {
+    /// A client that publishes each new model into `model`.
+    pub fn new(config: ClientConfig, model: watch::Sender<Arc<MeshConfig>>) -> XdsClient {
+        XdsClient {
+            config,
+            held: BTreeMap::new(),
+            model,
+        }
+    }
+
+    /// Keeps a stream open to the server `connect` reaches, reconnecting with backoff,
+    /// until `connect` is no longer wanted (the task is dropped or aborted).
+    pub async fn run<C, F, E>(mut self, mut connect: C)
+    where
+        C: FnMut() -> F,
+        F: Future<Output = Result<Channel, E>>,
+        E: std::fmt::Display,
+    {
+        let mut backoff = self.config.min_backoff;
+        loop {
+            let delivered = match connect().await {
+                Ok(channel) => match self.stream(channel).await {
+                    Ok(delivered) => {
+                        tracing::info!("xDS stream ended by the server; reconnecting");
+                        delivered
+                    }
+                    Err((delivered, e)) => {
+                        tracing::warn!(error = %e, held = self.held.len(), "xDS stream failed; keeping the last model and reconnecting");
+                        delivered
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the xDS server");
+                    false
+                }
+            };
+            if delivered {
+                backoff = self.config.min_backoff;
+            }
+            tokio::time::sleep(jittered(backoff)).await;
+            backoff = (backoff * 2).min(self.config.max_backoff);
+        }
+    }
+
+    /// One stream, until it ends; whether it delivered any response.
+    async fn stream(&mut self, channel: Channel) -> Result<bool, (bool, tonic::Status)> {
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel(4);
+        let first = DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: self.config.node_id.clone(),
+                ..Node::default()
+            }),
+            type_url: ADDRESS_TYPE_URL.to_owned(),
+            resource_names_subscribe: vec!["*".to_owned()],
+            initial_resource_versions: self
+                .held
+                .iter()
+                .map(|(name, (version, _))| (name.clone(), version.clone()))
+                .collect(),
+            ..DeltaDiscoveryRequest::default()
+        };
+        // The channel has room: this cannot wait.
+        let _ = tx.send(first).await;
+        let mut responses = client
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| (false, e))?
+            .into_inner();
+        let mut delivered = false;
+        loop {
+            let response = match responses.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => return Ok(delivered),
+                Err(e) => return Err((delivered, e)),
+            };
+            delivered = true;
+            let applied = self.apply(&response);
+            let error_detail = (!applied.rejected.is_empty()).then(|| Status {
+                code: INVALID_ARGUMENT,
+                message: applied
+                    .rejected
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                details: Vec::new(),
+            });
+            if let Some(error) = &error_detail {
+                tracing::warn!(nonce = %response.nonce, reason = %error.message, "xDS resources rejected (NACK); their previous state is kept");
+            }
+            tracing::debug!(nonce = %response.nonce, changed = applied.changed, removed = applied.removed, held = self.held.len(), "xDS update applied");
+            let ack = DeltaDiscoveryRequest {
+                type_url: ADDRESS_TYPE_URL.to_owned(),
+                response_nonce: response.nonce.clone(),
+                error_detail,
+                ..DeltaDiscoveryRequest::default()
+            };
+            if tx.send(ack).await.is_err() {
+                return Ok(delivered);
+            }
+        }
+    }
+
+    /// Applies one response to the held resources and publishes the model. A resource
+    /// that cannot be decoded or used keeps its previous state.
+    pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Applied {
+        let mut applied = Applied::default();
+        let previous = self.held.clone();
+        for resource in &response.resources {
+            let decoded = match &resource.resource {
+                Some(any) if any.type_url == ADDRESS_TYPE_URL => {
+                    Address::decode(any.value.as_slice()).map_err(|e| e.to_string())
+                }
+                Some(any) => Err(format!("type {:?} is not {ADDRESS_TYPE_URL}", any.type_url)),
+                None => Err("no resource".into()),
+            };
+            match decoded {
+                Ok(address) => {
+                    self.held
+                        .insert(resource.name.clone(), (resource.version.clone(), address));
+                    applied.changed += 1;
+                }
+                Err(reason) => applied.rejected.push(ResourceError {
+                    name: resource.name.clone(),
+                    reason,
+                }),
+            }
+        }
+        for name in &response.removed_resources {
+            if self.held.remove(name).is_some() {
+                applied.removed += 1;
+            }
+        }
+        let (_, errors) = from_resources(self.held.iter().map(|(n, (_, a))| (n, a)));
+        for error in errors {
+            // Back to what it was before this response (it was usable then).
+            match previous.get(&error.name) {
+                Some(old) => self.held.insert(error.name.clone(), old.clone()),
+                None => self.held.remove(&error.name),
+            };
+            applied.changed = applied.changed.saturating_sub(1);
+            applied.rejected.push(error);
+        }
+        let (model, _) = from_resources(self.held.iter().map(|(n, (_, a))| (n, a)));
+        self.model.send_if_modified(|current| {
+            let changed = **current != model;
+            if changed {
+                *current = Arc::new(model);
+            }
+            changed
+        });
+        applied
+    }
+}
+
+/// `d` give or take a quarter, so that many clients do not reconnect in step.
+fn jittered(d: Duration) -> Duration {
+    let quarter = d / 4;
+    d - quarter + quarter.mul_f64(2.0 * rand::random::<f64>())
+}

@@ -1,0 +1,366 @@
+//! The mesh model as delta xDS resources, both ways: ambit-control turns its
+//! `MeshConfig` into named [`Address`] resources, and ztunnel turns the resources it
+//! holds back into a `MeshConfig`.
+//!
+//! - A workload is a resource named by its uid. The services it is an endpoint of
+//!   travel on it (`Workload.services`, keyed `<namespace>/<hostname>`, with its own
+//!   target ports where a named port resolves differently), as in Istio's workload API:
+//!   a pod coming or going changes one resource, not every service it backs.
+//! - A service is a resource named `<namespace>/<hostname>`.
+//!
+//! A resource that cannot be used is rejected on its own ([`ResourceError`] names it),
+//! so the client can NACK it and keep the rest.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ambit_core::model::{
+    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WorkloadSpec,
+};
+use ambit_proto::workload::{
+    address, Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload,
+    WorkloadStatus,
+};
+
+/// A resource that cannot be turned into the model, by name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("resource {name}: {reason}")]
+pub struct ResourceError {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The resources of `config`, by name.
+pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
+    // Which services each workload backs, and with which ports.
+    let mut backs: BTreeMap<&str, BTreeMap<String, PortList>> = BTreeMap::new();
+    let mut resources = BTreeMap::new();
+    for service in &config.services {
+        let key = service_name(&service.namespace, &service.hostname());
+        for endpoint in &service.endpoints {
+            backs.entry(&endpoint.workload_uid).or_default().insert(
+                key.clone(),
+                PortList {
+                    ports: endpoint.ports.iter().map(port).collect(),
+                },
+            );
+        }
+        resources.insert(
+            key,
+            Address {
+                r#type: Some(address::Type::Service(Service {
+                    name: service.name.clone(),
+                    namespace: service.namespace.clone(),
+                    hostname: service.hostname(),
+                    addresses: service
+                        .vips
+                        .iter()
+                        .map(|ip| NetworkAddress {
+                            network: String::new(),
+                            address: ip_bytes(*ip),
+                        })
+                        .collect(),
+                    ports: service.ports.iter().map(port).collect(),
+                })),
+            },
+        );
+    }
+    for w in &config.workloads {
+        let workload = Workload {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            addresses: w.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+            tunnel_protocol: match w.protocol {
+                Protocol::Hbone => TunnelProtocol::Hbone,
+                Protocol::Tcp => TunnelProtocol::None,
+            } as i32,
+            trust_domain: String::new(),
+            service_account: w.service_account.clone(),
+            node: w.node.clone(),
+            canonical_name: w.canonical_name.clone().unwrap_or_default(),
+            canonical_revision: w.canonical_revision.clone().unwrap_or_default(),
+            workload_name: w.workload_name.clone().unwrap_or_default(),
+            services: backs
+                .remove(w.uid.as_str())
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            status: if w.healthy {
+                WorkloadStatus::Healthy
+            } else {
+                WorkloadStatus::Unhealthy
+            } as i32,
+            workload_kind: w.workload_kind.clone().unwrap_or_default(),
+        };
+        resources.insert(
+            w.uid.clone(),
+            Address {
+                r#type: Some(address::Type::Workload(workload)),
+            },
+        );
+    }
+    resources
+}
+
+/// The model of the resources a client holds. Resources that cannot be used are left
+/// out and returned as errors; the rest make the model.
+pub fn from_resources<'a>(
+    resources: impl IntoIterator<Item = (&'a String, &'a Address)>,
+) -> (MeshConfig, Vec<ResourceError>) {
+    let mut errors = Vec::new();
+    let mut workloads = Vec::new();
+    let mut services: BTreeMap<String, ServiceSpec> = BTreeMap::new();
+    // (service key, endpoint) pairs, joined to the services once all are known.
+    let mut endpoints: Vec<(String, EndpointSpec)> = Vec::new();
+    for (name, resource) in resources {
+        let error = |reason: String| ResourceError {
+            name: name.clone(),
+            reason,
+        };
+        match &resource.r#type {
+            Some(address::Type::Workload(w)) => match workload(w) {
+                Ok(spec) => {
+                    for (key, ports) in &w.services {
+                        match ports.ports.iter().map(model_port).collect() {
+                            Ok(ports) => endpoints.push((
+                                key.clone(),
+                                EndpointSpec {
+                                    workload_uid: spec.uid.clone(),
+                                    ports,
+                                },
+                            )),
+                            Err(reason) => errors.push(error(format!("service {key}: {reason}"))),
+                        }
+                    }
+                    workloads.push(spec);
+                }
+                Err(reason) => errors.push(error(reason)),
+            },
+            Some(address::Type::Service(s)) => match service(s) {
+                Ok(spec) => {
+                    services.insert(service_name(&s.namespace, &s.hostname), spec);
+                }
+                Err(reason) => errors.push(error(reason)),
+            },
+            None => errors.push(error("neither a workload nor a service".into())),
+        }
+    }
+    endpoints.sort_by(|a, b| (&a.0, &a.1.workload_uid).cmp(&(&b.0, &b.1.workload_uid)));
+    for (key, endpoint) in endpoints {
+        // An endpoint of a service the client does not (yet) hold waits for it.
+        if let Some(service) = services.get_mut(&key) {
+            service.endpoints.push(endpoint);
+        }
+    }
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    (
+        MeshConfig {
+            workloads,
+            services: services.into_values().collect(),
+        },
+        errors,
+    )
+}
+
+/// The resource name of a service.
+pub fn service_name(namespace: &str, hostname: &str) -> String {
+    format!("{namespace}/{hostname}")
+}
+
+fn workload(w: &Workload) -> Result<WorkloadSpec, String> {
+    if w.uid.is_empty() {
+        return Err("workload without a uid".into());
+    }
+    let ips = w
+        .addresses
+        .iter()
+        .map(|a| ip_from_bytes(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(TunnelProtocol::Hbone) => Protocol::Hbone,
+        Ok(TunnelProtocol::None) => Protocol::Tcp,
+        Err(_) => return Err(format!("unknown tunnel protocol {}", w.tunnel_protocol)),
+    };
+    if !w.trust_domain.is_empty() {
+        // One trust domain per mesh for now; another one would be a different identity.
+        return Err(format!(
+            "trust domain {:?}: only the mesh's own is supported",
+            w.trust_domain
+        ));
+    }
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Ok(WorkloadSpec {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: some(&w.service_account).unwrap_or_else(|| "default".into()),
+        node: w.node.clone(),
+        ips,
+        protocol,
+        canonical_name: some(&w.canonical_name),
+        canonical_revision: some(&w.canonical_revision),
+        workload_kind: some(&w.workload_kind),
+        workload_name: some(&w.workload_name),
+        healthy: w.status != WorkloadStatus::Unhealthy as i32,
+    })
+}
+
+fn service(s: &Service) -> Result<ServiceSpec, String> {
+    if s.name.is_empty() || s.namespace.is_empty() || s.hostname.is_empty() {
+        return Err("service without a name, namespace or hostname".into());
+    }
+    Ok(ServiceSpec {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: Some(s.hostname.clone()),
+        vips: s
+            .addresses
+            .iter()
+            .map(|a| ip_from_bytes(&a.address))
+            .collect::<Result<_, _>>()?,
+        ports: s.ports.iter().map(model_port).collect::<Result<_, _>>()?,
+        endpoints: Vec::new(),
+    })
+}
+
+fn port(p: &ServicePort) -> Port {
+    Port {
+        service_port: u32::from(p.port),
+        target_port: u32::from(p.target_port),
+    }
+}
+
+fn model_port(p: &Port) -> Result<ServicePort, String> {
+    let number = |n: u32| {
+        u16::try_from(n)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("port {n} is out of range"))
+    };
+    Ok(ServicePort {
+        port: number(p.service_port)?,
+        target_port: number(p.target_port)?,
+    })
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    }
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, String> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        Ok(IpAddr::V4(Ipv4Addr::from(v4)))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        Ok(IpAddr::V6(Ipv6Addr::from(v6)))
+    } else {
+        Err(format!(
+            "an address of {} bytes is neither IPv4 nor IPv6",
+            bytes.len()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> MeshConfig {
+        serde_yaml_ng::from_str(
+            "workloads:\n\
+             - {uid: shop/web-a, name: web-a, namespace: shop, serviceAccount: web, node: node-a,\n\
+                ips: [10.1.0.10, 'fd10:1::10'], protocol: HBONE, canonicalName: web,\n\
+                canonicalRevision: v1, workloadKind: Deployment, workloadName: web}\n\
+             - {uid: shop/web-b, name: web-b, namespace: shop, node: node-b, ips: [10.2.0.10],\n\
+                healthy: false}\n\
+             - {uid: shop/client, name: client, namespace: shop, node: node-a, ips: [10.1.0.2]}\n\
+             services:\n\
+             - name: web\n  namespace: shop\n  vips: [10.96.0.10, 'fd00:96::10']\n\
+             \x20 ports: [{port: 80, targetPort: 8080}, {port: 9090, targetPort: 9090}]\n\
+             \x20 endpoints:\n\
+             \x20 - {workloadUid: shop/web-a, ports: [{port: 80, targetPort: 8081}]}\n\
+             \x20 - {workloadUid: shop/web-b}\n\
+             - {name: db, namespace: shop, hostname: db.example.com, vips: [10.96.0.11],\n\
+                ports: [{port: 5432, targetPort: 5432}]}\n",
+        )
+        .unwrap()
+    }
+
+    /// The model with every default spelled out and in the order `from_resources`
+    /// returns it.
+    fn normalized(mut config: MeshConfig) -> MeshConfig {
+        config.workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        for s in &mut config.services {
+            s.hostname = Some(s.hostname());
+            s.endpoints
+                .sort_by(|a, b| a.workload_uid.cmp(&b.workload_uid));
+        }
+        config
+            .services
+            .sort_by_key(|s| service_name(&s.namespace, &s.hostname()));
+        config
+    }
+
+    #[test]
+    fn the_model_survives_the_round_trip_through_resources() {
+        let resources = to_resources(&model());
+        let names: Vec<&str> = resources.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "shop/client",
+                "shop/db.example.com",
+                "shop/web-a",
+                "shop/web-b",
+                "shop/web.shop.svc.cluster.local"
+            ]
+        );
+        let (config, errors) = from_resources(&resources);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config, normalized(model()));
+    }
+
+    #[test]
+    fn endpoints_travel_on_their_workloads() {
+        let resources = to_resources(&model());
+        let Some(address::Type::Workload(web_a)) = &resources["shop/web-a"].r#type else {
+            panic!("not a workload");
+        };
+        assert_eq!(
+            web_a.services["shop/web.shop.svc.cluster.local"].ports,
+            [Port {
+                service_port: 80,
+                target_port: 8081
+            }]
+        );
+        assert_eq!(web_a.addresses[1].len(), 16);
+        // Without its service, a workload's endpoint waits: the service has none yet.
+        let mut partial = resources.clone();
+        partial.remove("shop/web.shop.svc.cluster.local");
+        let (config, errors) = from_resources(&partial);
+        assert!(errors.is_empty());
+        assert_eq!(config.workloads.len(), 3);
+        assert_eq!(config.services.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_resource_is_rejected_by_name_and_the_rest_kept() {
+        let mut resources = to_resources(&model());
+        let Some(address::Type::Workload(w)) =
+            &mut resources.get_mut("shop/client").unwrap().r#type
+        else {
+            panic!("not a workload");
+        };
+        w.addresses = vec![vec![10, 1, 0]];
+        resources.insert("odd".into(), Address { r#type: None });
+        let (config, errors) = from_resources(&resources);
+        let names: Vec<&str> = errors.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["odd", "shop/client"], "{errors:?}");
+        assert!(errors[1].reason.contains("3 bytes"), "{}", errors[1]);
+        assert_eq!(config.workloads.len(), 2);
+        assert_eq!(config.services.len(), 2);
+    }
+}
