@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::server;
 use crate::service::CaService;
 use crate::store::{DirectoryStore, RootStore};
+use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
 /// Loads the CA from `store`, generating and saving a root when it holds none.
 pub fn load_or_create(
@@ -54,6 +55,17 @@ pub async fn run(
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    run_with(config, |_, _| {}, on_listening, shutdown).await
+}
+
+/// [`run`], with more gRPC services on the CA's port: `add` gets the CA's caller
+/// authenticators (for [`crate::auth::authenticate_request`]) and adds its services.
+pub async fn run_with(
+    config: Config,
+    add: impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder),
+    on_listening: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let store = DirectoryStore::new(&config.root_dir);
     let ca = Arc::new(load_or_create(&store, &config, SystemTime::now())?);
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
@@ -72,11 +84,16 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %identity, trust_domain = %config.trust_domain, "CA serving");
     on_listening(addr);
-    let service = CaService::new(ca.clone(), authenticators);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    add(&authenticators, &mut routes);
+    routes.add_service(IstioCertificateServiceServer::new(CaService::new(
+        ca.clone(),
+        authenticators,
+    )));
     server::serve(
         listener,
         ca,
-        service,
+        routes.routes(),
         identity,
         config.serving_dns_names(),
         shutdown,

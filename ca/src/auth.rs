@@ -66,6 +66,53 @@ pub async fn authenticate(
     }
 }
 
+/// Authenticates the caller of a gRPC request on the CA's port: its bearer token
+/// (`authorization: Bearer <token>`) or the mesh certificate the TLS layer verified
+/// ([`PeerInfo`](crate::server::PeerInfo)). Shared by every service on that port.
+pub async fn authenticate_request<T>(
+    authenticators: &[Arc<dyn Authenticator>],
+    request: &tonic::Request<T>,
+) -> Result<Caller, tonic::Status> {
+    let peer = request
+        .extensions()
+        .get::<crate::server::PeerInfo>()
+        .cloned();
+    let remote = peer
+        .as_ref()
+        .map(|p| p.remote.to_string())
+        .unwrap_or_default();
+    let credentials = Credentials {
+        bearer_token: bearer_token(request)?,
+        peer_identity: peer.and_then(|p| p.identity),
+    };
+    authenticate(authenticators, &credentials)
+        .await
+        .map_err(|e| {
+            tracing::warn!(%remote, error = %e, "request not authenticated");
+            tonic::Status::unauthenticated(e.to_string())
+        })
+}
+
+/// The token of `authorization: Bearer <token>`, if the request has one.
+pub fn bearer_token<T>(request: &tonic::Request<T>) -> Result<Option<String>, tonic::Status> {
+    let Some(value) = request.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| tonic::Status::unauthenticated("authorization metadata is not ASCII"))?;
+    match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim().to_string()))
+        }
+        _ => Err(tonic::Status::unauthenticated(
+            "authorization metadata must be `Bearer <token>`",
+        )),
+    }
+}
+
 /// One entry of the tokens file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

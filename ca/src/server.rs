@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use ambit_core::renewal::RenewalPolicy;
 use ambit_core::SpiffeId;
 use ambit_net::tls::{self, CertSlot, ClientAuth, WorkloadCert};
-use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,7 +25,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::authority::{CertificateAuthority, IssueError};
-use crate::service::CaService;
 
 /// How long a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,11 +69,12 @@ pub fn serving_cert(
     Ok(WorkloadCert::from_pem(&chain, &key, Some(roots))?)
 }
 
-/// Serves the CA on `listener` until `shutdown` completes.
+/// Serves `routes` (the CA's service and any served next to it) on `listener`, over
+/// TLS with the CA's own serving certificate, until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     ca: Arc<CertificateAuthority>,
-    service: CaService,
+    routes: tonic::service::Routes,
     identity: SpiffeId,
     dns_names: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -93,7 +92,7 @@ pub async fn serve(
     let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
     let incoming = ReceiverStream::new(rx);
     let result = tonic::transport::Server::builder()
-        .add_service(IstioCertificateServiceServer::new(service))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     accept.abort();

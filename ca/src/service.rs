@@ -11,7 +11,7 @@ use ambit_proto::ca::{IstioCertificateRequest, IstioCertificateResponse, IMPERSO
 use prost_types::value::Kind;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{authenticate, Authenticator, Credentials};
+use crate::auth::{authenticate_request, Authenticator};
 use crate::authority::{CertificateAuthority, IssueError};
 use crate::server::PeerInfo;
 
@@ -36,21 +36,12 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let remote = peer
-            .as_ref()
+        let remote = request
+            .extensions()
+            .get::<PeerInfo>()
             .map(|p| p.remote.to_string())
             .unwrap_or_default();
-        let credentials = Credentials {
-            bearer_token: bearer_token(&request)?,
-            peer_identity: peer.and_then(|p| p.identity),
-        };
-        let caller = authenticate(&self.authenticators, &credentials)
-            .await
-            .map_err(|e| {
-                tracing::warn!(%remote, error = %e, "certificate request not authenticated");
-                Status::unauthenticated(e.to_string())
-            })?;
+        let caller = authenticate_request(&self.authenticators, &request).await?;
         let req = request.into_inner();
         let impersonate = impersonated_identity(&req)?;
         let result = self.ca.create_certificate(
@@ -88,25 +79,6 @@ pub fn status_of(e: &IssueError) -> Status {
         IssueError::Denied(_) => Status::permission_denied(msg),
         IssueError::Unavailable(_) => Status::unavailable(msg),
         IssueError::Signing(_) => Status::internal(msg),
-    }
-}
-
-fn bearer_token<T>(request: &Request<T>) -> Result<Option<String>, Status> {
-    let Some(value) = request.metadata().get("authorization") else {
-        return Ok(None);
-    };
-    let text = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?;
-    match text.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(Some(token.trim().to_string()))
-        }
-        _ => Err(Status::unauthenticated(
-            "authorization metadata must be `Bearer <token>`",
-        )),
     }
 }
 

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ambit_ca::auth::{authenticate_request, Authenticator};
+use ambit_ca::server::PeerInfo;
 use ambit_core::model::MeshConfig;
 use ambit_proto::workload::{Address, ADDRESS_TYPE_URL};
 use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -56,12 +58,20 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[derive(Debug, Clone)]
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    authenticators: Vec<Arc<dyn Authenticator>>,
 }
 
 impl XdsServer {
-    /// Serves the latest of `snapshots` to every stream.
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> XdsServer {
-        XdsServer { snapshots }
+    /// Serves the latest of `snapshots` to every caller one of `authenticators`
+    /// recognises (the CA's: a node agent's bearer token or a mesh certificate).
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        authenticators: Vec<Arc<dyn Authenticator>>,
+    ) -> XdsServer {
+        XdsServer {
+            snapshots,
+            authenticators,
+        }
     }
 }
 
@@ -75,8 +85,12 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let caller = authenticate_request(&self.authenticators, &request).await?;
         let peer = request
-            .remote_addr()
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.remote)
+            .or_else(|| request.remote_addr())
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let mut requests = request.into_inner();
         let first = match requests.next().await {
@@ -95,6 +109,7 @@ impl AggregatedDiscoveryService for XdsServer {
             .as_ref()
             .map(|n| n.id.clone())
             .unwrap_or_default();
+        tracing::debug!(%node, caller = %caller.identity, "xDS caller authenticated");
         let (tx, rx) = mpsc::channel(4);
         let stream = ClientStream {
             node,

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_ca::auth::{Authenticator, TokenAuthenticator};
 use ambit_control::xds::{Snapshot, XdsServer};
 use ambit_core::model::MeshConfig;
 use ambit_net::xds::client::{ClientConfig, XdsClient};
@@ -44,14 +45,26 @@ fn v2() -> MeshConfig {
     )
 }
 
-/// Serves `snapshots` on `addr` until the task is aborted.
+const TOKEN: &str = "node-a-agent-token";
+
+/// Serves `snapshots` on `addr`, to callers with [`TOKEN`], until the task is aborted.
 async fn serve(addr: SocketAddr, snapshots: watch::Receiver<Arc<Snapshot>>) -> JoinHandle<()> {
+    let tokens = TokenAuthenticator::from_yaml(
+        &format!(
+            "- token: {TOKEN}\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  \
+             nodeAgent: true\n  node: node-a\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let authenticators: Vec<Arc<dyn Authenticator>> = vec![Arc::new(tokens)];
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
                 snapshots,
+                authenticators,
             )))
             .serve_with_incoming(incoming)
             .await
@@ -82,6 +95,7 @@ async fn a_client_follows_the_model_rejects_what_it_cannot_use_and_resyncs_after
     let (model_tx, mut model) = watch::channel(Arc::new(MeshConfig::default()));
     let mut client_config = ClientConfig::new("ztunnel~node-a");
     client_config.max_backoff = Duration::from_millis(200);
+    client_config.token = Some(TOKEN.into());
     let client = XdsClient::new(client_config, model_tx);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
     let client = tokio::spawn(client.run(move || {
@@ -132,5 +146,34 @@ async fn a_client_follows_the_model_rejects_what_it_cannot_use_and_resyncs_after
     wait_for_model(&mut model, &v4).await;
 
     client.abort();
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_caller_without_credentials_gets_nothing() {
+    let addr: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (_snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::new(1, &v1())));
+    let server = serve(addr, snapshots_rx).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        ambit_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(
+            channel,
+        );
+    let first = ambit_proto::xds::DeltaDiscoveryRequest {
+        type_url: ambit_proto::workload::ADDRESS_TYPE_URL.into(),
+        ..Default::default()
+    };
+    let status = client
+        .delta_aggregated_resources(tokio_stream::iter([first]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
     server.abort();
 }

@@ -31,6 +31,8 @@ const INVALID_ARGUMENT: i32 = 3;
 pub struct ClientConfig {
     /// `Node.id` the server logs the client by.
     pub node_id: String,
+    /// Sent as `authorization: Bearer <token>` (the node agent's CA token).
+    pub token: Option<String>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -39,6 +41,7 @@ impl ClientConfig {
     pub fn new(node_id: &str) -> ClientConfig {
         ClientConfig {
             node_id: node_id.to_owned(),
+            token: None,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         }
@@ -108,7 +111,25 @@ impl XdsClient {
 
     /// One stream, until it ends; whether it delivered any response.
     async fn stream(&mut self, channel: Channel) -> Result<bool, (bool, tonic::Status)> {
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let authorization = match &self.config.token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse::<tonic::metadata::MetadataValue<_>>()
+                    .map_err(|_| (false, tonic::Status::unauthenticated("token is not ASCII")))?,
+            ),
+            None => None,
+        };
+        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
+            channel,
+            move |mut request: tonic::Request<()>| {
+                if let Some(value) = &authorization {
+                    request
+                        .metadata_mut()
+                        .insert("authorization", value.clone());
+                }
+                Ok(request)
+            },
+        );
         let (tx, rx) = mpsc::channel(4);
         let first = DeltaDiscoveryRequest {
             node: Some(Node {
