@@ -11,6 +11,8 @@
 //! This crate must not: decide anything about traffic (ztunnel does, from the model);
 //! skip a policy (policies fail closed, issue 6); do IO inside [`translate`].
 
+pub mod app;
+pub mod config;
 pub mod directory;
 pub mod resources;
 pub mod translate;

@@ -159,18 +159,36 @@ fn channel(
     cfg: &Arc<CaClientConfig>,
     client_cert: Option<&WorkloadCert>,
 ) -> Result<Channel, FetchError> {
-    let tls_config = tls::client_config(client_cert, &cfg.roots, [cfg.ca_identity.clone()])
+    tls_channel(
+        &cfg.address,
+        &cfg.ca_identity,
+        &cfg.roots,
+        client_cert,
+        cfg.timeout,
+    )
+}
+
+/// A lazily connecting gRPC channel to the control plane's port at `address` (the CA
+/// and xDS): TLS, the server's certificate chaining to `roots` and carrying
+/// `identity`, presenting `client_cert` when given.
+pub fn tls_channel(
+    address: &str,
+    identity: &SpiffeId,
+    roots: &[CertificateDer<'static>],
+    client_cert: Option<&WorkloadCert>,
+    connect_timeout: Duration,
+) -> Result<Channel, FetchError> {
+    let tls_config = tls::client_config(client_cert, roots, [identity.clone()])
         .map_err(|e| FetchError::Tls(e.to_string()))?;
     let connector = TlsConnector::from(Arc::new(tls_config));
     // TLS is done by the connector below, so the URI scheme is plain http to tonic.
-    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.address)).map_err(|e| {
-        FetchError::Connect {
-            address: cfg.address.clone(),
+    let endpoint =
+        Endpoint::from_shared(format!("http://{address}")).map_err(|e| FetchError::Connect {
+            address: address.to_owned(),
             reason: e.to_string(),
-        }
-    })?;
-    let endpoint = endpoint.connect_timeout(cfg.timeout);
-    let address = cfg.address.clone();
+        })?;
+    let endpoint = endpoint.connect_timeout(connect_timeout);
+    let address = address.to_owned();
     let connect = tower::service_fn(move |_: Uri| {
         let connector = connector.clone();
         let address = address.clone();

@@ -17,9 +17,9 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Admin, Readiness, SetLogFilter};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model_file;
 use crate::pods::Pods;
 use crate::proxy::Shared;
+use crate::{model_file, model_xds};
 
 /// Runs ztunnel until `shutdown` completes, then drains open connections for up to the
 /// configured deadline.
@@ -30,11 +30,6 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let readiness = Readiness::new();
     let starting = readiness.block("startup");
-    let (model, _model_task) = model_file::watch_file(
-        config.model_file.clone(),
-        config.trust_domain.clone(),
-        config.model_poll,
-    )?;
 
     let root_pem = std::fs::read_to_string(&config.ca_root)
         .with_context(|| format!("--ca-root {}", config.ca_root.display()))?;
@@ -55,6 +50,33 @@ pub async fn run(
         .with_context(|| format!("--ca-token-file {}", config.ca_token_file.display()))?
         .trim()
         .to_string();
+    let (model, _model_task) = match (&config.model_file, &config.xds_address) {
+        (Some(path), _) => {
+            model_file::watch_file(path.clone(), config.trust_domain.clone(), config.model_poll)?
+        }
+        (None, Some(address)) => {
+            let (model, synced, task) = model_xds::watch_xds(
+                model_xds::XdsSource {
+                    address: address.clone(),
+                    identity: config.ca_identity()?,
+                    roots: roots.clone(),
+                    token: token.clone(),
+                    node: config.node.clone(),
+                },
+                config.trust_domain.clone(),
+            );
+            // Not ready before the first model: a pod handed over earlier would be
+            // served with none.
+            let waiting = readiness.block("xds");
+            tokio::spawn(async move {
+                if synced.await.is_ok() {
+                    drop(waiting);
+                }
+            });
+            (model, task)
+        }
+        (None, None) => anyhow::bail!("one of --model-file and --xds-address is required"),
+    };
     let ca = GrpcCaClient::new(CaClientConfig {
         address: config.ca_address.clone(),
         ca_identity: config.ca_identity()?,

@@ -27,9 +27,20 @@ pub struct Config {
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: TrustDomain,
 
-    /// Local model file (Ambit's model YAML), re-read when it changes.
-    #[arg(long, env = "AMBIT_MODEL_FILE")]
-    pub model_file: PathBuf,
+    /// Local model file (Ambit's model YAML), re-read when it changes: the development
+    /// source, instead of `--xds-address`.
+    #[arg(
+        long,
+        env = "AMBIT_MODEL_FILE",
+        required_unless_present = "xds_address",
+        conflicts_with = "xds_address"
+    )]
+    pub model_file: Option<PathBuf>,
+
+    /// The control plane's delta xDS, host:port (TLS, authenticated with the CA token):
+    /// the normal source of the model. Usually the CA's address.
+    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
 
     /// How often the model file is checked for changes.
     #[arg(long, env = "AMBIT_MODEL_POLL", default_value = "500ms", value_parser = parse_millis)]
@@ -174,6 +185,7 @@ mod tests {
             (vec!["--trust-domain", "Bad"], "--trust-domain"),
             (vec!["--ca-identity", "cart"], "--ca-identity"),
             (vec!["--admin-addr", "localhost"], "--admin-addr"),
+            (vec!["--xds-address", "x:15012"], "--xds-address"),
         ] {
             let e = parse(&args).unwrap_err().to_string();
             assert!(e.contains(flag), "{e}");

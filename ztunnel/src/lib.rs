@@ -19,5 +19,6 @@ pub mod app;
 pub mod config;
 pub mod metrics;
 pub mod model_file;
+pub mod model_xds;
 pub mod pods;
 pub mod proxy;

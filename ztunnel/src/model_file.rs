@@ -135,7 +135,7 @@ pub fn watch_file(
     Ok((rx, task))
 }
 
-fn reject(tx: &watch::Sender<ModelSnapshot>, reason: String) {
+pub(crate) fn reject(tx: &watch::Sender<ModelSnapshot>, reason: String) {
     let same = tx.borrow().rejected.as_deref() == Some(reason.as_str());
     if !same {
         tracing::error!(error = %reason, "model change rejected; keeping the last good model");
