@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use ambit_core::certificate::ValidityLimits;
+use ambit_core::certificate::{ValidityLimits, WorkloadPlacement};
 use anyhow::Context;
 use tokio::net::TcpListener;
 
@@ -55,19 +55,28 @@ pub async fn run(
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    run_with(config, |_, _| {}, on_listening, shutdown).await
+    run_with(config, None, |_, _| {}, on_listening, shutdown).await
 }
 
-/// [`run`], with more gRPC services on the CA's port: `add` gets the CA's caller
-/// authenticators (for [`crate::auth::authenticate_request`]) and adds its services.
+/// [`run`], with node authorization against `placement` (where workloads run) and more
+/// gRPC services on the CA's port: `add` gets the CA's caller authenticators (for
+/// [`crate::auth::authenticate_request`]) and adds its services.
 pub async fn run_with(
     config: Config,
+    placement: Option<Arc<dyn WorkloadPlacement>>,
     add: impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder),
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let store = DirectoryStore::new(&config.root_dir);
-    let ca = Arc::new(load_or_create(&store, &config, SystemTime::now())?);
+    let mut ca = load_or_create(&store, &config, SystemTime::now())?;
+    match placement {
+        Some(placement) => ca = ca.with_placement(placement),
+        None => tracing::warn!(
+            "no workload placement: node agents may request any identity in the trust domain"
+        ),
+    }
+    let ca = Arc::new(ca);
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
     if let Some(path) = &config.tokens {
         let tokens = TokenAuthenticator::from_file(path)?;

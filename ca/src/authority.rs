@@ -5,7 +5,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use ambit_core::certificate::{self, AuthorizationError, Caller, ValidityError, ValidityLimits};
+use ambit_core::certificate::{
+    self, AuthorizationError, Caller, ValidityError, ValidityLimits, WorkloadPlacement,
+};
 use ambit_core::{IdentityError, SpiffeId, TrustDomain};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -13,6 +15,7 @@ use rcgen::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use std::sync::Arc;
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -77,6 +80,9 @@ pub struct CertificateAuthority {
     chain_pems: Vec<String>,
     root_pem: String,
     limits: ValidityLimits,
+    /// Where workloads run, for node authorization; without it a node agent may
+    /// impersonate any identity in the trust domain.
+    placement: Option<Arc<dyn WorkloadPlacement>>,
 }
 
 impl CertificateAuthority {
@@ -189,6 +195,7 @@ impl CertificateAuthority {
             chain_pems: chain.iter().map(to_pem).collect(),
             root_pem: to_pem(&root),
             limits,
+            placement: None,
         })
     }
 
@@ -225,8 +232,15 @@ impl CertificateAuthority {
             impersonate.as_ref(),
             &csr.identity,
             &self.trust_domain,
+            self.placement.as_deref(),
         )?;
         self.sign(&csr, &identity, validity_secs, now)
+    }
+
+    /// Applies node authorization with `placement` from now on.
+    pub fn with_placement(mut self, placement: Arc<dyn WorkloadPlacement>) -> Self {
+        self.placement = Some(placement);
+        self
     }
 
     /// Signs `csr` for `identity` (already authorized).

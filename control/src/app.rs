@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::placement::Placements;
 use crate::translate::translate;
 use crate::xds::{Snapshot, XdsServer};
 
@@ -24,13 +25,30 @@ pub async fn run(
         config.local_dir.display()
     );
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
-    let watcher = tokio::spawn(watch_directory(
-        Directory::new(&config.local_dir),
-        config.poll,
+    let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
+    let mut source = LocalSource {
+        directory: Directory::new(&config.local_dir),
+        placements: placements.clone(),
         snapshots,
-    ));
+        model: None,
+        reported: Vec::new(),
+        version: 0,
+    };
+    // The first read before serving: the CA authorizes node agents against its pods.
+    source.step();
+    let poll = config.poll;
+    let watcher = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            source.step();
+        }
+    });
     let result = ambit_ca::app::run_with(
         config.ca,
+        Some(placements),
         |authenticators, routes| {
             routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
                 snapshots_rx,
@@ -45,22 +63,23 @@ pub async fn run(
     result
 }
 
-/// Reads the directory every `poll`, and publishes a snapshot whenever the model
-/// changes. Problems are logged once each, when they appear.
-async fn watch_directory(
-    mut directory: Directory,
-    poll: std::time::Duration,
+/// The directory source's state between reads.
+struct LocalSource {
+    directory: Directory,
+    placements: Arc<Placements>,
     snapshots: watch::Sender<Arc<Snapshot>>,
-) {
-    let mut model: Option<MeshConfig> = None;
-    let mut reported: Vec<String> = Vec::new();
-    let mut version = 0;
-    let mut ticker = tokio::time::interval(poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
+    model: Option<MeshConfig>,
+    /// Problems already logged, so each is logged once, when it appears.
+    reported: Vec<String>,
+    version: u64,
+}
+
+impl LocalSource {
+    /// Reads the directory, updates the placements, and publishes a snapshot if the
+    /// model changed.
+    fn step(&mut self) {
         let mut problems = Vec::new();
-        match directory.reload() {
+        match self.directory.reload() {
             Ok(errors) => problems.extend(
                 errors
                     .iter()
@@ -68,22 +87,25 @@ async fn watch_directory(
             ),
             Err(e) => problems.push(format!("{e}; keeping the last model")),
         }
-        let translation = translate(&directory.resources());
+        let resources = self.directory.resources();
+        self.placements.update(&resources);
+        let translation = translate(&resources);
         problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
-        for problem in problems.iter().filter(|p| !reported.contains(p)) {
-            tracing::warn!(%problem, dir = %directory, "local source");
+        for problem in problems.iter().filter(|p| !self.reported.contains(p)) {
+            tracing::warn!(%problem, dir = %self.directory, "local source");
         }
-        reported = problems;
-        if model.as_ref() != Some(&translation.config) {
-            version += 1;
+        self.reported = problems;
+        if self.model.as_ref() != Some(&translation.config) {
+            self.version += 1;
             tracing::info!(
-                version,
+                version = self.version,
                 workloads = translation.config.workloads.len(),
                 services = translation.config.services.len(),
                 "model changed"
             );
-            snapshots.send_replace(Arc::new(Snapshot::new(version, &translation.config)));
-            model = Some(translation.config);
+            self.snapshots
+                .send_replace(Arc::new(Snapshot::new(self.version, &translation.config)));
+            self.model = Some(translation.config);
         }
     }
 }

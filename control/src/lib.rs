@@ -14,6 +14,7 @@
 pub mod app;
 pub mod config;
 pub mod directory;
+pub mod placement;
 pub mod resources;
 pub mod translate;
 pub mod xds;

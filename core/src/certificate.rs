@@ -38,15 +38,34 @@ pub enum AuthorizationError {
         requested: SpiffeId,
         csr: SpiffeId,
     },
+    #[error(
+        "node agent {caller} (node {}) may not request {requested}: no running pod with that \
+         identity is scheduled on its node",
+        node.as_deref().unwrap_or("unknown")
+    )]
+    NotOnCallersNode {
+        caller: SpiffeId,
+        requested: SpiffeId,
+        node: Option<String>,
+    },
+}
+
+/// Where workloads run, as far as the CA's node authorization needs to know: whether a
+/// non-terminated pod running as `identity` is scheduled on `node`.
+pub trait WorkloadPlacement: Send + Sync + std::fmt::Debug {
+    fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool;
 }
 
 /// Decides which identity `caller` gets. `impersonate` is the request's
-/// `ImpersonatedIdentity`; `csr_identity` the single URI SAN of its CSR.
+/// `ImpersonatedIdentity`; `csr_identity` the single URI SAN of its CSR. With
+/// `placement`, a node agent may impersonate only an identity that runs on its own node
+/// (node authorization); without, any identity in the trust domain.
 pub fn authorize(
     caller: &Caller,
     impersonate: Option<&SpiffeId>,
     csr_identity: &SpiffeId,
     trust_domain: &TrustDomain,
+    placement: Option<&dyn WorkloadPlacement>,
 ) -> Result<SpiffeId, AuthorizationError> {
     let requested = impersonate.unwrap_or(&caller.identity);
     if requested != &caller.identity && !caller.node_agent {
@@ -54,6 +73,21 @@ pub fn authorize(
             caller: caller.identity.clone(),
             requested: requested.clone(),
         });
+    }
+    if requested != &caller.identity {
+        if let Some(placement) = placement {
+            let on_node = caller
+                .node
+                .as_deref()
+                .is_some_and(|node| placement.runs_on(node, requested));
+            if !on_node {
+                return Err(AuthorizationError::NotOnCallersNode {
+                    caller: caller.identity.clone(),
+                    requested: requested.clone(),
+                    node: caller.node.clone(),
+                });
+            }
+        }
     }
     if !requested.in_trust_domain(trust_domain) {
         return Err(AuthorizationError::ForeignTrustDomain {
@@ -191,7 +225,7 @@ mod tests {
         ];
         for (caller, imp, csr, want) in cases {
             let imp = imp.map(id);
-            let got = authorize(caller, imp.as_ref(), &id(csr), &td);
+            let got = authorize(caller, imp.as_ref(), &id(csr), &td, None);
             match (got, want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, id(want)),
                 (Err(e), Err(want)) => assert!(
@@ -200,6 +234,56 @@ mod tests {
                 ),
                 (got, want) => panic!("{caller:?} {imp:?} {csr}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    /// Pods of `POD`'s identity run on node-a only.
+    #[derive(Debug)]
+    struct OnNodeA;
+
+    impl WorkloadPlacement for OnNodeA {
+        fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool {
+            node == "node-a" && identity.as_str() == POD
+        }
+    }
+
+    #[test]
+    fn with_placement_a_node_agent_gets_only_identities_running_on_its_node() {
+        let td = TrustDomain::default();
+        let agent = |node: Option<&str>| Caller {
+            identity: id(ZTUNNEL),
+            node_agent: true,
+            node: node.map(str::to_owned),
+        };
+        let placement: Option<&dyn WorkloadPlacement> = Some(&OnNodeA);
+        let a = agent(Some("node-a"));
+        assert_eq!(
+            authorize(&a, Some(&id(POD)), &id(POD), &td, placement),
+            Ok(id(POD))
+        );
+        // Its own identity needs no pod.
+        assert_eq!(
+            authorize(&a, None, &id(ZTUNNEL), &td, placement),
+            Ok(id(ZTUNNEL))
+        );
+        for (caller, requested) in [
+            (agent(Some("node-a")), OTHER),
+            (agent(Some("node-b")), POD),
+            (agent(None), POD),
+        ] {
+            let e = authorize(
+                &caller,
+                Some(&id(requested)),
+                &id(requested),
+                &td,
+                placement,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, AuthorizationError::NotOnCallersNode { .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(requested), "{e}");
         }
     }
 
@@ -215,6 +299,7 @@ mod tests {
             Some(&id(OTHER)),
             &id(OTHER),
             &TrustDomain::default(),
+            None,
         )
         .unwrap_err()
         .to_string();
