@@ -191,7 +191,9 @@ impl XdsClient {
     /// that cannot be decoded or used keeps its previous state.
     pub fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Applied {
         let mut applied = Applied::default();
-        let previous = self.held.clone();
+        // What this response replaces, to restore a resource it makes unusable. Only
+        // the names it touches: the rest of what is held is not copied.
+        let mut previous: BTreeMap<String, Option<(String, Address)>> = BTreeMap::new();
         for resource in &response.resources {
             let decoded = match &resource.resource {
                 Some(any) if any.type_url == ADDRESS_TYPE_URL => {
@@ -202,8 +204,10 @@ impl XdsClient {
             };
             match decoded {
                 Ok(address) => {
-                    self.held
+                    let old = self
+                        .held
                         .insert(resource.name.clone(), (resource.version.clone(), address));
+                    previous.entry(resource.name.clone()).or_insert(old);
                     applied.changed += 1;
                 }
                 Err(reason) => applied.rejected.push(ResourceError {
@@ -213,28 +217,27 @@ impl XdsClient {
             }
         }
         for name in &response.removed_resources {
-            if self.held.remove(name).is_some() {
+            if let Some(old) = self.held.remove(name) {
+                previous.entry(name.clone()).or_insert(Some(old));
                 applied.removed += 1;
             }
         }
-        let (_, errors) = from_resources(self.held.iter().map(|(n, (_, a))| (n, a)));
-        for error in errors {
-            // Back to what it was before this response (it was usable then).
-            match previous.get(&error.name) {
-                Some(old) => self.held.insert(error.name.clone(), old.clone()),
-                None => self.held.remove(&error.name),
-            };
-            applied.changed = applied.changed.saturating_sub(1);
-            applied.rejected.push(error);
-        }
-        let (model, _) = from_resources(self.held.iter().map(|(n, (_, a))| (n, a)));
-        self.model.send_if_modified(|current| {
-            let changed = **current != model;
-            if changed {
-                *current = Arc::new(model);
+        let (mut model, errors) = from_resources(self.held.iter().map(|(n, (_, a))| (n, a)));
+        if !errors.is_empty() {
+            for error in errors {
+                // Back to what it was before this response (it was usable then).
+                match previous.remove(&error.name).flatten() {
+                    Some(old) => self.held.insert(error.name.clone(), old),
+                    None => self.held.remove(&error.name),
+                };
+                applied.changed = applied.changed.saturating_sub(1);
+                applied.rejected.push(error);
             }
-            changed
-        });
+            model = from_resources(self.held.iter().map(|(n, (_, a))| (n, a))).0;
+        }
+        if applied.changed > 0 || applied.removed > 0 {
+            self.model.send_replace(Arc::new(model));
+        }
         applied
     }
 }
