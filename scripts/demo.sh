@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The local mesh demo: a two-node cluster on this machine, made of network namespaces.
-# It runs the real ambit-ca and one ztunnel per node, with two pods enrolled in ambient
+# It runs the real ambit-control and one ztunnel per node, with two pods enrolled in ambient
 # mode, and sends HTTP between them over HBONE (mutual TLS). It keeps running, printing
 # how to look inside, until Ctrl-C; then it tears everything down.
 #

@@ -365,6 +365,41 @@ impl LocalMesh {
         Ok(path)
     }
 
+    /// The mesh as Kubernetes YAML (see `model::export_kubernetes`), written to
+    /// `<dir>/k8s/mesh.yaml` in one rename for `ambit-control --local-dir <dir>/k8s`;
+    /// returns the directory.
+    pub fn write_kubernetes(&self) -> Result<PathBuf, MeshError> {
+        let yaml = {
+            let state = self.state();
+            let pods: Vec<crate::model::ModelPod<'_>> = state
+                .pods
+                .values()
+                .flatten()
+                .map(|p| crate::model::ModelPod {
+                    pod: &p.pod,
+                    protocol: p.protocol,
+                })
+                .collect();
+            let services: Vec<(&Service, Vec<String>)> = state
+                .services
+                .values()
+                .map(|s| (&s.service, existing(&state, &s.endpoints)))
+                .collect();
+            crate::model::export_kubernetes(&pods, &services)
+        };
+        let dir = self.dir.join("k8s");
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |source| MeshError::Io { path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join("mesh.yaml");
+        let tmp = dir.join(".mesh.yaml.tmp");
+        fs::write(&tmp, yaml).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(dir)
+    }
+
     /// Starts `program` inside `netns` (a node's, a pod's or the fabric's) with `env`
     /// added to this process's environment. Its output goes to a log file under
     /// `<dir>/logs`. The returned handle stops it when dropped, and so does the mesh.

@@ -59,3 +59,107 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
         services,
     }
 }
+
+/// The same mesh as the Kubernetes objects a cluster would hold, multi-document YAML
+/// for `ambit-control --local-dir`: a Namespace per pod namespace, each Pod with the
+/// node and addresses the local mesh gave it (`spec.nodeName`, `status.podIPs`), and,
+/// for a pod the mesh enrolled, the ambient label and the redirection annotation the
+/// node agent sets once its traffic is captured; each Service with its VIP and an
+/// EndpointSlice naming the endpoints that exist.
+pub(crate) fn export_kubernetes(
+    pods: &[ModelPod<'_>],
+    services: &[(&Service, Vec<String>)],
+) -> String {
+    use std::collections::BTreeSet;
+
+    use serde_json::{json, Value};
+
+    let mut documents: Vec<Value> = Vec::new();
+    let namespaces: BTreeSet<&str> = pods
+        .iter()
+        .map(|p| p.pod.namespace())
+        .chain(services.iter().map(|(s, _)| s.namespace()))
+        .collect();
+    for namespace in namespaces {
+        documents.push(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        );
+    }
+    let mut by_uid = std::collections::BTreeMap::new();
+    for p in pods {
+        by_uid.insert(p.pod.uid(), p.pod);
+        let mut labels: serde_json::Map<String, Value> = p
+            .pod
+            .labels()
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let mut annotations = serde_json::Map::new();
+        if p.protocol == Protocol::Hbone {
+            labels.insert("istio.io/dataplane-mode".into(), "ambient".into());
+            annotations.insert("ambient.istio.io/redirection".into(), "enabled".into());
+        }
+        documents.push(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": p.pod.name(),
+                "namespace": p.pod.namespace(),
+                "labels": labels,
+                "annotations": annotations,
+            },
+            "spec": {
+                "nodeName": p.pod.node(),
+                "serviceAccountName": p.pod.service_account(),
+                "containers": [{"name": "app", "image": "localmesh-app"}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": p.pod.ip().to_string(),
+                "podIPs": [{"ip": p.pod.ip().to_string()}, {"ip": p.pod.ip6().to_string()}],
+            },
+        }));
+    }
+    for (service, endpoints) in services {
+        documents.push(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": service.name(), "namespace": service.namespace()},
+            "spec": {
+                "clusterIP": service.vip().to_string(),
+                "ports": service.ports().iter().map(|p| json!({
+                    "name": format!("p{}", p.port),
+                    "port": p.port,
+                    "targetPort": p.target_port,
+                })).collect::<Vec<_>>(),
+            },
+        }));
+        let listed: Vec<Value> = endpoints
+            .iter()
+            .filter_map(|uid| by_uid.get(uid))
+            .map(|pod| {
+                json!({
+                    "addresses": [pod.ip().to_string()],
+                    "conditions": {"ready": true},
+                    "targetRef": {"kind": "Pod", "name": pod.name(), "namespace": pod.namespace()},
+                })
+            })
+            .collect();
+        documents.push(json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-localmesh", service.name()),
+                "namespace": service.namespace(),
+                "labels": {"kubernetes.io/service-name": service.name()},
+            },
+            "addressType": "IPv4",
+            "endpoints": listed,
+        }));
+    }
+    documents
+        .iter()
+        .map(|d| serde_yaml_ng::to_string(d).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("---\n")
+}

@@ -1,5 +1,6 @@
 //! The local mesh demo (the README's first command, via `scripts/demo.sh`): a cluster
-//! of two nodes on this machine, with the real `ambit-ca` and one `ztunnel` per node,
+//! of two nodes on this machine, with the real `ambit-control` (fed the mesh as
+//! Kubernetes YAML; the model over delta xDS, and the CA) and one `ztunnel` per node,
 //! two pods enrolled in ambient mode, and HTTP traffic between them over HBONE. It keeps
 //! running, printing how to look inside, until Ctrl-C; then it tears everything down.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +15,7 @@ use support::{metric, pod, Harness};
 
 #[tokio::main]
 async fn main() {
-    println!("==> building a local mesh: 2 nodes, a CA, a ztunnel per node");
+    println!("==> building a local mesh: 2 nodes, the control plane, a ztunnel per node");
     let mesh = LocalMesh::builder().nodes(["node-a", "node-b"]).build().unwrap_or_else(|e| {
         eprintln!("local mesh: {e}\n(the local mesh needs root, iproute2, iptables, nftables and containernetworking-plugins)");
         std::process::exit(1)

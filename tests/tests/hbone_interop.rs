@@ -231,6 +231,9 @@ async fn a_python_h2_client_with_a_ca_certificate_speaks_hbone_to_ztunnel() {
     python(); // fail before building a mesh when the interpreter is missing
     let mesh = two_nodes();
     let server = pod(&mesh, "node-b", "shop", "server", "server");
+    // The Python client gets its certificate with node-a's agent token, as a pod
+    // running as shop/python on node-a would (node authorization).
+    let _python = pod(&mesh, "node-a", "shop", "python", "python");
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);
     let echo = h.serve(&server, &["echo", "--port", "8080"]);

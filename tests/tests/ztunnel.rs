@@ -121,12 +121,7 @@ async fn service_vip_traffic_reaches_every_endpoint() {
                 .endpoints([&web_a, &web_b]),
         )
         .unwrap();
-    h.mesh.write_model().unwrap();
-    for node in ["node-a", "node-b"] {
-        h.ztunnel(node)
-            .wait_for_log("model reloaded", DEADLINE)
-            .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
-    }
+    h.update_model().await;
 
     let to = web.addr(80).to_string();
     let mut seen = BTreeSet::new();
@@ -568,6 +563,9 @@ async fn a_destination_with_the_wrong_identity_is_refused_and_the_source_logs_wh
     let mesh = two_nodes();
     let client = pod(&mesh, "node-a", "shop", "client", "client");
     let server = pod(&mesh, "node-b", "shop", "server", "server");
+    // A pod running as shop/impostor on the server's node, so that node's agent may
+    // get that identity (node authorization).
+    let _impostor = pod(&mesh, "node-b", "shop", "impostor", "impostor");
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
     let h = Harness::start(mesh);

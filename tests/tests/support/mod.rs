@@ -62,11 +62,18 @@ impl Harness {
         }
         std::fs::write(dir.join("tokens.yaml"), tokens).unwrap();
         let ca_addr = format!("{}:15012", mesh.fabric_ip());
+        // The control plane in local mode: the mesh as Kubernetes YAML in, the model
+        // over delta xDS and the CA out, on one port.
+        let k8s = mesh.write_kubernetes().unwrap();
         let ca = mesh
             .spawn_in(
                 mesh.fabric(),
-                bin("ambit-ca"),
+                bin("ambit-control"),
                 [
+                    "--local-dir",
+                    k8s.to_str().unwrap(),
+                    "--poll",
+                    "100ms",
                     "--root-dir",
                     ca_dir.to_str().unwrap(),
                     "--listen",
@@ -78,7 +85,6 @@ impl Harness {
             )
             .unwrap();
         ca.wait_for_log("CA serving", DEADLINE).unwrap();
-        let model = mesh.write_model().unwrap();
         let mut ztunnels = Vec::new();
         for node in mesh.nodes() {
             let socket = dir.join(format!("{}.sock", node.name()));
@@ -89,10 +95,8 @@ impl Harness {
                     [
                         "--node",
                         node.name(),
-                        "--model-file",
-                        model.to_str().unwrap(),
-                        "--model-poll",
-                        "100ms",
+                        "--xds-address",
+                        &ca_addr,
                         "--ca-address",
                         &ca_addr,
                         "--ca-root",
@@ -121,6 +125,31 @@ impl Harness {
 
     fn socket(&self, node: &str) -> &PathBuf {
         &self.ztunnels.iter().find(|(n, _, _)| n == node).unwrap().2
+    }
+
+    /// Writes the mesh's current state for the control plane and waits until every
+    /// ztunnel has received a new model.
+    pub async fn update_model(&self) {
+        let count = |z: &Process| z.log().matches("model received over xDS").count();
+        let before: Vec<usize> = self.ztunnels.iter().map(|(_, z, _)| count(z)).collect();
+        self.mesh.write_kubernetes().unwrap();
+        eventually(
+            DEADLINE,
+            || async {
+                self.ztunnels
+                    .iter()
+                    .zip(&before)
+                    .all(|((_, z, _), b)| count(z) > *b)
+                    .then_some(())
+            },
+            || {
+                format!(
+                    "the ztunnels did not receive the new model\n{}",
+                    self.logs()
+                )
+            },
+        )
+        .await;
     }
 
     /// Every ztunnel's log (and the CA's), for failure messages.
