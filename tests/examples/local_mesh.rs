@@ -70,7 +70,7 @@ async fn main() {
         );
     }
     println!("  logs: {}/logs", m.dir().display());
-    println!("Ctrl-C to stop and tear everything down.");
-    let _ = tokio::signal::ctrl_c().await;
+    println!("Ctrl-C (or SIGTERM) to stop and tear everything down.");
+    ambit_net::process::shutdown_signal().await;
     println!("==> tearing down");
 }
