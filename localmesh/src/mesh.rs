@@ -322,6 +322,14 @@ impl LocalMesh {
         }
     }
 
+    /// How the model says `pod` is reached.
+    pub fn protocol(&self, pod: &Pod) -> Result<Protocol, MeshError> {
+        match self.state().pods.get(&pod.uid()) {
+            Some(Some(p)) => Ok(p.protocol),
+            _ => Err(MeshError::UnknownPod(pod.uid())),
+        }
+    }
+
     /// The mesh as Ambit's model: a workload per pod (uid `<namespace>/<name>`), a
     /// service per service with the endpoints that exist.
     pub fn model(&self) -> MeshConfig {

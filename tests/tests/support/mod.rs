@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ambit_localmesh::{target_binary, Completed, LocalMesh, Pod, PodSpec, Process};
+use ambit_localmesh::{target_binary, Completed, LocalMesh, Pod, PodSpec, Process, Protocol};
 use ambit_net::handoff::HandoffClient;
 use ambit_net::netns::NetnsHandle;
 use ambit_net::redirect::{self, RedirectConfig};
@@ -193,6 +193,12 @@ impl Harness {
             .add(&pod.uid(), info, ns.as_fd())
             .await
             .unwrap_or_else(|e| panic!("enrolling {}: {e}\n{}", pod.name(), self.logs()));
+        // Its traffic is captured and ztunnel serves it: report the redirection, as the
+        // node agent will, so the control plane advertises it as HBONE from now on.
+        if self.mesh.protocol(pod).unwrap() != Protocol::Hbone {
+            self.mesh.set_protocol(pod, Protocol::Hbone).unwrap();
+            self.update_model().await;
+        }
     }
 
     /// Takes `pod` away from its ztunnel (`DelWorkload`), leaving its redirect rules.
