@@ -158,6 +158,19 @@ async fn service_vip_traffic_reaches_every_endpoint() {
         .wait_for_log("outbound HBONE tunnel opened", DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     assert!(outbound.contains("15008"), "{outbound}");
+
+    // web-b leaves the service's endpoints (its EndpointSlice changes): once the model
+    // has reached the ztunnels, only web-a answers.
+    h.mesh.set_endpoints(&web, [&web_a]).unwrap();
+    h.update_model().await;
+    let out = h.run_app(&client, &["get", "--to", &to, "--count", "10"], DEADLINE);
+    assert!(out.status.success(), "GET {to} failed: {}", out.log);
+    let answered: BTreeSet<&str> = out
+        .log
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pod=")))
+        .collect();
+    assert_eq!(answered, BTreeSet::from(["web-a"]), "{}", out.log);
 }
 
 #[tokio::test(flavor = "multi_thread")]
