@@ -38,6 +38,8 @@ pub async fn run(
     source.step();
     let poll = config.poll;
     let watcher = tokio::spawn(async move {
+        // Owns the snapshot sender: when it goes, every xDS stream ends, which lets the
+        // server's graceful shutdown finish (a ztunnel's stream never ends by itself).
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
@@ -56,7 +58,13 @@ pub async fn run(
             )));
         },
         on_listening,
-        shutdown,
+        {
+            let watcher = watcher.abort_handle();
+            async move {
+                shutdown.await;
+                watcher.abort();
+            }
+        },
     )
     .await;
     watcher.abort();

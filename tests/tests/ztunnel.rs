@@ -463,6 +463,37 @@ async fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
     }
 }
 
+/// The control plane going away takes nothing down: open connections keep flowing,
+/// and new ones are made with the model and certificates the ztunnels already hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_control_plane_down_traffic_flows_on_the_last_model() {
+    let (h, client, server) = client_server("node-a", "node-b");
+    let _echo = h.serve(&server, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+    let app = NetnsHandle::from_path(client.netns().path()).unwrap();
+    let unmarked = ConnectOpts {
+        mark: None,
+        ..ConnectOpts::default()
+    };
+    let mut open = app.connect(server.addr(8080), unmarked).await.unwrap();
+    round_trip(&mut open, b"before").await;
+
+    // It exits on SIGTERM even with ztunnels subscribed: their streams end with it.
+    let stopped = h.control().stop().unwrap();
+    assert!(
+        stopped.success(),
+        "ambit-control did not exit cleanly: {stopped:?}"
+    );
+    for node in ["node-a", "node-b"] {
+        h.ztunnel(node)
+            .wait_for_log("reconnecting", DEADLINE)
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    }
+    round_trip(&mut open, b"with the control plane down").await;
+    h.send_ok(&client, server.addr(8080), 100_000, 3);
+}
+
 /// Writes `data` to an echoed connection and reads it back.
 async fn round_trip(stream: &mut tokio::net::TcpStream, data: &[u8]) {
     stream.write_all(data).await.unwrap();

@@ -152,6 +152,11 @@ impl Harness {
         .await;
     }
 
+    /// The control plane (`ambit-control`: xDS and the CA).
+    pub fn control(&self) -> &Process {
+        &self.ca
+    }
+
     /// Every ztunnel's log (and the CA's), for failure messages.
     pub fn logs(&self) -> String {
         let mut out = format!("--- {} ---\n{}\n", self.ca.label(), self.ca.log());
