@@ -98,7 +98,10 @@ async fn a_client_follows_the_model_rejects_what_it_cannot_use_and_resyncs_after
     client_config.token = Some(TOKEN.into());
     let client = XdsClient::new(client_config, model_tx);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    // Counts the client's connection attempts, to see it retry.
+    let (attempts_tx, mut attempts) = watch::channel(0usize);
     let client = tokio::spawn(client.run(move || {
+        attempts_tx.send_modify(|n| *n += 1);
         let endpoint = endpoint.clone();
         async move { endpoint.connect().await }
     }));
@@ -135,7 +138,11 @@ async fn a_client_follows_the_model_rejects_what_it_cannot_use_and_resyncs_after
     server.abort();
     let _ = server.await;
     drop(snapshots);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let connected = *attempts.borrow_and_update();
+    let retried = tokio::time::timeout(DEADLINE, attempts.wait_for(|n| *n >= connected + 2))
+        .await
+        .is_ok();
+    assert!(retried, "the client did not try to reconnect");
     assert_eq!(**model.borrow(), v3);
 
     // A new server with a newer model: the client reconnects and catches up.

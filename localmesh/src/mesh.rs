@@ -333,6 +333,43 @@ impl LocalMesh {
     /// The mesh as Ambit's model: a workload per pod (uid `<namespace>/<name>`), a
     /// service per service with the endpoints that exist.
     pub fn model(&self) -> MeshConfig {
+        self.export(crate::model::export)
+    }
+
+    /// [`model`](Self::model) as YAML.
+    pub fn model_yaml(&self) -> Result<String, MeshError> {
+        serde_yaml_ng::to_string(&self.model()).map_err(|e| MeshError::Model(e.to_string()))
+    }
+
+    /// Writes the model to `<dir>/model.yaml` and returns the path.
+    pub fn write_model(&self) -> Result<PathBuf, MeshError> {
+        let path = self.dir.join("model.yaml");
+        write_replacing(&path, &self.model_yaml()?)?;
+        Ok(path)
+    }
+
+    /// The mesh as Kubernetes YAML (see `model::export_kubernetes`), written to
+    /// `<dir>/k8s/mesh.yaml` for `ambit-control --local-dir <dir>/k8s`; returns the
+    /// directory.
+    pub fn write_kubernetes(&self) -> Result<PathBuf, MeshError> {
+        let dir = self.dir.join("k8s");
+        fs::create_dir_all(&dir).map_err(|source| MeshError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        write_replacing(
+            &dir.join("mesh.yaml"),
+            &self.export(crate::model::export_kubernetes),
+        )?;
+        Ok(dir)
+    }
+
+    /// `export` applied to the pods that exist and the services with the endpoints
+    /// that exist, under the state lock.
+    fn export<R>(
+        &self,
+        export: impl FnOnce(&[crate::model::ModelPod<'_>], &[(&Service, Vec<String>)]) -> R,
+    ) -> R {
         let state = self.state();
         let pods: Vec<crate::model::ModelPod<'_>> = state
             .pods
@@ -348,64 +385,7 @@ impl LocalMesh {
             .values()
             .map(|s| (&s.service, existing(&state, &s.endpoints)))
             .collect();
-        crate::model::export(&pods, &services)
-    }
-
-    /// [`model`](Self::model) as YAML.
-    pub fn model_yaml(&self) -> Result<String, MeshError> {
-        serde_yaml_ng::to_string(&self.model()).map_err(|e| MeshError::Model(e.to_string()))
-    }
-
-    /// Writes the model to `<dir>/model.yaml` (replacing it in one rename, so a
-    /// reader watching it never sees half a file) and returns the path.
-    pub fn write_model(&self) -> Result<PathBuf, MeshError> {
-        let yaml = self.model_yaml()?;
-        let path = self.dir.join("model.yaml");
-        let tmp = self.dir.join(".model.yaml.tmp");
-        fs::write(&tmp, yaml).map_err(|source| MeshError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        fs::rename(&tmp, &path).map_err(|source| MeshError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(path)
-    }
-
-    /// The mesh as Kubernetes YAML (see `model::export_kubernetes`), written to
-    /// `<dir>/k8s/mesh.yaml` in one rename for `ambit-control --local-dir <dir>/k8s`;
-    /// returns the directory.
-    pub fn write_kubernetes(&self) -> Result<PathBuf, MeshError> {
-        let yaml = {
-            let state = self.state();
-            let pods: Vec<crate::model::ModelPod<'_>> = state
-                .pods
-                .values()
-                .flatten()
-                .map(|p| crate::model::ModelPod {
-                    pod: &p.pod,
-                    protocol: p.protocol,
-                })
-                .collect();
-            let services: Vec<(&Service, Vec<String>)> = state
-                .services
-                .values()
-                .map(|s| (&s.service, existing(&state, &s.endpoints)))
-                .collect();
-            crate::model::export_kubernetes(&pods, &services)
-        };
-        let dir = self.dir.join("k8s");
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| MeshError::Io { path, source }
-        };
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join("mesh.yaml");
-        let tmp = dir.join(".mesh.yaml.tmp");
-        fs::write(&tmp, yaml).map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        Ok(dir)
+        export(&pods, &services)
     }
 
     /// Starts `program` inside `netns` (a node's, a pod's or the fabric's) with `env`
@@ -803,4 +783,17 @@ fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R>
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// Writes `text` to `path` through a temporary file and one rename, so a reader
+/// watching `path` never sees half a file.
+fn write_replacing(path: &Path, text: &str) -> Result<(), MeshError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| MeshError::Io { path, source }
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    fs::write(&tmp, text).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
 }

@@ -540,17 +540,20 @@ impl Network {
     }
 }
 
-/// Waits (up to a few seconds) until `port` can be bound again in `netns`.
+/// Polls, with a deadline, until `port` can be bound again in `netns`.
 fn wait_until_port_is_free(netns: &Netns, port: std::net::SocketAddr) {
     let free = netns.enter(move || {
-        for _ in 0..300 {
+        let deadline = std::time::Instant::now() + support::CONNECTED;
+        loop {
             let socket = Socket::new(Domain::for_address(port), Type::STREAM, None).unwrap();
             if socket.bind(&port.into()).is_ok() {
                 return true;
             }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        false
     });
     assert!(free, "{port} still in use");
 }

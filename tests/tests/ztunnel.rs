@@ -401,16 +401,7 @@ async fn removing_a_pod_closes_its_listeners() {
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     // The rules still capture the client's traffic for 15001, where nothing listens:
     // refused, in plaintext least of all.
-    let to = server.addr(8080).to_string();
-    let out = h.run_app(&client, &["send", "--to", &to, "--bytes", "1000"], DEADLINE);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a removed pod still reached {to}: {}\n{}",
-        out.log,
-        h.logs()
-    );
-    assert!(out.log.contains("refused"), "{}", out.log);
+    assert_refused(&h, &client, server.addr(8080));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -421,13 +412,7 @@ async fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
     let _echo = h.serve(&server, &["echo", "--port", "8080"]);
     h.enrol(&client).await;
     h.enrol(&server).await;
-    // A connection as the client's app makes it: unmarked, so captured.
-    let app = NetnsHandle::from_path(client.netns().path()).unwrap();
-    let unmarked = ConnectOpts {
-        mark: None,
-        ..ConnectOpts::default()
-    };
-    let mut open = app.connect(server.addr(8080), unmarked).await.unwrap();
+    let mut open = captured_connection(&client, server.addr(8080)).await;
     round_trip(&mut open, b"before").await;
 
     let (source, destination) = (h.ztunnel("node-a"), h.ztunnel("node-b"));
@@ -441,10 +426,7 @@ async fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
     round_trip(&mut open, b"during the drain").await;
     // ...while a new one is refused: the pod's outbound listener is gone, and its
     // traffic is still captured, so it fails closed.
-    let to = server.addr(8080).to_string();
-    let refused = h.run_app(&client, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
-    assert_eq!(refused.status.code(), Some(2), "{}", refused.log);
-    assert!(refused.log.contains("refused"), "{}", refused.log);
+    assert_refused(&h, &client, server.addr(8080));
     for z in [source, destination] {
         assert!(z.try_wait().unwrap().is_none(), "{}", h.logs());
     }
@@ -471,12 +453,7 @@ async fn with_the_control_plane_down_traffic_flows_on_the_last_model() {
     let _echo = h.serve(&server, &["echo", "--port", "8080"]);
     h.enrol(&client).await;
     h.enrol(&server).await;
-    let app = NetnsHandle::from_path(client.netns().path()).unwrap();
-    let unmarked = ConnectOpts {
-        mark: None,
-        ..ConnectOpts::default()
-    };
-    let mut open = app.connect(server.addr(8080), unmarked).await.unwrap();
+    let mut open = captured_connection(&client, server.addr(8080)).await;
     round_trip(&mut open, b"before").await;
 
     // It exits on SIGTERM even with ztunnels subscribed: their streams end with it.
@@ -492,6 +469,30 @@ async fn with_the_control_plane_down_traffic_flows_on_the_last_model() {
     }
     round_trip(&mut open, b"with the control plane down").await;
     h.send_ok(&client, server.addr(8080), 100_000, 3);
+}
+
+/// A connection from `pod` to `to` as its app makes it: unmarked, so captured.
+async fn captured_connection(pod: &Pod, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let app = NetnsHandle::from_path(pod.netns().path()).unwrap();
+    let unmarked = ConnectOpts {
+        mark: None,
+        ..ConnectOpts::default()
+    };
+    app.connect(to, unmarked).await.unwrap()
+}
+
+/// A new connection from `pod`'s app to `to` is refused (the test app exits 2).
+fn assert_refused(h: &Harness, pod: &Pod, to: std::net::SocketAddr) {
+    let to = to.to_string();
+    let out = h.run_app(pod, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a connection to {to} was not refused: {}\n{}",
+        out.log,
+        h.logs()
+    );
+    assert!(out.log.contains("refused"), "{}", out.log);
 }
 
 /// Writes `data` to an echoed connection and reads it back.

@@ -384,6 +384,20 @@ mod tests {
         )
     }
 
+    /// `input` less the jumps into our chains (already there when reinstalling).
+    fn without_jumps(input: &str) -> String {
+        input
+            .lines()
+            .filter(|l| {
+                !matches!(
+                    *l,
+                    "-A PREROUTING -j AMBIT_PRERT" | "-A OUTPUT -j AMBIT_OUTPUT"
+                )
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     const IPV4_CAPTURE: &str = "\
 *mangle
 :AMBIT_PRERT - [0:0]
@@ -559,17 +573,7 @@ COMMIT
         let config = config(&["192.0.2.1"], Ipv6Mode::Capture);
         let current = NetfilterState::parse(SAVED_IPV4_CAPTURE);
         let input = install(IpFamily::V4, &config, &current);
-        let expected: String = IPV4_CAPTURE
-            .lines()
-            .filter(|l| {
-                !matches!(
-                    *l,
-                    "-A PREROUTING -j AMBIT_PRERT" | "-A OUTPUT -j AMBIT_OUTPUT"
-                )
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        assert_eq!(input, expected);
+        assert_eq!(input, without_jumps(IPV4_CAPTURE));
     }
 
     #[test]
@@ -604,16 +608,7 @@ COMMIT
         let config = config(&["192.0.2.1"], Ipv6Mode::Capture);
         let current = NetfilterState::parse(SAVED_REDIRECT_ERA);
         let input = install(IpFamily::V4, &config, &current);
-        let mangle: String = IPV4_CAPTURE
-            .lines()
-            .filter(|l| {
-                !matches!(
-                    *l,
-                    "-A PREROUTING -j AMBIT_PRERT" | "-A OUTPUT -j AMBIT_OUTPUT"
-                )
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let mangle = without_jumps(IPV4_CAPTURE);
         let nat =
             "*nat\n-D OUTPUT -j AMBIT_OUTPUT\n:AMBIT_OUTPUT - [0:0]\n-X AMBIT_OUTPUT\nCOMMIT\n";
         assert_eq!(input, format!("{mangle}{nat}"));

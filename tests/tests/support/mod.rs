@@ -1,5 +1,7 @@
-//! The end-to-end harness: a local mesh with the real `ambit-ca` and one real `ztunnel`
-//! per node, and the node agent's part (redirect rules + hand-off) played by the test.
+//! The end-to-end harness: a local mesh with the real `ambit-control` (fed the mesh as
+//! Kubernetes YAML; the model over delta xDS, and the CA) and one real `ztunnel` per
+//! node, and the node agent's part (redirect rules, hand-off, redirection report)
+//! played by the test.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -16,13 +18,13 @@ use ambit_proto::handoff::WorkloadInfo;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A mesh with a CA and one ztunnel per node, ready to enrol pods.
 /// ztunnel's log filter in tests, which read its per-connection debug lines.
 pub const TEST_LOG: &str = "info,ambit_ztunnel=debug";
 
+/// A mesh with the control plane and one ztunnel per node, ready to enrol pods.
 pub struct Harness {
     pub mesh: LocalMesh,
-    ca: Process,
+    control: Process,
     ztunnels: Vec<(String, Process, PathBuf)>,
 }
 
@@ -61,30 +63,9 @@ impl Harness {
             ));
         }
         std::fs::write(dir.join("tokens.yaml"), tokens).unwrap();
-        let ca_addr = format!("{}:15012", mesh.fabric_ip());
-        // The control plane in local mode: the mesh as Kubernetes YAML in, the model
-        // over delta xDS and the CA out, on one port.
-        let k8s = mesh.write_kubernetes().unwrap();
-        let ca = mesh
-            .spawn_in(
-                mesh.fabric(),
-                bin("ambit-control"),
-                [
-                    "--local-dir",
-                    k8s.to_str().unwrap(),
-                    "--poll",
-                    "100ms",
-                    "--root-dir",
-                    ca_dir.to_str().unwrap(),
-                    "--listen",
-                    &ca_addr,
-                    "--tokens",
-                    dir.join("tokens.yaml").to_str().unwrap(),
-                ],
-                &[],
-            )
-            .unwrap();
-        ca.wait_for_log("CA serving", DEADLINE).unwrap();
+        let ca_addr = control_address(&mesh);
+        mesh.write_kubernetes().unwrap();
+        let control = start_control(&mesh);
         let mut ztunnels = Vec::new();
         for node in mesh.nodes() {
             let socket = dir.join(format!("{}.sock", node.name()));
@@ -116,7 +97,27 @@ impl Harness {
             z.wait_for_log("ztunnel ready", DEADLINE).unwrap();
             ztunnels.push((node.name().to_string(), z, socket));
         }
-        Harness { mesh, ca, ztunnels }
+        Harness {
+            mesh,
+            control,
+            ztunnels,
+        }
+    }
+
+    /// The control plane (`ambit-control`: xDS and the CA).
+    pub fn control(&self) -> &Process {
+        &self.control
+    }
+
+    /// Starts the control plane again (after [`Process::stop`]), on the same
+    /// directory, root and port.
+    pub fn restart_control(&mut self) {
+        self.control = start_control(&self.mesh);
+    }
+
+    /// The directory of Kubernetes YAML the control plane reads; tests may add files.
+    pub fn k8s_dir(&self) -> PathBuf {
+        self.mesh.dir().join("k8s")
     }
 
     pub fn ztunnel(&self, node: &str) -> &Process {
@@ -152,14 +153,9 @@ impl Harness {
         .await;
     }
 
-    /// The control plane (`ambit-control`: xDS and the CA).
-    pub fn control(&self) -> &Process {
-        &self.ca
-    }
-
     /// Every ztunnel's log (and the CA's), for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = format!("--- {} ---\n{}\n", self.ca.label(), self.ca.log());
+        let mut out = format!("--- {} ---\n{}\n", self.control.label(), self.control.log());
         for (node, z, _) in &self.ztunnels {
             out.push_str(&format!("--- ztunnel on {node} ---\n{}\n", z.log()));
         }
@@ -259,18 +255,32 @@ impl Harness {
 
     /// The ztunnel of `node`'s Prometheus text, fetched from inside the node.
     pub async fn metrics(&self, node: &str) -> String {
+        self.get(node, 15020, "/metrics").await
+    }
+
+    /// The ztunnel of `node`'s `/config_dump`, fetched from inside the node.
+    pub async fn config_dump(&self, node: &str) -> String {
+        self.get(node, 15000, "/config_dump").await
+    }
+
+    /// `GET path` from ztunnel's endpoint on `port` of `node`'s loopback: the whole
+    /// response, head and body.
+    async fn get(&self, node: &str, port: u16, path: &'static str) -> String {
         let ns = NetnsHandle::from_path(self.mesh.node(node).unwrap().netns().path()).unwrap();
-        ns.run(|| {
-            let addr: SocketAddr = "127.0.0.1:15020".parse().unwrap();
+        ns.run(move || {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)
         })
         .await
-        .unwrap_or_else(|e| panic!("metrics of {node}: {e}\n{}", self.logs()))
+        .unwrap_or_else(|e| panic!("{path} of {node}: {e}\n{}", self.logs()))
     }
 }
 
@@ -323,4 +333,39 @@ pub fn two_nodes() -> LocalMesh {
 pub fn pod(mesh: &LocalMesh, node: &str, namespace: &str, name: &str, sa: &str) -> Pod {
     mesh.add_pod(node, PodSpec::new(namespace, name).service_account(sa))
         .unwrap()
+}
+
+/// Where the control plane listens: the fabric's address, reachable from every node.
+fn control_address(mesh: &LocalMesh) -> String {
+    format!("{}:15012", mesh.fabric_ip())
+}
+
+/// `ambit-control` in local mode in the fabric namespace: the mesh's `k8s/` directory
+/// in, the model over delta xDS and the CA (root in `ca/`, the nodes' tokens) out, on
+/// one port.
+fn start_control(mesh: &LocalMesh) -> Process {
+    let dir = mesh.dir();
+    let control = mesh
+        .spawn_in(
+            mesh.fabric(),
+            bin("ambit-control"),
+            [
+                "--local-dir",
+                dir.join("k8s").to_str().unwrap(),
+                "--poll",
+                "100ms",
+                "--root-dir",
+                dir.join("ca").to_str().unwrap(),
+                "--listen",
+                &control_address(mesh),
+                "--tokens",
+                dir.join("tokens.yaml").to_str().unwrap(),
+            ],
+            &[],
+        )
+        .unwrap();
+    control
+        .wait_for_log("CA serving", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", control.log()));
+    control
 }
