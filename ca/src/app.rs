@@ -12,7 +12,7 @@ use crate::authority::CertificateAuthority;
 use crate::config::Config;
 use crate::server;
 use crate::service::CaService;
-use crate::store::{DirectoryStore, RootStore};
+use crate::store::{CaMaterial, DirectoryStore, RootStore};
 use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
 /// Loads the CA from `store`, generating and saving a root when it holds none.
@@ -21,17 +21,6 @@ pub fn load_or_create(
     config: &Config,
     now: SystemTime,
 ) -> anyhow::Result<CertificateAuthority> {
-    let limits = ValidityLimits {
-        default_ttl: config.default_ttl,
-        max_ttl: config.max_ttl,
-        ..ValidityLimits::default()
-    };
-    anyhow::ensure!(
-        config.default_ttl <= config.max_ttl,
-        "--default-ttl {:?} exceeds --max-ttl {:?}",
-        config.default_ttl,
-        config.max_ttl
-    );
     let material = match store.load()? {
         Some(m) => {
             tracing::info!(location = %store.location(), "loaded CA material");
@@ -44,8 +33,40 @@ pub fn load_or_create(
             m
         }
     };
-    CertificateAuthority::from_material(&material, config.trust_domain.clone(), limits, now)
-        .with_context(|| format!("CA material in {} is unusable", store.location()))
+    authority(&material, config, &store.location(), now)
+}
+
+/// The CA signing with `material` (found at `location`, for errors), with the
+/// configured certificate lifetimes.
+pub fn authority(
+    material: &CaMaterial,
+    config: &Config,
+    location: &str,
+    now: SystemTime,
+) -> anyhow::Result<CertificateAuthority> {
+    anyhow::ensure!(
+        config.default_ttl <= config.max_ttl,
+        "--default-ttl {:?} exceeds --max-ttl {:?}",
+        config.default_ttl,
+        config.max_ttl
+    );
+    let limits = ValidityLimits {
+        default_ttl: config.default_ttl,
+        max_ttl: config.max_ttl,
+        ..ValidityLimits::default()
+    };
+    CertificateAuthority::from_material(material, config.trust_domain.clone(), limits, now)
+        .with_context(|| format!("CA material in {location} is unusable"))
+}
+
+/// The static-token authenticator of `--tokens`, if given.
+pub fn token_authenticator(config: &Config) -> anyhow::Result<Option<Arc<dyn Authenticator>>> {
+    let Some(path) = &config.tokens else {
+        return Ok(None);
+    };
+    let tokens = TokenAuthenticator::from_file(path)?;
+    tracing::info!(path = %path.display(), tokens = tokens.len(), "loaded bearer tokens");
+    Ok(Some(Arc::new(tokens)))
 }
 
 /// Runs the CA until `shutdown` completes. `on_listening` gets the bound address
@@ -68,7 +89,11 @@ pub async fn run_with(
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let store = DirectoryStore::new(&config.root_dir);
+    let root_dir = config
+        .root_dir
+        .as_ref()
+        .context("--root-dir is required: the directory holding the CA's material")?;
+    let store = DirectoryStore::new(root_dir);
     let mut ca = load_or_create(&store, &config, SystemTime::now())?;
     match placement {
         Some(placement) => ca = ca.with_placement(placement),
@@ -76,16 +101,29 @@ pub async fn run_with(
             "no workload placement: node agents may request any identity in the trust domain"
         ),
     }
-    let ca = Arc::new(ca);
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
-    if let Some(path) = &config.tokens {
-        let tokens = TokenAuthenticator::from_file(path)?;
-        tracing::info!(path = %path.display(), tokens = tokens.len(), "loaded bearer tokens");
-        authenticators.push(Arc::new(tokens));
-    } else {
-        tracing::warn!("no --tokens file: only callers holding a mesh certificate can be served");
+    match token_authenticator(&config)? {
+        Some(tokens) => authenticators.push(tokens),
+        None => tracing::warn!(
+            "no --tokens file: only callers holding a mesh certificate can be served"
+        ),
     }
     authenticators.push(Arc::new(PeerCertificateAuthenticator));
+    serve(config, ca, authenticators, add, on_listening, shutdown).await
+}
+
+/// Serves `ca` on `config.listen` until `shutdown` completes, its callers authenticated
+/// by `authenticators` (tried in order), with more gRPC services from `add` on the same
+/// port (see [`run_with`]).
+pub async fn serve(
+    config: Config,
+    ca: CertificateAuthority,
+    authenticators: Vec<Arc<dyn Authenticator>>,
+    add: impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder),
+    on_listening: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let ca = Arc::new(ca);
     let identity = config.control_identity()?;
     let listener = TcpListener::bind(config.listen)
         .await

@@ -17,8 +17,10 @@ pub struct Config {
     /// Directory holding the CA material with Istio's file names (ca-cert.pem,
     /// ca-key.pem, cert-chain.pem, root-cert.pem). A self-signed root is generated
     /// there on first start; put a plug-in intermediate there to use it instead.
+    /// Required by `ambit-ca` and by `ambit-control` in local mode; in a cluster the
+    /// material lives in a Secret instead.
     #[arg(long, env = "AMBIT_CA_ROOT_DIR")]
-    pub root_dir: PathBuf,
+    pub root_dir: Option<PathBuf>,
 
     /// Address to serve gRPC over TLS on.
     #[arg(long, env = "AMBIT_CA_LISTEN", default_value = "0.0.0.0:15012")]

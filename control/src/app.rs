@@ -1,38 +1,157 @@
-//! Wires `ambit-control` in local mode: the directory source, the translation and the
-//! xDS server, on the CA's port.
+//! Wires `ambit-control`: a source (the Kubernetes API, or a local directory), the
+//! translation, and the xDS server on the CA's port.
 
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use ambit_core::model::MeshConfig;
+use ambit_ca::auth::{Authenticator, PeerCertificateAuthenticator};
 use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::kubernetes::KubernetesSource;
 use crate::placement::Placements;
-use crate::translate::translate;
+use crate::publish::Publisher;
+use crate::token_review::TokenReviewAuthenticator;
 use crate::xds::{Snapshot, XdsServer};
 
-/// Runs until `shutdown` completes. `on_listening` gets the bound address.
+/// Runs until `shutdown` completes: in local mode with `--local-dir`, else against the
+/// cluster `kube::Config::infer` finds. `on_listening` gets the bound address.
 pub async fn run(
     config: Config,
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    match config.local_dir.clone() {
+        Some(dir) => run_local(config, &dir, on_listening, shutdown).await,
+        None => {
+            let kube_config = kube::Config::infer()
+                .await
+                .context("no Kubernetes configuration (in-cluster, $KUBECONFIG or ~/.kube/config); pass --local-dir for local mode")?;
+            tracing::info!(api_server = %kube_config.cluster_url, "watching the cluster");
+            let client =
+                kube::Client::try_from(kube_config).context("cannot build a Kubernetes client")?;
+            run_kubernetes(config, client, on_listening, shutdown).await
+        }
+    }
+}
+
+/// Runs against the cluster behind `client`: its objects in, the CA's root in a Secret,
+/// callers authenticated with TokenReview.
+pub async fn run_kubernetes(
+    config: Config,
+    client: kube::Client,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
+    let mut publisher = Publisher::new(placements.clone(), snapshots);
+    let source = KubernetesSource::start(client.clone());
+    let store = source.store().clone();
+    // Nothing is served before every kind is listed: an empty model would withdraw
+    // every workload from the ztunnels, an empty placement refuse every node agent.
+    tokio::select! {
+        _ = store.wait_synced() => {}
+        _ = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                tracing::warn!(waiting_for = ?store.unsynced(), "still listing the cluster's objects");
+            }
+        } => {}
+    }
+    let (namespaces, namespaces_rx) = watch::channel(BTreeSet::new());
+    let resources = store.snapshot();
+    namespaces.send_replace(resources.namespaces.keys().cloned().collect());
+    publisher.publish(&resources, Vec::new(), "cluster");
+
+    let (material, location) = crate::cluster_ca::load_or_create(
+        client.clone(),
+        &config.ca.system_namespace,
+        &config.ca.trust_domain,
+        SystemTime::now(),
+    )
+    .await?;
+    let now = SystemTime::now();
+    let ca =
+        ambit_ca::app::authority(&material, &config.ca, &location, now)?.with_placement(placements);
+    let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
+    authenticators.push(Arc::new(TokenReviewAuthenticator::new(
+        client.clone(),
+        config.ca.trust_domain.clone(),
+        config.node_agent_accounts(),
+        store.clone(),
+    )));
+    if let Some(tokens) = ambit_ca::app::token_authenticator(&config.ca)? {
+        authenticators.insert(0, tokens);
+    }
+    authenticators.push(Arc::new(PeerCertificateAuthenticator));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::cluster_ca::publish_root(
+        client,
+        material.root_cert_pem.clone(),
+        namespaces_rx,
+    ));
+    // Owns the snapshot sender: when it goes, every xDS stream ends (see run_local).
+    tasks.spawn(async move {
+        let _source = source;
+        loop {
+            store.next_change().await;
+            let resources = store.snapshot();
+            namespaces.send_if_modified(|current| {
+                let next: BTreeSet<String> = resources.namespaces.keys().cloned().collect();
+                let changed = *current != next;
+                *current = next;
+                changed
+            });
+            publisher.publish(&resources, Vec::new(), "cluster");
+        }
+    });
+    let abort = tasks.spawn(std::future::pending());
+    let result = ambit_ca::app::serve(
+        config.ca,
+        ca,
+        authenticators,
+        |authenticators, routes| {
+            routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
+                snapshots_rx,
+                authenticators.to_vec(),
+            )));
+        },
+        on_listening,
+        async move {
+            shutdown.await;
+            abort.abort();
+        },
+    )
+    .await;
+    tasks.abort_all();
+    result
+}
+
+/// Runs in local mode on the directory `dir`: the CA's material in `--root-dir`,
+/// callers authenticated by the `--tokens` file.
+pub async fn run_local(
+    config: Config,
+    dir: &Path,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
-        config.local_dir.is_dir(),
+        dir.is_dir(),
         "--local-dir {}: not a directory",
-        config.local_dir.display()
+        dir.display()
     );
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
     let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
     let mut source = LocalSource {
-        directory: Directory::new(&config.local_dir),
-        placements: placements.clone(),
-        snapshots,
-        model: None,
-        reported: Vec::new(),
-        version: 0,
+        directory: Directory::new(dir),
+        publisher: Publisher::new(placements.clone(), snapshots),
     };
     // The first read before serving: the CA authorizes node agents against its pods.
     source.step();
@@ -74,46 +193,21 @@ pub async fn run(
 /// The directory source's state between reads.
 struct LocalSource {
     directory: Directory,
-    placements: Arc<Placements>,
-    snapshots: watch::Sender<Arc<Snapshot>>,
-    model: Option<MeshConfig>,
-    /// Problems already logged, so each is logged once, when it appears.
-    reported: Vec<String>,
-    version: u64,
+    publisher: Publisher,
 }
 
 impl LocalSource {
-    /// Reads the directory, updates the placements, and publishes a snapshot if the
-    /// model changed.
+    /// Reads the directory and publishes what changed.
     fn step(&mut self) {
-        let mut problems = Vec::new();
-        match self.directory.reload() {
-            Ok(errors) => problems.extend(
-                errors
-                    .iter()
-                    .map(|e| format!("{e}; keeping the file's last good content")),
-            ),
-            Err(e) => problems.push(format!("{e}; keeping the last model")),
-        }
+        let problems = match self.directory.reload() {
+            Ok(errors) => errors
+                .iter()
+                .map(|e| format!("{e}; keeping the file's last good content"))
+                .collect(),
+            Err(e) => vec![format!("{e}; keeping the last model")],
+        };
         let resources = self.directory.resources();
-        self.placements.update(&resources);
-        let translation = translate(&resources);
-        problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
-        for problem in problems.iter().filter(|p| !self.reported.contains(p)) {
-            tracing::warn!(%problem, dir = %self.directory, "local source");
-        }
-        self.reported = problems;
-        if self.model.as_ref() != Some(&translation.config) {
-            self.version += 1;
-            tracing::info!(
-                version = self.version,
-                workloads = translation.config.workloads.len(),
-                services = translation.config.services.len(),
-                "model changed"
-            );
-            self.snapshots
-                .send_replace(Arc::new(Snapshot::new(self.version, &translation.config)));
-            self.model = Some(translation.config);
-        }
+        self.publisher
+            .publish(&resources, problems, &self.directory.to_string());
     }
 }

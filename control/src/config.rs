@@ -10,13 +10,22 @@ use clap::Parser;
 #[command(
     name = "ambit-control",
     version,
-    about = "Ambit's control plane in local mode: a directory of Kubernetes YAML in, delta xDS to ztunnels and the CA out, on one port"
+    about = "Ambit's control plane: the cluster (or, in local mode, a directory of Kubernetes YAML) in, delta xDS to ztunnels and the CA out, on one port"
 )]
 pub struct Config {
-    /// Directory of Kubernetes YAML (Namespaces, Pods with status.podIP and
-    /// spec.nodeName, Services, EndpointSlices), re-read when it changes.
+    /// Local mode: a directory of Kubernetes YAML (Namespaces, Pods with status.podIP
+    /// and spec.nodeName, Services, EndpointSlices), re-read when it changes, instead
+    /// of a cluster. Without it, the control plane watches the Kubernetes API (in-cluster
+    /// configuration, or $KUBECONFIG / ~/.kube/config) and keeps the CA's root in a
+    /// Secret in --system-namespace.
     #[arg(long, env = "AMBIT_LOCAL_DIR")]
-    pub local_dir: PathBuf,
+    pub local_dir: Option<PathBuf>,
+
+    /// Service accounts (`namespace/name`) of the node agents trusted to request
+    /// certificates for the pods on their own node, in a cluster. Default:
+    /// `<system-namespace>/ztunnel`.
+    #[arg(long = "node-agent", env = "AMBIT_NODE_AGENTS", value_delimiter = ',', value_parser = parse_account)]
+    pub node_agents: Vec<(String, String)>,
 
     /// How often the directory is read for changes.
     #[arg(long, env = "AMBIT_LOCAL_POLL", default_value = "200ms", value_parser = parse_poll)]
@@ -25,6 +34,29 @@ pub struct Config {
     /// The CA, which serves on the same port (`--listen`, default 0.0.0.0:15012).
     #[command(flatten)]
     pub ca: ambit_ca::config::Config,
+}
+
+impl Config {
+    /// The trusted node agents' `(namespace, service account)`.
+    pub fn node_agent_accounts(&self) -> Vec<(String, String)> {
+        if self.node_agents.is_empty() {
+            vec![(self.ca.system_namespace.clone(), "ztunnel".to_owned())]
+        } else {
+            self.node_agents.clone()
+        }
+    }
+}
+
+/// `namespace/name`.
+fn parse_account(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            Ok((ns.to_owned(), sa.to_owned()))
+        }
+        _ => Err(format!(
+            "{s:?}: expected a service account as namespace/name"
+        )),
+    }
 }
 
 /// A duration in milliseconds (`200ms`) or in the CA's units (`2s`, `1m`).
@@ -54,14 +86,34 @@ mod tests {
             "/tokens.yaml",
         ])
         .unwrap();
-        assert_eq!(c.local_dir, PathBuf::from("/mesh"));
+        assert_eq!(c.local_dir, Some(PathBuf::from("/mesh")));
+        assert_eq!(
+            c.node_agent_accounts(),
+            vec![("ambit-system".to_owned(), "ztunnel".to_owned())]
+        );
         assert_eq!(c.poll, Duration::from_millis(200));
         assert_eq!(c.ca.listen.port(), 15012);
         assert_eq!(parse_poll("2s"), Ok(Duration::from_secs(2)));
         assert!(parse_poll("fast").is_err());
-        let e = Config::try_parse_from(["ambit-control", "--root-dir", "/ca"])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--local-dir"), "{e}");
+        let c = Config::try_parse_from([
+            "ambit-control",
+            "--root-dir",
+            "/ca",
+            "--node-agent",
+            "kube-system/ztunnel,ambit-system/ambit-cni",
+        ])
+        .unwrap();
+        assert_eq!(c.local_dir, None);
+        assert_eq!(c.node_agent_accounts().len(), 2);
+        let e = Config::try_parse_from([
+            "ambit-control",
+            "--root-dir",
+            "/ca",
+            "--node-agent",
+            "ztunnel",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("namespace/name"), "{e}");
     }
 }

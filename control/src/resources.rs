@@ -43,6 +43,33 @@ pub struct Resources {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
 }
 
+/// The kinds the control plane keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    /// As in `kind:`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One object of a kind the control plane keeps.
 #[derive(Debug, Clone)]
 pub enum Object {
@@ -55,11 +82,15 @@ pub enum Object {
 impl Object {
     /// Its kind, as in `kind:`.
     pub fn kind(&self) -> &'static str {
+        self.kind_of().as_str()
+    }
+
+    pub fn kind_of(&self) -> Kind {
         match self {
-            Object::Namespace(_) => "Namespace",
-            Object::Pod(_) => "Pod",
-            Object::Service(_) => "Service",
-            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 
@@ -97,6 +128,39 @@ impl Resources {
             Object::EndpointSlice(o) => {
                 self.endpoint_slices.insert(key, *o);
             }
+        }
+    }
+
+    /// Removes the `kind` object at `key`, if there is one.
+    pub fn remove(&mut self, kind: Kind, key: &ObjectKey) {
+        match kind {
+            Kind::Namespace => {
+                self.namespaces.remove(&key.name);
+            }
+            Kind::Pod => {
+                self.pods.remove(key);
+            }
+            Kind::Service => {
+                self.services.remove(key);
+            }
+            Kind::EndpointSlice => {
+                self.endpoint_slices.remove(key);
+            }
+        }
+    }
+
+    /// Replaces every object of `kind` with `objects` (all of that kind), as after a
+    /// full list.
+    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<Object>) {
+        match kind {
+            Kind::Namespace => self.namespaces.clear(),
+            Kind::Pod => self.pods.clear(),
+            Kind::Service => self.services.clear(),
+            Kind::EndpointSlice => self.endpoint_slices.clear(),
+        }
+        for object in objects {
+            debug_assert_eq!(object.kind_of(), kind);
+            self.insert(object);
         }
     }
 }

@@ -1,0 +1,73 @@
+//! From the current objects to what the control plane serves: the placements the CA
+//! authorizes node agents against, and the xDS snapshot. Shared by both sources; each
+//! calls [`Publisher::publish`] with its objects whenever they may have changed.
+
+use std::sync::Arc;
+
+use ambit_core::model::MeshConfig;
+use tokio::sync::watch;
+
+use crate::placement::Placements;
+use crate::resources::Resources;
+use crate::translate::{translate, Skipped};
+use crate::xds::Snapshot;
+
+/// The published model and what has been reported about it.
+#[derive(Debug)]
+pub struct Publisher {
+    placements: Arc<Placements>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    model: Option<MeshConfig>,
+    /// Problems already logged, so each is logged once, when it appears.
+    reported: Vec<String>,
+    version: u64,
+}
+
+impl Publisher {
+    pub fn new(placements: Arc<Placements>, snapshots: watch::Sender<Arc<Snapshot>>) -> Self {
+        Publisher {
+            placements,
+            snapshots,
+            model: None,
+            reported: Vec::new(),
+            version: 0,
+        }
+    }
+
+    /// Updates the placements, translates `resources` and publishes a snapshot if the
+    /// model changed. `problems` are the source's own (e.g. a file that does not
+    /// parse); they and the objects the translation skipped are logged once each, when
+    /// they appear, naming `source`. Returns what was skipped.
+    pub fn publish(
+        &mut self,
+        resources: &Resources,
+        mut problems: Vec<String>,
+        source: &str,
+    ) -> Vec<Skipped> {
+        self.placements.update(resources);
+        let translation = translate(resources);
+        problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
+        for problem in problems.iter().filter(|p| !self.reported.contains(p)) {
+            tracing::warn!(%problem, %source, "not in the model");
+        }
+        self.reported = problems;
+        if self.model.as_ref() != Some(&translation.config) {
+            self.version += 1;
+            tracing::info!(
+                version = self.version,
+                workloads = translation.config.workloads.len(),
+                services = translation.config.services.len(),
+                "model changed"
+            );
+            self.snapshots
+                .send_replace(Arc::new(Snapshot::new(self.version, &translation.config)));
+            self.model = Some(translation.config);
+        }
+        translation.skipped
+    }
+
+    /// Whether a model has been published.
+    pub fn has_published(&self) -> bool {
+        self.model.is_some()
+    }
+}
