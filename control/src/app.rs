@@ -98,7 +98,7 @@ pub async fn run_kubernetes(
         namespaces_rx,
     ));
     // Owns the snapshot sender: when it goes, every xDS stream ends (see run_local).
-    tasks.spawn(async move {
+    let publishing = tasks.spawn(async move {
         let _source = source;
         loop {
             store.next_change().await;
@@ -112,7 +112,6 @@ pub async fn run_kubernetes(
             publisher.publish(&resources, Vec::new(), "cluster");
         }
     });
-    let abort = tasks.spawn(std::future::pending());
     let result = ambit_ca::app::serve(
         config.ca,
         ca,
@@ -126,7 +125,7 @@ pub async fn run_kubernetes(
         on_listening,
         async move {
             shutdown.await;
-            abort.abort();
+            publishing.abort();
         },
     )
     .await;

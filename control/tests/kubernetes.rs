@@ -1,0 +1,499 @@
+//! ambit-control against a Kubernetes API server: kube-rs, unchanged, on top of an
+//! in-process fake that speaks the real list/watch wire format. A ztunnel's xDS client
+//! and CA client, authenticated by TokenReview, see what the API server holds: objects
+//! added and deleted, watches broken, history compacted (410 Gone, relist). The CA's
+//! root lives in a Secret, survives restarts, yields to a plug-in `cacerts`, and is
+//! published in every namespace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/fake_api.rs"]
+mod fake_api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_core::model::{MeshConfig, Protocol};
+use ambit_core::SpiffeId;
+use ambit_net::ca_client::{
+    tls_channel, CaClientConfig, CertificateSource, FetchError, FetchRequest, GrpcCaClient,
+};
+use ambit_net::cert_manager::new_key_and_csr;
+use ambit_net::xds::client::{ClientConfig, XdsClient};
+use clap::Parser;
+use fake_api::FakeApi;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde_json::json;
+use tokio::sync::watch;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const NODE_A_TOKEN: &str = "projected-token-of-ztunnel-on-node-a";
+const WEB_TOKEN: &str = "projected-token-of-shop-web";
+
+const CLUSTER: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ambit-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: web, image: web, ports: [{name: http, containerPort: 8080}]}]}
+status: {phase: Running, podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pay-1, namespace: shop, labels: {app: pay}, annotations: {ambient.istio.io/redirection: enabled}}
+spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: pay, image: pay}]}
+status: {phase: Running, podIP: 10.2.0.2, podIPs: [{ip: 10.2.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ztunnel-a1, namespace: ambit-system}
+spec: {nodeName: node-a, serviceAccountName: ztunnel, hostNetwork: true, containers: [{name: z, image: z}]}
+status: {phase: Running, podIP: 192.168.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10], selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-x1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.2], targetRef: {kind: Pod, name: web-1, namespace: shop}}]
+ports: [{port: 8080, name: http, protocol: TCP}]
+";
+
+fn pod(name: &str, node: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\n\
+         metadata: {{name: {name}, namespace: shop, annotations: {{ambient.istio.io/redirection: enabled}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {name}, containers: [{{name: c, image: c}}]}}\n\
+         status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+    )
+}
+
+/// A cluster with the objects above, and TokenReview answers for a node agent bound to
+/// ztunnel-a1 on node-a and for shop/web.
+async fn cluster() -> FakeApi {
+    let api = FakeApi::start().await;
+    for doc in CLUSTER.split("\n---\n") {
+        api.put(doc);
+    }
+    api.token(
+        NODE_A_TOKEN,
+        json!({"authenticated": true, "audiences": ["istio-ca"],
+               "user": {"username": "system:serviceaccount:ambit-system:ztunnel",
+                        "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-a1"],
+                                  "authentication.kubernetes.io/pod-uid": [uid(&api, "ztunnel-a1")]}}}),
+    );
+    api.token(
+        WEB_TOKEN,
+        json!({"authenticated": true, "audiences": ["istio-ca"],
+               "user": {"username": "system:serviceaccount:shop:web"}}),
+    );
+    api
+}
+
+fn uid(api: &FakeApi, pod: &str) -> String {
+    let o = api.get("v1", "Pod", "ambit-system", pod).unwrap();
+    o["metadata"]["uid"].as_str().unwrap().to_owned()
+}
+
+/// A running ambit-control; stops when dropped.
+struct Control {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Control {
+    async fn start(api: &FakeApi) -> Control {
+        let config = ambit_control::config::Config::try_parse_from([
+            "ambit-control",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ambit_control::app::run_kubernetes(
+            config,
+            api.client(),
+            move |addr| {
+                let _ = addr_tx.send(addr);
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let addr = tokio::time::timeout(DEADLINE, addr_rx)
+            .await
+            .expect("ambit-control did not start serving")
+            .unwrap();
+        Control {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let result = tokio::time::timeout(DEADLINE, &mut self.task)
+            .await
+            .expect("ambit-control did not stop");
+        result.unwrap().unwrap();
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The root every namespace's `istio-ca-root-cert` ConfigMap carries.
+fn published_root(api: &FakeApi, namespace: &str) -> Option<String> {
+    let cm = api.get("v1", "ConfigMap", namespace, "istio-ca-root-cert")?;
+    cm["data"]["root-cert.pem"].as_str().map(str::to_owned)
+}
+
+fn roots(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn control_identity() -> SpiffeId {
+    SpiffeId::parse("spiffe://cluster.local/ns/ambit-system/sa/ambit-control").unwrap()
+}
+
+/// A ztunnel's xDS client with `token`; its model follows the server.
+fn xds_client(
+    addr: SocketAddr,
+    root_pem: &str,
+    token: &str,
+) -> (
+    watch::Receiver<Arc<MeshConfig>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    let mut config = ClientConfig::new("ztunnel~node-a");
+    config.token = Some(token.to_owned());
+    config.max_backoff = Duration::from_millis(200);
+    let roots = roots(root_pem);
+    let connect = move || {
+        let channel = tls_channel(
+            &addr.to_string(),
+            &control_identity(),
+            &roots,
+            None,
+            Duration::from_secs(5),
+        );
+        async move { channel }
+    };
+    (rx, tokio::spawn(XdsClient::new(config, tx).run(connect)))
+}
+
+/// Polls until `ok(model)`, reporting the delay seen.
+async fn until(
+    model: &mut watch::Receiver<Arc<MeshConfig>>,
+    what: &str,
+    ok: impl Fn(&MeshConfig) -> bool,
+) {
+    let start = Instant::now();
+    let seen = tokio::time::timeout(DEADLINE, model.wait_for(|m| ok(m)))
+        .await
+        .is_ok();
+    assert!(
+        seen,
+        "{what}: not seen in {DEADLINE:?}; model:\n{:#?}",
+        model.borrow()
+    );
+    eprintln!("{what}: seen after {:?}", start.elapsed());
+}
+
+fn has_workload(m: &MeshConfig, uid: &str) -> bool {
+    m.workloads.iter().any(|w| w.uid == uid)
+}
+
+async fn eventually(what: &str, ok: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not seen in {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{what}: seen after {:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone() {
+    let api = cluster().await;
+    let control = Control::start(&api).await;
+    eventually("root published in shop", || {
+        published_root(&api, "shop").is_some()
+    })
+    .await;
+    let root = published_root(&api, "shop").unwrap();
+    let (mut model, _client) = xds_client(control.addr, &root, NODE_A_TOKEN);
+
+    // The listed cluster: shop's pods speak HBONE; the service resolves its named port
+    // from the EndpointSlice; the host-network ztunnel pod is never enrolled.
+    until(&mut model, "initial model", |m| {
+        has_workload(m, "shop/web-1") && has_workload(m, "shop/pay-1") && m.services.len() == 1
+    })
+    .await;
+    {
+        let m = model.borrow();
+        assert!(
+            m.workloads
+                .iter()
+                .all(|w| w.uid != "ambit-system/ztunnel-a1" || w.protocol != Protocol::Hbone),
+            "{m:#?}"
+        );
+        let web = m.workloads.iter().find(|w| w.uid == "shop/web-1").unwrap();
+        assert_eq!(web.protocol, Protocol::Hbone);
+        assert_eq!(m.services[0].endpoints[0].workload_uid, "shop/web-1");
+        assert_eq!(m.services[0].endpoints[0].ports[0].target_port, 8080);
+    }
+    // The watches asked for bookmarks, as kube-rs does by default.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")),
+        "{:#?}",
+        api.requests()
+    );
+
+    // Watch events: an added pod appears, a deleted one goes.
+    api.put(&pod("cart-1", "node-b", "10.2.0.3"));
+    until(&mut model, "pod added", |m| has_workload(m, "shop/cart-1")).await;
+    api.delete("v1", "Pod", "shop", "pay-1");
+    until(&mut model, "pod deleted", |m| {
+        !has_workload(m, "shop/pay-1")
+    })
+    .await;
+
+    // A bookmark moves the watch's version on; after the watches break, they resume
+    // from there and miss nothing.
+    api.bookmark();
+    api.break_watches();
+    api.put(&pod("pay-2", "node-b", "10.2.0.4"));
+    until(&mut model, "pod added while the watches were down", |m| {
+        has_workload(m, "shop/pay-2")
+    })
+    .await;
+
+    // History compacted while the watches are down, and a pod deleted meanwhile: the
+    // resumed watches get 410 Gone, kube-rs relists, and the deletion is seen from the
+    // list alone.
+    let lists_before = pod_lists(&api);
+    api.break_watches();
+    api.delete("v1", "Pod", "shop", "cart-1");
+    api.compact();
+    until(&mut model, "pod deleted while the watches were down", |m| {
+        !has_workload(m, "shop/cart-1")
+    })
+    .await;
+    assert!(pod_lists(&api) > lists_before, "no relist after 410 Gone");
+
+    // A namespace relabelled out of ambient: its pods drop to plaintext.
+    api.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    until(&mut model, "namespace unenrolled", |m| {
+        m.workloads
+            .iter()
+            .filter(|w| w.namespace == "shop")
+            .all(|w| w.protocol != Protocol::Hbone)
+    })
+    .await;
+    control.stop().await;
+}
+
+/// Pod lists (not watches) the API server has answered.
+fn pod_lists(api: &FakeApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods") && !r.contains("watch=true"))
+        .count()
+}
+
+async fn request(client: &GrpcCaClient, identity: &str) -> Result<Vec<String>, FetchError> {
+    let identity = SpiffeId::parse(identity).unwrap();
+    let (_key, csr_pem) = new_key_and_csr(&identity).unwrap();
+    client
+        .fetch(FetchRequest {
+            identity,
+            csr_pem,
+            validity: Duration::from_secs(3600),
+            current: None,
+        })
+        .await
+}
+
+fn ca_client(addr: SocketAddr, root: &str, token: &str, impersonate: bool) -> GrpcCaClient {
+    GrpcCaClient::new(CaClientConfig {
+        address: addr.to_string(),
+        ca_identity: control_identity(),
+        roots: roots(root),
+        token: Some(token.into()),
+        impersonate,
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_node() {
+    let api = cluster().await;
+    let control = Control::start(&api).await;
+    eventually("root published", || published_root(&api, "shop").is_some()).await;
+    let root = published_root(&api, "shop").unwrap();
+
+    // A workload's token: its own identity, not another.
+    let web = ca_client(control.addr, &root, WEB_TOKEN, false);
+    request(&web, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap();
+    let refused = request(&web, "spiffe://cluster.local/ns/shop/sa/pay")
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("CSR"), "{refused}");
+
+    // The node agent on node-a: web runs there, pay on node-b.
+    let agent = ca_client(control.addr, &root, NODE_A_TOKEN, true);
+    request(&agent, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap();
+    let refused = request(&agent, "spiffe://cluster.local/ns/shop/sa/pay")
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("no running pod with that identity"),
+        "{refused}"
+    );
+
+    // A token the API server does not know, or issued for another audience.
+    let stranger = ca_client(control.addr, &root, "not-a-token-the-cluster-knows", false);
+    let refused = request(&stranger, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("invalid bearer token"),
+        "{refused}"
+    );
+    api.token(
+        "token-for-the-api-server-audience",
+        json!({"authenticated": true, "audiences": ["https://kubernetes.default.svc"],
+               "user": {"username": "system:serviceaccount:shop:web"}}),
+    );
+    let other = ca_client(
+        control.addr,
+        &root,
+        "token-for-the-api-server-audience",
+        false,
+    );
+    let refused = request(&other, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("audience istio-ca"),
+        "{refused}"
+    );
+
+    // xDS takes the same callers: an unknown token gets no model, however often the
+    // client retries.
+    let reviews = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.contains("tokenreviews"))
+            .count()
+    };
+    let before = reviews();
+    let (model, _client) = xds_client(control.addr, &root, "not-a-token-the-cluster-knows");
+    eventually("xDS client refused twice", || reviews() >= before + 2).await;
+    assert!(model.borrow().workloads.is_empty(), "{:#?}", model.borrow());
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins() {
+    let api = cluster().await;
+    let control = Control::start(&api).await;
+    eventually("root published in every namespace", || {
+        published_root(&api, "shop").is_some() && published_root(&api, "ambit-system").is_some()
+    })
+    .await;
+    let secret = api
+        .get("v1", "Secret", "ambit-system", "istio-ca-secret")
+        .expect("the generated root is stored in istio-ca-secret");
+    let root = published_root(&api, "shop").unwrap();
+    assert!(root.contains("BEGIN CERTIFICATE"), "{root}");
+
+    // Put back when deleted or edited; published in a new namespace.
+    api.delete("v1", "ConfigMap", "shop", "istio-ca-root-cert");
+    api.put(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio-ca-root-cert, namespace: ambit-system}\ndata: {root-cert.pem: tampered}\n",
+    );
+    api.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: billing}\n");
+    eventually("root restored and published in a new namespace", || {
+        published_root(&api, "shop").as_ref() == Some(&root)
+            && published_root(&api, "ambit-system").as_ref() == Some(&root)
+            && published_root(&api, "billing").as_ref() == Some(&root)
+    })
+    .await;
+    control.stop().await;
+
+    // A restart reuses the stored root: same Secret, same published root.
+    let control = Control::start(&api).await;
+    let again = api
+        .get("v1", "Secret", "ambit-system", "istio-ca-secret")
+        .unwrap();
+    assert_eq!(again["data"], secret["data"], "the root was regenerated");
+    let (mut model, _client) = xds_client(control.addr, &root, NODE_A_TOKEN);
+    until(&mut model, "model after restart", |m| {
+        has_workload(m, "shop/web-1")
+    })
+    .await;
+    control.stop().await;
+
+    // A plug-in cacerts Secret takes precedence: the CA now chains to its root, and
+    // that root is what gets published.
+    let plugin = ambit_ca::authority::CertificateAuthority::generate_root(
+        &"cluster.local".parse().unwrap(),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let b64 = |s: &str| {
+        use k8s_openapi::ByteString;
+        serde_json::to_value(ByteString(s.as_bytes().to_vec())).unwrap()
+    };
+    api.put(&serde_json::to_string(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "cacerts", "namespace": "ambit-system"},
+        "data": {"ca-cert.pem": b64(&plugin.ca_cert_pem), "ca-key.pem": b64(&plugin.ca_key_pem),
+                 "cert-chain.pem": b64(&plugin.cert_chain_pem), "root-cert.pem": b64(&plugin.root_cert_pem)}
+    })).unwrap());
+    let control = Control::start(&api).await;
+    eventually("plug-in root published", || {
+        published_root(&api, "shop").as_deref() == Some(plugin.root_cert_pem.as_str())
+    })
+    .await;
+    let agent = ca_client(control.addr, &plugin.root_cert_pem, NODE_A_TOKEN, true);
+    request(&agent, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap();
+    control.stop().await;
+}

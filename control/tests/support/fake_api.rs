@@ -1,0 +1,541 @@
+//! An in-process Kubernetes API server for tests, speaking the real wire format over
+//! HTTP/1.1: JSON lists with a resourceVersion, watches as a chunked stream of
+//! `{"type": ..., "object": ...}` lines from a resourceVersion (with BOOKMARK events
+//! when asked for), a 410 Gone ERROR event for a version older than the kept history,
+//! get/create/server-side apply/delete, and TokenReview answered from a table.
+//!
+//! Tests drive it: [`FakeApi::put`] and [`FakeApi::delete`] change objects (watchers
+//! see the events), [`FakeApi::break_watches`] ends every open watch, and
+//! [`FakeApi::compact`] forgets the history so a watch that resumes must relist.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// `(prefix, plural)`, e.g. `("api/v1", "pods")`.
+type Collection = (String, String);
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    /// collection → (namespace, name) → object.
+    objects: BTreeMap<Collection, BTreeMap<(String, String), Value>>,
+    /// Every change since the oldest kept version: (version, collection, type, object).
+    history: Vec<(u64, Collection, &'static str, Value)>,
+    /// Watches from a version below this get 410 Gone.
+    oldest: u64,
+    watches: Vec<Watch>,
+    /// token → the TokenReview status it gets.
+    tokens: HashMap<String, Value>,
+    /// "METHOD path?query" of every request, in order.
+    requests: Vec<String>,
+}
+
+struct Watch {
+    collection: Collection,
+    namespace: Option<String>,
+    name: Option<String>,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+impl Watch {
+    fn wants(&self, collection: &Collection, object: &Value) -> bool {
+        &self.collection == collection
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| object["metadata"]["namespace"] == ns)
+            && self
+                .name
+                .as_deref()
+                .is_none_or(|n| object["metadata"]["name"] == n)
+    }
+}
+
+/// The server; it stops when dropped.
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where objects of `api_version`/`kind` live, and whether they are namespaced.
+fn collection_of(api_version: &str, kind: &str) -> (Collection, bool) {
+    let prefix = if api_version == "v1" {
+        "api/v1".to_owned()
+    } else {
+        format!("apis/{api_version}")
+    };
+    let (plural, namespaced) = match kind {
+        "Namespace" => ("namespaces", false),
+        "Node" => ("nodes", false),
+        "Pod" => ("pods", true),
+        "Service" => ("services", true),
+        "EndpointSlice" => ("endpointslices", true),
+        "Secret" => ("secrets", true),
+        "ConfigMap" => ("configmaps", true),
+        "ServiceEntry" => ("serviceentries", true),
+        other => panic!("fake API: no collection for kind {other}"),
+    };
+    ((prefix, plural.to_owned()), namespaced)
+}
+
+/// The kind stored in a collection, for objects created without one.
+fn kind_of(plural: &str) -> &'static str {
+    match plural {
+        "namespaces" => "Namespace",
+        "pods" => "Pod",
+        "services" => "Service",
+        "endpointslices" => "EndpointSlice",
+        "secrets" => "Secret",
+        "configmaps" => "ConfigMap",
+        "serviceentries" => "ServiceEntry",
+        _ => "Unknown",
+    }
+}
+
+impl FakeApi {
+    pub async fn start() -> FakeApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            version: 100,
+            oldest: 100,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeApi { state, addr, task }
+    }
+
+    /// A kube-rs client for this server, as a cluster's would be built.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Creates or replaces `object` (YAML with apiVersion, kind and metadata).
+    pub fn put(&self, yaml: &str) {
+        let mut object: Value = serde_yaml_ng::from_str(yaml).unwrap();
+        let (collection, namespaced) = collection_of(
+            object["apiVersion"].as_str().unwrap(),
+            object["kind"].as_str().unwrap(),
+        );
+        if namespaced && object["metadata"]["namespace"].is_null() {
+            object["metadata"]["namespace"] = "default".into();
+        }
+        self.state.lock().unwrap().store(collection, object);
+    }
+
+    /// Deletes the object, if it exists.
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) {
+        let (collection, _) = collection_of(api_version, kind);
+        self.state
+            .lock()
+            .unwrap()
+            .remove(&collection, namespace, name);
+    }
+
+    /// The object, if it exists.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let (collection, _) = collection_of(api_version, kind);
+        let state = self.state.lock().unwrap();
+        state
+            .objects
+            .get(&collection)?
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Ends every open watch (as an API server restart or a load balancer would).
+    pub fn break_watches(&self) {
+        self.state.lock().unwrap().watches.clear();
+    }
+
+    /// Forgets the history: a watch resuming from an earlier version gets 410 Gone.
+    pub fn compact(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.history.clear();
+        state.oldest = state.version;
+    }
+
+    /// Sends every open watch a BOOKMARK at the current version.
+    pub fn bookmark(&self) {
+        let mut state = self.state.lock().unwrap();
+        let version = state.version.to_string();
+        state.watches.retain(|w| {
+            let (prefix, plural) = &w.collection;
+            let api_version = prefix.strip_prefix("api/").unwrap_or(prefix);
+            let api_version = api_version.strip_prefix("apis/").unwrap_or(api_version);
+            let event = json!({"type": "BOOKMARK", "object": {
+                "apiVersion": api_version, "kind": kind_of(plural),
+                "metadata": {"resourceVersion": version}}});
+            w.tx.send(line(&event)).is_ok()
+        });
+    }
+
+    /// Answers a TokenReview of `token` with `status` (authenticated, user, audiences).
+    pub fn token(&self, token: &str, status: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.to_owned(), status);
+    }
+
+    /// The requests so far, as "METHOD path?query".
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+impl State {
+    fn next_version(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+
+    fn store(&mut self, collection: Collection, mut object: Value) {
+        let version = self.next_version();
+        let key = (
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+            object["metadata"]["name"].as_str().unwrap().to_owned(),
+        );
+        object["metadata"]["resourceVersion"] = version.to_string().into();
+        let objects = self.objects.entry(collection.clone()).or_default();
+        if object["metadata"]["uid"].is_null() {
+            let uid = objects
+                .get(&key)
+                .map(|o| o["metadata"]["uid"].clone())
+                .unwrap_or_else(|| format!("uid-{version}").into());
+            object["metadata"]["uid"] = uid;
+        }
+        let kind = if objects.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.notify(version, collection, kind, object);
+    }
+
+    fn remove(&mut self, collection: &Collection, namespace: &str, name: &str) -> Option<Value> {
+        let mut object = self
+            .objects
+            .get_mut(collection)?
+            .remove(&(namespace.to_owned(), name.to_owned()))?;
+        let version = self.next_version();
+        object["metadata"]["resourceVersion"] = version.to_string().into();
+        self.notify(version, collection.clone(), "DELETED", object.clone());
+        Some(object)
+    }
+
+    fn notify(&mut self, version: u64, collection: Collection, kind: &'static str, object: Value) {
+        let event = line(&json!({"type": kind, "object": object}));
+        self.watches
+            .retain(|w| !w.wants(&collection, &object) || w.tx.send(event.clone()).is_ok());
+        self.history.push((version, collection, kind, object));
+    }
+}
+
+fn line(event: &Value) -> Bytes {
+    let mut text = serde_json::to_vec(event).unwrap();
+    text.push(b'\n');
+    Bytes::from(text)
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())).boxed())
+        .unwrap()
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    full(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "reason": reason, "message": message, "code": code.as_u16()}),
+    )
+}
+
+async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_matches('/').to_owned();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| {
+            url_pairs(q)
+                .into_iter()
+                .collect::<HashMap<String, String>>()
+        })
+        .unwrap_or_default();
+    state.lock().unwrap().requests.push(format!(
+        "{method} /{path}{}",
+        req.uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    ));
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+
+    // api/v1/... or apis/<group>/<version>/...
+    let segments: Vec<&str> = path.split('/').collect();
+    let (prefix, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("api/v1".to_owned(), rest.to_vec()),
+        ["apis", group, version, rest @ ..] => (format!("apis/{group}/{version}"), rest.to_vec()),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no route /{path}"),
+            )
+        }
+    };
+    if prefix == "apis/authentication.k8s.io/v1" && rest == ["tokenreviews"] {
+        return token_review(state, &body);
+    }
+    // (namespace filter, plural, name)
+    let (namespace, plural, name) = match rest.as_slice() {
+        [plural] => (None, *plural, None),
+        ["namespaces", name] => (None, "namespaces", Some(*name)),
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no route /{path}"),
+            )
+        }
+    };
+    let collection = (prefix, plural.to_owned());
+    let key = |name: &str| (namespace.unwrap_or("").to_owned(), name.to_owned());
+    match (method, name) {
+        (Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch(state, collection, namespace, &query)
+        }
+        (Method::GET, None) => list(state, &collection, namespace, &query),
+        (Method::GET, Some(name)) => {
+            let state = state.lock().unwrap();
+            match state
+                .objects
+                .get(&collection)
+                .and_then(|o| o.get(&key(name)))
+            {
+                Some(o) => full(StatusCode::OK, o),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{plural} \"{name}\" not found"),
+                ),
+            }
+        }
+        (Method::POST, None) => {
+            let mut object: Value = serde_json::from_slice(&body).unwrap();
+            if let Some(ns) = namespace {
+                object["metadata"]["namespace"] = ns.into();
+            }
+            let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            let mut state = state.lock().unwrap();
+            if state
+                .objects
+                .get(&collection)
+                .is_some_and(|o| o.contains_key(&key(&name)))
+            {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{plural} \"{name}\" already exists"),
+                );
+            }
+            state.store(collection.clone(), object);
+            let stored = state.objects[&collection][&key(&name)].clone();
+            full(StatusCode::CREATED, &stored)
+        }
+        (Method::PATCH, Some(name)) => {
+            // Server-side apply: the applied configuration becomes the object.
+            let mut object: Value = serde_json::from_slice(&body).unwrap();
+            if let Some(ns) = namespace {
+                object["metadata"]["namespace"] = ns.into();
+            }
+            object["metadata"]["name"] = name.into();
+            let mut state = state.lock().unwrap();
+            state.store(collection.clone(), object);
+            let stored = state.objects[&collection][&key(name)].clone();
+            full(StatusCode::OK, &stored)
+        }
+        (Method::DELETE, Some(name)) => {
+            let removed = state
+                .lock()
+                .unwrap()
+                .remove(&collection, namespace.unwrap_or(""), name);
+            match removed {
+                Some(o) => full(StatusCode::OK, &o),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{plural} \"{name}\" not found"),
+                ),
+            }
+        }
+        (m, _) => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!("{m} /{path}"),
+        ),
+    }
+}
+
+/// `metadata.name=x` style field selectors, the only kind the control plane uses.
+fn field_selector(query: &HashMap<String, String>) -> Option<String> {
+    query
+        .get("fieldSelector")
+        .and_then(|s| s.strip_prefix("metadata.name="))
+        .map(str::to_owned)
+}
+
+fn list(
+    state: &Arc<Mutex<State>>,
+    collection: &Collection,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let state = state.lock().unwrap();
+    let name = field_selector(query);
+    let items: Vec<Value> = state
+        .objects
+        .get(collection)
+        .map(|objects| {
+            objects
+                .iter()
+                .filter(|((ns, n), _)| {
+                    namespace.is_none_or(|want| want == ns)
+                        && name.as_deref().is_none_or(|want| want == n)
+                })
+                .map(|(_, o)| o.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    full(
+        StatusCode::OK,
+        &json!({"kind": format!("{}List", kind_of(&collection.1)), "apiVersion": "v1",
+                "metadata": {"resourceVersion": state.version.to_string()}, "items": items}),
+    )
+}
+
+fn watch(
+    state: &Arc<Mutex<State>>,
+    collection: Collection,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let mut state = state.lock().unwrap();
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(state.version);
+    let watch = Watch {
+        collection,
+        namespace: namespace.map(str::to_owned),
+        name: field_selector(query),
+        tx,
+    };
+    if from < state.oldest {
+        // What kube-apiserver does: 200, then an ERROR event with a 410 Status.
+        let _ = watch.tx.send(line(&json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "reason": "Expired", "code": 410,
+            "message": format!("too old resource version: {from} ({})", state.oldest)}})));
+    } else {
+        for (version, collection, kind, object) in &state.history {
+            if *version > from && watch.wants(collection, object) {
+                let _ = watch
+                    .tx
+                    .send(line(&json!({"type": kind, "object": object})));
+            }
+        }
+        state.watches.push(watch);
+    }
+    let body = StreamBody::new(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(body))
+        .unwrap()
+}
+
+fn token_review(state: &Arc<Mutex<State>>, body: &[u8]) -> Response<Body> {
+    let review: Value = serde_json::from_slice(body).unwrap();
+    let token = review["spec"]["token"].as_str().unwrap_or("");
+    let asked: Vec<Value> = review["spec"]["audiences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let state = state.lock().unwrap();
+    let mut status = state
+        .tokens
+        .get(token)
+        .cloned()
+        .unwrap_or_else(|| json!({"authenticated": false, "error": "invalid bearer token"}));
+    // As the API server does: the token's audiences that were asked for.
+    if let Some(audiences) = status["audiences"].as_array().cloned() {
+        status["audiences"] = audiences
+            .into_iter()
+            .filter(|a| asked.contains(a))
+            .collect();
+    }
+    full(
+        StatusCode::CREATED,
+        &json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {}, "spec": review["spec"], "status": status}),
+    )
+}
+
+/// Query pairs, decoded.
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
