@@ -77,6 +77,9 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, DocumentError>
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 serde_yaml_ng::from_value(value.clone()).map(|o| Object::EndpointSlice(Box::new(o)))
             }
+            (v, "ServiceEntry") if crate::service_entry::API_VERSIONS.contains(&v) => {
+                serde_yaml_ng::from_value(value.clone()).map(|o| Object::ServiceEntry(Box::new(o)))
+            }
             _ => {
                 tracing::debug!(path = %path.display(), line = first_line, api_version, kind, "kind not used by the control plane; skipped");
                 continue;

@@ -25,13 +25,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::resources::{Kind, Object, Resources};
+use crate::service_entry::ServiceEntry;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 4] = [
+pub const KINDS: [Kind; 5] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
+    Kind::ServiceEntry,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -137,9 +139,15 @@ impl KubernetesSource {
             store.clone(),
         ));
         tasks.spawn(watch_kind::<EndpointSlice>(
-            Api::all(client),
+            Api::all(client.clone()),
             Kind::EndpointSlice,
             |o| Object::EndpointSlice(Box::new(o)),
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<ServiceEntry>(
+            Api::all(client),
+            Kind::ServiceEntry,
+            |o| Object::ServiceEntry(Box::new(o)),
             store.clone(),
         ));
         KubernetesSource {
@@ -186,6 +194,15 @@ where
             Ok(Event::Delete(o)) => {
                 let object = wrap(o);
                 store.update(|r| r.remove(kind, &object.key()));
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.code == 404 =>
+            {
+                // The kind's CRD is not installed (e.g. no Istio CRDs): there are none
+                // of it, and the list is retried in case it gets installed.
+                if store.synced.send_if_modified(|s| s.insert(kind)) {
+                    tracing::info!(%kind, "not served by the API server (CRD not installed); none assumed until it is");
+                }
             }
             Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying after a backoff"),
         }

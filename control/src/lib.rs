@@ -26,6 +26,7 @@ pub mod kubernetes;
 pub mod placement;
 pub mod publish;
 pub mod resources;
+pub mod service_entry;
 pub mod token_review;
 pub mod translate;
 pub mod xds;

@@ -8,6 +8,8 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::service_entry::ServiceEntry;
+
 /// `namespace/name` (namespace empty for cluster-scoped objects).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
@@ -41,6 +43,7 @@ pub struct Resources {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub service_entries: BTreeMap<ObjectKey, ServiceEntry>,
 }
 
 /// The kinds the control plane keeps.
@@ -50,6 +53,7 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    ServiceEntry,
 }
 
 impl Kind {
@@ -60,6 +64,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::ServiceEntry => "ServiceEntry",
         }
     }
 }
@@ -77,6 +82,7 @@ pub enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    ServiceEntry(Box<ServiceEntry>),
 }
 
 impl Object {
@@ -91,6 +97,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::ServiceEntry(_) => Kind::ServiceEntry,
         }
     }
 
@@ -102,6 +109,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::ServiceEntry(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -128,6 +136,9 @@ impl Resources {
             Object::EndpointSlice(o) => {
                 self.endpoint_slices.insert(key, *o);
             }
+            Object::ServiceEntry(o) => {
+                self.service_entries.insert(key, *o);
+            }
         }
     }
 
@@ -146,6 +157,9 @@ impl Resources {
             Kind::EndpointSlice => {
                 self.endpoint_slices.remove(key);
             }
+            Kind::ServiceEntry => {
+                self.service_entries.remove(key);
+            }
         }
     }
 
@@ -157,6 +171,7 @@ impl Resources {
             Kind::Pod => self.pods.clear(),
             Kind::Service => self.services.clear(),
             Kind::EndpointSlice => self.endpoint_slices.clear(),
+            Kind::ServiceEntry => self.service_entries.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

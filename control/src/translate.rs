@@ -32,6 +32,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::resources::{ObjectKey, Resources};
 
+mod service_entries;
+
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// The annotation the node agent sets once a pod's traffic is captured.
@@ -64,33 +66,74 @@ impl fmt::Display for Skipped {
 /// The mesh model of `resources`.
 pub fn translate(resources: &Resources) -> Translation {
     let mut skipped = Vec::new();
+    let mut skip = |kind: &'static str, key: &ObjectKey, reason: String| {
+        skipped.push(Skipped {
+            kind,
+            key: key.clone(),
+            reason,
+        })
+    };
+    // Addresses already taken, so the model ztunnel gets is always consistent: of two
+    // objects claiming one address, the first (in name order) keeps it.
+    let mut addresses = Addresses::default();
     let mut workloads = Vec::new();
     // Pods that became workloads, for the services' endpoints.
     let mut running: BTreeMap<&ObjectKey, &Pod> = BTreeMap::new();
     for (key, pod) in &resources.pods {
         match workload(resources, key, pod) {
-            Ok(Some(w)) => {
-                running.insert(key, pod);
-                workloads.push(w);
-            }
+            Ok(Some(w)) => match addresses.claim(&format!("Pod {}", w.uid), &w.ips, &[], &[]) {
+                Ok(()) => {
+                    running.insert(key, pod);
+                    workloads.push(w);
+                }
+                Err(reason) => skip("Pod", key, reason),
+            },
             Ok(None) => {}
-            Err(reason) => skipped.push(Skipped {
-                kind: "Pod",
-                key: key.clone(),
-                reason,
-            }),
+            Err(reason) => skip("Pod", key, reason),
         }
     }
     let mut services = Vec::new();
     for (key, service) in &resources.services {
         match service_spec(resources, &running, key, service) {
-            Ok(Some(s)) => services.push(s),
+            Ok(Some(s)) => {
+                let name = format!("{}/{}", s.namespace, s.hostname());
+                match addresses.claim(
+                    &format!("service {name}"),
+                    &[],
+                    &s.vips,
+                    std::slice::from_ref(&name),
+                ) {
+                    Ok(()) => services.push(s),
+                    Err(reason) => skip("Service", key, reason),
+                }
+            }
             Ok(None) => {}
-            Err(reason) => skipped.push(Skipped {
-                kind: "Service",
-                key: key.clone(),
-                reason,
-            }),
+            Err(reason) => skip("Service", key, reason),
+        }
+    }
+    for (key, entry) in &resources.service_entries {
+        let claimed = service_entries::translate_entry(key, entry, &running).and_then(|m| {
+            let ips: Vec<IpAddr> = m.workloads.iter().flat_map(|w| w.ips.clone()).collect();
+            let vips: Vec<IpAddr> = m
+                .services
+                .first()
+                .map(|s| s.vips.clone())
+                .unwrap_or_default();
+            let names: Vec<String> = m
+                .services
+                .iter()
+                .map(|s| format!("{}/{}", s.namespace, s.hostname()))
+                .collect();
+            addresses
+                .claim(&format!("ServiceEntry {key}"), &ips, &vips, &names)
+                .map(|()| m)
+        });
+        match claimed {
+            Ok(m) => {
+                workloads.extend(m.workloads);
+                services.extend(m.services);
+            }
+            Err(reason) => skip("ServiceEntry", key, reason),
         }
     }
     Translation {
@@ -99,6 +142,48 @@ pub fn translate(resources: &Resources) -> Translation {
             services,
         },
         skipped,
+    }
+}
+
+/// Workload IPs, service VIPs and service names in use, and by whom.
+#[derive(Default)]
+struct Addresses {
+    ips: BTreeMap<IpAddr, String>,
+    names: BTreeMap<String, String>,
+}
+
+impl Addresses {
+    /// Takes `ips` (workload addresses), `vips` (service addresses, which may be
+    /// shared by the services of one claimant) and service `names` for `owner`, or
+    /// says which is already taken, taking nothing.
+    fn claim(
+        &mut self,
+        owner: &str,
+        ips: &[IpAddr],
+        vips: &[IpAddr],
+        names: &[String],
+    ) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for ip in ips.iter().chain(vips) {
+            if let Some(other) = self.ips.get(ip) {
+                return Err(format!("address {ip} is already used by {other}"));
+            }
+            if ips.contains(ip) && !seen.insert(*ip) {
+                return Err(format!("address {ip} is listed twice"));
+            }
+        }
+        for name in names {
+            if let Some(other) = self.names.get(name) {
+                return Err(format!("service {name} is already defined by {other}"));
+            }
+        }
+        for ip in ips.iter().chain(vips) {
+            self.ips.insert(*ip, owner.to_owned());
+        }
+        for name in names {
+            self.names.insert(name.clone(), owner.to_owned());
+        }
+        Ok(())
     }
 }
 

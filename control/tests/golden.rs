@@ -67,6 +67,24 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
             .map(ToString::to_string)
             .collect(),
     };
+    // Whatever the input, ztunnel must accept the model as a whole, as it arrives
+    // over xDS: a clash the translation let through would make it reject everything.
+    let resources = ambit_net::xds::to_resources(&got.model);
+    let (received, errors) = ambit_net::xds::from_resources(&resources);
+    if !errors.is_empty() {
+        failures.push(format!(
+            "{}: xDS resources rejected: {errors:?}",
+            case.display()
+        ));
+    }
+    if let Err(e) =
+        ambit_core::model::MeshState::build(&received, &"cluster.local".parse().unwrap())
+    {
+        failures.push(format!(
+            "{}: ztunnel would reject the model: {e}",
+            case.display()
+        ));
+    }
     let path = case.join(expected);
     if std::env::var_os("AMBIT_BLESS").is_some() {
         fs::write(&path, serde_yaml_ng::to_string(&got).unwrap()).unwrap();

@@ -308,6 +308,20 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
     .await;
     assert!(pod_lists(&api) > lists_before, "no relist after 410 Gone");
 
+    // A ServiceEntry (Istio's YAML, served by the API server like any kind).
+    api.put(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+         metadata: {name: payments, namespace: shop}\n\
+         spec: {hosts: [api.payments.example], addresses: [192.0.2.10], resolution: STATIC,\n\
+                ports: [{number: 443, name: https, protocol: TLS}], endpoints: [{address: 198.51.100.1}]}\n",
+    );
+    until(&mut model, "ServiceEntry added", |m| {
+        m.services
+            .iter()
+            .any(|s| s.hostname.as_deref() == Some("api.payments.example"))
+    })
+    .await;
+
     // A namespace relabelled out of ambient: its pods drop to plaintext.
     api.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
     until(&mut model, "namespace unenrolled", |m| {
@@ -356,6 +370,8 @@ fn ca_client(addr: SocketAddr, root: &str, token: &str, impersonate: bool) -> Gr
 #[tokio::test]
 async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_node() {
     let api = cluster().await;
+    // Without Istio's CRDs there are no ServiceEntries, and the rest is served.
+    api.not_installed("serviceentries");
     let control = Control::start(&api).await;
     eventually("root published", || published_root(&api, "shop").is_some()).await;
     let root = published_root(&api, "shop").unwrap();

@@ -38,6 +38,8 @@ struct State {
     tokens: HashMap<String, Value>,
     /// "METHOD path?query" of every request, in order.
     requests: Vec<String>,
+    /// Plurals the server does not serve (a CRD not installed): 404.
+    missing: Vec<String>,
 }
 
 struct Watch {
@@ -214,6 +216,11 @@ impl FakeApi {
             .insert(token.to_owned(), status);
     }
 
+    /// Serve no `plural` (e.g. `serviceentries`), as when its CRD is not installed.
+    pub fn not_installed(&self, plural: &str) {
+        self.state.lock().unwrap().missing.push(plural.to_owned());
+    }
+
     /// The requests so far, as "METHOD path?query".
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -346,6 +353,13 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             )
         }
     };
+    if state.lock().unwrap().missing.iter().any(|m| m == plural) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     let collection = (prefix, plural.to_owned());
     let key = |name: &str| (namespace.unwrap_or("").to_owned(), name.to_owned());
     match (method, name) {
