@@ -67,7 +67,9 @@ pub async fn run_kubernetes(
     let (namespaces, namespaces_rx) = watch::channel(BTreeSet::new());
     let resources = store.snapshot();
     namespaces.send_replace(resources.namespaces.keys().cloned().collect());
-    publisher.publish(&resources, Vec::new(), "cluster");
+    let mut status = crate::status::StatusWriter::new(client.clone());
+    let skipped = publisher.publish(&resources, Vec::new(), "cluster");
+    status.update(&skipped).await;
 
     let (material, location) = crate::cluster_ca::load_or_create(
         client.clone(),
@@ -109,7 +111,8 @@ pub async fn run_kubernetes(
                 *current = next;
                 changed
             });
-            publisher.publish(&resources, Vec::new(), "cluster");
+            let skipped = publisher.publish(&resources, Vec::new(), "cluster");
+            status.update(&skipped).await;
         }
     });
     let result = ambit_ca::app::serve(

@@ -322,6 +322,38 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
     })
     .await;
 
+    // One that cannot be translated is skipped, and its status says why; fixed, the
+    // condition goes.
+    let bad = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+               metadata: {name: everything, namespace: shop}\n\
+               spec: {hosts: ['*.example.com'], addresses: [192.0.2.11], resolution: STATIC,\n\
+                      ports: [{number: 443, name: https}], endpoints: [{address: 198.51.100.2}]}\n";
+    api.put(bad);
+    let condition = || {
+        let o = api.get(
+            "networking.istio.io/v1",
+            "ServiceEntry",
+            "shop",
+            "everything",
+        )?;
+        o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "ZtunnelAccepted")
+            .cloned()
+    };
+    eventually("ZtunnelAccepted=False on the skipped ServiceEntry", || {
+        condition().is_some_and(|c| {
+            c["status"] == "False" && c["message"].as_str().unwrap_or("").contains("wildcard")
+        })
+    })
+    .await;
+    api.put(&bad.replace("'*.example.com'", "everything.example.com"));
+    eventually("condition withdrawn once translated", || {
+        condition().is_none()
+    })
+    .await;
+
     // A namespace relabelled out of ambient: its pods drop to plaintext.
     api.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
     until(&mut model, "namespace unenrolled", |m| {

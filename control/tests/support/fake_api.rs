@@ -339,6 +339,9 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
     if prefix == "apis/authentication.k8s.io/v1" && rest == ["tokenreviews"] {
         return token_review(state, &body);
     }
+    if let ["namespaces", ns, plural, name, "status"] = rest.as_slice() {
+        return patch_status(state, (prefix, (*plural).to_owned()), ns, name, &body);
+    }
     // (namespace filter, plural, name)
     let (namespace, plural, name) = match rest.as_slice() {
         [plural] => (None, *plural, None),
@@ -436,6 +439,35 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             &format!("{m} /{path}"),
         ),
     }
+}
+
+/// Server-side apply to the status subresource: the applied status replaces the
+/// object's.
+fn patch_status(
+    state: &Arc<Mutex<State>>,
+    collection: Collection,
+    namespace: &str,
+    name: &str,
+    body: &[u8],
+) -> Response<Body> {
+    let applied: Value = serde_json::from_slice(body).unwrap();
+    let mut state = state.lock().unwrap();
+    let key = (namespace.to_owned(), name.to_owned());
+    let Some(mut object) = state
+        .objects
+        .get(&collection)
+        .and_then(|o| o.get(&key))
+        .cloned()
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("\"{name}\" not found"),
+        );
+    };
+    object["status"] = applied["status"].clone();
+    state.store(collection.clone(), object);
+    full(StatusCode::OK, &state.objects[&collection][&key])
 }
 
 /// `metadata.name=x` style field selectors, the only kind the control plane uses.
