@@ -366,6 +366,72 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
     control.stop().await;
 }
 
+/// Every request ambit-control made is allowed by the RBAC it ships with
+/// (`deploy/ambit-control-rbac.yaml`): its ClusterRole anywhere, its Role in
+/// ambit-system.
+fn assert_allowed_by_rbac(api: &FakeApi) {
+    let rbac = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/ambit-control-rbac.yaml"
+    );
+    let text = std::fs::read_to_string(rbac).unwrap();
+    let mut cluster_rules = Vec::new();
+    let mut namespace_rules = Vec::new();
+    for doc in text.split("\n---\n") {
+        let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("ClusterRole") => cluster_rules.extend(v["rules"].as_array().unwrap().clone()),
+            Some("Role") => {
+                assert_eq!(v["metadata"]["namespace"], "ambit-system");
+                namespace_rules.extend(v["rules"].as_array().unwrap().clone())
+            }
+            _ => {}
+        }
+    }
+    let allows = |rules: &[serde_json::Value], verb: &str, group: &str, resource: &str| {
+        rules.iter().any(|r| {
+            let has =
+                |field: &str, want: &str| r[field].as_array().unwrap().iter().any(|x| x == want);
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for request in api.requests() {
+        let (method, rest) = request.split_once(' ').unwrap();
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, tail) = match segments.as_slice() {
+            ["api", "v1", tail @ ..] => ("", tail),
+            ["apis", group, _version, tail @ ..] => (*group, tail),
+            _ => panic!("unexpected request {request}"),
+        };
+        let (namespace, resource, named) = match tail {
+            [plural] => (None, plural.to_string(), false),
+            ["namespaces", _] => (None, "namespaces".to_owned(), true),
+            ["namespaces", ns, plural] => (Some(*ns), plural.to_string(), false),
+            ["namespaces", ns, plural, _] => (Some(*ns), plural.to_string(), true),
+            ["namespaces", ns, plural, _, sub] => (Some(*ns), format!("{plural}/{sub}"), true),
+            _ => panic!("unexpected request {request}"),
+        };
+        let verb = match method {
+            "GET" if query.contains("watch=true") => "watch",
+            "GET" if named => "get",
+            "GET" => "list",
+            "POST" => "create",
+            "PATCH" => "patch",
+            "PUT" => "update",
+            "DELETE" => "delete",
+            other => panic!("unexpected method {other}"),
+        };
+        let allowed = allows(&cluster_rules, verb, group, &resource)
+            || (namespace == Some("ambit-system")
+                && allows(&namespace_rules, verb, group, &resource));
+        assert!(
+            allowed,
+            "{request}: {verb} {group}/{resource} is not allowed by {rbac}"
+        );
+    }
+}
+
 /// Pod lists (not watches) the API server has answered.
 fn pod_lists(api: &FakeApi) -> usize {
     api.requests()
@@ -474,6 +540,7 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
     eventually("xDS client refused twice", || reviews() >= before + 2).await;
     assert!(model.borrow().workloads.is_empty(), "{:#?}", model.borrow());
     control.stop().await;
+    assert_allowed_by_rbac(&api);
 }
 
 #[tokio::test]
@@ -544,4 +611,5 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
         .await
         .unwrap();
     control.stop().await;
+    assert_allowed_by_rbac(&api);
 }
