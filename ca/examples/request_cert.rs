@@ -71,7 +71,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         address: args.ca.clone(),
         ca_identity: args.ca_identity.clone(),
         roots: vec![root],
-        token: Some(args.token.clone()),
+        token: Some(args.token.clone().into()),
         impersonate: args.impersonate,
         timeout: Duration::from_secs(10),
     })?;

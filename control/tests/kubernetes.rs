@@ -187,7 +187,7 @@ fn xds_client(
 ) {
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
     let mut config = ClientConfig::new("ztunnel~node-a");
-    config.token = Some(token.to_owned());
+    config.token = Some(token.into());
     config.max_backoff = Duration::from_millis(200);
     let roots = roots(root_pem);
     let connect = move || {

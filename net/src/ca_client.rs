@@ -3,6 +3,7 @@
 //! who it is with a bearer token (a node agent also names the identity it wants in
 //! `ImpersonatedIdentity`) or, for renewal, with the certificate being renewed.
 
+use crate::token::BearerToken;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub enum FetchError {
     Connect { address: String, reason: String },
     #[error("CA refused ({code:?}): {message}")]
     Refused { code: tonic::Code, message: String },
+    #[error("cannot read the bearer token: {0}")]
+    Token(String),
     #[error("no credentials to request {0}: configure a token or hold a current certificate")]
     NoCredentials(SpiffeId),
     #[error("CA answer unusable: {0}")]
@@ -59,8 +62,8 @@ pub struct CaClientConfig {
     pub ca_identity: SpiffeId,
     /// Mesh roots the CA's certificate must chain to.
     pub roots: Vec<CertificateDer<'static>>,
-    /// Bearer token, when the caller has one.
-    pub token: Option<String>,
+    /// Bearer token, when the caller has one (read again for every request).
+    pub token: Option<BearerToken>,
     /// Whether to name the requested identity in `ImpersonatedIdentity` (node agents).
     pub impersonate: bool,
     /// Deadline for one request, connection included.
@@ -92,7 +95,14 @@ impl GrpcCaClient {
     async fn request(&self, req: FetchRequest) -> Result<Vec<String>, FetchError> {
         let cfg = &self.config;
         let (channel, token) = match (&self.token_channel, &cfg.token, &req.current) {
-            (Some(ch), Some(token), _) => (ch.clone(), Some(token.as_str())),
+            (Some(ch), Some(token), _) => (
+                ch.clone(),
+                Some(
+                    token
+                        .current()
+                        .map_err(|e| FetchError::Token(e.to_string()))?,
+                ),
+            ),
             (_, _, Some(current)) => (channel(cfg, Some(current))?, None),
             _ => return Err(FetchError::NoCredentials(req.identity.clone())),
         };

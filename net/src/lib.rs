@@ -14,4 +14,5 @@ pub mod process;
 pub mod redirect;
 pub mod relay;
 pub mod tls;
+pub mod token;
 pub mod xds;

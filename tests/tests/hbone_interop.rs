@@ -104,7 +104,7 @@ async fn client_cert(h: &Harness, node: &Netns) -> ClientCert {
         address: format!("{}:15012", h.mesh.fabric_ip()),
         ca_identity: CA_ID.parse().unwrap(),
         roots: pem_blocks(&root_pem).into_iter().map(Into::into).collect(),
-        token: Some(token.trim().to_string()),
+        token: Some(token.trim().into()),
         impersonate: true,
         timeout: Duration::from_secs(10),
     };

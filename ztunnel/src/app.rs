@@ -9,6 +9,7 @@ use ambit_net::ca_client::{CaClientConfig, GrpcCaClient};
 use ambit_net::cert_manager::{CertificateManager, ManagerConfig, SystemClock};
 use ambit_net::handoff::{self, PacketListener};
 use ambit_net::hbone::H2Settings;
+use ambit_net::token::BearerToken;
 use anyhow::Context;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -46,10 +47,9 @@ pub async fn run(
         "--ca-root {}: no certificate",
         config.ca_root.display()
     );
-    let token = std::fs::read_to_string(&config.ca_token_file)
-        .with_context(|| format!("--ca-token-file {}", config.ca_token_file.display()))?
-        .trim()
-        .to_string();
+    let token = BearerToken::File(config.ca_token_file.clone());
+    // Read now too, so a missing or empty file stops startup with a clear error.
+    token.current().context("--ca-token-file")?;
     let (model, _model_task) = match (&config.model_file, &config.xds_address) {
         (Some(path), _) => {
             model_file::watch_file(path.clone(), config.trust_domain.clone(), config.model_poll)?

@@ -63,7 +63,9 @@ pub struct Config {
     #[arg(long, env = "AMBIT_CA_IDENTITY")]
     pub ca_identity: Option<SpiffeId>,
 
-    /// File holding this node agent's bearer token for the CA.
+    /// File holding this node agent's bearer token for the CA and xDS (in a cluster, a
+    /// projected service account token with audience istio-ca). Read again for every
+    /// request, so a rotated token is picked up.
     #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
     pub ca_token_file: PathBuf,
 

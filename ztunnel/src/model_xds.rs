@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use ambit_core::model::{MeshConfig, MeshState};
 use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::ca_client::tls_channel;
+use ambit_net::token::BearerToken;
 use ambit_net::xds::client::{ClientConfig, XdsClient};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -23,7 +24,7 @@ pub struct XdsSource {
     /// The identity the control plane must present.
     pub identity: SpiffeId,
     pub roots: Vec<CertificateDer<'static>>,
-    pub token: String,
+    pub token: BearerToken,
     pub node: String,
 }
 

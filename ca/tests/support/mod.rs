@@ -1,6 +1,7 @@
 //! Helpers shared by the CA's integration tests. Certificates are made at test time.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use ambit_net::token::BearerToken;
 use std::time::{Duration, SystemTime};
 
 use ambit_ca::authority::CertificateAuthority;
@@ -117,7 +118,7 @@ pub fn client_config(
         address: addr.to_string(),
         ca_identity: id(CONTROL),
         roots: vec![der(&root_pem)],
-        token: token.map(String::from),
+        token: token.map(BearerToken::from),
         impersonate,
         timeout: Duration::from_secs(10),
     }

@@ -9,6 +9,7 @@
 //! from [`ClientConfig::min_backoff`] to [`ClientConfig::max_backoff`], starting over
 //! once a stream has delivered a response.
 
+use crate::token::BearerToken;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -31,8 +32,9 @@ const INVALID_ARGUMENT: i32 = 3;
 pub struct ClientConfig {
     /// `Node.id` the server logs the client by.
     pub node_id: String,
-    /// Sent as `authorization: Bearer <token>` (the node agent's CA token).
-    pub token: Option<String>,
+    /// Sent as `authorization: Bearer <token>` (the node agent's CA token), read again
+    /// for every stream.
+    pub token: Option<BearerToken>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -113,9 +115,14 @@ impl XdsClient {
     async fn stream(&mut self, channel: Channel) -> Result<bool, (bool, tonic::Status)> {
         let authorization = match &self.config.token {
             Some(token) => Some(
-                format!("Bearer {token}")
-                    .parse::<tonic::metadata::MetadataValue<_>>()
-                    .map_err(|_| (false, tonic::Status::unauthenticated("token is not ASCII")))?,
+                format!(
+                    "Bearer {}",
+                    token
+                        .current()
+                        .map_err(|e| (false, tonic::Status::unauthenticated(e.to_string())))?
+                )
+                .parse::<tonic::metadata::MetadataValue<_>>()
+                .map_err(|_| (false, tonic::Status::unauthenticated("token is not ASCII")))?,
             ),
             None => None,
         };
