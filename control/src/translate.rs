@@ -395,16 +395,13 @@ fn service_spec(
     if ports.is_empty() {
         return Ok(None);
     }
-    let slices: Vec<_> = resources
-        .endpoint_slices
-        .iter()
-        .filter(|(k, s)| {
-            k.namespace == key.namespace
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    == Some(&key.name)
+    let slices: Vec<_> = in_namespace(&resources.endpoint_slices, &key.namespace)
+        .filter(|(_, s)| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                == Some(&key.name)
         })
         .map(|(_, s)| s)
         .collect();
@@ -433,6 +430,24 @@ fn service_spec(
     }))
 }
 
+/// The entries of `map` (keyed by namespace, then name) in `namespace`: a range, not a
+/// scan, so a service's endpoints cost its namespace's pods, not the cluster's.
+pub(crate) fn in_namespace<'a, K, V>(
+    map: &'a BTreeMap<K, V>,
+    namespace: &str,
+) -> impl Iterator<Item = (&'a K, &'a V)> + 'a
+where
+    K: std::borrow::Borrow<ObjectKey> + Ord,
+{
+    let start = ObjectKey::new(namespace, "");
+    let namespace = namespace.to_owned();
+    map.range::<ObjectKey, _>((
+        std::ops::Bound::Included(&start),
+        std::ops::Bound::Unbounded,
+    ))
+    .take_while(move |(k, _)| (*k).borrow().namespace == namespace)
+}
+
 /// Endpoints from the service's selector over the running pods of its namespace. A pod
 /// that lacks a named target port is not an endpoint.
 fn selected_endpoints(
@@ -450,10 +465,7 @@ fn selected_endpoints(
         return Vec::new();
     };
     let mut endpoints = Vec::new();
-    'pods: for (pod_key, pod) in running {
-        if pod_key.namespace != key.namespace {
-            continue;
-        }
+    'pods: for (pod_key, pod) in in_namespace(running, &key.namespace) {
         let labels = pod.metadata.labels.as_ref();
         if !selector
             .iter()

@@ -143,13 +143,12 @@ pub(super) fn translate_entry(
         if !spec.endpoints.is_empty() {
             return Err("endpoints and workloadSelector are mutually exclusive".into());
         }
-        for (pod_key, pod) in running {
+        for (pod_key, pod) in super::in_namespace(running, &key.namespace) {
             let labels = pod.metadata.labels.as_ref();
-            if pod_key.namespace == key.namespace
-                && selector
-                    .labels
-                    .iter()
-                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            if selector
+                .labels
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
             {
                 endpoints.push(EndpointSpec {
                     workload_uid: pod_key.to_string(),
