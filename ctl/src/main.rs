@@ -7,7 +7,15 @@ fn main() -> ExitCode {
     match ambit_ctl::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ambitctl: {e:#}");
+            // The chain of causes, each once: many of our errors already quote theirs.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message = format!("{message}: {cause}");
+                }
+            }
+            eprintln!("ambitctl: {message}");
             ExitCode::FAILURE
         }
     }
