@@ -229,3 +229,92 @@ fn fill_pod(object: &mut serde_json::Value, p: &ModelPod<'_>) {
         object["metadata"]["annotations"]["ambient.istio.io/redirection"] = json!("enabled");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::topology::Netns;
+
+    fn pod(namespace: &str, name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: BTreeMap::new(),
+            node: "node-b".into(),
+            ip: ip.into(),
+            ip6: "fd10:2::2".parse().unwrap(),
+            netns: Netns::named(format!("am1x0-p-{name}")),
+            container_id: "c".into(),
+        }
+    }
+
+    fn documents(yaml: &str) -> Vec<Value> {
+        yaml.split("---\n")
+            .map(|d| serde_yaml_ng::from_str(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn declared_objects_are_kept_and_filled_in_as_a_cluster_would() {
+        let web = pod("shop", "web", [10, 2, 0, 2]);
+        let extra = pod("shop", "extra", [10, 2, 0, 3]);
+        let service = Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            vip: [10, 96, 0, 10].into(),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+            }],
+        };
+        let declared = vec![
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+                   "spec": {"serviceAccountName": "web", "containers": [{"name": "web"}]}}),
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "web", "namespace": "shop"},
+                   "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}),
+        ];
+        let pods = [
+            ModelPod {
+                pod: &web,
+                protocol: Protocol::Hbone,
+            },
+            ModelPod {
+                pod: &extra,
+                protocol: Protocol::Tcp,
+            },
+        ];
+        let yaml = export_kubernetes(&pods, &[(&service, vec!["shop/web".into()])], &declared);
+        let docs = documents(&yaml);
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        // The declared four, then the undeclared pod; no second Namespace, no
+        // EndpointSlice for a declared service (its selector says).
+        assert_eq!(kinds, ["Namespace", "Pod", "Service", "ConfigMap", "Pod"]);
+        let web = &docs[1];
+        assert_eq!(web["spec"]["nodeName"], "node-b");
+        assert_eq!(web["status"]["podIP"], "10.2.0.2");
+        assert_eq!(web["status"]["podIPs"][1]["ip"], "fd10:2::2");
+        assert_eq!(web["metadata"]["labels"]["app"], "web");
+        assert_eq!(
+            web["metadata"]["annotations"]["ambient.istio.io/redirection"],
+            "enabled"
+        );
+        assert_eq!(docs[2]["spec"]["clusterIP"], "10.96.0.10");
+        assert_eq!(docs[2]["spec"]["ports"][0]["targetPort"], "http");
+        let extra = &docs[4];
+        assert_eq!(extra["metadata"]["name"], "extra");
+        assert_eq!(extra["status"]["podIP"], "10.2.0.3");
+        assert!(extra["metadata"]["annotations"]
+            .get("ambient.istio.io/redirection")
+            .is_none());
+    }
+}

@@ -35,6 +35,8 @@ pub fn run(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<ExitC
 }
 
 async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<()> {
+    // The terminal `up` ran in may close: the mesh stays until `down`.
+    let _ignore_hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let app = manifest::load_dir(dir)?;
     println!(
         "==> building nodes {} as network namespaces",
