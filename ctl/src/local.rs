@@ -68,6 +68,10 @@ fn up(
     }
     // Bad YAML is reported before anything is made.
     let app = crate::manifest::load_dir(dir)?;
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "the local mesh creates network namespaces and firewall rules: run ambitctl local up as root"
+    );
     let exe = std::env::current_exe().context("finding ambitctl's own path")?;
     let bin_dir = match bin_dir {
         Some(d) => d,
@@ -126,7 +130,8 @@ fn up(
             // Whatever it made carries its pid, which is dead now.
             let _ = ambit_localmesh::sweep_stale();
             anyhow::bail!(
-                "the local mesh did not start ({status}); its log is {}",
+                "the local mesh did not start (supervisor pid {}: {status}); it removed what it had made. Its log is {}",
+                supervisor.id(),
                 log_path.display()
             );
         }

@@ -5,7 +5,8 @@
 //! Nodes are the distinct `spec.nodeName` values of the pods, in order of appearance;
 //! a pod without one goes to the first node (`node-a` when no pod names one). A pod is
 //! enrolled when it, or else its namespace, carries `istio.io/dataplane-mode: ambient`
-//! (a pod's `none` opts it out), the rule the control plane applies.
+//! (a pod's `none` opts it out) and it is not on the host network, the rule the
+//! control plane applies. Every pod gets its own network namespace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -234,6 +235,11 @@ pub fn from_documents(documents: Vec<(Location, Value)>) -> Result<App, Manifest
                     services.push((at.clone(), namespace, name, object.clone()));
                 }
             }
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "CronJob" => {
+                app.notes.push(format!(
+                    "{kind} {namespace}/{name}: the local mesh runs Pods only, so it makes no pods for it (write them as Pods)"
+                ));
+            }
             _ => {}
         }
         app.objects.push(object);
@@ -290,7 +296,13 @@ fn pod(
             .and_then(|l| l.get(DATAPLANE_MODE))
             .map(String::as_str)
     });
-    let enrolled = mode == Some("ambient");
+    let host_network = spec["hostNetwork"].as_bool() == Some(true);
+    if host_network && mode == Some("ambient") {
+        app.notes.push(format!(
+            "pod {namespace}/{name} is on the host network: never enrolled (as in a cluster)"
+        ));
+    }
+    let enrolled = mode == Some("ambient") && !host_network;
     let (mut http_ports, mut tcp_ports, mut named_ports) =
         (Vec::new(), Vec::new(), BTreeMap::new());
     for container in spec["containers"].as_array().into_iter().flatten() {

@@ -307,3 +307,44 @@ fn yaml_that_does_not_parse_is_refused_by_file_and_line_with_nothing_left() {
     let err = String::from_utf8_lossy(&exec.stderr);
     assert!(err.contains("no local mesh is running"), "{err}");
 }
+
+#[test]
+fn a_failure_while_starting_removes_what_was_made() {
+    let ctl = Ctl::new();
+    let app = tempfile::tempdir().unwrap();
+    // Valid YAML the mesh cannot run: two services claim one cluster IP, found only
+    // once the pods exist.
+    std::fs::write(
+        app.path().join("shop.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {nodeName: node-a, containers: [{name: web}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: shop}\nspec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let out = ctl.run(&["local", "up", app.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("VIP 10.96.0.50 is taken"),
+        "{stdout}{stderr}"
+    );
+    let pid: u64 = stderr
+        .split("supervisor pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no supervisor pid in: {stderr}"));
+    assert!(!alive(pid));
+    let prefix = format!("am{pid}x");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert!(!ctl.state.path().join("supervisor.pid").exists());
+}

@@ -221,9 +221,8 @@ fn make_services(
             continue;
         }
         spec = spec.endpoints(endpoints.iter().map(|(_, pod)| *pod));
-        let made_service = mesh
-            .add_service(spec)
-            .with_context(|| format!("making service {key}"))?;
+        // The mesh's errors name the service.
+        let made_service = mesh.add_service(spec)?;
         println!(
             "==> service {key}: {} (ClusterIP, DNAT in every node like kube-proxy)",
             made_service.vip()
