@@ -247,6 +247,10 @@ pub fn resolve(
     };
     let ip = match host.parse::<IpAddr>() {
         Ok(ip) => ip,
+        Err(_) if hosts.is_empty() => anyhow::bail!(
+            "{host}: not an address, and no names are known here: run it through \
+             `ambitctl local exec`, which gives the local mesh's names (or give --hosts)"
+        ),
         Err(_) => *hosts.get(host).with_context(|| {
             format!(
                 "{host}: not an address, and the local mesh knows no such name (names: {})",
