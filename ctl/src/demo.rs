@@ -171,7 +171,13 @@ async fn caller_identity(
         .await?;
     socket.set_nonblocking(true)?;
     let stream = TcpStream::from_std(socket)?;
-    let path = format!("/inbound_caller?client={peer}&app={local}");
+    // Brackets of IPv6 addresses are not allowed bare in a query.
+    let encode = |a: SocketAddr| a.to_string().replace('[', "%5B").replace(']', "%5D");
+    let path = format!(
+        "/inbound_caller?client={}&app={}",
+        encode(peer),
+        encode(local)
+    );
     let (status, body) = tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, "localhost", &path))
         .await
         .context("ztunnel's admin endpoint did not answer")??;

@@ -183,6 +183,25 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         "{got}"
     );
 
+    // Straight to the catalog's IPv6 address: over HBONE too.
+    let catalog6 = mesh["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "catalog")
+        .unwrap()["ip6"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url6 = format!("http://[{catalog6}]:8080/");
+    let got6 = ctl.ok(&[
+        "local", "exec", "frontend", "--", "ambitctl", "app", "get", &url6,
+    ]);
+    assert!(
+        got6.contains("caller identity: spiffe://cluster.local/ns/bookshop/sa/frontend"),
+        "{got6}"
+    );
+
     // The TCP echo through the service too.
     let echoed = ctl.ok(&[
         "local",
