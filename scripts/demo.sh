@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The local mesh demo: a two-node cluster on this machine, made of network namespaces.
-# It runs the real ambit-control and one ztunnel per node, with two pods enrolled in ambient
-# mode, and sends HTTP between them over HBONE (mutual TLS). It keeps running, printing
-# how to look inside, until Ctrl-C; then it tears everything down.
+# The local mesh demo, the README's first command: `ambitctl local up examples/bookshop`
+# runs a two-node cluster on this machine made of network namespaces: the real
+# ambit-control, a ztunnel per node, the demo app in every pod, the `bookshop`
+# namespace enrolled in ambient mode and `legacy` not. It then sends a request from
+# each namespace to the catalog and shows who the catalog says called it: an identity
+# over HBONE (mutual TLS), none in plaintext. The mesh keeps running afterwards;
+# `ambitctl local down` removes it.
 #
 # Needs root (network namespaces, iptables); installs what it needs that is missing
 # (iproute2, iptables, nftables, Debian's containernetworking-plugins) with apt-get.
@@ -16,5 +19,17 @@ fi
 scripts/system-packages.sh
 echo "==> building"
 cargo build -q --bins
-cargo build -q -p ambit-tests --example local_mesh
-exec target/debug/examples/local_mesh
+ambitctl="${CARGO_TARGET_DIR:-target}/debug/ambitctl"
+
+"$ambitctl" local up examples/bookshop
+
+echo
+echo "==> bookshop/frontend (ambient) -> http://catalog.bookshop/ : HBONE, mutual TLS"
+echo "\$ ambitctl local exec bookshop/frontend -- ambitctl app get http://catalog.bookshop/"
+"$ambitctl" local exec bookshop/frontend -- ambitctl app get http://catalog.bookshop/
+echo
+echo "==> legacy/batch (not in the mesh) -> http://catalog.bookshop/ : plaintext"
+echo "\$ ambitctl local exec legacy/batch -- ambitctl app get http://catalog.bookshop/"
+"$ambitctl" local exec legacy/batch -- ambitctl app get http://catalog.bookshop/
+echo
+echo "The mesh keeps running. $ambitctl local down removes it (namespaces, rules, processes)."

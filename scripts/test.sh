@@ -41,4 +41,4 @@ else
 fi
 
 step "interop tests (Python grpcio client against the real binaries)"
-AMBIT_CA_BIN="$PWD/target/debug/ambit-ca" "$venv/bin/python" -m pytest -q tests/interop
+AMBIT_CA_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/debug/ambit-ca" "$venv/bin/python" -m pytest -q tests/interop

@@ -6,7 +6,8 @@
 //! ClusterIP services (IPv4) are DNATed in every node the way
 //! kube-proxy does it. The mesh's components (ambit-ca, ztunnel, later ambit-control
 //! and ambit-cni) run in it as their real binaries, started with
-//! [`LocalMesh::spawn_in`].
+//! [`LocalMesh::spawn_in`]; [`Ambient`] starts the control plane and a ztunnel per
+//! node, and enrols pods as the node agent does.
 //!
 //! ```no_run
 //! # use ambit_localmesh::{LocalMesh, PodSpec, ServiceSpec};
@@ -34,6 +35,7 @@
 //! This crate must not: link any component crate (it starts their binaries); touch the
 //! host's network namespace; leave anything behind when a mesh is dropped.
 
+pub mod ambient;
 mod cmd;
 pub mod cni;
 mod mesh;
@@ -47,6 +49,7 @@ mod topology;
 use std::io;
 use std::path::PathBuf;
 
+pub use ambient::{Ambient, AmbientConfig};
 pub use ambit_core::model::{Protocol, ServicePort};
 pub use ambit_net::process::raise_nofile_limit;
 pub use mesh::{
@@ -115,6 +118,14 @@ pub enum MeshError {
     Process(#[from] ProcessError),
     #[error("binary {name} not found at {}: build it first (cargo build --bins)", path.display())]
     BinaryNotFound { name: String, path: PathBuf },
+    #[error("enrolling pod {pod}: {reason}")]
+    Enrol { pod: String, reason: String },
+    #[error("waited {waited:?} for {what}, in vain; logs:\n{log}")]
+    NotWithin {
+        what: String,
+        waited: std::time::Duration,
+        log: String,
+    },
     #[error("tearing down mesh {mesh}: {}", failures.join("; "))]
     Teardown { mesh: String, failures: Vec<String> },
 }

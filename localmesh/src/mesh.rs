@@ -74,6 +74,8 @@ struct State {
     services: BTreeMap<String, ServiceState>,
     /// The per-service chains last written into the nodes.
     chains: BTreeSet<String>,
+    /// Kubernetes objects a user declared, written with the mesh's own.
+    declared: Vec<Value>,
 }
 
 #[derive(Debug)]
@@ -357,11 +359,22 @@ impl LocalMesh {
             path: dir.clone(),
             source,
         })?;
+        let declared = self.state().declared.clone();
         write_replacing(
             &dir.join("mesh.yaml"),
-            &self.export(crate::model::export_kubernetes),
+            &self.export(|pods, services| {
+                crate::model::export_kubernetes(pods, services, &declared)
+            }),
         )?;
         Ok(dir)
+    }
+
+    /// Kubernetes objects (as JSON values) that [`write_kubernetes`](Self::write_kubernetes)
+    /// writes too, from now on: the YAML a user wrote for the pods and services they
+    /// then made in the mesh under the same names. Each is written with what a cluster
+    /// fills in: a Pod's node, addresses and redirection annotation, a Service's VIP.
+    pub fn declare_kubernetes(&self, objects: Vec<Value>) {
+        self.state().declared = objects;
     }
 
     /// `export` applied to the pods that exist and the services with the endpoints

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::callers::InboundCallers;
 use crate::metrics::Metrics;
 use crate::model_file::ModelSnapshot;
 
@@ -185,6 +186,7 @@ pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// The admin endpoint (bind it to localhost only).
 pub struct Admin {
+    pub callers: Arc<InboundCallers>,
     pub model: watch::Receiver<ModelSnapshot>,
     pub certs: Arc<CertificateManager>,
     pub set_log_filter: SetLogFilter,
@@ -240,6 +242,7 @@ impl Endpoint for Admin {
                 }))
             }
             (&Method::GET, "/certs") => Reply::json(self.certs_json()),
+            (&Method::GET, "/inbound_caller") => inbound_caller(&self.callers, query),
             (&Method::GET, "/logging") => {
                 let current = self
                     .log_filter
@@ -274,9 +277,72 @@ impl Endpoint for Admin {
     }
 }
 
+/// `GET /inbound_caller?client=IP:PORT&app=IP:PORT`: the identity that opened the open
+/// inbound HBONE tunnel whose app connection has these addresses (as the app sees
+/// them: its peer, its local address); 404 when there is none (a plaintext client, or
+/// the connection has closed).
+fn inbound_caller(callers: &InboundCallers, query: Option<&str>) -> Reply {
+    let param = |name: &str| {
+        query
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .map(|v| {
+                v.replace("%5B", "[")
+                    .replace("%5D", "]")
+                    .replace("%3A", ":")
+            })
+            .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+    };
+    let (Some(client), Some(app)) = (param("client"), param("app")) else {
+        return Reply::text(
+            400,
+            "give both addresses as ?client=IP:PORT&app=IP:PORT, as the app sees its connection\n",
+        );
+    };
+    match callers.lookup(client, app) {
+        Some(caller) => Reply::json(json!({
+            "client": caller.client.to_string(),
+            "app": caller.app.to_string(),
+            "identity": caller.identity.to_string(),
+        })),
+        None => Reply::text(
+            404,
+            format!("no open inbound HBONE tunnel from {client} to {app}\n"),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_caller_names_the_identity_of_an_open_tunnel() {
+        let callers = InboundCallers::new();
+        let _open = callers.register(crate::callers::Caller {
+            client: "10.1.0.2:40000".parse().unwrap(),
+            app: "10.2.0.2:8080".parse().unwrap(),
+            identity: "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap(),
+        });
+        let found = inbound_caller(&callers, Some("client=10.1.0.2:40000&app=10.2.0.2:8080"));
+        assert_eq!(found.status, 200, "{}", found.body);
+        assert!(
+            found
+                .body
+                .contains("\"identity\": \"spiffe://cluster.local/ns/shop/sa/client\""),
+            "{}",
+            found.body
+        );
+        let mapped = inbound_caller(
+            &callers,
+            Some("client=%5B::ffff:10.1.0.2%5D:40000&app=[::ffff:10.2.0.2]:8080"),
+        );
+        assert_eq!(mapped.status, 200, "{}", mapped.body);
+        let none = inbound_caller(&callers, Some("client=10.1.0.9:1&app=10.2.0.2:8080"));
+        assert_eq!(none.status, 404);
+        assert_eq!(inbound_caller(&callers, Some("client=x")).status, 400);
+    }
 
     #[test]
     fn readiness_waits_for_every_block() {

@@ -16,6 +16,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin, Readiness, SetLogFilter};
+use crate::callers::InboundCallers;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pods::Pods;
@@ -109,6 +110,7 @@ pub async fn run(
         active: Default::default(),
         none_active: Default::default(),
         draining: draining_rx,
+        callers: InboundCallers::new(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -124,6 +126,7 @@ pub async fn run(
             .with_context(|| format!("cannot listen on {addr}"))
     };
     let admin = Arc::new(Admin {
+        callers: shared.callers.clone(),
         model,
         certs,
         set_log_filter,

@@ -8,7 +8,8 @@
 //!
 //! Pieces: [`config`] (flags), [`app`] (wiring and drain), [`pods`] (served pods and
 //! their listeners), [`proxy`] (the traffic paths), [`model_file`] (the model source),
-//! [`metrics`] (Istio's TCP metrics) and [`admin`] (admin, metrics and readiness
+//! [`metrics`] (Istio's TCP metrics), [`callers`] (who opened each open inbound
+//! tunnel) and [`admin`] (admin, metrics and readiness
 //! endpoints).
 //!
 //! ztunnel must not make decisions itself (they are pure functions in `ambit_core`) and
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod callers;
 pub mod config;
 pub mod metrics;
 pub mod model_file;

@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, TraceParent};
+use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
 use ambit_core::inbound::{client_source, local_target};
 use ambit_core::model::Workload;
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
-use ambit_core::{SpiffeId, TrustDomain};
+use ambit_core::TrustDomain;
 use ambit_net::cert_manager::CertificateManager;
 use ambit_net::hbone::client::{OpenTunnel, OutboundRequest};
 use ambit_net::hbone::pool::PoolKey;
@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::callers::{Caller, InboundCallers, Registration};
 use crate::metrics::{
     ConnectionLabels, Metrics, OpenConnection, PeerLabels, Reporter, SecurityPolicy,
 };
@@ -50,6 +51,8 @@ pub struct Shared {
     pub none_active: tokio::sync::Notify,
     /// Becomes true when ztunnel starts draining.
     pub draining: watch::Receiver<bool>,
+    /// Who opened each open inbound tunnel, for the admin endpoint.
+    pub callers: Arc<InboundCallers>,
 }
 
 impl Shared {
@@ -464,11 +467,11 @@ impl PodInbound {
     }
 }
 
-/// What an open inbound tunnel keeps: its counters and what its closing log names.
+/// What an open inbound tunnel keeps: its counters, and its caller's registration,
+/// which also holds what its closing log names.
 struct InboundTunnel {
     metrics: OpenConnection,
-    peer: SpiffeId,
-    target: HboneTarget,
+    caller: Registration,
 }
 
 impl InboundHandler for PodInbound {
@@ -508,19 +511,21 @@ impl InboundHandler for PodInbound {
                 reason: e.to_string(),
             })?;
         let metrics = self.shared.metrics.connection_opened(&self.labels(request));
-        Ok((
-            app,
-            InboundTunnel {
-                metrics,
-                peer: request.peer.clone(),
-                target: request.target,
-            },
-        ))
+        // Registered before the CONNECT is answered, so before the client's first byte
+        // can reach the app: an app asking who called after reading finds the caller.
+        let caller = self.shared.callers.register(Caller {
+            client: app.local_addr().unwrap_or(source),
+            app: request.target.addr(),
+            identity: request.peer.clone(),
+        });
+        Ok((app, InboundTunnel { metrics, caller }))
     }
 
     fn finished(&self, tunnel: InboundTunnel, outcome: TunnelOutcome) {
         tunnel.metrics.closed(outcome.bytes_in, outcome.bytes_out);
-        tracing::debug!(pod = %self.pod.uid, peer = %tunnel.peer, target = %tunnel.target, bytes_in = outcome.bytes_in, bytes_out = outcome.bytes_out, "inbound tunnel closed");
+        if let Some(caller) = tunnel.caller.finish() {
+            tracing::debug!(pod = %self.pod.uid, peer = %caller.identity, target = %caller.app, bytes_in = outcome.bytes_in, bytes_out = outcome.bytes_out, "inbound tunnel closed");
+        }
     }
 
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
@@ -546,5 +551,12 @@ mod tests {
     fn an_open_connection_stays_small() {
         let size = std::mem::size_of::<ConnectionTask>();
         assert!(size <= 288, "ConnectionTask grew to {size} bytes");
+    }
+
+    /// Every open inbound tunnel holds one; `ambit_net`'s tunnel task is sized for 80.
+    #[test]
+    fn an_inbound_tunnel_keeps_at_most_80_bytes() {
+        let size = std::mem::size_of::<InboundTunnel>();
+        assert!(size <= 80, "InboundTunnel grew to {size} bytes");
     }
 }

@@ -1,20 +1,18 @@
 //! The end-to-end harness: a local mesh with the real `ambit-control` (fed the mesh as
 //! Kubernetes YAML; the model over delta xDS, and the CA) and one real `ztunnel` per
 //! node, and the node agent's part (redirect rules, hand-off, redirection report)
-//! played by the test.
+//! played by the test; all of it `ambit_localmesh::Ambient`, shared with `ambitctl`.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::AsFd;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ambit_localmesh::{target_binary, Completed, LocalMesh, Pod, PodSpec, Process, Protocol};
-use ambit_net::handoff::HandoffClient;
+use ambit_localmesh::{
+    target_binary, Ambient, AmbientConfig, Completed, LocalMesh, Pod, PodSpec, Process,
+};
 use ambit_net::netns::NetnsHandle;
-use ambit_net::redirect::{self, RedirectConfig};
-use ambit_proto::handoff::WorkloadInfo;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -24,8 +22,7 @@ pub const TEST_LOG: &str = "info,ambit_ztunnel=debug";
 /// A mesh with the control plane and one ztunnel per node, ready to enrol pods.
 pub struct Harness {
     pub mesh: LocalMesh,
-    control: Process,
-    ztunnels: Vec<(String, Process, PathBuf)>,
+    ambient: Ambient,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -51,68 +48,28 @@ impl Harness {
 
     /// [`Harness::start_logging`] with more ztunnel flags.
     pub fn start_with(mesh: LocalMesh, log: &str, ztunnel_flags: &[&str]) -> Harness {
-        let dir = mesh.dir().to_path_buf();
-        let ca_dir = dir.join("ca");
-        let mut tokens = String::new();
-        for node in mesh.nodes() {
-            let token = format!("node-agent-token-for-{}", node.name());
-            std::fs::write(dir.join(format!("{}.token", node.name())), &token).unwrap();
-            tokens.push_str(&format!(
-                "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
-                node.name()
-            ));
-        }
-        std::fs::write(dir.join("tokens.yaml"), tokens).unwrap();
-        let ca_addr = control_address(&mesh);
-        mesh.write_kubernetes().unwrap();
-        let control = start_control(&mesh);
-        let mut ztunnels = Vec::new();
-        for node in mesh.nodes() {
-            let socket = dir.join(format!("{}.sock", node.name()));
-            let z = mesh
-                .spawn_in(
-                    node.netns(),
-                    bin("ztunnel"),
-                    [
-                        "--node",
-                        node.name(),
-                        "--xds-address",
-                        &ca_addr,
-                        "--ca-address",
-                        &ca_addr,
-                        "--ca-root",
-                        ca_dir.join("root-cert.pem").to_str().unwrap(),
-                        "--ca-token-file",
-                        dir.join(format!("{}.token", node.name())).to_str().unwrap(),
-                        "--handoff-socket",
-                        socket.to_str().unwrap(),
-                        "--log",
-                        log,
-                    ]
-                    .into_iter()
-                    .chain(ztunnel_flags.iter().copied()),
-                    &[],
-                )
-                .unwrap();
-            z.wait_for_log("ztunnel ready", DEADLINE).unwrap();
-            ztunnels.push((node.name().to_string(), z, socket));
-        }
-        Harness {
-            mesh,
-            control,
-            ztunnels,
-        }
+        let config = AmbientConfig {
+            control: bin("ambit-control"),
+            ztunnel: bin("ztunnel"),
+            ztunnel_log: log.to_owned(),
+            ztunnel_flags: ztunnel_flags.iter().map(|f| f.to_string()).collect(),
+            deadline: DEADLINE,
+        };
+        let ambient = Ambient::start(&mesh, config).unwrap_or_else(|e| panic!("{e}"));
+        Harness { mesh, ambient }
     }
 
     /// The control plane (`ambit-control`: xDS and the CA).
     pub fn control(&self) -> &Process {
-        &self.control
+        self.ambient.control()
     }
 
     /// Starts the control plane again (after [`Process::stop`]), on the same
     /// directory, root and port.
     pub fn restart_control(&mut self) {
-        self.control = start_control(&self.mesh);
+        self.ambient
+            .restart_control(&self.mesh)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The directory of Kubernetes YAML the control plane reads; tests may add files.
@@ -121,45 +78,21 @@ impl Harness {
     }
 
     pub fn ztunnel(&self, node: &str) -> &Process {
-        &self.ztunnels.iter().find(|(n, _, _)| n == node).unwrap().1
-    }
-
-    fn socket(&self, node: &str) -> &PathBuf {
-        &self.ztunnels.iter().find(|(n, _, _)| n == node).unwrap().2
+        self.ambient.ztunnel(node).unwrap()
     }
 
     /// Writes the mesh's current state for the control plane and waits until every
     /// ztunnel has received a new model.
     pub async fn update_model(&self) {
-        let count = |z: &Process| z.log().matches("model received over xDS").count();
-        let before: Vec<usize> = self.ztunnels.iter().map(|(_, z, _)| count(z)).collect();
-        self.mesh.write_kubernetes().unwrap();
-        eventually(
-            DEADLINE,
-            || async {
-                self.ztunnels
-                    .iter()
-                    .zip(&before)
-                    .all(|((_, z, _), b)| count(z) > *b)
-                    .then_some(())
-            },
-            || {
-                format!(
-                    "the ztunnels did not receive the new model\n{}",
-                    self.logs()
-                )
-            },
-        )
-        .await;
+        self.ambient
+            .update_model(&self.mesh)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Every ztunnel's log (and the CA's), for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = format!("--- {} ---\n{}\n", self.control.label(), self.control.log());
-        for (node, z, _) in &self.ztunnels {
-            out.push_str(&format!("--- ztunnel on {node} ---\n{}\n", z.log()));
-        }
-        out
+        self.ambient.logs()
     }
 
     /// Installs the redirect rules in `pod` and hands it to its node's ztunnel, as the
@@ -171,46 +104,18 @@ impl Harness {
     /// Like [`Harness::enrol`], but tells ztunnel the pod runs as `service_account`
     /// (which may differ from what the model says, to provoke an identity mismatch).
     pub async fn enrol_as(&self, pod: &Pod, service_account: &str) {
-        let node = self.mesh.node(pod.node()).unwrap();
-        let gateway = IpAddr::V4(node.pod_cidr().host(1));
-        redirect::install(
-            pod.netns().path(),
-            &RedirectConfig {
-                probe_sources: vec![gateway],
-                ..RedirectConfig::default()
-            },
-        )
-        .unwrap();
-        let client = HandoffClient::connect(self.socket(pod.node()))
+        self.ambient
+            .enrol_as(&self.mesh, pod, service_account)
             .await
-            .unwrap();
-        let ns = std::fs::File::open(pod.netns().path()).unwrap();
-        let info = WorkloadInfo {
-            name: pod.name().to_string(),
-            namespace: pod.namespace().to_string(),
-            service_account: service_account.to_string(),
-        };
-        client
-            .add(&pod.uid(), info, ns.as_fd())
-            .await
-            .unwrap_or_else(|e| panic!("enrolling {}: {e}\n{}", pod.name(), self.logs()));
-        // Its traffic is captured and ztunnel serves it: report the redirection, as the
-        // node agent will, so the control plane advertises it as HBONE from now on.
-        if self.mesh.protocol(pod).unwrap() != Protocol::Hbone {
-            self.mesh.set_protocol(pod, Protocol::Hbone).unwrap();
-            self.update_model().await;
-        }
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
     }
 
     /// Takes `pod` away from its ztunnel (`DelWorkload`), leaving its redirect rules.
     pub async fn remove(&self, pod: &Pod) {
-        let client = HandoffClient::connect(self.socket(pod.node()))
+        self.ambient
+            .remove(pod)
             .await
-            .unwrap();
-        client
-            .remove(&pod.uid())
-            .await
-            .unwrap_or_else(|e| panic!("removing {}: {e}\n{}", pod.name(), self.logs()));
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
     }
 
     /// Runs the test app in `pod` to completion.
@@ -333,39 +238,4 @@ pub fn two_nodes() -> LocalMesh {
 pub fn pod(mesh: &LocalMesh, node: &str, namespace: &str, name: &str, sa: &str) -> Pod {
     mesh.add_pod(node, PodSpec::new(namespace, name).service_account(sa))
         .unwrap()
-}
-
-/// Where the control plane listens: the fabric's address, reachable from every node.
-fn control_address(mesh: &LocalMesh) -> String {
-    format!("{}:15012", mesh.fabric_ip())
-}
-
-/// `ambit-control` in local mode in the fabric namespace: the mesh's `k8s/` directory
-/// in, the model over delta xDS and the CA (root in `ca/`, the nodes' tokens) out, on
-/// one port.
-fn start_control(mesh: &LocalMesh) -> Process {
-    let dir = mesh.dir();
-    let control = mesh
-        .spawn_in(
-            mesh.fabric(),
-            bin("ambit-control"),
-            [
-                "--local-dir",
-                dir.join("k8s").to_str().unwrap(),
-                "--poll",
-                "100ms",
-                "--root-dir",
-                dir.join("ca").to_str().unwrap(),
-                "--listen",
-                &control_address(mesh),
-                "--tokens",
-                dir.join("tokens.yaml").to_str().unwrap(),
-            ],
-            &[],
-        )
-        .unwrap();
-    control
-        .wait_for_log("CA serving", DEADLINE)
-        .unwrap_or_else(|e| panic!("{e}\n{}", control.log()));
-    control
 }

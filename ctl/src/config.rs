@@ -1,0 +1,168 @@
+//! `ambitctl`'s flags and environment, the one place that reads them.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ambitctl",
+    version,
+    about = "Ambit's command line: run a local mesh of network namespaces on this machine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A mesh on this machine (as root): nodes and pods as network namespaces, the real
+    /// control plane and a ztunnel per node.
+    Local {
+        /// Where the running mesh's state is kept (one mesh at a time per directory).
+        #[arg(long, env = "AMBITCTL_STATE_DIR", default_value_os_t = default_state_dir())]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// The demo app that runs in every pod, and its clients (for `local exec`).
+    App {
+        /// A hosts file (`IP name...`) naming services and pods: the local mesh has no
+        /// DNS. `local exec` sets it.
+        #[arg(long, env = "AMBIT_LOCAL_HOSTS")]
+        hosts: Option<PathBuf>,
+        #[command(subcommand)]
+        command: AppCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LocalCommand {
+    /// Runs the Kubernetes YAML in DIR: its nodes and pods as network namespaces,
+    /// ambit-control, a ztunnel per node, the demo app in every pod, and ambient
+    /// enrolment as the labels say. Returns once it runs; it keeps running until
+    /// `local down`.
+    Up {
+        dir: PathBuf,
+        /// Where `ambit-control` and `ztunnel` are (default: beside ambitctl).
+        #[arg(long, env = "AMBITCTL_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+        /// How long starting may take.
+        #[arg(long, default_value = "180s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Stops the local mesh and removes every namespace, rule and process it made.
+    Down {
+        /// How long to wait for it to stop before killing it.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Runs a command inside a pod's network namespace: `local exec shop/client --
+    /// ambitctl app get http://web.shop:8080/`.
+    Exec {
+        /// `namespace/name`, or `name` when only one namespace has it.
+        pod: String,
+        /// The command and its arguments, after `--`. `ambitctl` is this ambitctl.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+    /// The running mesh: nodes, pods, services, enrolment.
+    Status,
+    /// Owns a running mesh (started by `up`, stopped by `down`).
+    #[command(hide = true)]
+    Supervise {
+        dir: PathBuf,
+        #[arg(long)]
+        bin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Serves HTTP echo and TCP echo (what `local up` runs in every pod).
+    Serve {
+        /// `namespace/name`, for the replies.
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long = "http")]
+        http_ports: Vec<u16>,
+        #[arg(long = "tcp")]
+        tcp_ports: Vec<u16>,
+        /// The node's network namespace, to ask its ztunnel who called.
+        #[arg(long)]
+        node_netns: Option<PathBuf>,
+    },
+    /// HTTP GET of a URL (`http://web.shop:8080/`), printing the answer.
+    Get {
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Sends a message to a TCP echo (`web.shop:9000`) and prints what comes back.
+    Send { to: String, message: String },
+}
+
+/// `<temp dir>/ambit-localmesh/ctl`.
+pub fn default_state_dir() -> PathBuf {
+    ambit_localmesh::default_state_root().join("ctl")
+}
+
+/// `500ms`, `30s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: give a duration like 500ms, 30s or 2m");
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_the_double_dash() {
+        let cli = Cli::try_parse_from([
+            "ambitctl",
+            "local",
+            "exec",
+            "shop/client",
+            "--",
+            "ambitctl",
+            "app",
+            "get",
+            "--count",
+            "2",
+            "http://web.shop/",
+        ])
+        .unwrap();
+        let Command::Local {
+            command: LocalCommand::Exec { pod, command },
+            ..
+        } = cli.command
+        else {
+            panic!("not exec");
+        };
+        assert_eq!(pod, "shop/client");
+        assert_eq!(command.len(), 6);
+    }
+}

@@ -1,0 +1,406 @@
+//! `ambitctl local`: `up` starts a supervisor process that builds the mesh and owns it
+//! (its processes die with it, and the mesh's names carry its pid, so a later sweep
+//! removes whatever a killed supervisor left); `exec`, `status` and `down` find it
+//! through the state directory ([`state`]).
+
+mod state;
+mod supervisor;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub use state::{MeshState, PodState};
+
+use crate::config::LocalCommand;
+
+/// How often `up` and `down` look at the supervisor.
+const POLL: Duration = Duration::from_millis(50);
+
+pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        LocalCommand::Up {
+            dir,
+            bin_dir,
+            timeout,
+        } => up(state_dir, &dir, bin_dir, timeout),
+        LocalCommand::Down { timeout } => down(state_dir, timeout),
+        LocalCommand::Exec { pod, command } => exec(state_dir, &pod, &command),
+        LocalCommand::Status => {
+            let mesh = running(state_dir)?;
+            print!("{}", describe(&mesh));
+            Ok(ExitCode::SUCCESS)
+        }
+        LocalCommand::Supervise { dir, bin_dir } => supervisor::run(state_dir, &dir, &bin_dir),
+    }
+}
+
+/// The running mesh, or an error saying none runs.
+fn running(state_dir: &Path) -> anyhow::Result<MeshState> {
+    match state::read_pid(state_dir) {
+        Some(pid) if state::pid_alive(pid) => MeshState::read(state_dir).with_context(|| {
+            format!("the local mesh (supervisor pid {pid}) is still starting or stopping")
+        }),
+        _ => anyhow::bail!("no local mesh is running (start one with `ambitctl local up <dir>`)"),
+    }
+}
+
+fn up(
+    state_dir: &Path,
+    dir: &Path,
+    bin_dir: Option<PathBuf>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    if let Some(pid) = state::read_pid(state_dir).filter(|pid| state::pid_alive(*pid)) {
+        let from = MeshState::read(state_dir)
+            .map(|m| format!(" from {}", m.app.display()))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "a local mesh is already running{from} (supervisor pid {pid}); stop it first with `ambitctl local down`"
+        );
+    }
+    // Bad YAML is reported before anything is made.
+    let app = crate::manifest::load_dir(dir)?;
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "the local mesh creates network namespaces and firewall rules: run ambitctl local up as root"
+    );
+    let exe = std::env::current_exe().context("finding ambitctl's own path")?;
+    let bin_dir = match bin_dir {
+        Some(d) => d,
+        None => exe
+            .parent()
+            .map(Path::to_path_buf)
+            .context("ambitctl's directory")?,
+    };
+    for bin in ["ambit-control", "ztunnel"] {
+        let path = bin_dir.join(bin);
+        anyhow::ensure!(
+            path.is_file(),
+            "{} not found: build the binaries first (cargo build --bins), or give --bin-dir",
+            path.display()
+        );
+    }
+    let dir = fs::canonicalize(dir).with_context(|| format!("{}", dir.display()))?;
+    fs::create_dir_all(state_dir).with_context(|| format!("{}", state_dir.display()))?;
+    // A pid file whose process is gone is a supervisor that was killed.
+    state::clear(state_dir);
+    let log_path = state_dir.join(state::LOG_FILE);
+    let log = fs::File::create(&log_path).with_context(|| format!("{}", log_path.display()))?;
+    println!(
+        "==> starting the local mesh for {} ({} nodes, {} pods, {} services)",
+        dir.display(),
+        app.nodes.len(),
+        app.pods.len(),
+        app.services.len()
+    );
+    for note in &app.notes {
+        println!("    note: {note}");
+    }
+    let mut supervisor = Command::new(&exe)
+        .arg("local")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("supervise")
+        .arg(&dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: Ctrl-C on `up` does not reach it.
+        .process_group(0)
+        .spawn()
+        .context("starting the supervisor")?;
+    let start = Instant::now();
+    let mut follow = Follow::new(&log_path);
+    loop {
+        if follow.print_new()? {
+            break;
+        }
+        if let Some(status) = supervisor.try_wait()? {
+            follow.print_new()?;
+            // Whatever it made carries its pid, which is dead now.
+            let _ = ambit_localmesh::sweep_stale();
+            anyhow::bail!(
+                "the local mesh did not start (supervisor pid {}: {status}); it removed what it had made. Its log is {}",
+                supervisor.id(),
+                log_path.display()
+            );
+        }
+        if start.elapsed() > timeout {
+            let _ = kill(pid_of(supervisor.id()), Signal::SIGTERM);
+            let _ = supervisor.wait();
+            let _ = ambit_localmesh::sweep_stale();
+            anyhow::bail!(
+                "the local mesh did not start within {timeout:?}; stopped it. Its log is {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    let mesh = MeshState::read(state_dir)?;
+    println!();
+    print!("{}", describe(&mesh));
+    println!();
+    println!("Try (as root):");
+    let client = mesh.pods.iter().find(|p| p.enrolled).or(mesh.pods.first());
+    let target = mesh
+        .services
+        .iter()
+        .map(|s| format!("http://{}.{}:{}/", s.name, s.namespace, s.ports[0].0))
+        .next()
+        .or_else(|| {
+            mesh.pods.last().and_then(|p| {
+                p.http_ports
+                    .first()
+                    .map(|port| format!("http://{}:{port}/", p.ip))
+            })
+        });
+    if let (Some(client), Some(target)) = (client, target) {
+        println!(
+            "  ambitctl local exec {} -- ambitctl app get {target}",
+            client.uid()
+        );
+    }
+    println!("  ambitctl local exec <pod> -- <command>      # any command, in the pod's network");
+    println!("  ambitctl local status");
+    println!("  ambitctl local down                          # removes everything");
+    println!("Logs: {}/logs", mesh.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a log file's lines as they are written.
+struct Follow {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Follow {
+    fn new(path: &Path) -> Follow {
+        Follow {
+            path: path.to_owned(),
+            offset: 0,
+        }
+    }
+
+    /// Prints the complete lines written since last time; true once the ready line
+    /// was among them.
+    fn print_new(&mut self) -> anyhow::Result<bool> {
+        let mut file = fs::File::open(&self.path)?;
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut reader = BufReader::new(file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line)?;
+            if n == 0 || !line.ends_with('\n') {
+                return Ok(false);
+            }
+            self.offset += n as u64;
+            if line.trim_end() == state::READY_LINE {
+                return Ok(true);
+            }
+            print!("{line}");
+        }
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+fn down(state_dir: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let Some(pid) = state::read_pid(state_dir).filter(|pid| state::pid_alive(*pid)) else {
+        state::clear(state_dir);
+        let swept = ambit_localmesh::sweep_stale()?;
+        if swept.namespaces.is_empty() {
+            println!("no local mesh is running");
+        } else {
+            println!(
+                "no local mesh is running; removed what a stopped one left: {}",
+                swept.namespaces.join(" ")
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let id = MeshState::read(state_dir).map(|m| m.id).ok();
+    println!("==> stopping the local mesh (supervisor pid {pid})");
+    let _ = kill(pid_of(pid), Signal::SIGTERM);
+    let start = Instant::now();
+    while state::pid_alive(pid) {
+        if start.elapsed() > timeout {
+            println!("    it did not stop within {timeout:?}: killing it");
+            let _ = kill(pid_of(pid), Signal::SIGKILL);
+            while state::pid_alive(pid) && start.elapsed() < timeout + Duration::from_secs(5) {
+                std::thread::sleep(POLL);
+            }
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    // Its processes died with it; its namespaces carry its (now dead) pid.
+    let swept = ambit_localmesh::sweep_stale()?;
+    state::clear(state_dir);
+    let left: Vec<String> = match &id {
+        Some(id) => fs::read_dir("/run/netns")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&format!("{id}-")))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    anyhow::ensure!(
+        left.is_empty() && swept.remaining.is_empty(),
+        "network namespaces left behind: {}",
+        left.into_iter()
+            .chain(swept.remaining)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("==> the local mesh is gone: no namespace, rule or process of it is left");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(state_dir: &Path, pod: &str, command: &[std::ffi::OsString]) -> anyhow::Result<ExitCode> {
+    let mesh = running(state_dir)?;
+    let pod = mesh.pod(pod)?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let program = if program == "ambitctl" {
+        std::env::current_exe()?.into_os_string()
+    } else {
+        program.clone()
+    };
+    let status = Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns.display()))
+        .arg("--")
+        .arg(&program)
+        .args(args)
+        .env("AMBIT_LOCAL_HOSTS", state_dir.join(state::HOSTS_FILE))
+        .status()
+        .with_context(|| format!("running nsenter for pod {}", pod.uid()))?;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// The mesh as a few tables.
+fn describe(mesh: &MeshState) -> String {
+    let mut out = format!(
+        "local mesh {} running {} (supervisor pid {})\ncontrol plane: ambit-control on {} (namespace {})\n\n",
+        mesh.id,
+        mesh.app.display(),
+        mesh.supervisor,
+        mesh.control,
+        mesh.fabric_netns.display()
+    );
+    let mut table = vec![vec![
+        "NODE".to_owned(),
+        "ADDRESS".to_owned(),
+        "NETWORK NAMESPACE (ztunnel admin on its localhost:15000)".to_owned(),
+    ]];
+    for n in &mesh.nodes {
+        table.push(vec![
+            n.name.clone(),
+            n.ip.to_string(),
+            n.netns.display().to_string(),
+        ]);
+    }
+    out.push_str(&columns(&table));
+    out.push('\n');
+    let mut table = vec![vec![
+        "POD".to_owned(),
+        "NODE".to_owned(),
+        "IP".to_owned(),
+        "MODE".to_owned(),
+        "IDENTITY".to_owned(),
+        "DEMO APP".to_owned(),
+    ]];
+    for p in &mesh.pods {
+        let ports: Vec<String> = p
+            .http_ports
+            .iter()
+            .map(|port| format!("http {port}"))
+            .chain(p.tcp_ports.iter().map(|port| format!("tcp echo {port}")))
+            .collect();
+        table.push(vec![
+            p.uid(),
+            p.node.clone(),
+            p.ip.to_string(),
+            if p.enrolled {
+                "ambient (HBONE)"
+            } else {
+                "plaintext"
+            }
+            .to_owned(),
+            if p.enrolled {
+                format!(
+                    "spiffe://cluster.local/ns/{}/sa/{}",
+                    p.namespace, p.service_account
+                )
+            } else {
+                "-".to_owned()
+            },
+            ports.join(", "),
+        ]);
+    }
+    out.push_str(&columns(&table));
+    if !mesh.services.is_empty() {
+        out.push('\n');
+        let mut table = vec![vec![
+            "SERVICE".to_owned(),
+            "NAME IN PODS".to_owned(),
+            "CLUSTER IP".to_owned(),
+            "PORTS".to_owned(),
+            "ENDPOINTS".to_owned(),
+        ]];
+        for s in &mesh.services {
+            table.push(vec![
+                format!("{}/{}", s.namespace, s.name),
+                format!("{}.{}", s.name, s.namespace),
+                s.vip.to_string(),
+                s.ports
+                    .iter()
+                    .map(|(p, t)| format!("{p}->{t}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                s.endpoints.join(", "),
+            ]);
+        }
+        out.push_str(&columns(&table));
+    }
+    for note in &mesh.notes {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    out
+}
+
+fn columns(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

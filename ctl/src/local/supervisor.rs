@@ -1,0 +1,239 @@
+//! The process that owns a running local mesh (`ambitctl local supervise`, started by
+//! `up`): it builds the mesh from the YAML, starts the control plane, the ztunnels and
+//! the demo apps, enrols the ambient pods, records the mesh for the other commands,
+//! and tears everything down on SIGTERM (`down`) or SIGINT. Its output is the
+//! supervisor log, which `up` relays while it starts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ambit_localmesh::{Ambient, AmbientConfig, LocalMesh, Pod, PodSpec, Process, ServiceSpec};
+use anyhow::Context;
+
+use super::state::{self, MeshState, NodeState, PodState, ServiceState};
+use crate::manifest::{self, App, TargetPort};
+
+/// How long each component may take to start.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn run(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<ExitCode> {
+    if let Err(e) = state::create_pid_file(state_dir) {
+        anyhow::bail!(
+            "{}: {e}: another local mesh is running (or starting) with this state directory",
+            state_dir.join(state::PID_FILE).display()
+        );
+    }
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(supervise(state_dir, dir, bin_dir)));
+    state::clear(state_dir);
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<()> {
+    // The terminal `up` ran in may close: the mesh stays until `down`.
+    let _ignore_hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let app = manifest::load_dir(dir)?;
+    println!(
+        "==> building nodes {} as network namespaces",
+        app.nodes.join(", ")
+    );
+    let mesh = LocalMesh::builder()
+        .nodes(app.nodes.iter().cloned())
+        .build()
+        .context("building the local mesh (it needs root, iproute2, iptables, nftables and containernetworking-plugins: scripts/system-packages.sh)")?;
+    let mut notes = app.notes.clone();
+    let pods = make_pods(&mesh, &app)?;
+    let services = make_services(&mesh, &app, &pods, &mut notes)?;
+    mesh.declare_kubernetes(app.objects.clone());
+
+    println!("==> starting ambit-control (xDS and the CA) and a ztunnel on every node");
+    let ambient = Ambient::start(
+        &mesh,
+        AmbientConfig {
+            control: bin_dir.join("ambit-control"),
+            ztunnel: bin_dir.join("ztunnel"),
+            ztunnel_log: "info,ambit_ztunnel=debug".into(),
+            ztunnel_flags: Vec::new(),
+            deadline: DEADLINE,
+        },
+    )?;
+
+    println!("==> starting the demo app (HTTP echo, TCP echo) in every pod");
+    let exe = std::env::current_exe()?;
+    let mut apps: Vec<Process> = Vec::new();
+    for (spec, pod) in app.pods.iter().zip(&pods) {
+        let node = mesh.node(pod.node())?;
+        let mut args: Vec<String> = [
+            "app",
+            "serve",
+            "--pod",
+            &spec.uid(),
+            "--node",
+            pod.node(),
+            "--node-netns",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(node.netns().path().to_string_lossy().into_owned());
+        for port in &spec.http_ports {
+            args.extend(["--http".to_owned(), port.to_string()]);
+        }
+        for port in &spec.tcp_ports {
+            args.extend(["--tcp".to_owned(), port.to_string()]);
+        }
+        let process = mesh.spawn_in(pod.netns(), &exe, &args, &[])?;
+        process.wait_for_log("listening", DEADLINE)?;
+        apps.push(process);
+    }
+
+    for (spec, pod) in app.pods.iter().zip(&pods).filter(|(s, _)| s.enrolled) {
+        println!(
+            "==> enrolling {} in ambient mode: redirect rules, hand-off to the ztunnel of {}, redirection reported",
+            spec.uid(),
+            pod.node()
+        );
+        ambient.enrol(&mesh, pod).await?;
+    }
+
+    let mut pids: Vec<u32> = apps.iter().map(Process::pid).collect();
+    pids.push(ambient.control().pid());
+    pids.extend(ambient.ztunnels().map(|(_, z)| z.pid()));
+    let recorded = MeshState {
+        supervisor: std::process::id(),
+        id: mesh.id().to_string(),
+        dir: mesh.dir().to_owned(),
+        app: dir.to_owned(),
+        control: ambit_localmesh::ambient::control_address(&mesh).to_string(),
+        fabric_netns: mesh.fabric().path().to_owned(),
+        nodes: mesh
+            .nodes()
+            .iter()
+            .map(|n| NodeState {
+                name: n.name().to_owned(),
+                ip: n.ip(),
+                netns: n.netns().path().to_owned(),
+            })
+            .collect(),
+        pods: app
+            .pods
+            .iter()
+            .zip(&pods)
+            .map(|(spec, pod)| PodState {
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                node: pod.node().to_owned(),
+                ip: pod.ip(),
+                ip6: pod.ip6(),
+                service_account: pod.service_account().to_owned(),
+                enrolled: spec.enrolled,
+                netns: pod.netns().path().to_owned(),
+                http_ports: spec.http_ports.clone(),
+                tcp_ports: spec.tcp_ports.clone(),
+            })
+            .collect(),
+        services,
+        pids,
+        notes,
+    };
+    recorded.write(state_dir)?;
+    println!("{}", state::READY_LINE);
+
+    ambit_net::process::shutdown_signal().await;
+    println!("==> stopping: demo apps, ztunnels, control plane, pods (CNI DEL), namespaces");
+    drop(apps);
+    drop(ambient);
+    mesh.teardown()?;
+    println!("==> stopped; nothing is left");
+    Ok(())
+}
+
+fn make_pods(mesh: &LocalMesh, app: &App) -> anyhow::Result<Vec<Pod>> {
+    let mut pods = Vec::new();
+    for spec in &app.pods {
+        println!(
+            "==> pod {} on {} (CNI ADD: ptp + host-local)",
+            spec.uid(),
+            spec.node
+        );
+        let mut pod_spec =
+            PodSpec::new(&spec.namespace, &spec.name).service_account(&spec.service_account);
+        for (k, v) in &spec.labels {
+            pod_spec = pod_spec.label(k, v);
+        }
+        pods.push(
+            mesh.add_pod(&spec.node, pod_spec)
+                .with_context(|| format!("making pod {}", spec.uid()))?,
+        );
+    }
+    Ok(pods)
+}
+
+fn make_services(
+    mesh: &LocalMesh,
+    app: &App,
+    pods: &[Pod],
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Vec<ServiceState>> {
+    let by_uid: BTreeMap<String, (&manifest::AppPod, &Pod)> = app
+        .pods
+        .iter()
+        .zip(pods)
+        .map(|(spec, pod)| (spec.uid(), (spec, pod)))
+        .collect();
+    let mut made = Vec::new();
+    for service in &app.services {
+        let key = format!("{}/{}", service.namespace, service.name);
+        let endpoints: Vec<&(&manifest::AppPod, &Pod)> = service
+            .endpoints
+            .iter()
+            .filter_map(|uid| by_uid.get(uid))
+            .collect();
+        let mut spec = ServiceSpec::new(&service.namespace, &service.name);
+        if let Some(vip) = service.vip {
+            spec = spec.vip(vip);
+        }
+        let mut ports = Vec::new();
+        for (port, target) in &service.ports {
+            let target = match target {
+                TargetPort::Number(n) => Some(*n),
+                // The mesh's rules have one target per port: the first endpoint's.
+                TargetPort::Name(name) => endpoints
+                    .iter()
+                    .find_map(|(spec, _)| spec.named_ports.get(name).copied()),
+            };
+            match target {
+                Some(target) => {
+                    spec = spec.port(*port, target);
+                    ports.push((*port, target));
+                }
+                None => notes.push(format!(
+                    "service {key}: port {port}'s target port names no container port of its endpoints; skipped"
+                )),
+            }
+        }
+        if ports.is_empty() {
+            continue;
+        }
+        spec = spec.endpoints(endpoints.iter().map(|(_, pod)| *pod));
+        // The mesh's errors name the service.
+        let made_service = mesh.add_service(spec)?;
+        println!(
+            "==> service {key}: {} (ClusterIP, DNAT in every node like kube-proxy)",
+            made_service.vip()
+        );
+        made.push(ServiceState {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            vip: made_service.vip(),
+            ports,
+            endpoints: service.endpoints.clone(),
+        });
+    }
+    Ok(made)
+}

@@ -1,0 +1,315 @@
+//! The mesh's components on a local mesh, the way a cluster runs them: the real
+//! `ambit-control` in local mode in the fabric namespace (it reads the mesh's `k8s/`
+//! directory and serves delta xDS and the CA on one port), one real `ztunnel` per node,
+//! and the node agent's part of enrolment (redirect rules in the pod, hand-off to its
+//! node's ztunnel, then the redirection report) until `ambit-cni` plays it. Used by the
+//! end-to-end tests and by `ambitctl local`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ambit_core::model::Protocol;
+use ambit_net::handoff::HandoffClient;
+use ambit_net::redirect::{self, RedirectConfig};
+use ambit_proto::handoff::WorkloadInfo;
+
+use crate::{LocalMesh, MeshError, Pod, Process};
+
+/// The control plane's port (xDS and the CA).
+pub const CONTROL_PORT: u16 = 15012;
+/// ztunnel's admin port, on each node's loopback.
+pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+
+/// What [`Ambient::start`] runs, and how.
+#[derive(Debug, Clone)]
+pub struct AmbientConfig {
+    /// The `ambit-control` binary.
+    pub control: PathBuf,
+    /// The `ztunnel` binary.
+    pub ztunnel: PathBuf,
+    /// ztunnel's `--log` filter.
+    pub ztunnel_log: String,
+    /// More ztunnel flags.
+    pub ztunnel_flags: Vec<String>,
+    /// How long each component may take to start, and a model to reach every ztunnel.
+    pub deadline: Duration,
+}
+
+impl AmbientConfig {
+    /// The binaries built by this workspace, found with [`crate::target_binary`].
+    pub fn from_target_dir() -> Result<AmbientConfig, MeshError> {
+        Ok(AmbientConfig {
+            control: crate::target_binary("ambit-control")?,
+            ztunnel: crate::target_binary("ztunnel")?,
+            ztunnel_log: "info".into(),
+            ztunnel_flags: Vec::new(),
+            deadline: Duration::from_secs(30),
+        })
+    }
+}
+
+/// The control plane and the ztunnels running on a mesh. Their processes stop when
+/// this is dropped (and when the mesh is).
+#[derive(Debug)]
+pub struct Ambient {
+    config: AmbientConfig,
+    control: Process,
+    ztunnels: Vec<Ztunnel>,
+}
+
+#[derive(Debug)]
+struct Ztunnel {
+    node: String,
+    process: Process,
+    socket: PathBuf,
+}
+
+impl Ambient {
+    /// Writes the nodes' CA tokens and the mesh as Kubernetes YAML, starts
+    /// `ambit-control` in the fabric namespace and a ztunnel in every node, and waits
+    /// until each is ready.
+    pub fn start(mesh: &LocalMesh, config: AmbientConfig) -> Result<Ambient, MeshError> {
+        let dir = mesh.dir();
+        let mut tokens = String::new();
+        for node in mesh.nodes() {
+            let token = format!("node-agent-token-for-{}", node.name());
+            write(&token_file(mesh, node.name()), &token)?;
+            tokens.push_str(&format!(
+                "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
+                node.name()
+            ));
+        }
+        write(&dir.join("tokens.yaml"), &tokens)?;
+        mesh.write_kubernetes()?;
+        let control = start_control(mesh, &config)?;
+        let address = control_address(mesh).to_string();
+        let mut ztunnels = Vec::new();
+        for node in mesh.nodes() {
+            let socket = dir.join(format!("{}.sock", node.name()));
+            let mut args: Vec<String> = [
+                "--node",
+                node.name(),
+                "--xds-address",
+                &address,
+                "--ca-address",
+                &address,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for (flag, path) in [
+                ("--ca-root", dir.join("ca/root-cert.pem")),
+                ("--ca-token-file", token_file(mesh, node.name())),
+                ("--handoff-socket", socket.clone()),
+            ] {
+                args.push(flag.into());
+                args.push(path.to_string_lossy().into_owned());
+            }
+            args.extend(["--log".to_owned(), config.ztunnel_log.clone()]);
+            args.extend(config.ztunnel_flags.iter().cloned());
+            let process = mesh.spawn_in(node.netns(), &config.ztunnel, &args, &[])?;
+            process.wait_for_log("ztunnel ready", config.deadline)?;
+            ztunnels.push(Ztunnel {
+                node: node.name().to_owned(),
+                process,
+                socket,
+            });
+        }
+        Ok(Ambient {
+            config,
+            control,
+            ztunnels,
+        })
+    }
+
+    /// The control plane (`ambit-control`: xDS and the CA).
+    pub fn control(&self) -> &Process {
+        &self.control
+    }
+
+    /// Starts the control plane again (after [`Process::stop`]), on the same
+    /// directory, root and port.
+    pub fn restart_control(&mut self, mesh: &LocalMesh) -> Result<(), MeshError> {
+        self.control = start_control(mesh, &self.config)?;
+        Ok(())
+    }
+
+    /// The ztunnel of `node`.
+    pub fn ztunnel(&self, node: &str) -> Option<&Process> {
+        self.find(node).map(|z| &z.process)
+    }
+
+    /// The ztunnels, by node.
+    pub fn ztunnels(&self) -> impl Iterator<Item = (&str, &Process)> {
+        self.ztunnels.iter().map(|z| (z.node.as_str(), &z.process))
+    }
+
+    /// The hand-off socket of `node`'s ztunnel.
+    pub fn handoff_socket(&self, node: &str) -> Option<&Path> {
+        self.find(node).map(|z| z.socket.as_path())
+    }
+
+    /// Writes the mesh's current state for the control plane and waits until every
+    /// ztunnel has received a new model.
+    pub async fn update_model(&self, mesh: &LocalMesh) -> Result<(), MeshError> {
+        let count = |z: &Ztunnel| z.process.log().matches("model received over xDS").count();
+        let before: Vec<usize> = self.ztunnels.iter().map(count).collect();
+        mesh.write_kubernetes()?;
+        let start = Instant::now();
+        loop {
+            if self
+                .ztunnels
+                .iter()
+                .zip(&before)
+                .all(|(z, b)| count(z) > *b)
+            {
+                return Ok(());
+            }
+            if start.elapsed() > self.config.deadline {
+                return Err(MeshError::NotWithin {
+                    what: "every ztunnel to receive the new model".into(),
+                    waited: self.config.deadline,
+                    log: self.logs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Enrols `pod` as the node agent does: installs the redirect rules in it, hands
+    /// it to its node's ztunnel, and once ztunnel has taken it, reports the redirection
+    /// so that the control plane advertises it as HBONE.
+    pub async fn enrol(&self, mesh: &LocalMesh, pod: &Pod) -> Result<(), MeshError> {
+        self.enrol_as(mesh, pod, pod.service_account()).await
+    }
+
+    /// Like [`Ambient::enrol`], but tells ztunnel the pod runs as `service_account`
+    /// (which may differ from what the model says, to provoke an identity mismatch).
+    pub async fn enrol_as(
+        &self,
+        mesh: &LocalMesh,
+        pod: &Pod,
+        service_account: &str,
+    ) -> Result<(), MeshError> {
+        let failed = |reason: String| MeshError::Enrol {
+            pod: pod.uid(),
+            reason,
+        };
+        let node = mesh.node(pod.node())?;
+        let socket = self
+            .handoff_socket(pod.node())
+            .ok_or_else(|| failed(format!("no ztunnel on node {}", pod.node())))?;
+        let gateway = IpAddr::V4(node.pod_cidr().host(1));
+        redirect::install(
+            pod.netns().path(),
+            &RedirectConfig {
+                probe_sources: vec![gateway],
+                ..RedirectConfig::default()
+            },
+        )
+        .map_err(|e| failed(format!("installing the redirect rules: {e}")))?;
+        let client = HandoffClient::connect(socket)
+            .await
+            .map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        let ns = std::fs::File::open(pod.netns().path()).map_err(|source| MeshError::Io {
+            path: pod.netns().path().to_owned(),
+            source,
+        })?;
+        let info = WorkloadInfo {
+            name: pod.name().to_string(),
+            namespace: pod.namespace().to_string(),
+            service_account: service_account.to_string(),
+        };
+        client
+            .add(&pod.uid(), info, ns.as_fd())
+            .await
+            .map_err(|e| failed(format!("hand-off to the ztunnel of {}: {e}", pod.node())))?;
+        // Its traffic is captured and ztunnel serves it: report the redirection, as the
+        // node agent will, so the control plane advertises it as HBONE from now on.
+        if mesh.protocol(pod)? != Protocol::Hbone {
+            mesh.set_protocol(pod, Protocol::Hbone)?;
+            self.update_model(mesh).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes `pod` away from its ztunnel (`DelWorkload`), leaving its redirect rules.
+    pub async fn remove(&self, pod: &Pod) -> Result<(), MeshError> {
+        let failed = |reason: String| MeshError::Enrol {
+            pod: pod.uid(),
+            reason,
+        };
+        let socket = self
+            .handoff_socket(pod.node())
+            .ok_or_else(|| failed(format!("no ztunnel on node {}", pod.node())))?;
+        let client = HandoffClient::connect(socket)
+            .await
+            .map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        client
+            .remove(&pod.uid())
+            .await
+            .map_err(|e| failed(format!("removing from the ztunnel of {}: {e}", pod.node())))
+    }
+
+    /// The control plane's and every ztunnel's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- {} ---\n{}\n", self.control.label(), self.control.log());
+        for z in &self.ztunnels {
+            out.push_str(&format!(
+                "--- ztunnel on {} ---\n{}\n",
+                z.node,
+                z.process.log()
+            ));
+        }
+        out
+    }
+
+    fn find(&self, node: &str) -> Option<&Ztunnel> {
+        self.ztunnels.iter().find(|z| z.node == node)
+    }
+}
+
+/// Where the control plane listens: the fabric's address, reachable from every node.
+pub fn control_address(mesh: &LocalMesh) -> SocketAddr {
+    SocketAddr::new(mesh.fabric_ip().into(), CONTROL_PORT)
+}
+
+fn token_file(mesh: &LocalMesh, node: &str) -> PathBuf {
+    mesh.dir().join(format!("{node}.token"))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), MeshError> {
+    std::fs::write(path, text).map_err(|source| MeshError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// `ambit-control` in local mode in the fabric namespace: the mesh's `k8s/` directory
+/// in, the model over delta xDS and the CA (root in `ca/`, the nodes' tokens) out, on
+/// one port.
+fn start_control(mesh: &LocalMesh, config: &AmbientConfig) -> Result<Process, MeshError> {
+    let dir = mesh.dir();
+    let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let control = mesh.spawn_in(
+        mesh.fabric(),
+        &config.control,
+        [
+            "--local-dir".to_owned(),
+            path("k8s"),
+            "--poll".to_owned(),
+            "100ms".to_owned(),
+            "--root-dir".to_owned(),
+            path("ca"),
+            "--listen".to_owned(),
+            control_address(mesh).to_string(),
+            "--tokens".to_owned(),
+            path("tokens.yaml"),
+        ],
+        &[],
+    )?;
+    control.wait_for_log("CA serving", config.deadline)?;
+    Ok(control)
+}

@@ -1,0 +1,369 @@
+//! `ambitctl local` as a user runs it (needs root): `up` on the bookshop example,
+//! traffic through `exec` over HBONE with the caller's identity reported, then `down`
+//! leaving no network namespace, host rule or process behind. Bad input fails clearly
+//! and leaves nothing. Each test has its own state directory (`AMBITCTL_STATE_DIR`),
+//! so it runs beside any other test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::bin;
+
+/// A state directory of its own, and `local down` when the test ends, passed or not.
+struct Ctl {
+    state: tempfile::TempDir,
+}
+
+impl Ctl {
+    fn new() -> Ctl {
+        Ctl {
+            state: tempfile::Builder::new()
+                .prefix("ambitctl-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin("ambitctl"))
+            .args(args)
+            .env("AMBITCTL_STATE_DIR", self.state.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and asserts success; stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ambitctl {args:?} failed ({}):\n{}{}\nsupervisor log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.state.path().join("supervisor.log")).unwrap_or_default()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn mesh(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.state.path().join("mesh.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        let _ = self.run(&["local", "down"]);
+    }
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+/// The host namespace's firewall rules, without counters.
+fn host_rules() -> String {
+    let mut out = String::new();
+    for (program, args) in [
+        ("iptables-save", &[][..]),
+        ("ip6tables-save", &[][..]),
+        ("nft", &["list", "ruleset"][..]),
+    ] {
+        let text = Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            // `:INPUT ACCEPT [12:3456]`: counters move with any traffic.
+            let line = match line.find(" [") {
+                Some(i) if line.starts_with(':') => &line[..i],
+                _ => line,
+            };
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn namespaces_of(id: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&format!("{id}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].trim_start().chars().next())
+        })
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// Polls `f` until it returns true, or panics with `what()` after the deadline.
+fn eventually(mut f: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not within 30s: {}",
+            what()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
+    let rules_before = host_rules();
+    let ctl = Ctl::new();
+    let dir = example("bookshop");
+    let up = ctl.ok(&["local", "up", dir.to_str().unwrap()]);
+    assert!(up.contains("bookshop/frontend"), "{up}");
+    assert!(up.contains("ambient (HBONE)"), "{up}");
+
+    // One mesh at a time.
+    let again = ctl.run(&["local", "up", dir.to_str().unwrap()]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already running"), "{err}");
+
+    let mesh = ctl.mesh();
+    let id = mesh["id"].as_str().unwrap().to_owned();
+    let ip_of = |pod: &str| {
+        mesh["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == pod)
+            .unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // Enrolled to enrolled, across nodes, through the service: over HBONE, and the
+    // catalog hears who called.
+    let got = ctl.ok(&[
+        "local",
+        "exec",
+        "bookshop/frontend",
+        "--",
+        "ambitctl",
+        "app",
+        "get",
+        "http://catalog.bookshop/",
+    ]);
+    assert!(
+        got.contains("hello from bookshop/catalog on node-b"),
+        "{got}"
+    );
+    assert!(
+        got.contains(&format!("caller: {}:", ip_of("frontend"))),
+        "{got}"
+    );
+    assert!(
+        got.contains("caller identity: spiffe://cluster.local/ns/bookshop/sa/frontend"),
+        "{got}"
+    );
+
+    // Straight to the catalog's IPv6 address: over HBONE too.
+    let catalog6 = mesh["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "catalog")
+        .unwrap()["ip6"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url6 = format!("http://[{catalog6}]:8080/");
+    let got6 = ctl.ok(&[
+        "local", "exec", "frontend", "--", "ambitctl", "app", "get", &url6,
+    ]);
+    assert!(
+        got6.contains("caller identity: spiffe://cluster.local/ns/bookshop/sa/frontend"),
+        "{got6}"
+    );
+
+    // The TCP echo through the service too.
+    let echoed = ctl.ok(&[
+        "local",
+        "exec",
+        "frontend",
+        "--",
+        "ambitctl",
+        "app",
+        "send",
+        "catalog.bookshop:9000",
+        "hello catalog",
+    ]);
+    assert_eq!(echoed.trim(), "hello catalog");
+
+    // From the namespace outside the mesh: plaintext, no identity.
+    let plain = ctl.ok(&[
+        "local",
+        "exec",
+        "legacy/batch",
+        "--",
+        "ambitctl",
+        "app",
+        "get",
+        "http://catalog.bookshop/",
+    ]);
+    assert!(
+        plain.contains(&format!("caller: {}:", ip_of("batch"))),
+        "{plain}"
+    );
+    assert!(plain.contains("caller identity: none"), "{plain}");
+
+    // The destination ztunnel counted the frontend's connection as mutual TLS.
+    let node_b = mesh["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-b")
+        .unwrap()["netns"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let metrics = Command::new("nsenter")
+        .arg(format!("--net={node_b}"))
+        .arg("--")
+        .arg(bin("ambitctl"))
+        .args(["app", "get", "http://127.0.0.1:15020/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let opened = support::metric(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/bookshop/sa/frontend",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert!(opened >= 2.0, "opened {opened}:\n{metrics}");
+
+    // exec passes the command's exit code through, and names a pod it cannot find.
+    let code = ctl.run(&["local", "exec", "batch", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(code.status.code(), Some(7));
+    let missing = ctl.run(&["local", "exec", "nope", "--", "true"]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("no pod nope"), "{err}");
+
+    let status = ctl.ok(&["local", "status"]);
+    assert!(status.contains("catalog.bookshop"), "{status}");
+
+    // Down: nothing of it is left.
+    let mut pids: Vec<u64> = mesh["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    pids.push(mesh["supervisor"].as_u64().unwrap());
+    assert!(!namespaces_of(&id).is_empty());
+    let down = ctl.ok(&["local", "down"]);
+    assert!(down.contains("gone"), "{down}");
+    assert_eq!(namespaces_of(&id), Vec::<String>::new());
+    eventually(
+        || pids.iter().all(|p| !alive(*p)),
+        || {
+            format!(
+                "processes still alive: {:?}",
+                pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+            )
+        },
+    );
+    assert_eq!(host_rules(), rules_before, "the host's rules changed");
+    assert!(!ctl.state.path().join("mesh.json").exists());
+    assert!(!Path::new(mesh["dir"].as_str().unwrap()).exists());
+
+    let again = ctl.ok(&["local", "down"]);
+    assert!(again.contains("no local mesh is running"), "{again}");
+}
+
+#[test]
+fn yaml_that_does_not_parse_is_refused_by_file_and_line_with_nothing_left() {
+    let ctl = Ctl::new();
+    let app = tempfile::tempdir().unwrap();
+    std::fs::write(
+        app.path().join("shop.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [web\n",
+    )
+    .unwrap();
+    let out = ctl.run(&["local", "up", app.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shop.yaml:"), "{err}");
+    assert!(err.contains("not valid YAML"), "{err}");
+    assert!(!ctl.state.path().join("supervisor.pid").exists());
+
+    let exec = ctl.run(&["local", "exec", "shop/web", "--", "true"]);
+    assert!(!exec.status.success());
+    let err = String::from_utf8_lossy(&exec.stderr);
+    assert!(err.contains("no local mesh is running"), "{err}");
+}
+
+#[test]
+fn a_failure_while_starting_removes_what_was_made() {
+    let ctl = Ctl::new();
+    let app = tempfile::tempdir().unwrap();
+    // Valid YAML the mesh cannot run: two services claim one cluster IP, found only
+    // once the pods exist.
+    std::fs::write(
+        app.path().join("shop.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {nodeName: node-a, containers: [{name: web}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: shop}\nspec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 80}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec: {clusterIP: 10.96.0.50, selector: {app: web}, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let out = ctl.run(&["local", "up", app.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.contains("VIP 10.96.0.50 is taken"),
+        "{stdout}{stderr}"
+    );
+    let pid: u64 = stderr
+        .split("supervisor pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no supervisor pid in: {stderr}"));
+    assert!(!alive(pid));
+    let prefix = format!("am{pid}x");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert!(!ctl.state.path().join("supervisor.pid").exists());
+}
