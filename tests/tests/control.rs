@@ -1,15 +1,18 @@
-//! ambit-control in local mode feeding a real ztunnel over delta xDS, in a local mesh
+//! ambit-control in local mode feeding real ztunnels over delta xDS, in a local mesh
 //! (needs root): the ztunnel's model follows the YAML directory, a file that stops
 //! parsing leaves the model as it was, and the control plane's restart leaves the
-//! ztunnel with its last model until it resyncs.
+//! ztunnel with its last model until it resyncs. With traffic: a pod deleted from the
+//! YAML stops receiving it until declared again, and relabelling a namespace moves its
+//! pods between HBONE and plaintext.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::time::Instant;
 
-use ambit_localmesh::LocalMesh;
-use support::{eventually, Harness, DEADLINE};
+use ambit_localmesh::{LocalMesh, Pod};
+use serde_json::Value;
+use support::{eventually, metric, two_nodes, Harness, DEADLINE};
 
 const NAMESPACE: &str = "\
 apiVersion: v1
@@ -57,14 +60,195 @@ async fn wait_for_dump(
     label: &str,
     what: impl Fn(&str) -> bool,
 ) -> std::time::Duration {
+    wait_for_node_dump(h, "node-a", label, what).await
+}
+
+/// [`wait_for_dump`] on `node`'s ztunnel.
+async fn wait_for_node_dump(
+    h: &Harness,
+    node: &str,
+    label: &str,
+    what: impl Fn(&str) -> bool,
+) -> std::time::Duration {
     let start = Instant::now();
     eventually(
         DEADLINE,
-        || async { what(&h.config_dump("node-a").await).then_some(()) },
-        || format!("ztunnel's model never showed {label}\n{}", h.logs()),
+        || async { what(&h.config_dump(node).await).then_some(()) },
+        || {
+            format!(
+                "{node}'s ztunnel's model never showed {label}\n{}",
+                h.logs()
+            )
+        },
     )
     .await;
-    start.elapsed()
+    let took = start.elapsed();
+    eprintln!("{node}: {label} after {took:?}");
+    took
+}
+
+/// The protocol node's ztunnel holds for workload `uid` (`None`: not in its model).
+fn protocol_in(dump: &str, uid: &str) -> Option<String> {
+    let body = dump.split_once("\r\n\r\n").map_or(dump, |(_, body)| body);
+    let dump: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {dump}"));
+    dump["model"]["workloads"]
+        .as_array()?
+        .iter()
+        .find(|w| w["uid"] == uid)
+        .map(|w| w["protocol"].as_str().unwrap_or("TCP").to_owned())
+}
+
+/// Rewrites the mesh's own YAML (`mesh.yaml`, written by the harness) with `edit`
+/// applied to each object; an object for which it returns false is dropped. This is
+/// what `kubectl edit`/`delete` would do to the cluster.
+fn edit_mesh_yaml(h: &Harness, edit: impl Fn(&mut Value) -> bool) {
+    let path = h.k8s_dir().join("mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let mut object: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if object.is_null() || !edit(&mut object) {
+            continue;
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&object).unwrap());
+    }
+    write(h, "mesh.yaml", &out);
+}
+
+fn is(object: &Value, kind: &str, namespace: &str, name: &str) -> bool {
+    object["kind"] == kind
+        && object["metadata"]["name"] == name
+        && (kind == "Namespace" || object["metadata"]["namespace"] == namespace)
+}
+
+/// Connections node-b's ztunnel took in for `shop/client`'s identity: mutual TLS only.
+async fn hbone_from_client(h: &Harness) -> f64 {
+    metric(
+        &h.metrics("node-b").await,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    )
+}
+
+/// `shop/client` on node-a and `shop/web` (TCP echo on 8080) on node-b, both enrolled:
+/// redirect rules installed, handed to their ztunnels, redirection reported.
+async fn client_and_web() -> (Harness, Pod, Pod, ambit_localmesh::Process) {
+    let mesh = two_nodes();
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let web = support::pod(&mesh, "node-b", "shop", "web", "web");
+    let h = Harness::start(mesh);
+    let echo = h.serve(&web, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&web).await;
+    (h, client, web, echo)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_deleted_from_the_yaml_stops_receiving_traffic_until_declared_again() {
+    let (h, client, web, echo) = client_and_web().await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    let before = hbone_from_client(&h).await;
+    assert!(before >= 1.0, "not over HBONE\n{}", h.logs());
+
+    // Deleted from the YAML while its network namespace is still there (as in the
+    // moments after a delete): both ztunnels drop it, and a new connection to it fails
+    // instead of reaching the app, in plaintext or otherwise.
+    edit_mesh_yaml(&h, |o| !is(o, "Pod", "shop", "web"));
+    for node in ["node-a", "node-b"] {
+        wait_for_node_dump(&h, node, "shop/web deleted", |d| {
+            protocol_in(d, "shop/web").is_none()
+        })
+        .await;
+    }
+    let accepted = echo.log().matches("accepted from").count();
+    let out = h.run_app(
+        &client,
+        &["send", "--to", &web.addr(8080).to_string(), "--bytes", "10"],
+        DEADLINE,
+    );
+    assert!(
+        !out.status.success(),
+        "a deleted pod still got traffic: {}\n{}",
+        out.log,
+        h.logs()
+    );
+    assert_eq!(
+        echo.log().matches("accepted from").count(),
+        accepted,
+        "{}",
+        echo.log()
+    );
+
+    // Declared again: reachable over HBONE.
+    h.update_model().await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert!(
+        hbone_from_client(&h).await > before,
+        "not over HBONE\n{}",
+        h.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relabelling_a_namespace_enrols_and_unenrols_its_pods() {
+    let (h, client, web, _echo) = client_and_web().await;
+    // Enrolment from the namespace's label alone: no pod carries one.
+    let label = |ambient: bool| {
+        move |o: &mut Value| {
+            if o["kind"] == "Pod" {
+                if let Some(labels) = o["metadata"]["labels"].as_object_mut() {
+                    labels.remove("istio.io/dataplane-mode");
+                }
+            }
+            if is(o, "Namespace", "", "shop") {
+                o["metadata"]["labels"] = if ambient {
+                    serde_json::json!({"istio.io/dataplane-mode": "ambient"})
+                } else {
+                    serde_json::json!({})
+                };
+            }
+            true
+        }
+    };
+    let protocol_is =
+        |want: &'static str| move |d: &str| protocol_in(d, "shop/web").as_deref() == Some(want);
+
+    // The namespace labelled: HBONE.
+    edit_mesh_yaml(&h, label(true));
+    wait_for_dump(&h, "shop/web over HBONE", protocol_is("HBONE")).await;
+    let before = hbone_from_client(&h).await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    let enrolled = hbone_from_client(&h).await;
+    assert!(enrolled > before, "not over HBONE\n{}", h.logs());
+
+    // Label removed: the pods are plaintext peers; traffic still flows, not over HBONE.
+    edit_mesh_yaml(&h, label(false));
+    wait_for_dump(&h, "shop/web unenrolled", protocol_is("TCP")).await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert_eq!(
+        hbone_from_client(&h).await,
+        enrolled,
+        "still over HBONE\n{}",
+        h.logs()
+    );
+
+    // Labelled again: HBONE again.
+    edit_mesh_yaml(&h, label(true));
+    wait_for_dump(&h, "shop/web enrolled again", protocol_is("HBONE")).await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert!(
+        hbone_from_client(&h).await > enrolled,
+        "not over HBONE\n{}",
+        h.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -449,7 +449,7 @@ async fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
 /// and new ones are made with the model and certificates the ztunnels already hold.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_control_plane_down_traffic_flows_on_the_last_model() {
-    let (h, client, server) = client_server("node-a", "node-b");
+    let (mut h, client, server) = client_server("node-a", "node-b");
     let _echo = h.serve(&server, &["echo", "--port", "8080"]);
     h.enrol(&client).await;
     h.enrol(&server).await;
@@ -468,6 +468,23 @@ async fn with_the_control_plane_down_traffic_flows_on_the_last_model() {
             .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     }
     round_trip(&mut open, b"with the control plane down").await;
+    h.send_ok(&client, server.addr(8080), 100_000, 3);
+
+    // Restarted, it resyncs every ztunnel: a pod added meanwhile reaches both, and the
+    // connection opened before it all keeps flowing.
+    let added = pod(&h.mesh, "node-a", "shop", "added", "added");
+    h.restart_control();
+    let start = Instant::now();
+    h.update_model().await;
+    eprintln!("ztunnels resynced {:?} after the restart", start.elapsed());
+    for node in ["node-a", "node-b"] {
+        let dump = h.config_dump(node).await;
+        assert!(
+            dump.contains(&format!("\"{}\"", added.uid())),
+            "{node}: {dump}"
+        );
+    }
+    round_trip(&mut open, b"after the restart").await;
     h.send_ok(&client, server.addr(8080), 100_000, 3);
 }
 
