@@ -57,6 +57,7 @@ fn pod(i: usize) -> WorkloadSpec {
         workload_kind: Some("Deployment".into()),
         workload_name: Some(format!("app-{}", i % SERVICES)),
         healthy: true,
+        waypoint: None,
     }
 }
 
@@ -81,6 +82,7 @@ fn cluster() -> MeshConfig {
                     ports: Vec::new(),
                 })
                 .collect(),
+            waypoint: None,
         })
         .collect();
     MeshConfig {

@@ -47,6 +47,7 @@ impl Publisher {
         self.placements.update(resources);
         let translation = translate(resources);
         problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
+        problems.extend(translation.warnings.iter().map(ToString::to_string));
         for problem in problems.iter().filter(|p| !self.reported.contains(p)) {
             tracing::warn!(%problem, %source, "not in the model");
         }

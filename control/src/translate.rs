@@ -25,7 +25,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WorkloadSpec,
+    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WaypointAddress, WorkloadSpec,
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -46,6 +46,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct Translation {
     pub config: MeshConfig,
     pub skipped: Vec<Skipped>,
+    /// Objects kept in the model without something they asked for (a waypoint that
+    /// does not exist).
+    pub warnings: Vec<Skipped>,
 }
 
 /// An object left out of the model, and why. Logged by the caller, and later written
@@ -66,6 +69,17 @@ impl fmt::Display for Skipped {
 /// The mesh model of `resources`.
 pub fn translate(resources: &Resources) -> Translation {
     let mut skipped = Vec::new();
+    let mut warnings = Vec::new();
+    let mut bind = |kind: &'static str, key: &ObjectKey, labels, waypoint: &mut _| match waypoint_of(
+        resources, key, labels,
+    ) {
+        Ok(w) => *waypoint = w,
+        Err(reason) => warnings.push(Skipped {
+            kind,
+            key: key.clone(),
+            reason,
+        }),
+    };
     let mut skip = |kind: &'static str, key: &ObjectKey, reason: String| {
         skipped.push(Skipped {
             kind,
@@ -81,8 +95,9 @@ pub fn translate(resources: &Resources) -> Translation {
     let mut running: BTreeMap<&ObjectKey, &Pod> = BTreeMap::new();
     for (key, pod) in &resources.pods {
         match workload(resources, key, pod) {
-            Ok(Some(w)) => match addresses.claim(&format!("Pod {}", w.uid), &w.ips, &[], &[]) {
+            Ok(Some(mut w)) => match addresses.claim(&format!("Pod {}", w.uid), &w.ips, &[], &[]) {
                 Ok(()) => {
+                    bind("Pod", key, pod.metadata.labels.as_ref(), &mut w.waypoint);
                     running.insert(key, pod);
                     workloads.push(w);
                 }
@@ -95,7 +110,13 @@ pub fn translate(resources: &Resources) -> Translation {
     let mut services = Vec::new();
     for (key, service) in &resources.services {
         match service_spec(resources, &running, key, service) {
-            Ok(Some(s)) => {
+            Ok(Some(mut s)) => {
+                bind(
+                    "Service",
+                    key,
+                    service.metadata.labels.as_ref(),
+                    &mut s.waypoint,
+                );
                 let name = format!("{}/{}", s.namespace, s.hostname());
                 match addresses.claim(
                     &format!("service {name}"),
@@ -129,7 +150,15 @@ pub fn translate(resources: &Resources) -> Translation {
                 .map(|()| m)
         });
         match claimed {
-            Ok(m) => {
+            Ok(mut m) => {
+                for s in &mut m.services {
+                    bind(
+                        "ServiceEntry",
+                        key,
+                        entry.metadata.labels.as_ref(),
+                        &mut s.waypoint,
+                    );
+                }
                 workloads.extend(m.workloads);
                 services.extend(m.services);
             }
@@ -142,6 +171,66 @@ pub fn translate(resources: &Resources) -> Translation {
             services,
         },
         skipped,
+        warnings,
+    }
+}
+
+/// The label that binds a pod, service or namespace to a waypoint (`none`: to none).
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The namespace of that waypoint, when it is not the object's own.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// The label a Gateway's (a waypoint's) own pods and service carry.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// The waypoint `key` (with `labels`) is bound to: its own `istio.io/use-waypoint`, else
+/// its namespace's; resolved to the waypoint's Service and its cluster IP. A waypoint's
+/// own pods and service are never bound. Err: a waypoint is named but not found.
+fn waypoint_of(
+    resources: &Resources,
+    key: &ObjectKey,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Result<Option<WaypointAddress>, String> {
+    if labels.is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL)) {
+        return Ok(None);
+    }
+    let namespace_labels = resources
+        .namespaces
+        .get(&key.namespace)
+        .and_then(|n| n.metadata.labels.as_ref());
+    let Some(chosen) = [labels, namespace_labels]
+        .into_iter()
+        .flatten()
+        .find(|l| l.contains_key(USE_WAYPOINT_LABEL))
+    else {
+        return Ok(None);
+    };
+    let name = chosen[USE_WAYPOINT_LABEL].as_str();
+    if name.is_empty() || name == "none" {
+        return Ok(None);
+    }
+    let namespace = chosen
+        .get(USE_WAYPOINT_NAMESPACE_LABEL)
+        .map_or(key.namespace.as_str(), String::as_str);
+    let waypoint = ObjectKey::new(namespace, name);
+    let address = resources
+        .services
+        .get(&waypoint)
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|spec| {
+            spec.cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.as_ref())
+                .find_map(|ip| ip.parse::<IpAddr>().ok())
+        });
+    match address {
+        Some(address) => Ok(Some(WaypointAddress {
+            address,
+            hbone_port: ambit_core::hbone::HBONE_PORT,
+        })),
+        None => Err(format!(
+            "{USE_WAYPOINT_LABEL}={name} names waypoint {waypoint}, which has no Service with a cluster IP; kept without a waypoint"
+        )),
     }
 }
 
@@ -280,6 +369,8 @@ fn workload(
         workload_name,
         // A pod without a Ready condition (as in the local directory) counts as ready.
         healthy: ready.unwrap_or(true) && !terminating,
+        // Bound by `translate`, which reports a waypoint it cannot find.
+        waypoint: None,
     }))
 }
 
@@ -427,6 +518,8 @@ fn service_spec(
             })
             .collect(),
         endpoints,
+        // Bound by `translate`, which reports a waypoint it cannot find.
+        waypoint: None,
     }))
 }
 

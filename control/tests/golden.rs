@@ -23,6 +23,9 @@ struct Expected {
     model: MeshConfig,
     /// `Kind namespace/name: reason`, in order.
     skipped: Vec<String>,
+    /// Objects kept without something they asked for, same form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 #[test]
@@ -63,6 +66,11 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
         model: translation.config,
         skipped: translation
             .skipped
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        warnings: translation
+            .warnings
             .iter()
             .map(ToString::to_string)
             .collect(),

@@ -67,6 +67,25 @@ pub struct WorkloadSpec {
     /// Unhealthy workloads are not picked as service endpoints.
     #[serde(default = "default_true")]
     pub healthy: bool,
+    /// The waypoint its inbound traffic is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointAddress>,
+}
+
+/// The waypoint proxy a workload's or a service's traffic is bound to (label
+/// `istio.io/use-waypoint`): the address of the waypoint's service and its HBONE port.
+/// Carried in the model and over xDS for the waypoint issue; ztunnel does not act on it
+/// yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointAddress {
+    pub address: IpAddr,
+    #[serde(default = "default_hbone_port")]
+    pub hbone_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    crate::hbone::HBONE_PORT
 }
 
 fn default_sa() -> String {
@@ -106,6 +125,9 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// The waypoint traffic to this service is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointAddress>,
 }
 
 impl ServiceSpec {

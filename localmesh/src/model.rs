@@ -33,6 +33,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
             workload_kind: None,
             workload_name: None,
             healthy: true,
+            waypoint: None,
         })
         .collect();
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
@@ -51,6 +52,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
                     ports: Vec::<ServicePort>::new(),
                 })
                 .collect(),
+            waypoint: None,
         })
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

@@ -133,6 +133,7 @@ pub(super) fn translate_entry(
             workload_kind: Some("ServiceEntry".into()),
             workload_name: Some(key.name.clone()),
             healthy: true,
+            waypoint: None,
         });
         endpoints.push(EndpointSpec {
             workload_uid: uid,
@@ -188,6 +189,7 @@ pub(super) fn translate_entry(
             vips: vips.clone(),
             ports: ports.iter().map(|(_, p)| p.clone()).collect(),
             endpoints: endpoints.clone(),
+            waypoint: None,
         });
     }
     Ok(model)

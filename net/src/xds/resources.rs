@@ -15,11 +15,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WorkloadSpec,
+    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WaypointAddress, WorkloadSpec,
 };
 use ambit_proto::workload::{
-    address, Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload,
-    WorkloadStatus,
+    address, gateway_address, Address, GatewayAddress, NetworkAddress, Port, PortList, Service,
+    TunnelProtocol, Workload, WorkloadStatus,
 };
 
 /// A resource that cannot be turned into the model, by name.
@@ -61,6 +61,7 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
                         })
                         .collect(),
                     ports: service.ports.iter().map(port).collect(),
+                    waypoint: service.waypoint.as_ref().map(gateway),
                 })),
             },
         );
@@ -77,6 +78,7 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             } as i32,
             trust_domain: String::new(),
             service_account: w.service_account.clone(),
+            waypoint: w.waypoint.as_ref().map(gateway),
             node: w.node.clone(),
             canonical_name: w.canonical_name.clone().unwrap_or_default(),
             canonical_revision: w.canonical_revision.clone().unwrap_or_default(),
@@ -203,6 +205,7 @@ fn workload(w: &Workload) -> Result<WorkloadSpec, String> {
         workload_kind: some(&w.workload_kind),
         workload_name: some(&w.workload_name),
         healthy: w.status != WorkloadStatus::Unhealthy as i32,
+        waypoint: w.waypoint.as_ref().map(waypoint).transpose()?,
     })
 }
 
@@ -221,6 +224,38 @@ fn service(s: &Service) -> Result<ServiceSpec, String> {
             .collect::<Result<_, _>>()?,
         ports: s.ports.iter().map(model_port).collect::<Result<_, _>>()?,
         endpoints: Vec::new(),
+        waypoint: s.waypoint.as_ref().map(waypoint).transpose()?,
+    })
+}
+
+fn gateway(w: &WaypointAddress) -> GatewayAddress {
+    GatewayAddress {
+        destination: Some(gateway_address::Destination::Address(NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(w.address),
+        })),
+        hbone_mtls_port: u32::from(w.hbone_port),
+    }
+}
+
+fn waypoint(g: &GatewayAddress) -> Result<WaypointAddress, String> {
+    let address = match &g.destination {
+        Some(gateway_address::Destination::Address(a)) => ip_from_bytes(&a.address)?,
+        Some(gateway_address::Destination::Hostname(h)) => {
+            return Err(format!(
+                "waypoint {}/{}: a waypoint by hostname is not supported, only by address",
+                h.namespace, h.hostname
+            ))
+        }
+        None => return Err("waypoint without an address".into()),
+    };
+    let hbone_port = u16::try_from(g.hbone_mtls_port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("waypoint HBONE port {} is out of range", g.hbone_mtls_port))?;
+    Ok(WaypointAddress {
+        address,
+        hbone_port,
     })
 }
 
@@ -273,7 +308,8 @@ mod tests {
             "workloads:\n\
              - {uid: shop/web-a, name: web-a, namespace: shop, serviceAccount: web, node: node-a,\n\
                 ips: [10.1.0.10, 'fd10:1::10'], protocol: HBONE, canonicalName: web,\n\
-                canonicalRevision: v1, workloadKind: Deployment, workloadName: web}\n\
+                canonicalRevision: v1, workloadKind: Deployment, workloadName: web,\n\
+                waypoint: {address: 10.96.0.100}}\n\
              - {uid: shop/web-b, name: web-b, namespace: shop, node: node-b, ips: [10.2.0.10],\n\
                 healthy: false}\n\
              - {uid: shop/client, name: client, namespace: shop, node: node-a, ips: [10.1.0.2]}\n\
@@ -284,7 +320,8 @@ mod tests {
              \x20 - {workloadUid: shop/web-a, ports: [{port: 80, targetPort: 8081}]}\n\
              \x20 - {workloadUid: shop/web-b}\n\
              - {name: db, namespace: shop, hostname: db.example.com, vips: [10.96.0.11],\n\
-                ports: [{port: 5432, targetPort: 5432}]}\n",
+                ports: [{port: 5432, targetPort: 5432}],\n\
+                waypoint: {address: 'fd00:96::100', hbonePort: 15009}}\n",
         )
         .unwrap()
     }
@@ -362,5 +399,43 @@ mod tests {
         assert!(errors[1].reason.contains("3 bytes"), "{}", errors[1]);
         assert_eq!(config.workloads.len(), 2);
         assert_eq!(config.services.len(), 2);
+    }
+
+    #[test]
+    fn a_waypoint_by_hostname_or_without_a_port_is_rejected_with_its_resource() {
+        let mut resources = to_resources(&model());
+        let Some(Address {
+            r#type: Some(address::Type::Workload(w)),
+        }) = resources.get_mut("shop/web-a")
+        else {
+            panic!("no shop/web-a")
+        };
+        w.waypoint = Some(GatewayAddress {
+            destination: Some(gateway_address::Destination::Hostname(
+                ambit_proto::workload::NamespacedHostname {
+                    namespace: "shop".into(),
+                    hostname: "waypoint.shop.svc.cluster.local".into(),
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+        let (config, errors) = from_resources(&resources);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].name, "shop/web-a");
+        assert!(errors[0].reason.contains("by hostname"), "{errors:?}");
+        assert!(config.workloads.iter().all(|w| w.uid != "shop/web-a"));
+
+        let Some(Address {
+            r#type: Some(address::Type::Service(s)),
+        }) = resources.get_mut("shop/db.example.com")
+        else {
+            panic!("no db")
+        };
+        s.waypoint.as_mut().unwrap().hbone_mtls_port = 0;
+        let (_, errors) = from_resources(&resources);
+        assert!(
+            errors.iter().any(|e| e.reason.contains("HBONE port 0")),
+            "{errors:?}"
+        );
     }
 }

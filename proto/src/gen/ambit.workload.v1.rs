@@ -36,6 +36,9 @@ pub struct Workload {
     pub trust_domain: ::prost::alloc::string::String,
     #[prost(string, tag = "7")]
     pub service_account: ::prost::alloc::string::String,
+    /// The waypoint this workload's inbound traffic is bound to.
+    #[prost(message, optional, tag = "8")]
+    pub waypoint: ::core::option::Option<GatewayAddress>,
     #[prost(string, tag = "9")]
     pub node: ::prost::alloc::string::String,
     #[prost(string, tag = "10")]
@@ -67,6 +70,35 @@ pub struct Service {
     pub addresses: ::prost::alloc::vec::Vec<NetworkAddress>,
     #[prost(message, repeated, tag = "5")]
     pub ports: ::prost::alloc::vec::Vec<Port>,
+    /// The waypoint traffic to this service is bound to.
+    #[prost(message, optional, tag = "7")]
+    pub waypoint: ::core::option::Option<GatewayAddress>,
+}
+/// Where a gateway (a waypoint) is reached: by address or by service hostname, and its
+/// HBONE (mutual TLS) port.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GatewayAddress {
+    #[prost(uint32, tag = "3")]
+    pub hbone_mtls_port: u32,
+    #[prost(oneof = "gateway_address::Destination", tags = "1, 2")]
+    pub destination: ::core::option::Option<gateway_address::Destination>,
+}
+/// Nested message and enum types in `GatewayAddress`.
+pub mod gateway_address {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Destination {
+        #[prost(message, tag = "1")]
+        Hostname(super::NamespacedHostname),
+        #[prost(message, tag = "2")]
+        Address(super::NetworkAddress),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NamespacedHostname {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub hostname: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NetworkAddress {
