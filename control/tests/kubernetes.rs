@@ -6,6 +6,8 @@
 //! published in every namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/ca.rs"]
+mod ca;
 #[path = "support/fake_api.rs"]
 mod fake_api;
 
@@ -14,12 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_core::model::{MeshConfig, Protocol};
-use ambit_core::SpiffeId;
-use ambit_net::ca_client::{
-    tls_channel, CaClientConfig, CertificateSource, FetchError, FetchRequest, GrpcCaClient,
-};
-use ambit_net::cert_manager::new_key_and_csr;
+use ambit_net::ca_client::{tls_channel, GrpcCaClient};
 use ambit_net::xds::client::{ClientConfig, XdsClient};
+use ca::{control_identity, request};
 use clap::Parser;
 use fake_api::FakeApi;
 use rustls_pki_types::pem::PemObject;
@@ -170,10 +169,6 @@ fn roots(pem: &str) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap()
-}
-
-fn control_identity() -> SpiffeId {
-    SpiffeId::parse("spiffe://cluster.local/ns/ambit-system/sa/ambit-control").unwrap()
 }
 
 /// A ztunnel's xDS client with `token`; its model follows the server.
@@ -440,29 +435,8 @@ fn pod_lists(api: &FakeApi) -> usize {
         .count()
 }
 
-async fn request(client: &GrpcCaClient, identity: &str) -> Result<Vec<String>, FetchError> {
-    let identity = SpiffeId::parse(identity).unwrap();
-    let (_key, csr_pem) = new_key_and_csr(&identity).unwrap();
-    client
-        .fetch(FetchRequest {
-            identity,
-            csr_pem,
-            validity: Duration::from_secs(3600),
-            current: None,
-        })
-        .await
-}
-
 fn ca_client(addr: SocketAddr, root: &str, token: &str, impersonate: bool) -> GrpcCaClient {
-    GrpcCaClient::new(CaClientConfig {
-        address: addr.to_string(),
-        ca_identity: control_identity(),
-        roots: roots(root),
-        token: Some(token.into()),
-        impersonate,
-        timeout: Duration::from_secs(10),
-    })
-    .unwrap()
+    ca::ca_client(addr, roots(root), token, impersonate)
 }
 
 #[tokio::test]

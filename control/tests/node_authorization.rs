@@ -3,32 +3,18 @@
 //! as it is scheduled on the agent's node. In process, over real TLS and gRPC.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/ca.rs"]
+mod ca;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ambit_core::SpiffeId;
-use ambit_net::ca_client::{
-    CaClientConfig, CertificateSource, FetchError, FetchRequest, GrpcCaClient,
-};
-use ambit_net::cert_manager::new_key_and_csr;
+use ca::{ca_client, request};
 use clap::Parser;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 const TOKEN: &str = "node-a-agent-token";
-
-async fn request(client: &GrpcCaClient, identity: &str) -> Result<Vec<String>, FetchError> {
-    let identity = SpiffeId::parse(identity).unwrap();
-    let (_key, csr_pem) = new_key_and_csr(&identity).unwrap();
-    client
-        .fetch(FetchRequest {
-            identity,
-            csr_pem,
-            validity: Duration::from_secs(3600),
-            current: None,
-        })
-        .await
-}
 
 #[tokio::test]
 async fn a_node_agent_gets_only_identities_of_pods_on_its_node_and_follows_the_directory() {
@@ -86,16 +72,7 @@ spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: 
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-    let client = GrpcCaClient::new(CaClientConfig {
-        address: addr.to_string(),
-        ca_identity: SpiffeId::parse("spiffe://cluster.local/ns/ambit-system/sa/ambit-control")
-            .unwrap(),
-        roots,
-        token: Some(TOKEN.into()),
-        impersonate: true,
-        timeout: Duration::from_secs(10),
-    })
-    .unwrap();
+    let client = ca_client(addr, roots, TOKEN, true);
 
     // cart runs on node-a: granted. pay runs on node-b: refused, naming why.
     let chain = request(&client, "spiffe://cluster.local/ns/shop/sa/cart")

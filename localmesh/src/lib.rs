@@ -59,7 +59,7 @@ pub use naming::MeshId;
 pub use nix::sys::signal::Signal;
 pub use process::{Process, ProcessError};
 pub use services::{POSTROUTING_CHAIN, SERVICES_CHAIN};
-pub use sweep::{sweep_stale, sweep_stale_in, sweep_stale_with_prefix, SweepReport};
+pub use sweep::{pid_alive, sweep_stale, sweep_stale_in, sweep_stale_with_prefix, SweepReport};
 pub use topology::{
     Ipv4Cidr, Ipv6Cidr, Netns, Node, Pod, PodSpec, Service, ServiceSpec, FABRIC_IP, FABRIC_IP6,
     MAX_NODES, SERVICE_CIDR, UNDERLAY, UNDERLAY6,

@@ -136,7 +136,7 @@ pub(crate) fn kill_processes_in(netns: &[PathBuf]) -> Vec<u32> {
 }
 
 /// Whether a process with `pid` exists and is not a zombie.
-pub(crate) fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };

@@ -164,17 +164,7 @@ pub fn clear(state_dir: &Path) {
     }
 }
 
-/// Whether a process with `pid` exists and is not a zombie.
-pub fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // `pid (comm) S ...`: the state follows the last `)`.
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].trim_start().chars().next());
-    !matches!(state, Some('Z') | Some('X') | None)
-}
+pub use ambit_localmesh::pid_alive;
 
 fn write_replacing(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");

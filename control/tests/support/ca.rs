@@ -1,0 +1,49 @@
+//! The CA as a node agent or a workload calls it, for the control plane's tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ambit_core::SpiffeId;
+use ambit_net::ca_client::{
+    CaClientConfig, CertificateSource, FetchError, FetchRequest, GrpcCaClient,
+};
+use ambit_net::cert_manager::new_key_and_csr;
+use rustls_pki_types::CertificateDer;
+
+/// The identity ambit-control serves as.
+pub fn control_identity() -> SpiffeId {
+    SpiffeId::parse("spiffe://cluster.local/ns/ambit-system/sa/ambit-control").unwrap()
+}
+
+/// A client of the CA at `addr` whose certificate chains to `roots`, sending `token`;
+/// `impersonate` names the requested identity, as a node agent does.
+pub fn ca_client(
+    addr: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    token: &str,
+    impersonate: bool,
+) -> GrpcCaClient {
+    GrpcCaClient::new(CaClientConfig {
+        address: addr.to_string(),
+        ca_identity: control_identity(),
+        roots,
+        token: Some(token.into()),
+        impersonate,
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap()
+}
+
+/// Asks for an hour's certificate for `identity`, with a fresh key.
+pub async fn request(client: &GrpcCaClient, identity: &str) -> Result<Vec<String>, FetchError> {
+    let identity = SpiffeId::parse(identity).unwrap();
+    let (_key, csr_pem) = new_key_and_csr(&identity).unwrap();
+    client
+        .fetch(FetchRequest {
+            identity,
+            csr_pem,
+            validity: Duration::from_secs(3600),
+            current: None,
+        })
+        .await
+}
