@@ -10,6 +10,7 @@ pub mod cert_manager;
 pub mod handoff;
 pub mod hbone;
 pub mod netns;
+pub mod netns_scan;
 pub mod process;
 pub mod redirect;
 pub mod relay;

@@ -1,0 +1,106 @@
+//! Finding a pod's network namespace by its IP among the node's processes (needs root):
+//! a namespace with a process in it is found by each of its addresses, one without a
+//! process or without the address is not.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Child, Command};
+
+use ambit_net::netns_scan::find_by_ip;
+
+/// A named network namespace holding `ips`, and a process in it
+/// (or not). Removed when dropped.
+struct Pod {
+    name: String,
+    process: Option<Child>,
+}
+
+impl Pod {
+    fn new(tag: &str, ips: &[&str], with_process: bool) -> Pod {
+        let name = format!("ambit-scan-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let mut pod = Pod {
+            name: name.clone(),
+            process: None,
+        };
+        ip(&["netns", "add", &name]);
+        // The addresses go on the loopback: any interface counts, and this one needs
+        // no kernel module.
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        for addr in ips {
+            let v6 = addr.contains(':');
+            let cidr = format!("{addr}/{}", if v6 { 128 } else { 32 });
+            let mut args = vec!["-n", &name, "addr", "add", &cidr, "dev", "lo"];
+            if v6 {
+                // No duplicate address detection: the address is usable at once.
+                args.push("nodad");
+            }
+            ip(&args);
+        }
+        if with_process {
+            pod.process = Some(
+                Command::new("ip")
+                    .args(["netns", "exec", &name, "sleep", "60"])
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        pod
+    }
+
+    fn inode(&self) -> u64 {
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .unwrap()
+            .ino()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Waits until the process has entered its namespace (`ip netns exec` then execs sleep).
+fn until_found(ips: &[IpAddr]) -> Option<ambit_net::netns_scan::FoundNetns> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(found) = find_by_ip(ips).unwrap() {
+            return Some(found);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
+    let pod = Pod::new("a", &["198.18.7.2", "fd99:7::2"], true);
+    // No process in it: not found, however long one waits (nothing to wait for).
+    let idle = Pod::new("b", &["198.18.7.3"], false);
+    for ip in ["198.18.7.2", "fd99:7::2"] {
+        let found = until_found(&[ip.parse().unwrap()])
+            .unwrap_or_else(|| panic!("{ip}: namespace not found"));
+        assert_eq!(found.file.metadata().unwrap().ino(), pod.inode(), "{ip}");
+        assert!(found.path.ends_with("ns/net"), "{:?}", found.path);
+    }
+    assert!(find_by_ip(&["198.18.7.3".parse().unwrap()])
+        .unwrap()
+        .is_none());
+    assert!(find_by_ip(&["198.18.7.99".parse().unwrap()])
+        .unwrap()
+        .is_none());
+    drop(idle);
+}
