@@ -3,7 +3,13 @@
 // generates prost/tonic code into `out_dir`.
 use std::path::{Path, PathBuf};
 
-pub const PROTOS: &[&str] = &["ca.proto", "handoff.proto", "workload.proto", "xds.proto"];
+pub const PROTOS: &[&str] = &[
+    "ca.proto",
+    "handoff.proto",
+    "nodeagent.proto",
+    "workload.proto",
+    "xds.proto",
+];
 
 pub fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -58,6 +58,7 @@ fn pod(i: usize) -> WorkloadSpec {
         workload_name: Some(format!("app-{}", i % SERVICES)),
         healthy: true,
         waypoint: None,
+        ambient: true,
     }
 }
 

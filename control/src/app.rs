@@ -16,8 +16,10 @@ use crate::directory::Directory;
 use crate::kubernetes::KubernetesSource;
 use crate::placement::Placements;
 use crate::publish::Publisher;
+use crate::redirection::{RedirectionService, ReportSink, Reports};
 use crate::token_review::TokenReviewAuthenticator;
 use crate::xds::{Snapshot, XdsServer};
+use ambit_proto::nodeagent::redirection_server::RedirectionServer;
 
 /// Runs until `shutdown` completes: in local mode with `--local-dir`, else against the
 /// cluster `kube::Config::infer` finds. `on_listening` gets the bound address.
@@ -79,6 +81,8 @@ pub async fn run_kubernetes(
     )
     .await?;
     let now = SystemTime::now();
+    let report_pods: Arc<dyn crate::token_review::PodNodes> = placements.clone();
+    let report_sink = ReportSink::Kubernetes(client.clone());
     let ca =
         ambit_ca::app::authority(&material, &config.ca, &location, now)?.with_placement(placements);
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
@@ -124,6 +128,11 @@ pub async fn run_kubernetes(
                 snapshots_rx,
                 authenticators.to_vec(),
             )));
+            routes.add_service(RedirectionServer::new(RedirectionService::new(
+                authenticators.to_vec(),
+                report_pods,
+                report_sink,
+            )));
         },
         on_listening,
         async move {
@@ -151,9 +160,13 @@ pub async fn run_local(
     );
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
     let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
+    let reports = Arc::new(Reports::default());
+    let report_pods: Arc<dyn crate::token_review::PodNodes> = placements.clone();
+    let report_sink = ReportSink::Local(reports.clone());
     let mut source = LocalSource {
         directory: Directory::new(dir),
         publisher: Publisher::new(placements.clone(), snapshots),
+        reports,
     };
     // The first read before serving: the CA authorizes node agents against its pods.
     source.step();
@@ -177,6 +190,11 @@ pub async fn run_local(
                 snapshots_rx,
                 authenticators.to_vec(),
             )));
+            routes.add_service(RedirectionServer::new(RedirectionService::new(
+                authenticators.to_vec(),
+                report_pods,
+                report_sink,
+            )));
         },
         on_listening,
         {
@@ -196,6 +214,8 @@ pub async fn run_local(
 struct LocalSource {
     directory: Directory,
     publisher: Publisher,
+    /// Node agents' redirection reports, which stand in for the pod annotation.
+    reports: Arc<Reports>,
 }
 
 impl LocalSource {
@@ -208,7 +228,8 @@ impl LocalSource {
                 .collect(),
             Err(e) => vec![format!("{e}; keeping the last model")],
         };
-        let resources = self.directory.resources();
+        let mut resources = self.directory.resources();
+        self.reports.apply(&mut resources);
         self.publisher
             .publish(&resources, problems, &self.directory.to_string());
     }

@@ -25,6 +25,7 @@ pub mod directory;
 pub mod kubernetes;
 pub mod placement;
 pub mod publish;
+pub mod redirection;
 pub mod resources;
 pub mod service_entry;
 pub mod status;

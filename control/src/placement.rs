@@ -9,7 +9,7 @@ use std::sync::RwLock;
 use ambit_core::certificate::WorkloadPlacement;
 use ambit_core::{SpiffeId, TrustDomain};
 
-use crate::resources::Resources;
+use crate::resources::{ObjectKey, Resources};
 
 /// node → identities of the pods scheduled there.
 pub fn placements(
@@ -38,11 +38,14 @@ pub fn placements(
     out
 }
 
-/// The current placements, shared with the CA.
+/// The current placements, shared with the CA (identities per node) and the node
+/// agents' reports (pods per node).
 #[derive(Debug)]
 pub struct Placements {
     trust_domain: TrustDomain,
     current: RwLock<BTreeMap<String, BTreeSet<SpiffeId>>>,
+    /// pod → (uid, node) of the non-terminated scheduled pods.
+    pods: RwLock<BTreeMap<ObjectKey, (String, String)>>,
 }
 
 impl Placements {
@@ -50,6 +53,7 @@ impl Placements {
         Placements {
             trust_domain,
             current: RwLock::new(BTreeMap::new()),
+            pods: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -58,6 +62,42 @@ impl Placements {
         if let Ok(mut current) = self.current.write() {
             *current = next;
         }
+        let pods = scheduled_pods(resources);
+        if let Ok(mut current) = self.pods.write() {
+            *current = pods;
+        }
+    }
+}
+
+/// pod → (uid, node) of the non-terminated pods scheduled on a node.
+fn scheduled_pods(resources: &Resources) -> BTreeMap<ObjectKey, (String, String)> {
+    resources
+        .pods
+        .iter()
+        .filter(|(_, pod)| {
+            !matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .filter_map(|(key, pod)| {
+            let node = pod
+                .spec
+                .as_ref()?
+                .node_name
+                .clone()
+                .filter(|n| !n.is_empty())?;
+            Some((
+                key.clone(),
+                (pod.metadata.uid.clone().unwrap_or_default(), node),
+            ))
+        })
+        .collect()
+}
+
+impl crate::token_review::PodNodes for Placements {
+    fn pod_node(&self, key: &ObjectKey) -> Option<(String, String)> {
+        self.pods.read().ok()?.get(key).cloned()
     }
 }
 

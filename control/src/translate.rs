@@ -371,6 +371,7 @@ fn workload(
         healthy: ready.unwrap_or(true) && !terminating,
         // Bound by `translate`, which reports a waypoint it cannot find.
         waypoint: None,
+        ambient: wants_ambient && !host_network,
     }))
 }
 

@@ -271,6 +271,51 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
         api.requests()
     );
 
+    // A pod its labels enrol waits, plaintext, for its node agent's report; the report
+    // becomes its annotation in the API server, and the pod then speaks HBONE. A report
+    // for another node's pod is refused.
+    api.put(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: fresh-1, namespace: shop}\n\
+         spec: {nodeName: node-a, serviceAccountName: fresh, containers: [{name: c, image: c}]}\n\
+         status: {phase: Running, podIP: 10.1.0.7}\n",
+    );
+    until(&mut model, "fresh-1 waiting for capture", |m| {
+        m.workloads
+            .iter()
+            .any(|w| w.uid == "shop/fresh-1" && w.ambient && w.protocol == Protocol::Tcp)
+    })
+    .await;
+    ca::report(
+        control.addr,
+        &roots(&root),
+        NODE_A_TOKEN,
+        ("shop", "fresh-1"),
+        true,
+    )
+    .await
+    .unwrap();
+    let annotated = api.get("v1", "Pod", "shop", "fresh-1").unwrap();
+    assert_eq!(
+        annotated["metadata"]["annotations"]["ambient.istio.io/redirection"], "enabled",
+        "{annotated}"
+    );
+    until(&mut model, "fresh-1 over HBONE", |m| {
+        m.workloads
+            .iter()
+            .any(|w| w.uid == "shop/fresh-1" && w.protocol == Protocol::Hbone)
+    })
+    .await;
+    let refused = ca::report(
+        control.addr,
+        &roots(&root),
+        NODE_A_TOKEN,
+        ("shop", "pay-1"),
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+
     // Watch events: an added pod appears, a deleted one goes.
     api.put(&pod("cart-1", "node-b", "10.2.0.3"));
     until(&mut model, "pod added", |m| has_workload(m, "shop/cart-1")).await;

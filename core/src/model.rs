@@ -70,6 +70,14 @@ pub struct WorkloadSpec {
     /// The waypoint its inbound traffic is bound to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<WaypointAddress>,
+    /// Its labels ask for ambient mode, so its node agent captures it; `protocol` is
+    /// HBONE only once the agent reports that done.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ambient: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// The waypoint proxy a workload's or a service's traffic is bound to (label

@@ -34,6 +34,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
             workload_name: None,
             healthy: true,
             waypoint: None,
+            ambient: p.protocol == ambit_core::model::Protocol::Hbone,
         })
         .collect();
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));

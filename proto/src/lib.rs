@@ -24,6 +24,13 @@ pub mod handoff {
     pub const VERSION: u32 = 1;
 }
 
+/// A node agent's reports to the control plane (`nodeagent.proto`): which pods' traffic
+/// is captured.
+pub mod nodeagent {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/ambit.nodeagent.v1.rs");
+}
+
 /// Ambit's mesh model as xDS resources (`workload.proto`): workloads and services.
 pub mod workload {
     #![allow(missing_debug_implementations, clippy::all)]

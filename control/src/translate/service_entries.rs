@@ -134,6 +134,8 @@ pub(super) fn translate_entry(
             workload_name: Some(key.name.clone()),
             healthy: true,
             waypoint: None,
+            // Outside the mesh: no node agent captures it.
+            ambient: false,
         });
         endpoints.push(EndpointSpec {
             workload_uid: uid,

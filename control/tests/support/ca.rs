@@ -1,4 +1,6 @@
 //! The CA as a node agent or a workload calls it, for the control plane's tests.
+// Each test binary uses its own part of this.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,4 +48,43 @@ pub async fn request(client: &GrpcCaClient, identity: &str) -> Result<Vec<String
             current: None,
         })
         .await
+}
+
+/// Reports pod `namespace/name`'s redirection to the control plane at `addr`, as the
+/// node agent holding `token` does.
+pub async fn report(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    token: &str,
+    pod: (&str, &str),
+    enabled: bool,
+) -> Result<(), tonic::Status> {
+    let channel = ambit_net::ca_client::tls_channel(
+        &addr.to_string(),
+        &control_identity(),
+        roots,
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut client =
+        ambit_proto::nodeagent::redirection_client::RedirectionClient::with_interceptor(
+            channel,
+            move |mut request: tonic::Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                Ok(request)
+            },
+        );
+    client
+        .report(ambit_proto::nodeagent::RedirectionReport {
+            namespace: pod.0.into(),
+            name: pod.1.into(),
+            uid: String::new(),
+            enabled,
+        })
+        .await
+        .map(|_| ())
 }

@@ -321,6 +321,10 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             .map(|q| format!("?{q}"))
             .unwrap_or_default()
     ));
+    let merge_patch = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/merge-patch+json"));
     let body = req.into_body().collect().await.unwrap().to_bytes();
 
     // api/v1/... or apis/<group>/<version>/...
@@ -407,6 +411,26 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             let stored = state.objects[&collection][&key(&name)].clone();
             full(StatusCode::CREATED, &stored)
         }
+        (Method::PATCH, Some(name)) if merge_patch => {
+            // JSON merge patch (RFC 7386) onto the stored object.
+            let patch: Value = serde_json::from_slice(&body).unwrap();
+            let mut state = state.lock().unwrap();
+            let Some(mut object) = state
+                .objects
+                .get(&collection)
+                .and_then(|o| o.get(&key(name)))
+                .cloned()
+            else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{plural} \"{name}\" not found"),
+                );
+            };
+            merge(&mut object, &patch);
+            state.store(collection.clone(), object);
+            full(StatusCode::OK, &state.objects[&collection][&key(name)])
+        }
         (Method::PATCH, Some(name)) => {
             // Server-side apply: the applied configuration becomes the object.
             let mut object: Value = serde_json::from_slice(&body).unwrap();
@@ -468,6 +492,27 @@ fn patch_status(
     object["status"] = applied["status"].clone();
     state.store(collection.clone(), object);
     full(StatusCode::OK, &state.objects[&collection][&key])
+}
+
+/// RFC 7386: objects merge key by key, null removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let Value::Object(target) = target else {
+        return;
+    };
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            merge(target.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
 }
 
 /// `metadata.name=x` style field selectors, the only kind the control plane uses.

@@ -94,6 +94,7 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
                 WorkloadStatus::Unhealthy
             } as i32,
             workload_kind: w.workload_kind.clone().unwrap_or_default(),
+            ambient: w.ambient,
         };
         resources.insert(
             w.uid.clone(),
@@ -206,6 +207,7 @@ fn workload(w: &Workload) -> Result<WorkloadSpec, String> {
         workload_name: some(&w.workload_name),
         healthy: w.status != WorkloadStatus::Unhealthy as i32,
         waypoint: w.waypoint.as_ref().map(waypoint).transpose()?,
+        ambient: w.ambient,
     })
 }
 

@@ -57,6 +57,11 @@ pub struct Workload {
     /// Istio's field 12 is a closed enum; this is the kind as Kubernetes names it.
     #[prost(string, tag = "100")]
     pub workload_kind: ::prost::alloc::string::String,
+    /// Its labels (pod or namespace `istio.io/dataplane-mode: ambient`, not `none`, not on
+    /// the host network) ask for ambient mode: the node agent captures it. Its tunnel
+    /// protocol says HBONE only once that is reported done.
+    #[prost(bool, tag = "101")]
+    pub ambient: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Service {

@@ -1,0 +1,216 @@
+//! Node agents' redirection reports in local mode, over real TLS and gRPC: a pod whose
+//! labels ask for ambient mode is plaintext (and marked `ambient`) until its node's
+//! agent reports it captured, then HBONE; withdrawn, plaintext again. Only a node agent
+//! may report, only for its own node's pods; a pod that leaves the directory loses its
+//! report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/ca.rs"]
+mod ca;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_core::model::{MeshConfig, Protocol};
+use ambit_net::ca_client::tls_channel;
+use ambit_net::xds::client::{ClientConfig, XdsClient};
+use ca::{control_identity, report};
+use clap::Parser;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+
+const NODE_A: &str = "node-a-agent-token-for-tests";
+const WORKLOAD: &str = "a-workload-token-for-tests";
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const PODS: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: c}]}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pay-1, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: c}]}
+status: {podIP: 10.2.0.2}
+";
+
+fn protocol_of(m: &MeshConfig, uid: &str) -> Option<Protocol> {
+    m.workloads
+        .iter()
+        .find(|w| w.uid == uid)
+        .map(|w| w.protocol)
+}
+
+async fn until(
+    model: &mut watch::Receiver<Arc<MeshConfig>>,
+    what: &str,
+    ok: impl Fn(&MeshConfig) -> bool,
+) {
+    let start = Instant::now();
+    let seen = tokio::time::timeout(DEADLINE, model.wait_for(|m| ok(m)))
+        .await
+        .is_ok();
+    assert!(seen, "{what}: not seen; model:\n{:#?}", model.borrow());
+    eprintln!("{what}: after {:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let k8s = dir.path().join("k8s");
+    std::fs::create_dir(&k8s).unwrap();
+    std::fs::write(k8s.join("pods.yaml"), PODS).unwrap();
+    std::fs::write(
+        dir.path().join("tokens.yaml"),
+        format!(
+            "- token: {NODE_A}\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: node-a\n\
+             - token: {WORKLOAD}\n  identity: spiffe://cluster.local/ns/shop/sa/web\n"
+        ),
+    )
+    .unwrap();
+    let config = ambit_control::config::Config::try_parse_from([
+        "ambit-control",
+        "--local-dir",
+        k8s.to_str().unwrap(),
+        "--poll",
+        "50ms",
+        "--root-dir",
+        dir.path().join("ca").to_str().unwrap(),
+        "--tokens",
+        dir.path().join("tokens.yaml").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ambit_control::app::run(
+        config,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let addr = addr_rx.await.unwrap();
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.path().join("ca/root-cert.pem"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+
+    // The node agent's view of the model, over xDS.
+    let (tx, mut model) = watch::channel(Arc::new(MeshConfig::default()));
+    let mut client_config = ClientConfig::new("ztunnel~node-a");
+    client_config.token = Some(NODE_A.into());
+    let xds_roots = roots.clone();
+    let client = tokio::spawn(XdsClient::new(client_config, tx).run(move || {
+        let channel = tls_channel(
+            &addr.to_string(),
+            &control_identity(),
+            &xds_roots,
+            None,
+            Duration::from_secs(5),
+        );
+        async move { channel }
+    }));
+
+    // Asked for by its namespace, not captured yet: plaintext, marked ambient.
+    until(&mut model, "web-1 waiting for capture", |m| {
+        m.workloads
+            .iter()
+            .any(|w| w.uid == "shop/web-1" && w.ambient && w.protocol == Protocol::Tcp)
+    })
+    .await;
+
+    // Reported captured by node-a's agent: HBONE.
+    report(addr, &roots, NODE_A, ("shop", "web-1"), true)
+        .await
+        .unwrap();
+    until(&mut model, "web-1 over HBONE", |m| {
+        protocol_of(m, "shop/web-1") == Some(Protocol::Hbone)
+    })
+    .await;
+
+    // Refused: a pod of another node, an unknown pod, a caller that is not a node agent.
+    let e = report(addr, &roots, NODE_A, ("shop", "pay-1"), true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("runs on node-b"), "{e}");
+    let e = report(addr, &roots, NODE_A, ("shop", "ghost"), true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = report(addr, &roots, WORKLOAD, ("shop", "web-1"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = report(
+        addr,
+        &roots,
+        "no-such-token-anywhere",
+        ("shop", "web-1"),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert_eq!(
+        protocol_of(&model.borrow(), "shop/pay-1"),
+        Some(Protocol::Tcp)
+    );
+
+    // Withdrawn: plaintext again.
+    report(addr, &roots, NODE_A, ("shop", "web-1"), false)
+        .await
+        .unwrap();
+    until(&mut model, "web-1 back to plaintext", |m| {
+        protocol_of(m, "shop/web-1") == Some(Protocol::Tcp)
+    })
+    .await;
+
+    // A pod that leaves the directory loses its report: declared again, it waits for a
+    // new one.
+    report(addr, &roots, NODE_A, ("shop", "web-1"), true)
+        .await
+        .unwrap();
+    until(&mut model, "web-1 over HBONE again", |m| {
+        protocol_of(m, "shop/web-1") == Some(Protocol::Hbone)
+    })
+    .await;
+    std::fs::write(
+        k8s.join("pods.yaml"),
+        PODS.split("---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    until(&mut model, "web-1 gone", |m| {
+        protocol_of(m, "shop/web-1").is_none()
+    })
+    .await;
+    std::fs::write(k8s.join("pods.yaml"), PODS).unwrap();
+    until(&mut model, "web-1 back, waiting for capture", |m| {
+        protocol_of(m, "shop/web-1") == Some(Protocol::Tcp)
+    })
+    .await;
+
+    client.abort();
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
