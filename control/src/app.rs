@@ -81,7 +81,7 @@ pub async fn run_kubernetes(
     )
     .await?;
     let now = SystemTime::now();
-    let report_pods: Arc<dyn crate::token_review::PodNodes> = placements.clone();
+    let report_pods = placements.clone();
     let report_sink = ReportSink::Kubernetes(client.clone());
     let ca =
         ambit_ca::app::authority(&material, &config.ca, &location, now)?.with_placement(placements);
@@ -161,7 +161,7 @@ pub async fn run_local(
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
     let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
     let reports = Arc::new(Reports::default());
-    let report_pods: Arc<dyn crate::token_review::PodNodes> = placements.clone();
+    let report_pods = placements.clone();
     let report_sink = ReportSink::Local(reports.clone());
     let mut source = LocalSource {
         directory: Directory::new(dir),

@@ -44,8 +44,18 @@ pub fn placements(
 pub struct Placements {
     trust_domain: TrustDomain,
     current: RwLock<BTreeMap<String, BTreeSet<SpiffeId>>>,
-    /// pod → (uid, node) of the non-terminated scheduled pods.
-    pods: RwLock<BTreeMap<ObjectKey, (String, String)>>,
+    /// The non-terminated scheduled pods.
+    pods: RwLock<BTreeMap<ObjectKey, ScheduledPod>>,
+}
+
+/// A pod scheduled on a node, as the node agent's calls need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledPod {
+    /// `metadata.uid` (empty when the source has none, as YAML files may not).
+    pub uid: String,
+    pub node: String,
+    /// Its labels ask for it to be captured ([`crate::translate::wants_ambient`]).
+    pub ambient: bool,
 }
 
 impl Placements {
@@ -69,8 +79,8 @@ impl Placements {
     }
 }
 
-/// pod → (uid, node) of the non-terminated pods scheduled on a node.
-fn scheduled_pods(resources: &Resources) -> BTreeMap<ObjectKey, (String, String)> {
+/// The non-terminated pods scheduled on a node.
+fn scheduled_pods(resources: &Resources) -> BTreeMap<ObjectKey, ScheduledPod> {
     resources
         .pods
         .iter()
@@ -89,15 +99,26 @@ fn scheduled_pods(resources: &Resources) -> BTreeMap<ObjectKey, (String, String)
                 .filter(|n| !n.is_empty())?;
             Some((
                 key.clone(),
-                (pod.metadata.uid.clone().unwrap_or_default(), node),
+                ScheduledPod {
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    node,
+                    ambient: crate::translate::wants_ambient(resources, key, pod),
+                },
             ))
         })
         .collect()
 }
 
+impl Placements {
+    /// Pod `key`, if it is scheduled and not terminated.
+    pub fn scheduled(&self, key: &ObjectKey) -> Option<ScheduledPod> {
+        self.pods.read().ok()?.get(key).cloned()
+    }
+}
+
 impl crate::token_review::PodNodes for Placements {
     fn pod_node(&self, key: &ObjectKey) -> Option<(String, String)> {
-        self.pods.read().ok()?.get(key).cloned()
+        self.scheduled(key).map(|p| (p.uid, p.node))
     }
 }
 

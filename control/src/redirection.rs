@@ -13,15 +13,18 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ambit_ca::auth::{authenticate_request, Authenticator};
+use ambit_core::certificate::Caller;
 use ambit_proto::nodeagent::redirection_server::Redirection;
-use ambit_proto::nodeagent::{RedirectionReport, RedirectionReportAck};
+use ambit_proto::nodeagent::{
+    EnrolmentAnswer, EnrolmentQuery, RedirectionReport, RedirectionReportAck,
+};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
 use tonic::{Request, Response, Status};
 
+use crate::placement::Placements;
 use crate::resources::{ObjectKey, Resources};
-use crate::token_review::PodNodes;
 use crate::translate::REDIRECTION_ANNOTATION;
 
 /// Where accepted reports go.
@@ -78,14 +81,25 @@ impl Reports {
 #[derive(Debug, Clone)]
 pub struct RedirectionService {
     authenticators: Vec<Arc<dyn Authenticator>>,
-    pods: Arc<dyn PodNodes>,
+    pods: Arc<Placements>,
     sink: ReportSink,
+}
+
+/// The node of a node agent; anyone else is refused.
+fn agent_node(caller: &Caller) -> Result<String, Status> {
+    match (&caller.node, caller.node_agent) {
+        (Some(node), true) => Ok(node.clone()),
+        _ => Err(Status::permission_denied(format!(
+            "{} is not a node agent: only node agents report redirection or ask about enrolment",
+            caller.identity
+        ))),
+    }
 }
 
 impl RedirectionService {
     pub fn new(
         authenticators: Vec<Arc<dyn Authenticator>>,
-        pods: Arc<dyn PodNodes>,
+        pods: Arc<Placements>,
         sink: ReportSink,
     ) -> Self {
         RedirectionService {
@@ -109,30 +123,23 @@ impl Redirection for RedirectionService {
             tracing::warn!(caller = %caller.identity, pod = %key, error = %status.message(), "redirection report refused");
             status
         };
-        let node = match (&caller.node, caller.node_agent) {
-            (Some(node), true) => node.clone(),
-            _ => {
-                return Err(refuse(Status::permission_denied(format!(
-                    "{} is not a node agent: only node agents report redirection",
-                    caller.identity
-                ))))
-            }
-        };
-        match self.pods.pod_node(&key) {
+        let node = agent_node(&caller).map_err(refuse)?;
+        match self.pods.scheduled(&key) {
             None => {
                 return Err(refuse(Status::not_found(format!(
                     "pod {key} is not known or not scheduled"
                 ))))
             }
-            Some((_, pod_node)) if pod_node != node => {
+            Some(pod) if pod.node != node => {
                 return Err(refuse(Status::permission_denied(format!(
-                    "pod {key} runs on {pod_node}, not on the caller's node {node}"
+                    "pod {key} runs on {}, not on the caller's node {node}",
+                    pod.node
                 ))))
             }
-            Some((uid, _)) if !report.uid.is_empty() && !uid.is_empty() && uid != report.uid => {
+            Some(pod) if !report.uid.is_empty() && !pod.uid.is_empty() && pod.uid != report.uid => {
                 return Err(refuse(Status::failed_precondition(format!(
-                    "pod {key} is now uid {uid}; the report is for uid {}",
-                    report.uid
+                    "pod {key} is now uid {}; the report is for uid {}",
+                    pod.uid, report.uid
                 ))))
             }
             Some(_) => {}
@@ -153,5 +160,38 @@ impl Redirection for RedirectionService {
         }
         tracing::info!(pod = %key, %node, enabled = report.enabled, "redirection reported");
         Ok(Response::new(RedirectionReportAck {}))
+    }
+
+    async fn enrolment(
+        &self,
+        request: Request<EnrolmentQuery>,
+    ) -> Result<Response<EnrolmentAnswer>, Status> {
+        let caller = authenticate_request(&self.authenticators, &request).await?;
+        let node = agent_node(&caller)?;
+        let query = request.into_inner();
+        let key = ObjectKey::new(&query.namespace, &query.name);
+        let unknown = EnrolmentAnswer {
+            known: false,
+            ambient: false,
+        };
+        let answer = match self.pods.scheduled(&key) {
+            None => unknown,
+            Some(pod) if pod.node != node => {
+                return Err(Status::permission_denied(format!(
+                    "pod {key} runs on {}, not on the caller's node {node}",
+                    pod.node
+                )))
+            }
+            // An earlier pod of that name: the new one is not known yet.
+            Some(pod) if !query.uid.is_empty() && !pod.uid.is_empty() && pod.uid != query.uid => {
+                unknown
+            }
+            Some(pod) => EnrolmentAnswer {
+                known: true,
+                ambient: pod.ambient,
+            },
+        };
+        tracing::debug!(pod = %key, %node, known = answer.known, ambient = answer.ambient, "enrolment asked");
+        Ok(Response::new(answer))
     }
 }

@@ -310,20 +310,9 @@ fn workload(
             .and_then(|a| a.get(name))
             .map(String::as_str)
     };
-    let namespace_mode = resources
-        .namespaces
-        .get(&key.namespace)
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-        .map(String::as_str);
-    let wants_ambient = match label(DATAPLANE_MODE_LABEL) {
-        Some("ambient") => true,
-        Some("none") => false,
-        _ => namespace_mode == Some("ambient"),
-    };
-    let host_network = spec.host_network == Some(true);
+    let ambient = wants_ambient(resources, key, pod);
     let captured = annotation(REDIRECTION_ANNOTATION) == Some("enabled");
-    let protocol = if wants_ambient && !host_network && captured {
+    let protocol = if ambient && captured {
         Protocol::Hbone
     } else {
         Protocol::Tcp
@@ -371,8 +360,34 @@ fn workload(
         healthy: ready.unwrap_or(true) && !terminating,
         // Bound by `translate`, which reports a waypoint it cannot find.
         waypoint: None,
-        ambient: wants_ambient && !host_network,
+        ambient,
     }))
+}
+
+/// Whether the labels ask for `pod` to be captured: its own
+/// `istio.io/dataplane-mode` (`ambient`, or `none` to opt out), else its namespace's;
+/// never for a pod on the host network. The node agent captures such a pod; it speaks
+/// HBONE once that is reported.
+pub fn wants_ambient(resources: &Resources, key: &ObjectKey, pod: &Pod) -> bool {
+    let own = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+        .map(String::as_str);
+    let namespace = resources
+        .namespaces
+        .get(&key.namespace)
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+        .map(String::as_str);
+    let asked = match own {
+        Some("ambient") => true,
+        Some("none") => false,
+        _ => namespace == Some("ambient"),
+    };
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    asked && !host_network
 }
 
 /// `status.podIPs`, or else `status.podIP`.

@@ -2,7 +2,8 @@
 //! labels ask for ambient mode is plaintext (and marked `ambient`) until its node's
 //! agent reports it captured, then HBONE; withdrawn, plaintext again. Only a node agent
 //! may report, only for its own node's pods; a pod that leaves the directory loses its
-//! report.
+//! report. Asked at CNI ADD, it says whether a pod of the caller's node is to be
+//! captured.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/ca.rs"]
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use ambit_core::model::{MeshConfig, Protocol};
 use ambit_net::ca_client::tls_channel;
 use ambit_net::xds::client::{ClientConfig, XdsClient};
-use ca::{control_identity, report};
+use ca::{control_identity, enrolment, report};
 use clap::Parser;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -41,6 +42,11 @@ kind: Pod
 metadata: {name: pay-1, namespace: shop}
 spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: c}]}
 status: {podIP: 10.2.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-1, namespace: legacy}
+spec: {nodeName: node-a, containers: [{name: c, image: c}]}
 ";
 
 fn protocol_of(m: &MeshConfig, uid: &str) -> Option<Protocol> {
@@ -132,6 +138,34 @@ async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
             .any(|w| w.uid == "shop/web-1" && w.ambient && w.protocol == Protocol::Tcp)
     })
     .await;
+
+    // Asked at CNI ADD (plain-1 has no address yet): known, and whether to capture.
+    assert_eq!(
+        enrolment(addr, &roots, NODE_A, ("shop", "web-1"))
+            .await
+            .unwrap(),
+        (true, true)
+    );
+    assert_eq!(
+        enrolment(addr, &roots, NODE_A, ("legacy", "plain-1"))
+            .await
+            .unwrap(),
+        (true, false)
+    );
+    assert_eq!(
+        enrolment(addr, &roots, NODE_A, ("shop", "ghost"))
+            .await
+            .unwrap(),
+        (false, false)
+    );
+    let e = enrolment(addr, &roots, NODE_A, ("shop", "pay-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = enrolment(addr, &roots, WORKLOAD, ("shop", "web-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
 
     // Reported captured by node-a's agent: HBONE.
     report(addr, &roots, NODE_A, ("shop", "web-1"), true)

@@ -50,6 +50,31 @@ pub async fn request(client: &GrpcCaClient, identity: &str) -> Result<Vec<String
         .await
 }
 
+/// A client of the control plane's node-agent service.
+pub fn redirection_client(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+) -> ambit_proto::nodeagent::redirection_client::RedirectionClient<tonic::transport::Channel> {
+    let channel = ambit_net::ca_client::tls_channel(
+        &addr.to_string(),
+        &control_identity(),
+        roots,
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    ambit_proto::nodeagent::redirection_client::RedirectionClient::new(channel)
+}
+
+/// `message` with `authorization: Bearer <token>`.
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// Reports pod `namespace/name`'s redirection to the control plane at `addr`, as the
 /// node agent holding `token` does.
 pub async fn report(
@@ -59,32 +84,37 @@ pub async fn report(
     pod: (&str, &str),
     enabled: bool,
 ) -> Result<(), tonic::Status> {
-    let channel = ambit_net::ca_client::tls_channel(
-        &addr.to_string(),
-        &control_identity(),
-        roots,
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let mut client =
-        ambit_proto::nodeagent::redirection_client::RedirectionClient::with_interceptor(
-            channel,
-            move |mut request: tonic::Request<()>| {
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                Ok(request)
+    redirection_client(addr, roots)
+        .report(with_token(
+            ambit_proto::nodeagent::RedirectionReport {
+                namespace: pod.0.into(),
+                name: pod.1.into(),
+                uid: String::new(),
+                enabled,
             },
-        );
-    client
-        .report(ambit_proto::nodeagent::RedirectionReport {
-            namespace: pod.0.into(),
-            name: pod.1.into(),
-            uid: String::new(),
-            enabled,
-        })
+            token,
+        ))
         .await
         .map(|_| ())
+}
+
+/// Asks whether pod `namespace/name` is to be captured: `(known, ambient)`.
+pub async fn enrolment(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    token: &str,
+    pod: (&str, &str),
+) -> Result<(bool, bool), tonic::Status> {
+    let answer = redirection_client(addr, roots)
+        .enrolment(with_token(
+            ambit_proto::nodeagent::EnrolmentQuery {
+                namespace: pod.0.into(),
+                name: pod.1.into(),
+                uid: String::new(),
+            },
+            token,
+        ))
+        .await?
+        .into_inner();
+    Ok((answer.known, answer.ambient))
 }
