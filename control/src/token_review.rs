@@ -10,8 +10,9 @@
 //! deleted pod does not borrow a new pod's node). A node agent whose node cannot be
 //! established is refused, never trusted with every node.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use ambit_ca::auth::{AuthError, Authenticator, Credentials};
 use ambit_core::certificate::Caller;
@@ -43,6 +44,49 @@ pub struct TokenReviewAuthenticator {
     /// `(namespace, service account)` of the trusted node agents.
     node_agents: Vec<(String, String)>,
     pods: Arc<dyn PodNodes>,
+    cache: ReviewCache,
+}
+
+/// How long an accepted token is taken without asking the API server again: a burst of
+/// certificate requests and xDS reconnects (a node restarting) costs one review per
+/// token. A revoked token keeps working at most this long. Refusals are never cached.
+pub const REVIEW_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Accepted tokens remembered at most; past that, the expired ones go, and if none has
+/// expired, all of them.
+const REVIEW_CACHE_SIZE: usize = 10_000;
+
+/// Accepted tokens, by SHA-256 digest (the tokens themselves are not kept).
+#[derive(Debug, Default)]
+struct ReviewCache {
+    entries: Mutex<HashMap<[u8; 32], (Instant, Caller)>>,
+}
+
+impl ReviewCache {
+    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<Caller> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(digest)
+            .filter(|(at, _)| now.duration_since(*at) < REVIEW_CACHE_TTL)
+            .map(|(_, caller)| caller.clone())
+    }
+
+    fn put(&self, digest: [u8; 32], caller: Caller, now: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= REVIEW_CACHE_SIZE {
+            entries.retain(|_, (at, _)| now.duration_since(*at) < REVIEW_CACHE_TTL);
+            if entries.len() >= REVIEW_CACHE_SIZE {
+                entries.clear();
+            }
+        }
+        entries.insert(digest, (now, caller));
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 impl std::fmt::Debug for TokenReviewAuthenticator {
@@ -65,10 +109,15 @@ impl TokenReviewAuthenticator {
             trust_domain,
             node_agents,
             pods,
+            cache: ReviewCache::default(),
         }
     }
 
     async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        let digest = digest(token);
+        if let Some(caller) = self.cache.get(&digest, Instant::now()) {
+            return Ok(caller);
+        }
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_owned(),
@@ -81,13 +130,15 @@ impl TokenReviewAuthenticator {
             .await
             .map_err(|e| self.rejected(format!("the API server's TokenReview failed: {e}")))?;
         let status = reviewed.status.unwrap_or_default();
-        caller_of(
+        let caller = caller_of(
             &status,
             &self.trust_domain,
             &self.node_agents,
             self.pods.as_ref(),
         )
-        .map_err(|reason| self.rejected(reason))
+        .map_err(|reason| self.rejected(reason))?;
+        self.cache.put(digest, caller.clone(), Instant::now());
+        Ok(caller)
     }
 
     fn rejected(&self, reason: String) -> AuthError {
@@ -233,6 +284,21 @@ mod tests {
             &[("ambit-system".into(), "ztunnel".into())],
             &OnePod,
         )
+    }
+
+    #[test]
+    fn accepted_tokens_are_remembered_for_a_minute() {
+        let cache = ReviewCache::default();
+        let t0 = Instant::now();
+        let caller = caller(&status("system:serviceaccount:shop:web", &[])).unwrap();
+        assert_eq!(cache.get(&digest("t"), t0), None);
+        cache.put(digest("t"), caller.clone(), t0);
+        assert_eq!(
+            cache.get(&digest("t"), t0 + Duration::from_secs(59)),
+            Some(caller)
+        );
+        assert_eq!(cache.get(&digest("t"), t0 + REVIEW_CACHE_TTL), None);
+        assert_eq!(cache.get(&digest("other"), t0), None);
     }
 
     #[test]

@@ -493,7 +493,16 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
     eventually("root published", || published_root(&api, "shop").is_some()).await;
     let root = published_root(&api, "shop").unwrap();
 
-    // A workload's token: its own identity, not another.
+    let reviews = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.contains("tokenreviews"))
+            .count()
+    };
+
+    // A workload's token: its own identity, not another. The token is reviewed once
+    // for both requests: an accepted token is remembered for a minute.
+    let before = reviews();
     let web = ca_client(control.addr, &root, WEB_TOKEN, false);
     request(&web, "spiffe://cluster.local/ns/shop/sa/web")
         .await
@@ -502,6 +511,7 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("CSR"), "{refused}");
+    assert_eq!(reviews(), before + 1);
 
     // The node agent on node-a: web runs there, pay on node-b.
     let agent = ca_client(control.addr, &root, NODE_A_TOKEN, true);
@@ -547,13 +557,7 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
     );
 
     // xDS takes the same callers: an unknown token gets no model, however often the
-    // client retries.
-    let reviews = || {
-        api.requests()
-            .iter()
-            .filter(|r| r.contains("tokenreviews"))
-            .count()
-    };
+    // client retries (a refusal is never remembered).
     let before = reviews();
     let (model, _client) = xds_client(control.addr, &root, "not-a-token-the-cluster-knows");
     eventually("xDS client refused twice", || reviews() >= before + 2).await;
