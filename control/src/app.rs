@@ -69,9 +69,11 @@ pub async fn run_kubernetes(
     let (namespaces, namespaces_rx) = watch::channel(BTreeSet::new());
     let resources = store.snapshot();
     namespaces.send_replace(resources.namespaces.keys().cloned().collect());
+    // Status conditions are written by their own task, so a slow API server delays
+    // them, never a push.
+    let (skipped_tx, mut skipped_rx) =
+        watch::channel(publisher.publish(&resources, Vec::new(), "cluster"));
     let mut status = crate::status::StatusWriter::new(client.clone());
-    let skipped = publisher.publish(&resources, Vec::new(), "cluster");
-    status.update(&skipped).await;
 
     let (material, location) = crate::cluster_ca::load_or_create(
         client.clone(),
@@ -98,6 +100,21 @@ pub async fn run_kubernetes(
     authenticators.push(Arc::new(PeerCertificateAuthenticator));
 
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        loop {
+            let skipped = skipped_rx.borrow_and_update().clone();
+            status.update(&skipped).await;
+            // A write that failed is tried again when this changes, or after a while.
+            tokio::select! {
+                changed = skipped_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            }
+        }
+    });
     tasks.spawn(crate::cluster_ca::publish_root(
         client,
         material.root_cert_pem.clone(),
@@ -116,7 +133,11 @@ pub async fn run_kubernetes(
                 changed
             });
             let skipped = publisher.publish(&resources, Vec::new(), "cluster");
-            status.update(&skipped).await;
+            skipped_tx.send_if_modified(|current| {
+                let changed = *current != skipped;
+                *current = skipped;
+                changed
+            });
         }
     });
     let result = ambit_ca::app::serve(
