@@ -92,7 +92,7 @@ pub async fn run_kubernetes(
         client.clone(),
         config.ca.trust_domain.clone(),
         config.node_agent_accounts(),
-        store.clone(),
+        report_pods.clone(),
     )));
     if let Some(tokens) = ambit_ca::app::token_authenticator(&config.ca)? {
         authenticators.insert(0, tokens);
@@ -144,17 +144,7 @@ pub async fn run_kubernetes(
         config.ca,
         ca,
         authenticators,
-        |authenticators, routes| {
-            routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
-                snapshots_rx,
-                authenticators.to_vec(),
-            )));
-            routes.add_service(RedirectionServer::new(RedirectionService::new(
-                authenticators.to_vec(),
-                report_pods,
-                report_sink,
-            )));
-        },
+        control_routes(snapshots_rx, report_pods, report_sink),
         on_listening,
         async move {
             shutdown.await;
@@ -164,6 +154,27 @@ pub async fn run_kubernetes(
     .await;
     tasks.abort_all();
     result
+}
+
+/// The control plane's own services on the CA's port, its callers authenticated as
+/// the CA's: delta xDS serving `snapshots`, and the node agents' redirection reports
+/// checked against `pods`.
+fn control_routes(
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    pods: Arc<Placements>,
+    sink: ReportSink,
+) -> impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder) {
+    move |authenticators, routes| {
+        routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
+            snapshots,
+            authenticators.to_vec(),
+        )));
+        routes.add_service(RedirectionServer::new(RedirectionService::new(
+            authenticators.to_vec(),
+            pods,
+            sink,
+        )));
+    }
 }
 
 /// Runs in local mode on the directory `dir`: the CA's material in `--root-dir`,
@@ -206,17 +217,7 @@ pub async fn run_local(
     let result = ambit_ca::app::run_with(
         config.ca,
         Some(placements),
-        |authenticators, routes| {
-            routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
-                snapshots_rx,
-                authenticators.to_vec(),
-            )));
-            routes.add_service(RedirectionServer::new(RedirectionService::new(
-                authenticators.to_vec(),
-                report_pods,
-                report_sink,
-            )));
-        },
+        control_routes(snapshots_rx, report_pods, report_sink),
         on_listening,
         {
             let watcher = watcher.abort_handle();

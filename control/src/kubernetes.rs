@@ -208,24 +208,3 @@ where
         }
     }
 }
-
-impl crate::token_review::PodNodes for Store {
-    fn pod_node(&self, key: &crate::resources::ObjectKey) -> Option<(String, String)> {
-        let resources = self
-            .resources
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let pod = resources.pods.get(key)?;
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
-            return None;
-        }
-        let node = pod
-            .spec
-            .as_ref()?
-            .node_name
-            .clone()
-            .filter(|n| !n.is_empty())?;
-        Some((pod.metadata.uid.clone().unwrap_or_default(), node))
-    }
-}

@@ -11,12 +11,25 @@ use ambit_core::{SpiffeId, TrustDomain};
 
 use crate::resources::{ObjectKey, Resources};
 
-/// node → identities of the pods scheduled there.
-pub fn placements(
+/// A pod scheduled on a node and not terminated, as the CA and the node agents' calls
+/// need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledPod {
+    /// `metadata.uid` (empty when the source has none, as YAML files may not).
+    pub uid: String,
+    pub node: String,
+    /// The identity it runs as (none when its names make no valid SPIFFE ID).
+    pub identity: Option<SpiffeId>,
+    /// Its labels ask for it to be captured ([`crate::translate::wants_ambient`]).
+    pub ambient: bool,
+}
+
+/// The non-terminated pods of `resources` that are scheduled on a node.
+pub fn scheduled_pods(
     resources: &Resources,
     trust_domain: &TrustDomain,
-) -> BTreeMap<String, BTreeSet<SpiffeId>> {
-    let mut out: BTreeMap<String, BTreeSet<SpiffeId>> = BTreeMap::new();
+) -> BTreeMap<ObjectKey, ScheduledPod> {
+    let mut out = BTreeMap::new();
     for (key, pod) in &resources.pods {
         let Some(spec) = &pod.spec else { continue };
         let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) else {
@@ -31,88 +44,61 @@ pub fn placements(
             .as_deref()
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
-        if let Ok(identity) = SpiffeId::new(trust_domain.clone(), &key.namespace, sa) {
-            out.entry(node.to_owned()).or_default().insert(identity);
-        }
+        out.insert(
+            key.clone(),
+            ScheduledPod {
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                node: node.to_owned(),
+                identity: SpiffeId::new(trust_domain.clone(), &key.namespace, sa).ok(),
+                ambient: crate::translate::wants_ambient(resources, key, pod),
+            },
+        );
     }
     out
 }
 
 /// The current placements, shared with the CA (identities per node) and the node
-/// agents' reports (pods per node).
+/// agents' calls (pods).
 #[derive(Debug)]
 pub struct Placements {
     trust_domain: TrustDomain,
-    current: RwLock<BTreeMap<String, BTreeSet<SpiffeId>>>,
-    /// The non-terminated scheduled pods.
-    pods: RwLock<BTreeMap<ObjectKey, ScheduledPod>>,
+    current: RwLock<Current>,
 }
 
-/// A pod scheduled on a node, as the node agent's calls need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScheduledPod {
-    /// `metadata.uid` (empty when the source has none, as YAML files may not).
-    pub uid: String,
-    pub node: String,
-    /// Its labels ask for it to be captured ([`crate::translate::wants_ambient`]).
-    pub ambient: bool,
+#[derive(Debug, Default)]
+struct Current {
+    pods: BTreeMap<ObjectKey, ScheduledPod>,
+    /// node → identities of its pods, for the CA's lookups.
+    identities: BTreeMap<String, BTreeSet<SpiffeId>>,
 }
 
 impl Placements {
     pub fn new(trust_domain: TrustDomain) -> Placements {
         Placements {
             trust_domain,
-            current: RwLock::new(BTreeMap::new()),
-            pods: RwLock::new(BTreeMap::new()),
+            current: RwLock::new(Current::default()),
         }
     }
 
     pub fn update(&self, resources: &Resources) {
-        let next = placements(resources, &self.trust_domain);
-        if let Ok(mut current) = self.current.write() {
-            *current = next;
+        let pods = scheduled_pods(resources, &self.trust_domain);
+        let mut identities: BTreeMap<String, BTreeSet<SpiffeId>> = BTreeMap::new();
+        for pod in pods.values() {
+            if let Some(identity) = &pod.identity {
+                identities
+                    .entry(pod.node.clone())
+                    .or_default()
+                    .insert(identity.clone());
+            }
         }
-        let pods = scheduled_pods(resources);
-        if let Ok(mut current) = self.pods.write() {
-            *current = pods;
+        if let Ok(mut current) = self.current.write() {
+            *current = Current { pods, identities };
         }
     }
-}
 
-/// The non-terminated pods scheduled on a node.
-fn scheduled_pods(resources: &Resources) -> BTreeMap<ObjectKey, ScheduledPod> {
-    resources
-        .pods
-        .iter()
-        .filter(|(_, pod)| {
-            !matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .filter_map(|(key, pod)| {
-            let node = pod
-                .spec
-                .as_ref()?
-                .node_name
-                .clone()
-                .filter(|n| !n.is_empty())?;
-            Some((
-                key.clone(),
-                ScheduledPod {
-                    uid: pod.metadata.uid.clone().unwrap_or_default(),
-                    node,
-                    ambient: crate::translate::wants_ambient(resources, key, pod),
-                },
-            ))
-        })
-        .collect()
-}
-
-impl Placements {
     /// Pod `key`, if it is scheduled and not terminated.
     pub fn scheduled(&self, key: &ObjectKey) -> Option<ScheduledPod> {
-        self.pods.read().ok()?.get(key).cloned()
+        self.current.read().ok()?.pods.get(key).cloned()
     }
 }
 
@@ -124,9 +110,11 @@ impl crate::token_review::PodNodes for Placements {
 
 impl WorkloadPlacement for Placements {
     fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool {
-        self.current
-            .read()
-            .is_ok_and(|c| c.get(node).is_some_and(|ids| ids.contains(identity)))
+        self.current.read().is_ok_and(|c| {
+            c.identities
+                .get(node)
+                .is_some_and(|ids| ids.contains(identity))
+        })
     }
 }
 
