@@ -189,6 +189,8 @@ pub async fn publish_root(
 ) {
     let mut current: BTreeSet<String> = BTreeSet::new();
     let mut published: BTreeSet<String> = BTreeSet::new();
+    // Namespaces whose ConfigMap holds the root, during a list of them.
+    let mut listed: Option<BTreeSet<String>> = None;
     let all: Api<ConfigMap> = Api::all(client.clone());
     let mut configmaps = watcher(
         all,
@@ -214,7 +216,19 @@ pub async fn publish_root(
                     cm.data.as_ref().and_then(|d| d.get(ROOT_CERT)) != Some(&root_pem)
                 };
                 match event {
-                    Some(Ok(Event::Apply(cm) | Event::InitApply(cm))) if drifted(&cm) => {
+                    // A (re)list says which ConfigMaps exist: one missing from it (it
+                    // went while the watch was down) is republished.
+                    Some(Ok(Event::Init)) => listed = Some(BTreeSet::new()),
+                    Some(Ok(Event::InitApply(cm))) => {
+                        if let (Some(ns), false) = (cm.metadata.namespace.clone(), drifted(&cm)) {
+                            listed.get_or_insert_with(BTreeSet::new).insert(ns);
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        let listed = listed.take().unwrap_or_default();
+                        published.retain(|ns| listed.contains(ns));
+                    }
+                    Some(Ok(Event::Apply(cm))) if drifted(&cm) => {
                         if let Some(ns) = cm.metadata.namespace.as_deref() {
                             published.remove(ns);
                         }

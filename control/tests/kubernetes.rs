@@ -6,27 +6,19 @@
 //! published in every namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/ca.rs"]
-mod ca;
+#[path = "support/control.rs"]
+mod control;
 #[path = "support/fake_api.rs"]
 mod fake_api;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use ambit_core::model::{MeshConfig, Protocol};
-use ambit_net::ca_client::{tls_channel, GrpcCaClient};
-use ambit_net::xds::client::{ClientConfig, XdsClient};
-use ca::{control_identity, request};
+use ambit_net::ca_client::GrpcCaClient;
 use clap::Parser;
+use control::{request, roots, until, xds_model, Control};
 use fake_api::FakeApi;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use serde_json::json;
-use tokio::sync::watch;
-
-const DEADLINE: Duration = Duration::from_secs(10);
 const NODE_A_TOKEN: &str = "projected-token-of-ztunnel-on-node-a";
 const WEB_TOKEN: &str = "projected-token-of-shop-web";
 
@@ -106,57 +98,18 @@ fn uid(api: &FakeApi, pod: &str) -> String {
     o["metadata"]["uid"].as_str().unwrap().to_owned()
 }
 
-/// A running ambit-control; stops when dropped.
-struct Control {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Control {
-    async fn start(api: &FakeApi) -> Control {
-        let config = ambit_control::config::Config::try_parse_from([
-            "ambit-control",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .unwrap();
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ambit_control::app::run_kubernetes(
-            config,
-            api.client(),
-            move |addr| {
-                let _ = addr_tx.send(addr);
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let addr = tokio::time::timeout(DEADLINE, addr_rx)
-            .await
-            .expect("ambit-control did not start serving")
+/// ambit-control against `api`.
+async fn start(api: &FakeApi) -> Control {
+    let config =
+        ambit_control::config::Config::try_parse_from(["ambit-control", "--listen", "127.0.0.1:0"])
             .unwrap();
-        Control {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let result = tokio::time::timeout(DEADLINE, &mut self.task)
-            .await
-            .expect("ambit-control did not stop");
-        result.unwrap().unwrap();
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    let client = api.client();
+    Control::start(|on_listening, stopped| {
+        ambit_control::app::run_kubernetes(config, client, on_listening, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await
 }
 
 /// The root every namespace's `istio-ca-root-cert` ConfigMap carries.
@@ -165,78 +118,27 @@ fn published_root(api: &FakeApi, namespace: &str) -> Option<String> {
     cm["data"]["root-cert.pem"].as_str().map(str::to_owned)
 }
 
-fn roots(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
-/// A ztunnel's xDS client with `token`; its model follows the server.
+/// A ztunnel's model from the control plane at `addr`, trusting `root_pem`.
 fn xds_client(
     addr: SocketAddr,
     root_pem: &str,
     token: &str,
 ) -> (
-    watch::Receiver<Arc<MeshConfig>>,
+    tokio::sync::watch::Receiver<std::sync::Arc<MeshConfig>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-    let mut config = ClientConfig::new("ztunnel~node-a");
-    config.token = Some(token.into());
-    config.max_backoff = Duration::from_millis(200);
-    let roots = roots(root_pem);
-    let connect = move || {
-        let channel = tls_channel(
-            &addr.to_string(),
-            &control_identity(),
-            &roots,
-            None,
-            Duration::from_secs(5),
-        );
-        async move { channel }
-    };
-    (rx, tokio::spawn(XdsClient::new(config, tx).run(connect)))
-}
-
-/// Polls until `ok(model)`, reporting the delay seen.
-async fn until(
-    model: &mut watch::Receiver<Arc<MeshConfig>>,
-    what: &str,
-    ok: impl Fn(&MeshConfig) -> bool,
-) {
-    let start = Instant::now();
-    let seen = tokio::time::timeout(DEADLINE, model.wait_for(|m| ok(m)))
-        .await
-        .is_ok();
-    assert!(
-        seen,
-        "{what}: not seen in {DEADLINE:?}; model:\n{:#?}",
-        model.borrow()
-    );
-    eprintln!("{what}: seen after {:?}", start.elapsed());
+    xds_model(addr, roots(root_pem), token)
 }
 
 fn has_workload(m: &MeshConfig, uid: &str) -> bool {
     m.workloads.iter().any(|w| w.uid == uid)
 }
 
-async fn eventually(what: &str, ok: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what}: not seen in {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!("{what}: seen after {:?}", start.elapsed());
-}
-
 #[tokio::test]
 async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone() {
     let api = cluster().await;
-    let control = Control::start(&api).await;
-    eventually("root published in shop", || {
+    let control = start(&api).await;
+    api.wait_until("root published in shop", || {
         published_root(&api, "shop").is_some()
     })
     .await;
@@ -285,7 +187,7 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
             .any(|w| w.uid == "shop/fresh-1" && w.ambient && w.protocol == Protocol::Tcp)
     })
     .await;
-    ca::report(
+    control::report(
         control.addr,
         &roots(&root),
         NODE_A_TOKEN,
@@ -305,7 +207,7 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
             .any(|w| w.uid == "shop/fresh-1" && w.protocol == Protocol::Hbone)
     })
     .await;
-    let refused = ca::report(
+    let refused = control::report(
         control.addr,
         &roots(&root),
         NODE_A_TOKEN,
@@ -382,14 +284,14 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
             .find(|c| c["type"] == "ZtunnelAccepted")
             .cloned()
     };
-    eventually("ZtunnelAccepted=False on the skipped ServiceEntry", || {
+    api.wait_until("ZtunnelAccepted=False on the skipped ServiceEntry", || {
         condition().is_some_and(|c| {
             c["status"] == "False" && c["message"].as_str().unwrap_or("").contains("wildcard")
         })
     })
     .await;
     api.put(&bad.replace("'*.example.com'", "everything.example.com"));
-    eventually("condition withdrawn once translated", || {
+    api.wait_until("condition withdrawn once translated", || {
         condition().is_none()
     })
     .await;
@@ -481,7 +383,7 @@ fn pod_lists(api: &FakeApi) -> usize {
 }
 
 fn ca_client(addr: SocketAddr, root: &str, token: &str, impersonate: bool) -> GrpcCaClient {
-    ca::ca_client(addr, roots(root), token, impersonate)
+    control::ca_client(addr, roots(root), token, impersonate)
 }
 
 #[tokio::test]
@@ -489,8 +391,9 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
     let api = cluster().await;
     // Without Istio's CRDs there are no ServiceEntries, and the rest is served.
     api.not_installed("serviceentries");
-    let control = Control::start(&api).await;
-    eventually("root published", || published_root(&api, "shop").is_some()).await;
+    let control = start(&api).await;
+    api.wait_until("root published", || published_root(&api, "shop").is_some())
+        .await;
     let root = published_root(&api, "shop").unwrap();
 
     let reviews = || {
@@ -560,7 +463,8 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
     // client retries (a refusal is never remembered).
     let before = reviews();
     let (model, _client) = xds_client(control.addr, &root, "not-a-token-the-cluster-knows");
-    eventually("xDS client refused twice", || reviews() >= before + 2).await;
+    api.wait_until("xDS client refused twice", || reviews() >= before + 2)
+        .await;
     assert!(model.borrow().workloads.is_empty(), "{:#?}", model.borrow());
     control.stop().await;
     assert_allowed_by_rbac(&api);
@@ -569,8 +473,8 @@ async fn the_ca_authenticates_with_token_review_and_authorizes_node_agents_by_no
 #[tokio::test]
 async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins() {
     let api = cluster().await;
-    let control = Control::start(&api).await;
-    eventually("root published in every namespace", || {
+    let control = start(&api).await;
+    api.wait_until("root published in every namespace", || {
         published_root(&api, "shop").is_some() && published_root(&api, "ambit-system").is_some()
     })
     .await;
@@ -586,7 +490,7 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio-ca-root-cert, namespace: ambit-system}\ndata: {root-cert.pem: tampered}\n",
     );
     api.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: billing}\n");
-    eventually("root restored and published in a new namespace", || {
+    api.wait_until("root restored and published in a new namespace", || {
         published_root(&api, "shop").as_ref() == Some(&root)
             && published_root(&api, "ambit-system").as_ref() == Some(&root)
             && published_root(&api, "billing").as_ref() == Some(&root)
@@ -595,7 +499,7 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
     control.stop().await;
 
     // A restart reuses the stored root: same Secret, same published root.
-    let control = Control::start(&api).await;
+    let control = start(&api).await;
     let again = api
         .get("v1", "Secret", "ambit-system", "istio-ca-secret")
         .unwrap();
@@ -624,8 +528,8 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
         "data": {"ca-cert.pem": b64(&plugin.ca_cert_pem), "ca-key.pem": b64(&plugin.ca_key_pem),
                  "cert-chain.pem": b64(&plugin.cert_chain_pem), "root-cert.pem": b64(&plugin.root_cert_pem)}
     })).unwrap());
-    let control = Control::start(&api).await;
-    eventually("plug-in root published", || {
+    let control = start(&api).await;
+    api.wait_until("plug-in root published", || {
         published_root(&api, "shop").as_deref() == Some(plugin.root_cert_pem.as_str())
     })
     .await;

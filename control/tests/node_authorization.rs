@@ -3,16 +3,10 @@
 //! as it is scheduled on the agent's node. In process, over real TLS and gRPC.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/ca.rs"]
-mod ca;
+#[path = "support/control.rs"]
+mod control;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use ca::{ca_client, request};
-use clap::Parser;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use control::{ca_client, request, roots_in, until, xds_model, Control};
 
 const TOKEN: &str = "node-a-agent-token";
 
@@ -26,11 +20,13 @@ apiVersion: v1
 kind: Pod
 metadata: {name: cart-1, namespace: shop}
 spec: {nodeName: node-a, serviceAccountName: cart, containers: [{name: c, image: c}]}
+status: {podIP: 10.1.0.2}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: pay-1, namespace: shop}
 spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: c}]}
+status: {podIP: 10.2.0.2}
 ";
     std::fs::write(k8s.join("pods.yaml"), pods).unwrap();
     std::fs::write(
@@ -41,8 +37,7 @@ spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: 
         ),
     )
     .unwrap();
-    let config = ambit_control::config::Config::try_parse_from([
-        "ambit-control",
+    let control = Control::local(&[
         "--local-dir",
         k8s.to_str().unwrap(),
         "--poll",
@@ -54,25 +49,9 @@ spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: 
         "--listen",
         "127.0.0.1:0",
     ])
-    .unwrap();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ambit_control::app::run(
-        config,
-        move |addr| {
-            let _ = addr_tx.send(addr);
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let addr = addr_rx.await.unwrap();
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(dir.path().join("ca/root-cert.pem"))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let client = ca_client(addr, roots, TOKEN, true);
+    .await;
+    let roots = roots_in(&dir.path().join("ca/root-cert.pem"));
+    let client = ca_client(control.addr, roots.clone(), TOKEN, true);
 
     // cart runs on node-a: granted. pay runs on node-b: refused, naming why.
     let chain = request(&client, "spiffe://cluster.local/ns/shop/sa/cart")
@@ -89,19 +68,19 @@ spec: {nodeName: node-b, serviceAccountName: pay, containers: [{name: c, image: 
         "{refused}"
     );
 
-    // pay's pod moves to node-a: granted once the directory says so.
+    // pay's pod moves to node-a: granted once the directory says so. The placements
+    // change in the same step as the model, so the model showing the move is the
+    // moment to ask.
+    let (mut model, _xds) = xds_model(control.addr, roots, TOKEN);
     std::fs::write(k8s.join("pods.yaml"), pods.replace("node-b", "node-a")).unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        match request(&client, "spiffe://cluster.local/ns/shop/sa/pay").await {
-            Ok(_) => break,
-            Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                assert!(e.to_string().contains("no running pod"), "{e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("still refused after the pod moved: {e}"),
-        }
-    }
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    until(&mut model, "pay-1 on node-a", |m| {
+        m.workloads
+            .iter()
+            .any(|w| w.uid == "shop/pay-1" && w.node == "node-a")
+    })
+    .await;
+    request(&client, "spiffe://cluster.local/ns/shop/sa/pay")
+        .await
+        .unwrap_or_else(|e| panic!("still refused after the pod moved: {e}"));
+    control.stop().await;
 }

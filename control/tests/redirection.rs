@@ -6,25 +6,14 @@
 //! captured.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/ca.rs"]
-mod ca;
-
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+#[path = "support/control.rs"]
+mod control;
 
 use ambit_core::model::{MeshConfig, Protocol};
-use ambit_net::ca_client::tls_channel;
-use ambit_net::xds::client::{ClientConfig, XdsClient};
-use ca::{control_identity, enrolment, report};
-use clap::Parser;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
-use tokio::sync::watch;
+use control::{enrolment, report, roots_in, until, xds_model, Control};
 
 const NODE_A: &str = "node-a-agent-token-for-tests";
 const WORKLOAD: &str = "a-workload-token-for-tests";
-const DEADLINE: Duration = Duration::from_secs(10);
 
 const PODS: &str = "\
 apiVersion: v1
@@ -56,19 +45,6 @@ fn protocol_of(m: &MeshConfig, uid: &str) -> Option<Protocol> {
         .map(|w| w.protocol)
 }
 
-async fn until(
-    model: &mut watch::Receiver<Arc<MeshConfig>>,
-    what: &str,
-    ok: impl Fn(&MeshConfig) -> bool,
-) {
-    let start = Instant::now();
-    let seen = tokio::time::timeout(DEADLINE, model.wait_for(|m| ok(m)))
-        .await
-        .is_ok();
-    assert!(seen, "{what}: not seen; model:\n{:#?}", model.borrow());
-    eprintln!("{what}: after {:?}", start.elapsed());
-}
-
 #[tokio::test]
 async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,8 +59,7 @@ async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
         ),
     )
     .unwrap();
-    let config = ambit_control::config::Config::try_parse_from([
-        "ambit-control",
+    let control = Control::local(&[
         "--local-dir",
         k8s.to_str().unwrap(),
         "--poll",
@@ -96,40 +71,12 @@ async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
         "--listen",
         "127.0.0.1:0",
     ])
-    .unwrap();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ambit_control::app::run(
-        config,
-        move |addr| {
-            let _ = addr_tx.send(addr);
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let addr = addr_rx.await.unwrap();
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(dir.path().join("ca/root-cert.pem"))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+    .await;
+    let addr = control.addr;
+    let roots = roots_in(&dir.path().join("ca/root-cert.pem"));
 
     // The node agent's view of the model, over xDS.
-    let (tx, mut model) = watch::channel(Arc::new(MeshConfig::default()));
-    let mut client_config = ClientConfig::new("ztunnel~node-a");
-    client_config.token = Some(NODE_A.into());
-    let xds_roots = roots.clone();
-    let client = tokio::spawn(XdsClient::new(client_config, tx).run(move || {
-        let channel = tls_channel(
-            &addr.to_string(),
-            &control_identity(),
-            &xds_roots,
-            None,
-            Duration::from_secs(5),
-        );
-        async move { channel }
-    }));
+    let (mut model, client) = xds_model(addr, roots.clone(), NODE_A);
 
     // Asked for by its namespace, not captured yet: plaintext, marked ambient.
     until(&mut model, "web-1 waiting for capture", |m| {
@@ -241,10 +188,5 @@ async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
     .await;
 
     client.abort();
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    control.stop().await;
 }

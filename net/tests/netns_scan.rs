@@ -3,9 +3,9 @@
 //! process or without the address is not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::IpAddr;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 
 use ambit_net::netns_scan::find_by_ip;
 
@@ -42,12 +42,18 @@ impl Pod {
             ip(&args);
         }
         if with_process {
-            pod.process = Some(
-                Command::new("ip")
-                    .args(["netns", "exec", &name, "sleep", "60"])
-                    .spawn()
-                    .unwrap(),
-            );
+            // It says so once it runs inside the namespace.
+            let mut process = Command::new("ip")
+                .args(["netns", "exec", &name, "sh", "-c", "echo in; exec sleep 60"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(process.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "in");
+            pod.process = Some(process);
         }
         pod
     }
@@ -71,27 +77,14 @@ impl Drop for Pod {
     }
 }
 
-/// Waits until the process has entered its namespace (`ip netns exec` then execs sleep).
-fn until_found(ips: &[IpAddr]) -> Option<ambit_net::netns_scan::FoundNetns> {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(found) = find_by_ip(ips).unwrap() {
-            return Some(found);
-        }
-        if start.elapsed() > std::time::Duration::from_secs(10) {
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
     let pod = Pod::new("a", &["198.18.7.2", "fd99:7::2"], true);
-    // No process in it: not found, however long one waits (nothing to wait for).
+    // No process in it: not found.
     let idle = Pod::new("b", &["198.18.7.3"], false);
     for ip in ["198.18.7.2", "fd99:7::2"] {
-        let found = until_found(&[ip.parse().unwrap()])
+        let found = find_by_ip(&[ip.parse().unwrap()])
+            .unwrap()
             .unwrap_or_else(|| panic!("{ip}: namespace not found"));
         assert_eq!(found.file.metadata().unwrap().ino(), pod.inode(), "{ip}");
         assert!(found.path.ends_with("ns/net"), "{:?}", found.path);

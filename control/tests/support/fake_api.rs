@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -19,7 +20,10 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+/// How long [`FakeApi::wait_until`] waits.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// `(prefix, plural)`, e.g. `("api/v1", "pods")`.
 type Collection = (String, String);
@@ -40,6 +44,8 @@ struct State {
     requests: Vec<String>,
     /// Plurals the server does not serve (a CRD not installed): 404.
     missing: Vec<String>,
+    /// Bumped on every request and every change, for [`FakeApi::wait_until`].
+    changes: watch::Sender<u64>,
 }
 
 struct Watch {
@@ -118,6 +124,7 @@ impl FakeApi {
         let state = Arc::new(Mutex::new(State {
             version: 100,
             oldest: 100,
+            changes: watch::Sender::new(0),
             ..State::default()
         }));
         let shared = state.clone();
@@ -221,6 +228,19 @@ impl FakeApi {
         self.state.lock().unwrap().missing.push(plural.to_owned());
     }
 
+    /// Waits until `ok()`, checking again whenever the server gets a request or an
+    /// object changes; reports the delay seen.
+    pub async fn wait_until(&self, what: &str, ok: impl Fn() -> bool) {
+        let mut changes = self.state.lock().unwrap().changes.subscribe();
+        let start = Instant::now();
+        while !ok() {
+            let left = WAIT.saturating_sub(start.elapsed());
+            let changed = tokio::time::timeout(left, changes.changed()).await;
+            assert!(changed.is_ok(), "{what}: not seen in {WAIT:?}");
+        }
+        eprintln!("{what}: seen after {:?}", start.elapsed());
+    }
+
     /// The requests so far, as "METHOD path?query".
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -230,6 +250,7 @@ impl FakeApi {
 impl State {
     fn next_version(&mut self) -> u64 {
         self.version += 1;
+        self.changes.send_modify(|n| *n += 1);
         self.version
     }
 
@@ -314,13 +335,17 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 .collect::<HashMap<String, String>>()
         })
         .unwrap_or_default();
-    state.lock().unwrap().requests.push(format!(
-        "{method} /{path}{}",
-        req.uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default()
-    ));
+    {
+        let mut recorded = state.lock().unwrap();
+        recorded.requests.push(format!(
+            "{method} /{path}{}",
+            req.uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default()
+        ));
+        recorded.changes.send_modify(|n| *n += 1);
+    }
     let merge_patch = req
         .headers()
         .get("content-type")
