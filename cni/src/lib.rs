@@ -6,6 +6,7 @@
 //!   the agent's answers.
 //! - [`protocol`]: the plugin ↔ agent messages, and [`protocol::call`], the Unix-socket
 //!   transport the plugin uses.
+//! - [`agent`]: the node agent (`ambit-cni agent`).
 //! - [`conflist`]: adding ambit-cni to the node's CNI configuration and removing it,
 //!   preserving everything else.
 //!
@@ -13,6 +14,7 @@
 //! enrols), change the primary plugin's result, or fail a pod that is not to be
 //! enrolled because of Ambit.
 
+pub mod agent;
 pub mod conflist;
 pub mod plugin;
 pub mod protocol;

@@ -2,7 +2,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ambit_cni::{conflist, plugin, protocol};
+use ambit_cni::{agent, conflist, plugin, protocol};
 use clap::{Parser, Subcommand};
 
 /// Ambit's CNI plugin and node agent. Invoked with CNI_COMMAND set, it is the plugin.
@@ -15,6 +15,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The node agent: puts the plugin into the node's CNI chain, enrols the node's
+    /// pods whose labels ask for it and hands them to the node's ztunnel.
+    Agent {
+        #[command(flatten)]
+        config: Box<agent::Config>,
+        /// Log filter (tracing syntax).
+        #[arg(long, env = "AMBIT_LOG", default_value = "info")]
+        log: String,
+    },
+    /// Takes ambit-cni off the node: out of the CNI chain, and its binary removed. Pods
+    /// created afterwards are not captured; enrolled ones stay so until deleted.
+    Uninstall {
+        #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+    },
     /// Appends ambit-cni to the chain of the node's primary CNI configuration (or
     /// updates its entry), keeping the rest of the file as it is.
     InstallConflist {
@@ -71,6 +88,22 @@ fn plugin_main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Agent { config, log } => {
+            use std::io::IsTerminal;
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log)?)
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(*config, async {
+                ambit_net::process::shutdown_signal().await;
+            }))?;
+        }
+        Command::Uninstall { conf_dir, bin_dir } => agent::install::uninstall(&conf_dir, &bin_dir)?,
         Command::InstallConflist {
             conf_dir,
             agent_socket,

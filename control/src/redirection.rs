@@ -170,10 +170,7 @@ impl Redirection for RedirectionService {
         let node = agent_node(&caller)?;
         let query = request.into_inner();
         let key = ObjectKey::new(&query.namespace, &query.name);
-        let unknown = EnrolmentAnswer {
-            known: false,
-            ambient: false,
-        };
+        let unknown = EnrolmentAnswer::default();
         let answer = match self.pods.scheduled(&key) {
             None => unknown,
             Some(pod) if pod.node != node => {
@@ -189,6 +186,11 @@ impl Redirection for RedirectionService {
             Some(pod) => EnrolmentAnswer {
                 known: true,
                 ambient: pod.ambient,
+                service_account: pod
+                    .identity
+                    .as_ref()
+                    .map(|id| id.service_account().to_owned())
+                    .unwrap_or_default(),
             },
         };
         tracing::debug!(pod = %key, %node, known = answer.known, ambient = answer.ambient, "enrolment asked");

@@ -5,7 +5,7 @@
 //!
 //! [`serve`] is ztunnel's side: it decodes messages, tracks the snapshot a (re)connected
 //! node agent sends, and calls a [`HandoffHandler`]. [`HandoffClient`] is the node
-//! agent's side (the local mesh plays that part until the CNI node agent exists).
+//! agent's side (`ambit-cni agent`; tests use it directly too).
 //! This module moves messages; what a pod's listeners are is ztunnel's business.
 
 use std::collections::BTreeSet;
@@ -374,6 +374,18 @@ impl HandoffClient {
             None,
         )
         .await
+    }
+
+    /// Waits until ztunnel closes the connection (it sends nothing unasked), and says
+    /// why. Cancel-safe: dropped before it completes, nothing is lost.
+    pub async fn closed(&self) -> String {
+        loop {
+            match self.conn.recv().await {
+                Ok(None) => return "ztunnel closed the hand-off connection".into(),
+                Err(e) => return format!("hand-off connection: {e}"),
+                Ok(Some(_)) => tracing::warn!("unasked message from ztunnel ignored"),
+            }
+        }
     }
 
     async fn request(

@@ -8,7 +8,7 @@ pub struct EnrolmentQuery {
     #[prost(string, tag = "3")]
     pub uid: ::prost::alloc::string::String,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnrolmentAnswer {
     /// false: the control plane does not know this pod (yet); ask again.
     #[prost(bool, tag = "1")]
@@ -16,6 +16,9 @@ pub struct EnrolmentAnswer {
     /// The pod is to be captured.
     #[prost(bool, tag = "2")]
     pub ambient: bool,
+    /// The service account the pod runs as: ztunnel serves it under this identity.
+    #[prost(string, tag = "3")]
+    pub service_account: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RedirectionReport {
