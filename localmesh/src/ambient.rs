@@ -1,9 +1,11 @@
 //! The mesh's components on a local mesh, the way a cluster runs them: the real
 //! `ambit-control` in local mode in the fabric namespace (it reads the mesh's `k8s/`
 //! directory and serves delta xDS and the CA on one port), one real `ztunnel` per node,
-//! and the node agent's part of enrolment (redirect rules in the pod, hand-off to its
-//! node's ztunnel, then the redirection report) until `ambit-cni` plays it. Used by the
-//! end-to-end tests and by `ambitctl local`.
+//! and, with [`AmbientConfig::node_agent`], the real node agent (`ambit-cni agent`) on
+//! every node, which puts `ambit-cni` into the node's CNI chain so pods made afterwards
+//! are enrolled at ADD, and enrols running pods when their labels change. Without it,
+//! [`Ambient::enrol`] plays the agent's part directly (rules, hand-off, report), for
+//! tests of ztunnel alone. Used by the end-to-end tests and by `ambitctl local`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
@@ -35,6 +37,9 @@ pub struct AmbientConfig {
     pub ztunnel_flags: Vec<String>,
     /// How long each component may take to start, and a model to reach every ztunnel.
     pub deadline: Duration,
+    /// The `ambit-cni` binary, to run the node agent on every node; `None` to enrol
+    /// pods with [`Ambient::enrol`] instead.
+    pub node_agent: Option<PathBuf>,
 }
 
 impl AmbientConfig {
@@ -46,7 +51,14 @@ impl AmbientConfig {
             ztunnel_log: "info".into(),
             ztunnel_flags: Vec::new(),
             deadline: Duration::from_secs(30),
+            node_agent: None,
         })
+    }
+
+    /// Runs the node agent built by this workspace on every node.
+    pub fn with_node_agents(mut self) -> Result<AmbientConfig, MeshError> {
+        self.node_agent = Some(crate::target_binary("ambit-cni")?);
+        Ok(self)
     }
 }
 
@@ -64,6 +76,8 @@ struct Ztunnel {
     node: String,
     process: Process,
     socket: PathBuf,
+    /// The node agent, if the mesh runs them.
+    agent: Option<Process>,
 }
 
 impl Ambient {
@@ -84,44 +98,132 @@ impl Ambient {
         write(&dir.join("tokens.yaml"), &tokens)?;
         mesh.write_kubernetes()?;
         let control = start_control(mesh, &config)?;
-        let address = control_address(mesh).to_string();
         let mut ztunnels = Vec::new();
         for node in mesh.nodes() {
-            let socket = dir.join(format!("{}.sock", node.name()));
-            let mut args: Vec<String> = [
-                "--node",
-                node.name(),
-                "--xds-address",
-                &address,
-                "--ca-address",
-                &address,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            for (flag, path) in [
-                ("--ca-root", dir.join("ca/root-cert.pem")),
-                ("--ca-token-file", token_file(mesh, node.name())),
-                ("--handoff-socket", socket.clone()),
-            ] {
-                args.push(flag.into());
-                args.push(path.to_string_lossy().into_owned());
-            }
-            args.extend(["--log".to_owned(), config.ztunnel_log.clone()]);
-            args.extend(config.ztunnel_flags.iter().cloned());
-            let process = mesh.spawn_in(node.netns(), &config.ztunnel, &args, &[])?;
-            process.wait_for_log("ztunnel ready", config.deadline)?;
+            let socket = handoff_socket(mesh, node.name());
+            let process = start_ztunnel(mesh, &config, node.name())?;
             ztunnels.push(Ztunnel {
                 node: node.name().to_owned(),
                 process,
                 socket,
+                agent: None,
             });
         }
-        Ok(Ambient {
+        let mut ambient = Ambient {
             config,
             control,
             ztunnels,
-        })
+        };
+        if ambient.config.node_agent.is_some() {
+            for node in mesh.nodes() {
+                ambient.restart_node_agent(mesh, node.name())?;
+            }
+        }
+        Ok(ambient)
+    }
+
+    /// Starts `node`'s ztunnel again (after [`Process::stop`] or a kill), on the same
+    /// hand-off socket; returns once it is ready.
+    pub fn restart_ztunnel(&mut self, mesh: &LocalMesh, node: &str) -> Result<(), MeshError> {
+        let process = start_ztunnel(mesh, &self.config, node)?;
+        let z = self
+            .ztunnels
+            .iter_mut()
+            .find(|z| z.node == node)
+            .ok_or_else(|| MeshError::BadTopology(format!("no node {node}")))?;
+        z.process = process;
+        Ok(())
+    }
+
+    /// The node agent of `node`, if the mesh runs them.
+    pub fn node_agent(&self, node: &str) -> Option<&Process> {
+        self.find(node).and_then(|z| z.agent.as_ref())
+    }
+
+    /// Starts (or starts again, after [`Process::stop`]) `node`'s agent; returns once it
+    /// has enrolled the node's pods from the model and serves the plugin.
+    pub fn restart_node_agent(&mut self, mesh: &LocalMesh, node: &str) -> Result<(), MeshError> {
+        let Some(binary) = self.config.node_agent.clone() else {
+            return Err(MeshError::BadTopology(
+                "this mesh runs no node agents".into(),
+            ));
+        };
+        let n = mesh.node(node)?;
+        let address = control_address(mesh).to_string();
+        let dir = mesh.dir();
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let args = vec![
+            "agent".to_owned(),
+            "--node".to_owned(),
+            node.to_owned(),
+            "--control-address".to_owned(),
+            address,
+            "--ca-root".to_owned(),
+            path(dir.join("ca/root-cert.pem")),
+            "--token-file".to_owned(),
+            path(token_file(mesh, node)),
+            "--handoff-socket".to_owned(),
+            path(handoff_socket(mesh, node)),
+            "--agent-socket".to_owned(),
+            path(agent_socket(mesh, node)),
+            "--conf-dir".to_owned(),
+            path(mesh.cni_conf_dir(n)),
+            "--bin-dir".to_owned(),
+            path(mesh.cni_bin_dir(n)),
+            "--retry-interval".to_owned(),
+            "500ms".to_owned(),
+            "--log".to_owned(),
+            "info,ambit_cni=debug".to_owned(),
+        ];
+        let process = mesh.spawn_in(n.netns(), &binary, &args, &[])?;
+        process.wait_for_log("node agent ready", self.config.deadline)?;
+        let z = self
+            .ztunnels
+            .iter_mut()
+            .find(|z| z.node == node)
+            .ok_or_else(|| MeshError::BadTopology(format!("no node {node}")))?;
+        z.agent = Some(process);
+        Ok(())
+    }
+
+    /// Waits until every ztunnel's model says `pod` is reached by `protocol`; returns
+    /// how long that took. ztunnel's config dump is read every 50 ms: nothing announces
+    /// a model's content.
+    pub async fn wait_for_protocol(
+        &self,
+        mesh: &LocalMesh,
+        pod: &Pod,
+        protocol: Protocol,
+    ) -> Result<Duration, MeshError> {
+        let start = Instant::now();
+        let uid = pod.uid();
+        loop {
+            let mut all = true;
+            for z in &self.ztunnels {
+                let dump = config_dump(mesh, &z.node).await.unwrap_or_default();
+                let seen = serde_json::from_str::<serde_json::Value>(&dump)
+                    .ok()
+                    .and_then(|v| v.get("model").cloned())
+                    .and_then(|m| serde_json::from_value::<ambit_core::model::MeshConfig>(m).ok())
+                    .and_then(|m| m.workloads.into_iter().find(|w| w.uid == uid))
+                    .map(|w| w.protocol);
+                if seen != Some(protocol) {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > self.config.deadline {
+                return Err(MeshError::NotWithin {
+                    what: format!("every ztunnel to see {uid} as {protocol:?}"),
+                    waited: self.config.deadline,
+                    log: self.logs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The control plane (`ambit-control`: xDS and the CA).
@@ -178,15 +280,26 @@ impl Ambient {
         }
     }
 
-    /// Enrols `pod` as the node agent does: installs the redirect rules in it, hands
-    /// it to its node's ztunnel, and once ztunnel has taken it, reports the redirection
-    /// so that the control plane advertises it as HBONE.
+    /// Enrols `pod`. With node agents: labels it `istio.io/dataplane-mode=ambient` and
+    /// waits until every ztunnel sees it as HBONE (the agent has enrolled it and
+    /// reported). Without: plays the agent's part, as [`Ambient::enrol_as`].
     pub async fn enrol(&self, mesh: &LocalMesh, pod: &Pod) -> Result<(), MeshError> {
-        self.enrol_as(mesh, pod, pod.service_account()).await
+        if self.config.node_agent.is_none() {
+            return self.enrol_as(mesh, pod, pod.service_account()).await;
+        }
+        let mut labels = pod.labels().clone();
+        labels.insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+        mesh.set_pod_labels(pod, labels)?;
+        mesh.write_kubernetes()?;
+        self.wait_for_protocol(mesh, pod, Protocol::Hbone).await?;
+        Ok(())
     }
 
-    /// Like [`Ambient::enrol`], but tells ztunnel the pod runs as `service_account`
-    /// (which may differ from what the model says, to provoke an identity mismatch).
+    /// Enrols `pod` as the node agent does, without one: installs the redirect rules in
+    /// it, hands it to its node's ztunnel (as `service_account`, which may differ from
+    /// what the model says, to provoke an identity mismatch), and once ztunnel has
+    /// taken it, marks it reported so that the control plane advertises it as HBONE.
+    /// Not for meshes running node agents (ztunnel serves one agent at a time).
     pub async fn enrol_as(
         &self,
         mesh: &LocalMesh,
@@ -262,6 +375,13 @@ impl Ambient {
                 z.node,
                 z.process.log()
             ));
+            if let Some(agent) = &z.agent {
+                out.push_str(&format!(
+                    "--- node agent on {} ---\n{}\n",
+                    z.node,
+                    agent.log()
+                ));
+            }
         }
         out
     }
@@ -278,6 +398,81 @@ pub fn control_address(mesh: &LocalMesh) -> SocketAddr {
 
 fn token_file(mesh: &LocalMesh, node: &str) -> PathBuf {
     mesh.dir().join(format!("{node}.token"))
+}
+
+/// The label that enrols a pod or a namespace.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+fn handoff_socket(mesh: &LocalMesh, node: &str) -> PathBuf {
+    mesh.dir().join(format!("{node}.sock"))
+}
+
+/// Where `node`'s agent listens for its plugin.
+pub fn agent_socket(mesh: &LocalMesh, node: &str) -> PathBuf {
+    mesh.dir().join(format!("{node}-cni.sock"))
+}
+
+/// `node`'s ztunnel, started and ready.
+fn start_ztunnel(
+    mesh: &LocalMesh,
+    config: &AmbientConfig,
+    node: &str,
+) -> Result<Process, MeshError> {
+    let dir = mesh.dir();
+    let n = mesh.node(node)?;
+    let address = control_address(mesh).to_string();
+    let mut args: Vec<String> = [
+        "--node",
+        node,
+        "--xds-address",
+        &address,
+        "--ca-address",
+        &address,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (flag, path) in [
+        ("--ca-root", dir.join("ca/root-cert.pem")),
+        ("--ca-token-file", token_file(mesh, node)),
+        ("--handoff-socket", handoff_socket(mesh, node)),
+    ] {
+        args.push(flag.into());
+        args.push(path.to_string_lossy().into_owned());
+    }
+    args.extend(["--log".to_owned(), config.ztunnel_log.clone()]);
+    args.extend(config.ztunnel_flags.iter().cloned());
+    let process = mesh.spawn_in(n.netns(), &config.ztunnel, &args, &[])?;
+    process.wait_for_log("ztunnel ready", config.deadline)?;
+    Ok(process)
+}
+
+/// ztunnel's `/config_dump` on `node`, fetched from inside the node.
+pub async fn config_dump(mesh: &LocalMesh, node: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let ns = ambit_net::netns::NetnsHandle::from_path(
+        mesh.node(node)
+            .map_err(std::io::Error::other)?
+            .netns()
+            .path(),
+    )?;
+    let response = ns
+        .run(move || {
+            let addr = SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_ADMIN_PORT));
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(
+                b"GET /config_dump HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .await?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
 }
 
 fn write(path: &Path, text: &str) -> Result<(), MeshError> {

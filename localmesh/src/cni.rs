@@ -226,6 +226,17 @@ pub fn add(list: &NetworkConfigList, inv: &Invocation) -> Result<CniResult, CniE
     Ok(CniResult { raw, ips })
 }
 
+/// Runs `CHECK` of every plugin of `list` in order, each given `cached` (the chain's
+/// `ADD` result) as `prevResult`, as libcni does; stops at the first failure.
+pub fn check(list: &NetworkConfigList, inv: &Invocation, cached: &Value) -> Result<(), CniError> {
+    for index in 0..list.plugins.len() {
+        let config = list.plugin_config(index, Some(cached));
+        let plugin = plugin_type(list, index)?;
+        invoke(plugin, "CHECK", &config, inv)?;
+    }
+    Ok(())
+}
+
 /// Runs `DEL` of every plugin of `list` in reverse order, each given `cached` (the
 /// chain's `ADD` result, if there was one) as `prevResult`. Goes on past failures (a
 /// DEL must release what it can) and returns the first.

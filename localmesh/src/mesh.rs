@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_core::model::{MeshConfig, Protocol};
 use serde_json::{Map, Value};
@@ -36,6 +36,10 @@ pub const DEFAULT_CNI_PATH: &str = "/usr/lib/cni";
 pub const POD_NETWORK: &str = "ambit-pods";
 /// How long a stopped process gets between SIGTERM and SIGKILL, by default.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long a pod's ADD is retried while a plugin says to try again later.
+const ADD_RETRY_FOR: Duration = Duration::from_secs(60);
+/// The pause between those tries.
+const ADD_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// How many CNI invocations or node set-ups run at once.
 const PARALLELISM: usize = 8;
 
@@ -76,6 +80,11 @@ struct State {
     chains: BTreeSet<String>,
     /// Kubernetes objects a user declared, written with the mesh's own.
     declared: Vec<Value>,
+    /// Pods whose sandbox is being made, by uid: already scheduled (on their node, with
+    /// their labels), as a cluster's API server holds them before the runtime's ADD.
+    pending: BTreeMap<String, (PodSpec, String)>,
+    /// Labels of namespaces, by name.
+    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug)]
@@ -84,6 +93,9 @@ struct PodState {
     protocol: Protocol,
     /// The chain's ADD result, handed back on DEL.
     cni_result: Value,
+    /// The chain ADD ran (libcni caches it too): DEL runs the same plugins, whatever
+    /// the conflist says by then.
+    chain: NetworkConfigList,
 }
 
 #[derive(Debug)]
@@ -134,8 +146,46 @@ impl LocalMesh {
             .ok_or_else(|| MeshError::UnknownNode(name.to_owned()))
     }
 
-    /// The CNI chain pods on `node` are made with.
-    pub fn conflist(&self, node: &Node) -> NetworkConfigList {
+    /// The node's CNI configuration directory (`/etc/cni/net.d` of a node): the
+    /// conflist the mesh wrote for its primary network, which a node agent may edit.
+    pub fn cni_conf_dir(&self, node: &Node) -> PathBuf {
+        self.node_dir(node)
+    }
+
+    /// The node's own CNI bin directory (`/opt/cni/bin` of a node), searched before
+    /// the system's plugins; a node agent installs its plugin there.
+    pub fn cni_bin_dir(&self, node: &Node) -> PathBuf {
+        self.node_dir(node).join("bin")
+    }
+
+    /// The CNI chain pods on `node` are made with, read as a runtime does: the first
+    /// `.conflist` of the node's configuration directory by name.
+    pub fn conflist(&self, node: &Node) -> Result<NetworkConfigList, MeshError> {
+        let dir = self.cni_conf_dir(node);
+        let io = |path: &Path, source| MeshError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+            .map_err(|e| io(&dir, e))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "conflist"))
+            .collect();
+        files.sort();
+        let path = files.into_iter().next().ok_or_else(|| {
+            io(
+                &dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no .conflist"),
+            )
+        })?;
+        let text = fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| MeshError::Model(format!("{}: {e}", path.display())))
+    }
+
+    /// The chain the mesh writes for `node`: `ptp` and the plugins chained at build.
+    pub(crate) fn base_conflist(&self, node: &Node) -> NetworkConfigList {
         let mut list = NetworkConfigList::ptp(
             POD_NETWORK,
             &[&node.pod_cidr.to_string(), &node.pod_cidr6.to_string()],
@@ -163,31 +213,44 @@ impl LocalMesh {
                 return Err(MeshError::DuplicatePod(uid));
             }
             state.pods.insert(uid.clone(), None);
+            state
+                .pending
+                .insert(uid.clone(), (spec.clone(), node.name.clone()));
             state.next_pod += 1;
             state.next_pod
         };
-        let made = self.make_pod(node, spec, seq);
+        // Scheduled before its sandbox exists, as in a cluster: a node agent asks the
+        // control plane about the pod during ADD.
+        let announced = self.announce();
+        let made = announced.and_then(|()| self.make_pod(node, spec, seq));
         let mut state = self.state();
-        match made {
-            Ok((pod, cni_result)) => {
+        state.pending.remove(&uid);
+        let result = match made {
+            Ok((pod, cni_result, chain)) => {
                 state.pods.insert(
                     uid.clone(),
                     Some(PodState {
                         pod: pod.clone(),
                         protocol: Protocol::Tcp,
                         cni_result,
+                        chain,
                     }),
                 );
                 if state.services.values().any(|s| s.endpoints.contains(&uid)) {
-                    self.apply_services(&mut state)?;
+                    self.apply_services(&mut state).map(|()| pod)
+                } else {
+                    Ok(pod)
                 }
-                Ok(pod)
             }
             Err(e) => {
                 state.pods.remove(&uid);
                 Err(e)
             }
-        }
+        };
+        drop(state);
+        // Its addresses, as the kubelet posts them.
+        let announced = self.announce();
+        result.and_then(|pod| announced.map(|()| pod))
     }
 
     /// Removes a pod: stops the processes in it, takes it out of every service, runs
@@ -213,9 +276,39 @@ impl LocalMesh {
             (removed, rules)
         };
         let (removed, rules) = removed;
+        // Gone from the API first, as a deleted pod is, then its sandbox.
+        if let Err(e) = self.announce() {
+            tracing::warn!("writing the mesh's Kubernetes YAML: {e}");
+        }
         self.stop_processes_in(&removed.pod.netns);
-        self.unmake_pod(&removed.pod, Some(&removed.cni_result))?;
+        self.unmake_pod(&removed.pod, &removed.chain, Some(&removed.cni_result))?;
         rules
+    }
+
+    /// Runs the chain's CHECK for `pod`, as a runtime does to verify a sandbox's
+    /// network (each plugin gets the cached ADD result).
+    pub fn check_pod(&self, pod: &Pod) -> Result<(), MeshError> {
+        let (chain, cached) = {
+            let state = self.state();
+            match state.pods.get(&pod.uid()) {
+                Some(Some(p)) if p.pod.container_id == pod.container_id => {
+                    (p.chain.clone(), p.cni_result.clone())
+                }
+                _ => return Err(MeshError::UnknownPod(pod.uid())),
+            }
+        };
+        let node = self.node(&pod.node)?;
+        let inv = self.invocation(
+            node,
+            &pod.netns,
+            &pod.container_id,
+            &pod.namespace,
+            &pod.name,
+        );
+        cni::check(&chain, &inv, &cached).map_err(|source| MeshError::Cni {
+            pod: pod.uid(),
+            source: Box::new(source),
+        })
     }
 
     /// The pods that exist now, by uid.
@@ -312,6 +405,32 @@ impl LocalMesh {
         self.apply_services(&mut state)
     }
 
+    /// Replaces `pod`'s labels (as `kubectl label` would); written with the next
+    /// [`write_kubernetes`](Self::write_kubernetes).
+    pub fn set_pod_labels(
+        &self,
+        pod: &Pod,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), MeshError> {
+        let mut state = self.state();
+        match state.pods.get_mut(&pod.uid()) {
+            Some(Some(p)) => {
+                p.pod.labels = labels;
+                Ok(())
+            }
+            _ => Err(MeshError::UnknownPod(pod.uid())),
+        }
+    }
+
+    /// Replaces the labels of namespace `namespace` (as `kubectl label namespace`
+    /// would): `istio.io/dataplane-mode=ambient` enrols its pods. Written with the next
+    /// [`write_kubernetes`](Self::write_kubernetes).
+    pub fn set_namespace_labels(&self, namespace: &str, labels: BTreeMap<String, String>) {
+        self.state()
+            .namespace_labels
+            .insert(namespace.to_owned(), labels);
+    }
+
     /// Sets how the model says `pod` is reached (TCP until it is enrolled, then HBONE).
     pub fn set_protocol(&self, pod: &Pod, protocol: Protocol) -> Result<(), MeshError> {
         let mut state = self.state();
@@ -359,14 +478,35 @@ impl LocalMesh {
             path: dir.clone(),
             source,
         })?;
-        let declared = self.state().declared.clone();
+        let (declared, pending, namespace_labels) = {
+            let state = self.state();
+            let pending: Vec<(PodSpec, String)> = state.pending.values().cloned().collect();
+            (
+                state.declared.clone(),
+                pending,
+                state.namespace_labels.clone(),
+            )
+        };
+        let cluster = crate::model::Cluster {
+            declared: &declared,
+            pending: &pending,
+            namespace_labels: &namespace_labels,
+        };
         write_replacing(
             &dir.join("mesh.yaml"),
-            &self.export(|pods, services| {
-                crate::model::export_kubernetes(pods, services, &declared)
-            }),
+            &self
+                .export(|pods, services| crate::model::export_kubernetes(pods, services, &cluster)),
         )?;
         Ok(dir)
+    }
+
+    /// Writes the Kubernetes YAML again if a control plane reads it (it has been
+    /// written before).
+    fn announce(&self) -> Result<(), MeshError> {
+        if self.dir.join("k8s/mesh.yaml").exists() {
+            self.write_kubernetes()?;
+        }
+        Ok(())
     }
 
     /// Kubernetes objects (as JSON values) that [`write_kubernetes`](Self::write_kubernetes)
@@ -502,7 +642,9 @@ impl LocalMesh {
         spec_name: &str,
     ) -> Invocation {
         Invocation::for_pod(
-            self.cni_path.clone(),
+            std::iter::once(self.cni_bin_dir(node))
+                .chain(self.cni_path.iter().cloned())
+                .collect(),
             node.netns.path().to_owned(),
             container_id.to_owned(),
             netns.path().to_owned(),
@@ -511,7 +653,12 @@ impl LocalMesh {
         )
     }
 
-    fn make_pod(&self, node: &Node, spec: PodSpec, seq: u32) -> Result<(Pod, Value), MeshError> {
+    fn make_pod(
+        &self,
+        node: &Node,
+        spec: PodSpec,
+        seq: u32,
+    ) -> Result<(Pod, Value, NetworkConfigList), MeshError> {
         let uid = format!("{}/{}", spec.namespace, spec.name);
         let netns = Netns::named(
             self.id()
@@ -529,9 +676,29 @@ impl LocalMesh {
             return Err(e);
         }
         let inv = self.invocation(node, &netns, &container_id, &spec.namespace, &spec.name);
-        let chain = self.conflist(node);
-        let added = cni::add(&NetworkConfigList::loopback(), &inv)
-            .and_then(|_| cni::add(&chain, &inv))
+        let chain = match self.conflist(node) {
+            Ok(chain) => chain,
+            Err(e) => {
+                sweep::delete_netns(&[netns.name().to_owned()]);
+                return Err(e);
+            }
+        };
+        // A plugin that says "try again later" (CNI error 11: a node agent not ready,
+        // a pod its control plane does not know yet) is retried after a DEL, as the
+        // kubelet does, for a while.
+        let give_up = Instant::now() + ADD_RETRY_FOR;
+        let added = loop {
+            let added =
+                cni::add(&NetworkConfigList::loopback(), &inv).and_then(|_| cni::add(&chain, &inv));
+            match added {
+                Err(cni::CniError::Plugin { code: 11, .. }) if Instant::now() < give_up => {
+                    let _ = cni::del(&chain, &inv, None);
+                    std::thread::sleep(ADD_RETRY_INTERVAL);
+                }
+                other => break other,
+            }
+        };
+        let added = added
             .map_err(|source| MeshError::Cni {
                 pod: uid.clone(),
                 source: Box::new(source),
@@ -591,12 +758,17 @@ impl LocalMesh {
             netns,
             container_id,
         };
-        Ok((pod, raw))
+        Ok((pod, raw, chain))
     }
 
     /// CNI DEL of the chain (reverse order) and of the loopback network, then the
     /// namespace goes.
-    fn unmake_pod(&self, pod: &Pod, cni_result: Option<&Value>) -> Result<(), MeshError> {
+    fn unmake_pod(
+        &self,
+        pod: &Pod,
+        chain: &NetworkConfigList,
+        cni_result: Option<&Value>,
+    ) -> Result<(), MeshError> {
         let node = self.node(&pod.node)?;
         let inv = self.invocation(
             node,
@@ -605,7 +777,7 @@ impl LocalMesh {
             &pod.namespace,
             &pod.name,
         );
-        let chain = cni::del(&self.conflist(node), &inv, cni_result);
+        let chain = cni::del(chain, &inv, cni_result);
         let lo = cni::del(&NetworkConfigList::loopback(), &inv, None);
         let _ = fs::remove_file(
             self.dir
@@ -705,7 +877,9 @@ impl LocalMesh {
         process::stop_all(&in_pods.iter().map(|p| &**p).collect::<Vec<_>>());
         let pod_paths: Vec<PathBuf> = pod_netns.iter().map(|p| p.to_path_buf()).collect();
         sweep::kill_processes_in(&pod_paths);
-        let deleted = parallel(&pods, |p| self.unmake_pod(&p.pod, Some(&p.cni_result)));
+        let deleted = parallel(&pods, |p| {
+            self.unmake_pod(&p.pod, &p.chain, Some(&p.cni_result))
+        });
         failures.extend(
             deleted
                 .into_iter()

@@ -6,6 +6,8 @@ use ambit_core::model::{
     EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec as ModelService, WorkloadSpec,
 };
 
+use std::collections::BTreeMap;
+
 use crate::{Pod, Service};
 
 /// A pod as the model sees it.
@@ -80,9 +82,10 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
 pub(crate) fn export_kubernetes(
     pods: &[ModelPod<'_>],
     services: &[(&Service, Vec<String>)],
-    declared: &[serde_json::Value],
+    cluster: &Cluster<'_>,
 ) -> String {
-    use std::collections::{BTreeMap, BTreeSet};
+    let declared = cluster.declared;
+    use std::collections::BTreeSet;
 
     use serde_json::{json, Value};
 
@@ -91,6 +94,11 @@ pub(crate) fn export_kubernetes(
         pods.iter().map(|p| (p.pod.uid(), p)).collect();
     let service_by_key: BTreeMap<String, &Service> =
         services.iter().map(|(s, _)| (s.key(), *s)).collect();
+    let pending_by_uid: BTreeMap<String, &(crate::PodSpec, String)> = cluster
+        .pending
+        .iter()
+        .map(|p| (format!("{}/{}", p.0.namespace, p.0.name), p))
+        .collect();
     let (mut declared_pods, mut declared_services, mut declared_namespaces) =
         (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for object in declared {
@@ -107,11 +115,17 @@ pub(crate) fn export_kubernetes(
         let key = format!("{namespace}/{name}");
         match kind.as_str() {
             "Namespace" => {
+                if let Some(labels) = cluster.namespace_labels.get(&name) {
+                    object["metadata"]["labels"] = json!(labels);
+                }
                 declared_namespaces.insert(name);
             }
             "Pod" => {
                 if let Some(p) = pod_by_uid.get(&key) {
                     fill_pod(&mut object, p);
+                    declared_pods.insert(key);
+                } else if let Some((_, node)) = pending_by_uid.get(&key) {
+                    object["spec"]["nodeName"] = json!(node);
                     declared_pods.insert(key);
                 }
             }
@@ -129,13 +143,50 @@ pub(crate) fn export_kubernetes(
     let namespaces: BTreeSet<&str> = pods
         .iter()
         .map(|p| p.pod.namespace())
+        .chain(
+            cluster
+                .pending
+                .iter()
+                .map(|(spec, _)| spec.namespace.as_str()),
+        )
         .chain(services.iter().map(|(s, _)| s.namespace()))
+        .chain(cluster.namespace_labels.keys().map(String::as_str))
         .filter(|ns| !declared_namespaces.contains(*ns))
         .collect();
     for namespace in namespaces {
-        documents.push(
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
-        );
+        let mut object =
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+        if let Some(labels) = cluster.namespace_labels.get(namespace) {
+            object["metadata"]["labels"] = json!(labels);
+        }
+        documents.push(object);
+    }
+    // Scheduled, not running yet: no addresses.
+    for (spec, node) in cluster
+        .pending
+        .iter()
+        .filter(|(spec, _)| !declared_pods.contains(&format!("{}/{}", spec.namespace, spec.name)))
+    {
+        let service_account = if spec.service_account.is_empty() {
+            "default"
+        } else {
+            spec.service_account.as_str()
+        };
+        documents.push(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": spec.name,
+                "namespace": spec.namespace,
+                "labels": spec.labels,
+            },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": service_account,
+                "containers": [{"name": "app", "image": "localmesh-app"}],
+            },
+            "status": {"phase": "Pending"},
+        }));
     }
     for p in pods
         .iter()
@@ -212,6 +263,17 @@ pub(crate) fn export_kubernetes(
         .map(|d| serde_yaml_ng::to_string(d).unwrap_or_default())
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// What the mesh holds besides its pods and services, for [`export_kubernetes`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cluster<'a> {
+    /// Objects a user wrote.
+    pub declared: &'a [serde_json::Value],
+    /// Pods being made (scheduled, with their node), not running yet.
+    pub pending: &'a [(crate::PodSpec, String)],
+    /// Namespace labels.
+    pub namespace_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// What the cluster sets on a pod it runs: the node, the addresses, and once the node
@@ -296,7 +358,12 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
         ];
-        let yaml = export_kubernetes(&pods, &[(&service, vec!["shop/web".into()])], &declared);
+        let cluster = Cluster {
+            declared: &declared,
+            pending: &[],
+            namespace_labels: &BTreeMap::new(),
+        };
+        let yaml = export_kubernetes(&pods, &[(&service, vec!["shop/web".into()])], &cluster);
         let docs = documents(&yaml);
         let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
         // The declared four, then the undeclared pod; no second Namespace, no

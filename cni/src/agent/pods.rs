@@ -53,6 +53,8 @@ struct Enrolled {
 
 /// How long a report may take to show in the model before it is sent again.
 const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(3);
+/// How long a deleted pod is not enrolled again from a model that still shows it.
+const DELETED_FOR: Duration = Duration::from_secs(60);
 /// How long an ADD waits for the control plane to learn of a new pod before the
 /// runtime is told to try again.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(5);
@@ -67,6 +69,9 @@ pub struct Pods {
     enrolled: Mutex<BTreeMap<String, Enrolled>>,
     /// Pods whose last attempt failed, with the reason (logged when it changes).
     failing: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Pods deleted by the runtime (CNI DEL) that the model may still show for a
+    /// moment: not to be enrolled again from it.
+    deleted: std::sync::Mutex<BTreeMap<String, Instant>>,
 }
 
 impl Pods {
@@ -83,6 +88,7 @@ impl Pods {
             rules,
             enrolled: Mutex::new(BTreeMap::new()),
             failing: Default::default(),
+            deleted: Default::default(),
         })
     }
 
@@ -117,6 +123,7 @@ impl Pods {
             .map_err(|e| (format!("network namespace {}: {e}", path.display()), false))?;
         let key = uid(pod);
         let mut enrolled = self.enrolled.lock().await;
+        self.deleted_lock().remove(&key);
         if let Some(old) = enrolled.remove(&key) {
             if same_file(&old.netns, &netns) {
                 enrolled.insert(key, old);
@@ -136,6 +143,7 @@ impl Pods {
     async fn cni_del(&self, request: &AgentRequest) -> Result<(), (String, bool)> {
         let key = uid(&request.pod);
         let mut enrolled = self.enrolled.lock().await;
+        self.deleted_lock().insert(key.clone(), Instant::now());
         if let Some(entry) = enrolled.remove(&key) {
             tracing::info!(pod = %key, "pod deleted (CNI DEL): unenrolling");
             self.undo(&key, entry, true).await;
@@ -290,6 +298,11 @@ impl Pods {
             .map(|w| (w.uid.as_str(), w))
             .collect();
         let mut enrolled = self.enrolled.lock().await;
+        // A deleted pod stays deleted until it leaves the model (or a new sandbox of
+        // that name is added); a tombstone is kept a while at most.
+        self.deleted_lock()
+            .retain(|key, at| mine.contains_key(key.as_str()) && at.elapsed() < DELETED_FOR);
+        let deleted: Vec<String> = self.deleted_lock().keys().cloned().collect();
         // Gone from the model, or no longer asked for.
         let leaving: Vec<String> = enrolled
             .iter()
@@ -319,6 +332,9 @@ impl Pods {
                         Err(e) => self.failed(key, format!("redirection report: {e}")),
                     }
                 }
+                continue;
+            }
+            if deleted.iter().any(|d| d == key) {
                 continue;
             }
             if workload.ambient {
@@ -378,6 +394,10 @@ impl Pods {
             Ok(()) => tracing::info!(pod = %workload.uid, "stale redirection report withdrawn"),
             Err(e) => self.failed(&workload.uid, format!("withdrawing a stale report: {e}")),
         }
+    }
+
+    fn deleted_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Instant>> {
+        self.deleted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn failed(&self, key: &str, reason: String) {

@@ -60,6 +60,7 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
             ztunnel_log: "info,ambit_ztunnel=debug".into(),
             ztunnel_flags: Vec::new(),
             deadline: DEADLINE,
+            node_agent: None,
         },
     )?;
 

@@ -210,7 +210,7 @@ impl LocalMesh {
             source,
         })?;
         let conflist = dir.join(format!("10-{POD_NETWORK}.conflist"));
-        let json = serde_json::to_string_pretty(&self.conflist(node))
+        let json = serde_json::to_string_pretty(&self.base_conflist(node))
             .map_err(|e| MeshError::Model(e.to_string()))?;
         fs::write(&conflist, json).map_err(|source| MeshError::Io {
             path: conflist,

@@ -22,7 +22,7 @@ pub const TEST_LOG: &str = "info,ambit_ztunnel=debug";
 /// A mesh with the control plane and one ztunnel per node, ready to enrol pods.
 pub struct Harness {
     pub mesh: LocalMesh,
-    ambient: Ambient,
+    pub ambient: Ambient,
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -54,6 +54,24 @@ impl Harness {
             ztunnel_log: log.to_owned(),
             ztunnel_flags: ztunnel_flags.iter().map(|f| f.to_string()).collect(),
             deadline: DEADLINE,
+            node_agent: None,
+        };
+        let ambient = Ambient::start(&mesh, config).unwrap_or_else(|e| panic!("{e}"));
+        Harness { mesh, ambient }
+    }
+
+    /// Like [`Harness::start`], with the real node agent (`ambit-cni agent`) on every
+    /// node: it puts `ambit-cni` into each node's CNI chain, so pods made from now on
+    /// are enrolled at ADD when their labels ask for it, and enrols running pods when
+    /// their labels change. [`Harness::enrol`] then labels the pod and waits.
+    pub fn start_with_agents(mesh: LocalMesh) -> Harness {
+        let config = AmbientConfig {
+            control: bin("ambit-control"),
+            ztunnel: bin("ztunnel"),
+            ztunnel_log: TEST_LOG.to_owned(),
+            ztunnel_flags: Vec::new(),
+            deadline: DEADLINE,
+            node_agent: Some(bin("ambit-cni")),
         };
         let ambient = Ambient::start(&mesh, config).unwrap_or_else(|e| panic!("{e}"));
         Harness { mesh, ambient }
