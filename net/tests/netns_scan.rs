@@ -1,6 +1,7 @@
 //! Finding a pod's network namespace by its IP among the node's processes (needs root):
-//! a namespace with a process in it is found by each of its addresses, one without a
-//! process or without the address is not.
+//! a namespace with a process in it, wired to this one by a veth, is found by each of
+//! its addresses; one without a process, without the address, or not wired to this
+//! namespace (elsewhere on the machine) is not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -17,7 +18,7 @@ struct Pod {
 }
 
 impl Pod {
-    fn new(tag: &str, ips: &[&str], with_process: bool) -> Pod {
+    fn new(tag: &str, ips: &[&str], with_process: bool, wired: bool) -> Pod {
         let name = format!("ambit-scan-{tag}-{}", std::process::id());
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().unwrap();
@@ -31,6 +32,13 @@ impl Pod {
         // The addresses go on the loopback: any interface counts, and this one needs
         // no kernel module.
         ip(&["-n", &name, "link", "set", "lo", "up"]);
+        if wired {
+            // The host end stays here; it goes with the namespace's end.
+            let host = format!("as{}{tag}", std::process::id() % 100_000);
+            ip(&[
+                "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ]);
+        }
         for addr in ips {
             let v6 = addr.contains(':');
             let cidr = format!("{addr}/{}", if v6 { 128 } else { 32 });
@@ -79,9 +87,11 @@ impl Drop for Pod {
 
 #[test]
 fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
-    let pod = Pod::new("a", &["198.18.7.2", "fd99:7::2"], true);
+    let pod = Pod::new("a", &["198.18.7.2", "fd99:7::2"], true, true);
     // No process in it: not found.
-    let idle = Pod::new("b", &["198.18.7.3"], false);
+    let idle = Pod::new("b", &["198.18.7.3"], false, true);
+    // Not wired to this namespace: not found.
+    let elsewhere = Pod::new("c", &["198.18.7.4"], true, false);
     for ip in ["198.18.7.2", "fd99:7::2"] {
         let found = find_by_ip(&[ip.parse().unwrap()])
             .unwrap()
@@ -92,8 +102,12 @@ fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
     assert!(find_by_ip(&["198.18.7.3".parse().unwrap()])
         .unwrap()
         .is_none());
+    assert!(find_by_ip(&["198.18.7.4".parse().unwrap()])
+        .unwrap()
+        .is_none());
     assert!(find_by_ip(&["198.18.7.99".parse().unwrap()])
         .unwrap()
         .is_none());
     drop(idle);
+    drop(elsewhere);
 }

@@ -123,3 +123,132 @@ async fn a_pod_created_in_an_ambient_namespace_speaks_hbone_from_its_first_conne
         .wait_for_log("pod deleted (CNI DEL)", DEADLINE)
         .unwrap();
 }
+
+/// The last round `stream` reported.
+fn rounds(stream: &ambit_localmesh::Process) -> u64 {
+    stream
+        .log()
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("round "))
+        .find_map(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `stream` has completed `more` rounds after `after`, or panics with its
+/// log (a mismatch or an ended connection shows there).
+fn streams_on(h: &Harness, stream: &ambit_localmesh::Process, after: u64, more: u64, what: &str) {
+    let pattern = format!("round {}", after + more);
+    if let Err(e) = stream.wait_for_log(&pattern, DEADLINE) {
+        panic!(
+            "{what}: the open connection stopped: {e}\n{}\n{}",
+            stream.log(),
+            h.logs()
+        );
+    }
+}
+
+/// Every connection `node`'s ztunnel took in, HBONE or plaintext.
+async fn inbound_at(h: &Harness, node: &str) -> f64 {
+    metric(
+        &h.metrics(node).await,
+        "istio_tcp_connections_opened_total",
+        &[("reporter", "destination")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn labels_move_running_pods_in_and_out_without_breaking_open_connections() {
+    let mesh = two_nodes();
+    let web = support::pod(&mesh, "node-b", "shop", "web", "web");
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let outsider = support::pod(&mesh, "node-a", "legacy", "outsider", "outsider");
+    let h = Harness::start_with_agents(mesh);
+    let _echo = h.serve(&web, &["echo", "--port", "8080"]);
+    let to = web.addr(8080).to_string();
+
+    // A connection opened in plaintext, kept busy through both changes.
+    let stream = h
+        .mesh
+        .spawn_in(client.netns(), support::app(), ["stream", "--to", &to], &[])
+        .unwrap();
+    streams_on(&h, &stream, 0, 5, "before any change");
+
+    // Labelled: both running pods are enrolled, no restart; new connections are mTLS.
+    ambient_namespace(&h, "shop", true);
+    let took = wait_for(&h, &web, Protocol::Hbone).await;
+    wait_for(&h, &client, Protocol::Hbone).await;
+    eprintln!("namespace labelled: enrolled in {took:?}");
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert_eq!(mtls_from(&h, "node-b", &client).await, 1.0, "{}", h.logs());
+    let at = rounds(&stream);
+    streams_on(&h, &stream, at, 5, "after enrolment");
+    // A connection opened while enrolled: through both ztunnels, over HBONE.
+    let captured = h
+        .mesh
+        .spawn_in(client.netns(), support::app(), ["stream", "--to", &to], &[])
+        .unwrap();
+    streams_on(&h, &captured, 0, 5, "captured connection");
+
+    // A kubelet probe comes from the node: it reaches the app directly, while the same
+    // connection from another pod is captured by the pod's ztunnel.
+    let inbound = inbound_at(&h, "node-b").await;
+    let node_b = h.mesh.node("node-b").unwrap();
+    let probe = h
+        .mesh
+        .run_in(
+            node_b.netns(),
+            support::app(),
+            ["send", "--to", &to, "--bytes", "100"],
+            DEADLINE,
+        )
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "probe failed: {}\n{}",
+        probe.log,
+        h.logs()
+    );
+    assert_eq!(
+        inbound_at(&h, "node-b").await,
+        inbound,
+        "the probe was captured"
+    );
+    h.send_ok(&outsider, web.addr(8080), 100, 1);
+    assert_eq!(
+        inbound_at(&h, "node-b").await,
+        inbound + 1.0,
+        "a pod's plaintext connection was not captured\n{}",
+        h.logs()
+    );
+
+    // Label removed: back to plaintext, still no restart.
+    ambient_namespace(&h, "shop", false);
+    let took = wait_for(&h, &web, Protocol::Tcp).await;
+    wait_for(&h, &client, Protocol::Tcp).await;
+    eprintln!("label removed: unenrolled in {took:?}");
+    let mtls = mtls_from(&h, "node-b", &client).await;
+    let inbound = inbound_at(&h, "node-b").await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert_eq!(mtls_from(&h, "node-b", &client).await, mtls);
+    assert_eq!(inbound_at(&h, "node-b").await, inbound, "still captured");
+    let at = rounds(&stream);
+    streams_on(&h, &stream, at, 5, "after unenrolment");
+    // The captured one is never corrupted: its packets no longer reach the ztunnels
+    // that held it, so it is reset (decision 0005), or it goes on.
+    let at = rounds(&captured);
+    match captured.wait_for_log(&format!("round {}", at + 5), DEADLINE) {
+        Ok(_) => eprintln!("the connection captured before unenrolment goes on"),
+        Err(e) => {
+            let log = captured.log();
+            assert!(!log.contains("mismatch"), "corrupted: {log}");
+            assert!(log.contains("ended:"), "{e}: {log}");
+            eprintln!(
+                "the connection captured before unenrolment: {}",
+                log.lines().last().unwrap_or_default()
+            );
+        }
+    }
+    let agent = h.ambient.node_agent("node-b").unwrap().log();
+    assert!(agent.contains("labels no longer ask for it"), "{agent}");
+}

@@ -35,11 +35,31 @@ pub struct Pod {
     pub pool: HbonePool<MeshConnector>,
     /// Accept loops and certificate rotation; aborted when the pod is removed.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Becomes true when the pod is removed: its open connections close.
+    removed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Pod {
-    /// Closes the pod's listeners; connections already open run to their end.
+    /// Runs `connection` until it ends, or until the pod is removed: then its sockets
+    /// are closed, so the app sees its connection end cleanly while the pod's rules
+    /// still steer its packets here (a connection left open would hang once the rules
+    /// are gone: its packets would reach a peer that never had it).
+    pub fn until_removed(
+        &self,
+        connection: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut removed = self.removed.subscribe();
+        async move {
+            tokio::select! {
+                () = connection => {}
+                _ = removed.wait_for(|r| *r) => {}
+            }
+        }
+    }
+
+    /// Closes the pod's listeners and its open connections.
     pub fn stop(&self) {
+        self.removed.send_replace(true);
         for t in self
             .tasks
             .lock()
@@ -179,6 +199,7 @@ impl Pods {
             netns,
             pool,
             tasks: Mutex::new(Vec::new()),
+            removed: tokio::sync::watch::channel(false).0,
         };
         let tasks = self.spawn_tasks(&pod, listeners, server_tls, slot);
         *pod.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
@@ -223,19 +244,28 @@ impl Pods {
                     // open: an open connection's task holds only its small relay.
                     match role {
                         Role::Outbound => {
-                            tokio::spawn(proxy::ConnectionTask::new(proxy::open_outbound(
-                                shared, pod, stream, peer,
-                            )));
+                            let task = proxy::ConnectionTask::new(proxy::open_outbound(
+                                shared,
+                                pod.clone(),
+                                stream,
+                                peer,
+                            ));
+                            tokio::spawn(pod.until_removed(task));
                         }
                         Role::InboundPlaintext => {
-                            tokio::spawn(proxy::ConnectionTask::new(
-                                proxy::open_inbound_plaintext(shared, pod, stream, peer),
+                            let task = proxy::ConnectionTask::new(proxy::open_inbound_plaintext(
+                                shared,
+                                pod.clone(),
+                                stream,
+                                peer,
                             ));
+                            tokio::spawn(pod.until_removed(task));
                         }
                         Role::InboundHbone => {
-                            tokio::spawn(async move {
+                            let until = pod.clone();
+                            tokio::spawn(until.until_removed(async move {
                                 proxy::inbound_hbone(&shared, &pod, stream, peer, server_tls).await
-                            });
+                            }));
                         }
                     }
                 }

@@ -15,6 +15,10 @@
 //!   100 connecting at once), checks one echoed byte on each, prints
 //!   `holding C connections` and keeps them open and idle until killed. Exit 2 when a
 //!   connection failed.
+//! - `stream --to ADDR [--every-ms MS]`: one connection to an echo server, on which it
+//!   sends 97 bytes every MS milliseconds (default 20), reads them back and checks them,
+//!   printing `round N` after each. Exit 1 on a mismatch (a corrupted stream), 2 when
+//!   the connection fails or ends.
 //!
 //! Raises its open-file limit to the hard limit, for thousands of connections.
 
@@ -28,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 const USAGE: &str = "usage: localmesh-app echo --port P | http --port P [--name NAME] \
                      | send --to ADDR --bytes N [--connections C] | get --to ADDR [--count K] [--path PATH] \
-                     | hold --to ADDR --connections C";
+                     | hold --to ADDR --connections C | stream --to ADDR [--every-ms MS]";
 
 /// The bytes `send` writes: position-dependent, so a reordered or shifted stream fails
 /// the check, and not a multiple of common buffer sizes.
@@ -86,6 +90,10 @@ async fn run(mode: &str, flags: &HashMap<String, String>) -> ExitCode {
                 let path = flags.get("path").map_or("/", String::as_str);
                 get(to, count, path).await
             }
+            _ => usage(),
+        },
+        "stream" => match (addr(flags), number(flags, "every-ms", Some(20))) {
+            (Some(to), Some(every)) => stream(to, std::time::Duration::from_millis(every)).await,
             _ => usage(),
         },
         "hold" => match (addr(flags), number(flags, "connections", None)) {
@@ -288,6 +296,46 @@ async fn send_one(to: SocketAddr, bytes: u64) -> Result<(), SendFailure> {
         )));
     }
     Ok(())
+}
+
+async fn stream(to: SocketAddr, every: std::time::Duration) -> ExitCode {
+    const CHUNK: u64 = 97;
+    let mut connection = match TcpStream::connect(to).await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("ended: connect {to}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut sent = 0u64;
+    let mut buf = [0u8; CHUNK as usize];
+    for round in 1u64.. {
+        for (j, b) in buf.iter_mut().enumerate() {
+            *b = pattern_byte(sent + j as u64);
+        }
+        if let Err(e) = connection.write_all(&buf).await {
+            println!("ended: write to {to} in round {round}: {e}");
+            return ExitCode::from(2);
+        }
+        let mut back = [0u8; CHUNK as usize];
+        if let Err(e) = connection.read_exact(&mut back).await {
+            println!("ended: read from {to} in round {round}: {e}");
+            return ExitCode::from(2);
+        }
+        if let Some(j) = (0..CHUNK as usize).find(|&j| back[j] != buf[j]) {
+            println!(
+                "mismatch: byte {} from {to} is {}, expected {}",
+                sent + j as u64,
+                back[j],
+                buf[j]
+            );
+            return ExitCode::from(1);
+        }
+        sent += CHUNK;
+        println!("round {round}");
+        tokio::time::sleep(every).await;
+    }
+    ExitCode::SUCCESS
 }
 
 async fn get(to: SocketAddr, count: u64, path: &str) -> ExitCode {

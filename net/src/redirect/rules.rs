@@ -279,8 +279,11 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
         format!("-p tcp --dport {HBONE_PORT} -j ACCEPT"),
         // Connections already set up (before enrolment, or already handed to ztunnel).
         "-p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
+        // Only a SYN opens a connection to capture. conntrack may see a connection
+        // that was open before enrolment for the first time now (it was not tracking
+        // in this namespace yet), as NEW: its packets go on to the app's socket.
         format!(
-            "! -d {loopback} -p tcp -m mark ! --mark {ztunnel} \
+            "! -d {loopback} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark {ztunnel} \
              -j TPROXY --on-port {INBOUND_PLAINTEXT_PORT} --tproxy-mark {captured}"
         ),
     ]);
@@ -309,8 +312,11 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
         // another destination is a different connection. Behind REDIRECT every captured
         // connection shared the local address 127.0.0.1:15001, and such a reuse met the
         // old TIME_WAIT and stalled for a SYN retransmission (1 s).
-        format!("-p tcp -j CONNMARK --set-xmark {captured}"),
-        format!("-p tcp -j MARK --set-xmark {captured}"),
+        // Only a SYN: a connection open before enrolment that conntrack sees for the
+        // first time now (as NEW, mid-stream) is left alone, not handed to ztunnel,
+        // which would reset it.
+        format!("-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark {captured}"),
+        format!("-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark {captured}"),
     ]);
 
     vec![
@@ -409,14 +415,14 @@ mod tests {
 -A AMBIT_PRERT -i lo -p tcp -j ACCEPT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A AMBIT_PRERT ! -d 127.0.0.0/8 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
+-A AMBIT_PRERT ! -d 127.0.0.0/8 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
 -A AMBIT_OUTPUT -p tcp -m conntrack ! --ctstate NEW -j RETURN
 -A AMBIT_OUTPUT -d 192.0.2.1/32 -p tcp -j RETURN
 -A AMBIT_OUTPUT -o lo -j RETURN
 -A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
--A AMBIT_OUTPUT -p tcp -j CONNMARK --set-xmark 0x111/0xfff
--A AMBIT_OUTPUT -p tcp -j MARK --set-xmark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x111/0xfff
 COMMIT
 ";
 
@@ -431,14 +437,14 @@ COMMIT
 -A AMBIT_PRERT -i lo -p tcp -j ACCEPT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A AMBIT_PRERT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
+-A AMBIT_PRERT ! -d ::1/128 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
 -A AMBIT_OUTPUT -p tcp -m conntrack ! --ctstate NEW -j RETURN
 -A AMBIT_OUTPUT -d fd00::1/128 -p tcp -j RETURN
 -A AMBIT_OUTPUT -o lo -j RETURN
 -A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
--A AMBIT_OUTPUT -p tcp -j CONNMARK --set-xmark 0x111/0xfff
--A AMBIT_OUTPUT -p tcp -j MARK --set-xmark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x111/0xfff
 COMMIT
 ";
 
