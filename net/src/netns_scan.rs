@@ -25,7 +25,8 @@ pub struct FoundNetns {
 }
 
 /// The network namespace (other than this process's own) with an interface holding
-/// one of `ips`, if any process on the node is in one and the namespace is wired to
+/// one of `ips`, among those the node's processes are in and those pinned by name, if
+/// the namespace is wired to
 /// this one (the node's): one of this namespace's interfaces links into it, as the
 /// host end of a pod's veth does. A namespace merely holding the address elsewhere on
 /// the machine (another local mesh's pod) is not this node's pod. Needs
@@ -35,13 +36,25 @@ pub fn find_by_ip(ips: &[IpAddr]) -> io::Result<Option<FoundNetns>> {
     let own = std::fs::metadata("/proc/self/ns/net")?;
     let mut seen: HashSet<(u64, u64)> = HashSet::from([(own.dev(), own.ino())]);
     let mut candidates = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let path = entry.path().join("ns/net");
+    // Every process's namespace, then the namespaces runtimes pin by name (containerd
+    // and CRI-O keep a sandbox's there, as `ip netns` does), which hold no process
+    // until a container starts.
+    let processes = std::fs::read_dir("/proc")?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    let pinned = PINNED_DIRS
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path());
+    for path in processes.chain(pinned) {
         // A process may exit, or deny access, between the listing and the open.
         let Ok(file) = File::open(&path) else {
             continue;
@@ -90,6 +103,9 @@ fn holds_any(file: &File, ips: &[IpAddr]) -> io::Result<bool> {
         })
         .any(|ip| ips.contains(&ip)))
 }
+
+/// Where runtimes pin network namespaces by name.
+const PINNED_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
 
 /// Route netlink, for the two questions that tell a pod of this node from a namespace
 /// elsewhere that happens to hold the same address (another local mesh on the same

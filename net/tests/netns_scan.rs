@@ -1,6 +1,6 @@
 //! Finding a pod's network namespace by its IP among the node's processes (needs root):
-//! a namespace with a process in it, wired to this one by a veth, is found by each of
-//! its addresses; one without a process, without the address, or not wired to this
+//! a namespace wired to this one by a veth, with a process in it or pinned by name, is
+//! found by each of its addresses; one without the address, or not wired to this
 //! namespace (elsewhere on the machine) is not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -88,7 +88,8 @@ impl Drop for Pod {
 #[test]
 fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
     let pod = Pod::new("a", &["198.18.7.2", "fd99:7::2"], true, true);
-    // No process in it: not found.
+    // No process in it, but pinned by name (`ip netns add`, as a runtime pins a
+    // sandbox's namespace before its containers start): found.
     let idle = Pod::new("b", &["198.18.7.3"], false, true);
     // Not wired to this namespace: not found.
     let elsewhere = Pod::new("c", &["198.18.7.4"], true, false);
@@ -99,9 +100,10 @@ fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
         assert_eq!(found.file.metadata().unwrap().ino(), pod.inode(), "{ip}");
         assert!(found.path.ends_with("ns/net"), "{:?}", found.path);
     }
-    assert!(find_by_ip(&["198.18.7.3".parse().unwrap()])
+    let found = find_by_ip(&["198.18.7.3".parse().unwrap()])
         .unwrap()
-        .is_none());
+        .expect("the pinned namespace");
+    assert_eq!(found.file.metadata().unwrap().ino(), idle.inode());
     assert!(find_by_ip(&["198.18.7.4".parse().unwrap()])
         .unwrap()
         .is_none());

@@ -252,3 +252,76 @@ async fn labels_move_running_pods_in_and_out_without_breaking_open_connections()
     let agent = h.ambient.node_agent("node-b").unwrap().log();
     assert!(agent.contains("labels no longer ask for it"), "{agent}");
 }
+
+/// A connection from `pod` to `to` is refused: never passed in plaintext.
+fn assert_refused(h: &Harness, pod: &Pod, to: std::net::SocketAddr, what: &str) {
+    let to = to.to_string();
+    let out = h.run_app(pod, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{what}: a connection to {to} was not refused: {}\n{}",
+        out.log,
+        h.logs()
+    );
+    assert!(out.log.contains("refused"), "{what}: {}", out.log);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ztunnel_or_agent_restarts_keep_enrolled_pods_enrolled_and_never_leak_plaintext() {
+    let mesh = two_nodes();
+    let web = support::pod(&mesh, "node-b", "shop", "web", "web");
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let mut h = Harness::start_with_agents(mesh);
+    let echo = h.serve(&web, &["echo", "--port", "8080"]);
+    ambient_namespace(&h, "shop", true);
+    wait_for(&h, &web, Protocol::Hbone).await;
+    wait_for(&h, &client, Protocol::Hbone).await;
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert_eq!(mtls_from(&h, "node-b", &client).await, 1.0);
+
+    // The client's ztunnel killed: its connections are refused, and the app never
+    // sees one (no plaintext leak).
+    let ztunnel = h.ztunnel("node-a");
+    ztunnel.signal(ambit_localmesh::Signal::SIGKILL);
+    ztunnel.wait(DEADLINE).unwrap();
+    let accepted = echo.log().matches("accepted from").count();
+    assert_refused(&h, &client, web.addr(8080), "ztunnel down");
+    assert_eq!(echo.log().matches("accepted from").count(), accepted);
+
+    // Back: the agent hands the pod over again (its snapshot), traffic resumes, mTLS.
+    let started = Instant::now();
+    h.ambient.restart_ztunnel(&h.mesh, "node-a").unwrap();
+    let agent = h.ambient.node_agent("node-a").unwrap();
+    agent
+        .wait_for_log("pods handed over pods=1 refused=0", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    eprintln!(
+        "ztunnel restarted and given its pod back in {:?}",
+        started.elapsed()
+    );
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert_eq!(mtls_from(&h, "node-b", &client).await, 2.0, "{}", h.logs());
+
+    // The server's node agent restarted: nothing changes for the pod (its rules stay,
+    // ztunnel keeps serving it), and the new agent finds it again from the model.
+    let agent = h.ambient.node_agent("node-b").unwrap();
+    agent.stop().unwrap();
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    h.ambient.restart_node_agent(&h.mesh, "node-b").unwrap();
+    let agent = h.ambient.node_agent("node-b").unwrap();
+    assert!(
+        agent
+            .log()
+            .contains("pods of this node enrolled from the model enrolled=1"),
+        "{}",
+        agent.log()
+    );
+    h.send_ok(&client, web.addr(8080), 1000, 1);
+    assert_eq!(mtls_from(&h, "node-b", &client).await, 4.0, "{}", h.logs());
+    assert!(
+        !h.ztunnel("node-b").log().contains("no longer serving pod"),
+        "{}",
+        h.logs()
+    );
+}

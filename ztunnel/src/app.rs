@@ -51,8 +51,11 @@ pub async fn run(
     let token = BearerToken::File(config.ca_token_file.clone());
     // Read now too, so a missing or empty file stops startup with a clear error.
     token.current().context("--ca-token-file")?;
+    // Becomes true once there is a model: pods are taken from then on only.
+    let (first_model_tx, mut first_model) = tokio::sync::watch::channel(false);
     let (model, _model_task) = match (&config.model_file, &config.xds_address) {
         (Some(path), _) => {
+            first_model_tx.send_replace(true);
             model_file::watch_file(path.clone(), config.trust_domain.clone(), config.model_poll)?
         }
         (None, Some(address)) => {
@@ -67,10 +70,12 @@ pub async fn run(
                 config.trust_domain.clone(),
             );
             // Not ready before the first model: a pod handed over earlier would be
-            // served with none.
+            // served with none, and its connections to peers it does not know yet
+            // would pass in plaintext.
             let waiting = readiness.block("xds");
             tokio::spawn(async move {
                 if synced.await.is_ok() {
+                    first_model_tx.send_replace(true);
                     drop(waiting);
                 }
             });
@@ -148,6 +153,20 @@ pub async fn run(
         stopped(),
     ));
 
+    // The hand-off socket opens with the first model: until then the node agent cannot
+    // hand pods over, and enrolled pods' connections are refused, not sent in
+    // plaintext to peers this ztunnel does not know yet.
+    tokio::pin!(shutdown);
+    if !*first_model.borrow() {
+        tracing::info!("waiting for the first model before taking pods");
+        tokio::select! {
+            _ = first_model.wait_for(|m| *m) => {}
+            () = &mut shutdown => {
+                tracing::info!("stopped before the first model");
+                return Ok(());
+            }
+        }
+    }
     if let Some(dir) = config.handoff_socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     }

@@ -57,9 +57,14 @@ impl Pod {
         }
     }
 
-    /// Closes the pod's listeners and its open connections.
-    pub fn stop(&self) {
+    /// Closes the pod's open connections (it is removed; its listeners are stopped
+    /// with [`Pod::stop`]).
+    pub fn close_connections(&self) {
         self.removed.send_replace(true);
+    }
+
+    /// Closes the pod's listeners; connections already open run to their end.
+    pub fn stop(&self) {
         for t in self
             .tasks
             .lock()
@@ -307,6 +312,7 @@ impl HandoffHandler for Pods {
         let removed = self.lock().remove(uid);
         if let Some(pod) = removed {
             pod.stop();
+            pod.close_connections();
             tracing::info!(pod = %uid, "no longer serving pod");
             // Other pods may share the identity; only forget the certificate when none do.
             let still_used = self.lock().values().any(|p| p.identity == pod.identity);
