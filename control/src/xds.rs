@@ -131,6 +131,7 @@ struct ClientStream {
     peer: String,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     sent: BTreeMap<String, String>,
+    /// Responses sent on this stream; the first is sent even when empty.
     nonce: u64,
 }
 
@@ -192,7 +193,10 @@ impl ClientStream {
             .filter(|name| !snapshot.resources.contains_key(*name))
             .cloned()
             .collect();
-        if resources.is_empty() && removed.is_empty() {
+        // The first response goes out even with nothing in it: it tells the client
+        // it holds the current model (an empty mesh, or all it had before), which a
+        // ztunnel waits for before it takes pods.
+        if resources.is_empty() && removed.is_empty() && self.nonce > 0 {
             return None;
         }
         for r in &resources {

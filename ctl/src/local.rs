@@ -80,7 +80,7 @@ fn up(
             .map(Path::to_path_buf)
             .context("ambitctl's directory")?,
     };
-    for bin in ["ambit-control", "ztunnel"] {
+    for bin in ["ambit-control", "ztunnel", "ambit-cni"] {
         let path = bin_dir.join(bin);
         anyhow::ensure!(
             path.is_file(),

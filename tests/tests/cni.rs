@@ -325,3 +325,55 @@ async fn ztunnel_or_agent_restarts_keep_enrolled_pods_enrolled_and_never_leak_pl
         h.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_keeps_its_conflist_entry_and_uninstall_restores_the_file() {
+    let mesh = LocalMesh::builder().nodes(["node-a"]).build().unwrap();
+    let node = mesh.node("node-a").unwrap();
+    let conf_dir = mesh.cni_conf_dir(node);
+    let bin_dir = mesh.cni_bin_dir(node);
+    let file = conf_dir.join("10-ambit-pods.conflist");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let mut h = Harness::start_with_agents(mesh);
+    let installed = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(installed, original);
+    assert!(bin_dir.join("ambit-cni").is_file());
+
+    // Idempotent: a restarted agent leaves the file as it was.
+    h.ambient.node_agent("node-a").unwrap().stop().unwrap();
+    h.ambient.restart_node_agent(&h.mesh, "node-a").unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), installed);
+
+    // The network plugin rewrites its file: the agent puts itself back.
+    std::fs::write(&file, &original).unwrap();
+    h.ambient
+        .node_agent("node-a")
+        .unwrap()
+        .wait_for_log("was missing from the node's CNI chain", DEADLINE)
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), installed);
+
+    // Uninstalled (agent gone): the file is as the network plugin wrote it, the binary
+    // is gone, and a pod of an ambient namespace made now is not captured.
+    h.ambient.node_agent("node-a").unwrap().stop().unwrap();
+    let out = std::process::Command::new(support::bin("ambit-cni"))
+        .arg("uninstall")
+        .arg("--conf-dir")
+        .arg(&conf_dir)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let restored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(
+        restored,
+        serde_json::from_str::<serde_json::Value>(&original).unwrap()
+    );
+    assert!(!bin_dir.join("ambit-cni").exists());
+    ambient_namespace(&h, "shop", true);
+    let late = support::pod(&h.mesh, "node-a", "shop", "late", "late");
+    assert!(!is_chained(&h.mesh, "node-a"));
+    assert!(h.mesh.check_pod(&late).is_ok());
+}

@@ -1,6 +1,8 @@
 //! The process that owns a running local mesh (`ambitctl local supervise`, started by
 //! `up`): it builds the mesh from the YAML, starts the control plane, the ztunnels and
-//! the demo apps, enrols the ambient pods, records the mesh for the other commands,
+//! the node agents, makes the pods through each node's CNI chain (where `ambit-cni`
+//! enrols those the labels ask for), starts the demo apps, records the mesh for the
+//! other commands,
 //! and tears everything down on SIGTERM (`down`) or SIGINT. Its output is the
 //! supervisor log, which `up` relays while it starts.
 
@@ -47,11 +49,9 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
         .build()
         .context("building the local mesh (it needs root, iproute2, iptables, nftables and containernetworking-plugins: scripts/system-packages.sh)")?;
     let mut notes = app.notes.clone();
-    let pods = make_pods(&mesh, &app)?;
-    let services = make_services(&mesh, &app, &pods, &mut notes)?;
     mesh.declare_kubernetes(app.objects.clone());
 
-    println!("==> starting ambit-control (xDS and the CA) and a ztunnel on every node");
+    println!("==> starting ambit-control (xDS and the CA), and on every node a ztunnel and the node agent (ambit-cni agent, which joins the node's CNI chain)");
     let ambient = Ambient::start(
         &mesh,
         AmbientConfig {
@@ -60,9 +60,15 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
             ztunnel_log: "info,ambit_ztunnel=debug".into(),
             ztunnel_flags: Vec::new(),
             deadline: DEADLINE,
-            node_agent: None,
+            node_agent: Some(bin_dir.join("ambit-cni")),
         },
     )?;
+    let pods = make_pods(&mesh, &app)?;
+    let services = make_services(&mesh, &app, &pods, &mut notes)?;
+    if !services.is_empty() {
+        // The pods were announced as they were made; the services are news.
+        ambient.update_model(&mesh).await?;
+    }
 
     println!("==> starting the demo app (HTTP echo, TCP echo) in every pod");
     let exe = std::env::current_exe()?;
@@ -94,17 +100,26 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
     }
 
     for (spec, pod) in app.pods.iter().zip(&pods).filter(|(s, _)| s.enrolled) {
+        let took = ambient
+            .wait_for_protocol(&mesh, pod, ambit_localmesh::Protocol::Hbone)
+            .await?;
         println!(
-            "==> enrolling {} in ambient mode: redirect rules, hand-off to the ztunnel of {}, redirection reported",
+            "==> {} is in ambient mode: captured at CNI ADD by the node agent of {}, reached over HBONE by every ztunnel ({} ms)",
             spec.uid(),
-            pod.node()
+            pod.node(),
+            took.as_millis()
         );
-        ambient.enrol(&mesh, pod).await?;
     }
 
     let mut pids: Vec<u32> = apps.iter().map(Process::pid).collect();
     pids.push(ambient.control().pid());
     pids.extend(ambient.ztunnels().map(|(_, z)| z.pid()));
+    pids.extend(
+        mesh.nodes()
+            .iter()
+            .filter_map(|n| ambient.node_agent(n.name()))
+            .map(Process::pid),
+    );
     let recorded = MeshState {
         supervisor: std::process::id(),
         id: mesh.id().to_string(),
@@ -158,7 +173,7 @@ fn make_pods(mesh: &LocalMesh, app: &App) -> anyhow::Result<Vec<Pod>> {
     let mut pods = Vec::new();
     for spec in &app.pods {
         println!(
-            "==> pod {} on {} (CNI ADD: ptp + host-local)",
+            "==> pod {} on {} (CNI ADD: ptp + host-local, then ambit-cni)",
             spec.uid(),
             spec.node
         );

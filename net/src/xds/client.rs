@@ -56,6 +56,9 @@ pub struct XdsClient {
     config: ClientConfig,
     held: BTreeMap<String, (String, Address)>,
     model: watch::Sender<Arc<MeshConfig>>,
+    /// A model has been published: the first response is, even when it changes
+    /// nothing (an empty mesh), so that watchers learn the client is in sync.
+    published: bool,
 }
 
 /// What one response did.
@@ -74,6 +77,7 @@ impl XdsClient {
             config,
             held: BTreeMap::new(),
             model,
+            published: false,
         }
     }
 
@@ -242,8 +246,9 @@ impl XdsClient {
             }
             model = from_resources(self.held.iter().map(|(n, (_, a))| (n, a))).0;
         }
-        if applied.changed > 0 || applied.removed > 0 {
+        if applied.changed > 0 || applied.removed > 0 || !self.published {
             self.model.send_replace(Arc::new(model));
+            self.published = true;
         }
         applied
     }
