@@ -87,6 +87,19 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
+/// The mesh root certificate(s) in the PEM file `path` (a component's `--ca-root`):
+/// at least one, or an error naming the file and what is wrong with it.
+pub fn read_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(roots)
+}
+
 impl WorkloadCert {
     /// Builds from a CA response (`chain_pems`: leaf first, root last; the last element
     /// is taken as a root unless `roots` are given) and the PEM private key.

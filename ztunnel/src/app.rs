@@ -11,8 +11,6 @@ use ambit_net::handoff::{self, PacketListener};
 use ambit_net::hbone::H2Settings;
 use ambit_net::token::BearerToken;
 use anyhow::Context;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin, Readiness, SetLogFilter};
@@ -33,21 +31,8 @@ pub async fn run(
     let readiness = Readiness::new();
     let starting = readiness.block("startup");
 
-    let root_pem = std::fs::read_to_string(&config.ca_root)
-        .with_context(|| format!("--ca-root {}", config.ca_root.display()))?;
-    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(root_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .with_context(|| {
-            format!(
-                "--ca-root {}: not PEM certificates",
-                config.ca_root.display()
-            )
-        })?;
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "--ca-root {}: no certificate",
-        config.ca_root.display()
-    );
+    let roots = ambit_net::tls::read_roots(&config.ca_root)
+        .map_err(|e| anyhow::anyhow!("--ca-root {e}"))?;
     let token = BearerToken::File(config.ca_token_file.clone());
     // Read now too, so a missing or empty file stops startup with a clear error.
     token.current().context("--ca-token-file")?;

@@ -30,8 +30,6 @@ use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::redirect::Ipv6Mode;
 use ambit_net::token::BearerToken;
 use anyhow::Context;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -124,21 +122,8 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let root_pem = std::fs::read(&config.ca_root)
-        .with_context(|| format!("--ca-root {}", config.ca_root.display()))?;
-    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&root_pem)
-        .collect::<Result<_, _>>()
-        .with_context(|| {
-            format!(
-                "--ca-root {}: not PEM certificates",
-                config.ca_root.display()
-            )
-        })?;
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "--ca-root {}: no certificate in it",
-        config.ca_root.display()
-    );
+    let roots = ambit_net::tls::read_roots(&config.ca_root)
+        .map_err(|e| anyhow::anyhow!("--ca-root {e}"))?;
     let token = BearerToken::File(config.token_file.clone());
     token
         .current()
