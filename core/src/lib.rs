@@ -9,6 +9,7 @@
 //! This crate must not open sockets, spawn tasks, read files or the environment, or
 //! depend on tokio: the IO crates (`net`, `ca` and the components) call into it.
 
+pub mod authz;
 pub mod certificate;
 pub mod hbone;
 pub mod identity;
