@@ -32,6 +32,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::resources::{ObjectKey, Resources};
 
+pub mod authz;
 mod service_entries;
 
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
