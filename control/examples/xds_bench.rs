@@ -59,6 +59,7 @@ fn pod(i: usize) -> WorkloadSpec {
         healthy: true,
         waypoint: None,
         ambient: true,
+        authorization_policies: Vec::new(),
     }
 }
 
@@ -89,6 +90,7 @@ fn cluster() -> MeshConfig {
     MeshConfig {
         workloads,
         services,
+        policies: Vec::new(),
     }
 }
 

@@ -80,6 +80,10 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, DocumentError>
             (v, "ServiceEntry") if crate::service_entry::API_VERSIONS.contains(&v) => {
                 serde_yaml_ng::from_value(value.clone()).map(|o| Object::ServiceEntry(Box::new(o)))
             }
+            (v, "AuthorizationPolicy") if crate::security::API_VERSIONS.contains(&v) => {
+                serde_yaml_ng::from_value(value.clone())
+                    .map(|o| Object::AuthorizationPolicy(Box::new(o)))
+            }
             _ => {
                 tracing::debug!(path = %path.display(), line = first_line, api_version, kind, "kind not used by the control plane; skipped");
                 continue;

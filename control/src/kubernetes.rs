@@ -25,15 +25,17 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::resources::{Kind, Object, Resources};
+use crate::security::AuthorizationPolicy;
 use crate::service_entry::ServiceEntry;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 5] = [
+pub const KINDS: [Kind; 6] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
     Kind::ServiceEntry,
+    Kind::AuthorizationPolicy,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -145,9 +147,15 @@ impl KubernetesSource {
             store.clone(),
         ));
         tasks.spawn(watch_kind::<ServiceEntry>(
-            Api::all(client),
+            Api::all(client.clone()),
             Kind::ServiceEntry,
             |o| Object::ServiceEntry(Box::new(o)),
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<AuthorizationPolicy>(
+            Api::all(client),
+            Kind::AuthorizationPolicy,
+            |o| Object::AuthorizationPolicy(Box::new(o)),
             store.clone(),
         ));
         KubernetesSource {

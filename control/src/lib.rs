@@ -27,6 +27,7 @@ pub mod placement;
 pub mod publish;
 pub mod redirection;
 pub mod resources;
+pub mod security;
 pub mod service_entry;
 pub mod status;
 pub mod token_review;

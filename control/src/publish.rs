@@ -48,8 +48,21 @@ impl Publisher {
         let translation = translate(resources);
         problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
         problems.extend(translation.warnings.iter().map(ToString::to_string));
+        // A policy not enforced as written says why (condition ZtunnelAccepted).
+        problems.extend(
+            translation
+                .policy_status
+                .iter()
+                .filter(|(_, a)| !a.accepted)
+                .map(|(key, a)| {
+                    format!(
+                        "AuthorizationPolicy {key}: ZtunnelAccepted=False ({}): {}",
+                        a.reason, a.message
+                    )
+                }),
+        );
         for problem in problems.iter().filter(|p| !self.reported.contains(p)) {
-            tracing::warn!(%problem, %source, "not in the model");
+            tracing::warn!(%problem, %source, "not in the model as written");
         }
         self.reported = problems;
         if self.model.as_ref() != Some(&translation.config) {
@@ -58,6 +71,7 @@ impl Publisher {
                 version = self.version,
                 workloads = translation.config.workloads.len(),
                 services = translation.config.services.len(),
+                policies = translation.config.policies.len(),
                 "model changed"
             );
             self.snapshots

@@ -8,6 +8,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::security::AuthorizationPolicy;
 use crate::service_entry::ServiceEntry;
 
 /// `namespace/name` (namespace empty for cluster-scoped objects).
@@ -44,6 +45,7 @@ pub struct Resources {
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub service_entries: BTreeMap<ObjectKey, ServiceEntry>,
+    pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
 }
 
 /// The kinds the control plane keeps.
@@ -54,6 +56,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     ServiceEntry,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -65,6 +68,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::ServiceEntry => "ServiceEntry",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -83,6 +87,7 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     ServiceEntry(Box<ServiceEntry>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 impl Object {
@@ -98,6 +103,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -110,6 +116,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::ServiceEntry(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -139,6 +146,9 @@ impl Resources {
             Object::ServiceEntry(o) => {
                 self.service_entries.insert(key, *o);
             }
+            Object::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(key, *o);
+            }
         }
     }
 
@@ -160,6 +170,9 @@ impl Resources {
             Kind::ServiceEntry => {
                 self.service_entries.remove(key);
             }
+            Kind::AuthorizationPolicy => {
+                self.authorization_policies.remove(key);
+            }
         }
     }
 
@@ -172,6 +185,7 @@ impl Resources {
             Kind::Service => self.services.clear(),
             Kind::EndpointSlice => self.endpoint_slices.clear(),
             Kind::ServiceEntry => self.service_entries.clear(),
+            Kind::AuthorizationPolicy => self.authorization_policies.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

@@ -25,7 +25,8 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WaypointAddress, WorkloadSpec,
+    EndpointSpec, MeshConfig, PolicyScope, PolicySpec, Protocol, ServicePort, ServiceSpec,
+    WaypointAddress, WorkloadSpec,
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -50,6 +51,9 @@ pub struct Translation {
     /// Objects kept in the model without something they asked for (a waypoint that
     /// does not exist).
     pub warnings: Vec<Skipped>,
+    /// Whether each AuthorizationPolicy is enforced as written (condition
+    /// `ZtunnelAccepted`), by key.
+    pub policy_status: Vec<(ObjectKey, authz::Acceptance)>,
 }
 
 /// An object left out of the model, and why. Logged by the caller, and later written
@@ -166,14 +170,76 @@ pub fn translate(resources: &Resources) -> Translation {
             Err(reason) => skip("ServiceEntry", key, reason),
         }
     }
+    let (policies, policy_status) = attach_policies(resources, &running, &mut workloads);
     Translation {
         config: MeshConfig {
             workloads,
             services,
+            policies,
         },
         skipped,
         warnings,
+        policy_status,
     }
+}
+
+/// The namespace whose policies apply mesh-wide (Istio's default root namespace).
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// Translates every AuthorizationPolicy, and lists each selector policy on the
+/// workloads it selects. Pods are found through `running` by namespace, so a policy
+/// costs the size of its namespace, not of the cluster.
+fn attach_policies(
+    resources: &Resources,
+    running: &BTreeMap<&ObjectKey, &Pod>,
+    workloads: &mut [WorkloadSpec],
+) -> (Vec<PolicySpec>, Vec<(ObjectKey, authz::Acceptance)>) {
+    let mut policies = Vec::new();
+    let mut status = Vec::new();
+    let index: BTreeMap<&str, usize> = workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.uid.as_str(), i))
+        .collect();
+    let mut selected: Vec<(usize, String)> = Vec::new();
+    for (key, ap) in &resources.authorization_policies {
+        let t = authz::translate_policy(
+            key,
+            ap.metadata.annotations.as_ref(),
+            &ap.spec,
+            ROOT_NAMESPACE,
+        );
+        status.push((key.clone(), t.acceptance));
+        let scope = match t.scope {
+            None => continue,
+            Some(authz::Scope::Global) => PolicyScope::Global,
+            Some(authz::Scope::Namespace(_)) => PolicyScope::Namespace,
+            Some(authz::Scope::Selector { namespace, labels }) => {
+                let pods: Box<dyn Iterator<Item = (&&ObjectKey, &&Pod)>> = match &namespace {
+                    Some(ns) => Box::new(running.iter().filter(move |(k, _)| k.namespace == *ns)),
+                    None => Box::new(running.iter()),
+                };
+                for (pod_key, pod) in pods {
+                    let pod_labels = pod.metadata.labels.as_ref();
+                    let matches = labels
+                        .iter()
+                        .all(|(k, v)| pod_labels.and_then(|l| l.get(k)) == Some(v));
+                    if let (true, Some(i)) = (matches, index.get(pod_key.to_string().as_str())) {
+                        selected.push((*i, key.to_string()));
+                    }
+                }
+                PolicyScope::WorkloadSelector
+            }
+        };
+        policies.push(PolicySpec {
+            scope,
+            policy: t.policy,
+        });
+    }
+    for (i, policy) in selected {
+        workloads[i].authorization_policies.push(policy);
+    }
+    (policies, status)
 }
 
 /// The label that binds a pod, service or namespace to a waypoint (`none`: to none).
@@ -362,6 +428,7 @@ fn workload(
         // Bound by `translate`, which reports a waypoint it cannot find.
         waypoint: None,
         ambient,
+        authorization_policies: Vec::new(),
     }))
 }
 

@@ -26,6 +26,10 @@ struct Expected {
     /// Objects kept without something they asked for, same form.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     warnings: Vec<String>,
+    /// `namespace/name: Reason: message` of each AuthorizationPolicy (condition
+    /// ZtunnelAccepted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    policies: Vec<String>,
 }
 
 #[test]
@@ -73,6 +77,11 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
             .warnings
             .iter()
             .map(ToString::to_string)
+            .collect(),
+        policies: translation
+            .policy_status
+            .iter()
+            .map(|(key, a)| format!("{key}: {}: {}", a.reason, a.message))
             .collect(),
     };
     // Whatever the input, ztunnel must accept the model as a whole, as it arrives

@@ -36,7 +36,7 @@ use crate::SpiffeId;
 /// Istio's string match: `abc` exact, `abc*` prefix, `*abc` suffix, `*` presence (any
 /// non-empty value).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(into = "String", from = "String")]
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
@@ -68,6 +68,18 @@ impl StringMatch {
     }
 }
 
+impl From<String> for StringMatch {
+    fn from(s: String) -> Self {
+        StringMatch::parse(&s)
+    }
+}
+
+impl From<StringMatch> for String {
+    fn from(m: StringMatch) -> Self {
+        m.to_string()
+    }
+}
+
 impl fmt::Display for StringMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -79,8 +91,9 @@ impl fmt::Display for StringMatch {
     }
 }
 
-/// An address block: a single IP (full length) or a CIDR.
+/// An address block: a single IP (full length) or a CIDR. Written `10.0.0.0/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Cidr {
     pub address: IpAddr,
     pub prefix_len: u8,
@@ -126,6 +139,20 @@ impl Cidr {
     }
 }
 
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Cidr::parse(&s)
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> Self {
+        c.to_string()
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.address, self.prefix_len)
@@ -161,19 +188,33 @@ pub struct ServiceAccountRef {
 #[serde(default, rename_all = "camelCase")]
 pub struct Match {
     /// The peer identity without `spiffe://` (`td/ns/x/sa/y`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<ServiceAccountRef>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<ServiceAccountRef>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trust_domains: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_trust_domains: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_source_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ports: Vec<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ports: Vec<u16>,
 }
 

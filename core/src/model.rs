@@ -74,6 +74,10 @@ pub struct WorkloadSpec {
     /// HBONE only once the agent reports that done.
     #[serde(default, skip_serializing_if = "is_false")]
     pub ambient: bool,
+    /// Keys (`namespace/name`) of the selector-scoped authorization policies that
+    /// select it; namespace and mesh-wide policies apply without being listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -155,6 +159,30 @@ pub struct MeshConfig {
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Authorization policies ztunnel enforces on inbound connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicySpec>,
+}
+
+/// An authorization policy and the workloads it applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    pub scope: PolicyScope,
+    #[serde(flatten)]
+    pub policy: crate::authz::Policy,
+}
+
+/// Which workloads a policy applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PolicyScope {
+    /// Every workload of the mesh.
+    Global,
+    /// Every workload of the policy's namespace.
+    Namespace,
+    /// The workloads listing it in `authorizationPolicies`.
+    WorkloadSelector,
 }
 
 /// A workload with its identity resolved.
@@ -202,6 +230,10 @@ pub enum ModelError {
     Identity { uid: String, source: IdentityError },
     #[error("workload uid {0} appears twice")]
     DuplicateUid(String),
+    #[error("authorization policy {0} appears twice")]
+    DuplicatePolicy(String),
+    #[error("workload {uid} lists authorization policy {policy}, which the model does not have")]
+    UnknownPolicy { uid: String, policy: String },
     #[error("workload {uid} has no IP address")]
     NoIp { uid: String },
     #[error("IP {ip} belongs to both workload {first} and {second}")]
@@ -231,6 +263,17 @@ pub struct MeshState {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    policies: Policies,
+}
+
+/// Authorization policies indexed the way a connection looks them up: the mesh-wide
+/// ones, those of a namespace, and selector policies by key (each workload lists its
+/// own). A decision touches only the policies that apply, however many exist.
+#[derive(Debug, Clone, Default)]
+struct Policies {
+    global: Vec<Arc<crate::authz::Policy>>,
+    by_namespace: HashMap<String, Vec<Arc<crate::authz::Policy>>>,
+    by_key: HashMap<String, Arc<crate::authz::Policy>>,
 }
 
 impl MeshState {
@@ -238,6 +281,23 @@ impl MeshState {
     /// decides whether to keep its previous state.
     pub fn build(config: &MeshConfig, trust_domain: &TrustDomain) -> Result<Self, ModelError> {
         let mut state = MeshState::default();
+        for spec in &config.policies {
+            let policy = Arc::new(spec.policy.clone());
+            let key = policy.key();
+            match spec.scope {
+                PolicyScope::Global => state.policies.global.push(policy.clone()),
+                PolicyScope::Namespace => state
+                    .policies
+                    .by_namespace
+                    .entry(policy.namespace.clone())
+                    .or_default()
+                    .push(policy.clone()),
+                PolicyScope::WorkloadSelector => {}
+            }
+            if state.policies.by_key.insert(key.clone(), policy).is_some() {
+                return Err(ModelError::DuplicatePolicy(key));
+            }
+        }
         for spec in &config.workloads {
             let identity =
                 SpiffeId::new(trust_domain.clone(), &spec.namespace, &spec.service_account)
@@ -248,6 +308,16 @@ impl MeshState {
             if spec.ips.is_empty() {
                 return Err(ModelError::NoIp {
                     uid: spec.uid.clone(),
+                });
+            }
+            if let Some(policy) = spec
+                .authorization_policies
+                .iter()
+                .find(|k| !state.policies.by_key.contains_key(*k))
+            {
+                return Err(ModelError::UnknownPolicy {
+                    uid: spec.uid.clone(),
+                    policy: policy.clone(),
                 });
             }
             let w = Arc::new(Workload {
@@ -320,6 +390,35 @@ impl MeshState {
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
+    }
+
+    /// The authorization policies that apply to `workload`: the mesh-wide ones, its
+    /// namespace's, and the selector policies it lists.
+    pub fn policies_for<'a>(
+        &'a self,
+        workload: &'a WorkloadSpec,
+    ) -> impl Iterator<Item = &'a crate::authz::Policy> + 'a {
+        let namespace = self
+            .policies
+            .by_namespace
+            .get(&workload.namespace)
+            .into_iter()
+            .flatten();
+        let selected = workload
+            .authorization_policies
+            .iter()
+            .filter_map(|k| self.policies.by_key.get(k));
+        self.policies
+            .global
+            .iter()
+            .chain(namespace)
+            .chain(selected)
+            .map(|p| &**p)
+    }
+
+    /// Every authorization policy, by key.
+    pub fn policy(&self, key: &str) -> Option<&crate::authz::Policy> {
+        self.policies.by_key.get(key).map(|p| &**p)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

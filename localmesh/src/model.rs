@@ -37,6 +37,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
             healthy: true,
             waypoint: None,
             ambient: p.protocol == ambit_core::model::Protocol::Hbone,
+            authorization_policies: Vec::new(),
         })
         .collect();
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
@@ -62,6 +63,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
     MeshConfig {
         workloads,
         services,
+        policies: Vec::new(),
     }
 }
 

@@ -280,7 +280,7 @@ pub fn translate_policy(
             Err(e) => return invalid(scope, e),
         };
         if !outcome.l7.is_empty() {
-            l7_notes.push(format!("{path} uses {}", outcome.l7.join(", ")));
+            l7_notes.push(outcome.l7.join(", "));
             if action == Action::Allow {
                 // It can never match at L4: dropped, so the policy allows less.
                 dropped += 1;
@@ -306,14 +306,17 @@ pub fn translate_policy(
     } else if !l7_notes.is_empty() {
         let effect = match action {
             Action::Allow => format!(
-                "ztunnel cannot evaluate HTTP attributes: {dropped} rule(s) using them were omitted, so they allow nothing"
+                "the {dropped} ALLOW rule(s) using them are omitted, so they allow nothing"
             ),
-            _ => "ztunnel cannot evaluate HTTP attributes: only the rules' L4 parts are enforced, and a source, operation or condition of HTTP attributes alone matches all traffic".into(),
+            _ => "only the rules' L4 parts are enforced, and a source, operation or condition of HTTP attributes alone matches all traffic".into(),
         };
         Acceptance {
             accepted: false,
             reason: "UnsupportedValue",
-            message: format!("{}; {effect}", l7_notes.join("; ")),
+            message: format!(
+                "HTTP attributes ztunnel cannot evaluate: {}; {effect}",
+                l7_notes.join(", ")
+            ),
         }
     } else {
         Acceptance {

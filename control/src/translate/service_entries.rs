@@ -136,6 +136,7 @@ pub(super) fn translate_entry(
             waypoint: None,
             // Outside the mesh: no node agent captures it.
             ambient: false,
+            authorization_policies: Vec::new(),
         });
         endpoints.push(EndpointSpec {
             workload_uid: uid,

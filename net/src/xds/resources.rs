@@ -7,6 +7,8 @@
 //!   target ports where a named port resolves differently), as in Istio's workload API:
 //!   a pod coming or going changes one resource, not every service it backs.
 //! - A service is a resource named `<namespace>/<hostname>`.
+//! - An authorization policy is a resource named `authz/<namespace>/<name>`; a workload
+//!   lists the selector policies that select it by `<namespace>/<name>`.
 //!
 //! A resource that cannot be used is rejected on its own ([`ResourceError`] names it),
 //! so the client can NACK it and keep the rest.
@@ -14,12 +16,16 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ambit_core::authz::{self, Action, Cidr, Clause, Match, Policy, Rule, ServiceAccountRef};
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, Protocol, ServicePort, ServiceSpec, WaypointAddress, WorkloadSpec,
+    EndpointSpec, MeshConfig, PolicyScope, PolicySpec, Protocol, ServicePort, ServiceSpec,
+    WaypointAddress, WorkloadSpec,
 };
 use ambit_proto::workload::{
-    address, gateway_address, Address, GatewayAddress, NetworkAddress, Port, PortList, Service,
-    TunnelProtocol, Workload, WorkloadStatus,
+    address, gateway_address, string_match, Address, Authorization, AuthorizationAction,
+    AuthorizationClause, AuthorizationMatch, AuthorizationRule, AuthorizationScope, CidrAddress,
+    GatewayAddress, NetworkAddress, Port, PortList, Presence, Service, ServiceAccountMatch,
+    StringMatch, TunnelProtocol, Workload, WorkloadStatus,
 };
 
 /// A resource that cannot be turned into the model, by name.
@@ -95,6 +101,7 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             } as i32,
             workload_kind: w.workload_kind.clone().unwrap_or_default(),
             ambient: w.ambient,
+            authorization_policies: w.authorization_policies.clone(),
         };
         resources.insert(
             w.uid.clone(),
@@ -103,7 +110,201 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             },
         );
     }
+    for p in &config.policies {
+        resources.insert(
+            policy_name(&p.policy.namespace, &p.policy.name),
+            Address {
+                r#type: Some(address::Type::Authorization(authorization_to_proto(p))),
+            },
+        );
+    }
     resources
+}
+
+/// The resource name of an authorization policy.
+pub fn policy_name(namespace: &str, name: &str) -> String {
+    format!("authz/{namespace}/{name}")
+}
+
+fn authorization_to_proto(p: &PolicySpec) -> Authorization {
+    let strings = |l: &[authz::StringMatch]| -> Vec<StringMatch> {
+        l.iter()
+            .map(|m| StringMatch {
+                match_type: Some(match m {
+                    authz::StringMatch::Exact(s) => string_match::MatchType::Exact(s.clone()),
+                    authz::StringMatch::Prefix(s) => string_match::MatchType::Prefix(s.clone()),
+                    authz::StringMatch::Suffix(s) => string_match::MatchType::Suffix(s.clone()),
+                    authz::StringMatch::Presence => string_match::MatchType::Presence(Presence {}),
+                }),
+            })
+            .collect()
+    };
+    let cidrs = |l: &[Cidr]| -> Vec<CidrAddress> {
+        l.iter()
+            .map(|c| CidrAddress {
+                address: ip_bytes(c.address),
+                length: u32::from(c.prefix_len),
+            })
+            .collect()
+    };
+    let accounts = |l: &[ServiceAccountRef]| -> Vec<ServiceAccountMatch> {
+        l.iter()
+            .map(|a| ServiceAccountMatch {
+                namespace: a.namespace.clone(),
+                service_account: a.name.clone(),
+            })
+            .collect()
+    };
+    let ports = |l: &[u16]| l.iter().map(|p| u32::from(*p)).collect::<Vec<u32>>();
+    Authorization {
+        name: p.policy.name.clone(),
+        namespace: p.policy.namespace.clone(),
+        scope: match p.scope {
+            PolicyScope::Global => AuthorizationScope::Global,
+            PolicyScope::Namespace => AuthorizationScope::Namespace,
+            PolicyScope::WorkloadSelector => AuthorizationScope::WorkloadSelector,
+        } as i32,
+        action: match p.policy.action {
+            Action::Allow => AuthorizationAction::Allow,
+            Action::Deny => AuthorizationAction::Deny,
+            Action::Audit => AuthorizationAction::Audit,
+            Action::Custom => AuthorizationAction::Custom,
+        } as i32,
+        rules: p
+            .policy
+            .rules
+            .iter()
+            .map(|r| AuthorizationRule {
+                clauses: r
+                    .clauses
+                    .iter()
+                    .map(|c| AuthorizationClause {
+                        matches: c
+                            .matches
+                            .iter()
+                            .map(|m| AuthorizationMatch {
+                                namespaces: strings(&m.namespaces),
+                                not_namespaces: strings(&m.not_namespaces),
+                                principals: strings(&m.principals),
+                                not_principals: strings(&m.not_principals),
+                                source_ips: cidrs(&m.source_ips),
+                                not_source_ips: cidrs(&m.not_source_ips),
+                                destination_ips: cidrs(&m.destination_ips),
+                                not_destination_ips: cidrs(&m.not_destination_ips),
+                                destination_ports: ports(&m.destination_ports),
+                                not_destination_ports: ports(&m.not_destination_ports),
+                                service_accounts: accounts(&m.service_accounts),
+                                not_service_accounts: accounts(&m.not_service_accounts),
+                                trust_domains: strings(&m.trust_domains),
+                                not_trust_domains: strings(&m.not_trust_domains),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        dry_run: p.policy.dry_run,
+    }
+}
+
+fn authorization_from_proto(a: &Authorization) -> Result<PolicySpec, String> {
+    if a.name.is_empty() || a.namespace.is_empty() {
+        return Err("authorization policy without a name or namespace".into());
+    }
+    let strings = |l: &[StringMatch]| -> Result<Vec<authz::StringMatch>, String> {
+        l.iter()
+            .map(|m| match &m.match_type {
+                Some(string_match::MatchType::Exact(s)) => Ok(authz::StringMatch::Exact(s.clone())),
+                Some(string_match::MatchType::Prefix(s)) => {
+                    Ok(authz::StringMatch::Prefix(s.clone()))
+                }
+                Some(string_match::MatchType::Suffix(s)) => {
+                    Ok(authz::StringMatch::Suffix(s.clone()))
+                }
+                Some(string_match::MatchType::Presence(_)) => Ok(authz::StringMatch::Presence),
+                None => Err("a string match without a value".to_owned()),
+            })
+            .collect()
+    };
+    let cidrs = |l: &[CidrAddress]| -> Result<Vec<Cidr>, String> {
+        l.iter()
+            .map(|c| {
+                let address = ip_from_bytes(&c.address)?;
+                let max = if address.is_ipv4() { 32 } else { 128 };
+                let prefix_len = u8::try_from(c.length)
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or_else(|| format!("prefix length {} for {address}", c.length))?;
+                Ok(Cidr {
+                    address,
+                    prefix_len,
+                })
+            })
+            .collect()
+    };
+    let accounts = |l: &[ServiceAccountMatch]| -> Vec<ServiceAccountRef> {
+        l.iter()
+            .map(|a| ServiceAccountRef {
+                namespace: a.namespace.clone(),
+                name: a.service_account.clone(),
+            })
+            .collect()
+    };
+    let ports = |l: &[u32]| -> Result<Vec<u16>, String> {
+        l.iter()
+            .map(|p| u16::try_from(*p).map_err(|_| format!("port {p} out of range")))
+            .collect()
+    };
+    let scope = match AuthorizationScope::try_from(a.scope) {
+        Ok(AuthorizationScope::Global) => PolicyScope::Global,
+        Ok(AuthorizationScope::Namespace) => PolicyScope::Namespace,
+        Ok(AuthorizationScope::WorkloadSelector) => PolicyScope::WorkloadSelector,
+        Err(_) => return Err(format!("unknown scope {}", a.scope)),
+    };
+    let action = match AuthorizationAction::try_from(a.action) {
+        Ok(AuthorizationAction::Allow) => Action::Allow,
+        Ok(AuthorizationAction::Deny) => Action::Deny,
+        Ok(AuthorizationAction::Audit) => Action::Audit,
+        Ok(AuthorizationAction::Custom) => Action::Custom,
+        Err(_) => return Err(format!("unknown action {}", a.action)),
+    };
+    let mut rules = Vec::new();
+    for r in &a.rules {
+        let mut clauses = Vec::new();
+        for c in &r.clauses {
+            let mut matches = Vec::new();
+            for m in &c.matches {
+                matches.push(Match {
+                    principals: strings(&m.principals)?,
+                    not_principals: strings(&m.not_principals)?,
+                    namespaces: strings(&m.namespaces)?,
+                    not_namespaces: strings(&m.not_namespaces)?,
+                    service_accounts: accounts(&m.service_accounts),
+                    not_service_accounts: accounts(&m.not_service_accounts),
+                    trust_domains: strings(&m.trust_domains)?,
+                    not_trust_domains: strings(&m.not_trust_domains)?,
+                    source_ips: cidrs(&m.source_ips)?,
+                    not_source_ips: cidrs(&m.not_source_ips)?,
+                    destination_ips: cidrs(&m.destination_ips)?,
+                    not_destination_ips: cidrs(&m.not_destination_ips)?,
+                    destination_ports: ports(&m.destination_ports)?,
+                    not_destination_ports: ports(&m.not_destination_ports)?,
+                });
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    Ok(PolicySpec {
+        scope,
+        policy: Policy {
+            namespace: a.namespace.clone(),
+            name: a.name.clone(),
+            action,
+            dry_run: a.dry_run,
+            rules,
+        },
+    })
 }
 
 /// The model of the resources a client holds. Resources that cannot be used are left
@@ -116,6 +317,7 @@ pub fn from_resources<'a>(
     let mut services: BTreeMap<String, ServiceSpec> = BTreeMap::new();
     // (service key, endpoint) pairs, joined to the services once all are known.
     let mut endpoints: Vec<(String, EndpointSpec)> = Vec::new();
+    let mut policies = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
             name: name.clone(),
@@ -146,7 +348,13 @@ pub fn from_resources<'a>(
                 }
                 Err(reason) => errors.push(error(reason)),
             },
-            None => errors.push(error("neither a workload nor a service".into())),
+            Some(address::Type::Authorization(a)) => match authorization_from_proto(a) {
+                Ok(p) => policies.push(p),
+                // Not usable: the client NACKs it. A workload listing it then makes the
+                // model fail as a whole, and the last good one stays.
+                Err(reason) => errors.push(error(reason)),
+            },
+            None => errors.push(error("neither a workload, a service nor a policy".into())),
         }
     }
     endpoints.sort_by(|a, b| (&a.0, &a.1.workload_uid).cmp(&(&b.0, &b.1.workload_uid)));
@@ -161,6 +369,7 @@ pub fn from_resources<'a>(
         MeshConfig {
             workloads,
             services: services.into_values().collect(),
+            policies,
         },
         errors,
     )
@@ -208,6 +417,7 @@ fn workload(w: &Workload) -> Result<WorkloadSpec, String> {
         healthy: w.status != WorkloadStatus::Unhealthy as i32,
         waypoint: w.waypoint.as_ref().map(waypoint).transpose()?,
         ambient: w.ambient,
+        authorization_policies: w.authorization_policies.clone(),
     })
 }
 
