@@ -101,7 +101,23 @@ pub async fn run(
         none_active: Default::default(),
         draining: draining_rx,
         callers: InboundCallers::new(),
+        open_inbound: crate::open_inbound::OpenInbounds::new(),
     });
+    // Late rejection: every new model (policies included) is checked against the open
+    // inbound connections; those it denies are closed.
+    {
+        let shared = shared.clone();
+        let mut model = shared.model.clone();
+        tokio::spawn(async move {
+            while model.changed().await.is_ok() {
+                let state = model.borrow_and_update().state.clone();
+                let closed = crate::proxy::close_denied(&shared, &state);
+                if closed > 0 {
+                    tracing::info!(closed, "connections closed: the new policies deny them");
+                }
+            }
+        });
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

@@ -22,5 +22,6 @@ pub mod config;
 pub mod metrics;
 pub mod model_file;
 pub mod model_xds;
+pub mod open_inbound;
 pub mod pods;
 pub mod proxy;

@@ -176,6 +176,7 @@ impl OpenConnection {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    denied: Family<DenialLabels, Counter>,
     opened: Family<ConnectionLabels, Counter>,
     closed: Family<ConnectionLabels, Counter>,
     sent_bytes: Family<ConnectionLabels, Counter>,
@@ -195,6 +196,7 @@ impl Metrics {
         let closed = Family::default();
         let sent_bytes = Family::default();
         let received_bytes = Family::default();
+        let denied = Family::default();
         // prometheus-client appends `_total` to counters.
         registry.register(
             "istio_tcp_connections_opened",
@@ -216,13 +218,24 @@ impl Metrics {
             "The size of total bytes received during request in case of a TCP connection",
             received_bytes.clone(),
         );
+        registry.register(
+            "ambit_authorization_denials",
+            "Inbound connections denied by authorization policy (at their start, or closed later when a policy came to deny them)",
+            denied.clone(),
+        );
         Metrics {
             registry,
+            denied,
             opened,
             closed,
             sent_bytes,
             received_bytes,
         }
+    }
+
+    /// Counts a connection denied by authorization policy.
+    pub fn denied(&self, labels: &DenialLabels) {
+        self.denied.get_or_create(labels).inc();
     }
 
     /// Counts a connection as opened; the returned handle counts it closed. The label
@@ -314,4 +327,18 @@ mod tests {
         assert!(line("istio_tcp_sent_bytes_total").ends_with(" 2500"));
         assert!(line("istio_tcp_connections_opened_total").ends_with(" 1"));
     }
+}
+
+/// Labels of `ambit_authorization_denials_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub destination_workload_namespace: String,
+    pub destination_workload: String,
+    /// `namespace/name` of the deciding policy; empty when no ALLOW policy matched.
+    pub policy: String,
+    /// `denied` (a DENY policy), `custom` (a CUSTOM policy), `not_allowed` (ALLOW
+    /// policies apply, none matched).
+    pub reason: String,
+    /// `connect` (refused at its start) or `late` (open, closed on a policy change).
+    pub when: String,
 }

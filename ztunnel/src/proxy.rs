@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use ambit_core::authz::{self, Denial};
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
 use ambit_core::inbound::{client_source, local_target};
-use ambit_core::model::Workload;
+use ambit_core::model::{MeshState, Workload};
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
+use ambit_core::SpiffeId;
 use ambit_core::TrustDomain;
 use ambit_net::cert_manager::CertificateManager;
 use ambit_net::hbone::client::{OpenTunnel, OutboundRequest};
@@ -28,9 +30,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::callers::{Caller, InboundCallers, Registration};
 use crate::metrics::{
-    ConnectionLabels, Metrics, OpenConnection, PeerLabels, Reporter, SecurityPolicy,
+    ConnectionLabels, DenialLabels, Metrics, OpenConnection, PeerLabels, Reporter, SecurityPolicy,
 };
 use crate::model_file::ModelSnapshot;
+use crate::open_inbound::{self, OpenInbounds};
 use crate::pods::Pod;
 
 /// What every pod's traffic paths share.
@@ -53,6 +56,81 @@ pub struct Shared {
     pub draining: watch::Receiver<bool>,
     /// Who opened each open inbound tunnel, for the admin endpoint.
     pub callers: Arc<InboundCallers>,
+    /// Open inbound connections, closed when a policy change denies them.
+    pub open_inbound: Arc<OpenInbounds>,
+}
+
+/// Decides an inbound connection to `workload` (its app at `destination`) from
+/// `peer` (none: plaintext) at `source`, against the policies that apply to it, and
+/// logs what decided it. `Err` is the denial, counted.
+pub fn authorize(
+    shared: &Shared,
+    state: &MeshState,
+    workload: &Workload,
+    peer: Option<&SpiffeId>,
+    source: SocketAddr,
+    destination: SocketAddr,
+    when: &str,
+) -> Result<(), Denial> {
+    let connection = authz::Connection {
+        peer,
+        source_ip: source.ip(),
+        destination_ip: destination.ip(),
+        destination_port: destination.port(),
+    };
+    let verdict = authz::evaluate(state.policies_for(&workload.spec), &connection);
+    let peer_text = || peer.map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
+    for (policy, action) in &verdict.dry_run_matches {
+        tracing::info!(pod = %workload.spec.uid, peer = %peer_text(), src = %source, dst = %destination, %policy, ?action, "dry-run policy matched; not enforced");
+    }
+    for policy in &verdict.audited_by {
+        tracing::info!(pod = %workload.spec.uid, peer = %peer_text(), src = %source, dst = %destination, %policy, "audited (AUDIT policy matched)");
+    }
+    match verdict.decision {
+        Ok(()) => {
+            if let Some(policy) = &verdict.allowed_by {
+                tracing::debug!(pod = %workload.spec.uid, peer = %peer_text(), src = %source, dst = %destination, %policy, "allowed by policy");
+            }
+            Ok(())
+        }
+        Err(denial) => {
+            let (policy, reason) = match &denial {
+                Denial::Denied { policy } => (policy.clone(), "denied"),
+                Denial::Custom { policy } => (policy.clone(), "custom"),
+                Denial::NotAllowed => (String::new(), "not_allowed"),
+            };
+            if when == "connect" {
+                tracing::info!(pod = %workload.spec.uid, peer = %peer_text(), src = %source, dst = %destination, %denial, "connection denied by authorization policy");
+            }
+            shared.metrics.denied(&DenialLabels {
+                destination_workload_namespace: workload.spec.namespace.clone(),
+                destination_workload: workload.spec.name.clone(),
+                policy,
+                reason: reason.to_owned(),
+                when: when.to_owned(),
+            });
+            Err(denial)
+        }
+    }
+}
+
+/// Closes the open inbound connections the current policies deny; run on every model
+/// change.
+pub fn close_denied(shared: &Shared, state: &MeshState) -> usize {
+    shared.open_inbound.close_denied(|open| {
+        let workload = state.workload(&open.pod)?;
+        authorize(
+            shared,
+            state,
+            workload,
+            open.peer.as_ref(),
+            open.source,
+            open.destination,
+            "late",
+        )
+        .err()
+        .map(|d| d.to_string())
+    })
 }
 
 impl Shared {
@@ -116,7 +194,11 @@ enum Relay {
         pod: Arc<Pod>,
         orig: SocketAddr,
     },
-    Plain(StreamRelay<TcpStream, TcpStream>),
+    /// With the registration of an inbound connection (outbound passthrough has none).
+    Plain {
+        relay: StreamRelay<TcpStream, TcpStream>,
+        _open: Option<open_inbound::Registration>,
+    },
 }
 
 /// An accepted connection's task: opening, boxed because it holds much but briefly,
@@ -175,7 +257,7 @@ impl Future for Opened {
         let this = &mut *self;
         let relayed = match &mut this.relay {
             Relay::Hbone { relay, .. } => ready!(Pin::new(relay).poll(cx)),
-            Relay::Plain(relay) => ready!(Pin::new(relay).poll(cx)),
+            Relay::Plain { relay, .. } => ready!(Pin::new(relay).poll(cx)),
         };
         this.metrics.closed(relayed.forward, relayed.backward);
         if let Relay::Hbone { pod, orig, .. } = &this.relay {
@@ -311,7 +393,10 @@ pub async fn open_outbound(
             };
             Some(Opened {
                 metrics: shared.metrics.connection_opened(&labels),
-                relay: Relay::Plain(relay_streams(client, upstream)),
+                relay: Relay::Plain {
+                    relay: relay_streams(client, upstream),
+                    _open: None,
+                },
                 _active: active,
             })
         }
@@ -352,6 +437,10 @@ pub async fn open_inbound_plaintext(
             return None;
         }
     };
+    if authorize(shared, &state, &workload, None, peer, dst, "connect").is_err() {
+        // Closing is the answer: plaintext has no way to say why.
+        return None;
+    }
     let source = workload_labels(shared, state.workload_by_ip(peer.ip()));
     let destination = workload_labels(shared, Some(&workload));
     let labels = ConnectionLabels::new(
@@ -368,9 +457,22 @@ pub async fn open_inbound_plaintext(
             return None;
         }
     };
+    let registration = match shared
+        .open_inbound
+        .register(&pod.uid, None, peer, dst, &app)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(pod = %pod.uid, %dst, error = %e, "cannot track the connection for policy changes; refused");
+            return None;
+        }
+    };
     Some(Opened {
         metrics: shared.metrics.connection_opened(&labels),
-        relay: Relay::Plain(relay_streams(client, app)),
+        relay: Relay::Plain {
+            relay: relay_streams(client, app),
+            _open: Some(registration),
+        },
         _active: active,
     })
 }
@@ -472,6 +574,7 @@ impl PodInbound {
 struct InboundTunnel {
     metrics: OpenConnection,
     caller: Registration,
+    _open: open_inbound::Registration,
 }
 
 impl InboundHandler for PodInbound {
@@ -483,12 +586,13 @@ impl InboundHandler for PodInbound {
         request: &InboundRequest,
     ) -> Result<(TcpStream, InboundTunnel), ConnectRefusal> {
         let state = self.shared.model.borrow().state.clone();
-        local_target(
+        let workload = local_target(
             &state,
             &self.shared.node,
             |uid| uid == self.pod.uid,
             request.target,
-        )?;
+        )?
+        .clone();
         let (source, honoured) = client_source(
             &state,
             &request.peer,
@@ -504,11 +608,37 @@ impl InboundHandler for PodInbound {
                 "forwarded address does not belong to the peer's identity; connecting from the connection's address"
             );
         }
+        authorize(
+            &self.shared,
+            &state,
+            &workload,
+            Some(&request.peer),
+            source,
+            request.target.addr(),
+            "connect",
+        )
+        .map_err(|denial| ConnectRefusal::Denied {
+            policy: denial.to_string(),
+        })?;
         let app = connect_app(&self.pod, request.target.addr(), source)
             .await
             .map_err(|e| ConnectRefusal::UpstreamConnect {
                 target: request.target,
                 reason: e.to_string(),
+            })?;
+        let open = self
+            .shared
+            .open_inbound
+            .register(
+                &self.pod.uid,
+                Some(request.peer.clone()),
+                source,
+                request.target.addr(),
+                &app,
+            )
+            .map_err(|e| ConnectRefusal::UpstreamConnect {
+                target: request.target,
+                reason: format!("cannot track the connection for policy changes: {e}"),
             })?;
         let metrics = self.shared.metrics.connection_opened(&self.labels(request));
         // Registered before the CONNECT is answered, so before the client's first byte
@@ -518,7 +648,14 @@ impl InboundHandler for PodInbound {
             app: request.target.addr(),
             identity: request.peer.clone(),
         });
-        Ok((app, InboundTunnel { metrics, caller }))
+        Ok((
+            app,
+            InboundTunnel {
+                metrics,
+                caller,
+                _open: open,
+            },
+        ))
     }
 
     fn finished(&self, tunnel: InboundTunnel, outcome: TunnelOutcome) {

@@ -1,0 +1,186 @@
+//! AuthorizationPolicy enforced by ztunnel, end to end in a local mesh (needs root):
+//! the policy is a file in the control plane's directory, as `kubectl apply` would
+//! make it; ztunnel gets it over xDS and decides each inbound connection.
+//!
+//! - applied: enforced within the deadline (the delay is reported), a plaintext client
+//!   outside the allowed identities is closed, the allowed mesh client goes on;
+//! - a new DENY closes an open connection it covers, and refuses new ones (HBONE 401);
+//! - deleted: lifted;
+//! - denials are counted by policy name.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ambit_localmesh::Pod;
+use support::{metric, two_nodes, Harness, DEADLINE};
+
+const ALLOW_CLIENT: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-client, namespace: shop}
+spec:
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
+    to: [{operation: {ports: [\"8080\"]}}]
+";
+
+const DENY_CLIENT: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {serviceAccounts: [client]}}]
+";
+
+/// Replaces a file of the control plane's directory in one rename (`None`: deletes it).
+fn apply(h: &Harness, name: &str, text: Option<&str>) {
+    let path = h.k8s_dir().join(name);
+    match text {
+        Some(text) => {
+            let tmp = h.k8s_dir().join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(tmp, path).unwrap();
+        }
+        None => std::fs::remove_file(path).unwrap(),
+    }
+}
+
+/// Whether a connection from `pod` to `to` echoes intact.
+fn connects(h: &Harness, pod: &Pod, to: std::net::SocketAddr) -> bool {
+    let to = to.to_string();
+    h.run_app(pod, &["send", "--to", &to, "--bytes", "100"], DEADLINE)
+        .status
+        .success()
+}
+
+/// Polls until `pod`'s connection to `to` succeeds (`want`) or fails; the delay.
+fn until_connects(
+    h: &Harness,
+    pod: &Pod,
+    to: std::net::SocketAddr,
+    want: bool,
+    what: &str,
+) -> Duration {
+    let start = Instant::now();
+    let deadline = Duration::from_secs(10);
+    loop {
+        if connects(h, pod, to) == want {
+            return start.elapsed();
+        }
+        if start.elapsed() > deadline {
+            panic!("{what}: not within {deadline:?}\n{}", h.logs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn denials(metrics: &str, policy: &str, when: &str) -> f64 {
+    metric(
+        metrics,
+        "ambit_authorization_denials_total",
+        &[("policy", policy), ("when", when)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_are_enforced_on_both_inbound_paths_and_follow_changes() {
+    let mesh = two_nodes();
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let web = support::pod(&mesh, "node-b", "shop", "web", "web");
+    let outsider = support::pod(&mesh, "node-a", "legacy", "outsider", "outsider");
+    let h = Harness::start(mesh);
+    let echo = h.serve(&web, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&web).await;
+    let to = web.addr(8080);
+    assert!(connects(&h, &client, to));
+    assert!(
+        connects(&h, &outsider, to),
+        "plaintext in before any policy"
+    );
+
+    // ALLOW only the client's identity: the plaintext outsider is closed.
+    apply(&h, "only-client.yaml", Some(ALLOW_CLIENT));
+    let took = until_connects(&h, &outsider, to, false, "ALLOW enforced");
+    eprintln!("ALLOW policy enforced after {took:?}");
+    assert!(
+        connects(&h, &client, to),
+        "the allowed identity is still in\n{}",
+        h.logs()
+    );
+    let log = h.ztunnel("node-b").log();
+    assert!(
+        log.contains("connection denied by authorization policy"),
+        "{log}"
+    );
+    assert!(
+        log.contains("not allowed: no ALLOW policy matched"),
+        "{log}"
+    );
+
+    // A connection open while allowed, then a DENY covering it: closed, and new ones
+    // refused with 401.
+    let stream = h
+        .mesh
+        .spawn_in(
+            client.netns(),
+            support::app(),
+            ["stream", "--to", &to.to_string()],
+            &[],
+        )
+        .unwrap();
+    stream.wait_for_log("round 3", DEADLINE).unwrap();
+    let accepted = echo.log().matches("accepted from").count();
+    let started = Instant::now();
+    apply(&h, "deny-client.yaml", Some(DENY_CLIENT));
+    stream
+        .wait(DEADLINE)
+        .unwrap_or_else(|e| panic!("the open connection was not closed: {e}\n{}", h.logs()));
+    eprintln!(
+        "open connection closed {:?} after the DENY was written",
+        started.elapsed()
+    );
+    assert!(stream.log().contains("ended:"), "{}", stream.log());
+    assert!(!stream.log().contains("mismatch"), "{}", stream.log());
+    assert!(!connects(&h, &client, to));
+    assert_eq!(
+        echo.log().matches("accepted from").count(),
+        accepted,
+        "a denied connection reached the app"
+    );
+    let log = h.ztunnel("node-b").log();
+    assert!(
+        log.contains("open connection now denied by policy: closed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("explicitly denied by policy shop/deny-client"),
+        "{log}"
+    );
+    let source_log = h.ztunnel("node-a").log();
+    assert!(
+        source_log.contains("401"),
+        "the source did not see a 401:\n{source_log}"
+    );
+    let metrics = h.metrics("node-b").await;
+    assert!(
+        denials(&metrics, "shop/deny-client", "connect") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        denials(&metrics, "shop/deny-client", "late") >= 1.0,
+        "{metrics}"
+    );
+    assert!(denials(&metrics, "", "connect") >= 1.0, "{metrics}");
+
+    // Both deleted: lifted.
+    apply(&h, "deny-client.yaml", None);
+    apply(&h, "only-client.yaml", None);
+    let took = until_connects(&h, &outsider, to, true, "policies lifted");
+    eprintln!("policies lifted after {took:?}");
+    assert!(connects(&h, &client, to));
+}
