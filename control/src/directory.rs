@@ -84,6 +84,10 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, DocumentError>
                 serde_yaml_ng::from_value(value.clone())
                     .map(|o| Object::AuthorizationPolicy(Box::new(o)))
             }
+            (v, "PeerAuthentication") if crate::security::API_VERSIONS.contains(&v) => {
+                serde_yaml_ng::from_value(value.clone())
+                    .map(|o| Object::PeerAuthentication(Box::new(o)))
+            }
             _ => {
                 tracing::debug!(path = %path.display(), line = first_line, api_version, kind, "kind not used by the control plane; skipped");
                 continue;

@@ -25,17 +25,18 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::resources::{Kind, Object, Resources};
-use crate::security::AuthorizationPolicy;
+use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 6] = [
+pub const KINDS: [Kind; 7] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
     Kind::ServiceEntry,
     Kind::AuthorizationPolicy,
+    Kind::PeerAuthentication,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -150,6 +151,12 @@ impl KubernetesSource {
             Api::all(client.clone()),
             Kind::ServiceEntry,
             |o| Object::ServiceEntry(Box::new(o)),
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<PeerAuthentication>(
+            Api::all(client.clone()),
+            Kind::PeerAuthentication,
+            |o| Object::PeerAuthentication(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<AuthorizationPolicy>(

@@ -53,10 +53,10 @@ impl Publisher {
             translation
                 .policy_status
                 .iter()
-                .filter(|(_, a)| !a.accepted)
-                .map(|(key, a)| {
+                .filter(|(_, _, a)| !a.accepted)
+                .map(|(kind, key, a)| {
                     format!(
-                        "AuthorizationPolicy {key}: ZtunnelAccepted=False ({}): {}",
+                        "{kind} {key}: ZtunnelAccepted=False ({}): {}",
                         a.reason, a.message
                     )
                 }),

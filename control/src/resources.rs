@@ -8,7 +8,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::security::AuthorizationPolicy;
+use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
 /// `namespace/name` (namespace empty for cluster-scoped objects).
@@ -46,6 +46,7 @@ pub struct Resources {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub service_entries: BTreeMap<ObjectKey, ServiceEntry>,
     pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    pub peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
 }
 
 /// The kinds the control plane keeps.
@@ -57,6 +58,7 @@ pub enum Kind {
     EndpointSlice,
     ServiceEntry,
     AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
@@ -69,6 +71,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 }
@@ -88,6 +91,7 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     ServiceEntry(Box<ServiceEntry>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    PeerAuthentication(Box<PeerAuthentication>),
 }
 
 impl Object {
@@ -104,6 +108,7 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -117,6 +122,7 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::ServiceEntry(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -149,6 +155,9 @@ impl Resources {
             Object::AuthorizationPolicy(o) => {
                 self.authorization_policies.insert(key, *o);
             }
+            Object::PeerAuthentication(o) => {
+                self.peer_authentications.insert(key, *o);
+            }
         }
     }
 
@@ -173,6 +182,9 @@ impl Resources {
             Kind::AuthorizationPolicy => {
                 self.authorization_policies.remove(key);
             }
+            Kind::PeerAuthentication => {
+                self.peer_authentications.remove(key);
+            }
         }
     }
 
@@ -186,6 +198,7 @@ impl Resources {
             Kind::EndpointSlice => self.endpoint_slices.clear(),
             Kind::ServiceEntry => self.service_entries.clear(),
             Kind::AuthorizationPolicy => self.authorization_policies.clear(),
+            Kind::PeerAuthentication => self.peer_authentications.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

@@ -34,6 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::resources::{ObjectKey, Resources};
 
 pub mod authz;
+pub mod peer_authn;
 mod service_entries;
 
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
@@ -51,10 +52,13 @@ pub struct Translation {
     /// Objects kept in the model without something they asked for (a waypoint that
     /// does not exist).
     pub warnings: Vec<Skipped>,
-    /// Whether each AuthorizationPolicy is enforced as written (condition
-    /// `ZtunnelAccepted`), by key.
-    pub policy_status: Vec<(ObjectKey, authz::Acceptance)>,
+    /// Whether each AuthorizationPolicy and PeerAuthentication is enforced as written
+    /// (condition `ZtunnelAccepted`): kind, key, acceptance.
+    pub policy_status: PolicyStatus,
 }
+
+/// Kind, key and acceptance of each security policy.
+pub type PolicyStatus = Vec<(&'static str, ObjectKey, authz::Acceptance)>;
 
 /// An object left out of the model, and why. Logged by the caller, and later written
 /// as a status condition where the object has status.
@@ -193,13 +197,13 @@ fn attach_policies(
     resources: &Resources,
     running: &BTreeMap<&ObjectKey, &Pod>,
     workloads: &mut [WorkloadSpec],
-) -> (Vec<PolicySpec>, Vec<(ObjectKey, authz::Acceptance)>) {
+) -> (Vec<PolicySpec>, PolicyStatus) {
     let mut policies = Vec::new();
     let mut status = Vec::new();
-    let index: BTreeMap<&str, usize> = workloads
+    let index: BTreeMap<String, usize> = workloads
         .iter()
         .enumerate()
-        .map(|(i, w)| (w.uid.as_str(), i))
+        .map(|(i, w)| (w.uid.clone(), i))
         .collect();
     let mut selected: Vec<(usize, String)> = Vec::new();
     for (key, ap) in &resources.authorization_policies {
@@ -209,7 +213,7 @@ fn attach_policies(
             &ap.spec,
             ROOT_NAMESPACE,
         );
-        status.push((key.clone(), t.acceptance));
+        status.push(("AuthorizationPolicy", key.clone(), t.acceptance));
         let scope = match t.scope {
             None => continue,
             Some(authz::Scope::Global) => PolicyScope::Global,
@@ -224,7 +228,7 @@ fn attach_policies(
                     let matches = labels
                         .iter()
                         .all(|(k, v)| pod_labels.and_then(|l| l.get(k)) == Some(v));
-                    if let (true, Some(i)) = (matches, index.get(pod_key.to_string().as_str())) {
+                    if let (true, Some(i)) = (matches, index.get(&pod_key.to_string())) {
                         selected.push((*i, key.to_string()));
                     }
                 }
@@ -238,6 +242,44 @@ fn attach_policies(
     }
     for (i, policy) in selected {
         workloads[i].authorization_policies.push(policy);
+    }
+    // PeerAuthentication: a DENY of plaintext where STRICT, per workload.
+    let read: Vec<peer_authn::PeerAuthn> = resources
+        .peer_authentications
+        .iter()
+        .map(|(key, pa)| {
+            let created = pa
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            peer_authn::read(key, &created, &pa.spec)
+        })
+        .collect();
+    for pa in &read {
+        status.push(("PeerAuthentication", pa.key.clone(), pa.acceptance.clone()));
+    }
+    let peer_authns = peer_authn::Index::new(&read, ROOT_NAMESPACE);
+    if !peer_authns.is_empty() {
+        let mut converted: BTreeMap<String, PolicySpec> = BTreeMap::new();
+        for (pod_key, pod) in running {
+            let Some(i) = index.get(&pod_key.to_string()) else {
+                continue;
+            };
+            let Some(policy) =
+                peer_authns.policy_for(&pod_key.namespace, pod.metadata.labels.as_ref())
+            else {
+                continue;
+            };
+            let key = policy.key();
+            workloads[*i].authorization_policies.push(key.clone());
+            converted.entry(key).or_insert(PolicySpec {
+                scope: PolicyScope::WorkloadSelector,
+                policy,
+            });
+        }
+        policies.extend(converted.into_values());
     }
     (policies, status)
 }

@@ -81,7 +81,7 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
         policies: translation
             .policy_status
             .iter()
-            .map(|(key, a)| format!("{key}: {}: {}", a.reason, a.message))
+            .map(|(kind, key, a)| format!("{kind} {key}: {}: {}", a.reason, a.message))
             .collect(),
     };
     // Whatever the input, ztunnel must accept the model as a whole, as it arrives

@@ -184,3 +184,49 @@ async fn policies_are_enforced_on_both_inbound_paths_and_follow_changes() {
     eprintln!("policies lifted after {took:?}");
     assert!(connects(&h, &client, to));
 }
+
+const STRICT: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
+const PERMISSIVE: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: PERMISSIVE}}
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strict_peer_authentication_keeps_plaintext_out_and_permissive_lets_it_in() {
+    let mesh = two_nodes();
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let web = support::pod(&mesh, "node-b", "shop", "web", "web");
+    let outsider = support::pod(&mesh, "node-a", "legacy", "outsider", "outsider");
+    let h = Harness::start(mesh);
+    let _echo = h.serve(&web, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&web).await;
+    let to = web.addr(8080);
+
+    apply(&h, "peer-authentication.yaml", Some(STRICT));
+    let took = until_connects(&h, &outsider, to, false, "STRICT enforced");
+    eprintln!("STRICT enforced after {took:?}");
+    assert!(
+        connects(&h, &client, to),
+        "a mesh client is still in\n{}",
+        h.logs()
+    );
+    let metrics = h.metrics("node-b").await;
+    assert!(
+        denials(&metrics, "shop/ambit-strict-mtls-default", "connect") >= 1.0,
+        "{metrics}"
+    );
+
+    apply(&h, "peer-authentication.yaml", Some(PERMISSIVE));
+    let took = until_connects(&h, &outsider, to, true, "PERMISSIVE enforced");
+    eprintln!("PERMISSIVE enforced after {took:?}");
+    assert!(connects(&h, &client, to));
+}
