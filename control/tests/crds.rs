@@ -1,0 +1,185 @@
+//! The CRDs in `deploy/crds/` against what ambit-control reads:
+//! - each kind is served in v1 (stored) and v1beta1 with one schema, a status
+//!   subresource and its printer columns;
+//! - every field the schema allows is a field the control plane reads (a spec setting
+//!   every one of them parses; a field the control plane does not know fails the
+//!   policy closed, so a schema field it did not read would do that to valid YAML);
+//! - the enums are the values the control plane accepts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use ambit_control::resources::ObjectKey;
+use ambit_control::translate::{authz, peer_authn};
+use serde_json::{json, Map, Value};
+
+fn crds() -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/security-istio-io.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            let mut value: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+            value.apply_merge().unwrap();
+            serde_json::to_value(value).unwrap()
+        })
+        .collect()
+}
+
+fn crd(kind: &str) -> Value {
+    crds()
+        .into_iter()
+        .find(|c| c["spec"]["names"]["kind"] == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"))
+}
+
+fn spec_schema(crd: &Value) -> Value {
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+}
+
+/// A value for `schema` setting every property it allows.
+fn everything(name: &str, schema: &Value) -> Value {
+    if let Some(values) = schema["enum"].as_array() {
+        return values[values.len() - 1].clone();
+    }
+    match schema["type"].as_str() {
+        Some("object") => {
+            let mut object = Map::new();
+            if let Some(properties) = schema["properties"].as_object() {
+                for (key, property) in properties {
+                    object.insert(key.clone(), everything(key, property));
+                }
+            }
+            if schema
+                .get("additionalProperties")
+                .is_some_and(Value::is_object)
+            {
+                let key = if name == "portLevelMtls" {
+                    "8080"
+                } else {
+                    "app"
+                };
+                object.insert(key.into(), everything(key, &schema["additionalProperties"]));
+            }
+            Value::Object(object)
+        }
+        Some("array") => json!([everything(name, &schema["items"])]),
+        Some("boolean") => json!(true),
+        Some("integer") => json!(1),
+        _ => json!(match name {
+            "ports" | "notPorts" => "8080",
+            "serviceAccounts" | "notServiceAccounts" => "ns/sa",
+            "ipBlocks" | "notIpBlocks" | "remoteIpBlocks" | "notRemoteIpBlocks" => "10.0.0.0/8",
+            "key" => "source.ip",
+            "values" | "notValues" => "10.0.0.1",
+            _ => "x",
+        }),
+    }
+}
+
+#[test]
+fn every_kind_is_served_in_v1_and_v1beta1_with_status_and_columns() {
+    for (kind, short, columns) in [
+        ("AuthorizationPolicy", "ap", vec!["Action", "Age"]),
+        ("PeerAuthentication", "pa", vec!["Mode", "Age"]),
+        ("RequestAuthentication", "ra", vec!["Age"]),
+    ] {
+        let crd = crd(kind);
+        assert_eq!(crd["spec"]["group"], "security.istio.io");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        assert!(crd["spec"]["names"]["shortNames"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(short)));
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        let names: Vec<&str> = versions
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["v1", "v1beta1"], "{kind}");
+        let stored: Vec<bool> = versions
+            .iter()
+            .map(|v| v["storage"].as_bool().unwrap())
+            .collect();
+        assert_eq!(stored, [true, false], "{kind}: v1 is stored");
+        for v in versions {
+            assert_eq!(v["served"], true, "{kind}");
+            assert_eq!(v["subresources"]["status"], json!({}), "{kind}");
+            let got: Vec<&str> = v["additionalPrinterColumns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(got, columns, "{kind}");
+            assert_eq!(v["schema"], versions[0]["schema"], "{kind}: one schema");
+        }
+    }
+}
+
+#[test]
+fn every_authorization_policy_field_in_the_schema_is_read_by_the_control_plane() {
+    let spec = everything("spec", &spec_schema(&crd("AuthorizationPolicy")));
+    // Spot-check that the generator reached the leaves.
+    assert_eq!(
+        spec["rules"][0]["from"][0]["source"]["notTrustDomains"],
+        json!(["x"])
+    );
+    assert_eq!(
+        spec["rules"][0]["to"][0]["operation"]["notPorts"],
+        json!(["8080"])
+    );
+    let t = authz::translate_policy(&ObjectKey::new("shop", "p"), None, &spec, "istio-system");
+    let message = &t.acceptance.message;
+    assert!(!message.contains("unknown field"), "{message}");
+    assert!(!message.contains("invalid type"), "{message}");
+    // What the schema does not have, the control plane refuses (and fails closed).
+    let t = authz::translate_policy(
+        &ObjectKey::new("shop", "p"),
+        None,
+        &json!({"rules": [{"from": [{"source": {"principal": ["x"]}}]}]}),
+        "istio-system",
+    );
+    assert!(
+        t.acceptance.message.contains("unknown field"),
+        "{:?}",
+        t.acceptance
+    );
+}
+
+#[test]
+fn every_peer_authentication_field_in_the_schema_is_read_by_the_control_plane() {
+    let spec = everything("spec", &spec_schema(&crd("PeerAuthentication")));
+    assert_eq!(spec["portLevelMtls"]["8080"]["mode"], "STRICT");
+    let read = peer_authn::read(&ObjectKey::new("shop", "p"), "", &spec);
+    assert_eq!(read.acceptance.reason, "Accepted", "{:?}", read.acceptance);
+}
+
+#[test]
+fn the_enums_are_what_the_control_plane_accepts() {
+    let ap = spec_schema(&crd("AuthorizationPolicy"));
+    for action in ap["properties"]["action"]["enum"].as_array().unwrap() {
+        let t = authz::translate_policy(
+            &ObjectKey::new("shop", "p"),
+            None,
+            &json!({"action": action, "rules": [{}]}),
+            "istio-system",
+        );
+        assert_ne!(
+            t.acceptance.reason, "InvalidValue",
+            "{action}: {:?}",
+            t.acceptance
+        );
+    }
+    let pa = spec_schema(&crd("PeerAuthentication"));
+    for mode in pa["properties"]["mtls"]["properties"]["mode"]["enum"]
+        .as_array()
+        .unwrap()
+    {
+        let read = peer_authn::read(
+            &ObjectKey::new("shop", "p"),
+            "",
+            &json!({"mtls": {"mode": mode}}),
+        );
+        assert_ne!(read.acceptance.reason, "InvalidValue", "{mode}");
+    }
+}
