@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::placement::Placements;
 use crate::resources::Resources;
-use crate::translate::{translate, Skipped};
+use crate::translate::translate;
 use crate::xds::Snapshot;
 
 /// The published model and what has been reported about it.
@@ -37,13 +37,14 @@ impl Publisher {
     /// Updates the placements, translates `resources` and publishes a snapshot if the
     /// model changed. `problems` are the source's own (e.g. a file that does not
     /// parse); they and the objects the translation skipped are logged once each, when
-    /// they appear, naming `source`. Returns what was skipped.
+    /// they appear, naming `source`. Returns the status conditions the objects should
+    /// carry.
     pub fn publish(
         &mut self,
         resources: &Resources,
         mut problems: Vec<String>,
         source: &str,
-    ) -> Vec<Skipped> {
+    ) -> Vec<crate::status::Wanted> {
         self.placements.update(resources);
         let translation = translate(resources);
         problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
@@ -78,7 +79,7 @@ impl Publisher {
                 .send_replace(Arc::new(Snapshot::new(self.version, &translation.config)));
             self.model = Some(translation.config);
         }
-        translation.skipped
+        crate::status::wanted(&translation.skipped, &translation.policy_status)
     }
 
     /// Whether a model has been published.

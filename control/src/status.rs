@@ -1,9 +1,13 @@
-//! Status conditions on the objects the translation skipped, in a cluster: a Service
-//! or ServiceEntry that is left out of the model gets condition `ZtunnelAccepted`
-//! `False` with the reason, so `kubectl get svc -o yaml` says why ztunnel does not
-//! know it; the condition is withdrawn once the object is translated again. Written
-//! with server-side apply on the status subresource, so no other writer's conditions
-//! are touched. Pods are only logged: their status belongs to the kubelet.
+//! Status conditions in a cluster (`ZtunnelAccepted`):
+//! - a Service or ServiceEntry left out of the model gets it `False` with the reason,
+//!   so `kubectl get svc -o yaml` says why ztunnel does not know it; withdrawn once the
+//!   object is translated again;
+//! - every AuthorizationPolicy and PeerAuthentication gets it, `True` when ztunnel
+//!   enforces it as written, else `False` with Istio's reason (`UnsupportedValue`,
+//!   `InvalidValue`) and what is enforced instead.
+//!
+//! Written with server-side apply on the status subresource, so no other writer's
+//! conditions are touched. Pods are only logged: their status belongs to the kubelet.
 
 use std::collections::BTreeMap;
 
@@ -14,8 +18,41 @@ use kube::{Api, Client};
 use serde_json::{json, Value};
 
 use crate::resources::ObjectKey;
+use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
-use crate::translate::Skipped;
+use crate::translate::{PolicyStatus, Skipped};
+
+/// One condition an object should carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub kind: &'static str,
+    pub key: ObjectKey,
+    pub accepted: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The conditions the objects of a translation should carry.
+pub fn wanted(skipped: &[Skipped], policies: &PolicyStatus) -> Vec<Wanted> {
+    let skipped = skipped
+        .iter()
+        .filter(|s| matches!(s.kind, "Service" | "ServiceEntry"))
+        .map(|s| Wanted {
+            kind: s.kind,
+            key: s.key.clone(),
+            accepted: false,
+            reason: "Skipped".into(),
+            message: s.reason.clone(),
+        });
+    let policies = policies.iter().map(|(kind, key, a)| Wanted {
+        kind,
+        key: key.clone(),
+        accepted: a.accepted,
+        reason: a.reason.to_owned(),
+        message: a.message.clone(),
+    });
+    skipped.chain(policies).collect()
+}
 
 /// The condition's type.
 pub const CONDITION: &str = "ZtunnelAccepted";
@@ -24,7 +61,7 @@ const FIELD_MANAGER: &str = "ambit-control";
 /// Which objects carry our condition, and with what message.
 pub struct StatusWriter {
     client: Client,
-    written: BTreeMap<(&'static str, ObjectKey), String>,
+    written: BTreeMap<(&'static str, ObjectKey), Wanted>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -46,13 +83,11 @@ impl StatusWriter {
     /// Brings the conditions in line with `skipped`: set where an object is newly
     /// skipped (or for a new reason), withdrawn where it no longer is. A failed write
     /// is logged and retried on the next update.
-    pub async fn update(&mut self, skipped: &[Skipped]) {
-        let mut want: BTreeMap<(&'static str, ObjectKey), String> = BTreeMap::new();
-        for s in skipped {
-            if matches!(s.kind, "Service" | "ServiceEntry") {
-                want.insert((s.kind, s.key.clone()), s.reason.clone());
-            }
-        }
+    pub async fn update(&mut self, wanted: &[Wanted]) {
+        let want: BTreeMap<(&'static str, ObjectKey), Wanted> = wanted
+            .iter()
+            .map(|w| ((w.kind, w.key.clone()), w.clone()))
+            .collect();
         let stale: Vec<(&'static str, ObjectKey)> = self
             .written
             .keys()
@@ -73,13 +108,13 @@ impl StatusWriter {
                 }
             }
         }
-        for ((kind, key), reason) in want {
-            if self.written.get(&(kind, key.clone())) == Some(&reason) {
+        for ((kind, key), condition) in want {
+            if self.written.get(&(kind, key.clone())) == Some(&condition) {
                 continue;
             }
-            match self.apply(kind, &key, Some(&reason)).await {
+            match self.apply(kind, &key, Some(&condition)).await {
                 Ok(()) => {
-                    self.written.insert((kind, key), reason);
+                    self.written.insert((kind, key), condition);
                 }
                 Err(e) => {
                     tracing::warn!(%kind, object = %key, error = %e, "cannot write the status condition")
@@ -93,15 +128,15 @@ impl StatusWriter {
         &self,
         kind: &'static str,
         key: &ObjectKey,
-        reason: Option<&str>,
+        condition: Option<&Wanted>,
     ) -> Result<(), kube::Error> {
-        let conditions: Vec<Value> = reason
-            .map(|message| {
+        let conditions: Vec<Value> = condition
+            .map(|c| {
                 json!({
                     "type": CONDITION,
-                    "status": "False",
-                    "reason": "Skipped",
-                    "message": message,
+                    "status": if c.accepted { "True" } else { "False" },
+                    "reason": c.reason,
+                    "message": c.message,
                     "lastTransitionTime": Time(k8s_openapi::jiff::Timestamp::now()),
                 })
             })
@@ -109,6 +144,7 @@ impl StatusWriter {
             .collect();
         let api_version = match kind {
             "Service" => "v1",
+            "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
             _ => "networking.istio.io/v1",
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -121,6 +157,16 @@ impl StatusWriter {
         match kind {
             "Service" => {
                 Api::<Service>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "AuthorizationPolicy" => {
+                Api::<AuthorizationPolicy>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "PeerAuthentication" => {
+                Api::<PeerAuthentication>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }

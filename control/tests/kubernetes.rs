@@ -296,6 +296,49 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
     })
     .await;
 
+    // An AuthorizationPolicy reaches the model, and its status says how ztunnel
+    // enforces it: True as written, False (with Istio's reason) when it cannot be.
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                  metadata: {name: only-web, namespace: shop}\n\
+                  spec: {rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]}\n";
+    api.put(policy);
+    until(&mut model, "AuthorizationPolicy in the model", |m| {
+        m.policies.iter().any(|p| p.policy.name == "only-web")
+    })
+    .await;
+    let policy_condition = || {
+        let o = api.get(
+            "security.istio.io/v1",
+            "AuthorizationPolicy",
+            "shop",
+            "only-web",
+        )?;
+        o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "ZtunnelAccepted")
+            .cloned()
+    };
+    api.wait_until("ZtunnelAccepted=True on the policy", || {
+        policy_condition().is_some_and(|c| c["status"] == "True" && c["reason"] == "Accepted")
+    })
+    .await;
+    api.put(&policy.replace(
+        "from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]",
+        "to: [{operation: {methods: [GET]}}]",
+    ));
+    api.wait_until(
+        "ZtunnelAccepted=False (UnsupportedValue) once it needs HTTP",
+        || {
+            policy_condition().is_some_and(|c| {
+                c["status"] == "False"
+                    && c["reason"] == "UnsupportedValue"
+                    && c["message"].as_str().unwrap_or("").contains("methods")
+            })
+        },
+    )
+    .await;
+
     // A namespace relabelled out of ambient: its pods drop to plaintext.
     api.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
     until(&mut model, "namespace unenrolled", |m| {

@@ -98,6 +98,8 @@ fn collection_of(api_version: &str, kind: &str) -> (Collection, bool) {
         "Secret" => ("secrets", true),
         "ConfigMap" => ("configmaps", true),
         "ServiceEntry" => ("serviceentries", true),
+        "AuthorizationPolicy" => ("authorizationpolicies", true),
+        "PeerAuthentication" => ("peerauthentications", true),
         other => panic!("fake API: no collection for kind {other}"),
     };
     ((prefix, plural.to_owned()), namespaced)
@@ -113,6 +115,8 @@ fn kind_of(plural: &str) -> &'static str {
         "secrets" => "Secret",
         "configmaps" => "ConfigMap",
         "serviceentries" => "ServiceEntry",
+        "authorizationpolicies" => "AuthorizationPolicy",
+        "peerauthentications" => "PeerAuthentication",
         _ => "Unknown",
     }
 }
