@@ -52,7 +52,8 @@ pub async fn run_kubernetes(
 ) -> anyhow::Result<()> {
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
     let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
-    let mut publisher = Publisher::new(placements.clone(), snapshots);
+    let mut publisher =
+        Publisher::new(placements.clone(), snapshots).with_root_namespace(&config.root_namespace);
     let source = KubernetesSource::start(client.clone());
     let store = source.store().clone();
     // Nothing is served before every kind is listed: an empty model would withdraw
@@ -197,7 +198,8 @@ pub async fn run_local(
     let report_sink = ReportSink::Local(reports.clone());
     let mut source = LocalSource {
         directory: Directory::new(dir),
-        publisher: Publisher::new(placements.clone(), snapshots),
+        publisher: Publisher::new(placements.clone(), snapshots)
+            .with_root_namespace(&config.root_namespace),
         reports,
     };
     // The first read before serving: the CA authorizes node agents against its pods.

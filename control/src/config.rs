@@ -27,6 +27,11 @@ pub struct Config {
     #[arg(long = "node-agent", env = "AMBIT_NODE_AGENTS", value_delimiter = ',', value_parser = parse_account)]
     pub node_agents: Vec<(String, String)>,
 
+    /// The namespace whose AuthorizationPolicies and PeerAuthentications apply
+    /// mesh-wide (Istio's meshConfig.rootNamespace).
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::translate::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
     /// How often the directory is read for changes.
     #[arg(long, env = "AMBIT_LOCAL_POLL", default_value = "200ms", value_parser = parse_poll)]
     pub poll: Duration,

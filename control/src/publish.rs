@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::placement::Placements;
 use crate::resources::Resources;
-use crate::translate::translate;
+use crate::translate::translate_with;
 use crate::xds::Snapshot;
 
 /// The published model and what has been reported about it.
@@ -21,6 +21,8 @@ pub struct Publisher {
     /// Problems already logged, so each is logged once, when it appears.
     reported: Vec<String>,
     version: u64,
+    /// Where mesh-wide policies live.
+    root_namespace: String,
 }
 
 impl Publisher {
@@ -31,7 +33,14 @@ impl Publisher {
             model: None,
             reported: Vec::new(),
             version: 0,
+            root_namespace: crate::translate::DEFAULT_ROOT_NAMESPACE.to_owned(),
         }
+    }
+
+    /// Policies in `namespace` apply mesh-wide.
+    pub fn with_root_namespace(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.root_namespace);
+        self
     }
 
     /// Updates the placements, translates `resources` and publishes a snapshot if the
@@ -46,7 +55,7 @@ impl Publisher {
         source: &str,
     ) -> Vec<crate::status::Wanted> {
         self.placements.update(resources);
-        let translation = translate(resources);
+        let translation = translate_with(resources, &self.root_namespace);
         problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
         problems.extend(translation.warnings.iter().map(ToString::to_string));
         // A policy not enforced as written says why (condition ZtunnelAccepted).

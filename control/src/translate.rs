@@ -75,8 +75,13 @@ impl fmt::Display for Skipped {
     }
 }
 
-/// The mesh model of `resources`.
+/// The mesh model of `resources`, with the default root namespace.
 pub fn translate(resources: &Resources) -> Translation {
+    translate_with(resources, DEFAULT_ROOT_NAMESPACE)
+}
+
+/// The mesh model of `resources`; policies in `root_namespace` apply mesh-wide.
+pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translation {
     let mut skipped = Vec::new();
     let mut warnings = Vec::new();
     let mut bind = |kind: &'static str, key: &ObjectKey, labels, waypoint: &mut _| match waypoint_of(
@@ -174,7 +179,8 @@ pub fn translate(resources: &Resources) -> Translation {
             Err(reason) => skip("ServiceEntry", key, reason),
         }
     }
-    let (policies, policy_status) = attach_policies(resources, &running, &mut workloads);
+    let (policies, policy_status) =
+        attach_policies(resources, &running, &mut workloads, root_namespace);
     Translation {
         config: MeshConfig {
             workloads,
@@ -187,8 +193,9 @@ pub fn translate(resources: &Resources) -> Translation {
     }
 }
 
-/// The namespace whose policies apply mesh-wide (Istio's default root namespace).
-pub const ROOT_NAMESPACE: &str = "istio-system";
+/// The namespace whose policies apply mesh-wide, unless configured otherwise (Istio's
+/// default root namespace).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 /// Translates every AuthorizationPolicy, and lists each selector policy on the
 /// workloads it selects. Pods are found through `running` by namespace, so a policy
@@ -197,6 +204,7 @@ fn attach_policies(
     resources: &Resources,
     running: &BTreeMap<&ObjectKey, &Pod>,
     workloads: &mut [WorkloadSpec],
+    root_namespace: &str,
 ) -> (Vec<PolicySpec>, PolicyStatus) {
     let mut policies = Vec::new();
     let mut status = Vec::new();
@@ -211,7 +219,7 @@ fn attach_policies(
             key,
             ap.metadata.annotations.as_ref(),
             &ap.spec,
-            ROOT_NAMESPACE,
+            root_namespace,
         );
         status.push(("AuthorizationPolicy", key.clone(), t.acceptance));
         let scope = match t.scope {
@@ -260,7 +268,7 @@ fn attach_policies(
     for pa in &read {
         status.push(("PeerAuthentication", pa.key.clone(), pa.acceptance.clone()));
     }
-    let peer_authns = peer_authn::Index::new(&read, ROOT_NAMESPACE);
+    let peer_authns = peer_authn::Index::new(&read, root_namespace);
     if !peer_authns.is_empty() {
         let mut converted: BTreeMap<String, PolicySpec> = BTreeMap::new();
         for (pod_key, pod) in running {
