@@ -18,7 +18,7 @@ use ambit_net::ca_client::GrpcCaClient;
 use clap::Parser;
 use control::{request, roots, until, xds_model, Control};
 use fake_api::FakeApi;
-use serde_json::json;
+use serde_json::{json, Value};
 const NODE_A_TOKEN: &str = "projected-token-of-ztunnel-on-node-a";
 const WEB_TOKEN: &str = "projected-token-of-shop-web";
 
@@ -271,19 +271,8 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
                spec: {hosts: ['*.example.com'], addresses: [192.0.2.11], resolution: STATIC,\n\
                       ports: [{number: 443, name: https}], endpoints: [{address: 198.51.100.2}]}\n";
     api.put(bad);
-    let condition = || {
-        let o = api.get(
-            "networking.istio.io/v1",
-            "ServiceEntry",
-            "shop",
-            "everything",
-        )?;
-        o["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "ZtunnelAccepted")
-            .cloned()
-    };
+    let condition =
+        || ztunnel_accepted(&api, "networking.istio.io/v1", "ServiceEntry", "everything");
     api.wait_until("ZtunnelAccepted=False on the skipped ServiceEntry", || {
         condition().is_some_and(|c| {
             c["status"] == "False" && c["message"].as_str().unwrap_or("").contains("wildcard")
@@ -307,17 +296,12 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
     })
     .await;
     let policy_condition = || {
-        let o = api.get(
+        ztunnel_accepted(
+            &api,
             "security.istio.io/v1",
             "AuthorizationPolicy",
-            "shop",
             "only-web",
-        )?;
-        o["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "ZtunnelAccepted")
-            .cloned()
+        )
     };
     api.wait_until("ZtunnelAccepted=True on the policy", || {
         policy_condition().is_some_and(|c| c["status"] == "True" && c["reason"] == "Accepted")
@@ -582,4 +566,14 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
         .unwrap();
     control.stop().await;
     assert_allowed_by_rbac(&api);
+}
+
+/// The `ZtunnelAccepted` condition of object `shop/<name>`, if it has one.
+fn ztunnel_accepted(api: &FakeApi, api_version: &str, kind: &str, name: &str) -> Option<Value> {
+    let o = api.get(api_version, kind, "shop", name)?;
+    o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "ZtunnelAccepted")
+        .cloned()
 }

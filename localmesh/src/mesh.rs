@@ -297,14 +297,7 @@ impl LocalMesh {
                 _ => return Err(MeshError::UnknownPod(pod.uid())),
             }
         };
-        let node = self.node(&pod.node)?;
-        let inv = self.invocation(
-            node,
-            &pod.netns,
-            &pod.container_id,
-            &pod.namespace,
-            &pod.name,
-        );
+        let inv = self.pod_invocation(pod)?;
         cni::check(&chain, &inv, &cached).map_err(|source| MeshError::Cni {
             pod: pod.uid(),
             source: Box::new(source),
@@ -653,6 +646,18 @@ impl LocalMesh {
         )
     }
 
+    /// The CNI parameters of an existing pod, as its ADD had them.
+    fn pod_invocation(&self, pod: &Pod) -> Result<Invocation, MeshError> {
+        let node = self.node(&pod.node)?;
+        Ok(self.invocation(
+            node,
+            &pod.netns,
+            &pod.container_id,
+            &pod.namespace,
+            &pod.name,
+        ))
+    }
+
     fn make_pod(
         &self,
         node: &Node,
@@ -769,14 +774,7 @@ impl LocalMesh {
         chain: &NetworkConfigList,
         cni_result: Option<&Value>,
     ) -> Result<(), MeshError> {
-        let node = self.node(&pod.node)?;
-        let inv = self.invocation(
-            node,
-            &pod.netns,
-            &pod.container_id,
-            &pod.namespace,
-            &pod.name,
-        );
+        let inv = self.pod_invocation(pod)?;
         let chain = cni::del(chain, &inv, cni_result);
         let lo = cni::del(&NetworkConfigList::loopback(), &inv, None);
         let _ = fs::remove_file(

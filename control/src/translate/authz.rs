@@ -77,11 +77,12 @@ struct Spec {
     rules: Option<Vec<Option<RuleSpec>>>,
 }
 
+/// `selector` of a security policy.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Selector {
+pub(super) struct Selector {
     #[serde(default)]
-    match_labels: BTreeMap<String, String>,
+    pub(super) match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

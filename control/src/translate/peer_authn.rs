@@ -21,7 +21,7 @@ use ambit_core::authz::{Action, Clause, Match, Policy, Rule, StringMatch};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::authz::Acceptance;
+use super::authz::{Acceptance, Selector};
 use crate::resources::ObjectKey;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,13 +73,6 @@ struct Spec {
     selector: Option<Selector>,
     mtls: Option<Mtls>,
     port_level_mtls: Option<BTreeMap<String, Mtls>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Selector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
