@@ -25,8 +25,8 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, PolicyScope, PolicySpec, Protocol, ServicePort, ServiceSpec,
-    WaypointAddress, WorkloadSpec,
+    EndpointSpec, MeshConfig, PolicyCondition, PolicyScope, PolicySpec, Protocol, ServicePort,
+    ServiceSpec, WaypointAddress, WorkloadSpec,
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -221,7 +221,7 @@ fn attach_policies(
             &ap.spec,
             root_namespace,
         );
-        status.push(("AuthorizationPolicy", key.clone(), t.acceptance));
+        status.push(("AuthorizationPolicy", key.clone(), t.acceptance.clone()));
         let scope = match t.scope {
             None => continue,
             Some(authz::Scope::Global) => PolicyScope::Global,
@@ -246,6 +246,11 @@ fn attach_policies(
         policies.push(PolicySpec {
             scope,
             policy: t.policy,
+            condition: Some(PolicyCondition {
+                accepted: t.acceptance.accepted,
+                reason: t.acceptance.reason.to_owned(),
+                message: t.acceptance.message,
+            }),
         });
     }
     for (i, policy) in selected {
@@ -285,6 +290,7 @@ fn attach_policies(
             converted.entry(key).or_insert(PolicySpec {
                 scope: PolicyScope::WorkloadSelector,
                 policy,
+                condition: None,
             });
         }
         policies.extend(converted.into_values());

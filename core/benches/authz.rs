@@ -78,6 +78,7 @@ fn mesh() -> MeshConfig {
         let ns = format!("ns{}", i % NAMESPACES);
         let name = format!("p{i}");
         config.policies.push(PolicySpec {
+            condition: None,
             scope: PolicyScope::WorkloadSelector,
             policy: policy(
                 &ns,
@@ -94,6 +95,7 @@ fn mesh() -> MeshConfig {
     for n in 0..NAMESPACES {
         let ns = format!("ns{n}");
         config.policies.push(PolicySpec {
+            condition: None,
             scope: PolicyScope::Namespace,
             policy: policy(
                 &ns,
@@ -104,6 +106,7 @@ fn mesh() -> MeshConfig {
             ),
         });
         config.policies.push(PolicySpec {
+            condition: None,
             scope: PolicyScope::Namespace,
             policy: policy(
                 &ns,
@@ -116,6 +119,7 @@ fn mesh() -> MeshConfig {
     }
     for name in ["deny-bad", "audit-all"] {
         config.policies.push(PolicySpec {
+            condition: None,
             scope: PolicyScope::Global,
             policy: policy(
                 "istio-system",

@@ -171,6 +171,20 @@ pub struct PolicySpec {
     pub scope: PolicyScope,
     #[serde(flatten)]
     pub policy: crate::authz::Policy,
+    /// How the control plane enforces it (the policy's `ZtunnelAccepted` condition),
+    /// shown in ztunnel's config dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<PolicyCondition>,
+}
+
+/// A policy's `ZtunnelAccepted` condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    pub accepted: bool,
+    /// Istio's reason: `Accepted`, `UnsupportedValue`, `InvalidValue`.
+    pub reason: String,
+    pub message: String,
 }
 
 /// Which workloads a policy applies to.

@@ -107,6 +107,9 @@ async fn policies_are_enforced_on_both_inbound_paths_and_follow_changes() {
     apply(&h, "only-client.yaml", Some(ALLOW_CLIENT));
     let took = until_connects(&h, &outsider, to, false, "ALLOW enforced");
     eprintln!("ALLOW policy enforced after {took:?}");
+    // Once more, surely denied at its start (the first failure may have been a
+    // connection open as the policy arrived, closed late).
+    assert!(!connects(&h, &outsider, to));
     assert!(
         connects(&h, &client, to),
         "the allowed identity is still in\n{}",
@@ -183,7 +186,27 @@ async fn policies_are_enforced_on_both_inbound_paths_and_follow_changes() {
     let took = until_connects(&h, &outsider, to, true, "policies lifted");
     eprintln!("policies lifted after {took:?}");
     assert!(connects(&h, &client, to));
+
+    // A DENY of HTTP attributes alone cannot be evaluated at L4: it denies everything
+    // it scopes (decision 0007), and ztunnel's config dump says so.
+    apply(&h, "no-admin.yaml", Some(L7_ONLY_DENY));
+    until_connects(&h, &client, to, false, "L7-only DENY enforced");
+    let dump = h.config_dump("node-b").await;
+    assert!(dump.contains("UnsupportedValue"), "{dump}");
+    assert!(
+        dump.contains("spec.rules[0].to[0].operation.paths"),
+        "{dump}"
+    );
 }
+
+const L7_ONLY_DENY: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+";
 
 const STRICT: &str = "\
 apiVersion: security.istio.io/v1
@@ -219,11 +242,15 @@ async fn strict_peer_authentication_keeps_plaintext_out_and_permissive_lets_it_i
         "a mesh client is still in\n{}",
         h.logs()
     );
+    // Counted at the connection's start, or as a late rejection when a connection
+    // was open as the policy arrived.
     let metrics = h.metrics("node-b").await;
-    assert!(
-        denials(&metrics, "shop/ambit-strict-mtls-default", "connect") >= 1.0,
-        "{metrics}"
+    let counted = metric(
+        &metrics,
+        "ambit_authorization_denials_total",
+        &[("policy", "shop/ambit-strict-mtls-default")],
     );
+    assert!(counted >= 1.0, "{metrics}");
 
     apply(&h, "peer-authentication.yaml", Some(PERMISSIVE));
     let took = until_connects(&h, &outsider, to, true, "PERMISSIVE enforced");

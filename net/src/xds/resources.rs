@@ -18,8 +18,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ambit_core::authz::{self, Action, Cidr, Clause, Match, Policy, Rule, ServiceAccountRef};
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, PolicyScope, PolicySpec, Protocol, ServicePort, ServiceSpec,
-    WaypointAddress, WorkloadSpec,
+    EndpointSpec, MeshConfig, PolicyCondition, PolicyScope, PolicySpec, Protocol, ServicePort,
+    ServiceSpec, WaypointAddress, WorkloadSpec,
 };
 use ambit_proto::workload::{
     address, gateway_address, string_match, Address, Authorization, AuthorizationAction,
@@ -204,6 +204,14 @@ fn authorization_to_proto(p: &PolicySpec) -> Authorization {
             })
             .collect(),
         dry_run: p.policy.dry_run,
+        condition: p
+            .condition
+            .as_ref()
+            .map(|c| ambit_proto::workload::PolicyCondition {
+                accepted: c.accepted,
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+            }),
     }
 }
 
@@ -297,6 +305,11 @@ fn authorization_from_proto(a: &Authorization) -> Result<PolicySpec, String> {
     }
     Ok(PolicySpec {
         scope,
+        condition: a.condition.as_ref().map(|c| PolicyCondition {
+            accepted: c.accepted,
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        }),
         policy: Policy {
             namespace: a.namespace.clone(),
             name: a.name.clone(),

@@ -154,6 +154,19 @@ pub struct Authorization {
     /// Evaluated and logged, never enforced (`istio.io/dry-run`).
     #[prost(bool, tag = "100")]
     pub dry_run: bool,
+    /// The policy's `ZtunnelAccepted` condition, for ztunnel's config dump: whether it is
+    /// enforced as written, Istio's reason, and what is enforced instead.
+    #[prost(message, optional, tag = "101")]
+    pub condition: ::core::option::Option<PolicyCondition>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyCondition {
+    #[prost(bool, tag = "1")]
+    pub accepted: bool,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub message: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AuthorizationRule {
