@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The local mesh demo, the README's first command: `ambitctl local up examples/bookshop`
 # runs a two-node cluster on this machine made of network namespaces: the real
-# ambit-control, a ztunnel per node, the demo app in every pod, the `bookshop`
-# namespace enrolled in ambient mode and `legacy` not. It then sends a request from
+# ambit-control, a ztunnel and the node agent (ambit-cni) per node, pods made through
+# each node's CNI chain, the demo app in every pod, the `bookshop` namespace captured
+# in ambient mode at CNI ADD and `legacy` not. It then sends a request from
 # each namespace to the catalog and shows who the catalog says called it: an identity
 # over HBONE (mutual TLS), none in plaintext. The mesh keeps running afterwards;
 # `ambitctl local down` removes it.
