@@ -71,6 +71,18 @@ pub enum LocalCommand {
     },
     /// The running mesh: nodes, pods, services, enrolment.
     Status,
+    /// Applies a file of AuthorizationPolicy, PeerAuthentication or ServiceEntry
+    /// objects to the running mesh, as `kubectl apply -f` would (applying the same
+    /// file again replaces what it applied before).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Deletes what `local apply -f FILE` applied.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
     /// Owns a running mesh (started by `up`, stopped by `down`).
     #[command(hide = true)]
     Supervise {

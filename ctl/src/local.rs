@@ -38,7 +38,87 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
             print!("{}", describe(&mesh));
             Ok(ExitCode::SUCCESS)
         }
+        LocalCommand::Apply { file } => apply(state_dir, &file),
+        LocalCommand::Delete { file } => delete(state_dir, &file),
         LocalCommand::Supervise { dir, bin_dir } => supervisor::run(state_dir, &dir, &bin_dir),
+    }
+}
+
+/// Kinds `local apply` takes: those the control plane reads that need nothing of the
+/// mesh (pods, services and namespaces come from the directory `up` ran).
+const APPLY_KINDS: [&str; 3] = ["AuthorizationPolicy", "PeerAuthentication", "ServiceEntry"];
+
+/// Where the control plane of the running mesh reads what `file` applies.
+fn applied_path(state_dir: &Path, file: &Path) -> anyhow::Result<PathBuf> {
+    let mesh = running(state_dir)?;
+    let name = file
+        .file_name()
+        .with_context(|| format!("{}: not a file name", file.display()))?;
+    Ok(mesh
+        .dir
+        .join("k8s")
+        .join(format!("applied-{}", name.to_string_lossy())))
+}
+
+fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
+    let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let mut applied = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc)
+            .with_context(|| format!("{}: document {}", file.display(), i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let field = |path: &[&str]| {
+            path.iter()
+                .try_fold(&value, |v, k| v.get(*k))
+                .and_then(serde_yaml_ng::Value::as_str)
+                .map(str::to_owned)
+        };
+        let kind = field(&["kind"]).unwrap_or_default();
+        anyhow::ensure!(
+            APPLY_KINDS.contains(&kind.as_str()),
+            "{}: document {}: kind {kind:?}: `local apply` takes {}; pods, services and namespaces come from the directory given to `local up`",
+            file.display(),
+            i + 1,
+            APPLY_KINDS.join(", ")
+        );
+        let name = field(&["metadata", "name"]).with_context(|| {
+            format!(
+                "{}: document {}: metadata.name is required",
+                file.display(),
+                i + 1
+            )
+        })?;
+        let namespace = field(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
+        applied.push(format!("{kind} {namespace}/{name}"));
+    }
+    anyhow::ensure!(!applied.is_empty(), "{}: no object in it", file.display());
+    let target = applied_path(state_dir, file)?;
+    let temporary = target.with_extension("tmp");
+    fs::write(&temporary, &text).with_context(|| format!("{}", temporary.display()))?;
+    fs::rename(&temporary, &target).with_context(|| format!("{}", target.display()))?;
+    for object in applied {
+        println!("{object} applied");
+    }
+    println!("(the control plane picks it up within a second; ambit-control's log and each ztunnel's /config_dump say how it is enforced)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
+    let target = applied_path(state_dir, file)?;
+    match fs::remove_file(&target) {
+        Ok(()) => {
+            println!("what {} applied is deleted", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!(
+                "nothing applied from {} (see `local apply -f`)",
+                file.display()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("{}", target.display())),
     }
 }
 

@@ -265,6 +265,59 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     );
     assert!(opened >= 2.0, "opened {opened}:\n{metrics}");
 
+    // A policy applied to the running mesh, as with kubectl: the frontend is denied,
+    // then the policy is deleted and it is let through again.
+    let policies = tempfile::tempdir().unwrap();
+    let deny = policies.path().join("deny-frontend.yaml");
+    std::fs::write(
+        &deny,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-frontend, namespace: bookshop}\n\
+         spec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/bookshop/sa/frontend]}}]}]}\n",
+    )
+    .unwrap();
+    let applied = ctl.ok(&["local", "apply", "-f", deny.to_str().unwrap()]);
+    assert!(
+        applied.contains("AuthorizationPolicy bookshop/deny-frontend applied"),
+        "{applied}"
+    );
+    let frontend_gets = || {
+        ctl.run(&[
+            "local",
+            "exec",
+            "frontend",
+            "--",
+            "ambitctl",
+            "app",
+            "get",
+            "http://catalog.bookshop/",
+        ])
+        .status
+        .success()
+    };
+    let within = |want: bool, what: &str| {
+        let start = std::time::Instant::now();
+        while frontend_gets() != want {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "{what} not within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    within(false, "the DENY");
+    ctl.ok(&["local", "delete", "-f", deny.to_str().unwrap()]);
+    within(true, "the deletion");
+    // Pods are not applied this way: they come from the directory `up` ran.
+    let pod = policies.path().join("pod.yaml");
+    std::fs::write(&pod, "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").unwrap();
+    let refused = ctl.run(&["local", "apply", "-f", pod.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("kind \"Pod\""),
+        "{refused:?}"
+    );
+
     // exec passes the command's exit code through, and names a pod it cannot find.
     let code = ctl.run(&["local", "exec", "batch", "--", "sh", "-c", "exit 7"]);
     assert_eq!(code.status.code(), Some(7));
