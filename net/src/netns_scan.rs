@@ -32,6 +32,15 @@ pub struct FoundNetns {
 /// the machine (another local mesh's pod) is not this node's pod. Needs
 /// `CAP_SYS_ADMIN` to enter the namespaces.
 pub fn find_by_ip(ips: &[IpAddr]) -> io::Result<Option<FoundNetns>> {
+    Ok(find_each(&[ips.to_vec()])?.pop().flatten())
+}
+
+/// [`find_by_ip`] for several pods at once, with one scan: for each set of addresses,
+/// the namespace holding one of them, in the same order.
+pub fn find_each(wanted: &[Vec<IpAddr>]) -> io::Result<Vec<Option<FoundNetns>>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
     let linked = netlink::linked_nsids()?;
     let own = std::fs::metadata("/proc/self/ns/net")?;
     let mut seen: HashSet<(u64, u64)> = HashSet::from([(own.dev(), own.ino())]);
@@ -71,27 +80,37 @@ pub fn find_by_ip(ips: &[IpAddr]) -> io::Result<Option<FoundNetns>> {
             candidates.push((file, path));
         }
     }
-    let ips = ips.to_vec();
+    let wanted = wanted.to_vec();
     // setns changes the calling thread only; this thread is thrown away afterwards.
     std::thread::Builder::new()
         .name("netns-scan".into())
         .spawn(move || {
+            let mut found: Vec<Option<FoundNetns>> = wanted.iter().map(|_| None).collect();
             for (file, path) in candidates {
-                if holds_any(&file, &ips)? {
-                    return Ok(Some(FoundNetns { file, path }));
+                if found.iter().all(Option::is_some) {
+                    break;
+                }
+                let held = addresses(&file)?;
+                for (i, ips) in wanted.iter().enumerate() {
+                    if found[i].is_none() && ips.iter().any(|ip| held.contains(ip)) {
+                        found[i] = Some(FoundNetns {
+                            file: file.try_clone()?,
+                            path: path.clone(),
+                        });
+                    }
                 }
             }
-            Ok(None)
+            Ok(found)
         })?
         .join()
         .map_err(|_| io::Error::other("the namespace scan thread panicked"))?
 }
 
-/// Whether the namespace of `file` has an interface address among `ips`; enters it.
-fn holds_any(file: &File, ips: &[IpAddr]) -> io::Result<bool> {
+/// The interface addresses of the namespace of `file`; enters it. None if it cannot
+/// be entered (gone, or not ours to enter).
+fn addresses(file: &File) -> io::Result<Vec<IpAddr>> {
     if setns(file.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
-        // Not enterable (gone, or not ours to enter): not the pod's.
-        return Ok(false);
+        return Ok(Vec::new());
     }
     let addresses = getifaddrs().map_err(io::Error::from)?;
     Ok(addresses
@@ -101,7 +120,7 @@ fn holds_any(file: &File, ips: &[IpAddr]) -> io::Result<bool> {
                 .map(|v4| IpAddr::V4(v4.ip()))
                 .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         })
-        .any(|ip| ips.contains(&ip)))
+        .collect())
 }
 
 /// Where runtimes pin network namespaces by name.

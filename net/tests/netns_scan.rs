@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command, Stdio};
 
-use ambit_net::netns_scan::find_by_ip;
+use ambit_net::netns_scan::{find_by_ip, find_each};
 
 /// A named network namespace holding `ips`, and a process in it
 /// (or not). Removed when dropped.
@@ -110,6 +110,18 @@ fn a_running_pods_namespace_is_found_by_any_of_its_addresses() {
     assert!(find_by_ip(&["198.18.7.99".parse().unwrap()])
         .unwrap()
         .is_none());
+    // Several at once, in one scan, in the order asked.
+    let found = find_each(&[
+        vec!["198.18.7.99".parse().unwrap()],
+        vec!["198.18.7.3".parse().unwrap()],
+        vec!["fd99:7::2".parse().unwrap()],
+    ])
+    .unwrap();
+    let inodes: Vec<Option<u64>> = found
+        .iter()
+        .map(|f| f.as_ref().map(|f| f.file.metadata().unwrap().ino()))
+        .collect();
+    assert_eq!(inodes, [None, Some(idle.inode()), Some(pod.inode())]);
     drop(idle);
     drop(elsewhere);
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use ambit_core::model::{MeshConfig, Protocol, WorkloadSpec};
 use ambit_net::redirect::{self, Ipv6Mode, RedirectConfig, RedirectError};
 use ambit_proto::handoff::WorkloadInfo;
+use futures::StreamExt as _;
 use tokio::sync::Mutex;
 
 use super::control::Control;
@@ -53,6 +54,8 @@ struct Enrolled {
 
 /// How long a report may take to show in the model before it is sent again.
 const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(3);
+/// How many running pods are enrolled at once (each runs the rule tools).
+const ENROL_AT_ONCE: usize = 8;
 /// How long a deleted pod is not enrolled again from a model that still shows it.
 const DELETED_FOR: Duration = Duration::from_secs(60);
 /// How long an ADD waits for the control plane to learn of a new pod before the
@@ -320,6 +323,7 @@ impl Pods {
             tracing::info!(pod = %key, reason = if gone { "left the model" } else { "labels no longer ask for it" }, "unenrolling");
             self.undo(&key, entry, gone).await;
         }
+        let mut to_enrol: Vec<&WorkloadSpec> = Vec::new();
         for (key, workload) in &mine {
             if let Some(entry) = enrolled.get_mut(*key) {
                 entry.seen_in_model = true;
@@ -338,36 +342,71 @@ impl Pods {
                 continue;
             }
             if workload.ambient {
-                match self.enrol_running(workload).await {
-                    Ok(mut entry) => {
-                        entry.seen_in_model = true;
-                        enrolled.insert((*key).to_owned(), entry);
-                    }
-                    Err(e) => self.failed(key, e),
-                }
+                to_enrol.push(*workload);
             } else if workload.protocol == Protocol::Hbone {
                 // Reported but not enrolled (an agent stopped half-way through an
                 // unenrolment): finish it.
                 self.clean_up_stale(workload).await;
             }
         }
+        for (key, outcome) in self.enrol_running(&to_enrol).await {
+            match outcome {
+                Ok(mut entry) => {
+                    entry.seen_in_model = true;
+                    enrolled.insert(key, entry);
+                }
+                Err(e) => self.failed(&key, e),
+            }
+        }
     }
 
-    /// Enrols a pod that is already running: its namespace is the one holding its IP.
-    async fn enrol_running(&self, workload: &WorkloadSpec) -> Result<Enrolled, String> {
-        let ips = workload.ips.clone();
-        let found = tokio::task::spawn_blocking(move || ambit_net::netns_scan::find_by_ip(&ips))
+    /// Enrols pods that are already running, several at a time: their namespaces are
+    /// found in one scan (the one holding each pod's IP), then each is enrolled.
+    async fn enrol_running(
+        &self,
+        workloads: &[&WorkloadSpec],
+    ) -> Vec<(String, Result<Enrolled, String>)> {
+        if workloads.is_empty() {
+            return Vec::new();
+        }
+        let wanted: Vec<Vec<std::net::IpAddr>> = workloads.iter().map(|w| w.ips.clone()).collect();
+        let found = tokio::task::spawn_blocking(move || ambit_net::netns_scan::find_each(&wanted))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("looking for the namespace of {:?}: {e}", workload.ips))?
-            .ok_or_else(|| format!("no network namespace on this node holds {:?}", workload.ips))?;
-        let pod = PodRef {
-            namespace: workload.namespace.clone(),
-            name: workload.name.clone(),
-            uid: None,
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| format!("scanning the node's network namespaces: {e}")));
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                return workloads
+                    .iter()
+                    .map(|w| (w.uid.clone(), Err(e.clone())))
+                    .collect()
+            }
         };
-        tracing::info!(pod = %workload.uid, netns = %found.path.display(), "running pod to be captured (labels)");
-        self.enrol(pod, &workload.service_account, found.file, found.path)
+        type Enrolment<'a> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = (String, Result<Enrolled, String>)> + Send + 'a>,
+        >;
+        let enrolments: Vec<Enrolment<'_>> = workloads.iter().zip(found).map(|(workload, found)| -> Enrolment<'_> { Box::pin(async move {
+            let Some(found) = found else {
+                return (
+                    workload.uid.clone(),
+                    Err(format!("no network namespace on this node holds {:?}", workload.ips)),
+                );
+            };
+            let pod = PodRef {
+                namespace: workload.namespace.clone(),
+                name: workload.name.clone(),
+                uid: None,
+            };
+            tracing::info!(pod = %workload.uid, netns = %found.path.display(), "running pod to be captured (labels)");
+            let outcome = self
+                .enrol(pod, &workload.service_account, found.file, found.path)
+                .await;
+            (workload.uid.clone(), outcome)
+        })}).collect();
+        futures::stream::iter(enrolments)
+            .buffer_unordered(ENROL_AT_ONCE)
+            .collect()
             .await
     }
 
