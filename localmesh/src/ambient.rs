@@ -447,28 +447,37 @@ fn start_ztunnel(
     Ok(process)
 }
 
-/// ztunnel's `/config_dump` on `node`, fetched from inside the node.
-pub async fn config_dump(mesh: &LocalMesh, node: &str) -> std::io::Result<String> {
+/// `GET path` from port `port` of `node`'s loopback (ztunnel's admin 15000, metrics
+/// 15020), made from inside the node: the whole response, head and body.
+pub async fn node_get(
+    mesh: &LocalMesh,
+    node: &str,
+    port: u16,
+    path: &str,
+) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
-    let ns = ambit_net::netns::NetnsHandle::from_path(
-        mesh.node(node)
-            .map_err(std::io::Error::other)?
-            .netns()
-            .path(),
-    )?;
-    let response = ns
-        .run(move || {
-            let addr = SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_ADMIN_PORT));
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(
-                b"GET /config_dump HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .await?;
+    let netns = mesh
+        .node(node)
+        .map_err(std::io::Error::other)?
+        .netns()
+        .path();
+    let ns = ambit_net::netns::NetnsHandle::from_path(netns)?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    ns.run(move || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .await
+}
+
+/// ztunnel's `/config_dump` on `node`: the body.
+pub async fn config_dump(mesh: &LocalMesh, node: &str) -> std::io::Result<String> {
+    let response = node_get(mesh, node, ZTUNNEL_ADMIN_PORT, "/config_dump").await?;
     Ok(response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())

@@ -50,6 +50,18 @@ impl BearerToken {
     }
 }
 
+impl BearerToken {
+    /// The `authorization: Bearer <token>` metadata value to send now.
+    pub fn authorization(
+        &self,
+    ) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
+        let token = self.current().map_err(|e| e.to_string())?;
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token is not valid ASCII metadata".to_owned())
+    }
+}
+
 impl From<&str> for BearerToken {
     fn from(token: &str) -> Self {
         BearerToken::Fixed(token.to_owned())

@@ -295,19 +295,14 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         .status
         .success()
     };
-    let within = |want: bool, what: &str| {
-        let start = std::time::Instant::now();
-        while frontend_gets() != want {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "{what} not within 10 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
-    within(false, "the DENY");
+    eventually(
+        || !frontend_gets(),
+        || "the DENY to refuse the frontend".into(),
+    );
     ctl.ok(&["local", "delete", "-f", deny.to_str().unwrap()]);
-    within(true, "the deletion");
+    eventually(frontend_gets, || {
+        "the deletion to let the frontend in".into()
+    });
     // Pods are not applied this way: they come from the directory `up` ran.
     let pod = policies.path().join("pod.yaml");
     std::fs::write(&pod, "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").unwrap();

@@ -14,7 +14,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ambit_localmesh::Pod;
-use support::{metric, two_nodes, Harness, DEADLINE};
+use support::{eventually, metric, two_nodes, Harness, DEADLINE};
 
 const ALLOW_CLIENT: &str = "\
 apiVersion: security.istio.io/v1
@@ -57,8 +57,9 @@ fn connects(h: &Harness, pod: &Pod, to: std::net::SocketAddr) -> bool {
         .success()
 }
 
-/// Polls until `pod`'s connection to `to` succeeds (`want`) or fails; the delay.
-fn until_connects(
+/// Polls (with the harness's `eventually`) until `pod`'s connection to `to` succeeds
+/// (`want`) or fails; the delay. A connection attempt is the only way to ask.
+async fn until_connects(
     h: &Harness,
     pod: &Pod,
     to: std::net::SocketAddr,
@@ -66,16 +67,13 @@ fn until_connects(
     what: &str,
 ) -> Duration {
     let start = Instant::now();
-    let deadline = Duration::from_secs(10);
-    loop {
-        if connects(h, pod, to) == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > deadline {
-            panic!("{what}: not within {deadline:?}\n{}", h.logs());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(10),
+        || async { (connects(h, pod, to) == want).then_some(()) },
+        || format!("{what}\n{}", h.logs()),
+    )
+    .await;
+    start.elapsed()
 }
 
 fn denials(metrics: &str, policy: &str, when: &str) -> f64 {
@@ -105,7 +103,7 @@ async fn policies_are_enforced_on_both_inbound_paths_and_follow_changes() {
 
     // ALLOW only the client's identity: the plaintext outsider is closed.
     apply(&h, "only-client.yaml", Some(ALLOW_CLIENT));
-    let took = until_connects(&h, &outsider, to, false, "ALLOW enforced");
+    let took = until_connects(&h, &outsider, to, false, "ALLOW enforced").await;
     eprintln!("ALLOW policy enforced after {took:?}");
     // Once more, surely denied at its start (the first failure may have been a
     // connection open as the policy arrived, closed late).
@@ -183,14 +181,14 @@ async fn policies_are_enforced_on_both_inbound_paths_and_follow_changes() {
     // Both deleted: lifted.
     apply(&h, "deny-client.yaml", None);
     apply(&h, "only-client.yaml", None);
-    let took = until_connects(&h, &outsider, to, true, "policies lifted");
+    let took = until_connects(&h, &outsider, to, true, "policies lifted").await;
     eprintln!("policies lifted after {took:?}");
     assert!(connects(&h, &client, to));
 
     // A DENY of HTTP attributes alone cannot be evaluated at L4: it denies everything
     // it scopes (decision 0007), and ztunnel's config dump says so.
     apply(&h, "no-admin.yaml", Some(L7_ONLY_DENY));
-    until_connects(&h, &client, to, false, "L7-only DENY enforced");
+    until_connects(&h, &client, to, false, "L7-only DENY enforced").await;
     let dump = h.config_dump("node-b").await;
     assert!(dump.contains("UnsupportedValue"), "{dump}");
     assert!(
@@ -235,7 +233,7 @@ async fn strict_peer_authentication_keeps_plaintext_out_and_permissive_lets_it_i
     let to = web.addr(8080);
 
     apply(&h, "peer-authentication.yaml", Some(STRICT));
-    let took = until_connects(&h, &outsider, to, false, "STRICT enforced");
+    let took = until_connects(&h, &outsider, to, false, "STRICT enforced").await;
     eprintln!("STRICT enforced after {took:?}");
     assert!(
         connects(&h, &client, to),
@@ -253,7 +251,7 @@ async fn strict_peer_authentication_keeps_plaintext_out_and_permissive_lets_it_i
     assert!(counted >= 1.0, "{metrics}");
 
     apply(&h, "peer-authentication.yaml", Some(PERMISSIVE));
-    let took = until_connects(&h, &outsider, to, true, "PERMISSIVE enforced");
+    let took = until_connects(&h, &outsider, to, true, "PERMISSIVE enforced").await;
     eprintln!("PERMISSIVE enforced after {took:?}");
     assert!(connects(&h, &client, to));
 }

@@ -253,20 +253,6 @@ async fn labels_move_running_pods_in_and_out_without_breaking_open_connections()
     assert!(agent.contains("labels no longer ask for it"), "{agent}");
 }
 
-/// A connection from `pod` to `to` is refused: never passed in plaintext.
-fn assert_refused(h: &Harness, pod: &Pod, to: std::net::SocketAddr, what: &str) {
-    let to = to.to_string();
-    let out = h.run_app(pod, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{what}: a connection to {to} was not refused: {}\n{}",
-        out.log,
-        h.logs()
-    );
-    assert!(out.log.contains("refused"), "{what}: {}", out.log);
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn ztunnel_or_agent_restarts_keep_enrolled_pods_enrolled_and_never_leak_plaintext() {
     let mesh = two_nodes();
@@ -286,7 +272,7 @@ async fn ztunnel_or_agent_restarts_keep_enrolled_pods_enrolled_and_never_leak_pl
     ztunnel.signal(ambit_localmesh::Signal::SIGKILL);
     ztunnel.wait(DEADLINE).unwrap();
     let accepted = echo.log().matches("accepted from").count();
-    assert_refused(&h, &client, web.addr(8080), "ztunnel down");
+    support::assert_refused(&h, &client, web.addr(8080));
     assert_eq!(echo.log().matches("accepted from").count(), accepted);
 
     // Back: the agent hands the pod over again (its snapshot), traffic resumes, mTLS.

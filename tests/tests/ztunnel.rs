@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ambit_localmesh::{Pod, PodSpec, Protocol, ServiceSpec, Signal};
 use ambit_net::netns::{ConnectOpts, NetnsHandle};
-use support::{eventually, metric, pod, two_nodes, Harness, DEADLINE, TEST_LOG};
+use support::{assert_refused, eventually, metric, pod, two_nodes, Harness, DEADLINE, TEST_LOG};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A two-node mesh with an HBONE `client` pod on `client_node` and an HBONE `server`
@@ -496,20 +496,6 @@ async fn captured_connection(pod: &Pod, to: std::net::SocketAddr) -> tokio::net:
         ..ConnectOpts::default()
     };
     app.connect(to, unmarked).await.unwrap()
-}
-
-/// A new connection from `pod`'s app to `to` is refused (the test app exits 2).
-fn assert_refused(h: &Harness, pod: &Pod, to: std::net::SocketAddr) {
-    let to = to.to_string();
-    let out = h.run_app(pod, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a connection to {to} was not refused: {}\n{}",
-        out.log,
-        h.logs()
-    );
-    assert!(out.log.contains("refused"), "{}", out.log);
 }
 
 /// Writes `data` to an echoed connection and reads it back.

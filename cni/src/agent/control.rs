@@ -84,14 +84,11 @@ impl Control {
     }
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, String> {
-        let token = self
+        let value = self
             .token
-            .current()
+            .authorization()
             .map_err(|e| format!("node agent token: {e}"))?;
         let mut request = tonic::Request::new(message);
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "node agent token is not ASCII".to_owned())?;
         request.metadata_mut().insert("authorization", value);
         Ok(request)
     }

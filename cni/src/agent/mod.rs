@@ -30,7 +30,7 @@ use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::redirect::Ipv6Mode;
 use ambit_net::token::BearerToken;
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -292,5 +292,3 @@ async fn answer(
     text.push(b'\n');
     write.write_all(&text).await
 }
-
-use tokio::io::AsyncReadExt as _;

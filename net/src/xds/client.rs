@@ -119,14 +119,9 @@ impl XdsClient {
     async fn stream(&mut self, channel: Channel) -> Result<bool, (bool, tonic::Status)> {
         let authorization = match &self.config.token {
             Some(token) => Some(
-                format!(
-                    "Bearer {}",
-                    token
-                        .current()
-                        .map_err(|e| (false, tonic::Status::unauthenticated(e.to_string())))?
-                )
-                .parse::<tonic::metadata::MetadataValue<_>>()
-                .map_err(|_| (false, tonic::Status::unauthenticated("token is not ASCII")))?,
+                token
+                    .authorization()
+                    .map_err(|e| (false, tonic::Status::unauthenticated(e)))?,
             ),
             None => None,
         };

@@ -4,15 +4,13 @@
 //! played by the test; all of it `ambit_localmesh::Ambient`, shared with `ambitctl`.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambit_localmesh::{
     target_binary, Ambient, AmbientConfig, Completed, LocalMesh, Pod, PodSpec, Process,
 };
-use ambit_net::netns::NetnsHandle;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -189,21 +187,9 @@ impl Harness {
     /// `GET path` from ztunnel's endpoint on `port` of `node`'s loopback: the whole
     /// response, head and body.
     async fn get(&self, node: &str, port: u16, path: &'static str) -> String {
-        let ns = NetnsHandle::from_path(self.mesh.node(node).unwrap().netns().path()).unwrap();
-        ns.run(move || {
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{path} of {node}: {e}\n{}", self.logs()))
+        ambit_localmesh::ambient::node_get(&self.mesh, node, port, path)
+            .await
+            .unwrap_or_else(|e| panic!("{path} of {node}: {e}\n{}", self.logs()))
     }
 }
 
@@ -256,4 +242,18 @@ pub fn two_nodes() -> LocalMesh {
 pub fn pod(mesh: &LocalMesh, node: &str, namespace: &str, name: &str, sa: &str) -> Pod {
     mesh.add_pod(node, PodSpec::new(namespace, name).service_account(sa))
         .unwrap()
+}
+
+/// A new connection from `pod`'s app to `to` is refused (the test app exits 2).
+pub fn assert_refused(h: &Harness, pod: &Pod, to: std::net::SocketAddr) {
+    let to = to.to_string();
+    let out = h.run_app(pod, &["send", "--to", &to, "--bytes", "10"], DEADLINE);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a connection to {to} was not refused: {}\n{}",
+        out.log,
+        h.logs()
+    );
+    assert!(out.log.contains("refused"), "{}", out.log);
 }
