@@ -37,19 +37,7 @@ status: {podIP: 10.2.0.2}
         ),
     )
     .unwrap();
-    let control = Control::local(&[
-        "--local-dir",
-        k8s.to_str().unwrap(),
-        "--poll",
-        "50ms",
-        "--root-dir",
-        dir.path().join("ca").to_str().unwrap(),
-        "--tokens",
-        dir.path().join("tokens.yaml").to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let control = Control::local_in(dir.path()).await;
     let roots = roots_in(&dir.path().join("ca/root-cert.pem"));
     let client = ca_client(control.addr, roots.clone(), TOKEN, true);
 

@@ -59,19 +59,7 @@ async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
         ),
     )
     .unwrap();
-    let control = Control::local(&[
-        "--local-dir",
-        k8s.to_str().unwrap(),
-        "--poll",
-        "50ms",
-        "--root-dir",
-        dir.path().join("ca").to_str().unwrap(),
-        "--tokens",
-        dir.path().join("tokens.yaml").to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let control = Control::local_in(dir.path()).await;
     let addr = control.addr;
     let roots = roots_in(&dir.path().join("ca/root-cert.pem"));
 

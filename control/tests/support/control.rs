@@ -73,6 +73,26 @@ impl Control {
         .await
     }
 
+    /// Local mode on `dir` as the tests lay it out: YAML in `k8s/`, the root in `ca/`,
+    /// the tokens in `tokens.yaml`, polled every 50 ms, on a free port.
+    pub async fn local_in(dir: &Path) -> Control {
+        let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        let (k8s, ca, tokens) = (path("k8s"), path("ca"), path("tokens.yaml"));
+        Control::local(&[
+            "--local-dir",
+            &k8s,
+            "--poll",
+            "50ms",
+            "--root-dir",
+            &ca,
+            "--tokens",
+            &tokens,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .await
+    }
+
     /// Stops it and checks it exits cleanly.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
