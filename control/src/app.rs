@@ -17,6 +17,7 @@ use crate::kubernetes::KubernetesSource;
 use crate::placement::Placements;
 use crate::publish::Publisher;
 use crate::redirection::{RedirectionService, ReportSink, Reports};
+use crate::resources::Resources;
 use crate::token_review::TokenReviewAuthenticator;
 use crate::xds::{Snapshot, XdsServer};
 use ambit_proto::nodeagent::redirection_server::RedirectionServer;
@@ -201,6 +202,7 @@ pub async fn run_local(
         publisher: Publisher::new(placements.clone(), snapshots)
             .with_root_namespace(&config.root_namespace),
         reports,
+        last: None,
     };
     // The first read before serving: the CA authorizes node agents against its pods.
     source.step();
@@ -240,21 +242,31 @@ struct LocalSource {
     publisher: Publisher,
     /// Node agents' redirection reports, which stand in for the pod annotation.
     reports: Arc<Reports>,
+    /// What was last published, so an unchanged directory is not translated again.
+    last: Option<(Resources, Vec<String>)>,
 }
 
 impl LocalSource {
     /// Reads the directory and publishes what changed.
     fn step(&mut self) {
-        let problems = match self.directory.reload() {
+        let problems: Vec<String> = match self.directory.reload() {
             Ok(errors) => errors
                 .iter()
-                .map(|e| format!("{e}; keeping the file's last good content"))
+                .map(|e| match e.fails_closed {
+                    true => e.to_string(),
+                    false => format!("{e}; keeping the file's last good content"),
+                })
                 .collect(),
             Err(e) => vec![format!("{e}; keeping the last model")],
         };
         let mut resources = self.directory.resources();
         self.reports.apply(&mut resources);
+        let current = (resources, problems);
+        if self.last.as_ref() == Some(&current) {
+            return;
+        }
         self.publisher
-            .publish(&resources, problems, &self.directory.to_string());
+            .publish(&current.0, current.1.clone(), &self.directory.to_string());
+        self.last = Some(current);
     }
 }

@@ -2,29 +2,22 @@
 //! user would `kubectl apply`. In local mode a Pod's `status.podIP(s)` and
 //! `spec.nodeName` come from the file, since no scheduler or CNI fills them in.
 //!
-//! A file is taken whole or not at all: if one of its documents cannot be used, the
-//! error names the file and the line, and the file's last good content is kept, so a
-//! half-saved edit never removes the rest of the file's objects from the mesh.
-//! Kinds the control plane does not use (Deployments, ConfigMaps, ...) are skipped.
+//! Documents are read by [`ambit_k8s::read`], the code `ambitctl local apply`
+//! validates with. A security policy that cannot be read but whose kind and namespace
+//! can is kept to fail closed in its scope. Any other document that cannot be used
+//! makes the file keep its last good content (its security policies still follow
+//! the file), so a half-saved edit never removes the rest of the file's objects from
+//! the mesh; each error names the file, the line and the document. Kinds the control
+//! plane does not use (Deployments, ConfigMaps, ...) are skipped. A file is read
+//! again only when its size, times or inode change, so an unchanged directory costs
+//! one `stat` per file and poll.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde_yaml_ng::Value;
-
 use crate::resources::{Object, Resources};
-
-/// A document that cannot be used, and where it is.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {message}", path.display())]
-pub struct DocumentError {
-    pub path: PathBuf,
-    /// 1-based line in the file: where the error is, or where its document starts.
-    pub line: usize,
-    pub message: String,
-}
 
 /// Why the directory itself could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -37,122 +30,51 @@ pub enum DirectoryError {
     },
 }
 
-/// Parses one file's text into the objects the control plane keeps.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, DocumentError> {
-    let mut objects = Vec::new();
-    for (first_line, document) in documents(text) {
-        let error = |line: usize, message: String| DocumentError {
-            path: path.to_owned(),
-            line,
-            message,
-        };
-        let value: Value = serde_yaml_ng::from_str(document).map_err(|e| {
-            let line = e
-                .location()
-                .map_or(first_line, |l| first_line + l.line() - 1);
-            error(line, e.to_string())
-        })?;
-        if value.is_null() {
-            continue;
-        }
-        let field = |name: &str| value.get(name).and_then(Value::as_str).unwrap_or("");
-        let (api_version, kind) = (field("apiVersion"), field("kind"));
-        if api_version.is_empty() || kind.is_empty() {
-            return Err(error(
-                first_line,
-                "not a Kubernetes object: apiVersion and kind are required".into(),
-            ));
-        }
-        let typed = |kind: &str| format!("{kind} {}: ", object_name(&value));
-        let object = match (api_version, kind) {
-            ("v1", "Namespace") => {
-                serde_yaml_ng::from_value(value.clone()).map(|o| Object::Namespace(Box::new(o)))
-            }
-            ("v1", "Pod") => {
-                serde_yaml_ng::from_value(value.clone()).map(|o| Object::Pod(Box::new(o)))
-            }
-            ("v1", "Service") => {
-                serde_yaml_ng::from_value(value.clone()).map(|o| Object::Service(Box::new(o)))
-            }
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                serde_yaml_ng::from_value(value.clone()).map(|o| Object::EndpointSlice(Box::new(o)))
-            }
-            (v, "ServiceEntry") if crate::service_entry::API_VERSIONS.contains(&v) => {
-                serde_yaml_ng::from_value(value.clone()).map(|o| Object::ServiceEntry(Box::new(o)))
-            }
-            (v, "AuthorizationPolicy") if crate::security::API_VERSIONS.contains(&v) => {
-                serde_yaml_ng::from_value(value.clone())
-                    .map(|o| Object::AuthorizationPolicy(Box::new(o)))
-            }
-            (v, "PeerAuthentication") if crate::security::API_VERSIONS.contains(&v) => {
-                serde_yaml_ng::from_value(value.clone())
-                    .map(|o| Object::PeerAuthentication(Box::new(o)))
-            }
-            _ => {
-                tracing::debug!(path = %path.display(), line = first_line, api_version, kind, "kind not used by the control plane; skipped");
-                continue;
-            }
-        };
-        let object = object.map_err(|e| error(first_line, format!("{}{e}", typed(kind))))?;
-        if object.key().name.is_empty() {
-            return Err(error(
-                first_line,
-                format!("{kind}: metadata.name is required"),
-            ));
-        }
-        objects.push(object);
-    }
-    Ok(objects)
+/// Parses one file's text as the directory source does ([`ambit_k8s::read`]).
+pub use ambit_k8s::read::{parse_file, DocumentError};
+
+/// What identifies a file's content without reading it: a rewrite, a rename over it
+/// or an edit in place each change one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
 }
 
-/// `namespace/name` of an object not yet typed, for messages.
-fn object_name(value: &Value) -> String {
-    let meta = |field: &str| {
-        value
-            .get("metadata")
-            .and_then(|m| m.get(field))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    match (meta("namespace"), meta("name")) {
-        (Some(ns), Some(name)) => format!("{ns}/{name}"),
-        (None, Some(name)) => name,
-        _ => "(unnamed)".into(),
+impl Stamp {
+    fn of(metadata: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.size(),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+        }
     }
 }
 
-/// The documents of a multi-document YAML text, each with the 1-based line it starts
-/// on. A `---` at the start of a line separates documents (inside a block scalar it
-/// would be indented).
-fn documents(text: &str) -> Vec<(usize, &str)> {
-    let mut documents = Vec::new();
-    let (mut start, mut start_line) = (0, 1);
-    let mut offset = 0;
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let bare = line.trim_end();
-        if bare == "---" || bare.starts_with("--- ") {
-            documents.push((start_line, &text[start..offset]));
-            start = offset + line.len();
-            start_line = index + 2;
-        }
-        offset += line.len();
-    }
-    documents.push((start_line, &text[start..]));
-    documents
-        .into_iter()
-        .filter(|(_, d)| {
-            d.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .collect()
+/// One file as last read.
+#[derive(Debug)]
+struct File {
+    stamp: Stamp,
+    /// What the source takes from it.
+    objects: Vec<Object>,
+    /// Its documents that could not be used as written.
+    errors: Vec<DocumentError>,
 }
 
 /// The directory source: the objects of every `*.yaml` / `*.yml` file in a directory
-/// (not its subdirectories), each file's last good content kept.
+/// (not its subdirectories). A file is read again only when its [`Stamp`] changes.
 #[derive(Debug)]
 pub struct Directory {
     root: PathBuf,
-    files: BTreeMap<PathBuf, Vec<Object>>,
+    files: BTreeMap<PathBuf, File>,
+    /// How many times a file was read and parsed (for tests and logs).
+    parses: u64,
 }
 
 impl Directory {
@@ -160,55 +82,106 @@ impl Directory {
         Directory {
             root: root.to_owned(),
             files: BTreeMap::new(),
+            parses: 0,
         }
     }
 
-    /// Reads the directory again. Files that parse replace their previous content,
-    /// files that are gone take their objects with them, and files that do not parse
-    /// keep their last good content and are returned as errors.
+    /// How many times a file has been read and parsed since `new`.
+    pub fn parses(&self) -> u64 {
+        self.parses
+    }
+
+    /// Looks at the directory again; reads only the files that are new or changed.
+    /// Files that are gone take their objects with them. A file every document of
+    /// which is accounted for (read, skipped as an unused kind, or a security policy
+    /// kept unreadable to fail closed) replaces its previous content; a file with a
+    /// document that is simply lost (bad YAML, a Pod of the wrong shape) keeps its
+    /// last good content, with every security policy it still holds taking the place
+    /// of the old one of that key, so a policy never waits for the rest of its file.
+    /// Returns the problems of every file, changed or not.
     pub fn reload(&mut self) -> Result<Vec<DocumentError>, DirectoryError> {
         let read_error = |path: &Path| {
             let path = path.to_owned();
             move |source| DirectoryError::Read { path, source }
         };
-        let mut paths = Vec::new();
+        let mut present = BTreeMap::new();
         for entry in std::fs::read_dir(&self.root).map_err(read_error(&self.root))? {
             let path = entry.map_err(read_error(&self.root))?.path();
             let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-            if yaml && path.is_file() {
-                paths.push(path);
+            if !yaml {
+                continue;
+            }
+            // Follows symbolic links, as reading the file does.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {
+                    present.insert(path, Stamp::of(&m));
+                }
+                Ok(_) => {}
+                // Removed between the listing and now: gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(read_error(&path)(e)),
             }
         }
-        paths.sort();
-        let mut errors = Vec::new();
         let mut files = BTreeMap::new();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(read_error(&path))?;
-            match parse_file(&path, &text) {
-                Ok(objects) => {
-                    files.insert(path, objects);
+        for (path, stamp) in present {
+            let previous = match self.files.remove(&path) {
+                Some(file) if file.stamp == stamp => {
+                    files.insert(path, file);
+                    continue;
                 }
-                Err(e) => {
-                    if let Some(kept) = self.files.remove(&path) {
-                        files.insert(path, kept);
-                    }
-                    errors.push(e);
+                previous => previous,
+            };
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(read_error(&path)(e)),
+            };
+            self.parses += 1;
+            let parsed = parse_file(&path, &text);
+            let objects = if parsed.is_whole() {
+                parsed.objects
+            } else {
+                let mut kept: Vec<Object> = previous.map(|f| f.objects).unwrap_or_default();
+                for object in parsed.objects.into_iter().filter(is_security) {
+                    let (kind, key) = (object.kind_of(), object.key());
+                    kept.retain(|o| (o.kind_of(), o.key()) != (kind, key.clone()));
+                    kept.push(object);
                 }
-            }
+                kept
+            };
+            files.insert(
+                path,
+                File {
+                    stamp,
+                    objects,
+                    errors: parsed.errors,
+                },
+            );
         }
         self.files = files;
-        Ok(errors)
+        Ok(self
+            .files
+            .values()
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect())
     }
 
     /// The objects of all files, a later file's object replacing an earlier one of the
     /// same kind and key.
     pub fn resources(&self) -> Resources {
         let mut resources = Resources::default();
-        for object in self.files.values().flatten() {
+        for object in self.files.values().flat_map(|f| &f.objects) {
             resources.insert(object.clone());
         }
         resources
     }
+}
+
+fn is_security(object: &Object) -> bool {
+    matches!(
+        object,
+        Object::AuthorizationPolicy(_) | Object::PeerAuthentication(_)
+    )
 }
 
 impl fmt::Display for Directory {
@@ -220,36 +193,186 @@ impl fmt::Display for Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resources::ObjectKey;
+    use crate::translate::translate;
+    use ambit_core::authz::{evaluate, Connection};
+    use ambit_core::model::MeshConfig;
+
+    fn errors(text: &str) -> Vec<DocumentError> {
+        parse_file(Path::new("dir/app.yaml"), text).errors
+    }
+
+    /// Whether the model lets a plaintext (or mTLS) connection reach a workload of
+    /// `namespace` on `port`, by every policy that applies to it.
+    fn allowed(config: &MeshConfig, namespace: &str, plaintext: bool, port: u16) -> bool {
+        let id = ambit_core::SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/client").unwrap();
+        let trust_domain = ambit_core::TrustDomain::parse("cluster.local").unwrap();
+        let state = ambit_core::model::MeshState::build(config, &trust_domain).unwrap();
+        let workload = config
+            .workloads
+            .iter()
+            .find(|w| w.namespace == namespace)
+            .expect("a workload in the namespace");
+        let c = Connection {
+            peer: (!plaintext).then_some(&id),
+            source_ip: "10.9.0.9".parse().unwrap(),
+            destination_ip: workload.ips[0],
+            destination_port: port,
+        };
+        let policies = state.policies_for(workload);
+        evaluate(policies, &c).allowed()
+    }
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n\
+        spec: {nodeName: node-a, containers: [{name: app, image: x}]}\n\
+        status: {podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}]}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: other}\n\
+        spec: {nodeName: node-a, containers: [{name: app, image: x}]}\n\
+        status: {podIP: 10.1.0.3, podIPs: [{ip: 10.1.0.3}]}\n";
+
+    fn source(files: &[(&str, &str)]) -> (tempfile::TempDir, Directory, Vec<DocumentError>) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let mut source = Directory::new(dir.path());
+        let errors = source.reload().unwrap();
+        (dir, source, errors)
+    }
 
     #[test]
-    fn documents_are_split_on_separators_with_their_first_lines() {
-        let text = "# leading comment\n---\nkind: A\n---\n\n---   \nkind: B\nx: |\n  ---\n";
-        let docs = documents(text);
-        assert_eq!(
-            docs,
-            [(3, "kind: A\n"), (7, "kind: B\nx: |\n  ---\n")],
-            "{docs:?}"
+    fn port_level_mtls_with_integer_keys_reads_as_kubernetes_does() {
+        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+            metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n\
+            apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+            metadata: {name: web, namespace: shop}\n\
+            spec:\n  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    9090: {mode: PERMISSIVE}\n";
+        let (_dir, source, errors) = source(&[("pods.yaml", PODS), ("pa.yaml", text)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let resources = source.resources();
+        assert_eq!(resources.peer_authentications.len(), 2);
+        let web = &resources.peer_authentications[&ObjectKey::new("shop", "web")];
+        assert_eq!(web.spec["portLevelMtls"]["9090"]["mode"], "PERMISSIVE");
+        let t = translate(&resources);
+        assert!(
+            t.policy_status.iter().all(|(_, _, a)| a.accepted),
+            "{:?}",
+            t.policy_status
         );
+        // The mesh-wide STRICT holds: plaintext refused on the other namespace.
+        assert!(!allowed(&t.config, "other", true, 80));
+        assert!(allowed(&t.config, "other", false, 80));
+    }
+
+    #[test]
+    fn a_document_that_begins_on_its_separator_line_is_read() {
+        let text = "--- {apiVersion: v1, kind: Namespace, metadata: {name: a}}\n\
+            --- {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n\
+            ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n";
+        let parsed = parse_file(Path::new("a.yaml"), text);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let names: Vec<String> = parsed.objects.iter().map(|o| o.key().name).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn an_unreadable_policy_whose_namespace_is_known_denies_its_namespace() {
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+            metadata:\n  name: deny-legacy\n  namespace: shop\n  labels: 5\n\
+            spec: {action: DENY, rules: [{from: [{source: {namespaces: [legacy]}}]}]}\n";
+        let (_dir, source, errors) = source(&[("pods.yaml", PODS), ("policy.yaml", text)]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].fails_closed);
+        assert_eq!((errors[0].line, errors[0].document), (1, 1));
+        assert!(
+            errors[0].message.contains("metadata.labels"),
+            "{}",
+            errors[0]
+        );
+        let t = translate(&source.resources());
+        let (_, key, acceptance) = &t.policy_status[0];
+        assert_eq!(key, &ObjectKey::new("shop", "deny-legacy"));
+        assert_eq!(acceptance.reason, "InvalidValue");
+        assert!(!allowed(&t.config, "shop", false, 80), "shop is denied");
+        assert!(allowed(&t.config, "other", false, 80), "only shop");
+    }
+
+    #[test]
+    fn an_unknown_version_of_a_security_kind_fails_closed_and_of_another_kind_is_an_error() {
+        let text = "apiVersion: security.istio.io/v2\nkind: PeerAuthentication\n\
+            metadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n";
+        let (_dir, source, errors) = source(&[("pods.yaml", PODS), ("pa.yaml", text)]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].fails_closed);
+        assert!(
+            errors[0].message.contains("security.istio.io/v2"),
+            "{}",
+            errors[0]
+        );
+        let t = translate(&source.resources());
+        assert!(!allowed(&t.config, "other", true, 80), "mesh-wide STRICT");
+        assert!(allowed(&t.config, "other", false, 80));
+
+        let errors = errors_of("apiVersion: v2\nkind: Pod\nmetadata: {name: p}\n");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(!errors[0].fails_closed);
+        assert!(errors[0].message.contains("\"v2\""), "{}", errors[0]);
+    }
+
+    fn errors_of(text: &str) -> Vec<DocumentError> {
+        errors(text)
+    }
+
+    #[test]
+    fn an_unreadable_policy_in_a_new_file_is_not_lost() {
+        // Nothing was ever good in this file: the policy must still bite.
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+            metadata: {name: p, namespace: shop, labels: 5}\nspec: {}\n---\n\
+            apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+            spec:\n  ports: [{port: eighty}]\n";
+        let (_dir, source, errors) = source(&[("pods.yaml", PODS), ("policy.yaml", text)]);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        let service = errors.iter().find(|e| !e.fails_closed).unwrap();
+        assert_eq!((service.line, service.document), (6, 2), "{service}");
+        assert!(service.message.contains("spec.ports"), "{service}");
+        let resources = source.resources();
+        assert!(resources.services.is_empty());
+        assert!(!allowed(&translate(&resources).config, "shop", false, 80));
     }
 
     #[test]
     fn a_document_that_does_not_parse_is_reported_with_file_and_line() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
                     apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: [oops\n";
-        let err = parse_file(Path::new("dir/app.yaml"), text).unwrap_err();
+        let errors = errors(text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let err = &errors[0];
         assert_eq!(err.path, Path::new("dir/app.yaml"));
         assert!(err.line >= 9, "{err}");
+        assert!(!err.fails_closed);
         assert!(err.to_string().starts_with("dir/app.yaml:"), "{err}");
     }
 
     #[test]
-    fn a_document_of_the_wrong_shape_names_its_kind_object_and_first_line() {
+    fn a_document_of_the_wrong_shape_names_its_kind_object_field_and_first_line() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
                     apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
                     spec:\n  ports: [{port: eighty}]\n";
-        let err = parse_file(Path::new("app.yaml"), text).unwrap_err();
-        assert_eq!(err.line, 5, "{err}");
-        assert!(err.message.starts_with("Service shop/web: "), "{err}");
+        let errors = errors(text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            (errors[0].line, errors[0].document),
+            (5, 2),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[0]
+                .message
+                .starts_with("Service shop/web: spec.ports"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -282,12 +405,73 @@ mod tests {
     }
 
     #[test]
+    fn security_policies_follow_a_file_whose_other_documents_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("app.yaml");
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\n";
+        std::fs::write(&file, pod).unwrap();
+        let mut source = Directory::new(dir.path());
+        assert!(source.reload().unwrap().is_empty());
+        let broken = format!(
+            "{pod}spec: {{containers: 5}}\n---\napiVersion: security.istio.io/v1\n\
+             kind: AuthorizationPolicy\nmetadata: {{name: deny, namespace: shop}}\n\
+             spec: {{action: DENY, rules: [{{}}]}}\n"
+        );
+        std::fs::write(&file, broken).unwrap();
+        let errors = source.reload().unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let resources = source.resources();
+        assert_eq!(resources.pods.len(), 1, "the last good pod");
+        assert_eq!(resources.authorization_policies.len(), 1, "the new policy");
+    }
+
+    #[test]
+    fn an_unchanged_file_is_not_parsed_again_and_changes_and_deletions_are_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yaml");
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        std::fs::write(&a, ns("one")).unwrap();
+        std::fs::write(&b, "kind: [broken\n").unwrap();
+        let mut source = Directory::new(dir.path());
+        assert_eq!(source.reload().unwrap().len(), 1);
+        assert_eq!(source.parses(), 2);
+        for _ in 0..5 {
+            // Unchanged: its problems are still reported, nothing is read again.
+            assert_eq!(source.reload().unwrap().len(), 1);
+        }
+        assert_eq!(source.parses(), 2);
+
+        // Same size, content changed in place.
+        std::fs::write(&a, ns("two")).unwrap();
+        source.reload().unwrap();
+        assert_eq!(source.parses(), 3);
+        assert!(source.resources().namespaces.contains_key("two"));
+        // Replaced by a rename (as editors and `ambitctl local apply` do).
+        let tmp = dir.path().join("a.tmp");
+        std::fs::write(&tmp, ns("six")).unwrap();
+        std::fs::rename(&tmp, &a).unwrap();
+        source.reload().unwrap();
+        assert_eq!(source.parses(), 4);
+        assert!(source.resources().namespaces.contains_key("six"));
+        // Deleted.
+        std::fs::remove_file(&b).unwrap();
+        assert!(source.reload().unwrap().is_empty());
+        std::fs::remove_file(&a).unwrap();
+        source.reload().unwrap();
+        assert!(source.resources().namespaces.is_empty());
+        assert_eq!(source.parses(), 4);
+    }
+
+    #[test]
     fn unknown_kinds_are_skipped_and_objects_need_a_kind_and_a_name() {
         let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
-        assert!(parse_file(Path::new("a.yaml"), text).unwrap().is_empty());
-        let err = parse_file(Path::new("a.yaml"), "metadata: {name: x}\n").unwrap_err();
+        let parsed = parse_file(Path::new("a.yaml"), text);
+        assert!(parsed.objects.is_empty() && parsed.errors.is_empty());
+        let err = &errors("metadata: {name: x}\n")[0];
         assert!(err.message.contains("apiVersion and kind"), "{err}");
-        let err = parse_file(Path::new("a.yaml"), "apiVersion: v1\nkind: Pod\n").unwrap_err();
+        let err = &errors("apiVersion: v1\nkind: Pod\n")[0];
         assert!(err.message.contains("metadata.name"), "{err}");
     }
 }

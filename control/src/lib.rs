@@ -26,13 +26,12 @@ pub mod kubernetes;
 pub mod placement;
 pub mod publish;
 pub mod redirection;
-pub mod resources;
-pub mod security;
-pub mod service_entry;
 pub mod status;
 pub mod token_review;
 pub mod translate;
 pub mod xds;
+
+pub use ambit_k8s::{resources, security, service_entry};
 
 pub use directory::{Directory, DirectoryError, DocumentError};
 pub use resources::{ObjectKey, Resources};

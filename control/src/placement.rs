@@ -148,7 +148,7 @@ metadata: {name: pending, namespace: shop}
 spec: {serviceAccountName: ghost, containers: [{name: c, image: c}]}
 ";
         let mut resources = Resources::default();
-        for object in parse_file(std::path::Path::new("pods.yaml"), text).unwrap() {
+        for object in parse_file(std::path::Path::new("pods.yaml"), text).objects {
             resources.insert(object);
         }
         let placements = Placements::new(TrustDomain::default());

@@ -33,8 +33,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::resources::{ObjectKey, Resources};
 
-pub mod authz;
-pub mod peer_authn;
+pub use ambit_k8s::{authz, peer_authn};
 mod service_entries;
 
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
@@ -195,7 +194,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
 
 /// The namespace whose policies apply mesh-wide, unless configured otherwise (Istio's
 /// default root namespace).
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub use ambit_k8s::DEFAULT_ROOT_NAMESPACE;
 
 /// Translates every AuthorizationPolicy, and lists each selector policy on the
 /// workloads it selects. Pods are found through `running` by namespace, so a policy
@@ -215,12 +214,7 @@ fn attach_policies(
         .collect();
     let mut selected: Vec<(usize, String)> = Vec::new();
     for (key, ap) in &resources.authorization_policies {
-        let t = authz::translate_policy(
-            key,
-            ap.metadata.annotations.as_ref(),
-            &ap.spec,
-            root_namespace,
-        );
+        let t = authz::translate(key, ap, root_namespace);
         status.push(("AuthorizationPolicy", key.clone(), t.acceptance.clone()));
         let scope = match t.scope {
             None => continue,
@@ -260,15 +254,7 @@ fn attach_policies(
     let read: Vec<peer_authn::PeerAuthn> = resources
         .peer_authentications
         .iter()
-        .map(|(key, pa)| {
-            let created = pa
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string())
-                .unwrap_or_default();
-            peer_authn::read(key, &created, &pa.spec)
-        })
+        .map(|(key, pa)| peer_authn::read_object(key, pa))
         .collect();
     for pa in &read {
         status.push(("PeerAuthentication", pa.key.clone(), pa.acceptance.clone()));

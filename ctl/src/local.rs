@@ -7,7 +7,7 @@ mod state;
 mod supervisor;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -62,47 +62,100 @@ fn applied_path(state_dir: &Path, file: &Path) -> anyhow::Result<PathBuf> {
 
 fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
-    let mut applied = Vec::new();
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-        let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc)
-            .with_context(|| format!("{}: document {}", file.display(), i + 1))?;
-        if value.is_null() {
-            continue;
-        }
-        let field = |path: &[&str]| {
-            path.iter()
-                .try_fold(&value, |v, k| v.get(*k))
-                .and_then(serde_yaml_ng::Value::as_str)
-                .map(str::to_owned)
-        };
-        let kind = field(&["kind"]).unwrap_or_default();
-        anyhow::ensure!(
-            APPLY_KINDS.contains(&kind.as_str()),
-            "{}: document {}: kind {kind:?}: `local apply` takes {}; pods, services and namespaces come from the directory given to `local up`",
-            file.display(),
-            i + 1,
-            APPLY_KINDS.join(", ")
-        );
-        let name = field(&["metadata", "name"]).with_context(|| {
-            format!(
-                "{}: document {}: metadata.name is required",
-                file.display(),
-                i + 1
-            )
-        })?;
-        let namespace = field(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
-        applied.push(format!("{kind} {namespace}/{name}"));
+    let checked = check_apply(file, &text);
+    for note in &checked.notes {
+        eprintln!("note: {note}");
     }
-    anyhow::ensure!(!applied.is_empty(), "{}: no object in it", file.display());
+    if !checked.refusals.is_empty() {
+        for refusal in &checked.refusals {
+            eprintln!("{refusal}");
+        }
+        anyhow::bail!(
+            "{}: refused, nothing applied: the control plane would not enforce it as written ({} problem(s) above)",
+            file.display(),
+            checked.refusals.len()
+        );
+    }
+    anyhow::ensure!(
+        !checked.applied.is_empty(),
+        "{}: no object in it",
+        file.display()
+    );
     let target = applied_path(state_dir, file)?;
     let temporary = target.with_extension("tmp");
     fs::write(&temporary, &text).with_context(|| format!("{}", temporary.display()))?;
     fs::rename(&temporary, &target).with_context(|| format!("{}", target.display()))?;
-    for object in applied {
-        println!("{object} applied");
+    let mut out = std::io::stdout().lock();
+    for object in checked.applied {
+        writeln!(out, "{object} applied")?;
     }
-    println!("(the control plane picks it up within a second; ambit-control's log and each ztunnel's /config_dump say how it is enforced)");
+    writeln!(out, "(the control plane picks it up within a second; ambit-control's log and each ztunnel's /config_dump say how it is enforced)")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `local apply` makes of a file.
+#[derive(Debug, Default)]
+struct Checked {
+    /// `Kind namespace/name` of each object it applies.
+    applied: Vec<String>,
+    /// Why it is refused, each naming the file, the document and the field.
+    refusals: Vec<String>,
+    /// Enforced, but not exactly as written (the control plane says the same).
+    notes: Vec<String>,
+}
+
+/// Reads `text` with the control plane's own reader and validates each security
+/// policy with its own translation (`ambit_k8s`): a document it could not read, a kind
+/// `apply` does not take, or a policy that fails validation (the control plane would
+/// enforce it closed, not as written) is refused.
+fn check_apply(file: &Path, text: &str) -> Checked {
+    use ambit_k8s::Object;
+    let parsed = ambit_k8s::read::parse_file(file, text);
+    let mut checked = Checked {
+        refusals: parsed.errors.iter().map(ToString::to_string).collect(),
+        ..Checked::default()
+    };
+    let root = ambit_k8s::DEFAULT_ROOT_NAMESPACE;
+    for (object, (document, line)) in parsed.objects.iter().zip(&parsed.places) {
+        let key = object.key();
+        let at = format!("{}:{line}: document {document}", file.display());
+        let acceptance = match object {
+            // Already refused above, as the reader's error.
+            Object::AuthorizationPolicy(p) if p.unreadable.is_some() => continue,
+            Object::PeerAuthentication(p) if p.unreadable.is_some() => continue,
+            Object::AuthorizationPolicy(p) => {
+                Some(ambit_k8s::authz::translate(&key, p, root).acceptance)
+            }
+            Object::PeerAuthentication(p) => {
+                Some(ambit_k8s::peer_authn::read_object(&key, p).acceptance)
+            }
+            Object::ServiceEntry(_) => None,
+            other => {
+                checked.refusals.push(format!(
+                    "{at}: kind {:?}: `local apply` takes {}; pods, services and namespaces come from the directory given to `local up`",
+                    other.kind(),
+                    APPLY_KINDS.join(", ")
+                ));
+                continue;
+            }
+        };
+        let kind = object.kind();
+        match acceptance {
+            Some(a) if a.reason == "InvalidValue" => {
+                checked
+                    .refusals
+                    .push(format!("{at}: {kind} {key}: {}", a.message));
+            }
+            Some(a) if !a.accepted => {
+                checked
+                    .notes
+                    .push(format!("{at}: {kind} {key}: {}", a.message));
+            }
+            _ => {}
+        }
+        checked.applied.push(format!("{kind} {key}"));
+    }
+    checked
 }
 
 fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {

@@ -415,3 +415,58 @@ fn a_failure_while_starting_removes_what_was_made() {
     assert_eq!(left, Vec::<String>::new());
     assert!(!ctl.state.path().join("supervisor.pid").exists());
 }
+
+/// `local apply` validates with the control plane's own reader and translation: what
+/// the control plane would not enforce as written is refused before anything is
+/// applied, naming the file, the document and the field; what it reads as Kubernetes
+/// does (integer keys, a document on its `---` line) passes.
+#[test]
+fn apply_refuses_what_the_control_plane_would_not_enforce_by_file_document_and_field() {
+    let ctl = Ctl::new();
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |name: &str, text: &str, wanted: &[&str]| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = ctl.run(&["local", "apply", "-f", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{name}: {err}");
+        assert!(out.status.code().is_some(), "{name}: {:?}", out.status);
+        assert!(err.contains("refused, nothing applied"), "{name}: {err}");
+        for w in wanted {
+            assert!(err.contains(w), "{name}: {w:?} not in {err}");
+        }
+    };
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n";
+    refused(
+        "labels.yaml",
+        &format!("{namespace}apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop, labels: 5}}\nspec: {{}}\n"),
+        &["labels.yaml:5: document 2", "metadata.labels"],
+    );
+    refused(
+        "ip.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec: {rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]}\n",
+        &["ip.yaml:1: document 1", "spec.rules[0].from[0].source.ipBlocks[0]"],
+    );
+    refused(
+        "version.yaml",
+        "apiVersion: security.istio.io/v2\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n",
+        &["version.yaml:1: document 1", "security.istio.io/v2"],
+    );
+    refused(
+        "mode.yaml",
+        "--- {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: web, namespace: shop}, spec: {selector: {matchLabels: {app: web}}, portLevelMtls: {9090: {mode: MAYBE}}}}\n",
+        &["mode.yaml:1: document 1", "spec.portLevelMtls[9090].mode"],
+    );
+    // Valid as Kubernetes reads it: it gets as far as looking for the mesh.
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "--- {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: istio-system}, spec: {mtls: {mode: STRICT}}}\n\
+         --- {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: web, namespace: shop}, spec: {selector: {matchLabels: {app: web}}, portLevelMtls: {9090: {mode: PERMISSIVE}}}}\n",
+    )
+    .unwrap();
+    let out = ctl.run(&["local", "apply", "-f", good.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no local mesh is running"), "{err}");
+}

@@ -255,3 +255,90 @@ async fn strict_peer_authentication_keeps_plaintext_out_and_permissive_lets_it_i
     eprintln!("PERMISSIVE enforced after {took:?}");
     assert!(connects(&h, &client, to));
 }
+
+/// Mesh-wide PERMISSIVE in a version Ambit does not read: it cannot be enforced as
+/// written, so it counts as STRICT.
+const UNKNOWN_VERSION: &str = "\
+apiVersion: security.istio.io/v2
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: PERMISSIVE}}
+";
+
+/// Mesh-wide STRICT, with web's port 8080 exempt, its key an unquoted integer as
+/// Istio's own documentation writes it; the document begins on its `---` line.
+const INTEGER_PORT_KEYS: &str = "\
+--- {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: istio-system}, spec: {mtls: {mode: STRICT}}}
+--- {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: web, namespace: shop}, spec: {selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: PERMISSIVE}}}}
+";
+
+/// A DENY of another namespace only, whose metadata cannot be read: a broken policy
+/// of namespace shop, which denies everything there.
+const UNREADABLE_METADATA: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-legacy
+  namespace: shop
+  labels: 5
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [legacy]}}]}]
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_the_control_plane_cannot_read_fail_closed_and_kubernetes_yaml_is_read_as_kubernetes_does(
+) {
+    let mesh = two_nodes();
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let web = mesh
+        .add_pod(
+            "node-b",
+            ambit_localmesh::PodSpec::new("shop", "web")
+                .service_account("web")
+                .label("app", "web"),
+        )
+        .unwrap();
+    let outsider = support::pod(&mesh, "node-a", "legacy", "outsider", "outsider");
+    let h = Harness::start(mesh);
+    let _echo = h.serve(&web, &["echo", "--port", "8080"]);
+    let _echo2 = h.serve(&web, &["echo", "--port", "9000"]);
+    h.enrol(&client).await;
+    h.enrol(&web).await;
+    let (exempt, strict) = (web.addr(8080), web.addr(9000));
+    until_connects(
+        &h,
+        &outsider,
+        strict,
+        true,
+        "plaintext in before any policy",
+    )
+    .await;
+
+    apply(&h, "peer-authentication.yaml", Some(UNKNOWN_VERSION));
+    until_connects(&h, &outsider, strict, false, "an unknown version is STRICT").await;
+    assert!(connects(&h, &client, strict), "mTLS still in\n{}", h.logs());
+
+    apply(&h, "peer-authentication.yaml", Some(INTEGER_PORT_KEYS));
+    until_connects(&h, &outsider, exempt, true, "port 8080 exempt").await;
+    assert!(
+        !connects(&h, &outsider, strict),
+        "the mesh-wide STRICT of the same file holds\n{}",
+        h.logs()
+    );
+    apply(&h, "peer-authentication.yaml", None);
+
+    until_connects(&h, &client, strict, true, "no policy").await;
+    apply(&h, "deny-legacy.yaml", Some(UNREADABLE_METADATA));
+    until_connects(
+        &h,
+        &client,
+        strict,
+        false,
+        "shop denied by the broken policy",
+    )
+    .await;
+    assert!(!connects(&h, &outsider, exempt));
+    apply(&h, "deny-legacy.yaml", None);
+    until_connects(&h, &client, strict, true, "lifted").await;
+}

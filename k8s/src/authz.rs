@@ -80,9 +80,9 @@ struct Spec {
 /// `selector` of a security policy.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(super) struct Selector {
+pub(crate) struct Selector {
     #[serde(default)]
-    pub(super) match_labels: BTreeMap<String, String>,
+    pub(crate) match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +169,34 @@ pub fn translate_policy(
     spec: &Value,
     root_namespace: &str,
 ) -> TranslatedPolicy {
+    translate_read(key, annotations, spec, root_namespace, None)
+}
+
+/// Translates an AuthorizationPolicy as the source kept it: one marked unreadable
+/// (`AuthorizationPolicy::unreadable`) is invalid in its namespace's scope (or the
+/// scope its readable selector gives), denying everything there unless its readable
+/// spec says ALLOW, which then allows nothing.
+pub fn translate(
+    key: &ObjectKey,
+    policy: &crate::security::AuthorizationPolicy,
+    root_namespace: &str,
+) -> TranslatedPolicy {
+    translate_read(
+        key,
+        policy.metadata.annotations.as_ref(),
+        &policy.spec,
+        root_namespace,
+        policy.unreadable.as_deref(),
+    )
+}
+
+fn translate_read(
+    key: &ObjectKey,
+    annotations: Option<&BTreeMap<String, String>>,
+    spec: &Value,
+    root_namespace: &str,
+    unreadable: Option<&str>,
+) -> TranslatedPolicy {
     let dry_run = annotations
         .and_then(|a| a.get(DRY_RUN_ANNOTATION))
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -185,6 +213,8 @@ pub fn translate_policy(
         "CUSTOM" => Some(Action::Custom),
         _ => None,
     };
+    // A document read only in part: without a readable spec its action is unknown.
+    let action = action.filter(|_| unreadable.is_none() || spec.is_object());
     let invalid = |scope: Option<Scope>, message: String| {
         // An unreadable action is treated as DENY: the closed side.
         let action = action.unwrap_or(Action::Deny);
@@ -213,6 +243,9 @@ pub fn translate_policy(
             },
         }
     };
+    if let Some(why) = unreadable {
+        return invalid(None, format!("unreadable: {why}"));
+    }
     let Some(action) = action else {
         return invalid(
             None,

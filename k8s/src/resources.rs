@@ -38,7 +38,7 @@ impl fmt::Display for ObjectKey {
 }
 
 /// Every object the translation reads, in a stable order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectKey, Pod>,

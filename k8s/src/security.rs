@@ -1,7 +1,9 @@
 //! Istio's security resources (`security.istio.io`) as the control plane keeps them:
 //! metadata and the spec as JSON. The spec is read by the translation
-//! (`translate::authz`), which must see a malformed policy to fail it closed: a typed
-//! spec would make a malformed object fail to load, and so be skipped.
+//! ([`crate::authz`], [`crate::peer_authn`]), which must see a malformed policy to fail
+//! it closed: a typed spec would make a malformed object fail to load, and so be
+//! skipped. A document of one of these kinds that cannot be read at all, but whose
+//! namespace can, is kept as an object marked `unreadable` ([`crate::read`]).
 
 use std::borrow::Cow;
 
@@ -19,9 +21,14 @@ pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Value,
+    /// Set when the document could not be read as this kind (its metadata, its
+    /// version or its YAML), though its kind and namespace could: the translation
+    /// then fails the policy closed in that scope, with this as the reason.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
-impl kube::Resource for AuthorizationPolicy {
+impl kube_core::Resource for AuthorizationPolicy {
     type DynamicType = ();
     type Scope = k8s_openapi::NamespaceResourceScope;
 
@@ -56,9 +63,14 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Value,
+    /// Set when the document could not be read as this kind (its metadata, its
+    /// version or its YAML), though its kind and namespace could: the translation
+    /// then fails the policy closed in that scope, with this as the reason.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
-impl kube::Resource for PeerAuthentication {
+impl kube_core::Resource for PeerAuthentication {
     type DynamicType = ();
     type Scope = k8s_openapi::NamespaceResourceScope;
 

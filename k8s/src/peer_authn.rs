@@ -21,7 +21,7 @@ use ambit_core::authz::{Action, Clause, Match, Policy, Rule, StringMatch};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::authz::{Acceptance, Selector};
+use crate::authz::{Acceptance, Selector};
 use crate::resources::ObjectKey;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +81,24 @@ struct Mtls {
     mode: Option<String>,
 }
 
+/// Reads one PeerAuthentication as the source kept it: one marked unreadable
+/// (`PeerAuthentication::unreadable`) is STRICT for its scope.
+pub fn read_object(key: &ObjectKey, pa: &crate::security::PeerAuthentication) -> PeerAuthn {
+    let created = pa
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    read_spec(key, &created, &pa.spec, pa.unreadable.as_deref())
+}
+
 /// Reads one PeerAuthentication. Invalid → STRICT for its scope, with the reason.
 pub fn read(key: &ObjectKey, created: &str, spec: &Value) -> PeerAuthn {
+    read_spec(key, created, spec, None)
+}
+
+fn read_spec(key: &ObjectKey, created: &str, spec: &Value, unreadable: Option<&str>) -> PeerAuthn {
     let selector_of = |spec: &Value| {
         spec.get("selector")
             .and_then(|s| s.get("matchLabels"))
@@ -101,6 +117,9 @@ pub fn read(key: &ObjectKey, created: &str, spec: &Value) -> PeerAuthn {
             message: format!("{message}; enforced as STRICT"),
         },
     };
+    if let Some(why) = unreadable {
+        return invalid(format!("unreadable: {why}"));
+    }
     let parsed: Spec = if spec.is_null() {
         Spec::default()
     } else {

@@ -88,7 +88,7 @@ pub struct WorkloadSelector {
     pub labels: BTreeMap<String, String>,
 }
 
-impl kube::Resource for ServiceEntry {
+impl kube_core::Resource for ServiceEntry {
     type DynamicType = ();
     type Scope = k8s_openapi::NamespaceResourceScope;
 

@@ -1,0 +1,24 @@
+//! The Kubernetes objects Ambit reads, read as Kubernetes reads them. Shared by the
+//! control plane (`ambit-control`) and the command line (`ambitctl local apply`), so
+//! what `ambitctl` accepts is exactly what the control plane enforces:
+//!
+//! - [`read`]: YAML text → typed objects (multi-document, keys as the API server
+//!   converts them, unreadable security policies kept to fail closed);
+//! - [`resources`]: the objects, keyed by namespace and name;
+//! - [`security`], [`service_entry`]: Istio's kinds as Ambit keeps them;
+//! - [`authz`], [`peer_authn`]: the pure validation and translation of
+//!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies.
+//!
+//! It must not: do IO (callers read the files), or depend on a component.
+
+pub mod authz;
+pub mod peer_authn;
+pub mod read;
+pub mod resources;
+pub mod security;
+pub mod service_entry;
+
+pub use resources::{Kind, Object, ObjectKey, Resources};
+
+/// Where mesh-wide policies live unless configured otherwise.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
