@@ -100,7 +100,10 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// `10.0.0.1`, `10.0.0.0/8`, `fd00::/8`; the host bits must be zero.
+    /// `10.0.0.1`, `10.0.0.0/8`, `fd00::/8`. What Istio accepts (Go's
+    /// `netip.ParsePrefix`, Rust's `ipnet`): an address with host bits set past the
+    /// prefix (`10.1.0.2/16`) is the network it lies in (`10.1.0.0/16`); the length is
+    /// decimal digits without a sign or a leading zero.
     pub fn parse(text: &str) -> Result<Cidr, String> {
         let (address, len) = match text.split_once('/') {
             Some((a, l)) => (a, Some(l)),
@@ -112,20 +115,27 @@ impl Cidr {
         let max = if address.is_ipv4() { 32 } else { 128 };
         let prefix_len = match len {
             None => max,
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
+            Some(l) => Some(l)
+                .filter(|l| {
+                    !l.is_empty()
+                        && l.bytes().all(|b| b.is_ascii_digit())
+                        && (l.len() == 1 || !l.starts_with('0'))
+                })
+                .and_then(|l| l.parse::<u8>().ok())
                 .filter(|l| *l <= max)
                 .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?,
         };
-        let cidr = Cidr {
+        let network = masked(address, prefix_len);
+        let address = match address {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(
+                u32::try_from(network).map_err(|_| format!("{text:?}: not an IPv4 network"))?,
+            )),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(network)),
+        };
+        Ok(Cidr {
             address,
             prefix_len,
-        };
-        if !cidr.contains(address) || masked(address, prefix_len) != bits(address) {
-            return Err(format!("{text:?}: address has bits set past the prefix"));
-        }
-        Ok(cidr)
+        })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -512,9 +522,36 @@ mod tests {
         assert!(Cidr::parse("fd10::/16")
             .unwrap()
             .contains("fd10:1::2".parse().unwrap()));
-        assert!(Cidr::parse("10.1.0.1/16").is_err(), "host bits set");
-        assert!(Cidr::parse("10.1.0.0/33").is_err());
-        assert!(Cidr::parse("nonsense").is_err());
+        // Host bits set: valid in Istio, the network the address lies in.
+        for (text, network) in [
+            ("10.1.0.2/16", "10.1.0.0/16"),
+            ("10.1.255.255/17", "10.1.128.0/17"),
+            ("192.168.7.9/0", "0.0.0.0/0"),
+            ("10.1.0.2/32", "10.1.0.2/32"),
+            ("fd10:1::2/16", "fd10::/16"),
+            ("fd10:1::2/0", "::/0"),
+        ] {
+            let cidr = Cidr::parse(text).unwrap();
+            assert_eq!(cidr.to_string(), network, "{text}");
+            let address = text.split('/').next().unwrap();
+            assert!(cidr.contains(address.parse().unwrap()), "{text}");
+        }
+        assert!(!Cidr::parse("10.1.0.2/16")
+            .unwrap()
+            .contains("10.2.0.2".parse().unwrap()));
+        for bad in [
+            "10.1.0.0/33",
+            "fd10::/129",
+            "10.1.0.0/",
+            "10.1.0.0/+8",
+            "10.1.0.0/08",
+            "10.1.0.0/-1",
+            "10.1.0.0/8/8",
+            "nonsense",
+            "nonsense/8",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

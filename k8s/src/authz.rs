@@ -1019,6 +1019,32 @@ mod tests {
     }
 
     #[test]
+    fn ip_blocks_with_host_bits_set_are_the_network_they_lie_in_as_in_istio() {
+        let id = client();
+        let t = tr(
+            "shop",
+            json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.1.0.2/16"]}}]}]}),
+        );
+        assert!(t.acceptance.accepted, "{:?}", t.acceptance);
+        assert_eq!(
+            t.policy.rules[0].clauses[0].matches[0].source_ips[0].to_string(),
+            "10.1.0.0/16"
+        );
+        // conn() comes from 10.1.0.2.
+        assert!(allowed(&t, Some(&id), 80));
+        let elsewhere = Connection {
+            source_ip: "10.2.0.9".parse().unwrap(),
+            ..conn(Some(&id), 80)
+        };
+        assert!(!evaluate([&t.policy], &elsewhere).allowed());
+        let deny = tr(
+            "shop",
+            json!({"action": "DENY", "rules": [{"from": [{"source": {"notIpBlocks": ["fd10:1::2/16"]}}]}]}),
+        );
+        assert!(deny.acceptance.accepted, "{:?}", deny.acceptance);
+    }
+
+    #[test]
     fn dry_run_annotation_marks_the_policy() {
         let annotations: BTreeMap<String, String> =
             [(DRY_RUN_ANNOTATION.to_owned(), "true".to_owned())].into();
