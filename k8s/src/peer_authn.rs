@@ -6,8 +6,9 @@
 //! - precedence: workload (selector) > namespace > mesh (root namespace, no selector);
 //!   at one level the oldest wins (then the name); `UNSET` inherits, and at the top is
 //!   PERMISSIVE; a root-namespace policy with a selector is ignored;
-//! - `DISABLE` is not supported in ambient: treated as `UNSET` (it inherits), and its
-//!   status says so;
+//! - `DISABLE` accepts plaintext as `PERMISSIVE` does, at the top or for a port, as
+//!   Istio's conversion does (decision record 0008); mesh peers still use mutual TLS
+//!   (ambient cannot turn it off), which its status says;
 //! - STRICT → a DENY of connections without a peer identity; `portLevelMtls` (which
 //!   needs a selector) makes per-port exceptions, or per-port STRICT on a permissive
 //!   workload.
@@ -45,11 +46,12 @@ impl Mode {
         }
     }
 
-    /// What counts: DISABLE inherits, as UNSET does.
+    /// Whether plaintext is refused (`Some(true)`), accepted, or inherited (`None`).
+    /// DISABLE accepts it, as PERMISSIVE does (decision record 0008).
     fn effective(self) -> Option<bool> {
         match self {
-            Mode::Unset | Mode::Disable => None,
-            Mode::Permissive => Some(false),
+            Mode::Unset => None,
+            Mode::Permissive | Mode::Disable => Some(false),
             Mode::Strict => Some(true),
         }
     }
@@ -157,7 +159,7 @@ fn read_spec(key: &ObjectKey, created: &str, spec: &Value, unreadable: Option<&s
     let mut notes = Vec::new();
     if mode == Mode::Disable || ports.values().any(|m| *m == Mode::Disable) {
         notes.push(
-            "DISABLE is not supported in ambient mode (mesh peers always use mutual TLS): treated as UNSET, inheriting the mode above",
+            "DISABLE: plaintext is accepted as with PERMISSIVE, but mesh peers still use mutual TLS (ambient mode cannot turn it off)",
         );
     }
     PeerAuthn {
@@ -355,7 +357,7 @@ mod tests {
     }
 
     #[test]
-    fn unset_and_disable_inherit_and_no_policy_means_permissive() {
+    fn unset_inherits_disable_accepts_plaintext_and_no_policy_means_permissive() {
         assert!(Index::new(&[], "istio-system")
             .policy_for("shop", None)
             .is_none());
@@ -373,11 +375,11 @@ mod tests {
         assert!(all[1]
             .acceptance
             .message
-            .contains("DISABLE is not supported"));
+            .contains("mesh peers still use mutual TLS"));
         let index = Index::new(&all, "istio-system");
         assert!(
-            !allows(&index.policy_for("shop", None), true, 80),
-            "DISABLE inherits STRICT"
+            allows(&index.policy_for("shop", None), true, 80),
+            "DISABLE overrides the mesh's STRICT, as in Istio"
         );
         assert!(
             !allows(&index.policy_for("legacy", None), true, 80),
@@ -441,6 +443,37 @@ mod tests {
         assert!(!allows(&db, true, 5432));
         assert!(allows(&db, true, 80));
         assert!(allows(&db, false, 5432));
+    }
+
+    #[test]
+    fn port_level_disable_lets_plaintext_in_on_its_port_as_in_istio() {
+        let all = vec![
+            pa("shop", "ns", "", json!({"mtls": {"mode": "STRICT"}})),
+            // Under the namespace's STRICT, inherited.
+            pa(
+                "shop",
+                "web",
+                "",
+                json!({"selector": {"matchLabels": {"app": "web"}}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}),
+            ),
+            // Under its own STRICT.
+            pa(
+                "shop",
+                "db",
+                "",
+                json!({"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": "STRICT"}, "portLevelMtls": {"5432": {"mode": "DISABLE"}, "9000": {"mode": "UNSET"}}}),
+            ),
+        ];
+        assert_eq!(all[1].acceptance.reason, "UnsupportedValue");
+        let index = Index::new(&all, "istio-system");
+        let web = index.policy_for("shop", Some(&labels("web")));
+        assert!(allows(&web, true, 8080), "DISABLE port: plaintext in");
+        assert!(!allows(&web, true, 9000), "other ports: STRICT");
+        assert!(allows(&web, false, 9000));
+        let db = index.policy_for("shop", Some(&labels("db")));
+        assert!(allows(&db, true, 5432));
+        assert!(!allows(&db, true, 9000), "UNSET port inherits STRICT");
+        assert!(!allows(&db, true, 80));
     }
 
     #[test]
