@@ -46,15 +46,15 @@ pub async fn serve(config: Serve) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for &port in &config.http_ports {
         let listener = bind(port).await?;
-        println!("HTTP echo listening on {}", listener.local_addr()?);
+        crate::outln!("HTTP echo listening on {}", listener.local_addr()?)?;
         tasks.spawn(http_echo(listener, config.clone(), ztunnel.clone()));
     }
     for &port in &config.tcp_ports {
         let listener = bind(port).await?;
-        println!("TCP echo listening on {}", listener.local_addr()?);
+        crate::outln!("TCP echo listening on {}", listener.local_addr()?)?;
         tasks.spawn(tcp_echo(listener));
     }
-    println!("listening");
+    crate::outln!("listening")?;
     match tasks.join_next().await {
         Some(Ok(result)) => result,
         Some(Err(e)) => Err(e.into()),
@@ -79,7 +79,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 async fn tcp_echo(listener: TcpListener) -> anyhow::Result<()> {
     loop {
         let (mut stream, peer) = listener.accept().await?;
-        println!("TCP connection from {}", canonical(peer));
+        crate::outln!("TCP connection from {}", canonical(peer))?;
         tokio::spawn(async move {
             let (mut rd, mut wr) = stream.split();
             let _ = tokio::io::copy(&mut rd, &mut wr).await;
@@ -98,7 +98,7 @@ async fn http_echo(
         let (config, ztunnel) = (config.clone(), ztunnel.clone());
         tokio::spawn(async move {
             if let Err(e) = answer(stream, peer, &config, ztunnel.as_ref()).await {
-                println!("request from {}: {e}", canonical(peer));
+                let _ = crate::outln!("request from {}: {e}", canonical(peer));
             }
         });
     }
@@ -138,13 +138,13 @@ async fn answer(
         Ok(None) => "none: plaintext, not over HBONE".to_owned(),
         Err(e) => format!("unknown: cannot ask {}'s ztunnel: {e}", config.node),
     };
-    println!(
+    crate::outln!(
         "{request_line:?} from {peer} identity={}",
         match &identity {
             Ok(Some(id)) => id.as_str(),
             _ => "none",
         }
-    );
+    )?;
     let body = format!(
         "hello from {} on {} ({local})\ncaller: {peer}\ncaller identity: {identity_line}\n",
         config.pod, config.node
@@ -290,9 +290,9 @@ pub async fn get(url: &str, count: u32, hosts: &BTreeMap<String, IpAddr>) -> any
                 .with_context(|| format!("GET {url}: no answer"))??;
         if status != 200 {
             all_ok = false;
-            println!("HTTP {status}");
+            crate::outln!("HTTP {status}")?;
         }
-        print!("{body}");
+        crate::out!("{body}")?;
     }
     Ok(all_ok)
 }
@@ -316,7 +316,7 @@ pub async fn send(
         .await
         .with_context(|| format!("{to}: no echo"))??;
     let back = String::from_utf8_lossy(&back);
-    println!("{back}");
+    crate::outln!("{back}")?;
     Ok(back == message)
 }
 

@@ -6,10 +6,55 @@
 //! It must not depend on another component: it starts `ambit-control` and `ztunnel`
 //! as processes and meets them through `ambit_net` and their endpoints.
 
+/// `println!` that does not panic when stdout's reader has gone (`ambitctl ... | head
+/// -1`): the line is dropped and the command carries on and exits as it would have.
+/// Any other write error is returned.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` as [`outln!`] does it.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::stdout(format_args!($($arg)*))
+    };
+}
+
 pub mod config;
 pub mod demo;
 pub mod local;
 pub mod manifest;
+
+/// Writing to the terminal or a pipe that may close.
+pub mod output {
+    use std::io::{self, Write};
+
+    /// Writes to stdout; a closed pipe is not an error (see [`outln!`]).
+    pub fn stdout(args: std::fmt::Arguments<'_>) -> io::Result<()> {
+        quiet(io::stdout().lock().write_fmt(args))
+    }
+
+    /// Writes a line to stderr; a closed pipe, or any other failure to report, is
+    /// ignored (there is nowhere left to say it).
+    pub fn stderr(args: std::fmt::Arguments<'_>) {
+        let _ = writeln!(io::stderr().lock(), "{args}");
+    }
+
+    /// `Ok` for a reader that has gone.
+    pub fn quiet(result: io::Result<()>) -> io::Result<()> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+    }
+}
 
 use std::process::ExitCode;
 

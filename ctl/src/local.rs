@@ -7,7 +7,7 @@ mod state;
 mod supervisor;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -35,7 +35,7 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
         LocalCommand::Exec { pod, command } => exec(state_dir, &pod, &command),
         LocalCommand::Status => {
             let mesh = running(state_dir)?;
-            print!("{}", describe(&mesh));
+            crate::out!("{}", describe(&mesh))?;
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Apply { file } => apply(state_dir, &file),
@@ -64,11 +64,11 @@ fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
     let checked = check_apply(file, &text);
     for note in &checked.notes {
-        eprintln!("note: {note}");
+        crate::output::stderr(format_args!("note: {note}"));
     }
     if !checked.refusals.is_empty() {
         for refusal in &checked.refusals {
-            eprintln!("{refusal}");
+            crate::output::stderr(format_args!("{refusal}"));
         }
         anyhow::bail!(
             "{}: refused, nothing applied: the control plane would not enforce it as written ({} problem(s) above)",
@@ -85,11 +85,10 @@ fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let temporary = target.with_extension("tmp");
     fs::write(&temporary, &text).with_context(|| format!("{}", temporary.display()))?;
     fs::rename(&temporary, &target).with_context(|| format!("{}", target.display()))?;
-    let mut out = std::io::stdout().lock();
     for object in checked.applied {
-        writeln!(out, "{object} applied")?;
+        crate::outln!("{object} applied")?;
     }
-    writeln!(out, "(the control plane picks it up within a second; ambit-control's log and each ztunnel's /config_dump say how it is enforced)")?;
+    crate::outln!("(the control plane picks it up within a second; ambit-control's log and each ztunnel's /config_dump say how it is enforced)")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -162,7 +161,7 @@ fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let target = applied_path(state_dir, file)?;
     match fs::remove_file(&target) {
         Ok(()) => {
-            println!("what {} applied is deleted", file.display());
+            crate::outln!("what {} applied is deleted", file.display())?;
             Ok(ExitCode::SUCCESS)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -227,15 +226,15 @@ fn up(
     state::clear(state_dir);
     let log_path = state_dir.join(state::LOG_FILE);
     let log = fs::File::create(&log_path).with_context(|| format!("{}", log_path.display()))?;
-    println!(
+    crate::outln!(
         "==> starting the local mesh for {} ({} nodes, {} pods, {} services)",
         dir.display(),
         app.nodes.len(),
         app.pods.len(),
         app.services.len()
-    );
+    )?;
     for note in &app.notes {
-        println!("    note: {note}");
+        crate::outln!("    note: {note}")?;
     }
     let mut supervisor = Command::new(&exe)
         .arg("local")
@@ -280,10 +279,10 @@ fn up(
         std::thread::sleep(POLL);
     }
     let mesh = MeshState::read(state_dir)?;
-    println!();
-    print!("{}", describe(&mesh));
-    println!();
-    println!("Try (as root):");
+    crate::outln!()?;
+    crate::out!("{}", describe(&mesh))?;
+    crate::outln!()?;
+    crate::outln!("Try (as root):")?;
     let client = mesh.pods.iter().find(|p| p.enrolled).or(mesh.pods.first());
     let target = mesh
         .services
@@ -298,15 +297,17 @@ fn up(
             })
         });
     if let (Some(client), Some(target)) = (client, target) {
-        println!(
+        crate::outln!(
             "  ambitctl local exec {} -- ambitctl app get {target}",
             client.uid()
-        );
+        )?;
     }
-    println!("  ambitctl local exec <pod> -- <command>      # any command, in the pod's network");
-    println!("  ambitctl local status");
-    println!("  ambitctl local down                          # removes everything");
-    println!("Logs: {}/logs", mesh.dir.display());
+    crate::outln!(
+        "  ambitctl local exec <pod> -- <command>      # any command, in the pod's network"
+    )?;
+    crate::outln!("  ambitctl local status")?;
+    crate::outln!("  ambitctl local down                          # removes everything")?;
+    crate::outln!("Logs: {}/logs", mesh.dir.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -341,7 +342,7 @@ impl Follow {
             if line.trim_end() == state::READY_LINE {
                 return Ok(true);
             }
-            print!("{line}");
+            crate::out!("{line}")?;
         }
     }
 }
@@ -351,27 +352,42 @@ fn pid_of(pid: u32) -> Pid {
 }
 
 fn down(state_dir: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
+    // Without root neither the signal nor the sweep can work: say so at once, and
+    // leave the state of a mesh that may well still be running alone.
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "the local mesh's processes and network namespaces belong to root: run ambitctl local down as root (nothing was stopped)"
+    );
     let Some(pid) = state::read_pid(state_dir).filter(|pid| state::pid_alive(*pid)) else {
         state::clear(state_dir);
         let swept = ambit_localmesh::sweep_stale()?;
         if swept.namespaces.is_empty() {
-            println!("no local mesh is running");
+            crate::outln!("no local mesh is running")?;
         } else {
-            println!(
+            crate::outln!(
                 "no local mesh is running; removed what a stopped one left: {}",
                 swept.namespaces.join(" ")
-            );
+            )?;
         }
         return Ok(ExitCode::SUCCESS);
     };
     let id = MeshState::read(state_dir).map(|m| m.id).ok();
-    println!("==> stopping the local mesh (supervisor pid {pid})");
-    let _ = kill(pid_of(pid), Signal::SIGTERM);
+    crate::outln!("==> stopping the local mesh (supervisor pid {pid})")?;
+    let signal = |signal: Signal| {
+        kill(pid_of(pid), signal).or_else(|e| match e {
+            // It exited meanwhile.
+            nix::errno::Errno::ESRCH => Ok(()),
+            e => Err(anyhow::anyhow!(
+                "cannot send {signal} to the supervisor (pid {pid}): {e}; the mesh is left running and its state kept"
+            )),
+        })
+    };
+    signal(Signal::SIGTERM)?;
     let start = Instant::now();
     while state::pid_alive(pid) {
         if start.elapsed() > timeout {
-            println!("    it did not stop within {timeout:?}: killing it");
-            let _ = kill(pid_of(pid), Signal::SIGKILL);
+            crate::outln!("    it did not stop within {timeout:?}: killing it")?;
+            signal(Signal::SIGKILL)?;
             while state::pid_alive(pid) && start.elapsed() < timeout + Duration::from_secs(5) {
                 std::thread::sleep(POLL);
             }
@@ -379,9 +395,12 @@ fn down(state_dir: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(POLL);
     }
+    anyhow::ensure!(
+        !state::pid_alive(pid),
+        "the supervisor (pid {pid}) is still running after SIGKILL; its state is kept"
+    );
     // Its processes died with it; its namespaces carry its (now dead) pid.
     let swept = ambit_localmesh::sweep_stale()?;
-    state::clear(state_dir);
     let left: Vec<String> = match &id {
         Some(id) => fs::read_dir("/run/netns")
             .map(|entries| {
@@ -402,7 +421,8 @@ fn down(state_dir: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("==> the local mesh is gone: no namespace, rule or process of it is left");
+    state::clear(state_dir);
+    crate::outln!("==> the local mesh is gone: no namespace, rule or process of it is left")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
                     message = format!("{message}: {cause}");
                 }
             }
-            eprintln!("ambitctl: {message}");
+            ambit_ctl::output::stderr(format_args!("ambitctl: {message}"));
             ExitCode::FAILURE
         }
     }

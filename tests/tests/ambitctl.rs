@@ -276,6 +276,36 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
          spec: {action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/bookshop/sa/frontend]}}]}]}\n",
     )
     .unwrap();
+    // Refused, nothing applied: the control plane could not read it as written.
+    let bad = policies.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: allow, namespace: bookshop, labels: 5}\nspec: {rules: [{}]}\n",
+    )
+    .unwrap();
+    let out = ctl.run(&["local", "apply", "-f", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bad.yaml:1: document 1") && err.contains("metadata.labels"),
+        "{err}"
+    );
+    let k8s = Path::new(mesh["dir"].as_str().unwrap()).join("k8s");
+    assert!(!k8s.join("applied-bad.yaml").exists());
+    // `apply ... | head -1`: the reader goes, the policy is applied all the same.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin("ambitctl"))
+        .args(["local", "apply", "-f", deny.to_str().unwrap()])
+        .env("AMBITCTL_STATE_DIR", ctl.state.path())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert!(k8s.join("applied-deny-frontend.yaml").exists());
     let applied = ctl.ok(&["local", "apply", "-f", deny.to_str().unwrap()]);
     assert!(
         applied.contains("AuthorizationPolicy bookshop/deny-frontend applied"),
@@ -469,4 +499,59 @@ fn apply_refuses_what_the_control_plane_would_not_enforce_by_file_document_and_f
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("no local mesh is running"), "{err}");
+}
+
+/// Output into a pipe whose reader has gone (`ambitctl ... | head -1`) is dropped
+/// quietly: no panic, no "Broken pipe", the command's own exit code.
+#[test]
+fn a_closed_pipe_on_stdout_is_not_a_crash() {
+    let ctl = Ctl::new();
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before ambitctl writes: its first line meets EPIPE.
+    drop(reader);
+    let out = Command::new(bin("ambitctl"))
+        .args(["local", "down"])
+        .env("AMBITCTL_STATE_DIR", ctl.state.path())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
+}
+
+/// `local down` without root refuses at once, stops nothing and keeps the state of
+/// the mesh, whose supervisor is still alive.
+#[test]
+fn down_without_root_refuses_at_once_and_keeps_the_state_of_a_running_mesh() {
+    let ctl = Ctl::new();
+    // A supervisor that is alive: a process of root's.
+    let mut supervisor = Command::new("sleep").arg("600").spawn().unwrap();
+    let pid_file = ctl.state.path().join("supervisor.pid");
+    std::fs::write(&pid_file, format!("{}\n", supervisor.id())).unwrap();
+    std::fs::write(ctl.state.path().join("mesh.json"), "{}").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for path in [ctl.state.path(), &pid_file] {
+        let mode = if path.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(bin("ambitctl"))
+        .args(["local", "down"])
+        .env("AMBITCTL_STATE_DIR", ctl.state.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let alive = supervisor.try_wait().unwrap().is_none();
+    let _ = supervisor.kill();
+    let _ = supervisor.wait();
+    // Not a mesh of ours: Drop's `down` must not find it.
+    let kept = pid_file.exists() && ctl.state.path().join("mesh.json").exists();
+    let _ = std::fs::remove_file(&pid_file);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("run ambitctl local down as root"), "{err}");
+    assert!(alive, "the supervisor was left alone");
+    assert!(kept, "the state of a running mesh is kept");
 }
