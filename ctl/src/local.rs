@@ -62,7 +62,7 @@ fn applied_path(state_dir: &Path, file: &Path) -> anyhow::Result<PathBuf> {
 
 fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
-    let checked = check_apply(file, &text);
+    let checked = check(file, &text, true);
     for note in &checked.notes {
         crate::output::stderr(format_args!("note: {note}"));
     }
@@ -92,6 +92,30 @@ fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses a directory for `up` with a document the control plane could not read or a
+/// policy it would not enforce as written, as `apply` refuses a file.
+fn check_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut refusals = Vec::new();
+    for path in crate::manifest::yaml_files(dir)? {
+        let text = fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        let checked = check(&path, &text, false);
+        for note in &checked.notes {
+            crate::outln!("    note: {note}")?;
+        }
+        refusals.extend(checked.refusals);
+    }
+    for refusal in &refusals {
+        crate::output::stderr(format_args!("{refusal}"));
+    }
+    anyhow::ensure!(
+        refusals.is_empty(),
+        "{}: refused, nothing started: the control plane would not enforce it as written ({} problem(s) above)",
+        dir.display(),
+        refusals.len()
+    );
+    Ok(())
+}
+
 /// What `local apply` makes of a file.
 #[derive(Debug, Default)]
 struct Checked {
@@ -104,10 +128,10 @@ struct Checked {
 }
 
 /// Reads `text` with the control plane's own reader and validates each security
-/// policy with its own translation (`ambit_k8s`): a document it could not read, a kind
-/// `apply` does not take, or a policy that fails validation (the control plane would
-/// enforce it closed, not as written) is refused.
-fn check_apply(file: &Path, text: &str) -> Checked {
+/// policy with its own translation (`ambit_k8s`): a document it could not read, a
+/// policy that fails validation (the control plane would enforce it closed, not as
+/// written) or, for `apply`, a kind it does not take, is refused.
+fn check(file: &Path, text: &str, apply: bool) -> Checked {
     use ambit_k8s::Object;
     let parsed = ambit_k8s::read::parse_file(file, text);
     let mut checked = Checked {
@@ -129,6 +153,7 @@ fn check_apply(file: &Path, text: &str) -> Checked {
                 Some(ambit_k8s::peer_authn::read_object(&key, p).acceptance)
             }
             Object::ServiceEntry(_) => None,
+            _ if !apply => None,
             other => {
                 checked.refusals.push(format!(
                     "{at}: kind {:?}: `local apply` takes {}; pods, services and namespaces come from the directory given to `local up`",
@@ -200,6 +225,7 @@ fn up(
     }
     // Bad YAML is reported before anything is made.
     let app = crate::manifest::load_dir(dir)?;
+    check_dir(dir)?;
     anyhow::ensure!(
         nix::unistd::Uid::effective().is_root(),
         "the local mesh creates network namespaces and firewall rules: run ambitctl local up as root"
@@ -556,4 +582,49 @@ fn columns(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_examples_pass_the_control_planes_own_checks() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for entry in fs::read_dir(examples).unwrap() {
+            let dir = entry.unwrap().path();
+            if dir.is_dir() {
+                check_dir(&dir).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn apply_refuses_unreadable_and_invalid_policies_and_other_kinds_and_notes_the_rest() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\n\
+            apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+            metadata: {name: a, namespace: shop}\nspec: {action: MAYBE}\n---\n\
+            apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+            metadata: {name: l7, namespace: shop}\n\
+            spec: {rules: [{to: [{operation: {methods: [GET]}}]}]}\n---\n\
+            apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+            metadata: {name: pa, namespace: shop, annotations: [x]}\nspec: {}\n";
+        let checked = check(Path::new("f.yaml"), text, true);
+        let all = checked.refusals.join("\n");
+        assert_eq!(checked.refusals.len(), 3, "{all}");
+        assert!(all.contains("f.yaml:1: document 1: kind \"Pod\""), "{all}");
+        assert!(
+            all.contains("f.yaml:5: document 2: AuthorizationPolicy shop/a: spec.action"),
+            "{all}"
+        );
+        assert!(
+            all.contains("f.yaml:15: document 4") && all.contains("metadata.annotations"),
+            "{all}"
+        );
+        assert_eq!(checked.notes.len(), 1, "{:?}", checked.notes);
+        assert!(checked.notes[0].contains("methods"), "{:?}", checked.notes);
+        // For `up`, any kind; the same policies refused.
+        assert_eq!(check(Path::new("f.yaml"), text, false).refusals.len(), 2);
+    }
 }

@@ -13,7 +13,6 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde_json::Value;
 
 /// The label that enrols a namespace or a pod in ambient mode.
@@ -110,19 +109,28 @@ pub enum TargetPort {
     Name(String),
 }
 
+/// The `*.yaml`/`*.yml` files of `dir`, sorted by name.
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ManifestError::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted by name).
 pub fn load_dir(dir: &Path) -> Result<App, ManifestError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| ManifestError::Io { path, source }
     };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
+    let files = yaml_files(dir)?;
     if files.is_empty() {
         return Err(ManifestError::Empty(dir.to_owned()));
     }
@@ -138,58 +146,28 @@ pub fn load_dir(dir: &Path) -> Result<App, ManifestError> {
     Ok(app)
 }
 
-/// The non-empty documents of one file, each with the line it starts on.
+/// The non-empty documents of one file, each with the line it starts on, read by the
+/// control plane's own reader (`ambit_k8s::read::documents`: the YAML library's
+/// documents, keys converted as Kubernetes converts them).
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<(Location, Value)>, ManifestError> {
-    let starts = document_lines(text);
     let mut out = Vec::new();
-    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let start = starts.get(i).copied().unwrap_or(1);
-        let value = Value::deserialize(document).map_err(|e| ManifestError::Yaml {
-            at: Location {
-                file: file.to_owned(),
-                line: e.location().map_or(start, |l| l.line()),
-            },
-            reason: without_location(&e.to_string()),
-        })?;
-        if !value.is_null() {
-            out.push((
-                Location {
-                    file: file.to_owned(),
-                    line: start,
-                },
-                value,
-            ));
+    for document in ambit_k8s::read::documents(text) {
+        let at = |line: usize| Location {
+            file: file.to_owned(),
+            line,
+        };
+        match document.value {
+            Ok(None) => {}
+            Ok(Some(value)) => out.push((at(document.line), value)),
+            Err(problem) => {
+                return Err(ManifestError::Yaml {
+                    at: at(problem.line),
+                    reason: problem.message,
+                })
+            }
         }
     }
     Ok(out)
-}
-
-/// serde_yaml's messages end with " at line L column C", which our location says.
-fn without_location(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
-    }
-}
-
-/// The 1-based line each document starts on: the first, and the line after each `---`.
-fn document_lines(text: &str) -> Vec<usize> {
-    let mut starts = vec![1];
-    let mut first_content = true;
-    for (i, line) in text.lines().enumerate() {
-        if line.starts_with("---") {
-            if first_content {
-                // A leading `---` opens the first document rather than a second one.
-                starts[0] = i + 2;
-            } else {
-                starts.push(i + 2);
-            }
-        }
-        if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
-            first_content = false;
-        }
-    }
-    starts
 }
 
 /// The application the documents declare.

@@ -53,7 +53,7 @@ impl fmt::Display for DocumentError {
             self.message
         )?;
         if self.fails_closed {
-            f.write_str(" (enforced closed: it denies its whole scope)")?;
+            f.write_str(" (the control plane enforces it closed in its scope)")?;
         }
         Ok(())
     }

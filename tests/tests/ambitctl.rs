@@ -555,3 +555,30 @@ fn down_without_root_refuses_at_once_and_keeps_the_state_of_a_running_mesh() {
     assert!(alive, "the supervisor was left alone");
     assert!(kept, "the state of a running mesh is kept");
 }
+
+/// `local up` reads its directory with the control plane's reader (an integer
+/// `portLevelMtls` key is fine) and refuses a policy it would not enforce as written.
+#[test]
+fn up_refuses_a_policy_the_control_plane_would_not_enforce() {
+    let ctl = Ctl::new();
+    let app = tempfile::tempdir().unwrap();
+    std::fs::write(
+        app.path().join("shop.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {nodeName: node-a, containers: [{name: web}]}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: STRICT}}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\n\
+         spec: {rules: [{to: [{operation: {ports: [http]}}]}]}\n",
+    )
+    .unwrap();
+    let out = ctl.run(&["local", "up", app.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("shop.yaml:11: document 3: AuthorizationPolicy shop/a: spec.rules[0].to[0].operation.ports[0]"),
+        "{err}"
+    );
+    assert!(!err.contains("PeerAuthentication"), "{err}");
+    assert!(err.contains("refused, nothing started"), "{err}");
+    assert!(!ctl.state.path().join("supervisor.pid").exists());
+}
