@@ -194,7 +194,11 @@ pub async fn run_local(
     );
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
     let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
-    let reports = Arc::new(Reports::default());
+    let state_dir = config.local_state_dir().context(
+        "local mode keeps the node agents' redirection reports in --state-dir (default: --root-dir); give one",
+    )?;
+    let reports = Arc::new(Reports::load(&state_dir)?);
+    tracing::info!(file = %state_dir.join(crate::redirection::REPORTS_FILE).display(), captured = reports.len(), "redirection reports loaded");
     let report_pods = placements.clone();
     let report_sink = ReportSink::Local(reports.clone());
     let mut source = LocalSource {
@@ -260,7 +264,7 @@ impl LocalSource {
             Err(e) => vec![format!("{e}; keeping the last model")],
         };
         let mut resources = self.directory.resources();
-        self.reports.apply(&mut resources);
+        self.reports.apply(&mut resources, problems.is_empty());
         let current = (resources, problems);
         if self.last.as_ref() == Some(&current) {
             return;

@@ -32,6 +32,12 @@ pub struct Config {
     #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = crate::translate::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
+    /// Local mode: the directory where the control plane keeps its own state across
+    /// restarts (the node agents' redirection reports, `redirections.json`).
+    /// Default: the CA's `--root-dir`.
+    #[arg(long, env = "AMBIT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// How often the directory is read for changes.
     #[arg(long, env = "AMBIT_LOCAL_POLL", default_value = "200ms", value_parser = parse_poll)]
     pub poll: Duration,
@@ -42,6 +48,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where local mode keeps its state: `--state-dir`, else `--root-dir`.
+    pub fn local_state_dir(&self) -> Option<PathBuf> {
+        self.state_dir.clone().or_else(|| self.ca.root_dir.clone())
+    }
+
     /// The trusted node agents' `(namespace, service account)`.
     pub fn node_agent_accounts(&self) -> Vec<(String, String)> {
         if self.node_agents.is_empty() {
@@ -97,6 +108,7 @@ mod tests {
             vec![("ambit-system".to_owned(), "ztunnel".to_owned())]
         );
         assert_eq!(c.poll, Duration::from_millis(200));
+        assert_eq!(c.local_state_dir(), Some(PathBuf::from("/ca")));
         assert_eq!(c.ca.listen.port(), 15012);
         assert_eq!(parse_poll("2s"), Ok(Duration::from_secs(2)));
         assert!(parse_poll("fast").is_err());

@@ -5,11 +5,22 @@
 //!
 //! Where a report lives depends on the source: in a cluster it is the pod annotation
 //! `ambient.istio.io/redirection: enabled`, written through the API server (the watch
-//! brings it back into the model); in local mode the control plane keeps it in memory,
-//! [`Reports`], merged into the directory's pods before each translation. A pod that
-//! leaves the directory loses its report.
+//! brings it back into the model); in local mode the control plane keeps it in
+//! [`Reports`], written to a file (`--state-dir`) before the report is acknowledged and
+//! read back at start, and merged into the directory's pods before each translation.
+//!
+//! Either way a report is as durable as the pod: a restart of the control plane, or a
+//! node agent that is down, never turns a captured pod back into plaintext. Only an
+//! explicit unenrolment does: the node agent withdrawing its report, the pod leaving
+//! the source (after a read of the directory that had no errors) or coming back as
+//! another pod (another uid), or its labels no longer asking for ambient mode (then the
+//! translation says plaintext whatever the report).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ambit_ca::auth::{authenticate_request, Authenticator};
@@ -21,6 +32,7 @@ use ambit_proto::nodeagent::{
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
+use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::placement::Placements;
@@ -45,28 +57,172 @@ impl std::fmt::Debug for ReportSink {
     }
 }
 
-/// The pods reported captured, in local mode.
+/// The file [`Reports`] keeps in the state directory.
+pub const REPORTS_FILE: &str = "redirections.json";
+
+/// The reports file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportsError {
+    #[error("redirection reports {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("redirection reports {path}: not a reports file ({source}); fix or remove it (the node agents then report their pods again)")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The file's content: the captured pods, with the uid reported (empty if unknown).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportsFile {
+    captured: Vec<CapturedPod>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapturedPod {
+    namespace: String,
+    name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    uid: String,
+}
+
+/// The pods reported captured, in local mode, each with the uid it was reported for
+/// (empty when neither the report nor the source had one), and the file they are kept
+/// in.
 #[derive(Debug, Default)]
 pub struct Reports {
-    captured: Mutex<BTreeSet<ObjectKey>>,
+    captured: Mutex<BTreeMap<ObjectKey, String>>,
+    file: Option<PathBuf>,
 }
 
 impl Reports {
-    fn set(&self, key: ObjectKey, enabled: bool) {
-        let mut captured = self.captured.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Reports kept in `dir`/[`REPORTS_FILE`], starting with those it holds: none if it
+    /// does not exist yet; an unreadable or malformed file is an error naming it.
+    pub fn load(dir: &Path) -> Result<Reports, ReportsError> {
+        let path = dir.join(REPORTS_FILE);
+        let captured = match fs::read(&path) {
+            Ok(bytes) => {
+                let file: ReportsFile =
+                    serde_json::from_slice(&bytes).map_err(|source| ReportsError::Corrupt {
+                        path: path.clone(),
+                        source,
+                    })?;
+                file.captured
+                    .into_iter()
+                    .map(|p| (ObjectKey::new(&p.namespace, &p.name), p.uid))
+                    .collect()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => return Err(ReportsError::Io { path, source }),
+        };
+        Ok(Reports {
+            captured: Mutex::new(captured),
+            file: Some(path),
+        })
+    }
+
+    /// How many pods are reported captured.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no pod is reported captured.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ObjectKey, String>> {
+        self.captured.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a report; it stands once written to the file (on failure nothing
+    /// changes and the node agent is told to try again).
+    fn set(&self, key: ObjectKey, uid: String, enabled: bool) -> Result<(), ReportsError> {
+        let mut captured = self.lock();
+        let mut next = captured.clone();
         if enabled {
-            captured.insert(key);
+            next.insert(key, uid);
         } else {
-            captured.remove(&key);
+            next.remove(&key);
         }
+        if next != *captured {
+            self.save(&next)?;
+            *captured = next;
+        }
+        Ok(())
+    }
+
+    /// Writes `captured` to the file: a temporary file, synced, renamed into place.
+    fn save(&self, captured: &BTreeMap<ObjectKey, String>) -> Result<(), ReportsError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let file = ReportsFile {
+            captured: captured
+                .iter()
+                .map(|(key, uid)| CapturedPod {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    uid: uid.clone(),
+                })
+                .collect(),
+        };
+        let io = |source| ReportsError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut text = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .map_err(io)?;
+        text.push(b'\n');
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join(format!(".{REPORTS_FILE}.tmp"));
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        out.write_all(&text).map_err(io)?;
+        out.sync_all().map_err(io)?;
+        fs::rename(&tmp, path).map_err(io)?;
+        // The rename itself made durable.
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
     }
 
     /// Marks the reported pods of `resources` captured (the annotation a cluster's node
-    /// agent would set), and forgets reports of pods no longer there.
-    pub fn apply(&self, resources: &mut Resources) {
-        let mut captured = self.captured.lock().unwrap_or_else(PoisonError::into_inner);
-        captured.retain(|key| resources.pods.contains_key(key));
-        for key in captured.iter() {
+    /// agent would set). Forgets the reports of pods that came back with another uid,
+    /// and, when `complete` (the source was read without errors, so a missing pod is
+    /// really gone), of pods no longer there.
+    pub fn apply(&self, resources: &mut Resources, complete: bool) {
+        let mut captured = self.lock();
+        let mut next = captured.clone();
+        next.retain(|key, uid| match resources.pods.get(key) {
+            None => !complete,
+            Some(pod) => {
+                let now = pod.metadata.uid.as_deref().unwrap_or_default();
+                uid.is_empty() || now.is_empty() || now == uid
+            }
+        });
+        if next != *captured {
+            match self.save(&next) {
+                Ok(()) => *captured = next,
+                // Kept, and forgotten at a later read: a stale report can only keep a
+                // pod HBONE, never open plaintext.
+                Err(e) => {
+                    tracing::warn!(error = %e, "forgetting redirection reports of pods that are gone")
+                }
+            }
+        }
+        for key in captured.keys() {
             if let Some(pod) = resources.pods.get_mut(key) {
                 pod.metadata
                     .annotations
@@ -145,7 +301,16 @@ impl Redirection for RedirectionService {
             Some(_) => {}
         }
         match &self.sink {
-            ReportSink::Local(reports) => reports.set(key.clone(), report.enabled),
+            ReportSink::Local(reports) => {
+                let uid = match self.pods.scheduled(&key) {
+                    _ if !report.uid.is_empty() => report.uid.clone(),
+                    Some(pod) => pod.uid,
+                    None => String::new(),
+                };
+                reports
+                    .set(key.clone(), uid, report.enabled)
+                    .map_err(|e| refuse(Status::unavailable(e.to_string())))?;
+            }
             ReportSink::Kubernetes(client) => {
                 // A JSON merge patch: only this annotation changes (null removes it).
                 let value = report.enabled.then_some("enabled");

@@ -3,7 +3,8 @@
 //! agent reports it captured, then HBONE; withdrawn, plaintext again. Only a node agent
 //! may report, only for its own node's pods; a pod that leaves the directory loses its
 //! report. Asked at CNI ADD, it says whether a pod of the caller's node is to be
-//! captured.
+//! captured. Reports survive the control plane's restart (its state file); a corrupt
+//! state file stops the start, naming it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/control.rs"]
@@ -177,4 +178,109 @@ async fn a_pod_speaks_hbone_while_its_node_agent_reports_it_captured() {
 
     client.abort();
     control.stop().await;
+}
+
+/// The directory laid out as [`Control::local_in`] reads it, with `PODS`.
+fn local_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let k8s = dir.path().join("k8s");
+    std::fs::create_dir(&k8s).unwrap();
+    std::fs::write(k8s.join("pods.yaml"), PODS).unwrap();
+    std::fs::write(
+        dir.path().join("tokens.yaml"),
+        format!(
+            "- token: {NODE_A}\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: node-a\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn reports_survive_a_restart_of_the_control_plane_and_only_a_withdrawal_ends_them() {
+    let dir = local_dir();
+    let control = Control::local_in(dir.path()).await;
+    let roots = roots_in(&dir.path().join("ca/root-cert.pem"));
+    report(control.addr, &roots, NODE_A, ("shop", "web-1"), true)
+        .await
+        .unwrap();
+    control.stop().await;
+
+    // Restarted, and no node agent reports: web-1 is HBONE in the very first model.
+    let control = Control::local_in(dir.path()).await;
+    let (model, client) = xds_model(control.addr, roots.clone(), NODE_A);
+    let mut model = model;
+    until(&mut model, "the restarted control plane's model", |m| {
+        protocol_of(m, "shop/pay-1").is_some()
+    })
+    .await;
+    assert_eq!(
+        protocol_of(&model.borrow(), "shop/web-1"),
+        Some(Protocol::Hbone),
+        "the report was lost with the restart"
+    );
+    let file = dir
+        .path()
+        .join("ca")
+        .join(ambit_control::redirection::REPORTS_FILE);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Withdrawn, then restarted: plaintext, as the agent said.
+    report(control.addr, &roots, NODE_A, ("shop", "web-1"), false)
+        .await
+        .unwrap();
+    until(&mut model, "web-1 withdrawn", |m| {
+        protocol_of(m, "shop/web-1") == Some(Protocol::Tcp)
+    })
+    .await;
+    client.abort();
+    control.stop().await;
+    let control = Control::local_in(dir.path()).await;
+    let (mut model, client) = xds_model(control.addr, roots.clone(), NODE_A);
+    until(&mut model, "web-1 plaintext after the restart", |m| {
+        protocol_of(m, "shop/web-1") == Some(Protocol::Tcp)
+    })
+    .await;
+    client.abort();
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_reports_file_stops_the_start_naming_the_file() {
+    let dir = local_dir();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let file = state.join(ambit_control::redirection::REPORTS_FILE);
+    std::fs::write(&file, "{\"captured\": [{\"namespace\": \"shop\"").unwrap();
+    let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let config = <ambit_control::config::Config as clap::Parser>::try_parse_from([
+        "ambit-control".to_owned(),
+        "--local-dir".to_owned(),
+        path("k8s"),
+        "--root-dir".to_owned(),
+        path("ca"),
+        "--state-dir".to_owned(),
+        path("state"),
+        "--tokens".to_owned(),
+        path("tokens.yaml"),
+        "--listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ])
+    .unwrap();
+    let e = ambit_control::app::run(config, |_| {}, std::future::pending())
+        .await
+        .unwrap_err();
+    let message = format!("{e:#}");
+    assert!(
+        message.contains(&file.display().to_string()) && message.contains("not a reports file"),
+        "{message}"
+    );
+    // Left as it was, for the operator to look at.
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .ends_with("\"shop\""));
 }

@@ -88,14 +88,14 @@ impl Ambient {
         let dir = mesh.dir();
         let mut tokens = String::new();
         for node in mesh.nodes() {
-            let token = format!("node-agent-token-for-{}", node.name());
-            write(&token_file(mesh, node.name()), &token)?;
+            let token = random_token();
+            write_secret(&token_file(mesh, node.name()), &token)?;
             tokens.push_str(&format!(
                 "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
                 node.name()
             ));
         }
-        write(&dir.join("tokens.yaml"), &tokens)?;
+        write_secret(&dir.join("tokens.yaml"), &tokens)?;
         mesh.write_kubernetes()?;
         let control = start_control(mesh, &config)?;
         let mut ztunnels = Vec::new();
@@ -396,7 +396,8 @@ pub fn control_address(mesh: &LocalMesh) -> SocketAddr {
     SocketAddr::new(mesh.fabric_ip().into(), CONTROL_PORT)
 }
 
-fn token_file(mesh: &LocalMesh, node: &str) -> PathBuf {
+/// Where `node`'s agent and ztunnel read their bearer token (mode 0600).
+pub fn token_file(mesh: &LocalMesh, node: &str) -> PathBuf {
     mesh.dir().join(format!("{node}.token"))
 }
 
@@ -484,11 +485,33 @@ pub async fn config_dump(mesh: &LocalMesh, node: &str) -> std::io::Result<String
         .unwrap_or_default())
 }
 
-fn write(path: &Path, text: &str) -> Result<(), MeshError> {
-    std::fs::write(path, text).map_err(|source| MeshError::Io {
+/// A node agent's bearer token: 256 random bits, hex (a CSPRNG seeded by the OS).
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a file only its owner may read (mode 0600 from its creation, under a
+/// temporary name renamed into place, so it is never readable by others even briefly).
+fn write_secret(path: &Path, text: &str) -> Result<(), MeshError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| MeshError::Io {
         path: path.to_owned(),
         source,
-    })
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// `ambit-control` in local mode in the fabric namespace: the mesh's `k8s/` directory

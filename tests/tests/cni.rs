@@ -9,7 +9,9 @@
 //! - ztunnel killed: enrolled pods' connections are refused, never plaintext; ztunnel
 //!   back: the agent hands the pods over again and traffic resumes;
 //! - a kubelet probe (from the node) reaches an enrolled pod's app directly;
-//! - the agent's restart keeps the enrolled pods as they are.
+//! - the agent's restart keeps the enrolled pods as they are;
+//! - the control plane's restart, with a node agent down meanwhile, never makes an
+//!   enrolled pod plaintext: no marker crosses the fabric unencrypted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -308,6 +310,122 @@ async fn ztunnel_or_agent_restarts_keep_enrolled_pods_enrolled_and_never_leak_pl
     assert!(
         !h.ztunnel("node-b").log().contains("no longer serving pod"),
         "{}",
+        h.logs()
+    );
+}
+
+/// GETs `/<marker>` from `web`'s HTTP app (which answers with the marker) three times.
+fn get_marker(h: &Harness, client: &Pod, web: &Pod, marker: &str, when: &str) {
+    let to = web.addr(8080).to_string();
+    let path = format!("/{marker}");
+    let out = h.run_app(
+        client,
+        &["get", "--to", &to, "--path", &path, "--count", "3"],
+        DEADLINE,
+    );
+    assert!(
+        out.status.success() && out.log.contains(marker),
+        "{when}: GET {to} failed: {}\n{}",
+        out.log,
+        h.logs()
+    );
+}
+
+/// `node`'s ztunnel holds `uid` in its model; returns its protocol there.
+async fn protocol_at(h: &Harness, node: &str, uid: &str) -> Option<Protocol> {
+    let dump = h.config_dump(node).await;
+    let body = dump
+        .split_once("\r\n\r\n")
+        .map_or(dump.as_str(), |(_, b)| b);
+    let model: ambit_core::model::MeshConfig = serde_json::from_value(
+        serde_json::from_str::<serde_json::Value>(body).ok()?["model"].clone(),
+    )
+    .ok()?;
+    model
+        .workloads
+        .into_iter()
+        .find(|w| w.uid == uid)
+        .map(|w| w.protocol)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_plane_restart_with_a_node_agent_down_never_sends_enrolled_pods_plaintext() {
+    let mesh = two_nodes();
+    let web = support::pod(&mesh, "node-b", "shop", "web", "web");
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let mut h = Harness::start_with_agents(mesh);
+    let secret = "AMBITRESTARTMARKER5e1d";
+    let _http = h.serve(&web, &["http", "--port", "8080", "--name", secret]);
+    ambient_namespace(&h, "shop", true);
+    wait_for(&h, &web, Protocol::Hbone).await;
+    wait_for(&h, &client, Protocol::Hbone).await;
+    let dump = support::capture(&h);
+    get_marker(&h, &client, &web, secret, "before the restart");
+
+    // The control plane stops, and so does web's node agent, which therefore cannot
+    // report web again when the control plane is back.
+    let stopped = h.control().stop().unwrap();
+    assert!(stopped.success(), "ambit-control exited {stopped:?}");
+    h.ambient.node_agent("node-b").unwrap().stop().unwrap();
+    get_marker(&h, &client, &web, secret, "while the control plane is down");
+
+    // Back: its first model already has both pods captured. A pod declared only now
+    // shows that each ztunnel holds the restarted control plane's model.
+    h.restart_control();
+    std::fs::write(
+        h.k8s_dir().join("after-restart.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: after-restart, namespace: legacy}\n\
+         spec: {nodeName: node-a, containers: [{name: app, image: app}]}\n\
+         status: {podIP: 10.1.0.200}\n",
+    )
+    .unwrap();
+    for node in ["node-a", "node-b"] {
+        support::eventually(
+            DEADLINE,
+            || async { protocol_at(&h, node, "legacy/after-restart").await },
+            || {
+                format!(
+                    "{node}'s ztunnel never got the restarted control plane's model\n{}",
+                    h.logs()
+                )
+            },
+        )
+        .await;
+        for pod in ["shop/web", "shop/client"] {
+            assert_eq!(
+                protocol_at(&h, node, pod).await,
+                Some(Protocol::Hbone),
+                "{node}'s ztunnel: {pod} after the control plane's restart\n{}",
+                h.logs()
+            );
+        }
+    }
+    get_marker(
+        &h,
+        &client,
+        &web,
+        secret,
+        "after the restart, web's agent down",
+    );
+
+    // Web's agent back: it finds its pod enrolled and captured, nothing changes.
+    h.ambient.restart_node_agent(&h.mesh, "node-b").unwrap();
+    wait_for(&h, &web, Protocol::Hbone).await;
+    get_marker(&h, &client, &web, secret, "after the agent's restart");
+
+    let hbone_port = format!("{}.15008", web.addr(0).ip());
+    dump.wait_for_log(&hbone_port, DEADLINE)
+        .unwrap_or_else(|e| panic!("no HBONE traffic captured: {e}\n{}", h.logs()));
+    dump.stop().unwrap();
+    let captured = dump.log();
+    assert!(
+        !captured.contains(secret),
+        "the marker crossed the fabric in plaintext:\n{captured}"
+    );
+    assert_eq!(
+        mtls_from(&h, "node-b", &client).await,
+        12.0,
+        "every GET (3 per step, 4 steps) over mutual TLS\n{}",
         h.logs()
     );
 }

@@ -311,3 +311,40 @@ async fn ztunnel_keeps_its_model_while_the_control_plane_restarts_then_resyncs()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_agent_tokens_are_random_and_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::start(two_nodes());
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let mut tokens = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let path = ambit_localmesh::ambient::token_file(&h.mesh, node);
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        let token = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{node}'s token is not 256 random bits in hex: {token:?}"
+        );
+        assert!(!token.contains(node), "{token:?}");
+        tokens.push(token);
+    }
+    assert_ne!(tokens[0], tokens[1]);
+    let list = h.mesh.dir().join("tokens.yaml");
+    assert_eq!(mode(&list), 0o600, "{}", list.display());
+    // The tokens work: each ztunnel is ready only once it has its model over xDS,
+    // fetched with its node's token.
+    assert!(h.ambient.ztunnels().count() == 2);
+    // A new mesh, new tokens.
+    let other = Harness::start(LocalMesh::builder().nodes(["node-a"]).build().unwrap());
+    let again =
+        std::fs::read_to_string(ambit_localmesh::ambient::token_file(&other.mesh, "node-a"))
+            .unwrap();
+    assert_ne!(again, tokens[0]);
+}

@@ -223,22 +223,6 @@ async fn a_client_outside_the_mesh_reaches_a_mesh_pod_through_15006() {
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
 }
 
-/// Starts `tcpdump` on the fabric bridge, printing payloads as ASCII.
-fn capture(h: &Harness) -> ambit_localmesh::Process {
-    let dump = h
-        .mesh
-        .spawn_in(
-            h.mesh.fabric(),
-            "tcpdump",
-            ["-i", "br0", "-n", "-l", "-U", "-A", "-s", "0", "tcp"],
-            &[],
-        )
-        .unwrap();
-    dump.wait_for_log("listening on", DEADLINE)
-        .unwrap_or_else(|e| panic!("tcpdump (needs the tcpdump package): {e}"));
-    dump
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_marker_never_crosses_nodes_in_plaintext_unless_the_destination_is_outside_the_mesh() {
     marker_stays_encrypted(Family::V4).await;
@@ -290,7 +274,7 @@ async fn marker_stays_encrypted(family: Family) {
     h.enrol(&client).await;
     h.enrol(&server).await;
 
-    let dump = capture(&h);
+    let dump = support::capture(&h);
     let client_ip = match family.ip(&client) {
         std::net::IpAddr::V4(ip) => ip.to_string(),
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),

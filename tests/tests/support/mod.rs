@@ -257,3 +257,19 @@ pub fn assert_refused(h: &Harness, pod: &Pod, to: std::net::SocketAddr) {
     );
     assert!(out.log.contains("refused"), "{}", out.log);
 }
+
+/// Starts `tcpdump` on the fabric bridge, printing payloads as ASCII.
+pub fn capture(h: &Harness) -> Process {
+    let dump = h
+        .mesh
+        .spawn_in(
+            h.mesh.fabric(),
+            "tcpdump",
+            ["-i", "br0", "-n", "-l", "-U", "-A", "-s", "0", "tcp"],
+            &[],
+        )
+        .unwrap();
+    dump.wait_for_log("listening on", DEADLINE)
+        .unwrap_or_else(|e| panic!("tcpdump (needs the tcpdump package): {e}"));
+    dump
+}
