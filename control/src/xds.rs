@@ -7,7 +7,10 @@
 //! state (the streams read a `watch` channel).
 //!
 //! Only the `Address` type and the wildcard subscription are served: a ztunnel needs
-//! the whole model.
+//! the whole model. Only trusted node agents may subscribe (ztunnels and `ambit-cni`
+//! agents, which run as the node-agent accounts); any other caller, a workload's
+//! certificate or token included, gets `PERMISSION_DENIED`: the model names every
+//! workload, address and policy of the mesh.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -86,6 +89,13 @@ impl AggregatedDiscoveryService for XdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let caller = authenticate_request(&self.authenticators, &request).await?;
+        if !caller.node_agent {
+            tracing::warn!(caller = %caller.identity, "xDS subscription refused: not a node agent");
+            return Err(Status::permission_denied(format!(
+                "{} may not subscribe to the mesh model: only ztunnels and node agents (the trusted node-agent accounts) may",
+                caller.identity
+            )));
+        }
         let peer = request
             .extensions()
             .get::<PeerInfo>()

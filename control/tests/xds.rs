@@ -1,7 +1,7 @@
 //! The delta xDS server and ztunnel's client, talking gRPC over a local socket: the
 //! client gets the model, then each change; rejects a resource it cannot use while
 //! taking the rest; keeps its model while the server is gone, and resyncs from a new
-//! server.
+//! server. Callers that are not node agents are refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -46,13 +46,16 @@ fn v2() -> MeshConfig {
 }
 
 const TOKEN: &str = "node-a-agent-token";
+/// A workload's token: authenticated, but not a node agent.
+const WORKLOAD_TOKEN: &str = "shop-web-workload-token";
 
 /// Serves `snapshots` on `addr`, to callers with [`TOKEN`], until the task is aborted.
 async fn serve(addr: SocketAddr, snapshots: watch::Receiver<Arc<Snapshot>>) -> JoinHandle<()> {
     let tokens = TokenAuthenticator::from_yaml(
         &format!(
             "- token: {TOKEN}\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  \
-             nodeAgent: true\n  node: node-a\n"
+             nodeAgent: true\n  node: node-a\n\
+             - token: {WORKLOAD_TOKEN}\n  identity: spiffe://cluster.local/ns/shop/sa/web\n"
         ),
         "test",
     )
@@ -182,5 +185,46 @@ async fn a_caller_without_credentials_gets_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_workload_may_not_subscribe_to_the_model() {
+    let addr: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (_snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::new(1, &v1())));
+    let server = serve(addr, snapshots_rx).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        ambit_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(
+            channel,
+        );
+    let mut request = tonic::Request::new(tokio_stream::iter([
+        ambit_proto::xds::DeltaDiscoveryRequest {
+            type_url: ambit_proto::workload::ADDRESS_TYPE_URL.into(),
+            ..Default::default()
+        },
+    ]));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {WORKLOAD_TOKEN}").parse().unwrap(),
+    );
+    let status = client
+        .delta_aggregated_resources(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(
+        status
+            .message()
+            .contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "{status}"
+    );
     server.abort();
 }
