@@ -81,16 +81,22 @@ pub async fn authenticate_request<T>(
         .as_ref()
         .map(|p| p.remote.to_string())
         .unwrap_or_default();
+    let connection = peer.as_ref().map(|p| p.authenticated.clone());
     let credentials = Credentials {
         bearer_token: bearer_token(request)?,
         peer_identity: peer.and_then(|p| p.identity),
     };
-    authenticate(authenticators, &credentials)
+    let caller = authenticate(authenticators, &credentials)
         .await
         .map_err(|e| {
             tracing::warn!(%remote, error = %e, "request not authenticated");
             tonic::Status::unauthenticated(e.to_string())
-        })
+        })?;
+    // The connection has carried an authenticated request: it may stay open.
+    if let Some(flag) = connection {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(caller)
 }
 
 /// The token of `authorization: Bearer <token>`, if the request has one.

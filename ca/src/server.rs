@@ -3,11 +3,20 @@
 //! but when one is presented it must chain to the mesh root, and its identity is
 //! handed to the service as [`PeerInfo`]. The serving certificate is issued by the
 //! CA itself for the control plane identity and rotated at half-life.
+//!
+//! Unauthenticated clients cannot hold the port: a connection has
+//! [`HANDSHAKE_TIMEOUT`] to complete TLS and then [`AUTHENTICATE_WITHIN`] to carry a
+//! request that authenticates, or it is closed; at most [`MAX_PER_SOURCE`]
+//! connections per source address and [`MAX_CONNECTIONS`] in all are open (more are
+//! closed at accept); a failing `accept` (out of descriptors) backs off.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -27,7 +36,17 @@ use tonic::transport::server::Connected;
 use crate::authority::{CertificateAuthority, IssueError};
 
 /// How long a client has to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection may stay open, after its handshake, without carrying a
+/// request that authenticates.
+pub const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Connections open at once from one source address.
+pub const MAX_PER_SOURCE: usize = 128;
+
+/// Connections open at once in all.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Lifetime of the CA's own serving certificate.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -38,6 +57,58 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// Identity of a verified client certificate, if one was presented.
     pub identity: Option<SpiffeId>,
+    /// Set once a request on the connection has authenticated; until then the
+    /// connection is closed after [`AUTHENTICATE_WITHIN`].
+    pub authenticated: Arc<AtomicBool>,
+}
+
+/// Open connections, per source address and in all.
+#[derive(Debug, Default)]
+struct Limits {
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One open connection's place in [`Limits`], given back when dropped.
+#[derive(Debug)]
+struct Admitted {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+impl Limits {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.0 >= MAX_CONNECTIONS {
+            return Err("too many connections");
+        }
+        let from = open.1.entry(ip).or_default();
+        if *from >= MAX_PER_SOURCE {
+            return Err("too many connections from this address");
+        }
+        *from += 1;
+        open.0 += 1;
+        Ok(Admitted {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.0 -= 1;
+        if let Some(from) = open.1.get_mut(&self.ip) {
+            *from -= 1;
+            if *from == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,13 +176,27 @@ async fn accept_loop(
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<io::Result<TlsConn>>,
 ) {
+    let limits = Arc::new(Limits::default());
+    let mut backoff = Duration::from_millis(10);
     loop {
         let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff = Duration::from_millis(10);
+                c
+            }
             Err(e) => {
                 // Out of file descriptors and the like: back off rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let admitted = match limits.admit(remote.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::debug!(%remote, why, "connection closed at accept");
+                drop(tcp);
                 continue;
             }
         };
@@ -127,10 +212,20 @@ async fn accept_loop(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .and_then(|leaf| tls::identity_of(leaf).ok());
+                    let authenticated = Arc::new(AtomicBool::new(false));
                     let _ = tx
                         .send(Ok(TlsConn {
                             stream,
-                            info: PeerInfo { remote, identity },
+                            info: PeerInfo {
+                                remote,
+                                identity,
+                                authenticated: authenticated.clone(),
+                            },
+                            unauthenticated_until: Some(Box::pin(tokio::time::sleep(
+                                AUTHENTICATE_WITHIN,
+                            ))),
+                            authenticated,
+                            _admitted: admitted,
                         }))
                         .await;
                 }
@@ -175,10 +270,20 @@ async fn rotate_serving_cert(
 }
 
 /// A TLS connection plus what the handshake established about the peer.
-#[derive(Debug)]
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Until a request authenticates: when this fires, reads fail and the
+    /// connection is closed.
+    unauthenticated_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    authenticated: Arc<AtomicBool>,
+    _admitted: Admitted,
+}
+
+impl std::fmt::Debug for TlsConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConn").field("info", &self.info).finish()
+    }
 }
 
 impl Connected for TlsConn {
@@ -194,7 +299,19 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(deadline) = this.unauthenticated_until.as_mut() {
+            if this.authenticated.load(Ordering::Relaxed) {
+                this.unauthenticated_until = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                tracing::info!(remote = %this.info.remote, "closing a connection that sent no authenticated request in time");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no authenticated request in time",
+                )));
+            }
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
