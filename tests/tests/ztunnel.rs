@@ -633,3 +633,89 @@ async fn a_destination_with_the_wrong_identity_is_refused_and_the_source_logs_wh
         echo.log()
     );
 }
+
+/// Connects to `to` from `from`'s namespace as fast as it can until `stop`, dropping
+/// each connection once made: whenever a listener appears, a connection is already
+/// queued in its backlog.
+fn flood(
+    from: &Pod,
+    to: std::net::SocketAddr,
+    mark: Option<u32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let ns = NetnsHandle::from_path(from.netns().path()).unwrap();
+    tokio::spawn(async move {
+        let opts = ConnectOpts {
+            mark,
+            timeout: Duration::from_secs(1),
+            ..ConnectOpts::default()
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = ns.connect(to, opts).await;
+        }
+    })
+}
+
+/// Issue 12 item 10: an accept loop that took a queued connection before the pod was
+/// in ztunnel's map returned and dropped its listener. Handed over again 20 times under
+/// a flood of SYNs, each of the pod's listeners still serves after every hand-off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_queued_at_hand_off_never_costs_the_pod_a_listener() {
+    let mesh = two_nodes();
+    let outsider = mesh
+        .add_pod("node-a", PodSpec::new("legacy", "outsider"))
+        .unwrap();
+    let server = pod(&mesh, "node-a", "shop", "server", "server");
+    let client = pod(&mesh, "node-b", "shop", "client", "client");
+    let h = Harness::start(mesh);
+    let _server_echo = h.serve(&server, &["echo", "--port", "8080"]);
+    let _outsider_echo = h.serve(&outsider, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&server).await;
+
+    // SYNs keep arriving at each of the server pod's three listeners: 15008 (HBONE,
+    // delivered directly), 15006 (plaintext to the app, TPROXY) and 15001 (the app's
+    // own outbound, TPROXY). Before a listener exists they are refused.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floods = [
+        flood(&outsider, server.addr(15008), None, stop.clone()),
+        flood(&outsider, server.addr(8080), None, stop.clone()),
+        flood(&server, outsider.addr(8080), None, stop.clone()),
+    ];
+    let socket = h.ambient.handoff_socket("node-a").unwrap().to_owned();
+    let agent = ambit_net::handoff::HandoffClient::connect(&socket)
+        .await
+        .unwrap();
+    let ns = std::fs::File::open(server.netns().path()).unwrap();
+    for round in 0..20 {
+        // Handed over again with connections queued: every listener must keep serving.
+        agent.remove(&server.uid()).await.unwrap();
+        let info = ambit_proto::handoff::WorkloadInfo {
+            name: server.name().to_string(),
+            namespace: server.namespace().to_string(),
+            service_account: server.service_account().to_string(),
+        };
+        agent
+            .add(&server.uid(), info, std::os::fd::AsFd::as_fd(&ns))
+            .await
+            .unwrap();
+        let what = |path: &str| format!("round {round}: {path}");
+        // 15008: over HBONE from the client pod on the other node.
+        let mut hbone = captured_connection(&client, server.addr(8080)).await;
+        round_trip(&mut hbone, what("hbone").as_bytes()).await;
+        // 15006: plaintext from the outsider.
+        let outsider_ns = NetnsHandle::from_path(outsider.netns().path()).unwrap();
+        let mut plain = outsider_ns
+            .connect(server.addr(8080), ConnectOpts::default())
+            .await
+            .unwrap();
+        round_trip(&mut plain, what("plaintext").as_bytes()).await;
+        // 15001: the server's app calling out.
+        let mut out = captured_connection(&server, outsider.addr(8080)).await;
+        round_trip(&mut out, what("outbound").as_bytes()).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in floods {
+        f.await.unwrap();
+    }
+}

@@ -63,16 +63,29 @@ impl Pod {
         self.removed.send_replace(true);
     }
 
-    /// Closes the pod's listeners; connections already open run to their end.
+    /// Closes the pod's listeners; connections already open run to their end. The
+    /// listeners close once their aborted tasks are dropped, soon after;
+    /// [`Pod::stop_and_wait`] waits for that.
     pub fn stop(&self) {
-        for t in self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
+        for t in self.lock_tasks().iter() {
             t.abort();
         }
+    }
+
+    /// [`Pod::stop`], returning once the listeners are closed, so that the pod's ports
+    /// are free again (a pod handed over again right after its removal listens anew).
+    pub async fn stop_and_wait(&self) {
+        let tasks: Vec<_> = self.lock_tasks().drain(..).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -109,7 +122,14 @@ impl Pods {
         self.pods.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn start(&self, uid: &str, info: &WorkloadInfo, netns: OwnedFd) -> Result<Pod, String> {
+    /// Fetches the pod's certificate and opens its listeners; [`Pods::spawn_tasks`]
+    /// serves them once the pod is in the map.
+    async fn start(
+        &self,
+        uid: &str,
+        info: &WorkloadInfo,
+        netns: OwnedFd,
+    ) -> Result<(Pod, Listening), String> {
         let shared = &self.shared;
         let name = format!("pod {}/{}", info.namespace, info.name);
         let netns =
@@ -206,24 +226,30 @@ impl Pods {
             tasks: Mutex::new(Vec::new()),
             removed: tokio::sync::watch::channel(false).0,
         };
-        let tasks = self.spawn_tasks(&pod, listeners, server_tls, slot);
-        *pod.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
-        Ok(pod)
+        Ok((
+            pod,
+            Listening {
+                listeners,
+                server_tls,
+                slot,
+            },
+        ))
     }
 
-    fn spawn_tasks(
-        &self,
-        pod: &Pod,
-        listeners: Vec<(TcpListener, Role)>,
-        server_tls: Arc<rustls::ServerConfig>,
-        slot: Arc<CertSlot>,
-    ) -> Vec<JoinHandle<()>> {
+    /// Serves the pod's listeners and rotates its certificate. Each accept loop holds
+    /// the pod itself (weakly: the pod owns the loops), never a lookup by uid, so a
+    /// connection already queued when the loop starts is served like any other.
+    fn spawn_tasks(&self, pod: &Arc<Pod>, listening: Listening) -> Vec<JoinHandle<()>> {
+        let Listening {
+            listeners,
+            server_tls,
+            slot,
+        } = listening;
         let mut tasks = Vec::new();
-        let uid = pod.uid.clone();
         for (listener, role) in listeners {
             let shared = self.shared.clone();
-            let pods = self.clone();
-            let uid = uid.clone();
+            let weak = Arc::downgrade(pod);
+            let uid = pod.uid.clone();
             let server_tls = server_tls.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -235,7 +261,11 @@ impl Pods {
                             continue;
                         }
                     };
-                    let Some(pod) = pods.get(&uid) else { return };
+                    let Some(pod) = weak.upgrade() else {
+                        // Only while the pod is being dropped, which aborts this loop.
+                        tracing::debug!(pod = %uid, ?role, "pod gone, listener closed");
+                        return;
+                    };
                     // No Nagle on any socket ztunnel relays through, as on the ones
                     // it opens (Envoy and Istio's ztunnel do the same): relayed bytes
                     // go out as they come, and on HBONE connections h2 already batches
@@ -289,6 +319,13 @@ impl Pods {
     }
 }
 
+/// A started pod's listeners and TLS, until [`Pods::spawn_tasks`] serves them.
+struct Listening {
+    listeners: Vec<(TcpListener, Role)>,
+    server_tls: Arc<rustls::ServerConfig>,
+    slot: Arc<CertSlot>,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Role {
     Outbound,
@@ -302,16 +339,21 @@ impl HandoffHandler for Pods {
             // Re-added (node agent restart without keep): the namespace is the same pod's.
             return Ok(());
         }
-        let pod = self.start(uid, info, netns).await?;
+        let (pod, listening) = self.start(uid, info, netns).await?;
+        let pod = Arc::new(pod);
+        // In the map before its listeners are served: a connection queued in a
+        // backlog is accepted at once, and everything it does finds the pod.
+        self.lock().insert(uid.to_string(), pod.clone());
+        let tasks = self.spawn_tasks(&pod, listening);
+        *pod.lock_tasks() = tasks;
         tracing::info!(pod = %uid, identity = %pod.identity, "serving pod");
-        self.lock().insert(uid.to_string(), Arc::new(pod));
         Ok(())
     }
 
     async fn remove(&self, uid: &str) -> Result<(), String> {
         let removed = self.lock().remove(uid);
         if let Some(pod) = removed {
-            pod.stop();
+            pod.stop_and_wait().await;
             pod.close_connections();
             tracing::info!(pod = %uid, "no longer serving pod");
             // Other pods may share the identity; only forget the certificate when none do.
