@@ -29,7 +29,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
@@ -159,7 +158,7 @@ pub async fn serve(
     )?;
     let rotation = tokio::spawn(rotate_serving_cert(ca, slot, identity, dns_names, cert));
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let acceptor = config;
     let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
     let incoming = ReceiverStream::new(rx);
     let result = tonic::transport::Server::builder()
@@ -173,7 +172,7 @@ pub async fn serve(
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: tls::ServerTls,
     tx: mpsc::Sender<io::Result<TlsConn>>,
 ) {
     let limits = Arc::new(Limits::default());

@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 
 #[derive(Debug)]
 struct Outcome {
@@ -22,6 +22,8 @@ struct Outcome {
     version: Option<rustls::ProtocolVersion>,
     alpn: Option<Vec<u8>>,
     kx: Option<String>,
+    /// Whether the server asked for another key share (HelloRetryRequest).
+    retried: bool,
     /// The leaf certificate the server presented.
     server_leaf: CertificateDer<'static>,
 }
@@ -44,7 +46,7 @@ async fn handshake_with(
     let server_cfg = tls::server_config(slot, roots, auth).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(server_cfg));
+    let acceptor = server_cfg;
     let server_side = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut tls = acceptor
@@ -92,6 +94,7 @@ async fn handshake_with(
             conn.negotiated_key_exchange_group()
                 .map(|g| format!("{:?}", g.name())),
             conn.peer_certificates().unwrap()[0].clone().into_owned(),
+            conn.handshake_kind() == Some(rustls::HandshakeKind::FullWithHelloRetryRequest),
         ))
     };
     let client_result = tokio::time::timeout(Duration::from_secs(10), client_side)
@@ -102,11 +105,12 @@ async fn handshake_with(
         .expect("server side hung")
         .unwrap();
     match (client_result, server_result) {
-        (Ok((version, alpn, kx, server_leaf)), Ok(client_identity)) => Ok(Outcome {
+        (Ok((version, alpn, kx, server_leaf, retried)), Ok(client_identity)) => Ok(Outcome {
             client_identity,
             version,
             alpn,
             kx,
+            retried,
             server_leaf,
         }),
         (c, s) => Err(format!("{:?} / {:?}", c.err(), s.err())),
@@ -309,6 +313,77 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAll {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// A mesh-verifying client whose `supported_groups` (and so its one key share) follow
+/// `groups`.
+fn client_with_groups(
+    cert: &WorkloadCert,
+    expect: &str,
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: groups,
+        ..(*tls::provider()).clone()
+    });
+    let verifier = tls::PeerVerifier::for_servers(cert.roots(), &provider, [id(expect)]).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    config
+}
+
+/// Issue 12 item 3: a client that supports X25519MLKEM768 but leads with X25519 (its
+/// only key share is X25519, as Istio's ztunnel sends) is asked for the hybrid share.
+#[tokio::test]
+async fn a_client_offering_the_hybrid_group_gets_it_even_with_only_an_x25519_share() {
+    use rustls::crypto::aws_lc_rs::kx_group::{X25519, X25519MLKEM768};
+    let ca = new_ca();
+    let server = issue(&ca, PAY);
+    let client = client_with_groups(&server, PAY, vec![X25519, X25519MLKEM768]);
+    let out = handshake(
+        &server,
+        ClientAuth::Optional(TrustDomain::default()),
+        client,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.kx.as_deref(), Some("X25519MLKEM768"));
+    assert!(out.retried, "no HelloRetryRequest: {out:?}");
+
+    // The mesh's own client leads with the hybrid share: no extra round trip.
+    let cart = issue(&ca, CART);
+    let out = handshake(
+        &server,
+        required(),
+        mesh_client(Some(&cart), cart.roots(), PAY),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.kx.as_deref(), Some("X25519MLKEM768"));
+    assert!(!out.retried, "{out:?}");
+}
+
+/// A client with no post-quantum group at all still connects, with X25519 (a decision:
+/// see `ambit_net::tls`).
+#[tokio::test]
+async fn a_classical_only_client_still_gets_x25519() {
+    use rustls::crypto::aws_lc_rs::kx_group::X25519;
+    let ca = new_ca();
+    let server = issue(&ca, PAY);
+    let client = client_with_groups(&server, PAY, vec![X25519]);
+    let out = handshake(
+        &server,
+        ClientAuth::Optional(TrustDomain::default()),
+        client,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.kx.as_deref(), Some("X25519"));
 }
 
 #[tokio::test]

@@ -2,6 +2,14 @@
 //! hybrid X25519MLKEM768 key exchange preferred with X25519 as fallback, and peers
 //! authenticated by SPIFFE identity rather than host name.
 //!
+//! The server gets the hybrid group from every client that supports it
+//! ([`ServerTls::accept`]): rustls alone takes the first group of the client's
+//! `supported_groups` it knows, so a client listing X25519 first (or sending only an
+//! X25519 key share while listing both, as Istio's ztunnel does) would settle for
+//! classical X25519. A client that does not offer X25519MLKEM768 at all still gets
+//! X25519: the mesh's own clients always offer it, and refusing would cut off foreign
+//! clients without post-quantum support rather than protect a mesh hop.
+//!
 //! Two verifiers: the client checks that the server's chain reaches the mesh root and
 //! that its URI SAN is one of the identities it expects for that destination (DNS
 //! names are ignored); the server checks that a client's chain reaches the mesh root
@@ -16,11 +24,14 @@ use std::time::{Duration, SystemTime};
 
 use ambit_core::{SpiffeId, TrustDomain};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, ServerConfig};
+use rustls::{ClientConfig, NamedGroup, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
 
 pub use verify::{identity_of, CertIdentityError, PeerVerifier};
 
@@ -229,13 +240,68 @@ pub enum ClientAuth {
     Optional(TrustDomain),
 }
 
-/// Server configuration presenting the certificate in `slot`, trusting `roots`.
+/// A mesh TLS server presenting the certificate in `slot`, trusting `roots`.
 pub fn server_config(
     slot: Arc<CertSlot>,
     roots: &[CertificateDer<'static>],
     client_auth: ClientAuth,
+) -> Result<ServerTls, TlsError> {
+    let classical = provider();
+    let hybrid = Arc::new(CryptoProvider {
+        kx_groups: vec![aws_lc_rs::kx_group::X25519MLKEM768],
+        ..(*classical).clone()
+    });
+    Ok(ServerTls {
+        hybrid: Arc::new(one_server_config(
+            hybrid,
+            slot.clone(),
+            roots,
+            client_auth.clone(),
+        )?),
+        classical: Arc::new(one_server_config(classical, slot, roots, client_auth)?),
+    })
+}
+
+/// The server side of mesh TLS: [`ServerTls::accept`] picks the configuration by
+/// what the client offers.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// For clients offering X25519MLKEM768: that group alone, so one that sent only an
+    /// X25519 key share is asked for a hybrid one (HelloRetryRequest).
+    hybrid: Arc<ServerConfig>,
+    /// For clients that do not offer it: X25519.
+    classical: Arc<ServerConfig>,
+}
+
+impl ServerTls {
+    /// Runs the server handshake on `io`: with X25519MLKEM768 whenever the client's
+    /// `supported_groups` lists it, whatever its key shares and their order.
+    pub async fn accept<IO>(&self, io: IO) -> std::io::Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+        let config = if offers_hybrid(&start.client_hello()) {
+            &self.hybrid
+        } else {
+            &self.classical
+        };
+        start.into_stream(config.clone()).await
+    }
+}
+
+fn offers_hybrid(hello: &ClientHello<'_>) -> bool {
+    hello
+        .named_groups()
+        .is_some_and(|groups| groups.contains(&NamedGroup::X25519MLKEM768))
+}
+
+fn one_server_config(
+    provider: Arc<CryptoProvider>,
+    slot: Arc<CertSlot>,
+    roots: &[CertificateDer<'static>],
+    client_auth: ClientAuth,
 ) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
     let (trust_domain, mandatory) = match client_auth {
         ClientAuth::Required(td) => (td, true),
         ClientAuth::Optional(td) => (td, false),

@@ -18,7 +18,7 @@ use rustls_pki_types::ServerName;
 use support::TestCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/pay";
@@ -146,7 +146,7 @@ async fn setup() -> Setup {
         ClientAuth::Required(TrustDomain::default()),
     )
     .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(server_cfg));
+    let acceptor = server_cfg;
     let handler = recorder.clone();
     let drain = Arc::new(tokio::sync::watch::Sender::new(false));
     let served = Arc::new(tokio::sync::watch::Sender::new(0usize));

@@ -29,7 +29,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
@@ -112,7 +111,7 @@ impl Server {
             ClientAuth::Required(TrustDomain::default()),
         )
         .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = config;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = Server {
             addr: listener.local_addr().unwrap(),

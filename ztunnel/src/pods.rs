@@ -322,7 +322,7 @@ impl Pods {
 /// A started pod's listeners and TLS, until [`Pods::spawn_tasks`] serves them.
 struct Listening {
     listeners: Vec<(TcpListener, Role)>,
-    server_tls: Arc<rustls::ServerConfig>,
+    server_tls: Arc<tls::ServerTls>,
     slot: Arc<CertSlot>,
 }
 

@@ -26,7 +26,6 @@ use ambit_net::relay::{relay_streams, relay_tunnel, StreamRelay, TunnelRelay};
 use ambit_net::tls;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 use crate::callers::{Caller, InboundCallers, Registration};
 use crate::metrics::{
@@ -483,12 +482,12 @@ pub async fn inbound_hbone(
     pod: &Arc<Pod>,
     stream: TcpStream,
     peer: SocketAddr,
-    server_tls: Arc<rustls::ServerConfig>,
+    server_tls: Arc<ambit_net::tls::ServerTls>,
 ) {
     let _active = Active::new(shared);
     let tls_stream = match tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        TlsAcceptor::from(server_tls).accept(stream),
+        server_tls.accept(stream),
     )
     .await
     {
