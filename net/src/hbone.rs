@@ -33,6 +33,10 @@ pub struct H2Settings {
     /// sends no PINGs.
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
+    /// A server closes a connection whose client has not sent the HTTP/2 preface and
+    /// SETTINGS within this long after TLS: an idle connection would otherwise be held
+    /// for ever.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for H2Settings {
@@ -44,6 +48,7 @@ impl Default for H2Settings {
             max_frame_size: 1 << 20,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -57,7 +57,8 @@ pub trait InboundHandler: Clone + Send + Sync + Unpin + 'static {
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
 }
 
-/// Serves HBONE on one established TLS connection until the peer closes it. Each
+/// Serves HBONE on one established TLS connection until the peer closes it, or until
+/// [`H2Settings::handshake_timeout`] if it never sends the HTTP/2 preface. Each
 /// tunnel runs on its own task. Once `drain` completes, the connection takes no new
 /// tunnels (GOAWAY: the peer opens its next ones elsewhere) and ends when its open
 /// tunnels have.
@@ -73,7 +74,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: InboundHandler,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_concurrent_streams(settings.max_streams)
@@ -81,8 +82,13 @@ where
         // No HPACK dynamic table: a CONNECT's headers are mostly unique per tunnel
         // (client port, trace ids), and the table cost 4 KiB per side per connection.
         .header_table_size(0)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    let Ok(conn) = tokio::time::timeout(settings.handshake_timeout, handshake).await else {
+        // Dropping the handshake closes the connection.
+        tracing::info!(%peer, %peer_addr, "HBONE client sent no HTTP/2 preface in time; connection closed");
+        return Ok(());
+    };
+    let mut conn = conn?;
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
     let mut keepalive = std::pin::pin!(super::keepalive(conn.ping_pong(), settings));
