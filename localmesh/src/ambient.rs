@@ -7,6 +7,7 @@
 //! [`Ambient::enrol`] plays the agent's part directly (rules, hand-off, report), for
 //! tests of ztunnel alone. Used by the end-to-end tests and by `ambitctl local`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,9 @@ pub struct Ambient {
     config: AmbientConfig,
     control: Process,
     ztunnels: Vec<Ztunnel>,
+    /// Without node agents: the pods enrolled per node, whose addresses the node SNATs
+    /// its own connections to.
+    node_snat: std::sync::Mutex<BTreeMap<String, BTreeSet<IpAddr>>>,
 }
 
 #[derive(Debug)]
@@ -113,6 +117,7 @@ impl Ambient {
             config,
             control,
             ztunnels,
+            node_snat: Default::default(),
         };
         if ambient.config.node_agent.is_some() {
             for node in mesh.nodes() {
@@ -314,15 +319,19 @@ impl Ambient {
         let socket = self
             .handoff_socket(pod.node())
             .ok_or_else(|| failed(format!("no ztunnel on node {}", pod.node())))?;
-        let gateway = IpAddr::V4(node.pod_cidr().host(1));
-        redirect::install(
-            pod.netns().path(),
-            &RedirectConfig {
-                probe_sources: vec![gateway],
-                ..RedirectConfig::default()
-            },
-        )
-        .map_err(|e| failed(format!("installing the redirect rules: {e}")))?;
+        // The node's own connections to the pod (probes) leave from the SNAT address,
+        // the one source the pod's rules exempt.
+        let pods: BTreeSet<IpAddr> = {
+            let mut snat = self.node_snat.lock().unwrap_or_else(|p| p.into_inner());
+            let node_pods = snat.entry(pod.node().to_owned()).or_default();
+            node_pods.insert(IpAddr::V4(pod.ip()));
+            node_pods.insert(IpAddr::V6(pod.ip6()));
+            node_pods.clone()
+        };
+        redirect::sync_node_snat(node.netns().path(), &pods)
+            .map_err(|e| failed(format!("SNAT of the node's own connections: {e}")))?;
+        redirect::install(pod.netns().path(), &RedirectConfig::default())
+            .map_err(|e| failed(format!("installing the redirect rules: {e}")))?;
         let client = HandoffClient::connect(socket)
             .await
             .map_err(|e| failed(format!("{}: {e}", socket.display())))?;

@@ -35,6 +35,7 @@
 //! pods are captured (the node agent does); leave a half-installed rule set behind
 //! after a failed install; enter a namespace in-process (no `unsafe`, no `setns`).
 
+pub mod node;
 pub mod routing;
 pub mod rules;
 
@@ -63,8 +64,9 @@ pub const DEFAULT_ROUTE_TABLE: u32 = 100;
 /// What to redirect in one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedirectConfig {
-    /// The node's own addresses: kubelet health probes come from them and are never
-    /// captured, and the pod's connections to them neither.
+    /// Sources never captured, and the pod's connections to them neither: by default
+    /// the node's SNAT addresses for its own connections ([`node`]), so that kubelet
+    /// probes pass while traffic the node forwards is captured.
     pub probe_sources: Vec<IpAddr>,
     pub ipv6: Ipv6Mode,
     /// Route table for the captured mark's `local` route; change it only if the pod's
@@ -75,7 +77,7 @@ pub struct RedirectConfig {
 impl Default for RedirectConfig {
     fn default() -> Self {
         RedirectConfig {
-            probe_sources: Vec::new(),
+            probe_sources: node::probe_sources(),
             ipv6: Ipv6Mode::Capture,
             route_table: DEFAULT_ROUTE_TABLE,
         }
@@ -256,6 +258,32 @@ impl fmt::Display for Step {
             }
         }
     }
+}
+
+/// Makes the node's SNAT of its own connections ([`node`]) cover exactly `pods`, in
+/// the network namespace at `netns` (the node's: the agent's own, or the one the
+/// local mesh gives a node).
+pub fn sync_node_snat(
+    netns: &Path,
+    pods: &std::collections::BTreeSet<IpAddr>,
+) -> Result<(), RedirectError> {
+    let ns = Netns::open(netns)?;
+    for family in IpFamily::ALL {
+        let save = ns.run(
+            Step::ReadRules(family),
+            family.save_program(),
+            &["-t", "nat"],
+            None,
+        )?;
+        let input = node::restore_input(family, pods, &save);
+        ns.run(
+            Step::WriteRules(family),
+            family.restore_program(),
+            &["-w", "--noflush"],
+            Some(&input),
+        )?;
+    }
+    Ok(())
 }
 
 /// A network namespace the tools are run in.

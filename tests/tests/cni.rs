@@ -481,3 +481,141 @@ async fn the_agent_keeps_its_conflist_entry_and_uninstall_restores_the_file() {
     assert!(!is_chained(&h.mesh, "node-a"));
     assert!(h.mesh.check_pod(&late).is_ok());
 }
+
+/// Whether a connection from `pod` to `to` echoes intact.
+fn connects(h: &Harness, pod: &Pod, to: std::net::SocketAddr) -> bool {
+    let to = to.to_string();
+    h.run_app(pod, &["send", "--to", &to, "--bytes", "100"], DEADLINE)
+        .status
+        .success()
+}
+
+/// Runs `iptables args` in `node`'s namespace.
+fn node_iptables(h: &Harness, node: &str, args: &[&str]) {
+    let node = h.mesh.node(node).unwrap();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns().path().display()))
+        .arg("iptables")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables {args:?}: {out:?}");
+}
+
+const BOOKSHOP_LOCKED: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: bookshop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: bookshop}
+spec:
+  action: DENY
+  rules: [{}]
+";
+
+/// Issue 12 item 1: every address of the node used to be exempt from capture, so a
+/// NodePort-style DNAT with MASQUERADE on the pod's node (kube-proxy, for
+/// `externalTrafficPolicy: Cluster`) reached a STRICT, DENY-all pod in plaintext. Now
+/// only the node's own connections, SNATed to 169.254.7.127, are exempt: the
+/// forwarded connection is captured and refused, a probe from the node still passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn traffic_the_node_forwards_to_an_enrolled_pod_is_captured_while_its_probes_pass() {
+    let mesh = two_nodes();
+    let outsider = support::pod(&mesh, "node-a", "legacy", "outsider", "outsider");
+    let h = Harness::start_with_agents(mesh);
+    ambient_namespace(&h, "bookshop", true);
+    // Made through the chain: enrolled at ADD.
+    let catalog = support::pod(&h.mesh, "node-b", "bookshop", "catalog", "catalog");
+    wait_for(&h, &catalog, Protocol::Hbone).await;
+    let echo = h.serve(&catalog, &["echo", "--port", "8080"]);
+    let to = catalog.addr(8080);
+    let node_b = h.mesh.node("node-b").unwrap().ip();
+
+    std::fs::write(h.k8s_dir().join("bookshop-locked.yaml"), BOOKSHOP_LOCKED).unwrap();
+    // Enforced: the outsider's direct plaintext connection is captured and refused.
+    support::eventually(
+        DEADLINE,
+        || async { (!connects(&h, &outsider, to)).then_some(()) },
+        || format!("STRICT/DENY-all not enforced\n{}", h.logs()),
+    )
+    .await;
+
+    // NodePort 30080 on node-b, forwarded to catalog with the node's address as source.
+    let dest = to.to_string();
+    node_iptables(
+        &h,
+        "node-b",
+        &[
+            "-t",
+            "nat",
+            "-I",
+            "PREROUTING",
+            "1",
+            "-d",
+            &node_b.to_string(),
+            "-p",
+            "tcp",
+            "--dport",
+            "30080",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &dest,
+        ],
+    );
+    node_iptables(
+        &h,
+        "node-b",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            &catalog.ip().to_string(),
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "DNAT",
+            "-j",
+            "MASQUERADE",
+        ],
+    );
+    let node_port = std::net::SocketAddr::from((node_b, 30080));
+    let accepted = || echo.log().matches("accepted from").count();
+    let before = accepted();
+    assert!(
+        !connects(&h, &outsider, node_port),
+        "the NodePort reached the app in plaintext: {}\n{}",
+        echo.log(),
+        h.logs()
+    );
+    assert_eq!(accepted(), before, "{}", echo.log());
+
+    // A probe (the node's own connection) still reaches the app, from the SNAT address.
+    let node = h.mesh.node("node-b").unwrap();
+    let probe = h
+        .mesh
+        .run_in(
+            node.netns(),
+            support::app(),
+            ["send", "--to", &dest, "--bytes", "100"],
+            DEADLINE,
+        )
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "probe failed: {}\n{}",
+        probe.log,
+        h.logs()
+    );
+    echo.wait_for_log("accepted from 169.254.7.127:", DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+}

@@ -82,8 +82,10 @@ pub struct Config {
     /// Do not install the binary or edit the conflist (they are managed otherwise).
     #[arg(long)]
     pub no_install: bool,
-    /// More sources never captured, besides the node's own addresses (kubelet probes
-    /// from an address the node does not hold, such as a SNAT address).
+    /// More sources never captured, besides 169.254.7.127 and
+    /// fd16:9254:7127:1337:ffff:ffff:ffff:ffff, to which the agent has the node SNAT
+    /// its own connections to enrolled pods (kubelet probes). The node's own addresses
+    /// are not exempt: traffic it forwards (NodePort) is captured.
     #[arg(
         long = "probe-source",
         env = "AMBIT_PROBE_SOURCES",

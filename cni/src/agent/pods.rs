@@ -30,8 +30,8 @@ use crate::protocol::{AgentCommand, AgentReply, AgentRequest, PodRef};
 /// How the rules are written in every pod.
 #[derive(Debug, Clone)]
 pub struct RuleSettings {
-    /// Sources never captured besides the node's own addresses (read at each
-    /// enrolment): kubelet probes come from the node.
+    /// Sources never captured besides the node's SNAT addresses for its own
+    /// connections (`ambit_net::redirect::node`).
     pub extra_probe_sources: Vec<IpAddr>,
     pub ipv6: Ipv6Mode,
 }
@@ -70,6 +70,8 @@ pub struct Pods {
     ztunnel: ZtunnelHandle,
     rules: RuleSettings,
     enrolled: Mutex<BTreeMap<String, Enrolled>>,
+    /// The addresses the node SNATs its own connections to, per pod.
+    snat: std::sync::Mutex<BTreeMap<String, Vec<IpAddr>>>,
     /// Pods whose last attempt failed, with the reason (logged when it changes).
     failing: std::sync::Mutex<BTreeMap<String, String>>,
     /// Pods deleted by the runtime (CNI DEL) that the model may still show for a
@@ -90,6 +92,7 @@ impl Pods {
             ztunnel,
             rules,
             enrolled: Mutex::new(BTreeMap::new()),
+            snat: Default::default(),
             failing: Default::default(),
             deleted: Default::default(),
         })
@@ -136,7 +139,13 @@ impl Pods {
             self.undo(&key, old, false).await;
         }
         let entry = self
-            .enrol(pod.clone(), &answer.service_account, netns, path.clone())
+            .enrol(
+                pod.clone(),
+                &answer.service_account,
+                netns,
+                path.clone(),
+                &request.ips,
+            )
             .await
             .map_err(|e| (e, true))?;
         enrolled.insert(key, entry);
@@ -198,6 +207,31 @@ impl Pods {
 
     /// Rules, hand-off, report. On failure nothing of it is left.
     async fn enrol(
+        &self,
+        pod: PodRef,
+        service_account: &str,
+        netns: File,
+        netns_path: PathBuf,
+        ips: &[IpAddr],
+    ) -> Result<Enrolled, String> {
+        let key = uid(&pod);
+        // The node's own connections to the pod (probes) get the exempt source before
+        // the pod's rules capture every other source.
+        self.node_snat(&key, Some(ips))
+            .await
+            .map_err(|e| format!("SNAT of the node's own connections: {e}"))?;
+        let enrolled = self
+            .enrol_rules_and_hand_off(pod, service_account, netns, netns_path)
+            .await;
+        if enrolled.is_err() {
+            if let Err(e) = self.node_snat(&key, None).await {
+                tracing::warn!(pod = %key, error = %e, "removing the node's SNAT for the pod failed");
+            }
+        }
+        enrolled
+    }
+
+    async fn enrol_rules_and_hand_off(
         &self,
         pod: PodRef,
         service_account: &str,
@@ -286,6 +320,9 @@ impl Pods {
             Ok(()) => {}
             Err(RedirectError::NetnsUnavailable { .. }) => {}
             Err(e) => tracing::warn!(pod = %key, error = %e, "removing the redirect rules failed"),
+        }
+        if let Err(e) = self.node_snat(key, None).await {
+            tracing::warn!(pod = %key, error = %e, "removing the node's SNAT for the pod failed");
         }
         tracing::info!(pod = %key, netns = %entry.netns_path.display(), "pod unenrolled");
     }
@@ -400,7 +437,7 @@ impl Pods {
             };
             tracing::info!(pod = %workload.uid, netns = %found.path.display(), "running pod to be captured (labels)");
             let outcome = self
-                .enrol(pod, &workload.service_account, found.file, found.path)
+                .enrol(pod, &workload.service_account, found.file, found.path, &workload.ips)
                 .await;
             (workload.uid.clone(), outcome)
         })}).collect();
@@ -447,9 +484,31 @@ impl Pods {
         }
     }
 
-    /// The rules' settings, with the node's addresses as they are now.
+    /// Sets (`Some`) or forgets (`None`) the addresses of pod `key` that the node's
+    /// own connections reach from the SNAT address, and rewrites the node's chain.
+    async fn node_snat(&self, key: &str, ips: Option<&[IpAddr]>) -> Result<(), RedirectError> {
+        let all: std::collections::BTreeSet<IpAddr> = {
+            let mut snat = self.snat.lock().unwrap_or_else(|p| p.into_inner());
+            match ips {
+                Some(ips) => snat.insert(key.to_owned(), ips.to_vec()),
+                None => snat.remove(key),
+            };
+            snat.values().flatten().copied().collect()
+        };
+        let own = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        tokio::task::spawn_blocking(move || redirect::sync_node_snat(&own, &all))
+            .await
+            .unwrap_or_else(|e| {
+                Err(RedirectError::NetnsUnavailable {
+                    netns: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+    }
+
+    /// The rules' settings.
     fn redirect_config(&self) -> RedirectConfig {
-        let mut probe_sources = node_addresses();
+        let mut probe_sources = redirect::node::probe_sources();
         for ip in &self.rules.extra_probe_sources {
             if !probe_sources.contains(ip) {
                 probe_sources.push(*ip);
@@ -500,29 +559,4 @@ async fn remove_rules(netns: &Path) -> Result<(), RedirectError> {
                 source: std::io::Error::other(e.to_string()),
             })
         })
-}
-
-/// The node's own addresses (the namespace the agent runs in), except loopback and
-/// IPv6 link-local: what a kubelet's probes come from.
-pub fn node_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for a in addrs {
-        let Some(address) = a.address else { continue };
-        let ip = if let Some(v4) = address.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = address.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
-        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
-        if ip.is_loopback() || link_local || out.contains(&ip) {
-            continue;
-        }
-        out.push(ip);
-    }
-    out
 }
