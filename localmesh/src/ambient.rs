@@ -7,7 +7,7 @@
 //! [`Ambient::enrol`] plays the agent's part directly (rules, hand-off, report), for
 //! tests of ztunnel alone. Used by the end-to-end tests and by `ambitctl local`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -70,9 +70,6 @@ pub struct Ambient {
     config: AmbientConfig,
     control: Process,
     ztunnels: Vec<Ztunnel>,
-    /// Without node agents: the pods enrolled per node, whose addresses the node SNATs
-    /// its own connections to.
-    node_snat: std::sync::Mutex<BTreeMap<String, BTreeSet<IpAddr>>>,
 }
 
 #[derive(Debug)]
@@ -117,7 +114,6 @@ impl Ambient {
             config,
             control,
             ztunnels,
-            node_snat: Default::default(),
         };
         if ambient.config.node_agent.is_some() {
             for node in mesh.nodes() {
@@ -321,14 +317,8 @@ impl Ambient {
             .ok_or_else(|| failed(format!("no ztunnel on node {}", pod.node())))?;
         // The node's own connections to the pod (probes) leave from the SNAT address,
         // the one source the pod's rules exempt.
-        let pods: BTreeSet<IpAddr> = {
-            let mut snat = self.node_snat.lock().unwrap_or_else(|p| p.into_inner());
-            let node_pods = snat.entry(pod.node().to_owned()).or_default();
-            node_pods.insert(IpAddr::V4(pod.ip()));
-            node_pods.insert(IpAddr::V6(pod.ip6()));
-            node_pods.clone()
-        };
-        redirect::sync_node_snat(node.netns().path(), &pods)
+        let pod_ips: BTreeSet<IpAddr> = [IpAddr::V4(pod.ip()), IpAddr::V6(pod.ip6())].into();
+        redirect::node_snat(node.netns().path(), &pod_ips, &BTreeSet::new())
             .map_err(|e| failed(format!("SNAT of the node's own connections: {e}")))?;
         redirect::install(pod.netns().path(), &RedirectConfig::default())
             .map_err(|e| failed(format!("installing the redirect rules: {e}")))?;

@@ -260,12 +260,13 @@ impl fmt::Display for Step {
     }
 }
 
-/// Makes the node's SNAT of its own connections ([`node`]) cover exactly `pods`, in
-/// the network namespace at `netns` (the node's: the agent's own, or the one the
-/// local mesh gives a node).
-pub fn sync_node_snat(
+/// Adds the node's SNAT of its own connections ([`node`]) for the pod addresses `add`
+/// and removes it for `remove`, in the network namespace at `netns` (the node's: the
+/// agent's own, or the one the local mesh gives a node). Other pods' rules stay.
+pub fn node_snat(
     netns: &Path,
-    pods: &std::collections::BTreeSet<IpAddr>,
+    add: &std::collections::BTreeSet<IpAddr>,
+    remove: &std::collections::BTreeSet<IpAddr>,
 ) -> Result<(), RedirectError> {
     let ns = Netns::open(netns)?;
     for family in IpFamily::ALL {
@@ -275,7 +276,10 @@ pub fn sync_node_snat(
             &["-t", "nat"],
             None,
         )?;
-        let input = node::restore_input(family, pods, &save);
+        let input = node::restore_input(family, add, remove, &save);
+        if input.is_empty() {
+            continue;
+        }
         ns.run(
             Step::WriteRules(family),
             family.restore_program(),

@@ -651,7 +651,12 @@ fn flood(
             ..ConnectOpts::default()
         };
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let _ = ns.connect(to, opts).await;
+            if let Ok(made) = ns.connect(to, opts).await {
+                // Reset, not closed: no TIME_WAIT, so the flood never runs out of ports.
+                // (A zero linger never blocks the drop, which tokio's warning is about.)
+                #[allow(deprecated)]
+                let _ = made.set_linger(Some(Duration::ZERO));
+            }
         }
     })
 }
@@ -676,12 +681,6 @@ async fn a_connection_queued_at_hand_off_never_costs_the_pod_a_listener() {
     // SYNs keep arriving at each of the server pod's three listeners: 15008 (HBONE,
     // delivered directly), 15006 (plaintext to the app, TPROXY) and 15001 (the app's
     // own outbound, TPROXY). Before a listener exists they are refused.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let floods = [
-        flood(&outsider, server.addr(15008), None, stop.clone()),
-        flood(&outsider, server.addr(8080), None, stop.clone()),
-        flood(&server, outsider.addr(8080), None, stop.clone()),
-    ];
     let socket = h.ambient.handoff_socket("node-a").unwrap().to_owned();
     let agent = ambit_net::handoff::HandoffClient::connect(&socket)
         .await
@@ -689,6 +688,13 @@ async fn a_connection_queued_at_hand_off_never_costs_the_pod_a_listener() {
     let ns = std::fs::File::open(server.netns().path()).unwrap();
     for round in 0..20 {
         // Handed over again with connections queued: every listener must keep serving.
+        // The floods run only across the hand-off, so the checks below run unloaded.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let floods = [
+            flood(&outsider, server.addr(15008), None, stop.clone()),
+            flood(&outsider, server.addr(8080), None, stop.clone()),
+            flood(&server, outsider.addr(8080), None, stop.clone()),
+        ];
         agent.remove(&server.uid()).await.unwrap();
         let info = ambit_proto::handoff::WorkloadInfo {
             name: server.name().to_string(),
@@ -699,6 +705,10 @@ async fn a_connection_queued_at_hand_off_never_costs_the_pod_a_listener() {
             .add(&server.uid(), info, std::os::fd::AsFd::as_fd(&ns))
             .await
             .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for f in floods {
+            f.await.unwrap();
+        }
         let what = |path: &str| format!("round {round}: {path}");
         // 15008: over HBONE from the client pod on the other node.
         let mut hbone = captured_connection(&client, server.addr(8080)).await;
@@ -713,9 +723,5 @@ async fn a_connection_queued_at_hand_off_never_costs_the_pod_a_listener() {
         // 15001: the server's app calling out.
         let mut out = captured_connection(&server, outsider.addr(8080)).await;
         round_trip(&mut out, what("outbound").as_bytes()).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for f in floods {
-        f.await.unwrap();
     }
 }

@@ -8,7 +8,7 @@
 //! pod is either enrolled or left as it was. One operation at a time per node: the
 //! rules of a namespace must not be written concurrently, and enrolments are short.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -484,19 +484,26 @@ impl Pods {
         }
     }
 
-    /// Sets (`Some`) or forgets (`None`) the addresses of pod `key` that the node's
-    /// own connections reach from the SNAT address, and rewrites the node's chain.
+    /// Has the node SNAT its own connections to pod `key`'s addresses (`Some`), or no
+    /// longer (`None`).
     async fn node_snat(&self, key: &str, ips: Option<&[IpAddr]>) -> Result<(), RedirectError> {
-        let all: std::collections::BTreeSet<IpAddr> = {
+        let (add, remove): (BTreeSet<IpAddr>, BTreeSet<IpAddr>) = {
             let mut snat = self.snat.lock().unwrap_or_else(|p| p.into_inner());
             match ips {
-                Some(ips) => snat.insert(key.to_owned(), ips.to_vec()),
-                None => snat.remove(key),
-            };
-            snat.values().flatten().copied().collect()
+                Some(ips) => {
+                    snat.insert(key.to_owned(), ips.to_vec());
+                    (ips.iter().copied().collect(), BTreeSet::new())
+                }
+                None => {
+                    let gone = snat.remove(key).unwrap_or_default();
+                    let still: BTreeSet<IpAddr> = snat.values().flatten().copied().collect();
+                    let gone = gone.into_iter().filter(|ip| !still.contains(ip)).collect();
+                    (BTreeSet::new(), gone)
+                }
+            }
         };
         let own = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
-        tokio::task::spawn_blocking(move || redirect::sync_node_snat(&own, &all))
+        tokio::task::spawn_blocking(move || redirect::node_snat(&own, &add, &remove))
             .await
             .unwrap_or_else(|e| {
                 Err(RedirectError::NetnsUnavailable {

@@ -28,42 +28,77 @@ pub fn probe_sources() -> Vec<IpAddr> {
     vec![IpAddr::V4(PROBE_SNAT_V4), IpAddr::V6(PROBE_SNAT_V6)]
 }
 
-/// `iptables-restore --noflush` input making [`NODE_CHAIN`] of `family` hold exactly
-/// the SNAT rules for `pods` (declaring the chain empties it), and adding the jump
-/// from POSTROUTING unless `current` (the nat table as `iptables-save` prints it)
-/// already has it.
-pub fn restore_input(family: IpFamily, pods: &BTreeSet<IpAddr>, current: &str) -> String {
+/// `iptables-restore --noflush` input that adds the SNAT rules for `add` and deletes
+/// those for `remove` in [`NODE_CHAIN`] of `family`, leaving every other rule as it is
+/// (a restarted agent does not yet know every enrolled pod: their rules stay), and
+/// creates the chain and the jump from POSTROUTING unless `current` (the nat table as
+/// `iptables-save` prints it) has them. Empty when nothing is to change.
+pub fn restore_input(
+    family: IpFamily,
+    add: &BTreeSet<IpAddr>,
+    remove: &BTreeSet<IpAddr>,
+    current: &str,
+) -> String {
     let (source, prefix) = match family {
         IpFamily::V4 => (IpAddr::V4(PROBE_SNAT_V4), 32),
         IpFamily::V6 => (IpAddr::V6(PROBE_SNAT_V6), 128),
     };
-    let jump = format!("-A POSTROUTING -j {NODE_CHAIN}");
-    let mut out = format!("*nat\n:{NODE_CHAIN} - [0:0]\n");
-    if !current.lines().any(|l| l.trim() == jump) {
-        out.push_str(&format!("-I POSTROUTING 1 -j {NODE_CHAIN}\n"));
+    let has = |line: &str| current.lines().any(|l| l.trim() == line);
+    let rule = |pod: &IpAddr| {
+        format!(
+            "-A {NODE_CHAIN} -d {pod}/{prefix} -p tcp -m owner --socket-exists -j SNAT --to-source {source}"
+        )
+    };
+    let mut lines = Vec::new();
+    if !current
+        .lines()
+        .any(|l| l.starts_with(&format!(":{NODE_CHAIN} ")))
+    {
+        lines.push(format!(":{NODE_CHAIN} - [0:0]"));
     }
-    for pod in pods.iter().filter(|ip| IpFamily::of(ip) == family) {
-        out.push_str(&format!(
-            "-A {NODE_CHAIN} -d {pod}/{prefix} -p tcp -m owner --socket-exists -j SNAT --to-source {source}\n"
-        ));
+    if !has(&format!("-A POSTROUTING -j {NODE_CHAIN}")) {
+        lines.push(format!("-I POSTROUTING 1 -j {NODE_CHAIN}"));
     }
-    out.push_str("COMMIT\n");
-    out
+    let of_family = |ips: &BTreeSet<IpAddr>| -> Vec<IpAddr> {
+        ips.iter()
+            .filter(|ip| IpFamily::of(ip) == family)
+            .copied()
+            .collect()
+    };
+    for pod in of_family(remove) {
+        let line = rule(&pod);
+        if has(&line) && !add.contains(&pod) {
+            lines.push(line.replacen("-A ", "-D ", 1));
+        }
+    }
+    for pod in of_family(add) {
+        let line = rule(&pod);
+        if !has(&line) {
+            lines.push(line);
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("*nat\n{}\nCOMMIT\n", lines.join("\n"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pods(ips: &[&str]) -> BTreeSet<IpAddr> {
+    fn ips(ips: &[&str]) -> BTreeSet<IpAddr> {
         ips.iter().map(|ip| ip.parse().unwrap()).collect()
     }
 
+    const V4_RULE: &str = "-A AMBIT_PROBE_SNAT -d 10.2.0.2/32 -p tcp -m owner --socket-exists -j SNAT --to-source 169.254.7.127";
+
     #[test]
-    fn ipv4_golden() {
+    fn ipv4_golden_on_a_fresh_node() {
         let got = restore_input(
             IpFamily::V4,
-            &pods(&["10.2.0.3", "10.2.0.2", "fd10:2::2"]),
+            &ips(&["10.2.0.3", "10.2.0.2", "fd10:2::2"]),
+            &BTreeSet::new(),
             "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j AMBIT-POSTROUTING\nCOMMIT\n",
         );
         assert_eq!(
@@ -78,28 +113,45 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_golden_with_the_jump_already_there() {
+    fn ipv6_golden_with_the_chain_there_keeps_other_pods_rules() {
+        let current = "*nat\n:AMBIT_PROBE_SNAT - [0:0]\n-A POSTROUTING -j AMBIT_PROBE_SNAT\n\
+             -A AMBIT_PROBE_SNAT -d fd10:2::9/128 -p tcp -m owner --socket-exists -j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff\nCOMMIT\n";
         let got = restore_input(
             IpFamily::V6,
-            &pods(&["10.2.0.2", "fd10:2::2"]),
-            "*nat\n-A POSTROUTING -j AMBIT_PROBE_SNAT\n-A AMBIT_PROBE_SNAT -d fd10:2::9/128 -j SNAT\nCOMMIT\n",
+            &ips(&["10.2.0.2", "fd10:2::2"]),
+            &BTreeSet::new(),
+            current,
         );
         assert_eq!(
             got,
             "*nat\n\
-             :AMBIT_PROBE_SNAT - [0:0]\n\
              -A AMBIT_PROBE_SNAT -d fd10:2::2/128 -p tcp -m owner --socket-exists -j SNAT --to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff\n\
              COMMIT\n"
         );
     }
 
     #[test]
-    fn no_pods_leave_an_empty_chain() {
+    fn removal_deletes_only_rules_that_are_there_and_a_second_add_changes_nothing() {
+        let current =
+            format!(":AMBIT_PROBE_SNAT - [0:0]\n-A POSTROUTING -j AMBIT_PROBE_SNAT\n{V4_RULE}\n");
         let got = restore_input(
             IpFamily::V4,
             &BTreeSet::new(),
-            "-A POSTROUTING -j AMBIT_PROBE_SNAT\n",
+            &ips(&["10.2.0.2", "10.2.0.7"]),
+            &current,
         );
-        assert_eq!(got, "*nat\n:AMBIT_PROBE_SNAT - [0:0]\nCOMMIT\n");
+        assert_eq!(
+            got,
+            format!("*nat\n{}\nCOMMIT\n", V4_RULE.replacen("-A ", "-D ", 1))
+        );
+        assert_eq!(
+            restore_input(
+                IpFamily::V4,
+                &ips(&["10.2.0.2"]),
+                &BTreeSet::new(),
+                &current
+            ),
+            ""
+        );
     }
 }
