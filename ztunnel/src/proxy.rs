@@ -32,7 +32,7 @@ use crate::metrics::{
     ConnectionLabels, DenialLabels, Metrics, OpenConnection, PeerLabels, Reporter, SecurityPolicy,
 };
 use crate::model_file::ModelSnapshot;
-use crate::open_inbound::{self, OpenInbounds};
+use crate::open_inbound::{self, AppSocket, OpenInbounds};
 use crate::pods::Pod;
 
 /// What every pod's traffic paths share.
@@ -193,10 +193,14 @@ enum Relay {
         pod: Arc<Pod>,
         orig: SocketAddr,
     },
-    /// With the registration of an inbound connection (outbound passthrough has none).
-    Plain {
+    /// Outbound passthrough: plaintext to a destination outside the mesh.
+    Passthrough {
         relay: StreamRelay<TcpStream, TcpStream>,
-        _open: Option<open_inbound::Registration>,
+    },
+    /// Inbound plaintext, with its registration for late rejection.
+    Plain {
+        relay: StreamRelay<TcpStream, AppSocket>,
+        _open: open_inbound::Registration,
     },
 }
 
@@ -256,6 +260,7 @@ impl Future for Opened {
         let this = &mut *self;
         let relayed = match &mut this.relay {
             Relay::Hbone { relay, .. } => ready!(Pin::new(relay).poll(cx)),
+            Relay::Passthrough { relay } => ready!(Pin::new(relay).poll(cx)),
             Relay::Plain { relay, .. } => ready!(Pin::new(relay).poll(cx)),
         };
         this.metrics.closed(relayed.forward, relayed.backward);
@@ -392,9 +397,8 @@ pub async fn open_outbound(
             };
             Some(Opened {
                 metrics: shared.metrics.connection_opened(&labels),
-                relay: Relay::Plain {
+                relay: Relay::Passthrough {
                     relay: relay_streams(client, upstream),
-                    _open: None,
                 },
                 _active: active,
             })
@@ -456,21 +460,12 @@ pub async fn open_inbound_plaintext(
             return None;
         }
     };
-    let registration = match shared
-        .open_inbound
-        .register(&pod.uid, None, peer, dst, &app)
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(pod = %pod.uid, %dst, error = %e, "cannot track the connection for policy changes; refused");
-            return None;
-        }
-    };
+    let (app, registration) = shared.open_inbound.register(&pod.uid, None, peer, dst, app);
     Some(Opened {
         metrics: shared.metrics.connection_opened(&labels),
         relay: Relay::Plain {
             relay: relay_streams(client, app),
-            _open: Some(registration),
+            _open: registration,
         },
         _active: active,
     })
@@ -577,13 +572,13 @@ struct InboundTunnel {
 }
 
 impl InboundHandler for PodInbound {
-    type Upstream = TcpStream;
+    type Upstream = AppSocket;
     type Tunnel = InboundTunnel;
 
     async fn connect(
         &self,
         request: &InboundRequest,
-    ) -> Result<(TcpStream, InboundTunnel), ConnectRefusal> {
+    ) -> Result<(AppSocket, InboundTunnel), ConnectRefusal> {
         let state = self.shared.model.borrow().state.clone();
         let workload = local_target(
             &state,
@@ -625,20 +620,13 @@ impl InboundHandler for PodInbound {
                 target: request.target,
                 reason: e.to_string(),
             })?;
-        let open = self
-            .shared
-            .open_inbound
-            .register(
-                &self.pod.uid,
-                Some(request.peer.clone()),
-                source,
-                request.target.addr(),
-                &app,
-            )
-            .map_err(|e| ConnectRefusal::UpstreamConnect {
-                target: request.target,
-                reason: format!("cannot track the connection for policy changes: {e}"),
-            })?;
+        let (app, open) = self.shared.open_inbound.register(
+            &self.pod.uid,
+            Some(request.peer.clone()),
+            source,
+            request.target.addr(),
+            app,
+        );
         let metrics = self.shared.metrics.connection_opened(&self.labels(request));
         // Registered before the CONNECT is answered, so before the client's first byte
         // can reach the app: an app asking who called after reading finds the caller.
