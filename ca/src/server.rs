@@ -158,8 +158,7 @@ pub async fn serve(
     )?;
     let rotation = tokio::spawn(rotate_serving_cert(ca, slot, identity, dns_names, cert));
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = config;
-    let accept = tokio::spawn(accept_loop(listener, acceptor, tx));
+    let accept = tokio::spawn(accept_loop(listener, config, tx));
     let incoming = ReceiverStream::new(rx);
     let result = tonic::transport::Server::builder()
         .add_routes(routes)
@@ -211,19 +210,17 @@ async fn accept_loop(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .and_then(|leaf| tls::identity_of(leaf).ok());
-                    let authenticated = Arc::new(AtomicBool::new(false));
                     let _ = tx
                         .send(Ok(TlsConn {
                             stream,
                             info: PeerInfo {
                                 remote,
                                 identity,
-                                authenticated: authenticated.clone(),
+                                authenticated: Arc::default(),
                             },
                             unauthenticated_until: Some(Box::pin(tokio::time::sleep(
                                 AUTHENTICATE_WITHIN,
                             ))),
-                            authenticated,
                             _admitted: admitted,
                         }))
                         .await;
@@ -275,7 +272,6 @@ pub struct TlsConn {
     /// Until a request authenticates: when this fires, reads fail and the
     /// connection is closed.
     unauthenticated_until: Option<Pin<Box<tokio::time::Sleep>>>,
-    authenticated: Arc<AtomicBool>,
     _admitted: Admitted,
 }
 
@@ -300,7 +296,7 @@ impl AsyncRead for TlsConn {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let Some(deadline) = this.unauthenticated_until.as_mut() {
-            if this.authenticated.load(Ordering::Relaxed) {
+            if this.info.authenticated.load(Ordering::Relaxed) {
                 this.unauthenticated_until = None;
             } else if deadline.as_mut().poll(cx).is_ready() {
                 tracing::info!(remote = %this.info.remote, "closing a connection that sent no authenticated request in time");

@@ -204,15 +204,17 @@ impl Reports {
     /// really gone), of pods no longer there.
     pub fn apply(&self, resources: &mut Resources, complete: bool) {
         let mut captured = self.lock();
-        let mut next = captured.clone();
-        next.retain(|key, uid| match resources.pods.get(key) {
+        let stands = |key: &ObjectKey, uid: &String| match resources.pods.get(key) {
             None => !complete,
             Some(pod) => {
                 let now = pod.metadata.uid.as_deref().unwrap_or_default();
                 uid.is_empty() || now.is_empty() || now == uid
             }
-        });
-        if next != *captured {
+        };
+        // Called on every poll: the map is copied only when a report is to go.
+        if !captured.iter().all(|(key, uid)| stands(key, uid)) {
+            let mut next = captured.clone();
+            next.retain(|key, uid| stands(key, uid));
             match self.save(&next) {
                 Ok(()) => *captured = next,
                 // Kept, and forgotten at a later read: a stale report can only keep a
@@ -302,10 +304,13 @@ impl Redirection for RedirectionService {
         }
         match &self.sink {
             ReportSink::Local(reports) => {
-                let uid = match self.pods.scheduled(&key) {
-                    _ if !report.uid.is_empty() => report.uid.clone(),
-                    Some(pod) => pod.uid,
-                    None => String::new(),
+                let uid = match report.uid.is_empty() {
+                    false => report.uid.clone(),
+                    true => self
+                        .pods
+                        .scheduled(&key)
+                        .map(|pod| pod.uid)
+                        .unwrap_or_default(),
                 };
                 reports
                     .set(key.clone(), uid, report.enabled)

@@ -367,13 +367,11 @@ pub fn parse_file(path: &Path, text: &str) -> ParsedFile {
     parsed
 }
 
-/// The typed object of a known kind and version.
+/// The typed object of a known kind and version; an error names the field that
+/// stops it (`spec.ports[0].port: invalid type ...`).
 fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
     fn typed<T: DeserializeOwned>(value: &Json) -> Result<T, String> {
-        serde_json::from_value(value.clone()).map_err(|e| match culprit::<T>(value) {
-            Some(path) => format!("{path}: {e}"),
-            None => e.to_string(),
-        })
+        serde_path_to_error::deserialize(value.clone()).map_err(|e| e.to_string())
     }
     Ok(match kind {
         "Namespace" => Object::Namespace(Box::new(typed(value)?)),
@@ -385,91 +383,6 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "PeerAuthentication" => Object::PeerAuthentication(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
-}
-
-/// The path of the field that stops `value` from being a `T`: the deepest one whose
-/// removal lets it be read (bounded, so a huge document costs little).
-fn culprit<T: DeserializeOwned>(value: &Json) -> Option<String> {
-    let mut budget = 256usize;
-    let mut path: Vec<String> = Vec::new();
-    let mut found = None;
-    while let Some(here) = pointer(value, &path) {
-        let children: Vec<String> = match here {
-            Json::Object(map) => map.keys().cloned().collect(),
-            Json::Array(items) => (0..items.len()).map(|i| i.to_string()).collect(),
-            _ => break,
-        };
-        let mut next = None;
-        for child in children {
-            if budget == 0 {
-                return found;
-            }
-            budget -= 1;
-            let mut without = value.clone();
-            remove(&mut without, &path, &child);
-            if serde_json::from_value::<T>(without).is_ok() {
-                next = Some(child);
-                break;
-            }
-        }
-        let Some(child) = next else {
-            break;
-        };
-        path.push(child);
-        found = Some(dotted(&path));
-    }
-    found
-}
-
-fn pointer<'a>(value: &'a Json, path: &[String]) -> Option<&'a Json> {
-    path.iter().try_fold(value, |v, k| match v {
-        Json::Object(map) => map.get(k),
-        Json::Array(items) => k.parse::<usize>().ok().and_then(|i| items.get(i)),
-        _ => None,
-    })
-}
-
-fn remove(value: &mut Json, path: &[String], child: &str) {
-    let mut here = value;
-    for k in path {
-        here = match here {
-            Json::Object(map) => match map.get_mut(k) {
-                Some(v) => v,
-                None => return,
-            },
-            Json::Array(items) => match k.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                Some(v) => v,
-                None => return,
-            },
-            _ => return,
-        };
-    }
-    match here {
-        Json::Object(map) => {
-            map.remove(child);
-        }
-        Json::Array(items) => {
-            if let Some(i) = child.parse::<usize>().ok().filter(|i| *i < items.len()) {
-                items.remove(i);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn dotted(path: &[String]) -> String {
-    let mut out = String::new();
-    for k in path {
-        if k.parse::<usize>().is_ok() {
-            out.push_str(&format!("[{k}]"));
-        } else {
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(k);
-        }
-    }
-    out
 }
 
 /// A security policy that cannot be read, kept so that it fails closed: in its
