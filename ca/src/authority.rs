@@ -2,6 +2,11 @@
 //! `create_certificate` — the synchronous core of `CreateCertificate` — which parses
 //! and verifies the CSR, decides the identity with `ambit_core::certificate`, and signs
 //! a leaf whose every field the CA sets itself.
+//!
+//! The leaf: NotBefore now − 2 min, NotAfter now + the requested TTL (default 24 h,
+//! at most 90 days) and never past the issuer chain's NotAfter; a critical URI SAN, an
+//! empty subject, KeyUsage digitalSignature + keyEncipherment, EKU serverAuth +
+//! clientAuth, CA:FALSE and a random 128-bit serial.
 
 use std::time::{Duration, SystemTime};
 

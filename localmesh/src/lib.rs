@@ -34,6 +34,14 @@
 //!
 //! This crate must not: link any component crate (it starts their binaries); touch the
 //! host's network namespace; leave anything behind when a mesh is dropped.
+//!
+//! Address plan (inside the mesh's own namespaces only): fabric bridge 172.30.0.254/24
+//! and fd00:a5b1::fe/64; node k at 172.30.0.(k+1) and fd00:a5b1::(k+1), its pods in
+//! 10.(k+1).0.0/24 and fd10:(k+1)::/64; service VIPs (IPv4 only) from 10.96.0.10. Pods
+//! and nodes skip IPv6 duplicate address detection (`accept_dad=0`). Children are forked
+//! by one long-lived spawner thread with `PR_SET_PDEATHSIG`, so they die with the test
+//! process, not with a test thread. Teardown: pod processes, CNI DEL (reverse order),
+//! node processes, namespaces, state.
 
 pub mod ambient;
 mod cmd;

@@ -9,6 +9,8 @@
 //!
 //! Time comes from a [`Clock`] and waits are tokio sleeps, so tests drive renewal with
 //! tokio's paused clock instead of waiting.
+//!
+//! The jitter is ± 5 % of the half-life; `max_concurrent` defaults to 8.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

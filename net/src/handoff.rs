@@ -7,6 +7,11 @@
 //! node agent sends, and calls a [`HandoffHandler`]. [`HandoffClient`] is the node
 //! agent's side (`ambit-cni agent`; tests use it directly too).
 //! This module moves messages; what a pod's listeners are is ztunnel's business.
+//!
+//! A (re)connecting node agent sends `Hello`, its full snapshot (`Add`/`Keep`), then
+//! `SnapshotSent`; ztunnel then drops the pods the snapshot did not name. A new
+//! connection replaces the previous one. Every message is acked, with error text in the
+//! `Ack`.
 
 use std::collections::BTreeSet;
 use std::io::{self, IoSlice, IoSliceMut};

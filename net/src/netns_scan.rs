@@ -3,6 +3,10 @@
 //! node's processes (`/proc/*/ns/net`) is entered on a short-lived thread and its
 //! interface addresses are read. The same works in a cluster and in the local mesh,
 //! since both are processes in network namespaces.
+//!
+//! Namespaces pinned in `/run/netns` are scanned too. A namespace is kept only if it is
+//! wired to the node: its netlink nsid is the `link-netnsid` of one of the node's
+//! interfaces, as a pod's veth peer is.
 
 use std::collections::HashSet;
 use std::fs::File;

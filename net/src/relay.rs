@@ -12,6 +12,9 @@
 //! passed on as a half-close (TCP FIN, h2 END_STREAM), the relay ends when both
 //! directions have ended, and an error in either direction ends it at once (the caller
 //! then drops both ends, which resets them). Byte counts are kept even then.
+//!
+//! The read size starts at 16 KiB, doubles while reads fill it (up to 256 KiB) and
+//! halves while they use less than an eighth of it (down to 2 KiB).
 
 use std::future::Future;
 use std::io;

@@ -1,6 +1,11 @@
 //! The traffic paths of one pod: outbound (15001), inbound plaintext (15006) and
 //! inbound HBONE (15008). Decisions come from `ambit_core` (`outbound::route`,
 //! `inbound::local_target`); this module moves bytes and records metrics.
+//!
+//! Each accepted connection is one task ([`ConnectionTask`]): it first runs the opening
+//! phase boxed (route, labels, pool checkout, CONNECT), then only the small relay future
+//! [`Opened`], under 288 bytes so tokio's task cell is 384 bytes (tested). This is the
+//! idle-memory budget.
 
 use std::future::Future;
 use std::net::SocketAddr;

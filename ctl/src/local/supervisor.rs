@@ -5,6 +5,11 @@
 //! other commands,
 //! and tears everything down on SIGTERM (`down`) or SIGINT. Its output is the
 //! supervisor log, which `up` relays while it starts.
+//!
+//! `down` is SIGTERM to the supervisor followed by a sweep. The state directory
+//! (`AMBITCTL_STATE_DIR`, default `<tmp>/ambit-localmesh/ctl`) holds `supervisor.pid`
+//! (created exclusively: one mesh per directory), `supervisor.log`, `mesh.json` and
+//! `hosts`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
