@@ -515,25 +515,26 @@ fn describe(mesh: &MeshState) -> String {
             .map(|port| format!("http {port}"))
             .chain(p.tcp_ports.iter().map(|port| format!("tcp echo {port}")))
             .collect();
+        let identity = format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            p.namespace, p.service_account
+        );
+        let (mode, identity, app) = match &p.waypoint {
+            Some(gateway) => (
+                "waypoint (HBONE 15008)".to_owned(),
+                identity,
+                format!("waypoint of Gateway {}/{gateway}", p.namespace),
+            ),
+            None if p.enrolled => ("ambient (HBONE)".to_owned(), identity, ports.join(", ")),
+            None => ("plaintext".to_owned(), "-".to_owned(), ports.join(", ")),
+        };
         table.push(vec![
             p.uid(),
             p.node.clone(),
             p.ip.to_string(),
-            if p.enrolled {
-                "ambient (HBONE)"
-            } else {
-                "plaintext"
-            }
-            .to_owned(),
-            if p.enrolled {
-                format!(
-                    "spiffe://cluster.local/ns/{}/sa/{}",
-                    p.namespace, p.service_account
-                )
-            } else {
-                "-".to_owned()
-            },
-            ports.join(", "),
+            mode,
+            identity,
+            app,
         ]);
     }
     out.push_str(&columns(&table));

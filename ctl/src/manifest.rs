@@ -7,6 +7,16 @@
 //! enrolled when it, or else its namespace, carries `istio.io/dataplane-mode: ambient`
 //! (a pod's `none` opts it out) and it is not on the host network, the rule the
 //! control plane applies. Every pod gets its own network namespace.
+//!
+//! A Gateway of class `istio-waypoint` is a waypoint: as the control plane does in a
+//! cluster (a Deployment, a Service and a ServiceAccount named like the Gateway), the
+//! local mesh makes it a pod `<gateway>-0` on the first node running the `waypoint`
+//! binary, as service account `<gateway>` (or the Gateway's
+//! `gateway.istio.io/service-account` annotation), labelled
+//! `gateway.networking.k8s.io/gateway-name` and `istio.io/dataplane-mode: none`, and a
+//! Service `<gateway>` on 15008 (`mesh`) and 15021 (`status-port`). The pod and the
+//! Service are added to the objects the control plane reads, as a cluster would show
+//! them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -19,6 +29,15 @@ use serde_json::Value;
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The node pods go to when no pod names one.
 pub const DEFAULT_NODE: &str = "node-a";
+/// The GatewayClass whose Gateways are waypoints.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// The label a waypoint's pods carry: the Gateway's name.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The annotation naming the service account a waypoint runs as.
+pub const WAYPOINT_ACCOUNT_ANNOTATION: &str = "gateway.istio.io/service-account";
+/// A waypoint's HBONE port and its readiness port.
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+pub const WAYPOINT_STATUS_PORT: u16 = 15021;
 /// The demo app's ports when a pod declares none: HTTP echo and TCP echo.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
 pub const DEFAULT_TCP_PORT: u16 = 9000;
@@ -85,6 +104,9 @@ pub struct AppPod {
     pub tcp_ports: Vec<u16>,
     /// Named container ports, for named target ports.
     pub named_ports: BTreeMap<String, u16>,
+    /// The Gateway (its name, in the pod's namespace) when the pod is a waypoint: it
+    /// runs the `waypoint` binary, not the demo app.
+    pub waypoint: Option<String>,
 }
 
 impl AppPod {
@@ -176,6 +198,7 @@ pub fn from_documents(documents: Vec<(Location, Value)>) -> Result<App, Manifest
     let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut pods = Vec::new();
     let mut services = Vec::new();
+    let mut gateways = Vec::new();
     let mut seen = BTreeSet::new();
     for (at, object) in documents {
         let bad = |reason: String| ManifestError::Object {
@@ -213,6 +236,14 @@ pub fn from_documents(documents: Vec<(Location, Value)>) -> Result<App, Manifest
                     services.push((at.clone(), namespace, name, object.clone()));
                 }
             }
+            "Gateway" if object["spec"]["gatewayClassName"].as_str() == Some(WAYPOINT_CLASS) => {
+                if !is_dns_label(&name) || !is_dns_label(&namespace) {
+                    return Err(bad(format!(
+                        "Gateway {namespace}/{name}: a waypoint's name must be a DNS label (its pod and Service are named after it)"
+                    )));
+                }
+                gateways.push((at.clone(), namespace, name, object.clone()));
+            }
             "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "CronJob" => {
                 app.notes.push(format!(
                     "{kind} {namespace}/{name}: the local mesh runs Pods only, so it makes no pods for it (write them as Pods)"
@@ -225,6 +256,42 @@ pub fn from_documents(documents: Vec<(Location, Value)>) -> Result<App, Manifest
     for (at, namespace, name, object) in pods {
         let pod = pod(&mut app, &at, namespace, name, &object, &namespace_labels)?;
         app.pods.push(pod);
+    }
+    let first_node = app
+        .nodes
+        .first()
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_NODE.to_owned());
+    for (at, namespace, name, gateway) in gateways {
+        let (pod_object, service_object) =
+            waypoint_objects(&namespace, &name, &gateway, &first_node);
+        let pod_name = pod_object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        for (kind, object_name) in [("Pod", &pod_name), ("Service", &name)] {
+            if !seen.insert((kind.to_owned(), namespace.clone(), object_name.clone())) {
+                return Err(ManifestError::Object {
+                    at: at.clone(),
+                    reason: format!(
+                        "Gateway {namespace}/{name}: its waypoint needs {kind} {namespace}/{object_name}, which is declared already"
+                    ),
+                });
+            }
+        }
+        let mut pod = pod(
+            &mut app,
+            &at,
+            namespace.clone(),
+            pod_name,
+            &pod_object,
+            &namespace_labels,
+        )?;
+        pod.waypoint = Some(name.clone());
+        app.pods.push(pod);
+        app.objects.push(pod_object);
+        services.push((at, namespace, name, service_object.clone()));
+        app.objects.push(service_object);
     }
     for (at, namespace, name, object) in services {
         if let Some(service) = service(&mut app, &at, namespace, name, &object)? {
@@ -334,7 +401,59 @@ fn pod(
         http_ports,
         tcp_ports,
         named_ports,
+        waypoint: None,
     })
+}
+
+/// The Pod and the Service a cluster's control plane would make for waypoint
+/// Gateway `namespace/name` (its Deployment's one replica), on `node`.
+fn waypoint_objects(namespace: &str, name: &str, gateway: &Value, node: &str) -> (Value, Value) {
+    let account = gateway["metadata"]["annotations"][WAYPOINT_ACCOUNT_ANNOTATION]
+        .as_str()
+        .filter(|a| !a.is_empty())
+        .unwrap_or(name);
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("{name}-0"),
+            "namespace": namespace,
+            "labels": {
+                GATEWAY_NAME_LABEL: name,
+                DATAPLANE_MODE: "none",
+                "service.istio.io/canonical-name": name,
+            },
+        },
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": account,
+            "containers": [{
+                "name": "istio-proxy",
+                "image": "ambit/waypoint",
+                "ports": [
+                    {"name": "mesh", "containerPort": WAYPOINT_HBONE_PORT},
+                    {"name": "status-port", "containerPort": WAYPOINT_STATUS_PORT},
+                ],
+            }],
+        },
+    });
+    let service = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {GATEWAY_NAME_LABEL: name},
+        },
+        "spec": {
+            "selector": {GATEWAY_NAME_LABEL: name},
+            "ports": [
+                {"name": "mesh", "port": WAYPOINT_HBONE_PORT, "targetPort": WAYPOINT_HBONE_PORT},
+                {"name": "status-port", "port": WAYPOINT_STATUS_PORT, "targetPort": WAYPOINT_STATUS_PORT},
+            ],
+        },
+    });
+    (pod, service)
 }
 
 fn service(
@@ -568,5 +687,91 @@ spec:
             err,
             "app.yaml:4: Service default/s: spec.clusterIP \"nope\" is not an IPv4 address"
         );
+    }
+
+    const WAYPOINT: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  gatewayClassName: other
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+";
+
+    #[test]
+    fn a_waypoint_gateway_becomes_a_pod_and_a_service_named_like_it_on_the_first_node() {
+        let app = app(&format!("{SHOP}---{WAYPOINT}")).unwrap();
+        let pod = app.pods.iter().find(|p| p.waypoint.is_some()).unwrap();
+        assert_eq!(pod.uid(), "shop/waypoint-0");
+        assert_eq!(pod.waypoint.as_deref(), Some("waypoint"));
+        assert_eq!(pod.service_account, "waypoint");
+        assert_eq!(pod.node, "node-b", "the first node");
+        assert!(
+            !pod.enrolled,
+            "a waypoint is never captured, even in an ambient namespace"
+        );
+        assert_eq!(pod.labels[GATEWAY_NAME_LABEL], "waypoint");
+        let service = app.services.iter().find(|s| s.name == "waypoint").unwrap();
+        assert_eq!(service.endpoints, ["shop/waypoint-0"]);
+        assert_eq!(
+            service.ports,
+            [
+                (15008, TargetPort::Number(15008)),
+                (15021, TargetPort::Number(15021))
+            ]
+        );
+        // The control plane reads the Gateway, its pod and its Service.
+        let kinds: Vec<(&str, &str)> = app
+            .objects
+            .iter()
+            .map(|o| {
+                (
+                    o["kind"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap(),
+                )
+            })
+            .filter(|(_, n)| n.starts_with("waypoint"))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("Gateway", "waypoint"),
+                ("Pod", "waypoint-0"),
+                ("Service", "waypoint")
+            ]
+        );
+        assert_eq!(
+            app.pods.iter().filter(|p| p.waypoint.is_some()).count(),
+            1,
+            "only istio-waypoint Gateways"
+        );
+    }
+
+    #[test]
+    fn a_waypoint_whose_pod_or_service_name_is_taken_is_refused_naming_both() {
+        let taken = "kind: Pod\nmetadata: {name: a}\n---\nkind: Service\nmetadata: {name: waypoint, namespace: shop}\nspec: {ports: [{port: 80}]}\n---";
+        let err = app(&format!("{taken}{WAYPOINT}")).unwrap_err().to_string();
+        assert!(
+            err.contains("Gateway shop/waypoint: its waypoint needs Service shop/waypoint, which is declared already"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_waypoint_runs_as_the_account_its_annotation_names() {
+        let yaml = WAYPOINT.replace(
+            "metadata: {name: waypoint, namespace: shop}",
+            "metadata: {name: waypoint, namespace: shop, annotations: {gateway.istio.io/service-account: wp-sa}}",
+        );
+        let app = app(&format!("kind: Pod\nmetadata: {{name: a}}\n---{yaml}")).unwrap();
+        let pod = app.pods.iter().find(|p| p.waypoint.is_some()).unwrap();
+        assert_eq!(pod.service_account, "wp-sa");
     }
 }

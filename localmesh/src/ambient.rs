@@ -41,7 +41,31 @@ pub struct AmbientConfig {
     /// The `ambit-cni` binary, to run the node agent on every node; `None` to enrol
     /// pods with [`Ambient::enrol`] instead.
     pub node_agent: Option<PathBuf>,
+    /// Service accounts of workloads that talk to the control plane as themselves
+    /// (waypoints: their certificate and their xDS view). Each gets a bearer token in
+    /// the CA's tokens file and in [`account_token_file`].
+    pub accounts: Vec<ServiceAccount>,
 }
+
+/// A Kubernetes service account, `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceAccount {
+    /// Its SPIFFE identity in the local mesh's trust domain.
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
+            self.namespace, self.name
+        )
+    }
+}
+
+/// The local mesh's trust domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 impl AmbientConfig {
     /// The binaries built by this workspace, found with [`crate::target_binary`].
@@ -53,6 +77,7 @@ impl AmbientConfig {
             ztunnel_flags: Vec::new(),
             deadline: Duration::from_secs(30),
             node_agent: None,
+            accounts: Vec::new(),
         })
     }
 
@@ -94,6 +119,14 @@ impl Ambient {
             tokens.push_str(&format!(
                 "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
                 node.name()
+            ));
+        }
+        for account in &config.accounts {
+            let token = random_token();
+            write_secret(&account_token_file(mesh, account), &token)?;
+            tokens.push_str(&format!(
+                "- token: \"{token}\"\n  identity: {}\n",
+                account.identity()
             ));
         }
         write_secret(&dir.join("tokens.yaml"), &tokens)?;
@@ -390,6 +423,54 @@ impl Ambient {
     }
 }
 
+/// A waypoint to run in a pod: the Gateway it serves, as which account.
+#[derive(Debug, Clone)]
+pub struct WaypointConfig {
+    /// The `waypoint` binary.
+    pub binary: PathBuf,
+    /// The Gateway, `namespace/name`.
+    pub gateway: ServiceAccount,
+    /// The service account its pod runs as (by default named like the Gateway); it
+    /// must be one of [`AmbientConfig::accounts`].
+    pub account: ServiceAccount,
+    /// Its `--log` filter.
+    pub log: String,
+}
+
+/// Starts the waypoint `config` in `pod`'s network namespace, as Kubernetes would run
+/// its Deployment's container: its certificate and its model from the control plane,
+/// authenticated with its account's token, HBONE on 15008 and readiness on 15021 in
+/// the pod. Returns once it is ready.
+pub fn start_waypoint(
+    mesh: &LocalMesh,
+    pod: &Pod,
+    config: &WaypointConfig,
+    deadline: Duration,
+) -> Result<Process, MeshError> {
+    let dir = mesh.dir();
+    let address = control_address(mesh).to_string();
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    let args = vec![
+        "--gateway".to_owned(),
+        format!("{}/{}", config.gateway.namespace, config.gateway.name),
+        "--service-account".to_owned(),
+        config.account.name.clone(),
+        "--trust-domain".to_owned(),
+        TRUST_DOMAIN.to_owned(),
+        "--control-address".to_owned(),
+        address,
+        "--ca-root".to_owned(),
+        path(dir.join("ca/root-cert.pem")),
+        "--token-file".to_owned(),
+        path(account_token_file(mesh, &config.account)),
+        "--log".to_owned(),
+        config.log.clone(),
+    ];
+    let process = mesh.spawn_in(pod.netns(), &config.binary, &args, &[])?;
+    process.wait_for_log("waypoint ready", deadline)?;
+    Ok(process)
+}
+
 /// Where the control plane listens: the fabric's address, reachable from every node.
 pub fn control_address(mesh: &LocalMesh) -> SocketAddr {
     SocketAddr::new(mesh.fabric_ip().into(), CONTROL_PORT)
@@ -398,6 +479,12 @@ pub fn control_address(mesh: &LocalMesh) -> SocketAddr {
 /// Where `node`'s agent and ztunnel read their bearer token (mode 0600).
 pub fn token_file(mesh: &LocalMesh, node: &str) -> PathBuf {
     mesh.dir().join(format!("{node}.token"))
+}
+
+/// Where a workload running as `account` (a waypoint) reads its bearer token (0600).
+pub fn account_token_file(mesh: &LocalMesh, account: &ServiceAccount) -> PathBuf {
+    mesh.dir()
+        .join(format!("sa-{}-{}.token", account.namespace, account.name))
 }
 
 /// The label that enrols a pod or a namespace.

@@ -60,6 +60,9 @@ pub struct PodState {
     pub netns: PathBuf,
     pub http_ports: Vec<u16>,
     pub tcp_ports: Vec<u16>,
+    /// The Gateway it runs the waypoint of, if it is a waypoint's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
 }
 
 impl PodState {

@@ -16,7 +16,10 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ambit_localmesh::{Ambient, AmbientConfig, LocalMesh, Pod, PodSpec, Process, ServiceSpec};
+use ambit_localmesh::{
+    Ambient, AmbientConfig, LocalMesh, Pod, PodSpec, Process, ServiceAccount, ServiceSpec,
+    WaypointConfig,
+};
 use anyhow::Context;
 
 use super::state::{self, MeshState, NodeState, PodState, ServiceState};
@@ -66,6 +69,16 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
             ztunnel_flags: Vec::new(),
             deadline: DEADLINE,
             node_agent: Some(bin_dir.join("ambit-cni")),
+            // Waypoints talk to the control plane as their own service accounts.
+            accounts: app
+                .pods
+                .iter()
+                .filter(|p| p.waypoint.is_some())
+                .map(|p| ServiceAccount {
+                    namespace: p.namespace.clone(),
+                    name: p.service_account.clone(),
+                })
+                .collect(),
         },
     )?;
     let pods = make_pods(&mesh, &app)?;
@@ -79,6 +92,31 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
     let exe = std::env::current_exe()?;
     let mut apps: Vec<Process> = Vec::new();
     for (spec, pod) in app.pods.iter().zip(&pods) {
+        if let Some(gateway) = &spec.waypoint {
+            println!(
+                "==> waypoint {}/{gateway}: pod {} on {} as service account {} (HBONE 15008, ready 15021)",
+                spec.namespace,
+                spec.uid(),
+                pod.node(),
+                spec.service_account
+            );
+            let config = WaypointConfig {
+                binary: bin_dir.join("waypoint"),
+                gateway: ServiceAccount {
+                    namespace: spec.namespace.clone(),
+                    name: gateway.clone(),
+                },
+                account: ServiceAccount {
+                    namespace: spec.namespace.clone(),
+                    name: spec.service_account.clone(),
+                },
+                log: "info,ambit_waypoint=debug".into(),
+            };
+            apps.push(ambit_localmesh::ambient::start_waypoint(
+                &mesh, pod, &config, DEADLINE,
+            )?);
+            continue;
+        }
         let node = mesh.node(pod.node())?;
         let mut args: Vec<String> = [
             "app",
@@ -156,6 +194,7 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
                 netns: pod.netns().path().to_owned(),
                 http_ports: spec.http_ports.clone(),
                 tcp_ports: spec.tcp_ports.clone(),
+                waypoint: spec.waypoint.clone(),
             })
             .collect(),
         services,

@@ -53,6 +53,7 @@ impl Harness {
             ztunnel_flags: ztunnel_flags.iter().map(|f| f.to_string()).collect(),
             deadline: DEADLINE,
             node_agent: None,
+            accounts: Vec::new(),
         };
         let ambient = Ambient::start(&mesh, config).unwrap_or_else(|e| panic!("{e}"));
         Harness { mesh, ambient }
@@ -70,6 +71,7 @@ impl Harness {
             ztunnel_flags: Vec::new(),
             deadline: DEADLINE,
             node_agent: Some(bin("ambit-cni")),
+            accounts: Vec::new(),
         };
         let ambient = Ambient::start(&mesh, config).unwrap_or_else(|e| panic!("{e}"));
         Harness { mesh, ambient }
