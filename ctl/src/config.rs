@@ -109,11 +109,15 @@ pub enum AppCommand {
         #[arg(long)]
         node_netns: Option<PathBuf>,
     },
-    /// HTTP GET of a URL (`http://web.shop:8080/`), printing the answer.
+    /// HTTP request for a URL (`http://web.shop:8080/`), GET unless `-X` says
+    /// otherwise, printing the answer; exits 1 unless every answer is 200.
     Get {
         url: String,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// The method, as curl's `-X` (`POST`, `DELETE`).
+        #[arg(short = 'X', long = "request", default_value = "GET")]
+        method: String,
     },
     /// Sends a message to a TCP echo (`web.shop:9000`) and prints what comes back.
     Send { to: String, message: String },

@@ -178,9 +178,10 @@ async fn caller_identity(
         encode(peer),
         encode(local)
     );
-    let (status, body) = tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, "localhost", &path))
-        .await
-        .context("ztunnel's admin endpoint did not answer")??;
+    let (status, body) =
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, "GET", "localhost", &path))
+            .await
+            .context("ztunnel's admin endpoint did not answer")??;
     match status {
         200 => {
             let json: serde_json::Value = serde_json::from_str(&body)?;
@@ -192,10 +193,24 @@ async fn caller_identity(
 }
 
 /// One HTTP/1.1 GET on `stream`: status and body.
-async fn exchange(mut stream: TcpStream, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
+async fn exchange(
+    mut stream: TcpStream,
+    method: &str,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    // A body-less request: no Content-Length for GET, `0` for the rest, as curl does.
+    let length = if method == "GET" || method == "HEAD" {
+        ""
+    } else {
+        "content-length: 0\r\n"
+    };
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: {host}\r\n{length}connection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await?;
     let mut response = Vec::new();
@@ -269,7 +284,16 @@ pub fn resolve(
 
 /// `GET url` (`http://host[:port]/path`), `count` times, one connection each; prints
 /// each status and body. Ok(false) when one was not 200.
-pub async fn get(url: &str, count: u32, hosts: &BTreeMap<String, IpAddr>) -> anyhow::Result<bool> {
+pub async fn get(
+    method: &str,
+    url: &str,
+    count: u32,
+    hosts: &BTreeMap<String, IpAddr>,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase()),
+        "{method:?}: a method is upper-case letters (GET, POST, DELETE)"
+    );
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("{url}: only http:// URLs"))?;
@@ -285,9 +309,9 @@ pub async fn get(url: &str, count: u32, hosts: &BTreeMap<String, IpAddr>) -> any
             .with_context(|| format!("connecting to {to}: timed out"))?
             .with_context(|| format!("connecting to {to}"))?;
         let (status, body) =
-            tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, authority, path))
+            tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, method, authority, path))
                 .await
-                .with_context(|| format!("GET {url}: no answer"))??;
+                .with_context(|| format!("{method} {url}: no answer"))??;
         if status != 200 {
             all_ok = false;
             crate::outln!("HTTP {status}")?;

@@ -89,7 +89,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .await?;
                         true
                     }
-                    AppCommand::Get { url, count } => demo::get(&url, count, &hosts).await?,
+                    AppCommand::Get { url, count, method } => {
+                        demo::get(&method, &url, count, &hosts).await?
+                    }
                     AppCommand::Send { to, message } => demo::send(&to, &message, &hosts).await?,
                 };
                 Ok(if ok {
