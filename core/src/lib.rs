@@ -14,6 +14,7 @@ pub mod certificate;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod model;
 pub mod outbound;
 pub mod renewal;
