@@ -75,6 +75,15 @@ pub trait Headers {
     fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8]));
 }
 
+/// A request's headers as hyper holds them.
+impl Headers for http::HeaderMap {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        for v in self.get_all(name) {
+            f(v.as_bytes());
+        }
+    }
+}
+
 /// `(name, value)` pairs, names compared case-insensitively.
 impl Headers for &[(&str, &str)] {
     fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {

@@ -1432,3 +1432,18 @@ fn normalization_is_idempotent_and_leaves_no_dot_segment_for_any_short_path() {
         }
     }
 }
+
+#[test]
+fn hyper_header_maps_are_read_with_repeated_values_joined() {
+    let mut headers = http::HeaderMap::new();
+    headers.append("x-user", "alice".parse().unwrap());
+    headers.append("X-User", "bob".parse().unwrap());
+    let f = Fixture::new();
+    let mut r = f.request();
+    r.headers = &headers;
+    let rule = Rule {
+        when: vec![when("request.headers[X-USER]", &["alice,bob"], &[])],
+        ..Rule::default()
+    };
+    assert!(matches(&rule, &r));
+}
