@@ -270,7 +270,16 @@ fn hosts_match_case_insensitively_with_istio_port_rules() {
     let cases = [
         ("web.shop", "web.shop", true),
         ("web.shop", "WEB.Shop", true),
-        ("web.shop", "web.shop:8080", false),
+        // Istio would not match these (see HostMatch): a DENY must not be dodged by
+        // adding a port to the Host header.
+        ("web.shop", "web.shop:8080", true),
+        ("web.shop", "WEB.shop:80", true),
+        ("web.shop", "web.shop:", false),
+        ("web.shop", "web.shop:x", false),
+        ("web.shop", "web.shopping", false),
+        ("web.shop:8080", "web.shop:9090", false),
+        ("web.shop:8080", "web.shop", false),
+        ("[fd00::1]", "[fd00::1]:80", true),
         ("web.shop:8080", "web.shop:8080", true),
         ("*.shop", "web.SHOP", true),
         ("*.shop", "web.shop:8080", true),
@@ -679,9 +688,17 @@ fn each_operation_field_matches_and_its_not_twin_inverts() {
             true,
         ),
         (
-            "host without port is exact",
+            "host without port ignores the port",
             Operation {
                 hosts: vec![host("web.shop.svc.cluster.local")],
+                ..Operation::default()
+            },
+            true,
+        ),
+        (
+            "host with another port",
+            Operation {
+                hosts: vec![host("web.shop.svc.cluster.local:8080")],
                 ..Operation::default()
             },
             false,
@@ -1446,4 +1463,27 @@ fn hyper_header_maps_are_read_with_repeated_values_joined() {
         ..Rule::default()
     };
     assert!(matches(&rule, &r));
+}
+
+#[test]
+fn namespaces_match_as_istio_waypoints_match_them() {
+    let cases = [
+        ("shop", "spiffe://cluster.local/ns/shop/sa/web", true),
+        ("sh", "spiffe://cluster.local/ns/shop/sa/web", false),
+        ("shop", "spiffe://cluster.local/ns/x/sa/shop", false),
+        ("ns", "spiffe://cluster.local/ns/ns/sa/ns", true),
+        ("sh*", "spiffe://cluster.local/ns/shop/sa/web", true),
+        ("*op", "spiffe://cluster.local/ns/shop/sa/web", true),
+        ("*op", "spiffe://cluster.local/ns/x/sa/op", false),
+        ("s*p", "spiffe://cluster.local/ns/shop/sa/web", true),
+        ("s*p", "spiffe://cluster.local/ns/sx/sa/p", false),
+        ("*", "spiffe://cluster.local/ns/shop/sa/web", true),
+    ];
+    for (pattern, identity, want) in cases {
+        assert_eq!(
+            namespace_matches(&sm(pattern), identity),
+            want,
+            "{pattern} against {identity}"
+        );
+    }
 }

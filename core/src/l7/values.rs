@@ -9,10 +9,15 @@ use serde::{Deserialize, Serialize};
 use crate::authz::{ServiceAccountRef, StringMatch};
 
 /// One value of `hosts`/`notHosts`, matched case-insensitively against the request's
-/// authority (`:authority` or `Host`, as received, port included). As in Istio:
-/// `example.com` must equal the authority, so it does not match `example.com:8080`;
-/// `*.example.com` matches with or without a port (`a.example.com:8080` too);
+/// authority (`:authority` or `Host`, as received, port included): `example.com`
+/// matches it with or without a port (`example.com:8080` too), `example.com:8080` only
+/// with that port; `*.example.com` matches with or without a port;
 /// `example.*` matches any authority starting so; `*` any non-empty one.
+///
+/// Istio matches an exact host only without a port, so a DENY of `example.com` lets
+/// `Host: example.com:80` through. Ambit ignores the port there too: the port in a
+/// Host header is the client's to write or leave out, so this allows nothing a client
+/// could not get by leaving it out, and closes that gap (decision 0010).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct HostMatch(pub StringMatch);
@@ -23,16 +28,18 @@ impl HostMatch {
     }
 
     pub fn matches(&self, authority: &str) -> bool {
+        let without_port = authority.rsplit_once(':').and_then(|(host, port)| {
+            (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(host)
+        });
         match &self.0 {
-            StringMatch::Exact(h) => authority.eq_ignore_ascii_case(h),
+            StringMatch::Exact(h) => {
+                authority.eq_ignore_ascii_case(h)
+                    || without_port.is_some_and(|host| host.eq_ignore_ascii_case(h))
+            }
             StringMatch::Prefix(p) => starts_with_ignore_case(authority, p),
             StringMatch::Suffix(s) => {
                 ends_with_ignore_case(authority, s)
-                    || authority.rsplit_once(':').is_some_and(|(host, port)| {
-                        !port.is_empty()
-                            && port.bytes().all(|b| b.is_ascii_digit())
-                            && ends_with_ignore_case(host, s)
-                    })
+                    || without_port.is_some_and(|host| ends_with_ignore_case(host, s))
             }
             StringMatch::Presence => !authority.is_empty(),
         }
@@ -65,8 +72,17 @@ fn ends_with_ignore_case(value: &str, suffix: &str) -> bool {
 /// any characters (`team-*` and `*-prod` as at L4, and `a*b` too, where ztunnel would
 /// read a literal star).
 pub fn namespace_matches(pattern: &StringMatch, identity: &str) -> bool {
-    let value = pattern.to_string();
-    glob(&format!("*/ns/{value}/*"), identity)
+    match pattern {
+        // The common case, without building a pattern: some `/ns/<value>/` in it.
+        StringMatch::Exact(v) if !v.contains('*') => {
+            identity.match_indices("/ns/").any(|(i, _)| {
+                identity[i + 4..]
+                    .strip_prefix(v.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+        }
+        _ => glob(&format!("*/ns/{pattern}/*"), identity),
+    }
 }
 
 /// `*` matches any run of characters (`/` included); everything else itself.
