@@ -58,7 +58,9 @@ pub use values::{
 pub struct Connection<'a> {
     /// The peer's identity from mTLS; `None` for plaintext.
     pub peer: Option<&'a SpiffeId>,
-    /// The client's address (`source.ip`, `ipBlocks`).
+    /// The client's address (`source.ip`, `ipBlocks`): at a waypoint, the client
+    /// workload's, as the client's ztunnel reports it (HBONE `forwarded`), not the
+    /// ztunnel's own.
     pub source_ip: IpAddr,
     /// The original destination (`destination.ip`).
     pub destination_ip: IpAddr,
@@ -121,7 +123,8 @@ pub enum Claim {
 pub struct Request<'a> {
     pub connection: Connection<'a>,
     /// The original client address (`remoteIpBlocks`, `remote.ip`): from
-    /// `X-Forwarded-For` where trusted, else the source address.
+    /// `X-Forwarded-For` when proxies in front are trusted (Istio's
+    /// `numTrustedProxies`, 0 by default), else the source address.
     pub remote_ip: IpAddr,
     /// `:authority` or `Host`, as received (a port included).
     pub host: &'a str,
