@@ -90,7 +90,7 @@ fn cluster() -> MeshConfig {
     MeshConfig {
         workloads,
         services,
-        policies: Vec::new(),
+        ..MeshConfig::default()
     }
 }
 

@@ -25,8 +25,8 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ambit_core::model::{
-    EndpointSpec, MeshConfig, PolicyCondition, PolicyScope, PolicySpec, Protocol, ServicePort,
-    ServiceSpec, WaypointAddress, WorkloadSpec,
+    EndpointSpec, L7PolicySpec, MeshConfig, PolicyCondition, PolicyScope, PolicySpec, Protocol,
+    ServicePort, ServiceSpec, WaypointAddress, WorkloadSpec,
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -178,13 +178,14 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
             Err(reason) => skip("ServiceEntry", key, reason),
         }
     }
-    let (policies, policy_status) =
+    let (policies, l7_policies, policy_status) =
         attach_policies(resources, &running, &mut workloads, root_namespace);
     Translation {
         config: MeshConfig {
             workloads,
             services,
             policies,
+            l7_policies,
         },
         skipped,
         warnings,
@@ -198,14 +199,16 @@ pub use ambit_k8s::DEFAULT_ROOT_NAMESPACE;
 
 /// Translates every AuthorizationPolicy, and lists each selector policy on the
 /// workloads it selects. Pods are found through `running` by namespace, so a policy
-/// costs the size of its namespace, not of the cluster.
+/// costs the size of its namespace, not of the cluster. `targetRefs` policies also
+/// become the waypoints' L7 policies.
 fn attach_policies(
     resources: &Resources,
     running: &BTreeMap<&ObjectKey, &Pod>,
     workloads: &mut [WorkloadSpec],
     root_namespace: &str,
-) -> (Vec<PolicySpec>, PolicyStatus) {
+) -> (Vec<PolicySpec>, Vec<L7PolicySpec>, PolicyStatus) {
     let mut policies = Vec::new();
+    let mut l7_policies = Vec::new();
     let mut status = Vec::new();
     let index: BTreeMap<String, usize> = workloads
         .iter()
@@ -216,6 +219,17 @@ fn attach_policies(
     for (key, ap) in &resources.authorization_policies {
         let t = authz::translate(key, ap, root_namespace);
         status.push(("AuthorizationPolicy", key.clone(), t.acceptance.clone()));
+        if let Some(w) = &t.waypoint {
+            l7_policies.push(L7PolicySpec {
+                targets: w.targets.clone(),
+                policy: w.policy.clone(),
+                condition: Some(PolicyCondition {
+                    accepted: w.acceptance.accepted,
+                    reason: w.acceptance.reason.to_owned(),
+                    message: w.acceptance.message.clone(),
+                }),
+            });
+        }
         let scope = match t.scope {
             None => continue,
             Some(authz::Scope::Global) => PolicyScope::Global,
@@ -281,7 +295,7 @@ fn attach_policies(
         }
         policies.extend(converted.into_values());
     }
-    (policies, status)
+    (policies, l7_policies, status)
 }
 
 /// The label that binds a pod, service or namespace to a waypoint (`none`: to none).

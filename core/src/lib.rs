@@ -2,18 +2,21 @@
 //!
 //! Everything here is a plain function over plain data: SPIFFE identities, the
 //! certificate authority's decisions (who may obtain which identity, how long a
-//! certificate lives), the certificate manager's renewal schedule, and HBONE's request
-//! semantics (CONNECT target, headers, refusal statuses). The current time and any
-//! randomness are always arguments.
+//! certificate lives), the certificate manager's renewal schedule, HBONE's request
+//! semantics (CONNECT target, headers, refusal statuses), and authorization: per
+//! connection at L4 (`authz`, ztunnel) and per request at L7 (`l7`, waypoints). The
+//! current time and any randomness are always arguments.
 //!
 //! This crate must not open sockets, spawn tasks, read files or the environment, or
-//! depend on tokio: the IO crates (`net`, `ca` and the components) call into it.
+//! depend on tokio (the `http` crate is used for its types only): the IO crates
+//! (`net`, `ca` and the components) call into it.
 
 pub mod authz;
 pub mod certificate;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod model;
 pub mod outbound;
 pub mod renewal;

@@ -162,6 +162,79 @@ pub struct MeshConfig {
     /// Authorization policies ztunnel enforces on inbound connections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicySpec>,
+    /// Authorization policies waypoints enforce per request (attached with
+    /// `targetRefs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l7_policies: Vec<L7PolicySpec>,
+}
+
+/// An authorization policy a waypoint enforces, and what it is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L7PolicySpec {
+    /// Its `targetRefs`; an invalid policy keeps those that are valid.
+    pub targets: Vec<PolicyTarget>,
+    pub policy: crate::l7::Policy,
+    /// Whether the waypoint enforces it as written (the policy's `WaypointAccepted`
+    /// condition, before binding is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<PolicyCondition>,
+}
+
+impl L7PolicySpec {
+    /// Whether a waypoint (`namespace/name` of its Gateway) enforces it for traffic
+    /// to `service` (`namespace/name`; `None` for traffic to a workload): attached to
+    /// that Gateway, to the `istio-waypoint` class, or to that Service or
+    /// ServiceEntry.
+    pub fn applies_to(&self, waypoint: (&str, &str), service: Option<(&str, &str)>) -> bool {
+        self.targets.iter().any(|t| match t.kind {
+            TargetKind::Gateway => (t.namespace.as_str(), t.name.as_str()) == waypoint,
+            TargetKind::GatewayClass => t.name == WAYPOINT_GATEWAY_CLASS,
+            TargetKind::Service | TargetKind::ServiceEntry => {
+                service == Some((t.namespace.as_str(), t.name.as_str()))
+            }
+        })
+    }
+}
+
+/// The GatewayClass of waypoints.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+
+/// What an L7 policy is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTarget {
+    pub kind: TargetKind,
+    /// The policy's namespace; empty for a GatewayClass.
+    #[serde(default)]
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PolicyTarget {
+    /// Istio's ancestor form: `Kind.group:namespace/name` (`Kind.group:name` for a
+    /// class).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = match self.kind {
+            TargetKind::Gateway | TargetKind::GatewayClass => "gateway.networking.k8s.io",
+            TargetKind::Service => "",
+            TargetKind::ServiceEntry => "networking.istio.io",
+        };
+        write!(f, "{:?}.{group}:", self.kind)?;
+        if !self.namespace.is_empty() {
+            write!(f, "{}/", self.namespace)?;
+        }
+        f.write_str(&self.name)
+    }
+}
+
+/// The kinds an L7 policy attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TargetKind {
+    Gateway,
+    GatewayClass,
+    Service,
+    ServiceEntry,
 }
 
 /// An authorization policy and the workloads it applies to.
@@ -278,6 +351,7 @@ pub struct MeshState {
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     policies: Policies,
+    l7_policies: Vec<Arc<L7PolicySpec>>,
 }
 
 /// Authorization policies indexed the way a connection looks them up: the mesh-wide
@@ -311,6 +385,13 @@ impl MeshState {
             if state.policies.by_key.insert(key.clone(), policy).is_some() {
                 return Err(ModelError::DuplicatePolicy(key));
             }
+        }
+        let mut l7_keys = std::collections::HashSet::new();
+        for spec in &config.l7_policies {
+            if !l7_keys.insert(spec.policy.key()) {
+                return Err(ModelError::DuplicatePolicy(spec.policy.key()));
+            }
+            state.l7_policies.push(Arc::new(spec.clone()));
         }
         for spec in &config.workloads {
             let identity =
@@ -435,6 +516,19 @@ impl MeshState {
         self.policies.by_key.get(key).map(|p| &**p)
     }
 
+    /// The L7 policies waypoint `namespace/name` enforces for traffic to `service`
+    /// (`namespace/name`; `None` for workload traffic), in the order given.
+    pub fn l7_policies_for<'a>(
+        &'a self,
+        waypoint: (&'a str, &'a str),
+        service: Option<(&'a str, &'a str)>,
+    ) -> impl Iterator<Item = &'a crate::l7::Policy> + 'a {
+        self.l7_policies
+            .iter()
+            .filter(move |p| p.applies_to(waypoint, service))
+            .map(|p| &p.policy)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
     }
@@ -449,5 +543,53 @@ impl MeshState {
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_waypoint_enforces_the_l7_policies_of_its_gateway_its_class_and_its_services() {
+        let config: MeshConfig = serde_yaml_ng::from_str(
+            "l7Policies:\n\
+             - {targets: [{kind: Gateway, namespace: shop, name: waypoint}],\n\
+                policy: {namespace: shop, name: gw, action: ALLOW}}\n\
+             - {targets: [{kind: GatewayClass, name: istio-waypoint}],\n\
+                policy: {namespace: istio-system, name: class, action: DENY, rules: [{}]}}\n\
+             - {targets: [{kind: Service, namespace: shop, name: web}, {kind: ServiceEntry, namespace: shop, name: ext}],\n\
+                policy: {namespace: shop, name: svc, action: ALLOW}}\n\
+             - {targets: [{kind: Gateway, namespace: other, name: waypoint}],\n\
+                policy: {namespace: other, name: elsewhere, action: ALLOW}}\n",
+        )
+        .unwrap();
+        let state = MeshState::build(&config, &TrustDomain::default()).unwrap();
+        let names = |service| {
+            state
+                .l7_policies_for(("shop", "waypoint"), service)
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(Some(("shop", "web"))), ["gw", "class", "svc"]);
+        assert_eq!(names(Some(("shop", "ext"))), ["gw", "class", "svc"]);
+        assert_eq!(names(Some(("shop", "db"))), ["gw", "class"]);
+        assert_eq!(names(None), ["gw", "class"]);
+        assert_eq!(
+            config.l7_policies[2].targets[1].to_string(),
+            "ServiceEntry.networking.istio.io:shop/ext"
+        );
+        assert_eq!(
+            config.l7_policies[1].targets[0].to_string(),
+            "GatewayClass.gateway.networking.k8s.io:istio-waypoint"
+        );
+
+        let mut twice = config.clone();
+        twice.l7_policies.push(config.l7_policies[0].clone());
+        assert_eq!(
+            MeshState::build(&twice, &TrustDomain::default()).unwrap_err(),
+            ModelError::DuplicatePolicy("shop/gw".into())
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! it applies, with Istio's semantics (`../shared/reference/istio-ambient-api.md` §1)
 //! and without its fail-open corners:
 //!
-//! - `targetRefs` policies are for waypoints: not sent to ztunnel.
+//! - `targetRefs` policies are for waypoints: not sent to ztunnel, but projected for
+//!   waypoints with every field ([`WaypointPolicy`], `waypoint.rs`). Selector and
+//!   namespace policies are for ztunnel only, as in Istio.
 //! - At L4, an ALLOW rule that needs an HTTP attribute is dropped (it can never
 //!   match: fails closed, as Istio). A DENY, CUSTOM or AUDIT rule keeps its L4 part,
 //!   and a source, operation or condition made only of HTTP attributes matches every
@@ -21,10 +23,15 @@ use std::collections::BTreeMap;
 use ambit_core::authz::{
     Action, Cidr, Clause, Match, Policy, Rule, ServiceAccountRef, StringMatch,
 };
+use ambit_core::l7;
+use ambit_core::model::{PolicyTarget, TargetKind, WAYPOINT_GATEWAY_CLASS};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::resources::ObjectKey;
+
+mod waypoint;
+use waypoint::waypoint_projection;
 
 /// The annotation that makes a policy shadow-only.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -55,12 +62,30 @@ pub struct Acceptance {
     pub message: String,
 }
 
-/// One AuthorizationPolicy, translated.
+/// One AuthorizationPolicy, translated: read once, projected for ztunnel (L4) and,
+/// when attached with `targetRefs`, for waypoints (L7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TranslatedPolicy {
     /// `None`: not for ztunnel (it attaches to a waypoint).
     pub scope: Option<Scope>,
     pub policy: Policy,
+    /// The `ZtunnelAccepted` condition.
+    pub acceptance: Acceptance,
+    /// The waypoint projection; `None` without `targetRefs` (selector and namespace
+    /// policies do not apply to waypoints).
+    pub waypoint: Option<WaypointPolicy>,
+}
+
+/// What waypoints enforce of a `targetRefs` policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaypointPolicy {
+    /// The valid `targetRefs`, in order.
+    pub targets: Vec<PolicyTarget>,
+    /// Every field, as written; an invalid policy fails closed here too.
+    pub policy: l7::Policy,
+    /// The `WaypointAccepted` condition as far as the policy alone decides it
+    /// (`Accepted`, `Invalid`, or `UnsupportedValue` for CUSTOM); whether its targets
+    /// exist and have a waypoint is the binding's to add.
     pub acceptance: Acceptance,
 }
 
@@ -197,6 +222,30 @@ fn translate_read(
     root_namespace: &str,
     unreadable: Option<&str>,
 ) -> TranslatedPolicy {
+    let read = read(annotations, spec, unreadable);
+    let mut translated = l4_projection(key, &read, root_namespace);
+    translated.waypoint = waypoint_projection(key, &read, root_namespace);
+    translated
+}
+
+/// The one reading of a policy both projections work from.
+struct Read<'a> {
+    spec: &'a Value,
+    dry_run: bool,
+    /// As written (`ALLOW` when absent).
+    action_text: &'a str,
+    /// `None`: not a known action, or the document is unreadable.
+    action: Option<Action>,
+    unreadable: Option<&'a str>,
+    /// The spec's fields, or why they cannot be read.
+    parsed: Result<Spec, String>,
+}
+
+fn read<'a>(
+    annotations: Option<&BTreeMap<String, String>>,
+    spec: &'a Value,
+    unreadable: Option<&'a str>,
+) -> Read<'a> {
     let dry_run = annotations
         .and_then(|a| a.get(DRY_RUN_ANNOTATION))
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -215,6 +264,31 @@ fn translate_read(
     };
     // A document read only in part: without a readable spec its action is unknown.
     let action = action.filter(|_| unreadable.is_none() || spec.is_object());
+    let parsed = if spec.is_null() {
+        Ok(Spec::default())
+    } else {
+        serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))
+    };
+    Read {
+        spec,
+        dry_run,
+        action_text,
+        action,
+        unreadable,
+        parsed,
+    }
+}
+
+/// What ztunnel enforces (the translation as it was before waypoints).
+fn l4_projection(key: &ObjectKey, read: &Read<'_>, root_namespace: &str) -> TranslatedPolicy {
+    let Read {
+        spec,
+        dry_run,
+        action_text,
+        action,
+        unreadable,
+        ..
+    } = *read;
     let invalid = |scope: Option<Scope>, message: String| {
         // An unreadable action is treated as DENY: the closed side.
         let action = action.unwrap_or(Action::Deny);
@@ -241,6 +315,7 @@ fn translate_read(
                 reason: "InvalidValue",
                 message: format!("{message}; {effect}"),
             },
+            waypoint: None,
         }
     };
     if let Some(why) = unreadable {
@@ -252,13 +327,9 @@ fn translate_read(
             format!("spec.action: {action_text:?} is not ALLOW, DENY, AUDIT or CUSTOM"),
         );
     };
-    let parsed: Spec = if spec.is_null() {
-        Spec::default()
-    } else {
-        match serde_json::from_value(spec.clone()) {
-            Ok(s) => s,
-            Err(e) => return invalid(None, format!("spec: {e}")),
-        }
+    let parsed = match &read.parsed {
+        Ok(s) => s,
+        Err(e) => return invalid(None, e.clone()),
     };
 
     // Where it applies.
@@ -294,7 +365,7 @@ fn translate_read(
             "spec.provider: only a CUSTOM policy names a provider".into(),
         );
     }
-    let rules_spec = parsed.rules.unwrap_or_default();
+    let rules_spec = parsed.rules.as_deref().unwrap_or_default();
     if rules_spec.is_empty() && matches!(action, Action::Deny | Action::Custom) {
         return invalid(
             scope,
@@ -367,6 +438,7 @@ fn translate_read(
         scope,
         policy,
         acceptance,
+        waypoint: None,
     }
 }
 

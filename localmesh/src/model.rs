@@ -63,7 +63,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
     MeshConfig {
         workloads,
         services,
-        policies: Vec::new(),
+        ..MeshConfig::default()
     }
 }
 

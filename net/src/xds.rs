@@ -2,6 +2,7 @@
 //! ([`client`]), which keeps the model current from ambit-control.
 
 pub mod client;
+pub mod l7;
 pub mod resources;
 
 pub use resources::{from_resources, service_name, to_resources, ResourceError};

@@ -9,6 +9,8 @@
 //! - A service is a resource named `<namespace>/<hostname>`.
 //! - An authorization policy is a resource named `authz/<namespace>/<name>`; a workload
 //!   lists the selector policies that select it by `<namespace>/<name>`.
+//! - A waypoint's L7 authorization policy is a resource named
+//!   `l7authz/<namespace>/<name>` ([`super::l7`]).
 //!
 //! A resource that cannot be used is rejected on its own ([`ResourceError`] names it),
 //! so the client can NACK it and keep the rest.
@@ -115,6 +117,16 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             policy_name(&p.policy.namespace, &p.policy.name),
             Address {
                 r#type: Some(address::Type::Authorization(authorization_to_proto(p))),
+            },
+        );
+    }
+    for p in &config.l7_policies {
+        resources.insert(
+            super::l7::l7_policy_name(&p.policy.namespace, &p.policy.name),
+            Address {
+                r#type: Some(address::Type::L7Authorization(
+                    super::l7::l7_policy_to_proto(p),
+                )),
             },
         );
     }
@@ -331,6 +343,7 @@ pub fn from_resources<'a>(
     // (service key, endpoint) pairs, joined to the services once all are known.
     let mut endpoints: Vec<(String, EndpointSpec)> = Vec::new();
     let mut policies = Vec::new();
+    let mut l7_policies = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
             name: name.clone(),
@@ -367,6 +380,10 @@ pub fn from_resources<'a>(
                 // model fail as a whole, and the last good one stays.
                 Err(reason) => errors.push(error(reason)),
             },
+            Some(address::Type::L7Authorization(a)) => match super::l7::l7_policy_from_proto(a) {
+                Ok(p) => l7_policies.push(p),
+                Err(reason) => errors.push(error(reason)),
+            },
             None => errors.push(error("neither a workload, a service nor a policy".into())),
         }
     }
@@ -383,6 +400,7 @@ pub fn from_resources<'a>(
             workloads,
             services: services.into_values().collect(),
             policies,
+            l7_policies,
         },
         errors,
     )
