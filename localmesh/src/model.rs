@@ -64,6 +64,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
         workloads,
         services,
         policies: Vec::new(),
+        waypoints: Vec::new(),
     }
 }
 
