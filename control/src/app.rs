@@ -142,11 +142,12 @@ pub async fn run_kubernetes(
             });
         }
     });
+    let trust_domain = config.ca.trust_domain.clone();
     let result = ambit_ca::app::serve(
         config.ca,
         ca,
         authenticators,
-        control_routes(snapshots_rx, report_pods, report_sink),
+        control_routes(snapshots_rx, report_pods, report_sink, trust_domain),
         on_listening,
         async move {
             shutdown.await;
@@ -165,12 +166,12 @@ fn control_routes(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     pods: Arc<Placements>,
     sink: ReportSink,
+    trust_domain: ambit_core::TrustDomain,
 ) -> impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder) {
     move |authenticators, routes| {
-        routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
-            snapshots,
-            authenticators.to_vec(),
-        )));
+        routes.add_service(AggregatedDiscoveryServiceServer::new(
+            XdsServer::new(snapshots, authenticators.to_vec()).with_trust_domain(trust_domain),
+        ));
         routes.add_service(RedirectionServer::new(RedirectionService::new(
             authenticators.to_vec(),
             pods,
@@ -222,10 +223,11 @@ pub async fn run_local(
             source.step();
         }
     });
+    let trust_domain = config.ca.trust_domain.clone();
     let result = ambit_ca::app::run_with(
         config.ca,
         Some(placements),
-        control_routes(snapshots_rx, report_pods, report_sink),
+        control_routes(snapshots_rx, report_pods, report_sink, trust_domain),
         on_listening,
         {
             let watcher = watcher.abort_handle();

@@ -333,3 +333,79 @@ impl StatusWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::waypoints::{Condition, GatewayStatus};
+
+    fn c(status: bool, reason: &'static str, message: &str) -> Condition {
+        Condition {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn an_objects_conditions_go_out_together_and_a_gateway_gets_its_listeners_and_address() {
+        let key = ObjectKey::new("shop", "p");
+        let policies: PolicyStatus = vec![(
+            "AuthorizationPolicy",
+            key.clone(),
+            crate::translate::authz::Acceptance {
+                accepted: false,
+                reason: "UnsupportedValue",
+                message: "attached with targetRefs".into(),
+            },
+        )];
+        let gateway = ObjectKey::new("shop", "waypoint");
+        let status = WaypointStatus {
+            bound: vec![(
+                "Service",
+                ObjectKey::new("shop", "web"),
+                c(true, "WaypointAccepted", "bound to waypoint shop/waypoint"),
+            )],
+            policies: vec![(key.clone(), c(true, "Accepted", "attached"))],
+            gateways: vec![(
+                gateway.clone(),
+                GatewayStatus {
+                    accepted: c(true, "Accepted", "a waypoint"),
+                    programmed: c(true, "Programmed", "ready"),
+                    listeners: vec![(
+                        "mesh".into(),
+                        c(true, "Accepted", "ok"),
+                        c(true, "Programmed", "ready"),
+                    )],
+                    hostname: Some("waypoint.shop.svc.cluster.local".into()),
+                },
+            )],
+        };
+        let wanted = wanted(&[], &policies, &status);
+        let policy = wanted.iter().find(|w| w.key == key).unwrap();
+        let types: Vec<&str> = policy.conditions.iter().map(|c| c.type_).collect();
+        assert_eq!(types, [CONDITION, "WaypointAccepted"]);
+        let gw = wanted
+            .iter()
+            .find(|w| w.kind == "Gateway" && w.key == gateway)
+            .unwrap();
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let body = status_body(Some(gw), now.clone());
+        assert_eq!(body["conditions"][1]["type"], "Programmed");
+        assert_eq!(body["conditions"][1]["status"], "True");
+        assert_eq!(
+            body["addresses"],
+            json!([{"type": "Hostname", "value": "waypoint.shop.svc.cluster.local"}])
+        );
+        assert_eq!(body["listeners"][0]["name"], "mesh");
+        assert_eq!(body["listeners"][0]["conditions"][0]["reason"], "Accepted");
+        assert_eq!(
+            body["listeners"][0]["supportedKinds"][0]["kind"],
+            "HTTPRoute"
+        );
+        // Withdrawn: no conditions of ours.
+        assert_eq!(status_body(None, now), json!({"conditions": []}));
+        let service = wanted.iter().find(|w| w.kind == "Service").unwrap();
+        assert_eq!(service.conditions[0].type_, "istio.io/WaypointBound");
+    }
+}
