@@ -76,6 +76,11 @@ pub async fn run_kubernetes(
     let (skipped_tx, mut skipped_rx) =
         watch::channel(publisher.publish(&resources, Vec::new(), "cluster"));
     let mut status = crate::status::StatusWriter::new(client.clone());
+    // What runs each waypoint, applied by its own task too.
+    let waypoint_pods = config.waypoint_pods();
+    let (deploy_tx, mut deploy_rx) =
+        watch::channel(crate::waypoint_deploy::objects(&resources, &waypoint_pods));
+    let mut deployer = crate::waypoint_deploy::Deployer::new(client.clone());
 
     let (material, location) = crate::cluster_ca::load_or_create(
         client.clone(),
@@ -117,6 +122,20 @@ pub async fn run_kubernetes(
             }
         }
     });
+    tasks.spawn(async move {
+        loop {
+            let wanted = deploy_rx.borrow_and_update().clone();
+            deployer.update(wanted).await;
+            tokio::select! {
+                changed = deploy_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            }
+        }
+    });
     tasks.spawn(crate::cluster_ca::publish_root(
         client,
         material.root_cert_pem.clone(),
@@ -135,6 +154,12 @@ pub async fn run_kubernetes(
                 changed
             });
             let skipped = publisher.publish(&resources, Vec::new(), "cluster");
+            let objects = crate::waypoint_deploy::objects(&resources, &waypoint_pods);
+            deploy_tx.send_if_modified(|current| {
+                let changed = *current != objects;
+                *current = objects;
+                changed
+            });
             skipped_tx.send_if_modified(|current| {
                 let changed = *current != skipped;
                 *current = skipped;

@@ -29,6 +29,7 @@ pub mod redirection;
 pub mod status;
 pub mod token_review;
 pub mod translate;
+pub mod waypoint_deploy;
 pub mod xds;
 
 pub use ambit_k8s::{gateway, resources, security, service_entry};

@@ -110,8 +110,7 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
             view.insert(format!("{L7_POLICY_PREFIX}{p}"));
         }
         for s in &config.services {
-            let own = w.address.is_some_and(|a| s.vips.contains(&a))
-                && s.namespace == w.namespace;
+            let own = w.address.is_some_and(|a| s.vips.contains(&a)) && s.namespace == w.namespace;
             let bound = s.waypoint.as_ref().is_some_and(|b| b.key() == key);
             if own || bound {
                 view.insert(service_name(&s.namespace, &s.hostname()));

@@ -186,7 +186,8 @@ fn the_enums_are_what_the_control_plane_accepts() {
 
 /// The Gateway API CRDs, and the objects after them in the same file.
 fn gateway_api() -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/gateway-networking-k8s-io.yaml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/gateway-networking-k8s-io.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|doc| {
@@ -240,7 +241,10 @@ fn the_gateway_api_kinds_are_served_in_v1_and_a_gateway_parses_as_the_control_pl
             .map(|v| v["name"].as_str().unwrap())
             .collect();
         assert_eq!(served, versions, "{kind}");
-        assert_eq!(crd["spec"]["versions"][0]["storage"], true, "{kind}: v1 stored");
+        assert_eq!(
+            crd["spec"]["versions"][0]["storage"], true,
+            "{kind}: v1 stored"
+        );
     }
     // The class istiod would create.
     let class = docs.iter().find(|d| d["kind"] == "GatewayClass").unwrap();

@@ -277,7 +277,10 @@ async fn first_names(addr: SocketAddr, token: &str) -> Result<Vec<String>, tonic
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
     let first = tokio::time::timeout(DEADLINE, responses.message())
         .await
         .expect("no first response")?
@@ -344,11 +347,18 @@ async fn a_waypoint_sees_only_what_it_serves_and_node_agents_never_see_l7_polici
         "{agent:?}"
     );
     assert!(agent.contains(&"shop/a".to_owned()), "{agent:?}");
-    assert!(agent.contains(&"waypoint/shop/waypoint".to_owned()), "{agent:?}");
+    assert!(
+        agent.contains(&"waypoint/shop/waypoint".to_owned()),
+        "{agent:?}"
+    );
     // A workload, and the waypoint's account name in another trust domain: refused.
     for token in [WORKLOAD_TOKEN, "elsewhere-trust-domain"] {
         let status = first_names(addr, token).await.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{token}: {status}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{token}: {status}"
+        );
     }
     server.abort();
 }
