@@ -270,7 +270,7 @@ mod tests {
             .map(|p| p["port"].as_i64().unwrap())
             .collect();
         assert_eq!(ports, [15008, 15021]);
-        assert_eq!(objects[1].2["spec"]["template"].is_null(), true);
+        assert!(objects[1].2["spec"]["template"].is_null());
         assert_eq!(
             objects[2].2["spec"]["template"]["spec"]["serviceAccountName"],
             "wp-sa"

@@ -175,7 +175,7 @@ impl XdsServer {
             .borrow()
             .waypoint_views
             .contains_key(&key)
-            .then(|| View::Waypoint(key.0, key.1))
+            .then_some(View::Waypoint(key.0, key.1))
     }
 }
 
