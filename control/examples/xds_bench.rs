@@ -76,6 +76,7 @@ fn cluster() -> MeshConfig {
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 8080,
+                app_protocol: None,
             }],
             endpoints: (0..PODS)
                 .filter(|i| i % SERVICES == s)

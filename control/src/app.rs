@@ -76,6 +76,11 @@ pub async fn run_kubernetes(
     let (skipped_tx, mut skipped_rx) =
         watch::channel(publisher.publish(&resources, Vec::new(), "cluster"));
     let mut status = crate::status::StatusWriter::new(client.clone());
+    // What runs each waypoint, applied by its own task too.
+    let waypoint_pods = config.waypoint_pods();
+    let (deploy_tx, mut deploy_rx) =
+        watch::channel(crate::waypoint_deploy::objects(&resources, &waypoint_pods));
+    let mut deployer = crate::waypoint_deploy::Deployer::new(client.clone());
 
     let (material, location) = crate::cluster_ca::load_or_create(
         client.clone(),
@@ -117,6 +122,20 @@ pub async fn run_kubernetes(
             }
         }
     });
+    tasks.spawn(async move {
+        loop {
+            let wanted = deploy_rx.borrow_and_update().clone();
+            deployer.update(wanted).await;
+            tokio::select! {
+                changed = deploy_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            }
+        }
+    });
     tasks.spawn(crate::cluster_ca::publish_root(
         client,
         material.root_cert_pem.clone(),
@@ -135,6 +154,12 @@ pub async fn run_kubernetes(
                 changed
             });
             let skipped = publisher.publish(&resources, Vec::new(), "cluster");
+            let objects = crate::waypoint_deploy::objects(&resources, &waypoint_pods);
+            deploy_tx.send_if_modified(|current| {
+                let changed = *current != objects;
+                *current = objects;
+                changed
+            });
             skipped_tx.send_if_modified(|current| {
                 let changed = *current != skipped;
                 *current = skipped;
@@ -142,11 +167,12 @@ pub async fn run_kubernetes(
             });
         }
     });
+    let trust_domain = config.ca.trust_domain.clone();
     let result = ambit_ca::app::serve(
         config.ca,
         ca,
         authenticators,
-        control_routes(snapshots_rx, report_pods, report_sink),
+        control_routes(snapshots_rx, report_pods, report_sink, trust_domain),
         on_listening,
         async move {
             shutdown.await;
@@ -165,12 +191,12 @@ fn control_routes(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     pods: Arc<Placements>,
     sink: ReportSink,
+    trust_domain: ambit_core::TrustDomain,
 ) -> impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder) {
     move |authenticators, routes| {
-        routes.add_service(AggregatedDiscoveryServiceServer::new(XdsServer::new(
-            snapshots,
-            authenticators.to_vec(),
-        )));
+        routes.add_service(AggregatedDiscoveryServiceServer::new(
+            XdsServer::new(snapshots, authenticators.to_vec()).with_trust_domain(trust_domain),
+        ));
         routes.add_service(RedirectionServer::new(RedirectionService::new(
             authenticators.to_vec(),
             pods,
@@ -222,10 +248,11 @@ pub async fn run_local(
             source.step();
         }
     });
+    let trust_domain = config.ca.trust_domain.clone();
     let result = ambit_ca::app::run_with(
         config.ca,
         Some(placements),
-        control_routes(snapshots_rx, report_pods, report_sink),
+        control_routes(snapshots_rx, report_pods, report_sink, trust_domain),
         on_listening,
         {
             let watcher = watcher.abort_handle();

@@ -42,12 +42,37 @@ pub struct Config {
     #[arg(long, env = "AMBIT_LOCAL_POLL", default_value = "200ms", value_parser = parse_poll)]
     pub poll: Duration,
 
+    /// In a cluster: the image of the waypoint pods the control plane deploys for
+    /// each waypoint Gateway.
+    #[arg(
+        long,
+        env = "AMBIT_WAYPOINT_IMAGE",
+        default_value = "ambit/waypoint:latest"
+    )]
+    pub waypoint_image: String,
+
+    /// In a cluster: where waypoint pods reach the control plane (`host:port`).
+    /// Default: `ambit-control.<system-namespace>.svc:15012`.
+    #[arg(long, env = "AMBIT_WAYPOINT_CONTROL_PLANE")]
+    pub waypoint_control_plane: Option<String>,
+
     /// The CA, which serves on the same port (`--listen`, default 0.0.0.0:15012).
     #[command(flatten)]
     pub ca: ambit_ca::config::Config,
 }
 
 impl Config {
+    /// How waypoint pods are run in a cluster.
+    pub fn waypoint_pods(&self) -> crate::waypoint_deploy::WaypointPods {
+        crate::waypoint_deploy::WaypointPods {
+            image: self.waypoint_image.clone(),
+            control_plane: self
+                .waypoint_control_plane
+                .clone()
+                .unwrap_or_else(|| format!("ambit-control.{}.svc:15012", self.ca.system_namespace)),
+        }
+    }
+
     /// Where local mode keeps its state: `--state-dir`, else `--root-dir`.
     pub fn local_state_dir(&self) -> Option<PathBuf> {
         self.state_dir.clone().or_else(|| self.ca.root_dir.clone())

@@ -24,12 +24,13 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -37,6 +38,8 @@ pub const KINDS: [Kind; 7] = [
     Kind::ServiceEntry,
     Kind::AuthorizationPolicy,
     Kind::PeerAuthentication,
+    Kind::Gateway,
+    Kind::GatewayClass,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -157,6 +160,18 @@ impl KubernetesSource {
             Api::all(client.clone()),
             Kind::PeerAuthentication,
             |o| Object::PeerAuthentication(Box::new(o)),
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<Gateway>(
+            Api::all(client.clone()),
+            Kind::Gateway,
+            |o| Object::Gateway(Box::new(o)),
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<GatewayClass>(
+            Api::all(client.clone()),
+            Kind::GatewayClass,
+            |o| Object::GatewayClass(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<AuthorizationPolicy>(

@@ -29,9 +29,10 @@ pub mod redirection;
 pub mod status;
 pub mod token_review;
 pub mod translate;
+pub mod waypoint_deploy;
 pub mod xds;
 
-pub use ambit_k8s::{resources, security, service_entry};
+pub use ambit_k8s::{gateway, resources, security, service_entry};
 
 pub use directory::{Directory, DirectoryError, DocumentError};
 pub use resources::{ObjectKey, Resources};

@@ -88,7 +88,11 @@ impl Publisher {
                 .send_replace(Arc::new(Snapshot::new(self.version, &translation.config)));
             self.model = Some(translation.config);
         }
-        crate::status::wanted(&translation.skipped, &translation.policy_status)
+        crate::status::wanted(
+            &translation.skipped,
+            &translation.policy_status,
+            &translation.waypoint_status,
+        )
     }
 
     /// Whether a model has been published.

@@ -1,13 +1,19 @@
-//! Status conditions in a cluster (`ZtunnelAccepted`):
-//! - a Service or ServiceEntry left out of the model gets it `False` with the reason,
-//!   so `kubectl get svc -o yaml` says why ztunnel does not know it; withdrawn once the
-//!   object is translated again;
-//! - every AuthorizationPolicy and PeerAuthentication gets it, `True` when ztunnel
-//!   enforces it as written, else `False` with Istio's reason (`UnsupportedValue`,
-//!   `InvalidValue`) and what is enforced instead.
+//! Status in a cluster:
+//! - `ZtunnelAccepted`: a Service or ServiceEntry left out of the model gets it `False`
+//!   with the reason, so `kubectl get svc -o yaml` says why ztunnel does not know it;
+//!   withdrawn once the object is translated again. Every AuthorizationPolicy and
+//!   PeerAuthentication gets it, `True` when ztunnel enforces it as written, else
+//!   `False` with Istio's reason (`UnsupportedValue`, `InvalidValue`) and what is
+//!   enforced instead.
+//! - `istio.io/WaypointBound` on a Service or ServiceEntry that asks for a waypoint,
+//!   `WaypointAccepted` on a `targetRefs` AuthorizationPolicy, and a waypoint Gateway's
+//!   whole status (`Accepted`, `Programmed`, its listeners, `addresses`)
+//!   ([`crate::translate::waypoints`]).
 //!
-//! Written with server-side apply on the status subresource, so no other writer's
-//! conditions are touched. Pods are only logged: their status belongs to the kubelet.
+//! All of an object's conditions are written in one server-side apply on the status
+//! subresource, so no other writer's conditions are touched. [`wanted`] is pure; the
+//! writer only applies what it says. Pods are only logged: their status belongs to the
+//! kubelet.
 
 use std::collections::BTreeMap;
 
@@ -17,41 +23,194 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
 
+use crate::gateway::Gateway;
 use crate::resources::ObjectKey;
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
+use crate::translate::waypoints::{self, WaypointStatus};
 use crate::translate::{PolicyStatus, Skipped};
 
-/// One condition an object should carry.
+/// The status an object should carry: its conditions (ours), and for a waypoint
+/// Gateway its listeners and addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
     pub kind: &'static str,
     pub key: ObjectKey,
+    pub conditions: Vec<WantedCondition>,
+    /// A Gateway's `status.listeners` and `status.addresses`.
+    pub gateway: Option<WantedGateway>,
+}
+
+/// One condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedCondition {
+    pub type_: &'static str,
     pub accepted: bool,
     pub reason: String,
     pub message: String,
 }
 
-/// The conditions the objects of a translation should carry.
-pub fn wanted(skipped: &[Skipped], policies: &PolicyStatus) -> Vec<Wanted> {
-    let skipped = skipped
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedGateway {
+    /// Name, then its conditions.
+    pub listeners: Vec<(String, Vec<WantedCondition>)>,
+    pub hostname: Option<String>,
+}
+
+fn condition(type_: &'static str, c: &waypoints::Condition) -> WantedCondition {
+    WantedCondition {
+        type_,
+        accepted: c.status,
+        reason: c.reason.to_owned(),
+        message: c.message.clone(),
+    }
+}
+
+/// The status the objects of a translation should carry, one entry per object.
+pub fn wanted(
+    skipped: &[Skipped],
+    policies: &PolicyStatus,
+    waypoint_status: &WaypointStatus,
+) -> Vec<Wanted> {
+    fn add(
+        objects: &mut BTreeMap<(&'static str, ObjectKey), Wanted>,
+        kind: &'static str,
+        key: &ObjectKey,
+        c: WantedCondition,
+    ) {
+        objects
+            .entry((kind, key.clone()))
+            .or_insert_with(|| Wanted {
+                kind,
+                key: key.clone(),
+                conditions: Vec::new(),
+                gateway: None,
+            })
+            .conditions
+            .push(c);
+    }
+    let mut objects: BTreeMap<(&'static str, ObjectKey), Wanted> = BTreeMap::new();
+    for s in skipped
         .iter()
         .filter(|s| matches!(s.kind, "Service" | "ServiceEntry"))
-        .map(|s| Wanted {
-            kind: s.kind,
-            key: s.key.clone(),
-            accepted: false,
-            reason: "Skipped".into(),
-            message: s.reason.clone(),
-        });
-    let policies = policies.iter().map(|(kind, key, a)| Wanted {
-        kind,
-        key: key.clone(),
-        accepted: a.accepted,
-        reason: a.reason.to_owned(),
-        message: a.message.clone(),
+    {
+        add(
+            &mut objects,
+            s.kind,
+            &s.key,
+            WantedCondition {
+                type_: CONDITION,
+                accepted: false,
+                reason: "Skipped".into(),
+                message: s.reason.clone(),
+            },
+        );
+    }
+    for (kind, key, a) in policies {
+        add(
+            &mut objects,
+            kind,
+            key,
+            WantedCondition {
+                type_: CONDITION,
+                accepted: a.accepted,
+                reason: a.reason.to_owned(),
+                message: a.message.clone(),
+            },
+        );
+    }
+    for (kind, key, c) in &waypoint_status.bound {
+        add(
+            &mut objects,
+            kind,
+            key,
+            condition(waypoints::WAYPOINT_BOUND, c),
+        );
+    }
+    for (key, c) in &waypoint_status.policies {
+        add(
+            &mut objects,
+            "AuthorizationPolicy",
+            key,
+            condition(waypoints::WAYPOINT_ACCEPTED, c),
+        );
+    }
+    for (key, g) in &waypoint_status.gateways {
+        add(
+            &mut objects,
+            "Gateway",
+            key,
+            condition("Accepted", &g.accepted),
+        );
+        add(
+            &mut objects,
+            "Gateway",
+            key,
+            condition("Programmed", &g.programmed),
+        );
+        if let Some(w) = objects.get_mut(&("Gateway", key.clone())) {
+            w.gateway = Some(WantedGateway {
+                listeners: g
+                    .listeners
+                    .iter()
+                    .map(|(name, accepted, programmed)| {
+                        (
+                            name.clone(),
+                            vec![
+                                condition("Accepted", accepted),
+                                condition("Programmed", programmed),
+                            ],
+                        )
+                    })
+                    .collect(),
+                hostname: g.hostname.clone(),
+            });
+        }
+    }
+    objects.into_values().collect()
+}
+
+/// The body of the status apply for `wanted` (none: withdraw ours), at `now`.
+pub fn status_body(wanted: Option<&Wanted>, now: Time) -> Value {
+    let conditions = |list: &[WantedCondition]| -> Vec<Value> {
+        list.iter()
+            .map(|c| {
+                json!({
+                    "type": c.type_,
+                    "status": if c.accepted { "True" } else { "False" },
+                    "reason": c.reason,
+                    "message": c.message,
+                    "lastTransitionTime": now.clone(),
+                })
+            })
+            .collect()
+    };
+    let mut status = json!({
+        "conditions": wanted.map(|w| conditions(&w.conditions)).unwrap_or_default(),
     });
-    skipped.chain(policies).collect()
+    if let Some(g) = wanted.and_then(|w| w.gateway.as_ref()) {
+        status["listeners"] = g
+            .listeners
+            .iter()
+            .map(|(name, c)| {
+                json!({
+                    "name": name,
+                    "attachedRoutes": 0,
+                    "supportedKinds": [
+                        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+                        {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"},
+                    ],
+                    "conditions": conditions(c),
+                })
+            })
+            .collect();
+        status["addresses"] = g
+            .hostname
+            .iter()
+            .map(|h| json!({"type": "Hostname", "value": h}))
+            .collect();
+    }
+    status
 }
 
 /// The condition's type.
@@ -130,21 +289,11 @@ impl StatusWriter {
         key: &ObjectKey,
         condition: Option<&Wanted>,
     ) -> Result<(), kube::Error> {
-        let conditions: Vec<Value> = condition
-            .map(|c| {
-                json!({
-                    "type": CONDITION,
-                    "status": if c.accepted { "True" } else { "False" },
-                    "reason": c.reason,
-                    "message": c.message,
-                    "lastTransitionTime": Time(k8s_openapi::jiff::Timestamp::now()),
-                })
-            })
-            .into_iter()
-            .collect();
+        let status = status_body(condition, Time(k8s_openapi::jiff::Timestamp::now()));
         let api_version = match kind {
             "Service" => "v1",
             "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
+            "Gateway" => "gateway.networking.k8s.io/v1",
             _ => "networking.istio.io/v1",
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -152,7 +301,7 @@ impl StatusWriter {
             "apiVersion": api_version,
             "kind": kind,
             "metadata": {"name": key.name, "namespace": key.namespace},
-            "status": {"conditions": conditions},
+            "status": status,
         });
         match kind {
             "Service" => {
@@ -170,6 +319,11 @@ impl StatusWriter {
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }
+            "Gateway" => {
+                Api::<Gateway>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
             _ => {
                 Api::<ServiceEntry>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
@@ -177,5 +331,81 @@ impl StatusWriter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::waypoints::{Condition, GatewayStatus};
+
+    fn c(status: bool, reason: &'static str, message: &str) -> Condition {
+        Condition {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn an_objects_conditions_go_out_together_and_a_gateway_gets_its_listeners_and_address() {
+        let key = ObjectKey::new("shop", "p");
+        let policies: PolicyStatus = vec![(
+            "AuthorizationPolicy",
+            key.clone(),
+            crate::translate::authz::Acceptance {
+                accepted: false,
+                reason: "UnsupportedValue",
+                message: "attached with targetRefs".into(),
+            },
+        )];
+        let gateway = ObjectKey::new("shop", "waypoint");
+        let status = WaypointStatus {
+            bound: vec![(
+                "Service",
+                ObjectKey::new("shop", "web"),
+                c(true, "WaypointAccepted", "bound to waypoint shop/waypoint"),
+            )],
+            policies: vec![(key.clone(), c(true, "Accepted", "attached"))],
+            gateways: vec![(
+                gateway.clone(),
+                GatewayStatus {
+                    accepted: c(true, "Accepted", "a waypoint"),
+                    programmed: c(true, "Programmed", "ready"),
+                    listeners: vec![(
+                        "mesh".into(),
+                        c(true, "Accepted", "ok"),
+                        c(true, "Programmed", "ready"),
+                    )],
+                    hostname: Some("waypoint.shop.svc.cluster.local".into()),
+                },
+            )],
+        };
+        let wanted = wanted(&[], &policies, &status);
+        let policy = wanted.iter().find(|w| w.key == key).unwrap();
+        let types: Vec<&str> = policy.conditions.iter().map(|c| c.type_).collect();
+        assert_eq!(types, [CONDITION, "WaypointAccepted"]);
+        let gw = wanted
+            .iter()
+            .find(|w| w.kind == "Gateway" && w.key == gateway)
+            .unwrap();
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let body = status_body(Some(gw), now.clone());
+        assert_eq!(body["conditions"][1]["type"], "Programmed");
+        assert_eq!(body["conditions"][1]["status"], "True");
+        assert_eq!(
+            body["addresses"],
+            json!([{"type": "Hostname", "value": "waypoint.shop.svc.cluster.local"}])
+        );
+        assert_eq!(body["listeners"][0]["name"], "mesh");
+        assert_eq!(body["listeners"][0]["conditions"][0]["reason"], "Accepted");
+        assert_eq!(
+            body["listeners"][0]["supportedKinds"][0]["kind"],
+            "HTTPRoute"
+        );
+        // Withdrawn: no conditions of ours.
+        assert_eq!(status_body(None, now), json!({"conditions": []}));
+        let service = wanted.iter().find(|w| w.kind == "Service").unwrap();
+        assert_eq!(service.conditions[0].type_, "istio.io/WaypointBound");
     }
 }

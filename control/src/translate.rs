@@ -35,6 +35,7 @@ use crate::resources::{ObjectKey, Resources};
 
 pub use ambit_k8s::{authz, peer_authn};
 mod service_entries;
+pub mod waypoints;
 
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -54,6 +55,9 @@ pub struct Translation {
     /// Whether each AuthorizationPolicy and PeerAuthentication is enforced as written
     /// (condition `ZtunnelAccepted`): kind, key, acceptance.
     pub policy_status: PolicyStatus,
+    /// The waypoint Gateways' status, and the waypoint conditions of Services and
+    /// `targetRefs` policies.
+    pub waypoint_status: waypoints::WaypointStatus,
 }
 
 /// Kind, key and acceptance of each security policy.
@@ -83,15 +87,40 @@ pub fn translate(resources: &Resources) -> Translation {
 pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translation {
     let mut skipped = Vec::new();
     let mut warnings = Vec::new();
-    let mut bind = |kind: &'static str, key: &ObjectKey, labels, waypoint: &mut _| match waypoint_of(
-        resources, key, labels,
-    ) {
-        Ok(w) => *waypoint = w,
-        Err(reason) => warnings.push(Skipped {
-            kind,
-            key: key.clone(),
-            reason,
-        }),
+    let gateways = waypoints::Gateways::index(resources);
+    let mut waypoint_status = waypoints::WaypointStatus::default();
+    // Service and ServiceEntry keys → the waypoint each is bound to.
+    let mut bound_to = BTreeMap::new();
+    let mut bind = |kind: &'static str,
+                    key: &ObjectKey,
+                    labels: Option<&BTreeMap<String, String>>,
+                    waypoint: &mut Option<WaypointAddress>| {
+        let traffic = match kind {
+            "Pod" => waypoints::Traffic::Workload,
+            _ => waypoints::Traffic::Service,
+        };
+        let binding = gateways.bind(resources, key, labels, traffic);
+        if let Some(c) = &binding.condition {
+            if c.reason != "WaypointAccepted" {
+                warnings.push(Skipped {
+                    kind,
+                    key: key.clone(),
+                    reason: format!("{}: {}", c.reason, c.message),
+                });
+            }
+            if kind != "Pod"
+                && !waypoint_status
+                    .bound
+                    .iter()
+                    .any(|(k, o, _)| *k == kind && o == key)
+            {
+                waypoint_status.bound.push((kind, key.clone(), c.clone()));
+            }
+        }
+        if let (Some(w), true) = (&binding.waypoint, kind != "Pod") {
+            bound_to.insert((kind, key.clone()), ObjectKey::new(&w.namespace, &w.name));
+        }
+        *waypoint = binding.waypoint;
     };
     let mut skip = |kind: &'static str, key: &ObjectKey, reason: String| {
         skipped.push(Skipped {
@@ -110,6 +139,12 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
         match workload(resources, key, pod) {
             Ok(Some(mut w)) => match addresses.claim(&format!("Pod {}", w.uid), &w.ips, &[], &[]) {
                 Ok(()) => {
+                    if gateways.owns_pod(&key.namespace, pod) {
+                        // A waypoint's pod terminates HBONE itself; it is never
+                        // captured (label `istio.io/dataplane-mode: none`).
+                        w.protocol = Protocol::Hbone;
+                        w.ambient = false;
+                    }
                     bind("Pod", key, pod.metadata.labels.as_ref(), &mut w.waypoint);
                     running.insert(key, pod);
                     workloads.push(w);
@@ -180,16 +215,19 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
     }
     let (policies, l7_policies, policy_status) =
         attach_policies(resources, &running, &mut workloads, root_namespace);
+    let waypoints = gateways.finish(resources, &bound_to, root_namespace, &mut waypoint_status);
     Translation {
         config: MeshConfig {
             workloads,
             services,
             policies,
             l7_policies,
+            waypoints,
         },
         skipped,
         warnings,
         policy_status,
+        waypoint_status,
     }
 }
 
@@ -304,58 +342,6 @@ pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
 /// The label a Gateway's (a waypoint's) own pods and service carry.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
-
-/// The waypoint `key` (with `labels`) is bound to: its own `istio.io/use-waypoint`, else
-/// its namespace's; resolved to the waypoint's Service and its cluster IP. A waypoint's
-/// own pods and service are never bound. Err: a waypoint is named but not found.
-fn waypoint_of(
-    resources: &Resources,
-    key: &ObjectKey,
-    labels: Option<&BTreeMap<String, String>>,
-) -> Result<Option<WaypointAddress>, String> {
-    if labels.is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL)) {
-        return Ok(None);
-    }
-    let namespace_labels = resources
-        .namespaces
-        .get(&key.namespace)
-        .and_then(|n| n.metadata.labels.as_ref());
-    let Some(chosen) = [labels, namespace_labels]
-        .into_iter()
-        .flatten()
-        .find(|l| l.contains_key(USE_WAYPOINT_LABEL))
-    else {
-        return Ok(None);
-    };
-    let name = chosen[USE_WAYPOINT_LABEL].as_str();
-    if name.is_empty() || name == "none" {
-        return Ok(None);
-    }
-    let namespace = chosen
-        .get(USE_WAYPOINT_NAMESPACE_LABEL)
-        .map_or(key.namespace.as_str(), String::as_str);
-    let waypoint = ObjectKey::new(namespace, name);
-    let address = resources
-        .services
-        .get(&waypoint)
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|spec| {
-            spec.cluster_ips
-                .iter()
-                .flatten()
-                .chain(spec.cluster_ip.as_ref())
-                .find_map(|ip| ip.parse::<IpAddr>().ok())
-        });
-    match address {
-        Some(address) => Ok(Some(WaypointAddress {
-            address,
-            hbone_port: ambit_core::hbone::HBONE_PORT,
-        })),
-        None => Err(format!(
-            "{USE_WAYPOINT_LABEL}={name} names waypoint {waypoint}, which has no Service with a cluster IP; kept without a waypoint"
-        )),
-    }
-}
 
 /// Workload IPs, service VIPs and service names in use, and by whom.
 #[derive(Default)]
@@ -562,6 +548,7 @@ struct Port {
     name: Option<String>,
     port: u16,
     target: Target,
+    app_protocol: Option<String>,
 }
 
 enum Target {
@@ -621,6 +608,7 @@ fn service_spec(
             name: p.name.clone(),
             port,
             target,
+            app_protocol: app_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
         });
     }
     if ports.is_empty() {
@@ -655,12 +643,32 @@ fn service_spec(
                     Target::Number(n) => n,
                     Target::Named(_) => p.port,
                 },
+                app_protocol: p.app_protocol.clone(),
             })
             .collect(),
         endpoints,
         // Bound by `translate`, which reports a waypoint it cannot find.
         waypoint: None,
     }))
+}
+
+/// A Service port's application protocol, lower-case: its `appProtocol`
+/// (`kubernetes.io/h2c` read as `http2`), else its name's prefix before a `-` (or the
+/// whole name) when that is a protocol Istio knows by name; None: sniff.
+fn app_protocol(declared: Option<&str>, name: Option<&str>) -> Option<String> {
+    match declared.filter(|d| !d.is_empty()) {
+        Some(d) if d.eq_ignore_ascii_case("kubernetes.io/h2c") => Some("http2".into()),
+        Some(d) => Some(d.to_ascii_lowercase()),
+        None => name.and_then(name_protocol),
+    }
+}
+
+/// The protocol a port name declares (`http-web`, `grpc`, `tcp-db`), if any.
+pub(crate) fn name_protocol(name: &str) -> Option<String> {
+    let prefix = name.split('-').next().unwrap_or(name).to_ascii_lowercase();
+    ["http", "http2", "grpc", "tcp", "https", "tls"]
+        .contains(&prefix.as_str())
+        .then_some(prefix)
 }
 
 /// The entries of `map` (keyed by namespace, then name) in `namespace`: a range, not a
@@ -713,6 +721,7 @@ fn selected_endpoints(
                     Some(target_port) => named.push(ServicePort {
                         port: port.port,
                         target_port,
+                        app_protocol: None,
                     }),
                     None => continue 'pods,
                 }
@@ -766,6 +775,7 @@ fn slice_endpoints(
                     Some(target_port) => named.push(ServicePort {
                         port: port.port,
                         target_port,
+                        app_protocol: None,
                     }),
                     None => continue 'slices,
                 }

@@ -6,19 +6,30 @@
 //! changes again before a stream has sent the previous one is sent once, as its latest
 //! state (the streams read a `watch` channel).
 //!
-//! Only the `Address` type and the wildcard subscription are served: a ztunnel needs
-//! the whole model. Only trusted node agents may subscribe (ztunnels and `ambit-cni`
-//! agents, which run as the node-agent accounts); any other caller, a workload's
-//! certificate or token included, gets `PERMISSION_DENIED`: the model names every
-//! workload, address and policy of the mesh.
+//! Only the `Address` type and the wildcard subscription are served. What a stream
+//! gets depends on who subscribes (its view):
+//! - trusted node agents (ztunnels and `ambit-cni` agents, which run as the node-agent
+//!   accounts) get the whole model except L7 policies (`l7authz/...`), which only
+//!   waypoints enforce;
+//! - a waypoint (a caller whose identity is a waypoint's service account in the mesh's
+//!   trust domain) gets only what it serves: the services and workloads bound to it,
+//!   the workloads behind those services, its own Service and workloads, its
+//!   `waypoint/...` entry, and the L7 policies attached to it;
+//! - any other caller, a workload's certificate or token included, gets
+//!   `PERMISSION_DENIED`: the model names every workload, address and policy of the
+//!   mesh.
+//!
+//! A view is recomputed with every snapshot, so a waypoint that loses a binding is
+//! sent its removal like any other change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use ambit_ca::auth::{authenticate_request, Authenticator};
 use ambit_ca::server::PeerInfo;
 use ambit_core::model::MeshConfig;
+use ambit_core::{SpiffeId, TrustDomain};
 use ambit_proto::workload::{Address, ADDRESS_TYPE_URL};
 use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use ambit_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
@@ -35,7 +46,13 @@ pub struct Snapshot {
     /// name → (version, resource). A resource's version is a hash of its encoding, so
     /// an unchanged resource keeps its version across snapshots and restarts.
     pub resources: BTreeMap<String, (String, Address)>,
+    /// Each waypoint identity's view, by (namespace, service account): the names of
+    /// the resources it may see.
+    pub waypoint_views: BTreeMap<(String, String), BTreeSet<String>>,
 }
+
+/// Resource names of L7 policies start with this; only waypoints get them.
+pub const L7_POLICY_PREFIX: &str = "l7authz/";
 
 impl Snapshot {
     pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
@@ -46,8 +63,67 @@ impl Snapshot {
                 (name, (version, address))
             })
             .collect();
-        Snapshot { version, resources }
+        Snapshot {
+            version,
+            resources,
+            waypoint_views: waypoint_views(config),
+        }
     }
+}
+
+/// Who a stream serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// A node agent: everything but L7 policies.
+    NodeAgent,
+    /// A waypoint running as (namespace, service account).
+    Waypoint(String, String),
+}
+
+impl View {
+    /// Whether the resource `name` of `snapshot` is in this view.
+    pub fn sees(&self, snapshot: &Snapshot, name: &str) -> bool {
+        match self {
+            View::NodeAgent => !name.starts_with(L7_POLICY_PREFIX),
+            View::Waypoint(ns, sa) => snapshot
+                .waypoint_views
+                .get(&(ns.clone(), sa.clone()))
+                .is_some_and(|names| names.contains(name)),
+        }
+    }
+}
+
+/// The view of each waypoint identity (reference §3.3, "What a waypoint must do"):
+/// what is bound to it (services, and workloads bound with workload traffic), the
+/// workloads behind those services, its own Service and workloads, its entry, and the
+/// L7 policies attached to it.
+pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSet<String>> {
+    use ambit_net::xds::{service_name, waypoint_name};
+    let mut views: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for w in &config.waypoints {
+        let key = w.key();
+        let view = views
+            .entry((w.namespace.clone(), w.service_account.clone()))
+            .or_default();
+        view.insert(waypoint_name(&w.namespace, &w.name));
+        for p in &w.policies {
+            view.insert(format!("{L7_POLICY_PREFIX}{p}"));
+        }
+        for s in &config.services {
+            let own = w.address.is_some_and(|a| s.vips.contains(&a)) && s.namespace == w.namespace;
+            let bound = s.waypoint.as_ref().is_some_and(|b| b.key() == key);
+            if own || bound {
+                view.insert(service_name(&s.namespace, &s.hostname()));
+                view.extend(s.endpoints.iter().map(|e| e.workload_uid.clone()));
+            }
+        }
+        for wl in &config.workloads {
+            if wl.waypoint.as_ref().is_some_and(|b| b.key() == key) {
+                view.insert(wl.uid.clone());
+            }
+        }
+    }
+    views
 }
 
 /// FNV-1a, 64 bits: stable across builds, unlike the standard library's hasher.
@@ -62,6 +138,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     authenticators: Vec<Arc<dyn Authenticator>>,
+    /// The mesh's trust domain: a waypoint's identity must be in it.
+    trust_domain: TrustDomain,
 }
 
 impl XdsServer {
@@ -74,7 +152,30 @@ impl XdsServer {
         XdsServer {
             snapshots,
             authenticators,
+            trust_domain: TrustDomain::default(),
         }
+    }
+
+    /// Waypoints are recognised in `trust_domain` (default `cluster.local`).
+    pub fn with_trust_domain(mut self, trust_domain: TrustDomain) -> Self {
+        self.trust_domain = trust_domain;
+        self
+    }
+
+    /// The view `identity` (not a node agent) may have: a waypoint's, or none.
+    fn waypoint_view(&self, identity: &SpiffeId) -> Option<View> {
+        if !identity.in_trust_domain(&self.trust_domain) {
+            return None;
+        }
+        let key = (
+            identity.namespace().to_owned(),
+            identity.service_account().to_owned(),
+        );
+        self.snapshots
+            .borrow()
+            .waypoint_views
+            .contains_key(&key)
+            .then_some(View::Waypoint(key.0, key.1))
     }
 }
 
@@ -89,13 +190,17 @@ impl AggregatedDiscoveryService for XdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let caller = authenticate_request(&self.authenticators, &request).await?;
-        if !caller.node_agent {
-            tracing::warn!(caller = %caller.identity, "xDS subscription refused: not a node agent");
+        let view = if caller.node_agent {
+            View::NodeAgent
+        } else if let Some(view) = self.waypoint_view(&caller.identity) {
+            view
+        } else {
+            tracing::warn!(caller = %caller.identity, "xDS subscription refused: neither a node agent nor a waypoint");
             return Err(Status::permission_denied(format!(
-                "{} may not subscribe to the mesh model: only ztunnels and node agents (the trusted node-agent accounts) may",
+                "{} may not subscribe to the mesh model: only ztunnels and node agents (the trusted node-agent accounts), and waypoints (their service accounts) for what they serve, may",
                 caller.identity
             )));
-        }
+        };
         let peer = request
             .extensions()
             .get::<PeerInfo>()
@@ -124,6 +229,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let stream = ClientStream {
             node,
             peer,
+            view,
             snapshots: self.snapshots.clone(),
             sent: first.initial_resource_versions.into_iter().collect(),
             nonce: 0,
@@ -139,6 +245,7 @@ impl AggregatedDiscoveryService for XdsServer {
 struct ClientStream {
     node: String,
     peer: String,
+    view: View,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     sent: BTreeMap<String, String>,
     /// Responses sent on this stream; the first is sent even when empty.
@@ -186,6 +293,7 @@ impl ClientStream {
         let resources: Vec<Resource> = snapshot
             .resources
             .iter()
+            .filter(|(name, _)| self.view.sees(snapshot, name))
             .filter(|(name, (version, _))| self.sent.get(*name) != Some(version))
             .map(|(name, (version, address))| Resource {
                 version: version.clone(),
@@ -200,7 +308,9 @@ impl ClientStream {
         let removed: Vec<String> = self
             .sent
             .keys()
-            .filter(|name| !snapshot.resources.contains_key(*name))
+            .filter(|name| {
+                !snapshot.resources.contains_key(*name) || !self.view.sees(snapshot, name)
+            })
             .cloned()
             .collect();
         // The first response goes out even with nothing in it: it tells the client
@@ -255,6 +365,7 @@ mod tests {
         ClientStream {
             node: "ztunnel~test".into(),
             peer: "test".into(),
+            view: View::NodeAgent,
             snapshots,
             sent: sent
                 .iter()

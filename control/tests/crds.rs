@@ -183,3 +183,90 @@ fn the_enums_are_what_the_control_plane_accepts() {
         assert_ne!(read.acceptance.reason, "InvalidValue", "{mode}");
     }
 }
+
+/// The Gateway API CRDs, and the objects after them in the same file.
+fn gateway_api() -> Vec<Value> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/gateway-networking-k8s-io.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+            serde_json::to_value(value).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_gateway_api_file_is_its_source_expanded() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/src");
+    let text = std::fs::read_to_string(dir.join("gateway-api.source.yaml")).unwrap();
+    let mut source: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    source.apply_merge().unwrap();
+    // Merge keys inside list items are applied per item.
+    let mut items: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_value(source).unwrap();
+    for item in &mut items {
+        item.apply_merge().unwrap();
+    }
+    let source: Vec<Value> = items
+        .into_iter()
+        .map(|v| serde_json::to_value(v).unwrap())
+        .collect();
+    assert_eq!(
+        source,
+        gateway_api(),
+        "deploy/crds/gateway-networking-k8s-io.yaml is stale: run python3 deploy/crds/src/expand.py"
+    );
+}
+
+#[test]
+fn the_gateway_api_kinds_are_served_in_v1_and_a_gateway_parses_as_the_control_plane_reads_it() {
+    let docs = gateway_api();
+    for (kind, versions, scope) in [
+        ("GatewayClass", vec!["v1", "v1beta1"], "Cluster"),
+        ("Gateway", vec!["v1", "v1beta1"], "Namespaced"),
+        ("HTTPRoute", vec!["v1", "v1beta1"], "Namespaced"),
+        ("GRPCRoute", vec!["v1"], "Namespaced"),
+    ] {
+        let crd = docs
+            .iter()
+            .find(|d| d["kind"] == "CustomResourceDefinition" && d["spec"]["names"]["kind"] == kind)
+            .unwrap_or_else(|| panic!("no CRD for {kind}"));
+        assert_eq!(crd["spec"]["group"], "gateway.networking.k8s.io");
+        assert_eq!(crd["spec"]["scope"], scope, "{kind}");
+        let served: Vec<&str> = crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(served, versions, "{kind}");
+        assert_eq!(
+            crd["spec"]["versions"][0]["storage"], true,
+            "{kind}: v1 stored"
+        );
+    }
+    // The class istiod would create.
+    let class = docs.iter().find(|d| d["kind"] == "GatewayClass").unwrap();
+    assert_eq!(class["metadata"]["name"], "istio-waypoint");
+    assert_eq!(class["spec"]["controllerName"], "istio.io/mesh-controller");
+    // A listener's enum is what the control plane reads.
+    let gateway = docs
+        .iter()
+        .find(|d| d["spec"]["names"]["kind"] == "Gateway")
+        .unwrap();
+    let listener = &gateway["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+        ["spec"]["properties"]["listeners"]["items"]["properties"];
+    assert_eq!(
+        listener["allowedRoutes"]["properties"]["namespaces"]["properties"]["from"]["enum"],
+        json!(["All", "Selector", "Same"])
+    );
+    let parsed: ambit_control::gateway::Gateway = serde_json::from_value(json!({
+        "metadata": {"name": "waypoint", "namespace": "shop"},
+        "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
+            {"name": "mesh", "port": 15008, "protocol": "HBONE",
+             "allowedRoutes": {"namespaces": {"from": "All"}}}]},
+    }))
+    .unwrap();
+    assert!(ambit_control::gateway::waypoint_listener(&parsed).is_ok());
+}

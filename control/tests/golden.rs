@@ -30,6 +30,11 @@ struct Expected {
     /// ZtunnelAccepted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     policies: Vec<String>,
+    /// The status conditions of waypoint objects (`istio.io/WaypointBound`,
+    /// `WaypointAccepted`, a Gateway's own), `Kind namespace/name: Type=Status
+    /// (Reason): message`, and a Gateway's address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    status: Vec<String>,
 }
 
 #[test]
@@ -83,6 +88,7 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
             .iter()
             .map(|(kind, key, a)| format!("{kind} {key}: {}: {}", a.reason, a.message))
             .collect(),
+        status: waypoint_status(&translation.waypoint_status),
     };
     // Whatever the input, ztunnel must accept the model as a whole, as it arrives
     // over xDS: a clash the translation let through would make it reject everything.
@@ -117,6 +123,41 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
             serde_yaml_ng::to_string(&got).unwrap()
         ));
     }
+}
+
+fn waypoint_status(status: &translate::waypoints::WaypointStatus) -> Vec<String> {
+    let line =
+        |kind: &str, key: &dyn std::fmt::Display, ty: &str, c: &translate::waypoints::Condition| {
+            format!(
+                "{kind} {key}: {ty}={} ({}): {}",
+                if c.status { "True" } else { "False" },
+                c.reason,
+                c.message
+            )
+        };
+    let mut lines = Vec::new();
+    for (kind, key, c) in &status.bound {
+        lines.push(line(kind, key, "istio.io/WaypointBound", c));
+    }
+    for (key, c) in &status.policies {
+        lines.push(line("AuthorizationPolicy", key, "WaypointAccepted", c));
+    }
+    for (key, g) in &status.gateways {
+        lines.push(line("Gateway", key, "Accepted", &g.accepted));
+        lines.push(line("Gateway", key, "Programmed", &g.programmed));
+        for (name, accepted, _) in &g.listeners {
+            lines.push(line(
+                "Gateway",
+                key,
+                &format!("listener {name} Accepted"),
+                accepted,
+            ));
+        }
+        if let Some(h) = &g.hostname {
+            lines.push(format!("Gateway {key}: address {h}"));
+        }
+    }
+    lines
 }
 
 /// Copies the files of `from` into `to`; `X.deleted` deletes `X` instead.

@@ -568,6 +568,119 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
     assert_allowed_by_rbac(&api);
 }
 
+#[tokio::test]
+async fn a_waypoint_gateway_is_deployed_and_programmed_once_its_pod_is_ready_and_what_binds_to_it_says_so(
+) {
+    let api = cluster().await;
+    let control = start(&api).await;
+    api.wait_until("root published in shop", || {
+        published_root(&api, "shop").is_some()
+    })
+    .await;
+    let root = published_root(&api, "shop").unwrap();
+    let (mut model, _client) = xds_client(control.addr, &root, NODE_A_TOKEN);
+    api.put(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {name: waypoint, namespace: shop}\n\
+         spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
+    );
+    // What runs it, owned by the Gateway.
+    api.wait_until(
+        "the waypoint's Deployment, Service and ServiceAccount",
+        || {
+            ["Deployment", "Service", "ServiceAccount"]
+                .iter()
+                .all(|kind| {
+                    let api_version = if *kind == "Deployment" {
+                        "apps/v1"
+                    } else {
+                        "v1"
+                    };
+                    api.get(api_version, kind, "shop", "waypoint")
+                        .is_some_and(|o| o["metadata"]["ownerReferences"][0]["kind"] == "Gateway")
+                })
+        },
+    )
+    .await;
+    let deployment = api
+        .get("apps/v1", "Deployment", "shop", "waypoint")
+        .unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["istio.io/dataplane-mode"],
+        "none"
+    );
+    let gateway_condition = |type_: &str| {
+        let o = api.get(
+            "gateway.networking.k8s.io/v1",
+            "Gateway",
+            "shop",
+            "waypoint",
+        )?;
+        o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+    };
+    api.wait_until("Programmed=False while nothing runs", || {
+        gateway_condition("Programmed").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    // The API server allocates the Service's IP; the Deployment's pod becomes ready.
+    let mut service = api.get("v1", "Service", "shop", "waypoint").unwrap();
+    service["spec"]["clusterIP"] = "10.96.0.100".into();
+    api.put(&serde_json::to_string(&service).unwrap());
+    api.put(
+        "apiVersion: v1\nkind: Pod\n\
+         metadata: {name: waypoint-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}\n\
+         spec: {nodeName: node-a, serviceAccountName: waypoint, containers: [{name: waypoint, image: w}]}\n\
+         status: {phase: Running, podIP: 10.1.0.100, podIPs: [{ip: 10.1.0.100}], conditions: [{type: Ready, status: 'True'}]}\n",
+    );
+    api.wait_until("Programmed=True with the waypoint's address", || {
+        let o = api.get(
+            "gateway.networking.k8s.io/v1",
+            "Gateway",
+            "shop",
+            "waypoint",
+        );
+        gateway_condition("Programmed").is_some_and(|c| c["status"] == "True")
+            && o.is_some_and(|o| {
+                o["status"]["addresses"][0]["value"] == "waypoint.shop.svc.cluster.local"
+                    && o["status"]["listeners"][0]["conditions"][0]["status"] == "True"
+            })
+    })
+    .await;
+    // A Service bound to it: in the model, and its condition says so.
+    let mut web = api.get("v1", "Service", "shop", "web").unwrap();
+    web["metadata"]["labels"] = json!({"istio.io/use-waypoint": "waypoint"});
+    api.put(&serde_json::to_string(&web).unwrap());
+    until(
+        &mut model,
+        "web bound to the waypoint, which is in the model",
+        |m| {
+            m.waypoints.iter().any(|w| w.name == "waypoint")
+                && m.services.iter().any(|s| {
+                    s.name == "web" && s.waypoint.as_ref().is_some_and(|w| w.name == "waypoint")
+                })
+        },
+    )
+    .await;
+    api.wait_until("istio.io/WaypointBound=True on web", || {
+        api.get("v1", "Service", "shop", "web").is_some_and(|o| {
+            o["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter().any(|c| {
+                    c["type"] == "istio.io/WaypointBound"
+                        && c["status"] == "True"
+                        && c["reason"] == "WaypointAccepted"
+                })
+            })
+        })
+    })
+    .await;
+    control.stop().await;
+    assert_allowed_by_rbac(&api);
+}
+
 /// The `ZtunnelAccepted` condition of object `shop/<name>`, if it has one.
 fn ztunnel_accepted(api: &FakeApi, api_version: &str, kind: &str, name: &str) -> Option<Value> {
     let o = api.get(api_version, kind, "shop", name)?;

@@ -228,3 +228,137 @@ async fn a_workload_may_not_subscribe_to_the_model() {
     );
     server.abort();
 }
+
+/// A waypoint's token (its service account, not a node agent).
+const WAYPOINT_TOKEN: &str = "shop-waypoint-token";
+
+fn waypoint_model() -> MeshConfig {
+    config(
+        "waypoints:\n\
+         - {name: waypoint, namespace: shop, trafficType: all, serviceAccount: waypoint,\n\
+            address: 10.96.0.100, policies: [shop/gw-policy]}\n\
+         workloads:\n\
+         - {uid: shop/wp-1, name: wp-1, namespace: shop, serviceAccount: waypoint, node: node-a, ips: [10.1.0.100], protocol: HBONE}\n\
+         - {uid: shop/a, name: a, namespace: shop, node: node-a, ips: [10.1.0.2], protocol: HBONE}\n\
+         - {uid: shop/b, name: b, namespace: shop, node: node-b, ips: [10.2.0.2], protocol: HBONE}\n\
+         - {uid: shop/c, name: c, namespace: shop, node: node-b, ips: [10.2.0.3], protocol: HBONE,\n\
+            waypoint: {address: 10.96.0.100, name: waypoint, namespace: shop}}\n\
+         services:\n\
+         - {name: waypoint, namespace: shop, vips: [10.96.0.100], ports: [{port: 15008, targetPort: 15008}],\n\
+            endpoints: [{workloadUid: shop/wp-1}]}\n\
+         - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}],\n\
+            endpoints: [{workloadUid: shop/b}], waypoint: {address: 10.96.0.100, name: waypoint, namespace: shop}}\n\
+         - {name: other, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 8080}],\n\
+            endpoints: [{workloadUid: shop/a}]}\n",
+    )
+}
+
+/// The names of the resources the first response of a stream, subscribed with
+/// `token`, carries; or the stream's refusal.
+async fn first_names(addr: SocketAddr, token: &str) -> Result<Vec<String>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        ambit_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(
+            channel,
+        );
+    let (requests, rx) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ambit_proto::xds::DeltaDiscoveryRequest {
+            type_url: ambit_proto::workload::ADDRESS_TYPE_URL.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .expect("no first response")?
+        .expect("stream ended");
+    drop(requests);
+    Ok(first.resources.into_iter().map(|r| r.name).collect())
+}
+
+#[tokio::test]
+async fn a_waypoint_sees_only_what_it_serves_and_node_agents_never_see_l7_policies() {
+    let addr: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut snapshot = Snapshot::new(1, &waypoint_model());
+    // L7 policies travel as `l7authz/<namespace>/<name>`: one attached to the
+    // waypoint, one not.
+    for name in ["l7authz/shop/gw-policy", "l7authz/other/p"] {
+        let resource = snapshot.resources["shop/a"].clone();
+        snapshot.resources.insert(name.into(), resource);
+    }
+    let (_snapshots, snapshots_rx) = watch::channel(Arc::new(snapshot));
+    let tokens = TokenAuthenticator::from_yaml(
+        &format!(
+            "- token: {TOKEN}\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  \
+             nodeAgent: true\n  node: node-a\n\
+             - token: {WAYPOINT_TOKEN}\n  identity: spiffe://cluster.local/ns/shop/sa/waypoint\n\
+             - token: {WORKLOAD_TOKEN}\n  identity: spiffe://cluster.local/ns/shop/sa/web\n\
+             - token: elsewhere-trust-domain\n  identity: spiffe://other.domain/ns/shop/sa/waypoint\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let authenticators: Vec<Arc<dyn Authenticator>> = vec![Arc::new(tokens)];
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(
+                XdsServer::new(snapshots_rx, authenticators)
+                    .with_trust_domain("cluster.local".parse().unwrap()),
+            ))
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+
+    let waypoint = first_names(addr, WAYPOINT_TOKEN).await.unwrap();
+    assert_eq!(
+        waypoint,
+        [
+            "l7authz/shop/gw-policy",
+            "shop/b",
+            "shop/c",
+            "shop/waypoint.shop.svc.cluster.local",
+            "shop/web.shop.svc.cluster.local",
+            "shop/wp-1",
+            "waypoint/shop/waypoint",
+        ]
+    );
+    let agent = first_names(addr, TOKEN).await.unwrap();
+    assert!(
+        agent.iter().all(|n| !n.starts_with("l7authz/")),
+        "{agent:?}"
+    );
+    assert!(agent.contains(&"shop/a".to_owned()), "{agent:?}");
+    assert!(
+        agent.contains(&"waypoint/shop/waypoint".to_owned()),
+        "{agent:?}"
+    );
+    // A workload, and the waypoint's account name in another trust domain: refused.
+    for token in [WORKLOAD_TOKEN, "elsewhere-trust-domain"] {
+        let status = first_names(addr, token).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{token}: {status}"
+        );
+    }
+    server.abort();
+}

@@ -89,6 +89,21 @@ pub enum ConnectRefusal {
     Denied { policy: String },
     #[error("connecting to {target} failed: {reason}")]
     UpstreamConnect { target: HboneTarget, reason: String },
+    /// The peer is a waypoint, but not one the target is bound to.
+    #[error("peer {peer} is waypoint {waypoint}, which {target} is not bound to")]
+    WrongWaypoint {
+        peer: String,
+        waypoint: String,
+        target: HboneTarget,
+    },
+    /// The target takes traffic only through its waypoint (policy attached there),
+    /// and the peer is not that waypoint.
+    #[error("{target} is bound to waypoint {waypoint}, which enforces its policy; {peer} must connect through it")]
+    BypassesWaypoint {
+        peer: String,
+        waypoint: String,
+        target: HboneTarget,
+    },
 }
 
 impl ConnectRefusal {
@@ -99,7 +114,9 @@ impl ConnectRefusal {
             | ConnectRefusal::NotLocal(_)
             | ConnectRefusal::ZtunnelPort(_) => 400,
             ConnectRefusal::NotConnect(_) => 405,
-            ConnectRefusal::Denied { .. } => 401,
+            ConnectRefusal::Denied { .. }
+            | ConnectRefusal::WrongWaypoint { .. }
+            | ConnectRefusal::BypassesWaypoint { .. } => 401,
             ConnectRefusal::UpstreamConnect { .. } => 503,
         }
     }
@@ -113,6 +130,8 @@ impl ConnectRefusal {
             ConnectRefusal::NotConnect(_) => "not_connect",
             ConnectRefusal::Denied { .. } => "denied",
             ConnectRefusal::UpstreamConnect { .. } => "upstream_connect_failed",
+            ConnectRefusal::WrongWaypoint { .. } => "wrong_waypoint",
+            ConnectRefusal::BypassesWaypoint { .. } => "bypasses_waypoint",
         }
     }
 }

@@ -2,13 +2,18 @@
 //! accepts HBONE (and plaintext on 15006) only for a workload that is in the model, is
 //! scheduled on this node, and has been handed to this ztunnel by the node agent;
 //! anything else is answered 400 (HBONE) or closed (plaintext).
+//!
+//! Then [`waypoint_peer`]: a peer that is a waypoint is accepted only for targets bound
+//! to that waypoint (reference §3.3), and a target bound to a waypoint that enforces
+//! policy takes traffic only from that waypoint, so no client can go around the L7
+//! policy (decision record 0011; Istio lets them).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::hbone::{ConnectRefusal, Forwarded, HboneTarget, ZTUNNEL_POD_PORTS};
 use crate::identity::SpiffeId;
-use crate::model::{MeshState, Workload};
+use crate::model::{MeshState, Waypoint, Workload};
 
 /// The local workload `target` addresses, or why it is not one. A target on one of
 /// ztunnel's own pod ports is refused first: proxying it would reach ztunnel's
@@ -25,6 +30,92 @@ pub fn local_target<'a>(
     match state.workload_by_ip(target.ip()) {
         Some(w) if w.spec.node == node && is_served(w.uid()) => Ok(w),
         _ => Err(ConnectRefusal::NotLocal(target)),
+    }
+}
+
+/// Who a connection to a local workload comes from, as far as waypoints go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A waypoint the target is bound to: the target's L4 policy sees the waypoint's
+    /// identity as the source (as in Istio; the original client was authorized by it).
+    Waypoint(Arc<Waypoint>),
+    /// Any other peer (or plaintext): the target is not bound to a waypoint that
+    /// enforces policy.
+    Direct,
+}
+
+/// The waypoints `workload`'s inbound traffic is bound to: its own binding (when the
+/// waypoint serves workloads) and those of the services it is an endpoint of (when
+/// the waypoint serves services). A binding to a waypoint the model lacks is returned
+/// as `Err(key)`.
+pub fn bound_waypoints<'a>(
+    state: &'a MeshState,
+    workload: &'a Workload,
+) -> impl Iterator<Item = Result<&'a Arc<Waypoint>, String>> + 'a {
+    let own = workload.spec.waypoint.iter().map(move |b| (b, true));
+    let services = state
+        .services_of(workload.uid())
+        .iter()
+        .filter_map(|s| s.spec.waypoint.as_ref())
+        .map(|b| (b, false));
+    own.chain(services)
+        .filter_map(move |(binding, workload_traffic)| {
+            let key = binding.key();
+            match state.waypoint(&key) {
+                None => Some(Err(key)),
+                Some(w) => {
+                    let serves = if workload_traffic {
+                        w.spec.traffic_type.serves_workloads()
+                    } else {
+                        w.spec.traffic_type.serves_services()
+                    };
+                    serves.then_some(Ok(w))
+                }
+            }
+        })
+}
+
+/// Whether `peer` (none: plaintext) may reach `workload` at `target`, as far as
+/// waypoints go: a waypoint peer only for a target bound to it; any other peer only
+/// when none of the target's waypoints enforces policy (a binding to a waypoint the
+/// model lacks counts as one that does: unknown means closed).
+pub fn waypoint_peer(
+    state: &MeshState,
+    workload: &Workload,
+    peer: Option<&SpiffeId>,
+    target: HboneTarget,
+) -> Result<PeerRole, ConnectRefusal> {
+    let bound: Vec<Result<&Arc<Waypoint>, String>> = bound_waypoints(state, workload).collect();
+    if let Some(peer) = peer {
+        let as_waypoint = state.waypoints().find(|w| &w.identity == peer);
+        if let Some(waypoint) = as_waypoint {
+            let ours = bound
+                .iter()
+                .flatten()
+                .find(|w| w.identity == *peer)
+                .copied();
+            return match ours {
+                Some(w) => Ok(PeerRole::Waypoint(w.clone())),
+                None => Err(ConnectRefusal::WrongWaypoint {
+                    peer: peer.to_string(),
+                    waypoint: waypoint.key(),
+                    target,
+                }),
+            };
+        }
+    }
+    let enforcing = bound.iter().find_map(|b| match b {
+        Ok(w) if w.enforces_policy() => Some(w.key()),
+        Ok(_) => None,
+        Err(key) => Some(key.clone()),
+    });
+    match enforcing {
+        Some(waypoint) => Err(ConnectRefusal::BypassesWaypoint {
+            peer: peer.map_or_else(|| "a plaintext client".to_owned(), ToString::to_string),
+            waypoint,
+            target,
+        }),
+        None => Ok(PeerRole::Direct),
     }
 }
 
@@ -133,5 +224,52 @@ mod tests {
             let got = client_source(&state, &client, conn, forwarded.as_ref());
             assert_eq!(got, (want.parse().unwrap(), honoured), "{forwarded:?}");
         }
+    }
+
+    #[test]
+    fn waypoint_peer_table() {
+        let state = crate::outbound::tests::waypoint_state();
+        let id =
+            |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap();
+        let t = |s: &str| HboneTarget::parse_authority(s).unwrap();
+        let cases = [
+            // cart-1: behind `wp` (no policy): its waypoint, other peers and plaintext.
+            ("shop/cart-1", Some("wp"), "waypoint shop/wp"),
+            ("shop/cart-1", Some("client"), "direct"),
+            ("shop/cart-1", None, "direct"),
+            ("shop/cart-1", Some("wp-all"), "401 wrong_waypoint"),
+            // api-1: behind `wp-all`, which enforces policy: only through it.
+            ("shop/api-1", Some("wp-all"), "waypoint shop/wp-all"),
+            ("shop/api-1", Some("client"), "401 bypasses_waypoint"),
+            ("shop/api-1", None, "401 bypasses_waypoint"),
+            ("shop/api-1", Some("wp"), "401 wrong_waypoint"),
+            // Bound to a waypoint the model lacks: closed.
+            ("shop/ghost-1", Some("client"), "401 bypasses_waypoint"),
+            // wl-pod: its service's binding to the workload-only `wl` does not count,
+            // its own does.
+            ("shop/wl-pod", Some("wl"), "waypoint shop/wl"),
+            ("shop/wl-pod", Some("client"), "direct"),
+            // Not bound at all: a waypoint peer is refused.
+            ("shop/wp-1", Some("wp-all"), "401 wrong_waypoint"),
+            ("shop/wp-1", Some("client"), "direct"),
+        ];
+        for (uid, peer, want) in cases {
+            let w = state.workload(uid).unwrap();
+            let peer = peer.map(id);
+            let target = t(&format!("{}:8080", w.spec.ips[0]));
+            let got = match waypoint_peer(&state, w, peer.as_ref(), target) {
+                Ok(PeerRole::Waypoint(w)) => format!("waypoint {}", w.key()),
+                Ok(PeerRole::Direct) => "direct".to_owned(),
+                Err(e) => format!("{} {}", e.status(), e.reason()),
+            };
+            assert_eq!(got, want, "{uid} from {peer:?}");
+        }
+        // The refusal names the waypoint to go through.
+        let api = state.workload("shop/api-1").unwrap();
+        let e = waypoint_peer(&state, api, None, t("10.2.0.5:8080")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "10.2.0.5:8080 is bound to waypoint shop/wp-all, which enforces its policy; a plaintext client must connect through it"
+        );
     }
 }

@@ -85,15 +85,87 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// The waypoint proxy a workload's or a service's traffic is bound to (label
-/// `istio.io/use-waypoint`): the address of the waypoint's service and its HBONE port.
-/// Carried in the model and over xDS for the waypoint issue; ztunnel does not act on it
-/// yet.
+/// `istio.io/use-waypoint`): the address of the waypoint's service, its HBONE port, and
+/// the Gateway's name and namespace, which name its entry in [`MeshConfig::waypoints`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WaypointAddress {
     pub address: IpAddr,
     #[serde(default = "default_hbone_port")]
     pub hbone_port: u16,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+impl WaypointAddress {
+    /// `namespace/name` of the Gateway, the key of its [`WaypointSpec`].
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which traffic a waypoint serves (label `istio.io/waypoint-for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaypointFor {
+    /// Traffic addressed to a bound Service's VIP.
+    #[default]
+    Service,
+    /// Traffic addressed to a bound workload's own IP.
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    pub fn serves_services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    pub fn serves_workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+
+    /// As in the label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaypointFor::Service => "service",
+            WaypointFor::Workload => "workload",
+            WaypointFor::All => "all",
+            WaypointFor::None => "none",
+        }
+    }
+}
+
+/// A waypoint (a Gateway of class `istio-waypoint`): who it is and what it serves. Its
+/// pods are ordinary workloads, the endpoints of its Service (`address`); what is bound
+/// to it names it in a [`WaypointAddress`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub traffic_type: WaypointFor,
+    /// Its pods' service account: its identity is
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub service_account: String,
+    /// Its Service's VIP, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    /// Keys (`namespace/name`) of the AuthorizationPolicies attached to it with
+    /// `targetRefs`: to its Gateway, its class, or a Service bound to it. A
+    /// destination bound to a waypoint with any accepts traffic only from the waypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+}
+
+impl WaypointSpec {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 fn default_hbone_port() -> u16 {
@@ -113,6 +185,10 @@ fn default_true() -> bool {
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
+    /// The declared application protocol, lower-case (`http`, `http2`, `grpc`, `tcp`,
+    /// ...): the port's `appProtocol`, else its name's prefix. None: sniff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +242,9 @@ pub struct MeshConfig {
     /// `targetRefs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub l7_policies: Vec<L7PolicySpec>,
+    /// The waypoints of the mesh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<WaypointSpec>,
 }
 
 /// An authorization policy a waypoint enforces, and what it is attached to.
@@ -298,6 +377,25 @@ impl Workload {
     }
 }
 
+/// A waypoint with its identity resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waypoint {
+    pub spec: WaypointSpec,
+    pub identity: SpiffeId,
+}
+
+impl Waypoint {
+    pub fn key(&self) -> String {
+        self.spec.key()
+    }
+
+    /// Whether an AuthorizationPolicy is attached to it: what is bound to it then
+    /// takes traffic only through it.
+    pub fn enforces_policy(&self) -> bool {
+        !self.spec.policies.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub spec: ServiceSpec,
@@ -335,6 +433,10 @@ pub enum ModelError {
         vip: IpAddr,
         other: String,
     },
+    #[error("waypoint {key}: identity: {source}")]
+    WaypointIdentity { key: String, source: IdentityError },
+    #[error("waypoint {0} appears twice")]
+    DuplicateWaypoint(String),
     #[error("service {service}: port {port}: {reason}")]
     BadPort {
         service: String,
@@ -350,8 +452,11 @@ pub struct MeshState {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Workload uid → the services it is an endpoint of.
+    backs: HashMap<String, Vec<Arc<Service>>>,
     policies: Policies,
     l7_policies: Vec<Arc<L7PolicySpec>>,
+    waypoints: HashMap<String, Arc<Waypoint>>,
 }
 
 /// Authorization policies indexed the way a connection looks them up: the mesh-wide
@@ -478,9 +583,46 @@ impl MeshState {
                 }
                 state.by_vip.insert(*vip, svc.clone());
             }
+            for endpoint in &spec.endpoints {
+                state
+                    .backs
+                    .entry(endpoint.workload_uid.clone())
+                    .or_default()
+                    .push(svc.clone());
+            }
             state.services.push(svc);
         }
+        for spec in &config.waypoints {
+            let key = spec.key();
+            let identity =
+                SpiffeId::new(trust_domain.clone(), &spec.namespace, &spec.service_account)
+                    .map_err(|source| ModelError::WaypointIdentity {
+                        key: key.clone(),
+                        source,
+                    })?;
+            let waypoint = Arc::new(Waypoint {
+                spec: spec.clone(),
+                identity,
+            });
+            if state.waypoints.insert(key.clone(), waypoint).is_some() {
+                return Err(ModelError::DuplicateWaypoint(key));
+            }
+        }
         Ok(state)
+    }
+
+    /// The waypoint `namespace/name`.
+    pub fn waypoint(&self, key: &str) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(key)
+    }
+
+    pub fn waypoints(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
+        self.waypoints.values()
+    }
+
+    /// The services `uid` is an endpoint of.
+    pub fn services_of(&self, uid: &str) -> &[Arc<Service>] {
+        self.backs.get(uid).map_or(&[], Vec::as_slice)
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {

@@ -5,13 +5,15 @@
 //! - [`read`]: YAML text → typed objects (multi-document, keys as the API server
 //!   converts them, unreadable security policies kept to fail closed);
 //! - [`resources`]: the objects, keyed by namespace and name;
-//! - [`security`], [`service_entry`]: Istio's kinds as Ambit keeps them;
+//! - [`security`], [`service_entry`]: Istio's kinds as Ambit keeps them; [`gateway`]:
+//!   Gateway API's Gateway and GatewayClass (what declares a waypoint);
 //! - [`authz`], [`peer_authn`]: the pure validation and translation of
 //!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies.
 //!
 //! It must not: do IO (callers read the files), or depend on a component.
 
 pub mod authz;
+pub mod gateway;
 pub mod peer_authn;
 pub mod read;
 pub mod resources;

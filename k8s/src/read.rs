@@ -273,6 +273,7 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "EndpointSlice" => &["discovery.k8s.io/v1"],
         "ServiceEntry" => &crate::service_entry::API_VERSIONS,
         "AuthorizationPolicy" | "PeerAuthentication" => &crate::security::API_VERSIONS,
+        "Gateway" | "GatewayClass" => &crate::gateway::API_VERSIONS,
         _ => return None,
     })
 }
@@ -381,6 +382,8 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "ServiceEntry" => Object::ServiceEntry(Box::new(typed(value)?)),
         "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(typed(value)?)),
         "PeerAuthentication" => Object::PeerAuthentication(Box::new(typed(value)?)),
+        "Gateway" => Object::Gateway(Box::new(typed(value)?)),
+        "GatewayClass" => Object::GatewayClass(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::gateway::{Gateway, GatewayClass};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
@@ -47,6 +48,9 @@ pub struct Resources {
     pub service_entries: BTreeMap<ObjectKey, ServiceEntry>,
     pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
+    pub gateways: BTreeMap<ObjectKey, Gateway>,
+    /// Cluster-scoped: by name.
+    pub gateway_classes: BTreeMap<String, GatewayClass>,
 }
 
 /// The kinds the control plane keeps.
@@ -59,6 +63,8 @@ pub enum Kind {
     ServiceEntry,
     AuthorizationPolicy,
     PeerAuthentication,
+    Gateway,
+    GatewayClass,
 }
 
 impl Kind {
@@ -72,6 +78,8 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::Gateway => "Gateway",
+            Kind::GatewayClass => "GatewayClass",
         }
     }
 }
@@ -92,6 +100,8 @@ pub enum Object {
     ServiceEntry(Box<ServiceEntry>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     PeerAuthentication(Box<PeerAuthentication>),
+    Gateway(Box<Gateway>),
+    GatewayClass(Box<GatewayClass>),
 }
 
 impl Object {
@@ -109,6 +119,8 @@ impl Object {
             Object::ServiceEntry(_) => Kind::ServiceEntry,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::Gateway(_) => Kind::Gateway,
+            Object::GatewayClass(_) => Kind::GatewayClass,
         }
     }
 
@@ -123,10 +135,12 @@ impl Object {
             Object::ServiceEntry(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::GatewayClass(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
-            Object::Namespace(_) => ObjectKey::new("", &name),
+            Object::Namespace(_) | Object::GatewayClass(_) => ObjectKey::new("", &name),
             _ => ObjectKey::new(meta.namespace.as_deref().unwrap_or("default"), &name),
         }
     }
@@ -158,6 +172,12 @@ impl Resources {
             Object::PeerAuthentication(o) => {
                 self.peer_authentications.insert(key, *o);
             }
+            Object::Gateway(o) => {
+                self.gateways.insert(key, *o);
+            }
+            Object::GatewayClass(o) => {
+                self.gateway_classes.insert(key.name, *o);
+            }
         }
     }
 
@@ -185,6 +205,12 @@ impl Resources {
             Kind::PeerAuthentication => {
                 self.peer_authentications.remove(key);
             }
+            Kind::Gateway => {
+                self.gateways.remove(key);
+            }
+            Kind::GatewayClass => {
+                self.gateway_classes.remove(&key.name);
+            }
         }
     }
 
@@ -199,6 +225,8 @@ impl Resources {
             Kind::ServiceEntry => self.service_entries.clear(),
             Kind::AuthorizationPolicy => self.authorization_policies.clear(),
             Kind::PeerAuthentication => self.peer_authentications.clear(),
+            Kind::Gateway => self.gateways.clear(),
+            Kind::GatewayClass => self.gateway_classes.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

@@ -337,6 +337,7 @@ mod tests {
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 8080,
+                app_protocol: None,
             }],
         };
         let declared = vec![

@@ -300,7 +300,11 @@ impl ServiceSpec {
 
     /// Adds a port: `port` on the VIP goes to `target_port` on the endpoints.
     pub fn port(mut self, port: u16, target_port: u16) -> ServiceSpec {
-        self.ports.push(ServicePort { port, target_port });
+        self.ports.push(ServicePort {
+            port,
+            target_port,
+            app_protocol: None,
+        });
         self
     }
 

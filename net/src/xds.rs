@@ -5,4 +5,6 @@ pub mod client;
 pub mod l7;
 pub mod resources;
 
-pub use resources::{from_resources, service_name, to_resources, ResourceError};
+pub use resources::{
+    from_resources, policy_name, service_name, to_resources, waypoint_name, ResourceError,
+};

@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 
 use ambit_core::authz::{self, Denial};
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
-use ambit_core::inbound::{client_source, local_target};
+use ambit_core::inbound::{client_source, local_target, waypoint_peer, PeerRole};
 use ambit_core::model::{MeshState, Workload};
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
 use ambit_core::SpiffeId;
@@ -118,11 +118,34 @@ pub fn authorize(
     }
 }
 
+/// Counts a connection refused because of its target's waypoint, with the waypoint as
+/// the deciding `policy`: a metric that names the waypoint.
+fn waypoint_refused(shared: &Shared, workload: &Workload, refusal: &ConnectRefusal) {
+    let waypoint = match refusal {
+        ConnectRefusal::WrongWaypoint { waypoint, .. }
+        | ConnectRefusal::BypassesWaypoint { waypoint, .. } => waypoint.clone(),
+        _ => String::new(),
+    };
+    shared.metrics.denied(&DenialLabels {
+        destination_workload_namespace: workload.spec.namespace.clone(),
+        destination_workload: workload.spec.name.clone(),
+        policy: format!("waypoint/{waypoint}"),
+        reason: refusal.reason().to_owned(),
+        when: "connect".to_owned(),
+    });
+}
+
 /// Closes the open inbound connections the current policies deny; run on every model
 /// change.
 pub fn close_denied(shared: &Shared, state: &MeshState) -> usize {
     shared.open_inbound.close_denied(|open| {
         let workload = state.workload(&open.pod)?;
+        // A target newly bound to a waypoint that enforces policy keeps only the
+        // waypoint's connections.
+        let target = ambit_core::hbone::HboneTarget::new(open.destination);
+        if let Err(refusal) = waypoint_peer(state, workload, open.peer.as_ref(), target) {
+            return Some(refusal.to_string());
+        }
         authorize(
             shared,
             state,
@@ -306,7 +329,8 @@ pub async fn open_outbound(
     let decided = match route(&state, OrigDst(orig), pick) {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), error = %e, "outbound connection refused");
+            // A waypoint's refusal names it: the destination is never reached around it.
+            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
             return None;
         }
     };
@@ -362,13 +386,13 @@ pub async fn open_outbound(
             let tunnel = match pod.pool.connect(&key, &cert, &request).await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, reason = e.reason(), error = %e, "HBONE connection failed");
+                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = path.waypoint.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, "HBONE connection failed");
                     return None;
                 }
             };
             // The tunnel's way is logged here: an open connection keeps too little to
             // log it at the end.
-            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, "outbound HBONE tunnel opened");
+            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, waypoint = path.waypoint.as_deref().unwrap_or_default(), "outbound HBONE tunnel opened");
             Some(Opened {
                 metrics: shared.metrics.connection_opened(&labels),
                 relay: Relay::Hbone {
@@ -445,6 +469,11 @@ pub async fn open_inbound_plaintext(
             return None;
         }
     };
+    if let Err(refusal) = waypoint_peer(&state, &workload, None, target) {
+        waypoint_refused(shared, &workload, &refusal);
+        tracing::info!(pod = %pod.uid, %peer, %dst, reason = refusal.reason(), error = %refusal, "inbound plaintext connection refused");
+        return None;
+    }
     if authorize(shared, &state, &workload, None, peer, dst, "connect").is_err() {
         // Closing is the answer: plaintext has no way to say why.
         return None;
@@ -592,13 +621,17 @@ impl InboundHandler for PodInbound {
             request.target,
         )?
         .clone();
+        let role = waypoint_peer(&state, &workload, Some(&request.peer), request.target)
+            .inspect_err(|refusal| waypoint_refused(&self.shared, &workload, refusal))?;
         let (source, honoured) = client_source(
             &state,
             &request.peer,
             request.peer_addr,
             request.forwarded.as_ref(),
         );
-        if !honoured {
+        // A waypoint forwards another workload's address, which is not its own: the
+        // app and the policy see the waypoint (decision record 0011), expectedly.
+        if !honoured && role == PeerRole::Direct {
             tracing::warn!(
                 pod = %self.pod.uid,
                 peer = %request.peer,

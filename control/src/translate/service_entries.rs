@@ -76,6 +76,11 @@ pub(super) fn translate_entry(
             ServicePort {
                 port: number,
                 target_port: target,
+                app_protocol: p
+                    .protocol
+                    .as_deref()
+                    .map(str::to_ascii_lowercase)
+                    .or_else(|| p.name.as_deref().and_then(super::name_protocol)),
             },
         ));
     }
@@ -109,6 +114,7 @@ pub(super) fn translate_entry(
             overrides.push(ServicePort {
                 port: service_port.port,
                 target_port,
+                app_protocol: None,
             });
         }
         model.workloads.push(WorkloadSpec {

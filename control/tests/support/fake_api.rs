@@ -100,6 +100,10 @@ fn collection_of(api_version: &str, kind: &str) -> (Collection, bool) {
         "ServiceEntry" => ("serviceentries", true),
         "AuthorizationPolicy" => ("authorizationpolicies", true),
         "PeerAuthentication" => ("peerauthentications", true),
+        "Gateway" => ("gateways", true),
+        "GatewayClass" => ("gatewayclasses", false),
+        "Deployment" => ("deployments", true),
+        "ServiceAccount" => ("serviceaccounts", true),
         other => panic!("fake API: no collection for kind {other}"),
     };
     ((prefix, plural.to_owned()), namespaced)
@@ -117,6 +121,10 @@ fn kind_of(plural: &str) -> &'static str {
         "serviceentries" => "ServiceEntry",
         "authorizationpolicies" => "AuthorizationPolicy",
         "peerauthentications" => "PeerAuthentication",
+        "gateways" => "Gateway",
+        "gatewayclasses" => "GatewayClass",
+        "deployments" => "Deployment",
+        "serviceaccounts" => "ServiceAccount",
         _ => "Unknown",
     }
 }

@@ -11,6 +11,8 @@
 //!   lists the selector policies that select it by `<namespace>/<name>`.
 //! - A waypoint's L7 authorization policy is a resource named
 //!   `l7authz/<namespace>/<name>` ([`super::l7`]).
+//! - A waypoint is a resource named `waypoint/<namespace>/<name>`; what is bound to it
+//!   names it in its `GatewayAddress`.
 //!
 //! A resource that cannot be used is rejected on its own ([`ResourceError`] names it),
 //! so the client can NACK it and keep the rest.
@@ -21,13 +23,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ambit_core::authz::{self, Action, Cidr, Clause, Match, Policy, Rule, ServiceAccountRef};
 use ambit_core::model::{
     EndpointSpec, MeshConfig, PolicyCondition, PolicyScope, PolicySpec, Protocol, ServicePort,
-    ServiceSpec, WaypointAddress, WorkloadSpec,
+    ServiceSpec, WaypointAddress, WaypointFor, WaypointSpec, WorkloadSpec,
 };
 use ambit_proto::workload::{
     address, gateway_address, string_match, Address, Authorization, AuthorizationAction,
     AuthorizationClause, AuthorizationMatch, AuthorizationRule, AuthorizationScope, CidrAddress,
     GatewayAddress, NetworkAddress, Port, PortList, Presence, Service, ServiceAccountMatch,
-    StringMatch, TunnelProtocol, Workload, WorkloadStatus,
+    StringMatch, TunnelProtocol, Waypoint, WaypointTrafficType, Workload, WorkloadStatus,
 };
 
 /// A resource that cannot be turned into the model, by name.
@@ -130,7 +132,64 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             },
         );
     }
+    for w in &config.waypoints {
+        resources.insert(
+            waypoint_name(&w.namespace, &w.name),
+            Address {
+                r#type: Some(address::Type::Waypoint(waypoint_to_proto(w))),
+            },
+        );
+    }
     resources
+}
+
+/// The resource name of a waypoint.
+pub fn waypoint_name(namespace: &str, name: &str) -> String {
+    format!("waypoint/{namespace}/{name}")
+}
+
+fn waypoint_to_proto(w: &WaypointSpec) -> Waypoint {
+    Waypoint {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        traffic_type: match w.traffic_type {
+            WaypointFor::Service => WaypointTrafficType::Service,
+            WaypointFor::Workload => WaypointTrafficType::Workload,
+            WaypointFor::All => WaypointTrafficType::All,
+            WaypointFor::None => WaypointTrafficType::None,
+        } as i32,
+        service_account: w.service_account.clone(),
+        address: w.address.map(|ip| NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(ip),
+        }),
+        policies: w.policies.clone(),
+    }
+}
+
+fn waypoint_from_proto(w: &Waypoint) -> Result<WaypointSpec, String> {
+    if w.name.is_empty() || w.namespace.is_empty() || w.service_account.is_empty() {
+        return Err("waypoint without a name, namespace or service account".into());
+    }
+    let traffic_type = match WaypointTrafficType::try_from(w.traffic_type) {
+        Ok(WaypointTrafficType::Service) => WaypointFor::Service,
+        Ok(WaypointTrafficType::Workload) => WaypointFor::Workload,
+        Ok(WaypointTrafficType::All) => WaypointFor::All,
+        Ok(WaypointTrafficType::None) => WaypointFor::None,
+        Err(_) => return Err(format!("unknown waypoint traffic type {}", w.traffic_type)),
+    };
+    Ok(WaypointSpec {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        traffic_type,
+        service_account: w.service_account.clone(),
+        address: w
+            .address
+            .as_ref()
+            .map(|a| ip_from_bytes(&a.address))
+            .transpose()?,
+        policies: w.policies.clone(),
+    })
 }
 
 /// The resource name of an authorization policy.
@@ -344,6 +403,7 @@ pub fn from_resources<'a>(
     let mut endpoints: Vec<(String, EndpointSpec)> = Vec::new();
     let mut policies = Vec::new();
     let mut l7_policies = Vec::new();
+    let mut waypoints = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
             name: name.clone(),
@@ -384,7 +444,13 @@ pub fn from_resources<'a>(
                 Ok(p) => l7_policies.push(p),
                 Err(reason) => errors.push(error(reason)),
             },
-            None => errors.push(error("neither a workload, a service nor a policy".into())),
+            Some(address::Type::Waypoint(w)) => match waypoint_from_proto(w) {
+                Ok(w) => waypoints.push(w),
+                Err(reason) => errors.push(error(reason)),
+            },
+            None => errors.push(error(
+                "neither a workload, a service, a policy nor a waypoint".into(),
+            )),
         }
     }
     endpoints.sort_by(|a, b| (&a.0, &a.1.workload_uid).cmp(&(&b.0, &b.1.workload_uid)));
@@ -401,6 +467,7 @@ pub fn from_resources<'a>(
             services: services.into_values().collect(),
             policies,
             l7_policies,
+            waypoints,
         },
         errors,
     )
@@ -478,6 +545,8 @@ fn gateway(w: &WaypointAddress) -> GatewayAddress {
             address: ip_bytes(w.address),
         })),
         hbone_mtls_port: u32::from(w.hbone_port),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
     }
 }
 
@@ -499,6 +568,8 @@ fn waypoint(g: &GatewayAddress) -> Result<WaypointAddress, String> {
     Ok(WaypointAddress {
         address,
         hbone_port,
+        name: g.name.clone(),
+        namespace: g.namespace.clone(),
     })
 }
 
@@ -506,6 +577,7 @@ fn port(p: &ServicePort) -> Port {
     Port {
         service_port: u32::from(p.port),
         target_port: u32::from(p.target_port),
+        app_protocol: p.app_protocol.clone().unwrap_or_default(),
     }
 }
 
@@ -519,6 +591,7 @@ fn model_port(p: &Port) -> Result<ServicePort, String> {
     Ok(ServicePort {
         port: number(p.service_port)?,
         target_port: number(p.target_port)?,
+        app_protocol: (!p.app_protocol.is_empty()).then(|| p.app_protocol.clone()),
     })
 }
 
@@ -552,19 +625,23 @@ mod tests {
              - {uid: shop/web-a, name: web-a, namespace: shop, serviceAccount: web, node: node-a,\n\
                 ips: [10.1.0.10, 'fd10:1::10'], protocol: HBONE, canonicalName: web,\n\
                 canonicalRevision: v1, workloadKind: Deployment, workloadName: web,\n\
-                waypoint: {address: 10.96.0.100}}\n\
+                waypoint: {address: 10.96.0.100, name: waypoint, namespace: shop}}\n\
              - {uid: shop/web-b, name: web-b, namespace: shop, node: node-b, ips: [10.2.0.10],\n\
                 healthy: false}\n\
              - {uid: shop/client, name: client, namespace: shop, node: node-a, ips: [10.1.0.2]}\n\
              services:\n\
              - name: web\n  namespace: shop\n  vips: [10.96.0.10, 'fd00:96::10']\n\
-             \x20 ports: [{port: 80, targetPort: 8080}, {port: 9090, targetPort: 9090}]\n\
+             \x20 ports: [{port: 80, targetPort: 8080, appProtocol: http}, {port: 9090, targetPort: 9090}]\n\
              \x20 endpoints:\n\
              \x20 - {workloadUid: shop/web-a, ports: [{port: 80, targetPort: 8081}]}\n\
              \x20 - {workloadUid: shop/web-b}\n\
              - {name: db, namespace: shop, hostname: db.example.com, vips: [10.96.0.11],\n\
                 ports: [{port: 5432, targetPort: 5432}],\n\
-                waypoint: {address: 'fd00:96::100', hbonePort: 15009}}\n",
+                waypoint: {address: 'fd00:96::100', hbonePort: 15009}}\n\
+             waypoints:\n\
+             - {name: waypoint, namespace: shop, trafficType: all, serviceAccount: waypoint,\n\
+                address: 10.96.0.100, policies: [shop/admin-only]}\n\
+             - {name: bare, namespace: infra, serviceAccount: bare}\n",
         )
         .unwrap()
     }
@@ -582,6 +659,39 @@ mod tests {
             .services
             .sort_by_key(|s| service_name(&s.namespace, &s.hostname()));
         config
+            .waypoints
+            .sort_by_key(|w| waypoint_name(&w.namespace, &w.name));
+        config
+    }
+
+    #[test]
+    fn a_waypoint_travels_with_its_traffic_type_policies_and_the_names_bound_to_it() {
+        let resources = to_resources(&model());
+        let Some(address::Type::Waypoint(w)) = &resources["waypoint/shop/waypoint"].r#type else {
+            panic!("not a waypoint");
+        };
+        assert_eq!(w.traffic_type, WaypointTrafficType::All as i32);
+        assert_eq!(w.policies, ["shop/admin-only"]);
+        let Some(address::Type::Workload(web_a)) = &resources["shop/web-a"].r#type else {
+            panic!("not a workload");
+        };
+        let bound = web_a.waypoint.as_ref().unwrap();
+        assert_eq!(
+            (bound.namespace.as_str(), bound.name.as_str()),
+            ("shop", "waypoint")
+        );
+        // A waypoint without its identity is rejected on its own.
+        let mut bad = resources.clone();
+        let Some(address::Type::Waypoint(w)) =
+            &mut bad.get_mut("waypoint/infra/bare").unwrap().r#type
+        else {
+            panic!("not a waypoint");
+        };
+        w.service_account.clear();
+        let (config, errors) = from_resources(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].name, "waypoint/infra/bare");
+        assert_eq!(config.waypoints.len(), 1);
     }
 
     #[test]
@@ -595,7 +705,9 @@ mod tests {
                 "shop/db.example.com",
                 "shop/web-a",
                 "shop/web-b",
-                "shop/web.shop.svc.cluster.local"
+                "shop/web.shop.svc.cluster.local",
+                "waypoint/infra/bare",
+                "waypoint/shop/waypoint",
             ]
         );
         let (config, errors) = from_resources(&resources);
@@ -613,7 +725,8 @@ mod tests {
             web_a.services["shop/web.shop.svc.cluster.local"].ports,
             [Port {
                 service_port: 80,
-                target_port: 8081
+                target_port: 8081,
+                app_protocol: String::new(),
             }]
         );
         assert_eq!(web_a.addresses[1].len(), 16);
@@ -661,6 +774,7 @@ mod tests {
                 },
             )),
             hbone_mtls_port: 15008,
+            ..GatewayAddress::default()
         });
         let (config, errors) = from_resources(&resources);
         assert_eq!(errors.len(), 1, "{errors:?}");

@@ -5,7 +5,7 @@
 /// `l7authz/<namespace>/<name>`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Address {
-    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101")]
+    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102")]
     pub r#type: ::core::option::Option<address::Type>,
 }
 /// Nested message and enum types in `Address`.
@@ -26,6 +26,10 @@ pub mod address {
         /// (Istio sends waypoints Envoy RBAC filters instead.)
         #[prost(message, tag = "101")]
         L7Authorization(super::L7Authorization),
+        /// Ambit's own: a waypoint (a Gateway of class istio-waypoint). Istio's ztunnel
+        /// learns waypoints only as services; Ambit sends what a waypoint serves with it.
+        #[prost(message, tag = "102")]
+        Waypoint(super::Waypoint),
     }
 }
 /// A pod, with the services it is an endpoint of.
@@ -101,6 +105,11 @@ pub struct Service {
 pub struct GatewayAddress {
     #[prost(uint32, tag = "3")]
     pub hbone_mtls_port: u32,
+    /// Ambit's own: the Gateway's name and namespace, the key of its `Waypoint`.
+    #[prost(string, tag = "100")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "101")]
+    pub namespace: ::prost::alloc::string::String,
     #[prost(oneof = "gateway_address::Destination", tags = "1, 2")]
     pub destination: ::core::option::Option<gateway_address::Destination>,
 }
@@ -113,6 +122,26 @@ pub mod gateway_address {
         #[prost(message, tag = "2")]
         Address(super::NetworkAddress),
     }
+}
+/// A waypoint: who it is, which traffic it serves, and the policies attached to it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Waypoint {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(enumeration = "WaypointTrafficType", tag = "3")]
+    pub traffic_type: i32,
+    /// Its identity is spiffe://\<trust_domain>/ns/<namespace>/sa/\<service_account>.
+    #[prost(string, tag = "4")]
+    pub service_account: ::prost::alloc::string::String,
+    /// Its Service's VIP, when it has one.
+    #[prost(message, optional, tag = "5")]
+    pub address: ::core::option::Option<NetworkAddress>,
+    /// Keys (`<namespace>/<name>`) of the AuthorizationPolicies attached to it with
+    /// targetRefs (its Gateway, its class, or a Service bound to it).
+    #[prost(string, repeated, tag = "6")]
+    pub policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NamespacedHostname {
@@ -133,12 +162,16 @@ pub struct PortList {
     #[prost(message, repeated, tag = "1")]
     pub ports: ::prost::alloc::vec::Vec<Port>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Port {
     #[prost(uint32, tag = "1")]
     pub service_port: u32,
     #[prost(uint32, tag = "2")]
     pub target_port: u32,
+    /// Ambit's own: the declared application protocol, lower-case (`http`, `http2`,
+    /// `grpc`, `tcp`, ...); empty: sniff.
+    #[prost(string, tag = "100")]
+    pub app_protocol: ::prost::alloc::string::String,
 }
 /// An AuthorizationPolicy as ztunnel enforces it (L4). Field numbers are those of
 /// Istio's `istio.security.Authorization` where the field is the same; Ambit's own start
@@ -380,6 +413,38 @@ pub struct L7Condition {
     pub values: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, repeated, tag = "3")]
     pub not_values: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+/// `istio.io/waypoint-for`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum WaypointTrafficType {
+    Service = 0,
+    Workload = 1,
+    All = 2,
+    None = 3,
+}
+impl WaypointTrafficType {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Service => "WAYPOINT_TRAFFIC_TYPE_SERVICE",
+            Self::Workload => "WAYPOINT_TRAFFIC_TYPE_WORKLOAD",
+            Self::All => "WAYPOINT_TRAFFIC_TYPE_ALL",
+            Self::None => "WAYPOINT_TRAFFIC_TYPE_NONE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "WAYPOINT_TRAFFIC_TYPE_SERVICE" => Some(Self::Service),
+            "WAYPOINT_TRAFFIC_TYPE_WORKLOAD" => Some(Self::Workload),
+            "WAYPOINT_TRAFFIC_TYPE_ALL" => Some(Self::All),
+            "WAYPOINT_TRAFFIC_TYPE_NONE" => Some(Self::None),
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
