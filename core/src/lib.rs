@@ -17,5 +17,6 @@ pub mod inbound;
 pub mod model;
 pub mod outbound;
 pub mod renewal;
+pub mod waypoint;
 
 pub use identity::{IdentityError, SpiffeId, TrustDomain};
