@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_core::hbone::TraceParent;
 use ambit_core::waypoint::{pick_endpoint, BoundTarget, Endpoint};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
@@ -166,16 +167,10 @@ async fn handle(
     let started = Instant::now();
     let shared = &context.shared;
     let grpc = authz::is_grpc(request.headers());
-    let respond = |response: Response<Body>, flag: &str, upstream: Option<SocketAddr>| {
-        shared.metrics.request(
-            &context,
-            &request_summary(&request),
-            &response,
-            grpc,
-            flag,
-            started,
-        );
-        log(&context, &request, &response, flag, upstream, started);
+    let trace_id = propagate_trace(request.headers_mut());
+    let summary = request_summary(&request, trace_id, started);
+    let respond = |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| {
+        finish(&context, &summary, &response, flag, endpoint);
         response
     };
     if verdict == Verdict::LengthAndChunked {
@@ -241,7 +236,6 @@ async fn handle(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     strip_hop_by_hop(request.headers_mut(), upgrade);
     append_forwarded_for(request.headers_mut(), context.client);
-    let summary = request_summary(&request);
     let sent = shared.upstreams.send(&key, request).await;
     let mut response = match sent {
         Ok(response) => response,
@@ -251,18 +245,7 @@ async fn handle(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("upstream connect error or disconnect/reset before headers. reason: {e}"),
             );
-            shared
-                .metrics
-                .request(&context, &summary, &reply, grpc, e.response_flag(), started);
-            log_summary(
-                &context,
-                &summary,
-                &reply,
-                e.response_flag(),
-                Some(key.addr),
-                started,
-            );
-            return reply;
+            return respond(reply, e.response_flag(), Some(&endpoint));
         }
     };
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -281,12 +264,61 @@ async fn handle(
         });
     }
     strip_hop_by_hop(response.headers_mut(), switched);
-    let response = response.map(BodyExt::boxed);
-    shared
-        .metrics
-        .request(&context, &summary, &response, grpc, "", started);
-    log_summary(&context, &summary, &response, "", Some(key.addr), started);
-    response
+    respond(response.map(BodyExt::boxed), "", Some(&endpoint))
+}
+
+/// Records an answered request: its metrics and its access-log line.
+fn finish(
+    context: &TunnelContext,
+    summary: &RequestSummary,
+    response: &Response<Body>,
+    flag: &str,
+    endpoint: Option<&Endpoint>,
+) {
+    let metrics = &context.shared.metrics;
+    metrics.request(context, summary, response, flag, endpoint);
+    log_summary(context, summary, response, flag, endpoint.map(|e| e.addr));
+}
+
+/// Continues the client's W3C trace with a new span for this hop (a new trace when
+/// it sent none or a malformed one), and adds `x-request-id` when absent. Returns
+/// the trace id, for the access log.
+fn propagate_trace(headers: &mut HeaderMap) -> String {
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<TraceParent>().ok());
+    let ours = match incoming {
+        Some(parent) => parent.child(rand::random()),
+        None => TraceParent::from_random(rand::random(), rand::random()),
+    };
+    let value = ours.header_value();
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("traceparent", v);
+    }
+    if !headers.contains_key("x-request-id") {
+        let id: [u8; 16] = rand::random();
+        if let Ok(v) = HeaderValue::from_str(&request_id(id)) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    // `00-<trace id>-<span id>-<flags>`
+    value.split('-').nth(1).unwrap_or("").to_owned()
+}
+
+/// A UUID (version 4) from random bytes.
+fn request_id(mut b: [u8; 16]) -> String {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// The endpoint a request on this tunnel goes to.
@@ -427,9 +459,12 @@ pub struct RequestSummary {
     pub authority: String,
     pub path: String,
     pub protocol: &'static str,
+    pub trace_id: String,
+    /// When the request's headers had arrived.
+    pub started: Instant,
 }
 
-fn request_summary<B>(request: &Request<B>) -> RequestSummary {
+fn request_summary<B>(request: &Request<B>, trace_id: String, started: Instant) -> RequestSummary {
     let authority = request
         .uri()
         .authority()
@@ -455,25 +490,9 @@ fn request_summary<B>(request: &Request<B>) -> RequestSummary {
         } else {
             "http"
         },
-    }
-}
-
-fn log<B>(
-    context: &TunnelContext,
-    request: &Request<B>,
-    response: &Response<Body>,
-    flag: &str,
-    upstream: Option<SocketAddr>,
-    started: Instant,
-) {
-    log_summary(
-        context,
-        &request_summary(request),
-        response,
-        flag,
-        upstream,
+        trace_id,
         started,
-    );
+    }
 }
 
 /// One access-log line per request.
@@ -483,7 +502,6 @@ fn log_summary(
     response: &Response<Body>,
     flag: &str,
     upstream: Option<SocketAddr>,
-    started: Instant,
 ) {
     tracing::info!(
         target: "access",
@@ -491,11 +509,12 @@ fn log_summary(
         authority = %request.authority,
         path = %request.path,
         status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms = request.started.elapsed().as_millis() as u64,
         upstream = %upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
         response_flags = if flag.is_empty() { "-" } else { flag },
         peer = %context.peer,
         client = %context.client,
+        trace_id = %request.trace_id,
         "request"
     );
 }
@@ -543,6 +562,32 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn a_trace_continues_with_a_new_span_and_a_request_id_is_added_when_absent() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("mine"));
+        let trace = propagate_trace(&mut h);
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        let sent = h["traceparent"].to_str().unwrap();
+        assert!(
+            sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && sent.ends_with("-01"),
+            "{sent}"
+        );
+        assert!(!sent.contains("b7ad6b7169203331"), "{sent}");
+        assert_eq!(h["x-request-id"], "mine");
+
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        let trace = propagate_trace(&mut h);
+        assert_eq!(trace.len(), 32);
+        let id = h["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!((id.len(), &id[14..15]), (36, "4"), "{id}");
     }
 
     #[test]

@@ -4,10 +4,9 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ambit_core::model::Workload;
-use ambit_core::waypoint::BoundTarget;
+use ambit_core::waypoint::{BoundTarget, Endpoint};
 use http::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +32,7 @@ pub struct RequestLabels {
     pub source_version: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
+    pub destination_principal: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -88,9 +88,8 @@ impl Metrics {
         context: &TunnelContext,
         request: &RequestSummary,
         response: &Response<Body>,
-        grpc: bool,
         flag: &str,
-        started: Instant,
+        endpoint: Option<&Endpoint>,
     ) {
         let state = context.shared.model.borrow().state.clone();
         let source = state.workload_by_ip(context.client.ip());
@@ -103,16 +102,11 @@ impl Metrics {
             })
             .unwrap_or_else(|| "unknown".into())
         };
-        let (destination_workload, destination_namespace, service) = match &context.target {
-            BoundTarget::Service { service, .. } => (
-                "unknown".to_owned(),
-                service.spec.namespace.clone(),
-                Some(service),
-            ),
-            BoundTarget::Workload { workload, .. } => {
-                (name(Some(workload)), workload.spec.namespace.clone(), None)
-            }
+        let service = match &context.target {
+            BoundTarget::Service { service, .. } => Some(service),
+            BoundTarget::Workload { .. } => None,
         };
+        let destination = endpoint.map(|e| &e.workload);
         let grpc_status = response
             .headers()
             .get("grpc-status")
@@ -132,8 +126,13 @@ impl Metrics {
             source_version: source
                 .and_then(|w| w.spec.canonical_revision.clone())
                 .unwrap_or_else(|| "unknown".into()),
-            destination_workload,
-            destination_workload_namespace: destination_namespace,
+            destination_workload: name(destination),
+            destination_workload_namespace: destination
+                .map(|w| w.spec.namespace.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            destination_principal: destination
+                .map(|w| w.identity.to_string())
+                .unwrap_or_else(|| "unknown".into()),
             destination_service: service
                 .map(|s| s.hostname.clone())
                 .unwrap_or_else(|| "unknown".into()),
@@ -143,7 +142,7 @@ impl Metrics {
             destination_service_namespace: service
                 .map(|s| s.spec.namespace.clone())
                 .unwrap_or_else(|| "unknown".into()),
-            request_protocol: if grpc { "grpc" } else { request.protocol },
+            request_protocol: request.protocol,
             response_code: response.status().as_u16(),
             grpc_response_status: grpc_status,
             response_flags: if flag.is_empty() {
@@ -156,7 +155,7 @@ impl Metrics {
         self.requests.get_or_create(&labels).inc();
         self.durations
             .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64() * 1000.0);
+            .observe(request.started.elapsed().as_secs_f64() * 1000.0);
     }
 
     /// The OpenMetrics text of every metric.

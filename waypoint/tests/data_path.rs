@@ -32,7 +32,14 @@ async fn http1_requests_are_balanced_round_robin_over_keep_alive_as_the_waypoint
     let mut names = Vec::new();
     for _ in 0..4 {
         client.ready().await.unwrap();
-        let response = client.send_request(get("/name")).await.unwrap();
+        let mut request = get("/name");
+        request.headers_mut().insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        let response = client.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let body = text(response).await;
         assert!(
@@ -40,6 +47,27 @@ async fn http1_requests_are_balanced_round_robin_over_keep_alive_as_the_waypoint
                 && body.ends_with("xff=10.1.0.5"),
             "{body}"
         );
+        // The same trace, a new span; a request id added.
+        let tp = body
+            .split(" tp=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        assert!(
+            tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+                && !tp.contains("b7ad6b7169203331"),
+            "{body}"
+        );
+        let rid = body
+            .split(" rid=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        assert_eq!(rid.len(), 36, "{body}");
         names.push(body.split(' ').next().unwrap().to_owned());
     }
     assert_eq!(names, ["echo-1", "echo-2", "echo-1", "echo-2"]);
@@ -58,12 +86,22 @@ async fn http1_requests_are_balanced_round_robin_over_keep_alive_as_the_waypoint
         .lines()
         .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
         .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(
-        line.contains("reporter=\"waypoint\"")
-            && line.contains("destination_service_name=\"echo\"")
-            && line.ends_with(" 4"),
-        "{line}"
-    );
+    for label in [
+        "reporter=\"waypoint\"",
+        "destination_service_name=\"echo\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/echo\"",
+        "request_protocol=\"http\"",
+    ] {
+        assert!(line.contains(label), "{label} in {line}");
+    }
+    // Two series (one per endpoint), four requests in all.
+    let served: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(served, 4.0, "{metrics}");
 }
 
 #[tokio::test]
@@ -320,4 +358,81 @@ async fn admin_shows_what_the_waypoint_serves_and_readiness_is_200() {
     assert_eq!(dump["certificates"][0]["identity"], WAYPOINT);
     assert_eq!(dump["certificates"][0]["state"], "valid");
     assert_eq!(http_get(mesh.readiness, "/healthz/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_slow_with_its_headers_is_cut_off_and_others_are_served_meanwhile() {
+    let mesh = Mesh::start(Limits {
+        header_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    })
+    .await;
+    let conn = mesh.client().await;
+    let mut slow = connect(&conn, ECHO_VIP).await.unwrap();
+    slow.stream
+        .write_all(b"GET /name HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut fast = http1_client(&conn, ECHO_VIP).await;
+    let response = fast.send_request(get("/name")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // One header byte at a time, slower than the timeout allows in total.
+    let mut closed = false;
+    for b in b"Host: echo\r\n\r\n" {
+        if slow.stream.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 256];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(1), slow.stream.read(&mut buf)).await
+        {
+            let n = read.unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the slow client was never cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_a_mesh_certificate_is_refused() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let roots = mesh.ca.issue(CLIENT).roots().to_vec();
+    let config = ambit_net::tls::client_config(
+        None,
+        &roots,
+        [ambit_core::SpiffeId::parse(WAYPOINT).unwrap()],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.hbone).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("waypoint.invalid").unwrap(),
+            tcp,
+        )
+        .await;
+    // TLS 1.3: the refusal arrives with the first read after the handshake.
+    let refused = match tls {
+        Err(_) => true,
+        Ok(stream) => match ambit_net::hbone::client::HboneConnection::handshake(
+            stream,
+            ambit_net::hbone::H2Settings::default(),
+        )
+        .await
+        {
+            Err(_) => true,
+            Ok(conn) => connect(&conn, ECHO_VIP).await.is_err(),
+        },
+    };
+    assert!(refused, "a client without a certificate got through");
 }

@@ -424,9 +424,11 @@ async fn app(
                 .to_owned()
         };
         format!(
-            "{name} {:?} host={} authority={} xff={}",
+            "{name} {:?} host={} tp={} rid={} authority={} xff={}",
             r.version(),
             h("host"),
+            h("traceparent"),
+            h("x-request-id"),
             r.uri()
                 .authority()
                 .map(|a| a.to_string())
