@@ -231,6 +231,7 @@ async fn handle(
         addr: endpoint.addr,
         identity: endpoint.workload.identity.clone(),
         version,
+        hbone: endpoint.workload.is_hbone(),
     };
     let upgrade = version == HttpVersion::Http1 && wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -361,25 +362,35 @@ where
             BoundTarget::Workload { .. } => None,
         },
     };
-    let tunnel = match context
-        .shared
-        .upstreams
-        .tunnel(
-            endpoint.addr,
-            &endpoint.workload.identity,
-            forwarded,
-            baggage,
-        )
-        .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::info!(dst = %context.destination, upstream = %endpoint.addr, error = %e, "TCP upstream failed");
-            return;
+    let relayed = if endpoint.workload.is_hbone() {
+        let tunnel = context
+            .shared
+            .upstreams
+            .tunnel(
+                endpoint.addr,
+                &endpoint.workload.identity,
+                forwarded,
+                baggage,
+            )
+            .await;
+        match tunnel {
+            Ok(crate::upstream::TunnelIo { stream, _open }) => {
+                ambit_net::relay::relay_tunnel(io, stream).await
+            }
+            Err(e) => {
+                tracing::info!(dst = %context.destination, upstream = %endpoint.addr, error = %e, "TCP upstream failed");
+                return;
+            }
+        }
+    } else {
+        match tokio::net::TcpStream::connect(endpoint.addr).await {
+            Ok(tcp) => ambit_net::relay::relay_streams(io, tcp).await,
+            Err(e) => {
+                tracing::info!(dst = %context.destination, upstream = %endpoint.addr, error = %e, "TCP upstream (outside the mesh) failed");
+                return;
+            }
         }
     };
-    let crate::upstream::TunnelIo { stream, _open } = tunnel;
-    let relayed = ambit_net::relay::relay_tunnel(io, stream).await;
     tracing::debug!(dst = %context.destination, upstream = %endpoint.addr, bytes_in = relayed.forward, bytes_out = relayed.backward, "TCP connection closed");
 }
 

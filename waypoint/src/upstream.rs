@@ -1,6 +1,7 @@
 //! Upstream HTTP connections: to each endpoint, HTTP/1.1 or HTTP/2 over an HBONE
 //! tunnel from the shared `ambit_net` pool, as the waypoint's own identity and
-//! expecting the endpoint workload's, CONNECT `:authority` = `podIP:targetPort`.
+//! expecting the endpoint workload's, CONNECT `:authority` = `podIP:targetPort`; to an
+//! endpoint outside the mesh, in plaintext, as ztunnel reaches one.
 //!
 //! Connections are kept per (endpoint address, identity, HTTP version) and reused
 //! (keep-alive): an HTTP/2 connection carries every concurrent request to its
@@ -33,6 +34,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// An idle HTTP/1.1 connection is closed after this long.
@@ -53,6 +55,9 @@ pub struct UpstreamKey {
     pub addr: SocketAddr,
     pub identity: SpiffeId,
     pub version: HttpVersion,
+    /// Whether the endpoint is in the mesh (reached over HBONE); one outside it is
+    /// reached in plaintext, as ztunnel reaches it.
+    pub hbone: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,8 @@ pub enum UpstreamError {
     NoCertificate(SpiffeId),
     #[error("{0}")]
     Tunnel(#[from] PoolError),
+    #[error("cannot connect to {addr} (outside the mesh): {source}")]
+    Plaintext { addr: SocketAddr, source: io::Error },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -313,17 +320,30 @@ impl Upstreams {
         None
     }
 
-    async fn connection_io(&self, key: &UpstreamKey) -> Result<TunnelIo, UpstreamError> {
-        self.tunnel(
-            key.addr,
-            &key.identity,
-            Forwarded {
-                for_addr: self.inner.forwarded_for,
-                host: None,
-            },
-            Baggage::default(),
-        )
-        .await
+    async fn connection_io(&self, key: &UpstreamKey) -> Result<UpstreamIo, UpstreamError> {
+        if !key.hbone {
+            let tcp =
+                TcpStream::connect(key.addr)
+                    .await
+                    .map_err(|source| UpstreamError::Plaintext {
+                        addr: key.addr,
+                        source,
+                    })?;
+            let _ = tcp.set_nodelay(true);
+            return Ok(UpstreamIo::Plaintext(tcp));
+        }
+        let tunnel = self
+            .tunnel(
+                key.addr,
+                &key.identity,
+                Forwarded {
+                    for_addr: self.inner.forwarded_for,
+                    host: None,
+                },
+                Baggage::default(),
+            )
+            .await?;
+        Ok(UpstreamIo::Hbone(tunnel))
     }
 
     /// Idle HTTP/1.1 connections held, for every endpoint.
@@ -384,5 +404,53 @@ impl AsyncWrite for TunnelIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// An upstream connection's byte stream: a tunnel, or plaintext TCP to an endpoint
+/// outside the mesh.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Hbone(TunnelIo),
+    Plaintext(TcpStream),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Hbone(t) => Pin::new(t).poll_read(cx, buf),
+            UpstreamIo::Plaintext(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Hbone(t) => Pin::new(t).poll_write(cx, data),
+            UpstreamIo::Plaintext(t) => Pin::new(t).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Hbone(t) => Pin::new(t).poll_flush(cx),
+            UpstreamIo::Plaintext(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Hbone(t) => Pin::new(t).poll_shutdown(cx),
+            UpstreamIo::Plaintext(t) => Pin::new(t).poll_shutdown(cx),
+        }
     }
 }

@@ -239,6 +239,10 @@ async fn targets_not_bound_to_the_waypoint_are_refused_with_400() {
     let mut client = http1_client(&conn, &format!("{}:{APP_PORT}", mesh.ips[2])).await;
     let response = client.send_request(get("/name")).await.unwrap();
     assert!(text(response).await.starts_with("direct-0 "));
+    // An endpoint outside the mesh is reached in plaintext.
+    let mut client = http1_client(&conn, "10.96.0.30:80").await;
+    let response = client.send_request(get("/name")).await.unwrap();
+    assert!(text(response).await.starts_with("legacy-0 "));
 }
 
 /// Sends raw bytes in a tunnel to the bound Service; returns the response's first
@@ -349,7 +353,7 @@ async fn admin_shows_what_the_waypoint_serves_and_readiness_is_200() {
     assert_eq!(dump["waypoint"]["gateway"], "shop/waypoint");
     assert_eq!(
         dump["waypoint"]["services"],
-        serde_json::json!(["shop/echo"])
+        serde_json::json!(["shop/echo", "shop/legacy"])
     );
     assert_eq!(
         dump["waypoint"]["workloads"],

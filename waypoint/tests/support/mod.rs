@@ -119,15 +119,16 @@ impl CertificateSource for SigningSource {
 
 /// Two endpoints' loopback addresses, distinct per test so parallel tests never
 /// share a port.
-pub fn endpoint_ips() -> [IpAddr; 3] {
+pub fn endpoint_ips() -> [IpAddr; 4] {
     let (a, b) = (rand::random::<u8>() % 250 + 1, rand::random::<u8>());
-    [2, 3, 4].map(|last| IpAddr::from([127, a, b, last]))
+    [2, 3, 4, 5].map(|last| IpAddr::from([127, a, b, last]))
 }
 
 /// The model: the waypoint's own Service, the bound Service `echo` with two
 /// endpoints, a bound workload `direct` (the third address), and `free`, bound to
-/// nothing.
-pub fn model(ips: [IpAddr; 3]) -> MeshConfig {
+/// nothing, and `legacy`, bound, whose endpoint (the fourth address) is outside the
+/// mesh.
+pub fn model(ips: [IpAddr; 4]) -> MeshConfig {
     let yaml = format!(
         r#"
 workloads:
@@ -135,6 +136,7 @@ workloads:
 - {{uid: shop/echo-1, name: echo-1, namespace: shop, serviceAccount: echo, node: a, ips: ["{a}"], protocol: HBONE}}
 - {{uid: shop/echo-2, name: echo-2, namespace: shop, serviceAccount: echo, node: b, ips: ["{b}"], protocol: HBONE}}
 - {{uid: shop/direct-0, name: direct-0, namespace: shop, serviceAccount: echo, node: b, ips: ["{c}"], protocol: HBONE, waypoint: {{address: 10.96.0.99}}}}
+- {{uid: shop/legacy-0, name: legacy-0, namespace: shop, node: b, ips: ["{d}"]}}
 services:
 - name: waypoint
   namespace: shop
@@ -147,6 +149,12 @@ services:
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
   waypoint: {{address: 10.96.0.99}}
   endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
+- name: legacy
+  namespace: shop
+  vips: [10.96.0.30]
+  ports: [{{port: 80, targetPort: {APP_PORT}}}]
+  waypoint: {{address: 10.96.0.99}}
+  endpoints: [{{workloadUid: shop/legacy-0}}]
 - name: free
   namespace: shop
   vips: [10.96.0.20]
@@ -156,6 +164,7 @@ services:
         a = ips[0],
         b = ips[1],
         c = ips[2],
+        d = ips[3],
     );
     serde_yaml_ng::from_str(&yaml).unwrap()
 }
@@ -163,7 +172,7 @@ services:
 /// A running waypoint and its surroundings.
 pub struct Mesh {
     pub ca: Arc<TestCa>,
-    pub ips: [IpAddr; 3],
+    pub ips: [IpAddr; 4],
     pub hbone: SocketAddr,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
@@ -182,6 +191,8 @@ impl Mesh {
             start_app(SocketAddr::new(ip, APP_PORT), name).await;
             start_ztunnel(&ca, ip, upstream_peers.clone()).await;
         }
+        // Outside the mesh: the app alone, no ztunnel.
+        start_app(SocketAddr::new(ips[3], APP_PORT), "legacy-0").await;
         let config = model(ips);
         let td = TrustDomain::default();
         let state = MeshState::build(&config, &td).unwrap();
