@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,11 +36,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::authz::{self, ConnectionInfo, RequestInfo};
 use crate::h1_guard::{Guarded, Verdict, Verdicts};
 use crate::io::{idle, Activity, Watched};
+use crate::metrics::Counted;
 use crate::proxy::Shared;
 use crate::upstream::{HttpVersion, UpstreamKey};
 
 /// A response body to the client.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A request body sent upstream, counted for `istio_request_bytes`.
+pub type RequestBody = Counted<Incoming>;
 
 /// Envoy-like limits on the client side.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +79,8 @@ pub struct TunnelContext {
     pub peer: SpiffeId,
     /// The original client.
     pub client: SocketAddr,
+    /// The client's workload metadata from the CONNECT's `baggage`.
+    pub baggage: ambit_core::hbone::Baggage,
 }
 
 /// Serves HTTP of `version` on the tunnel `io` until the client is done, the
@@ -169,9 +176,16 @@ async fn handle(
     let grpc = authz::is_grpc(request.headers());
     let trace_id = propagate_trace(request.headers_mut());
     let summary = request_summary(&request, trace_id, started);
+    let request_bytes = Arc::new(AtomicU64::new(0));
     let respond = |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| {
-        finish(&context, &summary, &response, flag, endpoint);
-        response
+        finish(
+            &context,
+            &summary,
+            response,
+            flag,
+            endpoint,
+            request_bytes.clone(),
+        )
     };
     if verdict == Verdict::LengthAndChunked {
         let mut response = local_reply(
@@ -237,6 +251,9 @@ async fn handle(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     strip_hop_by_hop(request.headers_mut(), upgrade);
     append_forwarded_for(request.headers_mut(), context.client);
+    let counter = request_bytes.clone();
+    let request = request
+        .map(move |body| Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)));
     let sent = shared.upstreams.send(&key, request).await;
     let mut response = match sent {
         Ok(response) => response,
@@ -272,13 +289,14 @@ async fn handle(
 fn finish(
     context: &TunnelContext,
     summary: &RequestSummary,
-    response: &Response<Body>,
+    response: Response<Body>,
     flag: &str,
     endpoint: Option<&Endpoint>,
-) {
+    request_bytes: Arc<AtomicU64>,
+) -> Response<Body> {
+    log_summary(context, summary, &response, flag, endpoint.map(|e| e.addr));
     let metrics = &context.shared.metrics;
-    metrics.request(context, summary, response, flag, endpoint);
-    log_summary(context, summary, response, flag, endpoint.map(|e| e.addr));
+    metrics.request(context, summary, response, flag, endpoint, request_bytes)
 }
 
 /// Continues the client's W3C trace with a new span for this hop (a new trace when

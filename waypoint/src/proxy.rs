@@ -185,6 +185,7 @@ impl TunnelHandler for Tunnels {
                 destination: request.target.addr(),
                 peer: request.peer.clone(),
                 client,
+                baggage: request.baggage.clone(),
             }),
             baggage: request.baggage.clone(),
             declared,

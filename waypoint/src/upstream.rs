@@ -32,6 +32,8 @@ use ambit_net::hbone::H2Stream;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
+
+use crate::http::RequestBody;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -106,7 +108,7 @@ impl std::fmt::Debug for Upstreams {
 }
 
 /// An idle HTTP/1.1 connection and since when it is idle.
-type IdleH1 = (http1::SendRequest<Incoming>, Instant);
+type IdleH1 = (http1::SendRequest<RequestBody>, Instant);
 
 struct Inner {
     hbone: HbonePool,
@@ -115,7 +117,7 @@ struct Inner {
     /// The `forwarded` address of the tunnels (this waypoint's pod).
     forwarded_for: SocketAddr,
     idle: Mutex<HashMap<UpstreamKey, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<UpstreamKey, http2::SendRequest<Incoming>>>,
+    h2: Mutex<HashMap<UpstreamKey, http2::SendRequest<RequestBody>>>,
 }
 
 impl Upstreams {
@@ -179,7 +181,7 @@ impl Upstreams {
     pub async fn send(
         &self,
         key: &UpstreamKey,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match key.version {
             HttpVersion::Http2 => self.send_h2(key, request).await,
@@ -190,7 +192,7 @@ impl Upstreams {
     async fn send_h2(
         &self,
         key: &UpstreamKey,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = request;
         let mut fresh = false;
@@ -253,7 +255,7 @@ impl Upstreams {
     async fn send_h1(
         &self,
         key: &UpstreamKey,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = request;
         loop {
@@ -309,7 +311,7 @@ impl Upstreams {
     }
 
     /// An idle HTTP/1.1 connection to `key` that can take a request now.
-    fn idle_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<Incoming>> {
+    fn idle_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = lock(&self.inner.idle);
         let list = idle.get_mut(key)?;
         while let Some((sender, _)) = list.pop() {

@@ -102,6 +102,18 @@ async fn http1_requests_are_balanced_round_robin_over_keep_alive_as_the_waypoint
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(served, 4.0, "{metrics}");
+    for histogram in [
+        "istio_request_duration_milliseconds_count{",
+        "istio_request_bytes_count{",
+        "istio_response_bytes_sum{",
+    ] {
+        let total: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with(histogram))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        assert!(total >= 4.0, "{histogram} {total}\n{metrics}");
+    }
 }
 
 #[tokio::test]
