@@ -6,8 +6,8 @@
 //! Connections are kept per (endpoint address, identity, HTTP version) and reused
 //! (keep-alive): an HTTP/2 connection carries every concurrent request to its
 //! endpoint; an HTTP/1.1 connection one at a time, going back to the idle list once
-//! its response has been read. Idle HTTP/1.1 connections are closed after
-//! [`IDLE_TIMEOUT`], and at most [`MAX_IDLE_PER_ENDPOINT`] are kept, so tunnels to
+//! its response has been read. Idle connections are closed after [`IDLE_TIMEOUT`],
+//! and at most [`MAX_IDLE_PER_ENDPOINT`] HTTP/1.1 ones are kept, so tunnels to
 //! an endpoint that stopped receiving requests end, and with them the HBONE
 //! connection once it has none.
 //!
@@ -117,7 +117,9 @@ struct Inner {
     /// The `forwarded` address of the tunnels (this waypoint's pod).
     forwarded_for: SocketAddr,
     idle: Mutex<HashMap<UpstreamKey, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<UpstreamKey, http2::SendRequest<RequestBody>>>,
+    /// With when each was last used: one unused for [`IDLE_TIMEOUT`] is let go, and
+    /// closes once its last request has ended.
+    h2: Mutex<HashMap<UpstreamKey, (http2::SendRequest<RequestBody>, Instant)>>,
 }
 
 impl Upstreams {
@@ -198,9 +200,12 @@ impl Upstreams {
         let mut fresh = false;
         loop {
             let pooled = lock(&self.inner.h2)
-                .get(key)
-                .filter(|s| !s.is_closed())
-                .cloned();
+                .get_mut(key)
+                .filter(|(s, _)| !s.is_closed())
+                .map(|(s, used)| {
+                    *used = Instant::now();
+                    s.clone()
+                });
             let mut sender = match pooled {
                 Some(s) => s,
                 None => {
@@ -220,7 +225,7 @@ impl Upstreams {
                             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                         }
                     });
-                    lock(&self.inner.h2).insert(key.clone(), sender.clone());
+                    lock(&self.inner.h2).insert(key.clone(), (sender.clone(), Instant::now()));
                     sender
                 }
             };
@@ -358,8 +363,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Closes idle HTTP/1.1 connections past [`IDLE_TIMEOUT`] and forgets closed HTTP/2
-/// ones, until the pool is dropped.
+/// Closes idle connections past [`IDLE_TIMEOUT`] and forgets closed ones, until the
+/// pool is dropped.
 async fn sweep(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(IDLE_TIMEOUT / 4).await;
@@ -369,7 +374,8 @@ async fn sweep(inner: Weak<Inner>) {
             list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
             !list.is_empty()
         });
-        lock(&inner.h2).retain(|_, s| !s.is_closed());
+        lock(&inner.h2)
+            .retain(|_, (s, used)| !s.is_closed() && now.duration_since(*used) < IDLE_TIMEOUT);
     }
 }
 
