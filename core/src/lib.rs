@@ -20,5 +20,6 @@ pub mod l7;
 pub mod model;
 pub mod outbound;
 pub mod renewal;
+pub mod waypoint;
 
 pub use identity::{IdentityError, SpiffeId, TrustDomain};

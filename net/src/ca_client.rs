@@ -20,6 +20,14 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::tls::{self, WorkloadCert};
 
+/// The identity the control plane (CA and xDS on 15012) presents unless told
+/// otherwise: `spiffe://<trust domain>/ns/ambit-system/sa/ambit-control`.
+pub fn default_control_identity(
+    trust_domain: &ambit_core::TrustDomain,
+) -> Result<SpiffeId, ambit_core::IdentityError> {
+    SpiffeId::new(trust_domain.clone(), "ambit-system", "ambit-control")
+}
+
 /// One certificate request, as the certificate manager hands it to a source.
 #[derive(Debug, Clone)]
 pub struct FetchRequest {

@@ -708,3 +708,125 @@ async fn a_client_that_never_sends_the_preface_is_closed() {
         }
     }
 }
+
+/// A terminating handler (the waypoint's kind): takes the tunnel itself after the 200
+/// and speaks its own protocol in it; here it greets with the target it accepted and
+/// then answers every byte upper-cased.
+#[derive(Clone, Default)]
+struct Terminating {
+    refusals: Arc<Mutex<Vec<String>>>,
+}
+
+impl ambit_net::hbone::server::TunnelHandler for Terminating {
+    type Accepted = HboneTarget;
+    type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+    async fn accept(&self, request: &InboundRequest) -> Result<HboneTarget, ConnectRefusal> {
+        if request.target.port() == DENIED_PORT {
+            return Err(ConnectRefusal::Denied {
+                policy: "shop/deny-7".into(),
+            });
+        }
+        Ok(request.target)
+    }
+
+    fn serve(&self, target: HboneTarget, mut stream: H2Stream) -> Self::Serving {
+        Box::pin(async move {
+            stream
+                .write_all(format!("serving {target}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = stream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                stream
+                    .write_all(&buf[..n].to_ascii_uppercase())
+                    .await
+                    .unwrap();
+            }
+            stream.shutdown().await.unwrap();
+        })
+    }
+
+    fn report_refusal(&self, _request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
+        self.refusals
+            .lock()
+            .unwrap()
+            .push(refusal.reason().to_string());
+    }
+}
+
+#[tokio::test]
+async fn a_terminating_handler_gets_the_tunnel_as_a_stream_after_the_200() {
+    let ca = TestCa::new();
+    let server_cert = ca.issue(SERVER);
+    let client_cert = ca.issue(CLIENT);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hbone_addr = listener.local_addr().unwrap();
+    let server_tls = tls::server_config(
+        CertSlot::new(&server_cert),
+        server_cert.roots(),
+        ClientAuth::Required(TrustDomain::default()),
+    )
+    .unwrap();
+    let handler = Terminating::default();
+    let refusals = handler.refusals.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer_addr) = listener.accept().await.unwrap();
+            let (server_tls, handler) = (server_tls.clone(), handler.clone());
+            tokio::spawn(async move {
+                let (tls, peer) =
+                    ambit_net::hbone::server::accept_tls(&server_tls, tcp, Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                assert_eq!(peer.as_str(), CLIENT);
+                let _ = serve_connection(
+                    tls,
+                    peer,
+                    peer_addr,
+                    H2Settings::default(),
+                    handler,
+                    std::future::pending(),
+                )
+                .await;
+            });
+        }
+    });
+    let client_cfg = tls::client_config(
+        Some(&client_cert),
+        client_cert.roots(),
+        [SpiffeId::parse(SERVER).unwrap()],
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(hbone_addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(client_cfg))
+        .connect(ServerName::try_from("ignored.invalid").unwrap(), tcp)
+        .await
+        .unwrap();
+    let conn = HboneConnection::handshake(tls, H2Settings::default())
+        .await
+        .unwrap();
+
+    let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let mut tunnel = conn.connect(&request(target)).await.unwrap();
+    tunnel.stream.write_all(b"hello").await.unwrap();
+    tunnel.stream.shutdown().await.unwrap();
+    let mut back = String::new();
+    tunnel.stream.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "serving 10.96.0.10:80\nHELLO");
+
+    match conn
+        .connect(&request(SocketAddr::from(([10, 96, 0, 10], DENIED_PORT))))
+        .await
+    {
+        Err(TunnelError::Refused { status, reason, .. }) => {
+            assert_eq!((status, reason.as_deref()), (401, Some("denied")));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(*refusals.lock().unwrap(), ["denied"]);
+}

@@ -2,7 +2,7 @@
 //! operations endpoints, and the hand-off socket through which pods arrive.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_net::ca_client::{CaClientConfig, GrpcCaClient};
@@ -13,13 +13,14 @@ use ambit_net::token::BearerToken;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::admin::{self, Admin, Readiness, SetLogFilter};
+use crate::admin::{self, Admin, LogLevel, Readiness, SetLogFilter};
 use crate::callers::InboundCallers;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::model_file;
 use crate::pods::Pods;
 use crate::proxy::Shared;
-use crate::{model_file, model_xds};
+use ambit_net::model_source;
 
 /// Runs ztunnel until `shutdown` completes, then drains open connections for up to the
 /// configured deadline.
@@ -44,13 +45,13 @@ pub async fn run(
             model_file::watch_file(path.clone(), config.trust_domain.clone(), config.model_poll)?
         }
         (None, Some(address)) => {
-            let (model, synced, task) = model_xds::watch_xds(
-                model_xds::XdsSource {
+            let (model, synced, task) = model_source::watch_xds(
+                model_source::XdsSource {
                     address: address.clone(),
                     identity: config.ca_identity()?,
                     roots: roots.clone(),
                     token: token.clone(),
-                    node: config.node.clone(),
+                    node_id: format!("ztunnel~{}", config.node),
                 },
                 config.trust_domain.clone(),
             );
@@ -135,8 +136,7 @@ pub async fn run(
         callers: shared.callers.clone(),
         model,
         certs,
-        set_log_filter,
-        log_filter: Mutex::new(config.log.clone()),
+        logging: LogLevel::new(&config.log, set_log_filter),
     });
     tokio::spawn(admin::serve(
         bind(config.admin_addr).await?,

@@ -114,7 +114,7 @@ impl Config {
     pub fn ca_identity(&self) -> Result<SpiffeId, ambit_core::IdentityError> {
         match &self.ca_identity {
             Some(id) => Ok(id.clone()),
-            None => SpiffeId::new(self.trust_domain.clone(), "ambit-system", "ambit-control"),
+            None => ambit_net::ca_client::default_control_identity(&self.trust_domain),
         }
     }
 }

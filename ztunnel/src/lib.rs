@@ -7,7 +7,7 @@
 //! terminates inbound HBONE for its pods.
 //!
 //! Pieces: [`config`] (flags), [`app`] (wiring and drain), [`pods`] (served pods and
-//! their listeners), [`proxy`] (the traffic paths), [`model_file`] (the model source),
+//! their listeners), [`proxy`] (the traffic paths), [`model_file`] (the model from a file; from xDS it is `ambit_net::model_source`),
 //! [`metrics`] (Istio's TCP metrics), [`callers`] (who opened each open inbound
 //! tunnel) and [`admin`] (admin, metrics and readiness
 //! endpoints).
@@ -21,7 +21,6 @@ pub mod callers;
 pub mod config;
 pub mod metrics;
 pub mod model_file;
-pub mod model_xds;
 pub mod open_inbound;
 pub mod pods;
 pub mod proxy;

@@ -12,18 +12,7 @@ use ambit_core::model::{MeshConfig, MeshState};
 use ambit_core::TrustDomain;
 use tokio::sync::watch;
 
-/// What ztunnel currently works from, and how it got there.
-#[derive(Debug, Clone)]
-pub struct ModelSnapshot {
-    pub state: Arc<MeshState>,
-    /// The model as loaded, for `/config_dump`.
-    pub config: Arc<MeshConfig>,
-    /// Incremented on every successful load.
-    pub version: u64,
-    pub loaded_at: SystemTime,
-    /// Why the latest change was rejected, if it was (the previous model is in force).
-    pub rejected: Option<String>,
-}
+pub use ambit_net::model_source::{reject, ModelSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelFileError {
@@ -133,14 +122,6 @@ pub fn watch_file(
         }
     });
     Ok((rx, task))
-}
-
-pub(crate) fn reject(tx: &watch::Sender<ModelSnapshot>, reason: String) {
-    let same = tx.borrow().rejected.as_deref() == Some(reason.as_str());
-    if !same {
-        tracing::error!(error = %reason, "model change rejected; keeping the last good model");
-        tx.send_modify(|s| s.rejected = Some(reason));
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,12 @@
 //! Terminating HBONE: runs the HTTP/2 server side of one mutual-TLS connection and, for
-//! each CONNECT, asks a handler for the upstream. The answer is `200` only once the
-//! handler has connected; a refusal is answered with its status (400/401/503) and
-//! never affects the connection's other tunnels.
+//! each CONNECT, asks a handler whether to accept it. The answer is `200` only once the
+//! handler has accepted (a relaying handler: once it has connected its upstream); a
+//! refusal is answered with its status (400/401/503) and never affects the
+//! connection's other tunnels.
+//!
+//! After the `200` a tunnel either is relayed to the upstream the handler opened
+//! ([`InboundHandler`], ztunnel), or is handed to the handler as a byte stream
+//! ([`TunnelHandler::serve`], the waypoint, which serves HTTP inside it).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,7 +47,9 @@ pub struct TunnelOutcome {
     pub error: Option<String>,
 }
 
-/// Decides and opens the upstream for each CONNECT; told how each tunnel ended.
+/// A relaying handler: decides and opens the upstream for each CONNECT, and the server
+/// relays the tunnel's bytes to it (ztunnel). Every `InboundHandler` is a
+/// [`TunnelHandler`] whose tunnels are relayed.
 pub trait InboundHandler: Clone + Send + Sync + Unpin + 'static {
     type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// What the handler keeps about one accepted tunnel while it is open (its log
@@ -55,6 +62,84 @@ pub trait InboundHandler: Clone + Send + Sync + Unpin + 'static {
     ) -> impl Future<Output = Result<(Self::Upstream, Self::Tunnel), ConnectRefusal>> + Send;
     fn finished(&self, tunnel: Self::Tunnel, outcome: TunnelOutcome);
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
+}
+
+/// Any handler: decides each CONNECT ([`TunnelHandler::accept`]), then, once `200` is
+/// sent, runs the accepted tunnel ([`TunnelHandler::serve`], which gets it as a byte
+/// stream). A relaying handler implements [`InboundHandler`] instead; a terminating
+/// one (the waypoint, which runs an HTTP server inside each tunnel) implements this.
+pub trait TunnelHandler: Clone + Send + Sync + Unpin + 'static {
+    /// What `accept` decided about a tunnel, handed to `serve`.
+    type Accepted: Send + 'static;
+    /// An accepted tunnel's life after the `200`; the tunnel's task holds it as long
+    /// as the tunnel is open.
+    type Serving: Future<Output = ()> + Send + Unpin + 'static;
+    /// Accepts the CONNECT (`Ok`, answered `200`) or refuses it with its status.
+    fn accept(
+        &self,
+        request: &InboundRequest,
+    ) -> impl Future<Output = Result<Self::Accepted, ConnectRefusal>> + Send;
+    /// Runs the accepted tunnel; `stream` is the terminated tunnel.
+    fn serve(&self, accepted: Self::Accepted, stream: H2Stream) -> Self::Serving;
+    /// Told of each refusal, after it is answered (`request` is `None` when the
+    /// CONNECT itself could not be parsed).
+    fn report_refusal(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
+}
+
+impl<H: InboundHandler> TunnelHandler for H {
+    type Accepted = (H::Upstream, H::Tunnel);
+    type Serving = Relaying<H>;
+
+    fn accept(
+        &self,
+        request: &InboundRequest,
+    ) -> impl Future<Output = Result<Self::Accepted, ConnectRefusal>> + Send {
+        self.connect(request)
+    }
+
+    fn serve(&self, (upstream, tunnel): Self::Accepted, stream: H2Stream) -> Relaying<H> {
+        Relaying {
+            relay: relay_tunnel(upstream, stream),
+            tunnel: Some(tunnel),
+            handler: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    fn report_refusal(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
+        self.refused(request, refusal);
+    }
+}
+
+/// A relayed tunnel: the bytes moving, then the outcome reported to the handler.
+/// Small, for the tunnel's (often long and idle) life.
+#[derive(Debug)]
+pub struct Relaying<H: InboundHandler> {
+    relay: TunnelRelay<H::Upstream>,
+    tunnel: Option<H::Tunnel>,
+    handler: H,
+    started: Instant,
+}
+
+impl<H: InboundHandler> Future for Relaying<H> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let relayed = ready!(Pin::new(&mut this.relay).poll(cx));
+        if let Some(tunnel) = this.tunnel.take() {
+            this.handler.finished(
+                tunnel,
+                TunnelOutcome {
+                    bytes_in: relayed.backward,
+                    bytes_out: relayed.forward,
+                    duration: this.started.elapsed(),
+                    error: relayed.error.map(|e| e.to_string()),
+                },
+            );
+        }
+        Poll::Ready(())
+    }
 }
 
 /// Serves HBONE on one established TLS connection until the peer closes it, or until
@@ -72,7 +157,7 @@ pub async fn serve_connection<IO, H>(
 ) -> Result<(), h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: InboundHandler,
+    H: TunnelHandler,
 {
     let handshake = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
@@ -122,31 +207,59 @@ where
     Ok(())
 }
 
+/// Why an accepted TCP connection did not become an HBONE connection.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] std::io::Error),
+    #[error("TLS handshake not done within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The verifier already demands an identity; this is a second line.
+    #[error("client presented no SPIFFE identity")]
+    NoIdentity,
+}
+
+/// Runs the server side of mesh TLS on an accepted connection within `timeout`, and
+/// returns the stream with the client's verified identity: what every HBONE listener
+/// does before [`serve_connection`].
+pub async fn accept_tls<IO>(
+    tls: &crate::tls::ServerTls,
+    io: IO,
+    timeout: std::time::Duration,
+) -> Result<(tokio_rustls::server::TlsStream<IO>, SpiffeId), AcceptError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let stream = tokio::time::timeout(timeout, tls.accept(io))
+        .await
+        .map_err(|_| AcceptError::Timeout(timeout))?
+        .map_err(AcceptError::Handshake)?;
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::tls::identity_of(c).ok())
+        .ok_or(AcceptError::NoIdentity)?;
+    Ok((stream, identity))
+}
+
 /// What `accept_stream` yields for an accepted tunnel.
-type Accepted<H> = (
-    <H as InboundHandler>::Upstream,
-    <H as InboundHandler>::Tunnel,
-    H2Stream,
-);
+type Accepted<H> = (<H as TunnelHandler>::Accepted, H2Stream);
 
 /// One tunnel's task: accepting, boxed because it holds the request and the handler's
-/// connect, then relaying, small, for the tunnel's (often long and idle) life. Written
-/// out rather than an `async` block, whose state would keep room for both at once.
-enum StreamTask<H: InboundHandler> {
+/// accept, then serving, for the tunnel's life (small, when relaying). Written out
+/// rather than an `async` block, whose state would keep room for both at once.
+enum StreamTask<H: TunnelHandler> {
     Accepting {
         accept: Pin<Box<dyn Future<Output = Option<Accepted<H>>> + Send>>,
         handler: H,
     },
-    Open {
-        relay: TunnelRelay<H::Upstream>,
-        tunnel: Option<H::Tunnel>,
-        handler: H,
-        started: Instant,
-    },
+    Open(H::Serving),
     Done,
 }
 
-impl<H: InboundHandler> Future for StreamTask<H> {
+impl<H: TunnelHandler> Future for StreamTask<H> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -155,33 +268,14 @@ impl<H: InboundHandler> Future for StreamTask<H> {
             match this {
                 StreamTask::Accepting { accept, handler } => {
                     *this = match ready!(accept.as_mut().poll(cx)) {
-                        Some((upstream, tunnel, stream)) => StreamTask::Open {
-                            relay: relay_tunnel(upstream, stream),
-                            tunnel: Some(tunnel),
-                            handler: handler.clone(),
-                            started: Instant::now(),
-                        },
+                        Some((accepted, stream)) => {
+                            StreamTask::Open(handler.serve(accepted, stream))
+                        }
                         None => StreamTask::Done,
                     };
                 }
-                StreamTask::Open {
-                    relay,
-                    tunnel,
-                    handler,
-                    started,
-                } => {
-                    let relayed = ready!(Pin::new(relay).poll(cx));
-                    if let Some(tunnel) = tunnel.take() {
-                        handler.finished(
-                            tunnel,
-                            TunnelOutcome {
-                                bytes_in: relayed.backward,
-                                bytes_out: relayed.forward,
-                                duration: started.elapsed(),
-                                error: relayed.error.map(|e| e.to_string()),
-                            },
-                        );
-                    }
+                StreamTask::Open(serving) => {
+                    ready!(Pin::new(serving).poll(cx));
                     *this = StreamTask::Done;
                 }
                 StreamTask::Done => return Poll::Ready(()),
@@ -190,35 +284,35 @@ impl<H: InboundHandler> Future for StreamTask<H> {
     }
 }
 
-/// Parses a CONNECT, has the handler open the upstream and answers: 200 with the
-/// tunnel, or the refusal.
-async fn accept_stream<H: InboundHandler>(
+/// Parses a CONNECT, has the handler accept it and answers: 200 with the tunnel, or
+/// the refusal.
+async fn accept_stream<H: TunnelHandler>(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: SpiffeId,
     peer_addr: SocketAddr,
     handler: H,
-) -> Option<(H::Upstream, H::Tunnel, H2Stream)> {
+) -> Option<Accepted<H>> {
     let (parts, recv) = request.into_parts();
     let inbound = match parse(&parts, peer, peer_addr) {
         Ok(r) => r,
         Err(refusal) => {
-            handler.refused(None, &refusal);
+            handler.report_refusal(None, &refusal);
             reply_refusal(&mut respond, &refusal);
             return None;
         }
     };
-    let (upstream, tunnel) = match handler.connect(&inbound).await {
+    let accepted = match handler.accept(&inbound).await {
         Ok(accepted) => accepted,
         Err(refusal) => {
-            handler.refused(Some(&inbound), &refusal);
+            handler.report_refusal(Some(&inbound), &refusal);
             reply_refusal(&mut respond, &refusal);
             return None;
         }
     };
     // The peer may have gone away meanwhile.
     let send = respond.send_response(Response::new(()), false).ok()?;
-    Some((upstream, tunnel, H2Stream::new(send, recv)))
+    Some((accepted, H2Stream::new(send, recv)))
 }
 
 fn parse(

@@ -1,21 +1,59 @@
-//! The model from the control plane over delta xDS, the normal source: ztunnel's xDS
-//! client (`ambit_net::xds::client`) keeps the resources and the `MeshConfig` they make,
-//! and this builds the `MeshState` traffic reads from each new one. A model that does
-//! not validate as a whole is reported and the last good one stays in force, as with
-//! the file source; so does the last model while the control plane is unreachable.
+//! The model a proxy works from, kept current: [`ModelSnapshot`] is what traffic reads
+//! (the indexed `MeshState`, the `MeshConfig` it was built from for `/config_dump`,
+//! and why the latest change was rejected, if it was), and [`watch_xds`] keeps one up
+//! to date from the control plane over delta xDS (`crate::xds::client`), the normal
+//! source for ztunnel and the waypoint alike. A model that does not validate as a
+//! whole is reported and the last good one stays in force; so does the last model
+//! while the control plane is unreachable.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ambit_core::model::{MeshConfig, MeshState};
 use ambit_core::{SpiffeId, TrustDomain};
-use ambit_net::ca_client::tls_channel;
-use ambit_net::token::BearerToken;
-use ambit_net::xds::client::{ClientConfig, XdsClient};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
-use crate::model_file::{reject, ModelSnapshot};
+use crate::ca_client::tls_channel;
+use crate::token::BearerToken;
+use crate::xds::client::{ClientConfig, XdsClient};
+
+/// What a proxy currently works from, and how it got there.
+#[derive(Debug, Clone)]
+pub struct ModelSnapshot {
+    pub state: Arc<MeshState>,
+    /// The model as loaded, for `/config_dump`.
+    pub config: Arc<MeshConfig>,
+    /// Incremented on every successful load.
+    pub version: u64,
+    pub loaded_at: SystemTime,
+    /// Why the latest change was rejected, if it was (the previous model is in force).
+    pub rejected: Option<String>,
+}
+
+impl ModelSnapshot {
+    /// An empty model, version 0: what a proxy has before its first one.
+    pub fn empty(trust_domain: &TrustDomain) -> Self {
+        let config = MeshConfig::default();
+        ModelSnapshot {
+            state: Arc::new(MeshState::build(&config, trust_domain).unwrap_or_default()),
+            config: Arc::new(config),
+            version: 0,
+            loaded_at: SystemTime::now(),
+            rejected: None,
+        }
+    }
+}
+
+/// Records that a change was rejected (logged once per distinct reason); the model in
+/// force stays.
+pub fn reject(tx: &watch::Sender<ModelSnapshot>, reason: String) {
+    let same = tx.borrow().rejected.as_deref() == Some(reason.as_str());
+    if !same {
+        tracing::error!(error = %reason, "model change rejected; keeping the last good model");
+        tx.send_modify(|s| s.rejected = Some(reason));
+    }
+}
 
 /// How to reach the control plane's xDS.
 #[derive(Debug, Clone)]
@@ -25,7 +63,8 @@ pub struct XdsSource {
     pub identity: SpiffeId,
     pub roots: Vec<CertificateDer<'static>>,
     pub token: BearerToken,
-    pub node: String,
+    /// `Node.id` the server logs this client by, e.g. `ztunnel~<node>`.
+    pub node_id: String,
 }
 
 /// Starts the client; the receiver holds an empty model until the first response, and
@@ -38,17 +77,9 @@ pub fn watch_xds(
     tokio::sync::oneshot::Receiver<()>,
     tokio::task::JoinHandle<()>,
 ) {
-    let empty = MeshConfig::default();
-    let state = MeshState::build(&empty, &trust_domain).unwrap_or_default();
-    let (tx, rx) = watch::channel(ModelSnapshot {
-        state: Arc::new(state),
-        config: Arc::new(empty),
-        version: 0,
-        loaded_at: SystemTime::now(),
-        rejected: None,
-    });
+    let (tx, rx) = watch::channel(ModelSnapshot::empty(&trust_domain));
     let (configs_tx, mut configs) = watch::channel(Arc::new(MeshConfig::default()));
-    let mut config = ClientConfig::new(&format!("ztunnel~{}", source.node));
+    let mut config = ClientConfig::new(&source.node_id);
     config.token = Some(source.token.clone());
     let client = XdsClient::new(config, configs_tx);
     let (synced_tx, synced) = tokio::sync::oneshot::channel();

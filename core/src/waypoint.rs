@@ -1,0 +1,562 @@
+//! A waypoint's decisions, free of IO: which CONNECT targets it serves
+//! ([`bound_target`]), how it tells HTTP from TCP ([`declared_protocol`], [`sniff`]),
+//! and which endpoint of a Service a request goes to ([`pick_endpoint`]).
+//!
+//! A waypoint serves exactly the Services and workloads bound to its Gateway: those
+//! whose `waypoint` names it. Every other target is refused (400), so a waypoint is
+//! never an open relay into the mesh.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::hbone::{ConnectRefusal, HboneTarget};
+use crate::model::{MeshState, Service, ServicePort, WaypointAddress, Workload};
+
+/// The Gateway a waypoint is (`<namespace>/<name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewayRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("gateway {value:?}: {reason}")]
+pub struct GatewayRefError {
+    value: String,
+    reason: &'static str,
+}
+
+impl FromStr for GatewayRef {
+    type Err = GatewayRefError;
+
+    /// `<namespace>/<name>`, both DNS labels as Kubernetes names them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| GatewayRefError {
+            value: s.chars().take(256).collect(),
+            reason,
+        };
+        let (namespace, name) = s.split_once('/').ok_or(err("must be <namespace>/<name>"))?;
+        for part in [namespace, name] {
+            let valid = !part.is_empty()
+                && part.len() <= 253
+                && part.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                })
+                && !part.starts_with(['-', '.'])
+                && !part.ends_with(['-', '.']);
+            if !valid {
+                return Err(err(
+                    "namespace and name must be lower-case DNS names (a-z, 0-9, '-', '.')",
+                ));
+            }
+        }
+        Ok(GatewayRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for GatewayRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// This waypoint as the model knows it: its Gateway and the addresses of its own
+/// Service (named like the Gateway, in its namespace), which is what a bound
+/// Service's or workload's `waypoint` points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waypoint {
+    pub gateway: GatewayRef,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Waypoint {
+    /// The waypoint `gateway` in `state`: without its own Service in the model it has
+    /// no address, and nothing is bound to it.
+    pub fn in_model(gateway: &GatewayRef, state: &MeshState) -> Waypoint {
+        let addresses = state
+            .services()
+            .find(|s| s.spec.namespace == gateway.namespace && s.spec.name == gateway.name)
+            .map(|s| s.spec.vips.clone())
+            .unwrap_or_default();
+        Waypoint {
+            gateway: gateway.clone(),
+            addresses,
+        }
+    }
+
+    /// Whether a Service's or workload's `waypoint` is this one. The model names a
+    /// waypoint by its Service's address today; once `WaypointAddress` carries the
+    /// Gateway's name and namespace, this compares those instead, and is the only
+    /// place that changes.
+    pub fn binds(&self, waypoint: Option<&WaypointAddress>) -> bool {
+        waypoint.is_some_and(|w| self.addresses.contains(&w.address))
+    }
+}
+
+/// A target this waypoint serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundTarget {
+    /// Traffic addressed to a Service VIP on one of its ports: routed and balanced
+    /// over the Service's endpoints.
+    Service {
+        service: Arc<Service>,
+        port: ServicePort,
+        /// The VIP the client used (its family picks the endpoint's address).
+        vip: IpAddr,
+    },
+    /// Traffic addressed to a workload's own IP: forwarded to that workload.
+    Workload {
+        workload: Arc<Workload>,
+        addr: SocketAddr,
+    },
+}
+
+/// Decides a CONNECT to `target` arriving at `waypoint`: the Service or workload it
+/// serves, or the refusal (400) naming why.
+pub fn bound_target(
+    state: &MeshState,
+    waypoint: &Waypoint,
+    target: HboneTarget,
+) -> Result<BoundTarget, ConnectRefusal> {
+    let refuse = |reason: String| ConnectRefusal::BadTarget {
+        authority: target.to_string(),
+        reason,
+    };
+    if let Some(service) = state.service_by_vip(target.ip()) {
+        if !waypoint.binds(service.spec.waypoint.as_ref()) {
+            return Err(refuse(format!(
+                "service {} is not bound to waypoint {}",
+                service.key(),
+                waypoint.gateway
+            )));
+        }
+        let port = service
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == target.port())
+            .ok_or_else(|| {
+                refuse(format!(
+                    "service {} has no port {}",
+                    service.key(),
+                    target.port()
+                ))
+            })?;
+        return Ok(BoundTarget::Service {
+            service: service.clone(),
+            port: port.clone(),
+            vip: target.ip(),
+        });
+    }
+    if let Some(workload) = state.workload_by_ip(target.ip()) {
+        if !waypoint.binds(workload.spec.waypoint.as_ref()) {
+            return Err(refuse(format!(
+                "workload {} is not bound to waypoint {}",
+                workload.uid(),
+                waypoint.gateway
+            )));
+        }
+        return Ok(BoundTarget::Workload {
+            workload: workload.clone(),
+            addr: target.addr(),
+        });
+    }
+    Err(refuse(format!(
+        "neither a service nor a workload of the mesh (waypoint {})",
+        waypoint.gateway
+    )))
+}
+
+/// The protocol a port declares (its `appProtocol`, or its name's prefix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// HTTP: HTTP/1.1, or HTTP/2 when the client starts with the preface.
+    Http,
+    /// HTTP/2 with prior knowledge (`http2`, `grpc`, `grpc-web`).
+    Http2,
+    /// Opaque bytes.
+    Tcp,
+    /// Nothing usable declared: sniff the client's first bytes.
+    Sniff,
+}
+
+/// What a port's lower-case protocol name (`appProtocol` or name prefix) declares.
+/// TLS and the protocols Envoy has no HTTP codec for are passed through as TCP;
+/// names that mean nothing to a mesh fall back to sniffing, as Istio's do.
+pub fn declared_protocol(app_protocol: Option<&str>) -> Declared {
+    match app_protocol {
+        Some("http") => Declared::Http,
+        Some("http2" | "grpc" | "grpc-web" | "h2c") => Declared::Http2,
+        Some(
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kafka" | "zookeeper"
+            | "cassandra",
+        ) => Declared::Tcp,
+        _ => Declared::Sniff,
+    }
+}
+
+/// What the client's first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    /// An HTTP/1.x request line.
+    Http1,
+    /// The HTTP/2 connection preface (prior knowledge).
+    Http2,
+    /// Anything else.
+    Tcp,
+    /// Too few bytes to tell yet.
+    NeedMore,
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Longest request line sniffing waits for; a longer line that began like a request
+/// is HTTP (the HTTP server then answers 414 or 400 itself).
+pub const SNIFF_LIMIT: usize = 8 << 10;
+
+/// Tells HTTP from TCP by the first bytes the client sent (`data`, all of them so
+/// far): the h2 preface, or a request line `<method> <target> HTTP/1.<digit>\r\n`.
+pub fn sniff(data: &[u8]) -> Sniffed {
+    if data.is_empty() {
+        return Sniffed::NeedMore;
+    }
+    let n = data.len().min(H2_PREFACE.len());
+    if data[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Sniffed::Http2
+        } else {
+            Sniffed::NeedMore
+        };
+    }
+    // The method: a token (RFC 9110 tchar), then one space.
+    let method_len = data.iter().take_while(|b| is_tchar(**b)).count();
+    if method_len == data.len() {
+        return if method_len <= 32 {
+            Sniffed::NeedMore
+        } else {
+            Sniffed::Tcp
+        };
+    }
+    if method_len == 0 || method_len > 32 || data[method_len] != b' ' {
+        return Sniffed::Tcp;
+    }
+    let rest = &data[method_len + 1..];
+    let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+        // No end of line yet: the target must still look like one.
+        return if rest.iter().any(|b| b.is_ascii_control() && *b != b'\r') {
+            Sniffed::Tcp
+        } else if data.len() >= SNIFF_LIMIT {
+            Sniffed::Http1
+        } else {
+            Sniffed::NeedMore
+        };
+    };
+    let line = &rest[..line_end];
+    let Some(space) = line.iter().rposition(|b| *b == b' ') else {
+        return Sniffed::Tcp;
+    };
+    let (target, version) = (&line[..space], &line[space + 1..]);
+    let version_ok =
+        version.len() == 8 && version.starts_with(b"HTTP/1.") && version[7].is_ascii_digit();
+    if version_ok && !target.is_empty() && !target.iter().any(|b| b.is_ascii_control()) {
+        Sniffed::Http1
+    } else {
+        Sniffed::Tcp
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The endpoint a request or connection goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    /// `podIP:targetPort`: the CONNECT `:authority` at the endpoint's ztunnel.
+    pub addr: SocketAddr,
+}
+
+/// Picks one of `service`'s healthy endpoints for `port` in `vip`'s address family,
+/// the `turn`-th in round robin (the caller keeps one counter per Service port).
+/// `None` when there is no healthy endpoint.
+pub fn pick_endpoint(
+    state: &MeshState,
+    service: &Service,
+    port: &ServicePort,
+    vip: IpAddr,
+    turn: u64,
+) -> Option<Endpoint> {
+    let candidates: Vec<Endpoint> = service
+        .spec
+        .endpoints
+        .iter()
+        .filter_map(|ep| {
+            let workload = state.workload(&ep.workload_uid)?;
+            if !workload.spec.healthy {
+                return None;
+            }
+            let ip = workload.ip_like(vip)?;
+            let target_port = ep
+                .ports
+                .iter()
+                .find(|p| p.port == port.port)
+                .map_or(port.target_port, |p| p.target_port);
+            Some(Endpoint {
+                workload: workload.clone(),
+                addr: SocketAddr::new(ip, target_port),
+            })
+        })
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let index = (turn % candidates.len() as u64) as usize;
+    candidates.into_iter().nth(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::TrustDomain;
+    use crate::model::MeshConfig;
+
+    const CONFIG: &str = r#"
+workloads:
+- {uid: shop/cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: a, ips: [10.1.0.5, "fd00::5"], protocol: HBONE}
+- {uid: shop/cart-2, name: cart-2, namespace: shop, serviceAccount: cart, node: b, ips: [10.2.0.7], protocol: HBONE}
+- {uid: shop/cart-3, name: cart-3, namespace: shop, serviceAccount: cart, node: b, ips: [10.2.0.8], protocol: HBONE, healthy: false}
+- {uid: shop/db-0, name: db-0, namespace: shop, node: a, ips: [10.1.0.9], protocol: HBONE, waypoint: {address: 10.96.0.99}}
+- {uid: shop/free-0, name: free-0, namespace: shop, node: a, ips: [10.1.0.10], protocol: HBONE}
+- {uid: shop/other-0, name: other-0, namespace: shop, node: a, ips: [10.1.0.11], protocol: HBONE, waypoint: {address: 10.96.0.98}}
+- {uid: shop/waypoint-0, name: waypoint-0, namespace: shop, serviceAccount: waypoint, node: a, ips: [10.1.0.2], protocol: HBONE}
+services:
+- name: cart
+  namespace: shop
+  vips: [10.96.0.10, "fd00:96::10"]
+  ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: 8081}]
+  waypoint: {address: 10.96.0.99}
+  endpoints:
+  - {workloadUid: shop/cart-1, ports: [{port: 81, targetPort: 9091}]}
+  - {workloadUid: shop/cart-2}
+  - {workloadUid: shop/cart-3}
+  - {workloadUid: shop/gone}
+- name: free
+  namespace: shop
+  vips: [10.96.0.20]
+  ports: [{port: 80, targetPort: 80}]
+  endpoints: [{workloadUid: shop/free-0}]
+- name: sick
+  namespace: shop
+  vips: [10.96.0.30]
+  ports: [{port: 80, targetPort: 80}]
+  waypoint: {address: 10.96.0.99}
+  endpoints: [{workloadUid: shop/cart-3}]
+- name: waypoint
+  namespace: shop
+  vips: [10.96.0.99]
+  ports: [{port: 15008, targetPort: 15008}]
+  endpoints: [{workloadUid: shop/waypoint-0}]
+"#;
+
+    fn state() -> MeshState {
+        let config: MeshConfig = serde_yaml_ng::from_str(CONFIG).unwrap();
+        MeshState::build(&config, &TrustDomain::default()).unwrap()
+    }
+
+    fn me(state: &MeshState) -> Waypoint {
+        Waypoint::in_model(&"shop/waypoint".parse().unwrap(), state)
+    }
+
+    #[test]
+    fn gateway_refs_parse_and_bad_ones_say_why() {
+        let g: GatewayRef = "shop/waypoint".parse().unwrap();
+        assert_eq!(
+            (g.namespace.as_str(), g.name.as_str()),
+            ("shop", "waypoint")
+        );
+        assert_eq!(g.to_string(), "shop/waypoint");
+        for bad in [
+            "waypoint",
+            "/waypoint",
+            "shop/",
+            "Shop/w",
+            "shop/w/x",
+            "shop/-w",
+        ] {
+            let e = bad.parse::<GatewayRef>().unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_waypoint_knows_its_address_from_its_own_service() {
+        let s = state();
+        assert_eq!(me(&s).addresses, ["10.96.0.99".parse::<IpAddr>().unwrap()]);
+        let absent = Waypoint::in_model(&"shop/none".parse().unwrap(), &s);
+        assert!(absent.addresses.is_empty());
+        assert!(!absent.binds(
+            s.service_by_vip("10.96.0.10".parse().unwrap())
+                .unwrap()
+                .spec
+                .waypoint
+                .as_ref()
+        ));
+    }
+
+    fn describe(r: Result<BoundTarget, ConnectRefusal>) -> String {
+        match r {
+            Ok(BoundTarget::Service { service, port, vip }) => {
+                format!(
+                    "service {} port {}->{} via {vip}",
+                    service.key(),
+                    port.port,
+                    port.target_port
+                )
+            }
+            Ok(BoundTarget::Workload { workload, addr }) => {
+                format!("workload {} at {addr}", workload.uid())
+            }
+            Err(e) => format!("{} {}", e.status(), e),
+        }
+    }
+
+    #[test]
+    fn bound_target_table() {
+        let s = state();
+        let w = me(&s);
+        let cases = [
+            ("10.96.0.10:80", "service shop/cart port 80->8080 via 10.96.0.10"),
+            ("[fd00:96::10]:81", "service shop/cart port 81->8081 via fd00:96::10"),
+            ("10.96.0.10:9", "400 bad CONNECT target \"10.96.0.10:9\": service shop/cart has no port 9"),
+            ("10.96.0.20:80", "400 bad CONNECT target \"10.96.0.20:80\": service shop/free is not bound to waypoint shop/waypoint"),
+            ("10.1.0.9:5432", "workload shop/db-0 at 10.1.0.9:5432"),
+            ("10.1.0.10:80", "400 bad CONNECT target \"10.1.0.10:80\": workload shop/free-0 is not bound to waypoint shop/waypoint"),
+            ("10.1.0.11:80", "400 bad CONNECT target \"10.1.0.11:80\": workload shop/other-0 is not bound to waypoint shop/waypoint"),
+            ("10.1.0.5:8080", "400 bad CONNECT target \"10.1.0.5:8080\": workload shop/cart-1 is not bound to waypoint shop/waypoint"),
+            ("192.0.2.1:80", "400 bad CONNECT target \"192.0.2.1:80\": neither a service nor a workload of the mesh (waypoint shop/waypoint)"),
+        ];
+        for (target, want) in cases {
+            let target = HboneTarget::parse_authority(target).unwrap();
+            assert_eq!(describe(bound_target(&s, &w, target)), want, "{target}");
+        }
+    }
+
+    #[test]
+    fn declared_protocol_table() {
+        for (name, want) in [
+            (Some("http"), Declared::Http),
+            (Some("http2"), Declared::Http2),
+            (Some("grpc"), Declared::Http2),
+            (Some("grpc-web"), Declared::Http2),
+            (Some("tcp"), Declared::Tcp),
+            (Some("https"), Declared::Tcp),
+            (Some("tls"), Declared::Tcp),
+            (Some("mysql"), Declared::Tcp),
+            (Some("something"), Declared::Sniff),
+            (None, Declared::Sniff),
+        ] {
+            assert_eq!(declared_protocol(name), want, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn sniff_table() {
+        let long_target = format!("GET /{} HTTP/1.1\r\n", "a".repeat(SNIFF_LIMIT));
+        let long_unfinished = format!("GET /{}", "a".repeat(SNIFF_LIMIT));
+        let cases: &[(&[u8], Sniffed)] = &[
+            (b"", Sniffed::NeedMore),
+            (b"G", Sniffed::NeedMore),
+            (b"GET", Sniffed::NeedMore),
+            (b"GET /", Sniffed::NeedMore),
+            (b"GET / HTTP/1.1", Sniffed::NeedMore),
+            (b"GET / HTTP/1.1\r", Sniffed::NeedMore),
+            (b"GET / HTTP/1.1\r\n", Sniffed::Http1),
+            (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", Sniffed::Http1),
+            (b"POST /upload?x=1 HTTP/1.1\r\n", Sniffed::Http1),
+            (b"OPTIONS * HTTP/1.1\r\n", Sniffed::Http1),
+            (b"PURGE /cache HTTP/1.1\r\n", Sniffed::Http1),
+            (b"GET / HTTP/2.0\r\n", Sniffed::Tcp),
+            (b"GET /\r\n", Sniffed::Tcp),
+            (b"GET  HTTP/1.1\r\n", Sniffed::Tcp),
+            (b"GET /\x01 HTTP/1.1\r\n", Sniffed::Tcp),
+            (b"GET /\x00", Sniffed::Tcp),
+            (b" GET / HTTP/1.1\r\n", Sniffed::Tcp),
+            (b"\x16\x03\x01\x02\x00", Sniffed::Tcp),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", Sniffed::Tcp),
+            (b"PRI", Sniffed::NeedMore),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n", Sniffed::NeedMore),
+            (H2_PREFACE, Sniffed::Http2),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04",
+                Sniffed::Http2,
+            ),
+            (b"PRI * HTTP/1.1\r\n", Sniffed::Http1),
+            (long_target.as_bytes(), Sniffed::Http1),
+            (long_unfinished.as_bytes(), Sniffed::Http1),
+        ];
+        for (data, want) in cases {
+            assert_eq!(sniff(data), *want, "{:?}", String::from_utf8_lossy(data));
+        }
+        assert_eq!(sniff(&[b'A'; 40]), Sniffed::Tcp);
+    }
+
+    #[test]
+    fn endpoints_are_picked_round_robin_over_the_healthy_ones() {
+        let s = state();
+        let cart = s.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        let port = |p: u16| {
+            cart.spec
+                .ports
+                .iter()
+                .find(|x| x.port == p)
+                .unwrap()
+                .clone()
+        };
+        let v4: IpAddr = "10.96.0.10".parse().unwrap();
+        let v6: IpAddr = "fd00:96::10".parse().unwrap();
+        let picks = |port: &ServicePort, vip: IpAddr| -> Vec<String> {
+            (0..4)
+                .map(|turn| {
+                    pick_endpoint(&s, cart, port, vip, turn)
+                        .map(|e| format!("{} {}", e.workload.uid(), e.addr))
+                        .unwrap_or_else(|| "none".into())
+                })
+                .collect()
+        };
+        // cart-3 is unhealthy, shop/gone is not in the model.
+        assert_eq!(
+            picks(&port(80), v4),
+            [
+                "shop/cart-1 10.1.0.5:8080",
+                "shop/cart-2 10.2.0.7:8080",
+                "shop/cart-1 10.1.0.5:8080",
+                "shop/cart-2 10.2.0.7:8080"
+            ]
+        );
+        // A per-endpoint target port wins over the service's.
+        assert_eq!(
+            picks(&port(81), v4)[..2],
+            ["shop/cart-1 10.1.0.5:9091", "shop/cart-2 10.2.0.7:8081"]
+        );
+        // Only endpoints with an address in the client's family.
+        assert_eq!(picks(&port(80), v6), ["shop/cart-1 [fd00::5]:8080"; 4]);
+        let sick = s.service_by_vip("10.96.0.30".parse().unwrap()).unwrap();
+        assert_eq!(
+            pick_endpoint(
+                &s,
+                sick,
+                &sick.spec.ports[0],
+                "10.96.0.30".parse().unwrap(),
+                0
+            ),
+            None
+        );
+    }
+}

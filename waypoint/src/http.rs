@@ -1,0 +1,630 @@
+//! HTTP inside a terminated tunnel: hyper's HTTP/1.1 or HTTP/2 server (prior
+//! knowledge) with Envoy's limits, and the request path, a short fixed sequence:
+//!
+//! 1. **check** the request: both `Content-Length` and `Transfer-Encoding` (HTTP/1,
+//!    [`crate::h1_guard`]) or `%00` in the path → 400;
+//! 2. **authorize** it ([`crate::authz::authorize`]) → 403 `RBAC: access denied`;
+//! 3. **route**: a Service's request goes to the Service, a workload's to the workload;
+//! 4. **balance**: round robin over the Service's healthy endpoints
+//!    (`ambit_core::waypoint::pick_endpoint`) → 503 `no healthy upstream`;
+//! 5. **forward** over a pooled upstream connection ([`crate::upstream`]) → 503 when
+//!    it cannot be reached.
+//!
+//! Bodies stream both ways frame by frame (trailers included, so gRPC works) and are
+//! never held whole; an HTTP/1.1 `Upgrade` (WebSocket) answered 101 joins the two
+//! upgraded connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_core::hbone::TraceParent;
+use ambit_core::waypoint::{pick_endpoint, BoundTarget, Endpoint};
+use ambit_core::SpiffeId;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::authz::{self, ConnectionInfo, RequestInfo};
+use crate::h1_guard::{Guarded, Verdict, Verdicts};
+use crate::io::{idle, Activity, Watched};
+use crate::metrics::Counted;
+use crate::proxy::Shared;
+use crate::upstream::{HttpVersion, UpstreamKey};
+
+/// A response body to the client.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A request body sent upstream, counted for `istio_request_bytes`.
+pub type RequestBody = Counted<Incoming>;
+
+/// Envoy-like limits on the client side.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request header section, bytes (431 above).
+    pub max_request_headers: u32,
+    /// How long a client may take to send an HTTP/1 request's headers.
+    pub header_timeout: Duration,
+    /// A connection that moves no byte this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// Envoy's: 60 KiB of headers; a 10 s header timeout; connections idle for 5
+    /// minutes closed (Envoy's stream idle timeout).
+    fn default() -> Self {
+        Limits {
+            max_request_headers: 60 << 10,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One tunnel's HTTP: what every request on it shares.
+#[derive(Debug)]
+pub struct TunnelContext {
+    pub shared: Arc<Shared>,
+    pub target: BoundTarget,
+    /// The CONNECT target, the original destination.
+    pub destination: SocketAddr,
+    pub peer: SpiffeId,
+    /// The original client.
+    pub client: SocketAddr,
+    /// The client's workload metadata from the CONNECT's `baggage`.
+    pub baggage: ambit_core::hbone::Baggage,
+}
+
+/// Serves HTTP of `version` on the tunnel `io` until the client is done, the
+/// connection idles out or the waypoint drains.
+pub async fn serve<IO>(context: Arc<TunnelContext>, io: IO, version: HttpVersion)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = context.shared.limits;
+    let activity = Activity::default();
+    let drained = context.shared.drained();
+    match version {
+        HttpVersion::Http1 => {
+            let verdicts = Verdicts::default();
+            let io = Watched::new(Guarded::new(io, verdicts.clone()), activity.clone());
+            let service = hyper::service::service_fn(move |request| {
+                let context = context.clone();
+                let verdict = verdicts.next();
+                async move { Ok::<_, Infallible>(handle(context, request, verdict).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_request_headers as usize)
+                .keep_alive(true);
+            let conn = builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = idle(activity, limits.idle_timeout) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = drained => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP/1 connection ended");
+            }
+        }
+        HttpVersion::Http2 => {
+            let io = Watched::new(io, activity.clone());
+            let service = hyper::service::service_fn(move |request| {
+                let context = context.clone();
+                async move { Ok::<_, Infallible>(handle(context, request, Verdict::Ok).await) }
+            });
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.max_request_headers)
+                .keep_alive_interval(Duration::from_secs(30));
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = idle(activity, limits.idle_timeout) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = drained => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP/2 connection ended");
+            }
+        }
+    }
+}
+
+/// Whether the raw path (before the query) holds an encoded NUL, which Envoy's path
+/// normalization rejects.
+pub fn has_encoded_nul(path: &str) -> bool {
+    path.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+}
+
+/// The request path: check, authorize, route, balance, forward.
+async fn handle(
+    context: Arc<TunnelContext>,
+    mut request: Request<Incoming>,
+    verdict: Verdict,
+) -> Response<Body> {
+    let started = Instant::now();
+    let shared = &context.shared;
+    let grpc = authz::is_grpc(request.headers());
+    let trace_id = propagate_trace(request.headers_mut());
+    let summary = request_summary(&request, trace_id, started);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let respond = |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| {
+        finish(
+            &context,
+            &summary,
+            response,
+            flag,
+            endpoint,
+            request_bytes.clone(),
+        )
+    };
+    if verdict == Verdict::LengthAndChunked {
+        let mut response = local_reply(
+            StatusCode::BAD_REQUEST,
+            "both Content-Length and Transfer-Encoding",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return respond(response, "DPE", None);
+    }
+    if has_encoded_nul(request.uri().path()) {
+        return respond(
+            local_reply(StatusCode::BAD_REQUEST, "Bad Request"),
+            "DPE",
+            None,
+        );
+    }
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let decided = authz::authorize(&RequestInfo {
+        peer: &context.peer,
+        source: context.client,
+        destination: context.destination,
+        host: &host,
+        method: request.method().as_str(),
+        path: request.uri().path(),
+        headers: request.headers(),
+    });
+    if let Err(denial) = decided {
+        tracing::info!(peer = %context.peer, dst = %context.destination, method = %request.method(), path = request.uri().path(), %denial, "request denied by authorization policy");
+        return respond(authz::denied(grpc), "", None);
+    }
+    let Some(endpoint) = route(&context) else {
+        return respond(
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+            "UH",
+            None,
+        );
+    };
+    let version = if request.version() == Version::HTTP_2 {
+        HttpVersion::Http2
+    } else {
+        HttpVersion::Http1
+    };
+    let key = UpstreamKey {
+        addr: endpoint.addr,
+        identity: endpoint.workload.identity.clone(),
+        version,
+        hbone: endpoint.workload.is_hbone(),
+    };
+    let upgrade = version == HttpVersion::Http1 && wants_upgrade(request.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    strip_hop_by_hop(request.headers_mut(), upgrade);
+    append_forwarded_for(request.headers_mut(), context.client);
+    let counter = request_bytes.clone();
+    let request = request
+        .map(move |body| Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)));
+    let sent = shared.upstreams.send(&key, request).await;
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(dst = %context.destination, upstream = %key.addr, error = %e, "upstream request failed");
+            let reply = local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("upstream connect error or disconnect/reset before headers. reason: {e}"),
+            );
+            return respond(reply, e.response_flag(), Some(&endpoint));
+        }
+    };
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(downstream)) = (switched, downstream_upgrade) {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((down, up)) => {
+                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+    strip_hop_by_hop(response.headers_mut(), switched);
+    respond(response.map(BodyExt::boxed), "", Some(&endpoint))
+}
+
+/// Records an answered request: its metrics and its access-log line.
+fn finish(
+    context: &TunnelContext,
+    summary: &RequestSummary,
+    response: Response<Body>,
+    flag: &str,
+    endpoint: Option<&Endpoint>,
+    request_bytes: Arc<AtomicU64>,
+) -> Response<Body> {
+    log_summary(context, summary, &response, flag, endpoint.map(|e| e.addr));
+    let metrics = &context.shared.metrics;
+    metrics.request(context, summary, response, flag, endpoint, request_bytes)
+}
+
+/// Continues the client's W3C trace with a new span for this hop (a new trace when
+/// it sent none or a malformed one), and adds `x-request-id` when absent. Returns
+/// the trace id, for the access log.
+fn propagate_trace(headers: &mut HeaderMap) -> String {
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<TraceParent>().ok());
+    let ours = match incoming {
+        Some(parent) => parent.child(rand::random()),
+        None => TraceParent::from_random(rand::random(), rand::random()),
+    };
+    let value = ours.header_value();
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("traceparent", v);
+    }
+    if !headers.contains_key("x-request-id") {
+        let id: [u8; 16] = rand::random();
+        if let Ok(v) = HeaderValue::from_str(&request_id(id)) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    // `00-<trace id>-<span id>-<flags>`
+    value.split('-').nth(1).unwrap_or("").to_owned()
+}
+
+/// A UUID (version 4) from random bytes.
+fn request_id(mut b: [u8; 16]) -> String {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The endpoint a request on this tunnel goes to.
+fn route(context: &TunnelContext) -> Option<Endpoint> {
+    match &context.target {
+        BoundTarget::Service { service, port, vip } => {
+            let state = context.shared.model.borrow().state.clone();
+            let turn = context.shared.next_turn(&service.key(), port.port);
+            pick_endpoint(&state, service, port, *vip, turn)
+        }
+        BoundTarget::Workload { workload, addr } => Some(Endpoint {
+            workload: workload.clone(),
+            addr: *addr,
+        }),
+    }
+}
+
+/// Decides and relays a plain TCP connection on a bound target to an endpoint.
+pub async fn relay_tcp<IO>(context: Arc<TunnelContext>, io: IO, baggage: ambit_core::hbone::Baggage)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let decided = authz::authorize_tcp(&ConnectionInfo {
+        peer: &context.peer,
+        source: context.client,
+        destination: context.destination,
+    });
+    if let Err(denial) = decided {
+        tracing::info!(peer = %context.peer, dst = %context.destination, %denial, "TCP connection denied by authorization policy");
+        return;
+    }
+    let Some(endpoint) = route(&context) else {
+        tracing::info!(dst = %context.destination, "TCP connection refused: no healthy upstream");
+        return;
+    };
+    let forwarded = ambit_core::hbone::Forwarded {
+        for_addr: context.client,
+        host: match &context.target {
+            BoundTarget::Service { service, .. } => Some(service.hostname.clone()),
+            BoundTarget::Workload { .. } => None,
+        },
+    };
+    let relayed = if endpoint.workload.is_hbone() {
+        let tunnel = context
+            .shared
+            .upstreams
+            .tunnel(
+                endpoint.addr,
+                &endpoint.workload.identity,
+                forwarded,
+                baggage,
+            )
+            .await;
+        match tunnel {
+            Ok(crate::upstream::TunnelIo { stream, _open }) => {
+                ambit_net::relay::relay_tunnel(io, stream).await
+            }
+            Err(e) => {
+                tracing::info!(dst = %context.destination, upstream = %endpoint.addr, error = %e, "TCP upstream failed");
+                return;
+            }
+        }
+    } else {
+        match tokio::net::TcpStream::connect(endpoint.addr).await {
+            Ok(tcp) => ambit_net::relay::relay_streams(io, tcp).await,
+            Err(e) => {
+                tracing::info!(dst = %context.destination, upstream = %endpoint.addr, error = %e, "TCP upstream (outside the mesh) failed");
+                return;
+            }
+        }
+    };
+    tracing::debug!(dst = %context.destination, upstream = %endpoint.addr, bytes_in = relayed.forward, bytes_out = relayed.backward, "TCP connection closed");
+}
+
+/// A response the waypoint makes itself.
+pub fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::copy_from_slice(body.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols.
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the headers that concern one connection only (RFC 9110 §7.6.1), keeping
+/// `Upgrade` and `Connection: upgrade` when switching protocols, and `te: trailers`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrading && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    let trailers_only = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
+    if upgrading {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Appends the client's address to `x-forwarded-for`, as Envoy does.
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => format!("{existing}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+/// What the access log and the metrics keep of a request, taken before it is sent
+/// on.
+#[derive(Debug, Clone)]
+pub struct RequestSummary {
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub trace_id: String,
+    /// When the request's headers had arrived.
+    pub started: Instant,
+}
+
+fn request_summary<B>(request: &Request<B>, trace_id: String, started: Instant) -> RequestSummary {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    RequestSummary {
+        method: request.method().to_string(),
+        authority,
+        path: request
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        protocol: if authz::is_grpc(request.headers()) {
+            "grpc"
+        } else {
+            "http"
+        },
+        trace_id,
+        started,
+    }
+}
+
+/// One access-log line per request.
+fn log_summary(
+    context: &TunnelContext,
+    request: &RequestSummary,
+    response: &Response<Body>,
+    flag: &str,
+    upstream: Option<SocketAddr>,
+) {
+    tracing::info!(
+        target: "access",
+        method = %request.method,
+        authority = %request.authority,
+        path = %request.path,
+        status = response.status().as_u16(),
+        duration_ms = request.started.elapsed().as_millis() as u64,
+        upstream = %upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+        response_flags = if flag.is_empty() { "-" } else { flag },
+        peer = %context.peer,
+        client = %context.client,
+        trace_id = %request.trace_id,
+        "request"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_nul_is_found_anywhere_in_the_path() {
+        for (path, want) in [
+            ("/a%00b", true),
+            ("/%00", true),
+            ("/a%000", true),
+            ("/a%2500", false),
+            ("/a%0", false),
+            ("/a%20b", false),
+            ("/", false),
+        ] {
+            assert_eq!(has_encoded_nul(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn a_trace_continues_with_a_new_span_and_a_request_id_is_added_when_absent() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("mine"));
+        let trace = propagate_trace(&mut h);
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        let sent = h["traceparent"].to_str().unwrap();
+        assert!(
+            sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && sent.ends_with("-01"),
+            "{sent}"
+        );
+        assert!(!sent.contains("b7ad6b7169203331"), "{sent}");
+        assert_eq!(h["x-request-id"], "mine");
+
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        let trace = propagate_trace(&mut h);
+        assert_eq!(trace.len(), 32);
+        let id = h["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!((id.len(), &id[14..15]), (36, "4"), "{id}");
+    }
+
+    #[test]
+    fn the_client_is_appended_to_x_forwarded_for() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.1.0.5:4000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.1.0.5");
+        append_forwarded_for(&mut h, "[fd00::1]:4000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.1.0.5, fd00::1");
+    }
+}

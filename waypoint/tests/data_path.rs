@@ -1,0 +1,454 @@
+//! The waypoint's data path over real sockets: a client ztunnel's HBONE tunnel to a
+//! Service VIP through the waypoint to the endpoints' ztunnels and the app behind
+//! them, with real HTTP/1.1 and HTTP/2 clients (hyper) inside the tunnels.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use ambit_net::hbone::client::TunnelError;
+use ambit_waypoint::http::Limits;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "echo.shop.svc.cluster.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http1_requests_are_balanced_round_robin_over_keep_alive_as_the_waypoint() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, ECHO_VIP).await;
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        client.ready().await.unwrap();
+        let mut request = get("/name");
+        request.headers_mut().insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = text(response).await;
+        assert!(
+            body.contains("HTTP/1.1 host=echo.shop.svc.cluster.local")
+                && body.ends_with("xff=10.1.0.5"),
+            "{body}"
+        );
+        // The same trace, a new span; a request id added.
+        let tp = body
+            .split(" tp=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        assert!(
+            tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+                && !tp.contains("b7ad6b7169203331"),
+            "{body}"
+        );
+        let rid = body
+            .split(" rid=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        assert_eq!(rid.len(), 36, "{body}");
+        names.push(body.split(' ').next().unwrap().to_owned());
+    }
+    assert_eq!(names, ["echo-1", "echo-2", "echo-1", "echo-2"]);
+    // Upstream: the waypoint's own identity, :authority = podIP:targetPort, and one
+    // tunnel per endpoint (keep-alive) for the four requests.
+    let peers = mesh.upstream_peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    for (peer, target) in &peers {
+        assert_eq!(peer.as_str(), WAYPOINT);
+        assert_eq!(target.port(), APP_PORT);
+        assert!(mesh.ips[..2].contains(&target.ip()), "{target}");
+    }
+    let (status, metrics) = http_get(mesh.metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    for label in [
+        "reporter=\"waypoint\"",
+        "destination_service_name=\"echo\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/echo\"",
+        "request_protocol=\"http\"",
+    ] {
+        assert!(line.contains(label), "{label} in {line}");
+    }
+    // Two series (one per endpoint), four requests in all.
+    let served: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(served, 4.0, "{metrics}");
+    for histogram in [
+        "istio_request_duration_milliseconds_count{",
+        "istio_request_bytes_count{",
+        "istio_response_bytes_sum{",
+    ] {
+        let total: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with(histogram))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        assert!(total >= 4.0, "{histogram} {total}\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn http2_and_grpc_with_trailers_pass_with_prior_knowledge() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http2_client::<Full<Bytes>>(&conn, ECHO_VIP).await;
+    let request = Request::get("http://echo.shop.svc.cluster.local/name")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = text(response).await;
+    assert!(
+        body.contains("HTTP/2.0") && body.contains("authority=echo.shop.svc.cluster.local"),
+        "{body}"
+    );
+
+    let request = Request::post("http://echo.shop.svc.cluster.local/grpc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("gRPC trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+}
+
+#[tokio::test]
+async fn a_10_mb_body_streams_both_ways() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http2_client::<
+        StreamBody<
+            futures::stream::Iter<
+                std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>,
+            >,
+        >,
+    >(&conn, ECHO_VIP)
+    .await;
+    let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 + i / 7) as u8).collect();
+    let frames: Vec<_> = (0..160)
+        .map(|_| Ok(Frame::data(Bytes::from(chunk.clone()))))
+        .collect();
+    let request = Request::post("http://echo.shop.svc.cluster.local/echo")
+        .body(StreamBody::new(futures::stream::iter(frames)))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (mut total, mut frames_seen) = (0usize, 0usize);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            assert!(
+                data.iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == chunk[(total + i) % chunk.len()]),
+                "bytes differ after {total}"
+            );
+            total += data.len();
+            frames_seen += 1;
+        }
+    }
+    assert_eq!(total, 160 * 64 * 1024);
+    assert!(frames_seen > 1, "the body arrived in one piece");
+
+    // HTTP/1.1 too, chunked.
+    let mut client = http1_client(&conn, ECHO_VIP).await;
+    let big = Bytes::from(vec![7u8; 10 << 20]);
+    let response = client
+        .send_request(
+            Request::post("/echo")
+                .header("host", "echo")
+                .body(Full::new(big.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let back = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        back == big,
+        "HTTP/1.1 echo differs ({} bytes back)",
+        back.len()
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_joins_client_and_server() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, ECHO_VIP).await;
+    let request = Request::get("/ws")
+        .header("host", "echo")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut upgraded = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+    upgraded.write_all(b"ping over the upgrade").await.unwrap();
+    let mut back = [0u8; 21];
+    tokio::time::timeout(Duration::from_secs(5), upgraded.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping over the upgrade");
+}
+
+#[tokio::test]
+async fn targets_not_bound_to_the_waypoint_are_refused_with_400() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    for target in [
+        FREE_VIP.to_owned(),
+        "192.0.2.1:80".to_owned(),
+        "10.96.0.10:81".to_owned(),
+        format!("{}:{APP_PORT}", mesh.ips[0]),
+    ] {
+        match connect(&conn, &target).await {
+            Err(TunnelError::Refused { status, reason, .. }) => {
+                assert_eq!(
+                    (status, reason.as_deref()),
+                    (400, Some("bad_target")),
+                    "{target}"
+                );
+            }
+            other => panic!("{target}: {other:?}"),
+        }
+    }
+    // A workload bound to the waypoint is served, forwarded to that pod.
+    let mut client = http1_client(&conn, &format!("{}:{APP_PORT}", mesh.ips[2])).await;
+    let response = client.send_request(get("/name")).await.unwrap();
+    assert!(text(response).await.starts_with("direct-0 "));
+    // An endpoint outside the mesh is reached in plaintext.
+    let mut client = http1_client(&conn, "10.96.0.30:80").await;
+    let response = client.send_request(get("/name")).await.unwrap();
+    assert!(text(response).await.starts_with("legacy-0 "));
+}
+
+/// Sends raw bytes in a tunnel to the bound Service; returns the response's first
+/// line.
+async fn raw(mesh: &Mesh, bytes: Vec<u8>) -> String {
+    let conn = mesh.client().await;
+    let mut tunnel = connect(&conn, ECHO_VIP).await.unwrap();
+    tunnel.stream.write_all(&bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = tunnel.stream.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_like_envoy() {
+    let mesh = Mesh::start(Limits::default()).await;
+    // 100 KiB of headers.
+    let mut big = b"GET /name HTTP/1.1\r\nHost: echo\r\n".to_vec();
+    for i in 0..100 {
+        big.extend_from_slice(format!("x-filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    assert_eq!(
+        raw(&mesh, big).await,
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    // Both Content-Length and Transfer-Encoding, in either order.
+    for head in [
+        "POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /echo HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ] {
+        assert_eq!(raw(&mesh, head.as_bytes().to_vec()).await, "HTTP/1.1 400 Bad Request", "{head:?}");
+    }
+    // An encoded NUL in the path.
+    assert_eq!(
+        raw(&mesh, b"GET /a%00b HTTP/1.1\r\nHost: echo\r\n\r\n".to_vec()).await,
+        "HTTP/1.1 400 Bad Request"
+    );
+    // A well-formed request on the same path passes.
+    assert_eq!(
+        raw(&mesh, b"GET /name HTTP/1.1\r\nHost: echo\r\n\r\n".to_vec()).await,
+        "HTTP/1.1 200 OK"
+    );
+    // HTTP/2: oversized headers get 431 too.
+    let conn = mesh.client().await;
+    let mut client = http2_client::<Empty<Bytes>>(&conn, ECHO_VIP).await;
+    let mut request = Request::get("http://echo/name").body(Empty::new()).unwrap();
+    for i in 0..100 {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-filler-{i}").as_bytes()).unwrap(),
+            "a".repeat(1000).parse().unwrap(),
+        );
+    }
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 431);
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_first_is_relayed_as_tcp() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut tunnel = connect(&conn, ECHO_VIP).await.unwrap();
+    // Past the detection timeout, the bytes are not HTTP to the waypoint: they reach
+    // the app as they are, and its HTTP answer comes back as bytes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    tunnel
+        .stream
+        .write_all(b"GET /name HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tunnel.stream.read_to_string(&mut out),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Not through the waypoint's HTTP: no x-forwarded-for was added.
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("host=raw") && out.ends_with("xff=-"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn admin_shows_what_the_waypoint_serves_and_readiness_is_200() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let (status, body) = http_get(mesh.admin, "/config_dump").await;
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["waypoint"]["gateway"], "shop/waypoint");
+    assert_eq!(
+        dump["waypoint"]["services"],
+        serde_json::json!(["shop/echo", "shop/legacy"])
+    );
+    assert_eq!(
+        dump["waypoint"]["workloads"],
+        serde_json::json!(["shop/direct-0"])
+    );
+    assert_eq!(dump["certificates"][0]["identity"], WAYPOINT);
+    assert_eq!(dump["certificates"][0]["state"], "valid");
+    assert_eq!(http_get(mesh.readiness, "/healthz/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_client_slow_with_its_headers_is_cut_off_and_others_are_served_meanwhile() {
+    let mesh = Mesh::start(Limits {
+        header_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    })
+    .await;
+    let conn = mesh.client().await;
+    let mut slow = connect(&conn, ECHO_VIP).await.unwrap();
+    slow.stream
+        .write_all(b"GET /name HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut fast = http1_client(&conn, ECHO_VIP).await;
+    let response = fast.send_request(get("/name")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // One header byte at a time, slower than the timeout allows in total.
+    let mut closed = false;
+    for b in b"Host: echo\r\n\r\n" {
+        if slow.stream.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 256];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(1), slow.stream.read(&mut buf)).await
+        {
+            let n = read.unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the slow client was never cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_a_mesh_certificate_is_refused() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let roots = mesh.ca.issue(CLIENT).roots().to_vec();
+    let config = ambit_net::tls::client_config(
+        None,
+        &roots,
+        [ambit_core::SpiffeId::parse(WAYPOINT).unwrap()],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.hbone).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("waypoint.invalid").unwrap(),
+            tcp,
+        )
+        .await;
+    // TLS 1.3: the refusal arrives with the first read after the handshake.
+    let refused = match tls {
+        Err(_) => true,
+        Ok(stream) => match ambit_net::hbone::client::HboneConnection::handshake(
+            stream,
+            ambit_net::hbone::H2Settings::default(),
+        )
+        .await
+        {
+            Err(_) => true,
+            Ok(conn) => connect(&conn, ECHO_VIP).await.is_err(),
+        },
+    };
+    assert!(refused, "a client without a certificate got through");
+}
