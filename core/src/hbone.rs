@@ -89,6 +89,10 @@ pub enum ConnectRefusal {
     Denied { policy: String },
     #[error("connecting to {target} failed: {reason}")]
     UpstreamConnect { target: HboneTarget, reason: String },
+    /// The proxy has no file descriptor left for the upstream socket (EMFILE/ENFILE):
+    /// refused at CONNECT, so the client knows, rather than accepted and then lost.
+    #[error("no file descriptor left to connect to {target}: {reason}")]
+    OutOfDescriptors { target: HboneTarget, reason: String },
 }
 
 impl ConnectRefusal {
@@ -100,7 +104,7 @@ impl ConnectRefusal {
             | ConnectRefusal::ZtunnelPort(_) => 400,
             ConnectRefusal::NotConnect(_) => 405,
             ConnectRefusal::Denied { .. } => 401,
-            ConnectRefusal::UpstreamConnect { .. } => 503,
+            ConnectRefusal::UpstreamConnect { .. } | ConnectRefusal::OutOfDescriptors { .. } => 503,
         }
     }
 
@@ -113,6 +117,7 @@ impl ConnectRefusal {
             ConnectRefusal::NotConnect(_) => "not_connect",
             ConnectRefusal::Denied { .. } => "denied",
             ConnectRefusal::UpstreamConnect { .. } => "upstream_connect_failed",
+            ConnectRefusal::OutOfDescriptors { .. } => "descriptors_exhausted",
         }
     }
 }
@@ -409,6 +414,14 @@ mod tests {
                 },
                 503,
                 "upstream_connect_failed",
+            ),
+            (
+                ConnectRefusal::OutOfDescriptors {
+                    target: t,
+                    reason: "Too many open files".into(),
+                },
+                503,
+                "descriptors_exhausted",
             ),
             (ConnectRefusal::NotConnect("GET".into()), 405, "not_connect"),
         ];
