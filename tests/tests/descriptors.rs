@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_localmesh::PodSpec;
+use ambit_net::handoff::HandoffClient;
 use ambit_net::netns::{ConnectOpts, NetnsHandle};
 use support::{eventually, metric, two_nodes, Harness, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,17 +114,56 @@ async fn exchange(ns: &NetnsHandle, to: SocketAddr, id: u64) -> Outcome {
     Outcome::Verified(stream)
 }
 
-/// Sets `pid`'s open-file limit (soft and hard) with `prlimit`.
-fn set_nofile(pid: u32, limit: u64) {
+/// Sets `pid`'s open-file limit with `prlimit`. Only ever lowered from the hard limit
+/// the test started with: raising a hard limit needs `CAP_SYS_RESOURCE`.
+fn set_nofile(pid: u32, soft: u64, hard: u64) {
     let out = Command::new("prlimit")
         .args([
             "--pid",
             &pid.to_string(),
-            &format!("--nofile={limit}:{limit}"),
+            &format!("--nofile={soft}:{hard}"),
         ])
         .output()
         .expect("prlimit (util-linux)");
     assert!(out.status.success(), "prlimit: {out:?}");
+}
+
+/// The lowest descriptor number `pid` could open next: at this limit it can open none.
+fn lowest_free_descriptor(pid: u32) -> u64 {
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+/// Has a node agent connect while node-b's ztunnel can open no descriptor at all
+/// (its soft limit at the lowest free descriptor number), and returns once ztunnel
+/// failed to accept it; the agent's hello is answered by the returned task, once
+/// ztunnel has descriptors again. A failed `accept` there once ended the hand-off
+/// socket for good: no pod could be enrolled until a restart.
+async fn node_agent_connecting_with_no_descriptor_left(
+    h: &Harness,
+    pid: u32,
+    limit: u64,
+) -> tokio::task::JoinHandle<Result<HandoffClient, ambit_net::handoff::HandoffError>> {
+    set_nofile(pid, lowest_free_descriptor(pid), limit);
+    let socket = h.ambient.handoff_socket("node-b").unwrap().to_owned();
+    let agent = tokio::spawn(async move { HandoffClient::connect(&socket).await });
+    let ztunnel = h.ztunnel("node-b");
+    eventually(
+        DEADLINE,
+        || async {
+            let log = ztunnel.log();
+            (log.contains("accept failed on the hand-off socket")
+                || log.contains("hand-off socket failed"))
+            .then_some(())
+        },
+        || format!("ztunnel to fail accepting the node agent\n{}", h.logs()),
+    )
+    .await;
+    set_nofile(pid, limit, limit);
+    agent
 }
 
 fn open_descriptors(pid: u32) -> u64 {
@@ -179,7 +219,7 @@ async fn at_the_limit(connections: u64, limit: Limit) -> Seen {
         Limit::Headroom(n) => open_descriptors(pid) + n,
         Limit::Total(n) => n,
     };
-    set_nofile(pid, limit);
+    set_nofile(pid, limit, limit);
     println!(
         "destination ztunnel: {} descriptors open, limit {limit}; {connections} connections",
         open_descriptors(pid)
@@ -232,8 +272,27 @@ async fn at_the_limit(connections: u64, limit: Limit) -> Seen {
     assert!(broken.is_empty() && hung == 0, "{}", what());
     assert_eq!(verified + refused, connections, "{}", what());
 
-    // Closed, the destination has descriptors again: its metrics say why it refused.
+    let agent = if refused > 0 {
+        Some(node_agent_connecting_with_no_descriptor_left(&h, pid, limit).await)
+    } else {
+        None
+    };
+
+    // Closed, the destination has descriptors again: the node agent is served, and
+    // the metrics say why connections were refused.
     drop(held);
+    if let Some(agent) = agent {
+        let hello = tokio::time::timeout(DEADLINE, agent)
+            .await
+            .expect("the node agent's hello answered in time")
+            .unwrap();
+        assert!(
+            hello.is_ok(),
+            "the node agent's hello once descriptors were free again: {:?}\n{}",
+            hello.err(),
+            h.logs()
+        );
+    }
     let (source, destination) = eventually(
         DEADLINE,
         || async {
