@@ -104,6 +104,10 @@ pub enum ConnectRefusal {
         waypoint: String,
         target: HboneTarget,
     },
+    /// The proxy has no file descriptor left for the upstream socket (EMFILE/ENFILE):
+    /// refused at CONNECT, so the client knows, rather than accepted and then lost.
+    #[error("no file descriptor left to connect to {target}: {reason}")]
+    OutOfDescriptors { target: HboneTarget, reason: String },
 }
 
 impl ConnectRefusal {
@@ -117,7 +121,7 @@ impl ConnectRefusal {
             ConnectRefusal::Denied { .. }
             | ConnectRefusal::WrongWaypoint { .. }
             | ConnectRefusal::BypassesWaypoint { .. } => 401,
-            ConnectRefusal::UpstreamConnect { .. } => 503,
+            ConnectRefusal::UpstreamConnect { .. } | ConnectRefusal::OutOfDescriptors { .. } => 503,
         }
     }
 
@@ -132,6 +136,7 @@ impl ConnectRefusal {
             ConnectRefusal::UpstreamConnect { .. } => "upstream_connect_failed",
             ConnectRefusal::WrongWaypoint { .. } => "wrong_waypoint",
             ConnectRefusal::BypassesWaypoint { .. } => "bypasses_waypoint",
+            ConnectRefusal::OutOfDescriptors { .. } => "descriptors_exhausted",
         }
     }
 }
@@ -428,6 +433,14 @@ mod tests {
                 },
                 503,
                 "upstream_connect_failed",
+            ),
+            (
+                ConnectRefusal::OutOfDescriptors {
+                    target: t,
+                    reason: "Too many open files".into(),
+                },
+                503,
+                "descriptors_exhausted",
             ),
             (ConnectRefusal::NotConnect("GET".into()), 405, "not_connect"),
         ];

@@ -64,13 +64,20 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
+    let min = std::time::Duration::from_millis(10);
+    let mut backoff = min;
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff = min;
+                    c
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on an operations port");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // Out of file descriptors: back off, doubling, rather than spin.
+                    tracing::warn!(error = %e, retry_in = ?backoff, "accept failed on an operations port");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
                     continue;
                 }
             },

@@ -229,7 +229,7 @@ pub trait HandoffHandler: Send + Sync {
 /// if it never closed (a hung agent must not lock its successor out), and replays its
 /// snapshot.
 pub async fn serve<H: HandoffHandler>(listener: PacketListener, handler: &H) -> io::Result<()> {
-    let mut current = listener.accept().await?;
+    let mut current = accept_retrying(&listener).await;
     loop {
         tracing::info!("node agent connected");
         tokio::select! {
@@ -238,11 +238,28 @@ pub async fn serve<H: HandoffHandler>(listener: PacketListener, handler: &H) -> 
                     Ok(()) => tracing::info!("node agent disconnected"),
                     Err(e) => tracing::warn!(error = %e, "node agent connection failed"),
                 }
-                current = listener.accept().await?;
+                current = accept_retrying(&listener).await;
             }
-            next = listener.accept() => {
+            next = accept_retrying(&listener) => {
                 tracing::info!("a new node agent connection replaces the previous one");
-                current = next?;
+                current = next;
+            }
+        }
+    }
+}
+
+/// The next node agent connection. A failed `accept` (EMFILE, when ztunnel is out of
+/// file descriptors) is retried with a doubling backoff: the agent stays queued, and
+/// the hand-off socket is never given up, which would leave every later pod unserved.
+async fn accept_retrying(listener: &PacketListener) -> PacketConn {
+    let mut backoff = std::time::Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "accept failed on the hand-off socket");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Process-level helpers: tying a child's life to its parent's (the local mesh, later
 //! the node agent), raising the open-file limit for processes that hold many
-//! connections, and the shutdown signal every Ambit binary waits for.
+//! connections and telling when it has run out, and the shutdown signal every Ambit
+//! binary waits for.
 //!
 //! This module must not: start processes itself or decide which ones to start.
 
@@ -54,6 +55,31 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(hard)
 }
 
+/// Whether `error`, or any error it was caused by (its `source` chain, and the error an
+/// `io::Error` wraps), is this process (EMFILE) or the whole system (ENFILE) out of
+/// file descriptors. Proxies refuse a connection for this reason explicitly, and count
+/// it apart from an upstream that failed: it is their own limit, not the far side.
+pub fn out_of_descriptors(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(code) if code == Errno::EMFILE as i32 || code == Errno::ENFILE as i32)
+            {
+                return true;
+            }
+            // `io::Error::source` skips the error it wraps and goes to that one's
+            // source: look at the wrapped one itself too.
+            if let Some(inner) = io.get_ref() {
+                if out_of_descriptors(inner) {
+                    return true;
+                }
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Completes on SIGTERM (how Kubernetes and the local mesh stop a process) or Ctrl-C.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -93,6 +119,37 @@ mod tests {
         .unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_told_apart_however_deep_it_is_wrapped() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed: {source}")]
+        struct Wrapper {
+            #[source]
+            source: io::Error,
+        }
+        let emfile = || io::Error::from_raw_os_error(Errno::EMFILE as i32);
+        let enfile = io::Error::from_raw_os_error(Errno::ENFILE as i32);
+        let wrapped = io::Error::other(Wrapper { source: emfile() });
+        let twice = Wrapper {
+            source: io::Error::new(io::ErrorKind::InvalidData, Wrapper { source: emfile() }),
+        };
+        for (error, want) in [
+            (&emfile() as &(dyn std::error::Error + 'static), true),
+            (&enfile, true),
+            (&wrapped, true),
+            (&twice, true),
+            (&io::Error::from(io::ErrorKind::ConnectionRefused), false),
+            (
+                &io::Error::other(Wrapper {
+                    source: io::Error::from_raw_os_error(Errno::ECONNREFUSED as i32),
+                }),
+                false,
+            ),
+        ] {
+            assert_eq!(out_of_descriptors(error), want, "{error}");
+        }
     }
 
     #[test]

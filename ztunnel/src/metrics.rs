@@ -3,6 +3,12 @@
 //! `istio_tcp_sent_bytes_total` (server → client, i.e. response bytes) and
 //! `istio_tcp_received_bytes_total` (client → server, request bytes). Unknown label
 //! values are `unknown`, as in Istio.
+//!
+//! Ambit's own: `ambit_authorization_denials_total`, and
+//! `ambit_connections_refused_total`, every connection or tunnel refused before it
+//! carried data, by `reporter` and a stable `reason` (`descriptors_exhausted` when
+//! ztunnel ran out of file descriptors). A refused client is always told — an HBONE
+//! status, or a TCP reset — never accepted and then closed as if it were done.
 
 use std::fmt::Write as _;
 
@@ -177,6 +183,7 @@ impl OpenConnection {
 pub struct Metrics {
     registry: Registry,
     denied: Family<DenialLabels, Counter>,
+    refused: Family<RefusalLabels, Counter>,
     opened: Family<ConnectionLabels, Counter>,
     closed: Family<ConnectionLabels, Counter>,
     sent_bytes: Family<ConnectionLabels, Counter>,
@@ -197,6 +204,7 @@ impl Metrics {
         let sent_bytes = Family::default();
         let received_bytes = Family::default();
         let denied = Family::default();
+        let refused = Family::default();
         // prometheus-client appends `_total` to counters.
         registry.register(
             "istio_tcp_connections_opened",
@@ -223,9 +231,15 @@ impl Metrics {
             "Inbound connections denied by authorization policy (at their start, or closed later when a policy came to deny them)",
             denied.clone(),
         );
+        registry.register(
+            "ambit_connections_refused",
+            "Connections and HBONE tunnels refused before carrying data, by reason; the client was told (HBONE status or TCP reset)",
+            refused.clone(),
+        );
         Metrics {
             registry,
             denied,
+            refused,
             opened,
             closed,
             sent_bytes,
@@ -236,6 +250,11 @@ impl Metrics {
     /// Counts a connection denied by authorization policy.
     pub fn denied(&self, labels: &DenialLabels) {
         self.denied.get_or_create(labels).inc();
+    }
+
+    /// Counts a connection or tunnel refused before it carried data.
+    pub fn refused(&self, labels: &RefusalLabels) {
+        self.refused.get_or_create(labels).inc();
     }
 
     /// Counts a connection as opened; the returned handle counts it closed. The label
@@ -341,4 +360,33 @@ pub struct DenialLabels {
     pub reason: String,
     /// `connect` (refused at its start) or `late` (open, closed on a policy change).
     pub when: String,
+}
+
+/// Labels of `ambit_connections_refused_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `source` (15001, outbound) or `destination` (15006 and 15008, inbound).
+    pub reporter: Reporter,
+    /// The destination's workload, `unknown` when the refusal came before it was known.
+    pub destination_workload_namespace: String,
+    pub destination_workload: String,
+    /// A stable label: an HBONE refusal's (`denied`, `not_local`,
+    /// `upstream_connect_failed`, ...), a pool failure's (`hbone_connect_failed`, ...),
+    /// or `descriptors_exhausted` when ztunnel had no file descriptor left.
+    pub reason: String,
+}
+
+impl RefusalLabels {
+    pub fn new(reporter: Reporter, destination: Option<&Workload>, reason: &str) -> Self {
+        let (namespace, workload) = destination.map_or_else(
+            || (UNKNOWN.to_owned(), UNKNOWN.to_owned()),
+            |w| (w.spec.namespace.clone(), w.spec.name.clone()),
+        );
+        RefusalLabels {
+            reporter,
+            destination_workload_namespace: namespace,
+            destination_workload: workload,
+            reason: reason.to_owned(),
+        }
+    }
 }

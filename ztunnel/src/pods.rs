@@ -252,12 +252,20 @@ impl Pods {
             let uid = pod.uid.clone();
             let server_tls = server_tls.clone();
             tasks.push(tokio::spawn(async move {
+                let mut backoff = ACCEPT_BACKOFF_MIN;
                 loop {
                     let (stream, peer) = match listener.accept().await {
-                        Ok(c) => c,
+                        Ok(c) => {
+                            backoff = ACCEPT_BACKOFF_MIN;
+                            c
+                        }
                         Err(e) => {
-                            tracing::warn!(pod = %uid, error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            // Out of file descriptors, typically: the connection stays
+                            // queued in the backlog (not lost) until one is free. Back
+                            // off rather than spin on the ready listener.
+                            tracing::warn!(pod = %uid, ?role, error = %e, retry_in = ?backoff, "accept failed");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                             continue;
                         }
                     };
@@ -318,6 +326,11 @@ impl Pods {
         tasks
     }
 }
+
+/// How long an accept loop waits after a failed `accept` (EMFILE), doubling up to
+/// the most while it keeps failing.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A started pod's listeners and TLS, until [`Pods::spawn_tasks`] serves them.
 struct Listening {

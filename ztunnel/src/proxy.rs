@@ -6,6 +6,12 @@
 //! phase boxed (route, labels, pool checkout, CONNECT), then only the small relay future
 //! [`Opened`], under 288 bytes so tokio's task cell is 384 bytes (tested). This is the
 //! idle-memory budget.
+//!
+//! A connection is never accepted and then silently dropped: when its far end cannot
+//! be opened (no route, a refusal, no file descriptor left) an HBONE CONNECT is
+//! answered with its status and a plain TCP client gets a reset, never the clean end
+//! of stream a finished exchange would give; both are counted in
+//! `ambit_connections_refused_total` by reason.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use ambit_core::authz::{self, Denial};
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
@@ -27,6 +34,7 @@ use ambit_net::hbone::pool::PoolKey;
 use ambit_net::hbone::server::{serve_connection, InboundHandler, InboundRequest, TunnelOutcome};
 use ambit_net::hbone::H2Settings;
 use ambit_net::netns::{self, ConnectOpts};
+use ambit_net::process::out_of_descriptors;
 use ambit_net::relay::{relay_streams, relay_tunnel, StreamRelay, TunnelRelay};
 use ambit_net::tls;
 use tokio::net::TcpStream;
@@ -34,7 +42,8 @@ use tokio::sync::watch;
 
 use crate::callers::{Caller, InboundCallers, Registration};
 use crate::metrics::{
-    ConnectionLabels, DenialLabels, Metrics, OpenConnection, PeerLabels, Reporter, SecurityPolicy,
+    ConnectionLabels, DenialLabels, Metrics, OpenConnection, PeerLabels, RefusalLabels, Reporter,
+    SecurityPolicy,
 };
 use crate::model_file::ModelSnapshot;
 use crate::open_inbound::{self, AppSocket, OpenInbounds};
@@ -304,6 +313,38 @@ fn workload_labels(shared: &Shared, w: Option<&Arc<Workload>>) -> PeerLabels {
         .unwrap_or_else(PeerLabels::unknown)
 }
 
+/// Refuses an accepted TCP connection before it carried data: counted, and reset, so
+/// the client sees a refusal (`ECONNRESET`), not the end of stream of a finished
+/// exchange. Plain TCP has no other way to say no.
+fn refuse(
+    shared: &Shared,
+    client: TcpStream,
+    reporter: Reporter,
+    destination: Option<&Workload>,
+    reason: &str,
+) -> Option<Opened> {
+    shared
+        .metrics
+        .refused(&RefusalLabels::new(reporter, destination, reason));
+    // Zero linger: the close sends RST at once and never blocks.
+    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    drop(client);
+    None
+}
+
+/// The reason label of a failure to open a connection's far end: running out of
+/// descriptors is told apart, since it is ztunnel's own limit and not the far side.
+fn open_failure(
+    error: &(dyn std::error::Error + 'static),
+    otherwise: &'static str,
+) -> &'static str {
+    if out_of_descriptors(error) {
+        "descriptors_exhausted"
+    } else {
+        otherwise
+    }
+}
+
 fn random_trace() -> TraceParent {
     TraceParent::from_random(rand::random(), rand::random())
 }
@@ -321,7 +362,7 @@ pub async fn open_outbound(
         Ok(addr) => addr,
         Err(e) => {
             tracing::debug!(pod = %pod.uid, %peer, error = %e, "connection to 15001 was not captured; closing");
-            return None;
+            return refuse(shared, client, Reporter::source, None, "not_captured");
         }
     };
     let state = shared.model.borrow().state.clone();
@@ -331,7 +372,7 @@ pub async fn open_outbound(
         Err(e) => {
             // A waypoint's refusal names it: the destination is never reached around it.
             tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
-            return None;
+            return refuse(shared, client, Reporter::source, None, e.reason());
         }
     };
     let source_workload = state.workload(&pod.uid);
@@ -340,7 +381,13 @@ pub async fn open_outbound(
         OutboundRoute::Hbone(path) => {
             let Some(cert) = shared.certs.cached(&pod.identity) else {
                 tracing::warn!(pod = %pod.uid, "no valid certificate; refusing outbound connection");
-                return None;
+                return refuse(
+                    shared,
+                    client,
+                    Reporter::source,
+                    Some(&*path.workload),
+                    "no_certificate",
+                );
             };
             let key = PoolKey {
                 source: pod.identity.clone(),
@@ -386,8 +433,15 @@ pub async fn open_outbound(
             let tunnel = match pod.pool.connect(&key, &cert, &request).await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = path.waypoint.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, "HBONE connection failed");
-                    return None;
+                    let reason = open_failure(&e, e.reason());
+                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = path.waypoint.as_deref().unwrap_or_default(), reason, error = %e, "HBONE connection failed; connection reset");
+                    return refuse(
+                        shared,
+                        client,
+                        Reporter::source,
+                        Some(&*path.workload),
+                        reason,
+                    );
                 }
             };
             // The tunnel's way is logged here: an open connection keeps too little to
@@ -420,8 +474,15 @@ pub async fn open_outbound(
             let upstream = match pod.netns.connect(dst, ConnectOpts::default()).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::info!(pod = %pod.uid, %dst, error = %e, "passthrough connect failed");
-                    return None;
+                    let reason = open_failure(&e, "passthrough_connect_failed");
+                    tracing::info!(pod = %pod.uid, %dst, reason, error = %e, "passthrough connect failed; connection reset");
+                    return refuse(
+                        shared,
+                        client,
+                        Reporter::source,
+                        workload.as_deref(),
+                        reason,
+                    );
                 }
             };
             Some(Opened {
@@ -459,24 +520,44 @@ pub async fn open_inbound_plaintext(
     let active = Active::new(&shared);
     let (shared, pod) = (&*shared, &pod);
     // With TPROXY the accepted socket's local address is the original destination.
-    let dst = client.local_addr().ok()?;
+    let Ok(dst) = client.local_addr() else {
+        return refuse(
+            shared,
+            client,
+            Reporter::destination,
+            None,
+            "no_local_address",
+        );
+    };
     let state = shared.model.borrow().state.clone();
     let target = ambit_core::hbone::HboneTarget::new(dst);
     let workload = match local_target(&state, &shared.node, |uid| uid == pod.uid, target) {
         Ok(w) => w.clone(),
         Err(e) => {
             tracing::info!(pod = %pod.uid, %peer, %dst, error = %e, "inbound plaintext connection refused");
-            return None;
+            return refuse(shared, client, Reporter::destination, None, e.reason());
         }
     };
     if let Err(refusal) = waypoint_peer(&state, &workload, None, target) {
         waypoint_refused(shared, &workload, &refusal);
         tracing::info!(pod = %pod.uid, %peer, %dst, reason = refusal.reason(), error = %refusal, "inbound plaintext connection refused");
-        return None;
+        return refuse(
+            shared,
+            client,
+            Reporter::destination,
+            Some(&*workload),
+            refusal.reason(),
+        );
     }
     if authorize(shared, &state, &workload, None, peer, dst, "connect").is_err() {
-        // Closing is the answer: plaintext has no way to say why.
-        return None;
+        // A reset is the answer: plaintext has no way to say why.
+        return refuse(
+            shared,
+            client,
+            Reporter::destination,
+            Some(&*workload),
+            "denied",
+        );
     }
     let source = workload_labels(shared, state.workload_by_ip(peer.ip()));
     let destination = workload_labels(shared, Some(&workload));
@@ -490,8 +571,15 @@ pub async fn open_inbound_plaintext(
     let app = match connect_app(pod, dst, peer).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(pod = %pod.uid, %dst, error = %e, "connect to app failed");
-            return None;
+            let reason = open_failure(&e, "upstream_connect_failed");
+            tracing::info!(pod = %pod.uid, %dst, reason, error = %e, "connect to app failed; connection reset");
+            return refuse(
+                shared,
+                client,
+                Reporter::destination,
+                Some(&*workload),
+                reason,
+            );
         }
     };
     let (app, registration) = shared.open_inbound.register(&pod.uid, None, peer, dst, app);
@@ -654,9 +742,18 @@ impl InboundHandler for PodInbound {
         })?;
         let app = connect_app(&self.pod, request.target.addr(), source)
             .await
-            .map_err(|e| ConnectRefusal::UpstreamConnect {
-                target: request.target,
-                reason: e.to_string(),
+            .map_err(|e| {
+                if out_of_descriptors(&e) {
+                    ConnectRefusal::OutOfDescriptors {
+                        target: request.target,
+                        reason: e.to_string(),
+                    }
+                } else {
+                    ConnectRefusal::UpstreamConnect {
+                        target: request.target,
+                        reason: e.to_string(),
+                    }
+                }
             })?;
         let (app, open) = self.shared.open_inbound.register(
             &self.pod.uid,
@@ -691,14 +788,18 @@ impl InboundHandler for PodInbound {
     }
 
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
-        tracing::info!(
-            pod = %self.pod.uid,
-            peer = %request.map(|r| r.peer.to_string()).unwrap_or_default(),
-            status = refusal.status(),
-            reason = refusal.reason(),
-            error = %refusal,
-            "inbound HBONE CONNECT refused"
-        );
+        let peer = request.map(|r| r.peer.to_string()).unwrap_or_default();
+        if matches!(refusal, ConnectRefusal::OutOfDescriptors { .. }) {
+            tracing::warn!(pod = %self.pod.uid, %peer, status = refusal.status(), reason = refusal.reason(), error = %refusal, "inbound HBONE CONNECT refused: ztunnel is out of file descriptors");
+        } else {
+            tracing::info!(pod = %self.pod.uid, %peer, status = refusal.status(), reason = refusal.reason(), error = %refusal, "inbound HBONE CONNECT refused");
+        }
+        let state = self.shared.model.borrow().state.clone();
+        self.shared.metrics.refused(&RefusalLabels::new(
+            Reporter::destination,
+            state.workload(&self.pod.uid).map(|w| &**w),
+            refusal.reason(),
+        ));
     }
 }
 

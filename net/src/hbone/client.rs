@@ -43,6 +43,12 @@ impl TunnelError {
     pub fn reason(&self) -> &'static str {
         match self {
             TunnelError::Refused { status: 401, .. } => "denied",
+            // The far side's proxy, not its app: out of file descriptors.
+            TunnelError::Refused {
+                status: 503,
+                reason: Some(r),
+                ..
+            } if r == "descriptors_exhausted" => "destination_descriptors_exhausted",
             TunnelError::Refused { status: 503, .. } => "upstream_connect_failed",
             TunnelError::Refused { .. } => "refused",
             TunnelError::H2(_) => "hbone_connection_failed",
