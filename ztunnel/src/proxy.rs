@@ -330,7 +330,7 @@ pub async fn open_outbound(
         Ok(r) => r,
         Err(e) => {
             // A waypoint's refusal names it: the destination is never reached around it.
-            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
+            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = %e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
             return None;
         }
     };
@@ -386,13 +386,13 @@ pub async fn open_outbound(
             let tunnel = match pod.pool.connect(&key, &cert, &request).await {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = path.waypoint.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, "HBONE connection failed");
+                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = %path.waypoint.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, "HBONE connection failed");
                     return None;
                 }
             };
             // The tunnel's way is logged here: an open connection keeps too little to
             // log it at the end.
-            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, waypoint = path.waypoint.as_deref().unwrap_or_default(), "outbound HBONE tunnel opened");
+            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, waypoint = %path.waypoint.as_deref().unwrap_or_default(), "outbound HBONE tunnel opened");
             Some(Opened {
                 metrics: shared.metrics.connection_opened(&labels),
                 relay: Relay::Hbone {
