@@ -3,7 +3,8 @@
 //! it (decision record 0011).
 //!
 //! - a mesh client's ztunnel refuses the connection, naming the waypoint (Istio would
-//!   send it direct);
+//!   send it direct); while its model is still the old one, the destination refuses
+//!   it instead (a stale client cannot skip the waypoint either);
 //! - a plaintext client is refused at the destination (`bypasses_waypoint`), counted
 //!   with the waypoint as the deciding policy;
 //! - the Gateway deleted, the binding goes, and both connect directly again.
@@ -16,8 +17,8 @@ mod support;
 
 use std::time::Duration;
 
-use ambit_localmesh::{Pod, PodSpec};
-use support::{eventually, metric, two_nodes, Harness, DEADLINE};
+use ambit_localmesh::PodSpec;
+use support::{apply, connects, eventually, metric, two_nodes, until_connects, Harness};
 
 /// A waypoint serving workload traffic, its Service (an address, but no pod: not
 /// ready), and a policy attached to it.
@@ -46,34 +47,6 @@ spec:
   rules: [{to: [{operation: {methods: [DELETE]}}]}]
 ";
 
-fn write(h: &Harness, name: &str, text: Option<&str>) {
-    let path = h.k8s_dir().join(name);
-    match text {
-        Some(text) => {
-            let tmp = h.k8s_dir().join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(tmp, path).unwrap();
-        }
-        None => std::fs::remove_file(path).unwrap(),
-    }
-}
-
-fn connects(h: &Harness, pod: &Pod, to: std::net::SocketAddr) -> bool {
-    let to = to.to_string();
-    h.run_app(pod, &["send", "--to", &to, "--bytes", "100"], DEADLINE)
-        .status
-        .success()
-}
-
-async fn until_connects(h: &Harness, pod: &Pod, to: std::net::SocketAddr, want: bool, what: &str) {
-    eventually(
-        Duration::from_secs(15),
-        || async { (connects(h, pod, to) == want).then_some(()) },
-        || format!("{what}\n{}", h.logs()),
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_bound_to_a_waypoint_that_is_not_ready_is_refused_never_reached_around_it() {
     let mesh = two_nodes();
@@ -96,16 +69,27 @@ async fn a_pod_bound_to_a_waypoint_that_is_not_ready_is_refused_never_reached_ar
     assert!(connects(&h, &client, to), "{}", h.logs());
     assert!(connects(&h, &outsider, to), "{}", h.logs());
 
-    write(&h, "waypoint.yaml", Some(WAYPOINT));
-    until_connects(&h, &client, to, false, "the client's ztunnel refuses").await;
-    let log = h.ztunnel("node-a").log();
-    assert!(
-        log.contains("waypoint_not_ready")
-            && log.contains(
-                "workload shop/web is bound to waypoint shop/waypoint, which has no ready workload"
-            ),
-        "the refusal names the waypoint:\n{log}"
-    );
+    apply(&h, "waypoint.yaml", Some(WAYPOINT));
+    // Until the client's ztunnel has the new model, the destination's refuses it as a
+    // peer that skips the waypoint (`bypasses_waypoint`); then the client's own ztunnel
+    // refuses, naming the waypoint.
+    let refusal =
+        "workload shop/web is bound to waypoint shop/waypoint, which has no ready workload";
+    eventually(
+        Duration::from_secs(15),
+        || async {
+            let refused = !connects(&h, &client, to);
+            let log = h.ztunnel("node-a").log();
+            (refused && log.contains("waypoint_not_ready") && log.contains(refusal)).then_some(())
+        },
+        || {
+            format!(
+                "the client's ztunnel refuses, naming the waypoint\n{}",
+                h.logs()
+            )
+        },
+    )
+    .await;
     // A client that skips the waypoint (plaintext, from outside the mesh) is refused by
     // the destination, and counted with the waypoint as the reason.
     until_connects(
@@ -131,7 +115,7 @@ async fn a_pod_bound_to_a_waypoint_that_is_not_ready_is_refused_never_reached_ar
     assert!(counted >= 1.0, "{metrics}");
 
     // The waypoint deleted: the binding goes, and both connect directly again.
-    write(&h, "waypoint.yaml", None);
+    apply(&h, "waypoint.yaml", None);
     until_connects(&h, &client, to, true, "direct again without the waypoint").await;
     until_connects(&h, &outsider, to, true, "plaintext in again").await;
 }
