@@ -11,10 +11,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ambit_localmesh::Pod;
-use support::{eventually, metric, two_nodes, Harness, DEADLINE};
+use support::{apply, connects, metric, two_nodes, until_connects, Harness, DEADLINE};
 
 const ALLOW_CLIENT: &str = "\
 apiVersion: security.istio.io/v1
@@ -35,46 +34,6 @@ spec:
   rules:
   - from: [{source: {serviceAccounts: [client]}}]
 ";
-
-/// Replaces a file of the control plane's directory in one rename (`None`: deletes it).
-fn apply(h: &Harness, name: &str, text: Option<&str>) {
-    let path = h.k8s_dir().join(name);
-    match text {
-        Some(text) => {
-            let tmp = h.k8s_dir().join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(tmp, path).unwrap();
-        }
-        None => std::fs::remove_file(path).unwrap(),
-    }
-}
-
-/// Whether a connection from `pod` to `to` echoes intact.
-fn connects(h: &Harness, pod: &Pod, to: std::net::SocketAddr) -> bool {
-    let to = to.to_string();
-    h.run_app(pod, &["send", "--to", &to, "--bytes", "100"], DEADLINE)
-        .status
-        .success()
-}
-
-/// Polls (with the harness's `eventually`) until `pod`'s connection to `to` succeeds
-/// (`want`) or fails; the delay. A connection attempt is the only way to ask.
-async fn until_connects(
-    h: &Harness,
-    pod: &Pod,
-    to: std::net::SocketAddr,
-    want: bool,
-    what: &str,
-) -> Duration {
-    let start = Instant::now();
-    eventually(
-        Duration::from_secs(10),
-        || async { (connects(h, pod, to) == want).then_some(()) },
-        || format!("{what}\n{}", h.logs()),
-    )
-    .await;
-    start.elapsed()
-}
 
 fn denials(metrics: &str, policy: &str, when: &str) -> f64 {
     metric(

@@ -1,223 +1,121 @@
-//! The real `waypoint` binary against the real `ambit-control` (local mode) on
-//! loopback: it gets its certificate from the CA on the control port with its bearer
-//! token, takes its model over delta xDS, turns ready only then, and shows in its
-//! config dump the Services bound to its Gateway. Bad flags stop it with an error
-//! naming them. (Traffic through a waypoint in a local mesh is the local mesh's
-//! integration; the data path is tested in `waypoint/tests/`.)
+//! Waypoint routing at ztunnel, end to end in a local mesh (needs root): a pod bound to
+//! a waypoint that has no ready workload and enforces a policy is never reached around
+//! it (decision record 0011).
+//!
+//! - a mesh client's ztunnel refuses the connection, naming the waypoint (Istio would
+//!   send it direct); while its model is still the old one, the destination refuses
+//!   it instead (a stale client cannot skip the waypoint either);
+//! - a plaintext client is refused at the destination (`bypasses_waypoint`), counted
+//!   with the waypoint as the deciding policy;
+//! - the Gateway deleted, the binding goes, and both connect directly again.
+//!
+//! The waypoint's own data path (HBONE to the waypoint with the original authority) is
+//! tested with the waypoint binary, in the waypoint's end-to-end tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-use ambit_localmesh::target_binary;
-use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 
-const DEADLINE: Duration = Duration::from_secs(30);
-const TOKEN: &str = "waypoint-token-0123456789abcdef";
+use ambit_localmesh::PodSpec;
+use support::{apply, connects, eventually, metric, two_nodes, until_connects, Harness};
 
-const MESH: &str = "\
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: shop
-  labels: {istio.io/dataplane-mode: ambient}
+/// A waypoint serving workload traffic, its Service (an address, but no pod: not
+/// ready), and a policy attached to it.
+const WAYPOINT: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: workload}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 ---
 apiVersion: v1
 kind: Service
-metadata:
-  name: waypoint
-  namespace: shop
-  labels: {gateway.networking.k8s.io/gateway-name: waypoint}
+metadata: {name: waypoint, namespace: shop}
 spec:
-  clusterIP: 10.96.0.99
+  clusterIP: 10.96.0.250
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
   ports: [{name: mesh, port: 15008}]
 ---
-apiVersion: v1
-kind: Service
-metadata:
-  name: echo
-  namespace: shop
-  labels: {istio.io/use-waypoint: waypoint}
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-waypoint, namespace: shop}
 spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: free
-  namespace: shop
-spec:
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80}]
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}]}]
 ";
 
-/// A child process killed (and reaped) when dropped, also when the test fails.
-struct Killed(Child, std::path::PathBuf);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Killed {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-fn spawn(name: &'static str, args: &[String], dir: &Path) -> Killed {
-    let log = dir.join(format!("{name}.log"));
-    let child =
-        Command::new(target_binary(name).unwrap_or_else(|e| panic!("{e}: cargo build --bins")))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-    Killed(child, log)
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-#[tokio::test]
-async fn the_waypoint_gets_its_certificate_and_model_from_the_control_plane_and_turns_ready() {
-    let dir = tempfile::tempdir().unwrap();
-    let k8s = dir.path().join("k8s");
-    std::fs::create_dir_all(&k8s).unwrap();
-    std::fs::write(k8s.join("mesh.yaml"), MESH).unwrap();
-    // A node-agent entry: until the control plane serves waypoints their own view,
-    // only node agents may subscribe to the model.
-    let tokens = dir.path().join("tokens.yaml");
-    std::fs::write(
-        &tokens,
-        format!("- token: {TOKEN}\n  identity: spiffe://cluster.local/ns/shop/sa/waypoint\n  nodeAgent: true\n  node: node-a\n"),
-    )
-    .unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let control_addr = free_port();
-    let p = |p: &Path| p.to_string_lossy().into_owned();
-    let control = spawn(
-        "ambit-control",
-        &[
-            "--local-dir".into(),
-            p(&k8s),
-            "--poll".into(),
-            "100ms".into(),
-            "--root-dir".into(),
-            p(&dir.path().join("ca")),
-            "--listen".into(),
-            control_addr.to_string(),
-            "--tokens".into(),
-            p(&tokens),
-        ],
-        dir.path(),
-    );
-    let root = dir.path().join("ca/root-cert.pem");
-    let started = Instant::now();
-    while !root.is_file() {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "no CA root: {}",
-            control.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (hbone, admin, metrics, readiness) = (free_port(), free_port(), free_port(), free_port());
-    let waypoint_args = |token: &Path| -> Vec<String> {
-        vec![
-            "--gateway".into(),
-            "shop/waypoint".into(),
-            "--control-address".into(),
-            control_addr.to_string(),
-            "--ca-root".into(),
-            p(&root),
-            "--token-file".into(),
-            p(token),
-            "--hbone-addr".into(),
-            hbone.to_string(),
-            "--admin-addr".into(),
-            admin.to_string(),
-            "--metrics-addr".into(),
-            metrics.to_string(),
-            "--readiness-addr".into(),
-            readiness.to_string(),
-            "--log".into(),
-            "debug".into(),
-        ]
-    };
-    let waypoint = spawn("waypoint", &waypoint_args(&token_file), dir.path());
-
-    let started = Instant::now();
-    loop {
-        if let Some((200, _)) = get(readiness, "/healthz/ready").await {
-            break;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "waypoint never ready: {:?}\n--- waypoint ---\n{}\n--- control ---\n{}",
-            get(readiness, "/healthz/ready").await,
-            waypoint.log(),
-            control.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (status, body) = get(admin, "/config_dump").await.unwrap();
-    assert_eq!(status, 200, "{body}");
-    let dump: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        dump["certificates"][0]["identity"],
-        "spiffe://cluster.local/ns/shop/sa/waypoint"
-    );
-    assert_eq!(dump["certificates"][0]["state"], "valid");
-    assert_eq!(
-        dump["waypoint"]["addresses"],
-        serde_json::json!(["10.96.0.99"])
-    );
-    assert_eq!(
-        dump["waypoint"]["services"],
-        serde_json::json!(["shop/echo"]),
-        "{body}"
-    );
-    assert_eq!(get(metrics, "/metrics").await.unwrap().0, 200);
-    // The HBONE port is open.
-    assert!(tokio::net::TcpStream::connect(hbone).await.is_ok());
-    drop(waypoint);
-
-    // A token file that is not there stops it at once, naming the flag.
-    let output = Command::new(target_binary("waypoint").unwrap())
-        .args(waypoint_args(&dir.path().join("missing")))
-        .output()
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_bound_to_a_waypoint_that_is_not_ready_is_refused_never_reached_around_it() {
+    let mesh = two_nodes();
+    let client = support::pod(&mesh, "node-a", "shop", "client", "client");
+    let web = mesh
+        .add_pod(
+            "node-b",
+            PodSpec::new("shop", "web")
+                .service_account("web")
+                .label("istio.io/use-waypoint", "waypoint"),
+        )
         .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("--token-file") && stderr.contains("missing"),
-        "{stderr}"
+    let outsider = support::pod(&mesh, "node-a", "legacy", "outsider", "outsider");
+    let h = Harness::start(mesh);
+    let _echo = h.serve(&web, &["echo", "--port", "8080"]);
+    h.enrol(&client).await;
+    h.enrol(&web).await;
+    let to = web.addr(8080);
+    // The label names a waypoint that does not exist yet: no binding, direct.
+    assert!(connects(&h, &client, to), "{}", h.logs());
+    assert!(connects(&h, &outsider, to), "{}", h.logs());
+
+    apply(&h, "waypoint.yaml", Some(WAYPOINT));
+    // Until the client's ztunnel has the new model, the destination's refuses it as a
+    // peer that skips the waypoint (`bypasses_waypoint`); then the client's own ztunnel
+    // refuses, naming the waypoint.
+    let refusal =
+        "workload shop/web is bound to waypoint shop/waypoint, which has no ready workload";
+    eventually(
+        Duration::from_secs(15),
+        || async {
+            let refused = !connects(&h, &client, to);
+            let log = h.ztunnel("node-a").log();
+            (refused && log.contains("waypoint_not_ready") && log.contains(refusal)).then_some(())
+        },
+        || {
+            format!(
+                "the client's ztunnel refuses, naming the waypoint\n{}",
+                h.logs()
+            )
+        },
+    )
+    .await;
+    // A client that skips the waypoint (plaintext, from outside the mesh) is refused by
+    // the destination, and counted with the waypoint as the reason.
+    until_connects(
+        &h,
+        &outsider,
+        to,
+        false,
+        "the destination refuses plaintext",
+    )
+    .await;
+    let log = h.ztunnel("node-b").log();
+    assert!(log.contains("bypasses_waypoint"), "{log}");
+    assert!(log.contains("shop/waypoint"), "{log}");
+    let metrics = h.metrics("node-b").await;
+    let counted = metric(
+        &metrics,
+        "ambit_authorization_denials_total",
+        &[
+            ("policy", "waypoint/shop/waypoint"),
+            ("reason", "bypasses_waypoint"),
+        ],
     );
+    assert!(counted >= 1.0, "{metrics}");
+
+    // The waypoint deleted: the binding goes, and both connect directly again.
+    apply(&h, "waypoint.yaml", None);
+    until_connects(&h, &client, to, true, "direct again without the waypoint").await;
+    until_connects(&h, &outsider, to, true, "plaintext in again").await;
 }

@@ -371,7 +371,7 @@ pub async fn open_outbound(
         Ok(r) => r,
         Err(e) => {
             // A waypoint's refusal names it: the destination is never reached around it.
-            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
+            tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = %e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
             return refuse(shared, client, Reporter::source, None, e.reason());
         }
     };
@@ -434,7 +434,7 @@ pub async fn open_outbound(
                 Ok(t) => t,
                 Err(e) => {
                     let reason = open_failure(&e, e.reason());
-                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = path.waypoint.as_deref().unwrap_or_default(), reason, error = %e, "HBONE connection failed; connection reset");
+                    tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = %path.waypoint.as_deref().unwrap_or_default(), reason, error = %e, "HBONE connection failed; connection reset");
                     return refuse(
                         shared,
                         client,
@@ -446,7 +446,7 @@ pub async fn open_outbound(
             };
             // The tunnel's way is logged here: an open connection keeps too little to
             // log it at the end.
-            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, waypoint = path.waypoint.as_deref().unwrap_or_default(), "outbound HBONE tunnel opened");
+            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, waypoint = %path.waypoint.as_deref().unwrap_or_default(), "outbound HBONE tunnel opened");
             Some(Opened {
                 metrics: shared.metrics.connection_opened(&labels),
                 relay: Relay::Hbone {

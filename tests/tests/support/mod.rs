@@ -275,3 +275,44 @@ pub fn capture(h: &Harness) -> Process {
         .unwrap_or_else(|e| panic!("tcpdump (needs the tcpdump package): {e}"));
     dump
 }
+
+/// Replaces a file of the control plane's directory in one rename, as `kubectl apply`
+/// replaces an object (`None`: deletes it).
+pub fn apply(h: &Harness, name: &str, text: Option<&str>) {
+    let path = h.k8s_dir().join(name);
+    match text {
+        Some(text) => {
+            let tmp = h.k8s_dir().join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(tmp, path).unwrap();
+        }
+        None => std::fs::remove_file(path).unwrap(),
+    }
+}
+
+/// Whether a connection from `pod` to `to` echoes intact.
+pub fn connects(h: &Harness, pod: &Pod, to: SocketAddr) -> bool {
+    let to = to.to_string();
+    h.run_app(pod, &["send", "--to", &to, "--bytes", "100"], DEADLINE)
+        .status
+        .success()
+}
+
+/// Polls until `pod`'s connection to `to` succeeds (`want`) or fails; the delay. A
+/// connection attempt is the only way to ask.
+pub async fn until_connects(
+    h: &Harness,
+    pod: &Pod,
+    to: SocketAddr,
+    want: bool,
+    what: &str,
+) -> Duration {
+    let start = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        || async { (connects(h, pod, to) == want).then_some(()) },
+        || format!("{what}\n{}", h.logs()),
+    )
+    .await;
+    start.elapsed()
+}
