@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::hbone::{ConnectRefusal, HboneTarget};
-use crate::model::{MeshState, Service, ServicePort, WaypointAddress, Workload};
+use crate::model::{MeshState, Service, ServicePort, WaypointAddress, WaypointFor, Workload};
 
 /// The Gateway a waypoint is (`<namespace>/<name>`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,18 +65,21 @@ impl fmt::Display for GatewayRef {
     }
 }
 
-/// This waypoint as the model knows it: its Gateway and the addresses of its own
-/// Service (named like the Gateway, in its namespace), which is what a bound
-/// Service's or workload's `waypoint` points at.
+/// This waypoint as the model knows it: its Gateway, the addresses of its own Service
+/// (named like the Gateway, in its namespace) and the traffic it serves (its
+/// `MeshConfig.waypoints` entry). A Service or workload is bound to it when its
+/// `waypoint` names the Gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waypoint {
     pub gateway: GatewayRef,
     pub addresses: Vec<IpAddr>,
+    /// `None` when the model has no entry for the Gateway (not a waypoint, or not yet
+    /// known): then nothing is bound to it.
+    pub traffic_type: Option<WaypointFor>,
 }
 
 impl Waypoint {
-    /// The waypoint `gateway` in `state`: without its own Service in the model it has
-    /// no address, and nothing is bound to it.
+    /// The waypoint `gateway` in `state`.
     pub fn in_model(gateway: &GatewayRef, state: &MeshState) -> Waypoint {
         let addresses = state
             .services()
@@ -86,15 +89,26 @@ impl Waypoint {
         Waypoint {
             gateway: gateway.clone(),
             addresses,
+            traffic_type: state
+                .waypoint(&gateway.to_string())
+                .map(|w| w.spec.traffic_type),
         }
     }
 
-    /// Whether a Service's or workload's `waypoint` is this one. The model names a
-    /// waypoint by its Service's address today; once `WaypointAddress` carries the
-    /// Gateway's name and namespace, this compares those instead, and is the only
-    /// place that changes.
+    /// Whether a Service's or workload's `waypoint` names this waypoint's Gateway.
     pub fn binds(&self, waypoint: Option<&WaypointAddress>) -> bool {
-        waypoint.is_some_and(|w| self.addresses.contains(&w.address))
+        self.traffic_type.is_some()
+            && waypoint.is_some_and(|w| {
+                w.namespace == self.gateway.namespace && w.name == self.gateway.name
+            })
+    }
+
+    fn serves_services(&self) -> bool {
+        self.traffic_type.is_some_and(WaypointFor::serves_services)
+    }
+
+    fn serves_workloads(&self) -> bool {
+        self.traffic_type.is_some_and(WaypointFor::serves_workloads)
     }
 }
 
@@ -135,6 +149,12 @@ pub fn bound_target(
                 waypoint.gateway
             )));
         }
+        if !waypoint.serves_services() {
+            return Err(refuse(format!(
+                "waypoint {} does not serve service traffic (istio.io/waypoint-for)",
+                waypoint.gateway
+            )));
+        }
         let port = service
             .spec
             .ports
@@ -158,6 +178,12 @@ pub fn bound_target(
             return Err(refuse(format!(
                 "workload {} is not bound to waypoint {}",
                 workload.uid(),
+                waypoint.gateway
+            )));
+        }
+        if !waypoint.serves_workloads() {
+            return Err(refuse(format!(
+                "waypoint {} does not serve workload traffic (istio.io/waypoint-for)",
                 waypoint.gateway
             )));
         }
@@ -332,16 +358,16 @@ workloads:
 - {uid: shop/cart-1, name: cart-1, namespace: shop, serviceAccount: cart, node: a, ips: [10.1.0.5, "fd00::5"], protocol: HBONE}
 - {uid: shop/cart-2, name: cart-2, namespace: shop, serviceAccount: cart, node: b, ips: [10.2.0.7], protocol: HBONE}
 - {uid: shop/cart-3, name: cart-3, namespace: shop, serviceAccount: cart, node: b, ips: [10.2.0.8], protocol: HBONE, healthy: false}
-- {uid: shop/db-0, name: db-0, namespace: shop, node: a, ips: [10.1.0.9], protocol: HBONE, waypoint: {address: 10.96.0.99}}
+- {uid: shop/db-0, name: db-0, namespace: shop, node: a, ips: [10.1.0.9], protocol: HBONE, waypoint: {address: 10.96.0.99, name: waypoint, namespace: shop}}
 - {uid: shop/free-0, name: free-0, namespace: shop, node: a, ips: [10.1.0.10], protocol: HBONE}
-- {uid: shop/other-0, name: other-0, namespace: shop, node: a, ips: [10.1.0.11], protocol: HBONE, waypoint: {address: 10.96.0.98}}
+- {uid: shop/other-0, name: other-0, namespace: shop, node: a, ips: [10.1.0.11], protocol: HBONE, waypoint: {address: 10.96.0.98, name: other, namespace: shop}}
 - {uid: shop/waypoint-0, name: waypoint-0, namespace: shop, serviceAccount: waypoint, node: a, ips: [10.1.0.2], protocol: HBONE}
 services:
 - name: cart
   namespace: shop
   vips: [10.96.0.10, "fd00:96::10"]
   ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: 8081}]
-  waypoint: {address: 10.96.0.99}
+  waypoint: {address: 10.96.0.99, name: waypoint, namespace: shop}
   endpoints:
   - {workloadUid: shop/cart-1, ports: [{port: 81, targetPort: 9091}]}
   - {workloadUid: shop/cart-2}
@@ -356,13 +382,15 @@ services:
   namespace: shop
   vips: [10.96.0.30]
   ports: [{port: 80, targetPort: 80}]
-  waypoint: {address: 10.96.0.99}
+  waypoint: {address: 10.96.0.99, name: waypoint, namespace: shop}
   endpoints: [{workloadUid: shop/cart-3}]
 - name: waypoint
   namespace: shop
   vips: [10.96.0.99]
   ports: [{port: 15008, targetPort: 15008}]
   endpoints: [{workloadUid: shop/waypoint-0}]
+waypoints:
+- {name: waypoint, namespace: shop, serviceAccount: waypoint, address: 10.96.0.99, trafficType: all}
 "#;
 
     fn state() -> MeshState {
@@ -396,11 +424,13 @@ services:
     }
 
     #[test]
-    fn the_waypoint_knows_its_address_from_its_own_service() {
+    fn the_waypoint_knows_its_address_and_traffic_type_from_the_model() {
         let s = state();
         assert_eq!(me(&s).addresses, ["10.96.0.99".parse::<IpAddr>().unwrap()]);
+        assert_eq!(me(&s).traffic_type, Some(WaypointFor::All));
         let absent = Waypoint::in_model(&"shop/none".parse().unwrap(), &s);
         assert!(absent.addresses.is_empty());
+        assert_eq!(absent.traffic_type, None);
         assert!(!absent.binds(
             s.service_by_vip("10.96.0.10".parse().unwrap())
                 .unwrap()
@@ -445,6 +475,25 @@ services:
         for (target, want) in cases {
             let target = HboneTarget::parse_authority(target).unwrap();
             assert_eq!(describe(bound_target(&s, &w, target)), want, "{target}");
+        }
+    }
+
+    #[test]
+    fn a_waypoint_serves_only_the_traffic_its_waypoint_for_names() {
+        for (traffic, service, workload) in [
+            ("service", true, false),
+            ("workload", false, true),
+            ("all", true, true),
+            ("none", false, false),
+        ] {
+            let config = CONFIG.replace("trafficType: all", &format!("trafficType: {traffic}"));
+            let config: MeshConfig = serde_yaml_ng::from_str(&config).unwrap();
+            let s = MeshState::build(&config, &TrustDomain::default()).unwrap();
+            let w = me(&s);
+            let to =
+                |t: &str| bound_target(&s, &w, HboneTarget::parse_authority(t).unwrap()).is_ok();
+            assert_eq!(to("10.96.0.10:80"), service, "{traffic}: service traffic");
+            assert_eq!(to("10.1.0.9:5432"), workload, "{traffic}: workload traffic");
         }
     }
 

@@ -1,10 +1,11 @@
 //! Authorization of each request, and how a denial is answered.
 //!
-//! [`authorize`] is the one place a request is decided; `ambit_core::l7::evaluate`
-//! (L7 AuthorizationPolicy attached to this waypoint) is called here once it lands.
-//! Until then no L7 policy reaches the waypoint, and every request is allowed; a test
-//! marks that. [`authorize_tcp`] is the same for a plain TCP connection on a bound
-//! service (the L4 projection of the same policies).
+//! [`authorize`] is the one place a request is decided: `ambit_core::l7::evaluate`
+//! over the L7 AuthorizationPolicies attached to this waypoint's Gateway, its class,
+//! or the Service the request is for (`MeshState::l7_policies_for`). Selector and
+//! namespace-wide policies never apply here (they are ztunnel's), as in Istio.
+//! [`authorize_tcp`] decides a plain TCP connection on a bound service with the same
+//! policies' TCP projection (`ambit_core::l7::evaluate_tcp`).
 //!
 //! A denial is answered as Envoy's RBAC filter answers it: 403 with the body
 //! `RBAC: access denied`; to gRPC clients, a trailers-only response with
@@ -12,12 +13,17 @@
 
 use std::net::SocketAddr;
 
+use ambit_core::l7::{self, NormalizedPath};
+use ambit_core::model::MeshState;
+use ambit_core::waypoint::{BoundTarget, GatewayRef};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 
 use crate::http::Body;
+
+pub use ambit_core::l7::Denial;
 
 /// What authorization sees of one HTTP request.
 #[derive(Debug)]
@@ -31,8 +37,8 @@ pub struct RequestInfo<'a> {
     pub destination: SocketAddr,
     pub host: &'a str,
     pub method: &'a str,
-    /// The path, without the query.
-    pub path: &'a str,
+    /// The normalized path (Istio's `BASE`), without the query.
+    pub path: &'a NormalizedPath,
     pub headers: &'a HeaderMap,
 }
 
@@ -44,23 +50,67 @@ pub struct ConnectionInfo<'a> {
     pub destination: SocketAddr,
 }
 
-/// Why a request was denied: the policy and rule that decided it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("denied by {policy}")]
-pub struct Denial {
-    pub policy: String,
+/// The policies that apply to traffic for `target` at waypoint `gateway`.
+fn policies<'a>(
+    state: &'a MeshState,
+    gateway: &'a GatewayRef,
+    target: &'a BoundTarget,
+) -> impl Iterator<Item = &'a l7::Policy> + 'a {
+    let service = match target {
+        BoundTarget::Service { service, .. } => {
+            Some((service.spec.namespace.as_str(), service.spec.name.as_str()))
+        }
+        BoundTarget::Workload { .. } => None,
+    };
+    state.l7_policies_for((gateway.namespace.as_str(), gateway.name.as_str()), service)
 }
 
-/// Decides one request. Allows every request until L7 policies reach the waypoint
-/// (`ambit_core::l7::evaluate`).
-pub fn authorize(_request: &RequestInfo<'_>) -> Result<(), Denial> {
-    Ok(())
+fn connection<'a>(
+    peer: &'a SpiffeId,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> l7::Connection<'a> {
+    l7::Connection {
+        peer: Some(peer),
+        source_ip: source.ip(),
+        destination_ip: destination.ip(),
+        destination_port: destination.port(),
+        sni: None,
+    }
 }
 
-/// Decides one plain TCP connection. Allows every connection until L7 policies (and
-/// their L4 projection) reach the waypoint.
-pub fn authorize_tcp(_connection: &ConnectionInfo<'_>) -> Result<(), Denial> {
-    Ok(())
+/// Decides one request against the policies attached to this waypoint and the
+/// Service it is for.
+pub fn authorize(
+    state: &MeshState,
+    gateway: &GatewayRef,
+    target: &BoundTarget,
+    request: &RequestInfo<'_>,
+) -> l7::Verdict {
+    let request = l7::Request {
+        connection: connection(request.peer, request.source, request.destination),
+        // No trusted proxies in front of a waypoint: the remote client is the source.
+        remote_ip: request.source.ip(),
+        host: request.host,
+        method: request.method,
+        path: request.path,
+        headers: request.headers,
+        auth: None,
+    };
+    l7::evaluate(policies(state, gateway, target), &request)
+}
+
+/// Decides one plain TCP connection with the policies' TCP projection.
+pub fn authorize_tcp(
+    state: &MeshState,
+    gateway: &GatewayRef,
+    target: &BoundTarget,
+    c: &ConnectionInfo<'_>,
+) -> l7::Verdict {
+    l7::evaluate_tcp(
+        policies(state, gateway, target),
+        &connection(c.peer, c.source, c.destination),
+    )
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc`, `+proto` and the
@@ -106,28 +156,6 @@ pub fn denied(grpc: bool) -> Response<Body> {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-
-    #[test]
-    fn every_request_is_allowed_until_l7_policies_reach_the_waypoint() {
-        let peer: SpiffeId = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
-        let headers = HeaderMap::new();
-        let request = RequestInfo {
-            peer: &peer,
-            source: "10.1.0.5:40000".parse().unwrap(),
-            destination: "10.96.0.10:80".parse().unwrap(),
-            host: "cart.shop.svc.cluster.local",
-            method: "POST",
-            path: "/admin",
-            headers: &headers,
-        };
-        assert_eq!(authorize(&request), Ok(()));
-        let connection = ConnectionInfo {
-            peer: &peer,
-            source: request.source,
-            destination: request.destination,
-        };
-        assert_eq!(authorize_tcp(&connection), Ok(()));
-    }
 
     #[tokio::test]
     async fn a_denial_is_403_rbac_access_denied_or_grpc_status_7() {

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use ambit_core::hbone::{Baggage, ConnectRefusal};
 use ambit_core::waypoint::{
-    bound_target, declared_protocol, sniff, Declared, GatewayRef, Sniffed, Waypoint, SNIFF_LIMIT,
+    bound_target, declared_protocol, sniff, BoundTarget, Declared, GatewayRef, Sniffed, Waypoint,
+    SNIFF_LIMIT,
 };
 use ambit_core::SpiffeId;
 use ambit_net::cert_manager::CertificateManager;
@@ -171,9 +172,12 @@ impl TunnelHandler for Tunnels {
         let state = self.shared.model.borrow().state.clone();
         let waypoint = Waypoint::in_model(&self.shared.gateway, &state);
         let target = bound_target(&state, &waypoint, request.target)?;
-        // The Service port's declared protocol once the model carries it
-        // (`ServicePort::app_protocol`); sniffed until then.
-        let declared = declared_protocol(None);
+        // The Service port's declared protocol (`appProtocol`, else its name's
+        // prefix); a workload target, or a port declaring nothing, is sniffed.
+        let declared = match &target {
+            BoundTarget::Service { port, .. } => declared_protocol(port.app_protocol.as_deref()),
+            BoundTarget::Workload { .. } => declared_protocol(None),
+        };
         let client = request
             .forwarded
             .as_ref()

@@ -17,6 +17,9 @@ use hyper_util::rt::TokioIo;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A Service bound to the waypoint with an L7 DENY policy attached.
+const GUARDED_VIP: &str = "10.96.0.40:80";
+
 fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path)
         .header("host", "echo.shop.svc.cluster.local")
@@ -114,6 +117,65 @@ async fn http1_requests_are_balanced_round_robin_over_keep_alive_as_the_waypoint
             .sum();
         assert!(total >= 4.0, "{histogram} {total}\n{metrics}");
     }
+}
+
+#[tokio::test]
+async fn l7_policy_denies_by_normalized_path_and_method_with_403_and_grpc_status_7() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, GUARDED_VIP).await;
+    // (method, path as sent, status, path the backend receives)
+    for (method, path, status, received) in [
+        ("GET", "/name", 200, Some("/name")),
+        ("GET", "/x/./y/../name?q=1", 200, Some("/x/name?q=1")),
+        ("GET", "/admin", 403, None),
+        ("GET", "/admin/users", 403, None),
+        ("GET", "/public/../admin/users", 403, None),
+        ("GET", "/%61dmin", 403, None),
+        ("GET", "/admin%2fusers", 200, Some("/admin%2fusers")),
+        ("DELETE", "/name", 403, None),
+    ] {
+        client.ready().await.unwrap();
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "guarded.shop.svc.cluster.local")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        let body = text(response).await;
+        match received {
+            Some(p) => assert!(
+                body.contains(&format!(" path={p} ")),
+                "{method} {path}: {body}"
+            ),
+            None => assert_eq!(body, "RBAC: access denied", "{method} {path}"),
+        }
+    }
+
+    let conn = mesh.client().await;
+    let mut client = http2_client::<Full<Bytes>>(&conn, GUARDED_VIP).await;
+    let request = Request::post("http://guarded.shop.svc.cluster.local/admin/Reset")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "gRPC denials are trailers-only 200s"
+    );
+    assert_eq!(response.headers()["grpc-status"], "7");
+    let (status, metrics) = http_get(mesh.metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"403\"")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -365,7 +427,7 @@ async fn admin_shows_what_the_waypoint_serves_and_readiness_is_200() {
     assert_eq!(dump["waypoint"]["gateway"], "shop/waypoint");
     assert_eq!(
         dump["waypoint"]["services"],
-        serde_json::json!(["shop/echo", "shop/legacy"])
+        serde_json::json!(["shop/echo", "shop/guarded", "shop/legacy"])
     );
     assert_eq!(
         dump["waypoint"]["workloads"],

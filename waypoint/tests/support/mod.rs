@@ -127,7 +127,7 @@ pub fn endpoint_ips() -> [IpAddr; 4] {
 /// The model: the waypoint's own Service, the bound Service `echo` with two
 /// endpoints, a bound workload `direct` (the third address), and `free`, bound to
 /// nothing, and `legacy`, bound, whose endpoint (the fourth address) is outside the
-/// mesh.
+/// mesh. `guarded` is `echo` with a DENY policy that refuses `/admin` (after normalization) and DELETE.
 pub fn model(ips: [IpAddr; 4]) -> MeshConfig {
     let yaml = format!(
         r#"
@@ -135,7 +135,7 @@ workloads:
 - {{uid: shop/waypoint-0, name: waypoint-0, namespace: shop, serviceAccount: waypoint, node: a, ips: [127.0.0.1], protocol: HBONE}}
 - {{uid: shop/echo-1, name: echo-1, namespace: shop, serviceAccount: echo, node: a, ips: ["{a}"], protocol: HBONE}}
 - {{uid: shop/echo-2, name: echo-2, namespace: shop, serviceAccount: echo, node: b, ips: ["{b}"], protocol: HBONE}}
-- {{uid: shop/direct-0, name: direct-0, namespace: shop, serviceAccount: echo, node: b, ips: ["{c}"], protocol: HBONE, waypoint: {{address: 10.96.0.99}}}}
+- {{uid: shop/direct-0, name: direct-0, namespace: shop, serviceAccount: echo, node: b, ips: ["{c}"], protocol: HBONE, waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}}}
 - {{uid: shop/legacy-0, name: legacy-0, namespace: shop, node: b, ips: ["{d}"]}}
 services:
 - name: waypoint
@@ -147,19 +147,35 @@ services:
   namespace: shop
   vips: [10.96.0.10]
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
-  waypoint: {{address: 10.96.0.99}}
+  waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
+  endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
+- name: guarded
+  namespace: shop
+  vips: [10.96.0.40]
+  ports: [{{port: 80, targetPort: {APP_PORT}}}]
+  waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
   endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
 - name: legacy
   namespace: shop
   vips: [10.96.0.30]
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
-  waypoint: {{address: 10.96.0.99}}
+  waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
   endpoints: [{{workloadUid: shop/legacy-0}}]
 - name: free
   namespace: shop
   vips: [10.96.0.20]
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
   endpoints: [{{workloadUid: shop/echo-1}}]
+waypoints:
+- {{name: waypoint, namespace: shop, serviceAccount: waypoint, address: 10.96.0.99, trafficType: all, policies: [shop/no-admin]}}
+l7Policies:
+- targets: [{{kind: Service, namespace: shop, name: guarded}}]
+  policy:
+    namespace: shop
+    name: no-admin
+    action: DENY
+    rules:
+    - to: [{{paths: ["/admin", "/admin/*"]}}, {{methods: [DELETE]}}]
 "#,
         a = ips[0],
         b = ips[1],
@@ -435,7 +451,7 @@ async fn app(
                 .to_owned()
         };
         format!(
-            "{name} {:?} host={} tp={} rid={} authority={} xff={}",
+            "{name} {:?} host={} tp={} rid={} authority={} path={} xff={}",
             r.version(),
             h("host"),
             h("traceparent"),
@@ -444,6 +460,7 @@ async fn app(
                 .authority()
                 .map(|a| a.to_string())
                 .unwrap_or("-".into()),
+            r.uri().path_and_query().map_or("-", |p| p.as_str()),
             h("x-forwarded-for")
         )
     };
