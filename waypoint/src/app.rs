@@ -159,9 +159,11 @@ pub async fn serve(parts: Parts, shutdown: impl Future<Output = ()> + Send) -> a
     tokio::spawn(admin::serve(parts.metrics, metrics.clone(), stopped()));
     tokio::spawn(admin::serve(parts.readiness, readiness.clone(), stopped()));
     let model_synced = parts.model_synced;
+    let (synced_tx, mut synced_rx) = watch::channel(false);
     tokio::spawn(async move {
         model_synced.await;
         drop(waiting_model);
+        let _ = synced_tx.send(true);
     });
 
     tokio::pin!(shutdown);
@@ -233,8 +235,20 @@ pub async fn serve(parts: Parts, shutdown: impl Future<Output = ()> + Send) -> a
     let hbone_addr = parts.hbone.local_addr()?;
     tokio::spawn(proxy::serve_hbone(parts.hbone, shared.clone(), server_tls));
     tracing::info!(gateway = %parts.gateway, identity = %parts.identity, hbone = %hbone_addr, "waypoint serving");
-
-    shutdown.await;
+    // Ready (15021 answers 200) once it has its certificate and a first model; said
+    // once in the log, which is what the local mesh waits for.
+    let stopping = tokio::select! {
+        synced = synced_rx.wait_for(|synced| *synced) => {
+            if synced.is_ok() {
+                tracing::info!(gateway = %parts.gateway, "waypoint ready");
+            }
+            false
+        }
+        () = &mut shutdown => true,
+    };
+    if !stopping {
+        shutdown.await;
+    }
     let _draining = readiness.block("draining");
     tracing::info!(open = shared.open.load(Ordering::Relaxed), "draining");
     let _ = draining_tx.send(true);

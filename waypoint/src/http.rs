@@ -81,6 +81,10 @@ pub struct TunnelContext {
     pub client: SocketAddr,
     /// The client's workload metadata from the CONNECT's `baggage`.
     pub baggage: ambit_core::hbone::Baggage,
+    /// What the target's port declares: it decides the upstream protocol (HTTP/1.1
+    /// for `http`, HTTP/2 for `http2`/`grpc`, the client's own when sniffed), as
+    /// Envoy's clusters in Istio do.
+    pub declared: ambit_core::waypoint::Declared,
 }
 
 /// Serves HTTP of `version` on the tunnel `io` until the client is done, the
@@ -271,18 +275,22 @@ async fn handle(
             None,
         );
     };
-    let version = if request.version() == Version::HTTP_2 {
-        HttpVersion::Http2
-    } else {
-        HttpVersion::Http1
+    let version = match context.declared {
+        ambit_core::waypoint::Declared::Http => HttpVersion::Http1,
+        ambit_core::waypoint::Declared::Http2 => HttpVersion::Http2,
+        _ if request.version() == Version::HTTP_2 => HttpVersion::Http2,
+        _ => HttpVersion::Http1,
     };
+    translate_version(&mut request, version);
     let key = UpstreamKey {
         addr: endpoint.addr,
         identity: endpoint.workload.identity.clone(),
         version,
         hbone: endpoint.workload.is_hbone(),
     };
-    let upgrade = version == HttpVersion::Http1 && wants_upgrade(request.headers());
+    let upgrade = version == HttpVersion::Http1
+        && request.version() == Version::HTTP_11
+        && wants_upgrade(request.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     strip_hop_by_hop(request.headers_mut(), upgrade);
     append_forwarded_for(request.headers_mut(), context.client);
@@ -318,6 +326,52 @@ async fn handle(
     }
     strip_hop_by_hop(response.headers_mut(), switched);
     respond(response.map(BodyExt::boxed), "", Some(&endpoint))
+}
+
+/// Rewrites a request for an upstream that speaks `version`: HTTP/1.1 takes the
+/// origin form with a `Host` header, HTTP/2 the absolute form (`:authority`).
+fn translate_version<B>(request: &mut Request<B>, version: HttpVersion) {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    match version {
+        HttpVersion::Http1 if request.version() == Version::HTTP_2 => {
+            *request.version_mut() = Version::HTTP_11;
+            if let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                request.headers_mut().insert(header::HOST, value);
+            }
+            if let Ok(uri) = path.parse() {
+                *request.uri_mut() = uri;
+            }
+        }
+        HttpVersion::Http2 if request.version() != Version::HTTP_2 => {
+            *request.version_mut() = Version::HTTP_2;
+            if let Some(authority) = authority {
+                if let Ok(uri) = http::Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(path)
+                    .build()
+                {
+                    *request.uri_mut() = uri;
+                    request.headers_mut().remove(header::HOST);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Records an answered request: its metrics and its access-log line.

@@ -190,6 +190,7 @@ impl TunnelHandler for Tunnels {
                 peer: request.peer.clone(),
                 client,
                 baggage: request.baggage.clone(),
+                declared,
             }),
             baggage: request.baggage.clone(),
             declared,

@@ -156,6 +156,17 @@ async fn l7_policy_denies_by_normalized_path_and_method_with_403_and_grpc_status
 
     let conn = mesh.client().await;
     let mut client = http2_client::<Full<Bytes>>(&conn, GUARDED_VIP).await;
+    // The port declares `http`: an HTTP/2 client's request goes upstream as HTTP/1.1.
+    let request = Request::get("http://guarded.shop.svc.cluster.local/name")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = text(response).await;
+    assert!(
+        body.contains("HTTP/1.1 host=guarded.shop.svc.cluster.local"),
+        "{body}"
+    );
     let request = Request::post("http://guarded.shop.svc.cluster.local/admin/Reset")
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -127,7 +127,7 @@ pub fn endpoint_ips() -> [IpAddr; 4] {
 /// The model: the waypoint's own Service, the bound Service `echo` with two
 /// endpoints, a bound workload `direct` (the third address), and `free`, bound to
 /// nothing, and `legacy`, bound, whose endpoint (the fourth address) is outside the
-/// mesh. `guarded` is `echo` with a DENY policy that refuses `/admin` (after normalization) and DELETE.
+/// mesh. `guarded` is `echo` declared `http` (HTTP/1.1 upstream) with a DENY policy that refuses `/admin` (after normalization) and DELETE.
 pub fn model(ips: [IpAddr; 4]) -> MeshConfig {
     let yaml = format!(
         r#"
@@ -152,7 +152,7 @@ services:
 - name: guarded
   namespace: shop
   vips: [10.96.0.40]
-  ports: [{{port: 80, targetPort: {APP_PORT}}}]
+  ports: [{{port: 80, targetPort: {APP_PORT}, appProtocol: http}}]
   waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
   endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
 - name: legacy
