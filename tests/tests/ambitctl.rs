@@ -233,6 +233,76 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     );
     assert!(plain.contains("caller identity: none"), "{plain}");
 
+    // Through the namespace's waypoint (orders is bound to it, with a read-only L7
+    // policy): GET passes and the app hears the waypoint's identity; POST and /admin
+    // are 403 from the waypoint; HTTP/2 with prior knowledge (curl) too; and the
+    // plaintext pod cannot go around the waypoint.
+    assert!(up.contains("waypoint bookshop/waypoint"), "{up}");
+    let app = |pod: &str, args: &[&str]| {
+        let mut all = vec!["local", "exec", pod, "--", "ambitctl", "app", "get"];
+        all.extend_from_slice(args);
+        ctl.run(&all)
+    };
+    let read = app("bookshop/frontend", &["http://orders.bookshop/books"]);
+    let body = String::from_utf8_lossy(&read.stdout);
+    assert!(read.status.success(), "{body}");
+    assert!(
+        body.contains("hello from bookshop/orders")
+            && body.contains("caller identity: spiffe://cluster.local/ns/bookshop/sa/waypoint"),
+        "{body}"
+    );
+    for args in [
+        &["-X", "POST", "http://orders.bookshop/books"][..],
+        &["http://orders.bookshop/admin/users"][..],
+        &["http://orders.bookshop/books/../admin"][..],
+    ] {
+        let denied = app("bookshop/frontend", args);
+        let body = String::from_utf8_lossy(&denied.stdout);
+        assert_eq!(denied.status.code(), Some(1), "{args:?}: {body}");
+        assert!(
+            body.contains("HTTP 403") && body.contains("RBAC: access denied"),
+            "{args:?}: {body}"
+        );
+    }
+    let orders_vip = mesh["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap()["vip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let curl = |args: &[&str]| {
+        let mut all = vec![
+            "local",
+            "exec",
+            "bookshop/frontend",
+            "--",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ];
+        all.extend_from_slice(args);
+        let out = ctl.run(&all);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let books = format!("http://{orders_vip}/books");
+    assert_eq!(curl(&["--http2-prior-knowledge", &books]), "200 2");
+    assert_eq!(
+        curl(&["--http2-prior-knowledge", "-X", "DELETE", &books]),
+        "403 2"
+    );
+    assert_eq!(curl(&[&books]), "200 1.1");
+    let around = app("legacy/batch", &["http://orders.bookshop/books"]);
+    assert!(
+        !around.status.success(),
+        "plaintext went around the waypoint"
+    );
+
     // The destination ztunnel counted the frontend's connection as mutual TLS.
     let node_b = mesh["nodes"]
         .as_array()
