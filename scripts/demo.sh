@@ -5,7 +5,9 @@
 # each node's CNI chain, the demo app in every pod, the `bookshop` namespace captured
 # in ambient mode at CNI ADD and `legacy` not. It then sends a request from
 # each namespace to the catalog and shows who the catalog says called it: an identity
-# over HBONE (mutual TLS), none in plaintext. The mesh keeps running afterwards;
+# over HBONE (mutual TLS), none in plaintext. Then it calls `orders`, which sits behind
+# the bookshop's waypoint (an L7 proxy): a GET is allowed, a POST is denied with 403 by
+# the waypoint's L7 AuthorizationPolicy, and the plaintext pod cannot go around it. The mesh keeps running afterwards;
 # `ambitctl local down` removes it.
 #
 # Needs root (network namespaces, iptables); installs what it needs that is missing
@@ -32,5 +34,18 @@ echo
 echo "==> legacy/batch (not in the mesh) -> http://catalog.bookshop/ : plaintext"
 echo "\$ ambitctl local exec legacy/batch -- ambitctl app get http://catalog.bookshop/"
 "$ambitctl" local exec legacy/batch -- ambitctl app get http://catalog.bookshop/
+echo
+echo "==> bookshop/frontend -> http://orders.bookshop/books : through its waypoint (L7), GET allowed"
+echo "\$ ambitctl local exec bookshop/frontend -- ambitctl app get http://orders.bookshop/books"
+"$ambitctl" local exec bookshop/frontend -- ambitctl app get http://orders.bookshop/books
+echo
+echo "==> bookshop/frontend -> POST http://orders.bookshop/books : denied by the waypoint's L7 policy (orders-read-only)"
+echo "\$ ambitctl local exec bookshop/frontend -- ambitctl app get -X POST http://orders.bookshop/books"
+"$ambitctl" local exec bookshop/frontend -- ambitctl app get -X POST http://orders.bookshop/books || true
+echo
+echo
+echo "==> legacy/batch (plaintext) -> http://orders.bookshop/books : refused, it may not go around the waypoint"
+echo "\$ ambitctl local exec legacy/batch -- ambitctl app get http://orders.bookshop/books"
+"$ambitctl" local exec legacy/batch -- ambitctl app get http://orders.bookshop/books || true
 echo
 echo "The mesh keeps running. $ambitctl local down removes it (namespaces, rules, processes)."
