@@ -96,6 +96,35 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What every proxy binary's `main` does before its runtime: logs to stderr filtered
+/// by `filter` (colours only on a terminal), with a handle that changes the filter at
+/// run time (admin `/logging`), and the open-file limit raised (every proxied
+/// connection holds descriptors; the default soft limit of 1024 would cap a node at a
+/// few hundred connections).
+pub fn init_proxy_process(filter: &str) -> Result<crate::admin::SetLogFilter, String> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{reload, EnvFilter};
+    let filter = EnvFilter::try_new(filter).map_err(|e| format!("--log {filter:?}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+    match raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    Ok(Box::new(move |f: &str| {
+        let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(new).map_err(|e| e.to_string())
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

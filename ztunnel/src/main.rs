@@ -4,12 +4,8 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use std::io::IsTerminal;
-
 use ambit_ztunnel::config::Config;
 use clap::Parser;
-use tracing_subscriber::prelude::*;
-use tracing_subscriber::{reload, EnvFilter};
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
@@ -23,25 +19,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&config.log)?);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
-        .init();
-    let set_filter = Box::new(move |f: &str| {
-        let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-        handle.reload(new).map_err(|e| e.to_string())
-    });
-    // Every proxied connection holds two descriptors (and HBONE a third, shared); the
-    // default soft limit of 1024 would cap a node at a few hundred connections.
-    match ambit_net::process::raise_nofile_limit() {
-        Ok(limit) => tracing::debug!(limit, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
+    let set_filter =
+        ambit_net::process::init_proxy_process(&config.log).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
