@@ -33,7 +33,24 @@ metadata:
   labels: {gateway.networking.k8s.io/gateway-name: waypoint}
 spec:
   clusterIP: 10.96.0.99
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
   ports: [{name: mesh, port: 15008}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: shop
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+spec: {nodeName: node-a, serviceAccountName: waypoint, containers: [{name: waypoint}]}
+status: {phase: Running, podIP: 10.1.0.50, podIPs: [{ip: 10.1.0.50}]}
 ---
 apiVersion: v1
 kind: Service
@@ -115,7 +132,7 @@ async fn the_waypoint_gets_its_certificate_and_model_from_the_control_plane_and_
     let tokens = dir.path().join("tokens.yaml");
     std::fs::write(
         &tokens,
-        format!("- token: {TOKEN}\n  identity: spiffe://cluster.local/ns/shop/sa/waypoint\n  nodeAgent: true\n  node: node-a\n"),
+        format!("- token: {TOKEN}\n  identity: spiffe://cluster.local/ns/shop/sa/waypoint\n\n"),
     )
     .unwrap();
     let token_file = dir.path().join("token");
