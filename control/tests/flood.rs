@@ -112,13 +112,17 @@ async fn a_flood_of_idle_tls_clients_is_bounded_and_closed_while_others_are_serv
     // Each client, once through TLS, notes when and waits for the server to close it
     // (none authenticates a request); what the server sends first, its h2 settings,
     // is read and dropped. So many are held at once, not all 20,000 in this process.
+    let through_tls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let flooding = tokio::spawn({
         let config = config.clone();
+        let through_tls = through_tls.clone();
         futures::stream::iter((0..flood).map(move |i| {
             let config = config.clone();
+            let through_tls = through_tls.clone();
             async move {
                 let mut conn = idle_client(addr, source(i), config).await?;
                 let completed = std::time::Instant::now();
+                through_tls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let deadline = HANDSHAKE_TIMEOUT + AUTHENTICATE_WITHIN + Duration::from_secs(10);
                 let mut buf = [0u8; 1024];
                 let closed = tokio::time::timeout(deadline, async {
@@ -139,8 +143,17 @@ async fn a_flood_of_idle_tls_clients_is_bounded_and_closed_while_others_are_serv
         .collect::<Vec<_>>()
     });
 
-    // Meanwhile, from 127.0.0.1: a certificate, and the model over xDS.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Meanwhile, from 127.0.0.1: a certificate, and the model over xDS, once the
+    // server holds as many idle connections as it will take.
+    let holding = (MAX_PER_SOURCE * sources).min(MAX_CONNECTIONS).min(flood);
+    let waiting = std::time::Instant::now();
+    while through_tls.load(std::sync::atomic::Ordering::Relaxed) < holding {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "the flood never got {holding} clients through TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let chain = request(
         &ca_client(control.addr, roots.clone(), WORKLOAD, false),
         "spiffe://cluster.local/ns/shop/sa/web",
