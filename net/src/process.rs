@@ -125,6 +125,26 @@ pub fn init_proxy_process(filter: &str) -> Result<crate::admin::SetLogFilter, St
     }))
 }
 
+/// Parses a duration flag of the proxies: `250ms`, `5s` or plain milliseconds;
+/// zero is refused.
+pub fn parse_millis(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms or 5s"))?;
+    if n == 0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(std::time::Duration::from_millis(n * mult))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

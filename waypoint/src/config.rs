@@ -81,20 +81,20 @@ pub struct Config {
     pub max_request_headers_kb: u32,
 
     /// How long a client may take to send a request's headers.
-    #[arg(long, env = "AMBIT_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_millis)]
+    #[arg(long, env = "AMBIT_HEADER_TIMEOUT", default_value = "10s", value_parser = ambit_net::process::parse_millis)]
     pub header_timeout: Duration,
 
     /// A downstream connection that moves no byte for this long is closed.
-    #[arg(long, env = "AMBIT_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_millis)]
+    #[arg(long, env = "AMBIT_IDLE_TIMEOUT", default_value = "300s", value_parser = ambit_net::process::parse_millis)]
     pub idle_timeout: Duration,
 
     /// How long to wait for a client's first bytes to tell HTTP from TCP; a client
     /// that sends nothing first (a server-speaks-first protocol) is TCP after it.
-    #[arg(long, env = "AMBIT_PROTOCOL_DETECTION_TIMEOUT", default_value = "1000ms", value_parser = parse_millis)]
+    #[arg(long, env = "AMBIT_PROTOCOL_DETECTION_TIMEOUT", default_value = "1000ms", value_parser = ambit_net::process::parse_millis)]
     pub protocol_detection_timeout: Duration,
 
     /// How long open connections may take to finish after SIGTERM.
-    #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5000ms", value_parser = parse_millis)]
+    #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5000ms", value_parser = ambit_net::process::parse_millis)]
     pub drain_deadline: Duration,
 
     /// Log filter (tracing syntax); changeable at run time via the admin endpoint.
@@ -118,25 +118,6 @@ impl Config {
             None => ambit_net::ca_client::default_control_identity(&self.trust_domain),
         }
     }
-}
-
-/// Parses `250ms`, `5s` or plain milliseconds.
-fn parse_millis(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else {
-        (s, 1)
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms or 5s"))?;
-    if n == 0 {
-        return Err(format!("{s:?}: must be positive"));
-    }
-    Ok(Duration::from_millis(n * mult))
 }
 
 #[cfg(test)]

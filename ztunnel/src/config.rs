@@ -43,7 +43,7 @@ pub struct Config {
     pub xds_address: Option<String>,
 
     /// How often the model file is checked for changes.
-    #[arg(long, env = "AMBIT_MODEL_POLL", default_value = "500ms", value_parser = parse_millis)]
+    #[arg(long, env = "AMBIT_MODEL_POLL", default_value = "500ms", value_parser = ambit_net::process::parse_millis)]
     pub model_poll: Duration,
 
     /// The CA, host:port.
@@ -102,7 +102,7 @@ pub struct Config {
     pub hbone_connection_window: u32,
 
     /// How long open connections may take to finish after SIGTERM.
-    #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5000ms", value_parser = parse_millis)]
+    #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5000ms", value_parser = ambit_net::process::parse_millis)]
     pub drain_deadline: Duration,
 
     /// Log filter (tracing syntax); changeable at run time via the admin endpoint.
@@ -117,25 +117,6 @@ impl Config {
             None => ambit_net::ca_client::default_control_identity(&self.trust_domain),
         }
     }
-}
-
-/// Parses `250ms`, `5s` or plain milliseconds.
-fn parse_millis(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else {
-        (s, 1)
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms or 5s"))?;
-    if n == 0 {
-        return Err(format!("{s:?}: must be positive"));
-    }
-    Ok(Duration::from_millis(n * mult))
 }
 
 #[cfg(test)]
