@@ -456,7 +456,16 @@ async fn the_agent_keeps_its_conflist_entry_and_uninstall_restores_the_file() {
         .unwrap()
         .wait_for_log("was missing from the node's CNI chain", DEADLINE)
         .unwrap();
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), installed);
+    // The log line may come before the rewrite lands: poll for the file.
+    let since = std::time::Instant::now();
+    while std::fs::read_to_string(&file).unwrap() != installed {
+        assert!(
+            since.elapsed() < DEADLINE,
+            "the agent did not put itself back: {}",
+            std::fs::read_to_string(&file).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     // Uninstalled (agent gone): the file is as the network plugin wrote it, the binary
     // is gone, and a pod of an ambient namespace made now is not captured.
