@@ -289,6 +289,13 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
     ]);
 
     let mut mangle_output = vec![
+        // ztunnel's own sockets are never captured, whatever their connection's mark:
+        // first, before the captured mark is restored. ztunnel's connection to the app
+        // carries the captured connmark (set above, for the app's replies) from its
+        // first SYN on; should that SYN be dropped (the app's accept queue full under
+        // load), the retransmission, still a NEW connection, would otherwise have the
+        // mark restored and be handed to 15001 as if the app had opened it.
+        format!("-p tcp -m mark --mark {ztunnel} -j RETURN"),
         // Every later packet of a captured connection (the app's side of one ztunnel
         // opened inbound, or of one it accepted outbound) gets the captured mark, which
         // the fwmark rule routes to lo: the destination is a remote address, and the
@@ -305,7 +312,6 @@ fn capture_chains(family: IpFamily, probes: &[String]) -> Vec<OwnedChain> {
     mangle_output.extend([
         // To the pod's own addresses and loopback: never through ztunnel.
         "-o lo -j RETURN".to_owned(),
-        format!("-p tcp -m mark --mark {ztunnel} -j RETURN"),
         // A new outbound connection: captured. Not NAT (REDIRECT): ztunnel's accepted
         // socket then has the app's own 4-tuple, so when ztunnel closes first its
         // TIME_WAIT is keyed like the app's connection and a reused client port towards
@@ -416,11 +422,11 @@ mod tests {
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A AMBIT_PRERT ! -d 127.0.0.0/8 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
 -A AMBIT_OUTPUT -p tcp -m conntrack ! --ctstate NEW -j RETURN
 -A AMBIT_OUTPUT -d 192.0.2.1/32 -p tcp -j RETURN
 -A AMBIT_OUTPUT -o lo -j RETURN
--A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
 -A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x111/0xfff
 COMMIT
@@ -438,11 +444,11 @@ COMMIT
 -A AMBIT_PRERT -p tcp --dport 15008 -j ACCEPT
 -A AMBIT_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A AMBIT_PRERT ! -d ::1/128 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --tproxy-mark 0x111/0xfff
+-A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
 -A AMBIT_OUTPUT -p tcp -m conntrack ! --ctstate NEW -j RETURN
 -A AMBIT_OUTPUT -d fd00::1/128 -p tcp -j RETURN
 -A AMBIT_OUTPUT -o lo -j RETURN
--A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
 -A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x111/0xfff
 COMMIT
@@ -477,6 +483,7 @@ COMMIT
 :AMBIT_PRERT - [0:0]
 -A PREROUTING -j AMBIT_PRERT
 -A OUTPUT -j AMBIT_OUTPUT
+-A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
 -A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
 -A AMBIT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
 -A AMBIT_PRERT -s 192.0.2.1/32 -p tcp -j ACCEPT
