@@ -8,24 +8,29 @@
 //! Changes are debounced before the model is rebuilt: a burst of events (a rollout,
 //! a relist) costs one translation and one xDS push.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt::Debug;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use ambit_k8s::read::from_api_server;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::gateway::{Gateway, GatewayClass};
-use crate::resources::{Kind, Object, Resources};
+use crate::resources::{Kind, Object, ObjectKey, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
@@ -129,55 +134,46 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<Namespace>(
             Api::all(client.clone()),
             Kind::Namespace,
-            |o| Object::Namespace(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<Pod>(
             Api::all(client.clone()),
             Kind::Pod,
-            |o| Object::Pod(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<Service>(
             Api::all(client.clone()),
             Kind::Service,
-            |o| Object::Service(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<EndpointSlice>(
             Api::all(client.clone()),
             Kind::EndpointSlice,
-            |o| Object::EndpointSlice(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<ServiceEntry>(
             Api::all(client.clone()),
             Kind::ServiceEntry,
-            |o| Object::ServiceEntry(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<PeerAuthentication>(
             Api::all(client.clone()),
             Kind::PeerAuthentication,
-            |o| Object::PeerAuthentication(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<Gateway>(
             Api::all(client.clone()),
             Kind::Gateway,
-            |o| Object::Gateway(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<GatewayClass>(
             Api::all(client.clone()),
             Kind::GatewayClass,
-            |o| Object::GatewayClass(Box::new(o)),
             store.clone(),
         ));
         tasks.spawn(watch_kind::<AuthorizationPolicy>(
             Api::all(client),
             Kind::AuthorizationPolicy,
-            |o| Object::AuthorizationPolicy(Box::new(o)),
             store.clone(),
         ));
         KubernetesSource {
@@ -191,40 +187,58 @@ impl KubernetesSource {
     }
 }
 
-/// Keeps `kind`'s objects in `store` in step with the API server.
-async fn watch_kind<K>(api: Api<K>, kind: Kind, wrap: fn(K) -> Object, store: Arc<Store>)
+/// Keeps `kind`'s objects in `store` in step with the API server. Each object is typed
+/// here, one at a time ([`ambit_k8s::read::from_api_server`]): one that cannot be read
+/// is logged by name and left out (a security policy is kept, marked unreadable, and
+/// fails closed), while the rest of its kind is listed and watched as usual. Typed by
+/// kube-rs, it would fail the whole list, or the watch, again on every retry, and the
+/// kind would stay as it was, however much else changed.
+async fn watch_kind<K>(api: Api<Raw<K>>, kind: Kind, store: Arc<Store>)
 where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()> + Debug + Send + 'static,
 {
     let mut events = watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| {
-            // Only the spec, status, labels and annotations matter here; the rest is
-            // memory for nothing in a large cluster.
-            let meta = o.meta_mut();
-            meta.managed_fields = None;
-            if let Some(a) = meta.annotations.as_mut() {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
+        .modify(Raw::trim)
         .default_backoff()
         .boxed();
+    let read = |raw: Raw<K>| match from_api_server(kind, &raw.value) {
+        Ok(object) => Some(object),
+        Err(e) => {
+            tracing::error!(
+                %kind,
+                namespace = raw.metadata.namespace.as_deref().unwrap_or(""),
+                name = raw.metadata.name.as_deref().unwrap_or(""),
+                error = %e,
+                "object cannot be read; left out until it is corrected"
+            );
+            None
+        }
+    };
     // Objects of a list in progress: they replace the kind's objects once it is done.
     let mut listing: Option<Vec<Object>> = None;
     while let Some(event) = events.next().await {
         match event {
             Ok(Event::Init) => listing = Some(Vec::new()),
-            Ok(Event::InitApply(o)) => listing.get_or_insert_with(Vec::new).push(wrap(o)),
+            Ok(Event::InitApply(o)) => {
+                if let Some(object) = read(o) {
+                    listing.get_or_insert_with(Vec::new).push(object);
+                }
+            }
             Ok(Event::InitDone) => {
                 let objects = listing.take().unwrap_or_default();
                 tracing::debug!(%kind, objects = objects.len(), "listed");
                 store.update(|r| r.replace_kind(kind, objects));
                 store.synced.send_if_modified(|s| s.insert(kind));
             }
-            Ok(Event::Apply(o)) => store.update(|r| r.insert(wrap(o))),
-            Ok(Event::Delete(o)) => {
-                let object = wrap(o);
-                store.update(|r| r.remove(kind, &object.key()));
+            Ok(Event::Apply(o)) => {
+                let key = o.key();
+                match read(o) {
+                    Some(object) => store.update(|r| r.insert(object)),
+                    // The version that could be read no longer stands either.
+                    None => store.update(|r| r.remove(kind, &key)),
+                }
             }
+            Ok(Event::Delete(o)) => store.update(|r| r.remove(kind, &o.key())),
             Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
                 if status.code == 404 =>
             {
@@ -236,5 +250,104 @@ where
             }
             Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying after a backoff"),
         }
+    }
+}
+
+/// An object of kind `K` as the API server sent it, untyped: the whole object as JSON,
+/// and of its metadata only what the watcher itself needs (name, namespace,
+/// resourceVersion), read without failing. `K` names the kind's API path.
+#[derive(Debug)]
+pub struct Raw<K> {
+    metadata: ObjectMeta,
+    value: Value,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Clone for Raw<K> {
+    fn clone(&self) -> Self {
+        Raw {
+            metadata: self.metadata.clone(),
+            value: self.value.clone(),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<K> Raw<K> {
+    fn key(&self) -> ObjectKey {
+        ObjectKey::new(
+            self.metadata.namespace.as_deref().unwrap_or(""),
+            self.metadata.name.as_deref().unwrap_or(""),
+        )
+    }
+
+    /// Only the spec, status, labels and annotations matter here; the rest is memory
+    /// for nothing in a large cluster.
+    fn trim(&mut self) {
+        let Some(meta) = self
+            .value
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+        else {
+            return;
+        };
+        meta.remove("managedFields");
+        if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+}
+
+impl<'de, K> Deserialize<'de> for Raw<K> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        let text = |field: &str| {
+            value
+                .get("metadata")
+                .and_then(|m| m.get(field))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let metadata = ObjectMeta {
+            name: text("name"),
+            namespace: text("namespace"),
+            resource_version: text("resourceVersion"),
+            uid: text("uid"),
+            ..ObjectMeta::default()
+        };
+        Ok(Raw {
+            metadata,
+            value,
+            kind: PhantomData,
+        })
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()>> kube::Resource for Raw<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }

@@ -690,3 +690,62 @@ fn ztunnel_accepted(api: &FakeApi, api_version: &str, kind: &str, name: &str) ->
         .find(|c| c["type"] == "ZtunnelAccepted")
         .cloned()
 }
+
+/// An object the control plane cannot read, in the list or in a watch event, is left
+/// out by name (a security policy is kept and fails closed) while the rest of its kind
+/// goes on: typed by kube-rs, one such object failed the kind's whole list and watch on
+/// every retry.
+#[tokio::test]
+async fn an_object_that_cannot_be_read_is_left_out_alone_and_a_policy_fails_closed() {
+    let api = cluster().await;
+    // In the first list: a Gateway whose listeners are not a list.
+    api.put(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {name: broken, namespace: shop}\n\
+         spec: {gatewayClassName: istio-waypoint, listeners: nope}\n",
+    );
+    let control = start(&api).await;
+    api.wait_until("root published in shop", || {
+        published_root(&api, "shop").is_some()
+    })
+    .await;
+    let root = published_root(&api, "shop").unwrap();
+    let (mut model, _client) = xds_client(control.addr, &root, NODE_A_TOKEN);
+    until(&mut model, "initial model", |m| has_workload(m, "shop/web-1")).await;
+
+    // The good Gateway beside it is served: its Deployment is applied.
+    api.put(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {name: waypoint, namespace: shop}\n\
+         spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
+    );
+    api.wait_until("the good Gateway's Deployment", || {
+        api.get("apps/v1", "Deployment", "shop", "waypoint").is_some()
+    })
+    .await;
+    assert!(api.get("apps/v1", "Deployment", "shop", "broken").is_none());
+
+    // A policy whose metadata cannot be read, in a watch event: kept, failing closed.
+    api.put(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: broken-policy, namespace: shop, labels: 5}\n\
+         spec: {action: DENY, rules: [{from: [{source: {namespaces: [elsewhere]}}]}]}\n",
+    );
+    until(&mut model, "the unreadable policy, failing closed", |m| {
+        m.policies
+            .iter()
+            .any(|p| p.policy.name == "broken-policy" && p.policy.namespace == "shop")
+    })
+    .await;
+    // And the kind still follows the API server: a good policy after it arrives.
+    api.put(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: good, namespace: shop}\n\
+         spec: {rules: [{from: [{source: {namespaces: [shop]}}]}]}\n",
+    );
+    until(&mut model, "the good policy beside it", |m| {
+        m.policies.iter().any(|p| p.policy.name == "good")
+    })
+    .await;
+    control.stop().await;
+}

@@ -368,6 +368,22 @@ pub fn parse_file(path: &Path, text: &str) -> ParsedFile {
     parsed
 }
 
+/// An object as the API server sent it (list or watch), typed as [`Kind`] says. One
+/// that does not type is an error naming the field, except a security policy whose
+/// namespace can be read: it is kept marked unreadable, to fail closed in its scope as
+/// the directory reader does. The watchers use this for every object, so one object
+/// they cannot read never stops the rest of its kind from being listed and watched.
+pub fn from_api_server(kind: crate::resources::Kind, value: &Json) -> Result<Object, String> {
+    let kind = kind.as_str();
+    match type_object(kind, value) {
+        Ok(object) => Ok(object),
+        Err(why) if matches!(kind, "AuthorizationPolicy" | "PeerAuthentication") => {
+            unreadable_policy(kind, value, &why, (0, 0)).map_err(|e| format!("{why}; {e}"))
+        }
+        Err(why) => Err(why),
+    }
+}
+
 /// The typed object of a known kind and version; an error names the field that
 /// stops it (`spec.ports[0].port: invalid type ...`).
 fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
