@@ -711,7 +711,10 @@ async fn an_object_that_cannot_be_read_is_left_out_alone_and_a_policy_fails_clos
     .await;
     let root = published_root(&api, "shop").unwrap();
     let (mut model, _client) = xds_client(control.addr, &root, NODE_A_TOKEN);
-    until(&mut model, "initial model", |m| has_workload(m, "shop/web-1")).await;
+    until(&mut model, "initial model", |m| {
+        has_workload(m, "shop/web-1")
+    })
+    .await;
 
     // The good Gateway beside it is served: its Deployment is applied.
     api.put(
@@ -720,7 +723,8 @@ async fn an_object_that_cannot_be_read_is_left_out_alone_and_a_policy_fails_clos
          spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
     );
     api.wait_until("the good Gateway's Deployment", || {
-        api.get("apps/v1", "Deployment", "shop", "waypoint").is_some()
+        api.get("apps/v1", "Deployment", "shop", "waypoint")
+            .is_some()
     })
     .await;
     assert!(api.get("apps/v1", "Deployment", "shop", "broken").is_none());

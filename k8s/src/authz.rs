@@ -223,7 +223,13 @@ fn translate_read(
     unreadable: Option<&str>,
 ) -> TranslatedPolicy {
     let read = read(annotations, spec, unreadable);
-    let mut translated = l4_projection(key, &read, root_namespace);
+    // An invalid policy whose targets can all be told fails closed there, at their
+    // waypoint; ztunnel only falls back to the policy's whole namespace when it cannot
+    // tell where the policy was meant to apply.
+    let at_targets = unreadable.is_none()
+        && spec.get("selector").is_none_or(Value::is_null)
+        && waypoint::Targets::read(spec, key, root_namespace).is_some_and(|t| t.complete());
+    let mut translated = l4_projection(key, &read, root_namespace, at_targets);
     translated.waypoint = waypoint_projection(key, &read, root_namespace);
     translated
 }
@@ -279,8 +285,15 @@ fn read<'a>(
     }
 }
 
-/// What ztunnel enforces (the translation as it was before waypoints).
-fn l4_projection(key: &ObjectKey, read: &Read<'_>, root_namespace: &str) -> TranslatedPolicy {
+/// What ztunnel enforces (the translation as it was before waypoints). With
+/// `at_targets`, the policy is attached with `targetRefs` that are all valid, so an
+/// invalid one is left to the waypoint projection, which fails it closed there.
+fn l4_projection(
+    key: &ObjectKey,
+    read: &Read<'_>,
+    root_namespace: &str,
+    at_targets: bool,
+) -> TranslatedPolicy {
     let Read {
         spec,
         dry_run,
@@ -292,6 +305,26 @@ fn l4_projection(key: &ObjectKey, read: &Read<'_>, root_namespace: &str) -> Tran
     let invalid = |scope: Option<Scope>, message: String| {
         // An unreadable action is treated as DENY: the closed side.
         let action = action.unwrap_or(Action::Deny);
+        if at_targets && scope.is_none() {
+            return TranslatedPolicy {
+                scope: None,
+                policy: Policy {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    action,
+                    dry_run,
+                    rules: Vec::new(),
+                },
+                acceptance: Acceptance {
+                    accepted: false,
+                    reason: "InvalidValue",
+                    message: format!(
+                        "{message}; attached with targetRefs, it fails closed at its targets' waypoint, not at ztunnel"
+                    ),
+                },
+                waypoint: None,
+            };
+        }
         let rules = match action {
             Action::Allow | Action::Audit => Vec::new(),
             Action::Deny | Action::Custom => vec![Rule::default()],

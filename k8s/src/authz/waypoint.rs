@@ -28,43 +28,70 @@ struct TargetRef {
 /// At most this many `targetRefs`.
 const MAX_TARGETS: usize = 16;
 
+/// A policy's `targetRef`/`targetRefs` as written: the valid targets, the first
+/// error, and how many were written. `None` when it has neither.
+pub(super) struct Targets {
+    pub(super) valid: Vec<PolicyTarget>,
+    pub(super) error: Option<String>,
+    pub(super) written: usize,
+}
+
+impl Targets {
+    /// Read from the document itself, so that a policy whose spec cannot be read still
+    /// fails closed where it was attached.
+    pub(super) fn read(spec: &Value, key: &ObjectKey, root_namespace: &str) -> Option<Targets> {
+        let mut refs: Vec<(String, &Value)> = Vec::new();
+        let mut error = None;
+        if let Some(r) = spec.get("targetRef").filter(|r| !r.is_null()) {
+            refs.push(("spec.targetRef".into(), r));
+        }
+        match spec.get("targetRefs") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) => {
+                refs.extend(
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
+                );
+            }
+            Some(_) => error = Some("spec.targetRefs: must be a list".to_owned()),
+        }
+        if refs.is_empty() && error.is_none() {
+            return None;
+        }
+        let mut valid = Vec::new();
+        for (path, r) in &refs {
+            match target(r, path, key, root_namespace) {
+                Ok(t) => valid.push(t),
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        Some(Targets {
+            valid,
+            error,
+            written: refs.len(),
+        })
+    }
+
+    /// Every target written is valid (and there is one): an invalid policy can fail
+    /// closed exactly there.
+    pub(super) fn complete(&self) -> bool {
+        self.error.is_none() && !self.valid.is_empty()
+    }
+}
+
 pub(super) fn waypoint_projection(
     key: &ObjectKey,
     read: &Read<'_>,
     root_namespace: &str,
 ) -> Option<WaypointPolicy> {
-    // From the document itself, so that a policy whose spec cannot be read still
-    // fails closed where it was attached.
-    let spec = read.spec;
-    let mut refs: Vec<(String, &Value)> = Vec::new();
-    let mut shape_error = None;
-    if let Some(r) = spec.get("targetRef").filter(|r| !r.is_null()) {
-        refs.push(("spec.targetRef".into(), r));
-    }
-    match spec.get("targetRefs") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(list)) => {
-            refs.extend(
-                list.iter()
-                    .enumerate()
-                    .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
-            );
-        }
-        Some(_) => shape_error = Some("spec.targetRefs: must be a list".to_owned()),
-    }
-    if refs.is_empty() && shape_error.is_none() {
-        return None;
-    }
-    let mut targets = Vec::new();
-    let mut target_error = shape_error;
-    for (path, r) in &refs {
-        match target(r, path, key, root_namespace) {
-            Ok(t) => targets.push(t),
-            Err(e) => {
-                target_error.get_or_insert(e);
-            }
-        }
-    }
+    let Targets {
+        valid: targets,
+        error: target_error,
+        written,
+    } = Targets::read(read.spec, key, root_namespace)?;
     let invalid = |message: String| closed(key, read, targets.clone(), message);
     if let Some(why) = read.unreadable {
         return Some(invalid(format!("unreadable: {why}")));
@@ -87,10 +114,9 @@ pub(super) fn waypoint_projection(
             "spec: only one of selector, targetRef and targetRefs may be set".into(),
         ));
     }
-    if refs.len() > MAX_TARGETS {
+    if written > MAX_TARGETS {
         return Some(invalid(format!(
-            "spec.targetRefs: at most {MAX_TARGETS} entries, not {}",
-            refs.len()
+            "spec.targetRefs: at most {MAX_TARGETS} entries, not {written}"
         )));
     }
     if parsed.provider.is_some() && action != Action::Custom {
@@ -757,6 +783,18 @@ mod tests {
         ];
         for (mut spec, field, denies) in cases {
             spec["targetRefs"] = web();
+            // Its targets are known: ztunnel leaves it to their waypoint, rather than
+            // failing the policy's whole namespace closed.
+            let t = tr("shop", spec.clone());
+            assert_eq!(t.scope, None, "{spec}");
+            assert!(!t.acceptance.accepted, "{spec}");
+            if t.acceptance.reason == "InvalidValue" {
+                assert!(
+                    t.acceptance.message.contains(field),
+                    "{spec}: {:?}",
+                    t.acceptance
+                );
+            }
             let w = waypoint("shop", spec.clone());
             assert!(!w.acceptance.accepted, "{spec}");
             assert_eq!(w.acceptance.reason, "Invalid", "{spec}");
@@ -771,6 +809,37 @@ mod tests {
                 | (true, Err(Denial::Denied(_) | Denial::Custom(_))) => {}
                 (_, other) => panic!("{spec}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn an_invalid_policy_whose_targets_cannot_all_be_told_fails_its_namespace_closed_at_ztunnel() {
+        let rules = json!([{"to": [{"operation": {"methods": [""]}}]}]);
+        for (targets, spec_extra) in [
+            // One target of a kind no waypoint serves: where was it meant to apply?
+            (
+                json!([{"kind": "Service", "group": "", "name": "web"}, {"kind": "Pod", "group": "", "name": "x"}]),
+                json!({}),
+            ),
+            (json!("web"), json!({})),
+            // Both a selector and targetRefs.
+            (web(), json!({"selector": {"matchLabels": {"app": "web"}}})),
+        ] {
+            let mut spec = json!({"action": "DENY", "targetRefs": targets, "rules": rules});
+            for (k, v) in spec_extra.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+            let t = tr("shop", spec.clone());
+            assert!(
+                matches!(t.scope, Some(Scope::Namespace(_) | Scope::Selector { .. })),
+                "{spec}: {:?}",
+                t.scope
+            );
+            assert_eq!(
+                t.policy.rules,
+                vec![Rule::default()],
+                "denies everything: {spec}"
+            );
         }
     }
 
