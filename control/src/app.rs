@@ -73,12 +73,12 @@ pub async fn run_kubernetes(
     namespaces.send_replace(resources.namespaces.keys().cloned().collect());
     // Status conditions are written by their own task, so a slow API server delays
     // them, never a push.
-    let (skipped_tx, mut skipped_rx) =
+    let (skipped_tx, skipped_rx) =
         watch::channel(publisher.publish(&resources, Vec::new(), "cluster"));
     let mut status = crate::status::StatusWriter::new(client.clone());
     // What runs each waypoint, applied by its own task too.
     let waypoint_pods = config.waypoint_pods();
-    let (deploy_tx, mut deploy_rx) =
+    let (deploy_tx, deploy_rx) =
         watch::channel(crate::waypoint_deploy::objects(&resources, &waypoint_pods));
     let mut deployer = crate::waypoint_deploy::Deployer::new(client.clone());
 
@@ -107,35 +107,12 @@ pub async fn run_kubernetes(
     authenticators.push(Arc::new(PeerCertificateAuthenticator));
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move {
-        loop {
-            let skipped = skipped_rx.borrow_and_update().clone();
-            status.update(&skipped).await;
-            // A write that failed is tried again when this changes, or after a while.
-            tokio::select! {
-                changed = skipped_rx.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
-            }
-        }
-    });
-    tasks.spawn(async move {
-        loop {
-            let wanted = deploy_rx.borrow_and_update().clone();
-            deployer.update(wanted).await;
-            tokio::select! {
-                changed = deploy_rx.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
-            }
-        }
-    });
+    tasks.spawn(apply_on_change(skipped_rx, async move |skipped| {
+        status.update(&skipped).await;
+    }));
+    tasks.spawn(apply_on_change(deploy_rx, async move |wanted| {
+        deployer.update(wanted).await;
+    }));
     tasks.spawn(crate::cluster_ca::publish_root(
         client,
         material.root_cert_pem.clone(),
@@ -299,5 +276,22 @@ impl LocalSource {
         self.publisher
             .publish(&current.0, current.1.clone(), &self.directory.to_string());
         self.last = Some(current);
+    }
+}
+
+/// Writes what `rx` holds to the cluster with `apply`: now, whenever it changes, and
+/// again every 30 s, so a write that failed is tried again. Ends with the sender.
+async fn apply_on_change<T: Clone>(mut rx: watch::Receiver<T>, mut apply: impl AsyncFnMut(T)) {
+    loop {
+        let value = rx.borrow_and_update().clone();
+        apply(value).await;
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
     }
 }
