@@ -1,0 +1,311 @@
+//! Which HTTPRoute rule a request takes at a waypoint, and which backend of it: the
+//! Gateway API's semantics as Istio implements them for waypoints (reference §3.3,
+//! item 5), as pure functions. Randomness is an input, so a weighted split is tested
+//! exactly.
+//!
+//! **Matching.** A rule matches when any of its matches does (none written: the rule
+//! matches everything, as the CRD's default `PathPrefix /`); a match needs every one of
+//! its conditions: the path (`Exact`; `PathPrefix` by whole segments, so `/foo` takes
+//! `/foo`, `/foo/` and `/foo/bar` but not `/foobar`, a trailing `/` in the prefix being
+//! ignored; `RegularExpression` on the whole path), the method, every header (name
+//! case-insensitive, `Exact` or `RegularExpression` on the value; the first value of a
+//! repeated header) and every query parameter (`Exact` or `RegularExpression`, name
+//! case-sensitive, the first occurrence).
+//!
+//! **Precedence** across every route bound to the same Service, as Istio orders them:
+//! path kind (`Exact` > `PathPrefix` > `RegularExpression` > none), then the longer path
+//! value, then a match with a method over one without, then more header matches, then
+//! more query matches; ties go to the older route (creation time), then to the route
+//! first by `namespace/name`, then to the rule and match written first.
+//!
+//! **Backends.** A rule's `backendRefs` split traffic by weight (default 1). A rule
+//! without backends, or whose weights are all 0, answers 500; so does the share of a
+//! backend that does not exist (the caller knows which exist).
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+/// One HTTPRoute as the waypoint reads it.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    pub namespace: String,
+    pub name: String,
+    /// Creation time, seconds since the epoch: the older route wins a tie.
+    pub created: i64,
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteRule {
+    /// Any of them; none means every request.
+    pub matches: Vec<RouteMatch>,
+    pub backends: Vec<Backend>,
+}
+
+/// One `matches[]` entry: all of its conditions.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    pub path: Option<PathMatch>,
+    /// Upper case, as HTTP methods are written.
+    pub method: Option<String>,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// Without its trailing `/` (except the root itself).
+    Prefix(String),
+    /// Anchored: it must match the whole path.
+    Regex(Anchored),
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(Anchored),
+}
+
+impl ValueMatch {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            ValueMatch::Exact(v) => v == value,
+            ValueMatch::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+/// A regular expression that must match the whole input, as the Gateway API's
+/// `RegularExpression` (and Envoy's `safe_regex`) means.
+#[derive(Debug, Clone)]
+pub struct Anchored {
+    /// As written, for lengths, messages and configuration dumps.
+    pub source: String,
+    regex: Regex,
+}
+
+impl Anchored {
+    /// Compiles `source`; the error says what is wrong with it. Sizes are bounded so a
+    /// hostile pattern cannot take the proxy's memory.
+    pub fn new(source: &str) -> Result<Anchored, String> {
+        let regex = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .build()
+            .map_err(|e| match e {
+                regex::Error::CompiledTooBig(_) => "too large once compiled".to_owned(),
+                other => other.to_string(),
+            })?;
+        Ok(Anchored {
+            source: source.to_owned(),
+            regex,
+        })
+    }
+
+    pub fn is_match(&self, s: &str) -> bool {
+        self.regex.is_match(s)
+    }
+}
+
+/// A `backendRefs[]` entry: a Service (or ServiceEntry) by name in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub namespace: String,
+    pub name: String,
+    /// `None`: the port the request was addressed to.
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+/// What a request offers to matching. The path is the request target's path (before
+/// `?`), the query the part after it, undecoded.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+}
+
+/// Every rule of every route bound to one Service, in precedence order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<HttpRoute>>,
+    /// `(route index, rule index, match index or None for "matches everything")`.
+    order: Vec<(usize, usize, Option<usize>)>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<HttpRoute>) -> RouteTable {
+        let routes: Vec<Arc<HttpRoute>> = routes.into_iter().map(Arc::new).collect();
+        let mut order = Vec::new();
+        for (r, route) in routes.iter().enumerate() {
+            for (i, rule) in route.rules.iter().enumerate() {
+                if rule.matches.is_empty() {
+                    order.push((r, i, None));
+                }
+                for m in 0..rule.matches.len() {
+                    order.push((r, i, Some(m)));
+                }
+            }
+        }
+        let key = |&(r, i, m): &(usize, usize, Option<usize>)| {
+            let route = &routes[r];
+            let m = m.map(|m| &route.rules[i].matches[m]);
+            (
+                m.map_or(MatchRank::EVERYTHING, MatchRank::of),
+                route.created,
+            )
+        };
+        order.sort_by(|a, b| {
+            let (rank_a, created_a) = key(a);
+            let (rank_b, created_b) = key(b);
+            rank_b
+                .cmp(&rank_a)
+                .then(created_a.cmp(&created_b))
+                .then_with(|| {
+                    let (ra, rb) = (&routes[a.0], &routes[b.0]);
+                    (ra.namespace.as_str(), ra.name.as_str())
+                        .cmp(&(rb.namespace.as_str(), rb.name.as_str()))
+                })
+                .then(a.1.cmp(&b.1))
+                .then(a.2.cmp(&b.2))
+        });
+        RouteTable { routes, order }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The rule `request` takes, with its route; `None`: no rule matches (the caller
+    /// answers 404, as Envoy does when a route table has no match).
+    pub fn select(&self, request: &RequestView<'_>) -> Option<(&HttpRoute, &RouteRule)> {
+        self.order.iter().find_map(|&(r, i, m)| {
+            let route = &self.routes[r];
+            let rule = &route.rules[i];
+            let hit = match m {
+                None => true,
+                Some(m) => rule.matches[m].matches(request),
+            };
+            hit.then_some((route.as_ref(), rule))
+        })
+    }
+}
+
+/// The precedence of one match; greater goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct MatchRank {
+    /// Exact 3, PathPrefix 2, RegularExpression 1, no path 0.
+    kind: u8,
+    length: usize,
+    method: bool,
+    headers: usize,
+    query: usize,
+}
+
+impl MatchRank {
+    /// A rule with no matches is `PathPrefix /` (the CRD's default).
+    const EVERYTHING: MatchRank = MatchRank {
+        kind: 2,
+        length: 1,
+        method: false,
+        headers: 0,
+        query: 0,
+    };
+
+    fn of(m: &RouteMatch) -> MatchRank {
+        let (kind, length) = match &m.path {
+            Some(PathMatch::Exact(p)) => (3, p.len()),
+            // Compared as written: `/` is one character, `/foo` four.
+            Some(PathMatch::Prefix(p)) => (2, p.len().max(1)),
+            Some(PathMatch::Regex(r)) => (1, r.source.len()),
+            None => (0, 0),
+        };
+        MatchRank {
+            kind,
+            length,
+            method: m.method.is_some(),
+            headers: m.headers.len(),
+            query: m.query.len(),
+        }
+    }
+}
+
+impl RouteMatch {
+    pub fn matches(&self, request: &RequestView<'_>) -> bool {
+        let path = match &self.path {
+            None => true,
+            Some(PathMatch::Exact(p)) => request.path == p,
+            Some(PathMatch::Prefix(p)) => prefix_matches(p, request.path),
+            Some(PathMatch::Regex(r)) => r.is_match(request.path),
+        };
+        path && self.method.as_deref().is_none_or(|m| m == request.method)
+            && self.headers.iter().all(|h| {
+                request
+                    .headers
+                    .get(h.name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| h.value.matches(v))
+            })
+            && self
+                .query
+                .iter()
+                .all(|q| query_value(request.query, &q.name).is_some_and(|v| q.value.matches(v)))
+    }
+}
+
+/// `PathPrefix` by whole segments; `prefix` is without its trailing `/`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The first value of query parameter `name` (names compared as written).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+}
+
+/// The backend of `rule` a request goes to, by weight, given `random` uniform over
+/// `u64`; `None` when it has none or every weight is 0 (the caller answers 500).
+pub fn pick_backend(rule: &RouteRule, random: u64) -> Option<&Backend> {
+    let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    // Multiply-shift: uniform over [0, total) without modulo bias worth the name.
+    let mut point = ((u128::from(random) * u128::from(total)) >> 64) as u64;
+    for backend in &rule.backends {
+        let weight = u64::from(backend.weight);
+        if point < weight {
+            return Some(backend);
+        }
+        point -= weight;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;
