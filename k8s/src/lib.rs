@@ -14,6 +14,7 @@
 
 pub mod authz;
 pub mod gateway;
+pub mod http_route;
 pub mod peer_authn;
 pub mod read;
 pub mod resources;

@@ -1,0 +1,169 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+use serde_json::json;
+
+fn read_spec(spec: Value) -> ReadRoute {
+    let route = HttpRoute {
+        spec,
+        ..HttpRoute::default()
+    };
+    read(&ObjectKey::new("shop", "canary"), &route)
+}
+
+fn canary() -> Value {
+    json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
+        "rules": [
+            {"matches": [{"headers": [{"name": "X-Tag", "value": "v2"}]}],
+             "backendRefs": [{"name": "reviews-v2", "port": 9080}]},
+            {"backendRefs": [
+                {"name": "reviews-v1", "port": 9080, "weight": 90},
+                {"name": "reviews-v2", "port": 9080, "weight": 10}]}
+        ]
+    })
+}
+
+#[test]
+fn a_canary_route_reads_with_the_crds_defaults() {
+    let read = read_spec(canary());
+    assert_eq!(
+        read.parents,
+        [RouteParent {
+            kind: ParentKind::Service,
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            port: Some(9080),
+        }]
+    );
+    let route = read.route.unwrap();
+    assert_eq!(route.rules.len(), 2);
+    let tagged = &route.rules[0].matches[0];
+    assert!(
+        matches!(&tagged.path, Some(PathMatch::Prefix(p)) if p == "/"),
+        "{tagged:?}"
+    );
+    assert_eq!(tagged.headers[0].name, "x-tag");
+    assert!(matches!(&tagged.headers[0].value, ValueMatch::Exact(v) if v == "v2"));
+    assert_eq!(route.rules[0].backends[0].weight, 1);
+    assert_eq!(route.rules[1].backends[1].weight, 10);
+    assert_eq!(route.rules[1].backends[1].namespace, "shop");
+    assert!(route.rules[1].matches.is_empty());
+}
+
+#[test]
+fn a_gateway_parent_is_left_to_its_controller_and_other_kinds_are_refused() {
+    let mut spec = canary();
+    spec["parentRefs"] = json!([{"name": "ingress"}]);
+    let read = read_spec(spec.clone());
+    assert!(read.parents.is_empty());
+    assert!(read.route.is_ok());
+    spec["parentRefs"] = json!([{"kind": "Pod", "group": "", "name": "x"}]);
+    assert!(read_spec(spec)
+        .route
+        .unwrap_err()
+        .contains("spec.parentRefs[0]: /Pod"));
+}
+
+#[test]
+fn what_cannot_be_enforced_is_refused_naming_the_field() {
+    let cases = [
+        (
+            json!({"matches": [{"path": {"type": "RegularExpression", "value": "(unclosed"}}]}),
+            "spec.rules[0].matches[0].path.value",
+        ),
+        (
+            json!({"matches": [{"path": {"type": "Exact", "value": "relative"}}]}),
+            "must be an absolute path",
+        ),
+        (
+            json!({"matches": [{"path": {"type": "PathPrefix", "value": "/a//b"}}]}),
+            "'//'",
+        ),
+        (
+            json!({"matches": [{"path": {"type": "PathPrefix", "value": "/a/../b"}}]}),
+            "'/../'",
+        ),
+        (
+            json!({"matches": [{"path": {"type": "Glob", "value": "/a"}}]}),
+            "spec.rules[0].matches[0].path.type",
+        ),
+        (
+            json!({"matches": [{"method": "FETCH"}]}),
+            "spec.rules[0].matches[0].method",
+        ),
+        (
+            json!({"matches": [{"headers": [{"name": "bad name", "value": "x"}]}]}),
+            "headers[0].name",
+        ),
+        (
+            json!({"matches": [{"headers": [{"name": "a", "value": "x"}, {"name": "A", "value": "y"}]}]}),
+            "matched twice",
+        ),
+        (
+            json!({"matches": [{"queryParams": [{"name": "q"}]}]}),
+            "queryParams[0].value: is required",
+        ),
+        (
+            json!({"backendRefs": [{"name": "v1", "port": 80, "weight": -1}]}),
+            "backendRefs[0].weight: -1",
+        ),
+        (
+            json!({"backendRefs": [{"name": "v1", "port": 80, "weight": 1_000_001}]}),
+            "weight: 1000001",
+        ),
+        (
+            json!({"backendRefs": [{"name": "v1"}]}),
+            "backendRefs[0].port: is required",
+        ),
+        (
+            json!({"backendRefs": [{"name": "v1", "port": 0}]}),
+            "port: 0",
+        ),
+        (
+            json!({"backendRefs": [{"kind": "Bucket", "group": "s3", "name": "v1", "port": 80}]}),
+            "s3/Bucket",
+        ),
+        (
+            json!({"filters": [{"type": "RequestMirror"}]}),
+            "spec.rules[0].filters: not supported",
+        ),
+        (
+            json!({"timeouts": {"request": "1s"}}),
+            "spec.rules[0].timeouts",
+        ),
+        (json!("rule"), "spec.rules[0]: must be an object"),
+    ];
+    for (rule, want) in cases {
+        let mut spec = canary();
+        spec["rules"] = json!([rule]);
+        let err = read_spec(spec.clone()).route.unwrap_err();
+        assert!(err.contains(want), "{spec}: {err}");
+    }
+    let mut spec = canary();
+    spec["rules"] = json!(vec![json!({}); 17]);
+    assert!(read_spec(spec).route.unwrap_err().contains("at most 16"));
+}
+
+#[test]
+fn a_read_route_routes_like_the_core_table() {
+    let route = read_spec(canary()).route.unwrap();
+    let table = ambit_core::route::RouteTable::new(vec![route]);
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-tag", "v2".parse().unwrap());
+    let view = ambit_core::route::RequestView {
+        method: "GET",
+        path: "/reviews/1",
+        query: None,
+        headers: &headers,
+    };
+    let (_, rule) = table.select(&view).unwrap();
+    assert_eq!(rule.backends[0].name, "reviews-v2");
+    let plain = http::HeaderMap::new();
+    let (_, rule) = table
+        .select(&ambit_core::route::RequestView {
+            headers: &plain,
+            ..view
+        })
+        .unwrap();
+    assert_eq!(rule.backends.len(), 2);
+}
