@@ -33,9 +33,10 @@ use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, ObjectKey, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
+use ambit_k8s::http_route::HttpRoute;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -45,6 +46,7 @@ pub const KINDS: [Kind; 9] = [
     Kind::PeerAuthentication,
     Kind::Gateway,
     Kind::GatewayClass,
+    Kind::HttpRoute,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -164,6 +166,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<Gateway>(
             Api::all(client.clone()),
             Kind::Gateway,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<HttpRoute>(
+            Api::all(client.clone()),
+            Kind::HttpRoute,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<GatewayClass>(

@@ -34,6 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::resources::{ObjectKey, Resources};
 
 pub use ambit_k8s::{authz, peer_authn};
+mod routes;
 mod service_entries;
 pub mod waypoints;
 
@@ -216,6 +217,9 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
     let (policies, l7_policies, policy_status) =
         attach_policies(resources, &running, &mut workloads, root_namespace);
     let waypoints = gateways.finish(resources, &bound_to, root_namespace, &mut waypoint_status);
+    let (http_routes, routes_skipped, routes_warned) = routes::translate(resources, &services);
+    skipped.extend(routes_skipped);
+    warnings.extend(routes_warned);
     Translation {
         config: MeshConfig {
             workloads,
@@ -223,6 +227,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
             policies,
             l7_policies,
             waypoints,
+            http_routes,
         },
         skipped,
         warnings,

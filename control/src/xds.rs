@@ -9,12 +9,13 @@
 //! Only the `Address` type and the wildcard subscription are served. What a stream
 //! gets depends on who subscribes (its view):
 //! - trusted node agents (ztunnels and `ambit-cni` agents, which run as the node-agent
-//!   accounts) get the whole model except L7 policies (`l7authz/...`), which only
-//!   waypoints enforce;
+//!   accounts) get the whole model except L7 policies (`l7authz/...`) and HTTPRoutes
+//!   (`httproute/...`), which only waypoints enforce;
 //! - a waypoint (a caller whose identity is a waypoint's service account in the mesh's
 //!   trust domain) gets only what it serves: the services and workloads bound to it,
 //!   the workloads behind those services, its own Service and workloads, its
-//!   `waypoint/...` entry, and the L7 policies attached to it;
+//!   `waypoint/...` entry, the L7 policies attached to it, and the HTTPRoutes of its
+//!   services with the services they route to;
 //! - any other caller, a workload's certificate or token included, gets
 //!   `PERMISSION_DENIED`: the model names every workload, address and policy of the
 //!   mesh.
@@ -53,6 +54,8 @@ pub struct Snapshot {
 
 /// Resource names of L7 policies start with this; only waypoints get them.
 pub const L7_POLICY_PREFIX: &str = "l7authz/";
+/// Resource names of HTTPRoutes start with this; only waypoints get them.
+pub const ROUTE_PREFIX: &str = "httproute/";
 
 impl Snapshot {
     pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
@@ -84,7 +87,9 @@ impl View {
     /// Whether the resource `name` of `snapshot` is in this view.
     pub fn sees(&self, snapshot: &Snapshot, name: &str) -> bool {
         match self {
-            View::NodeAgent => !name.starts_with(L7_POLICY_PREFIX),
+            View::NodeAgent => {
+                !name.starts_with(L7_POLICY_PREFIX) && !name.starts_with(ROUTE_PREFIX)
+            }
             View::Waypoint(ns, sa) => snapshot
                 .waypoint_views
                 .get(&(ns.clone(), sa.clone()))
@@ -98,6 +103,7 @@ impl View {
 /// workloads behind those services, its own Service and workloads, its entry, and the
 /// L7 policies attached to it.
 pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSet<String>> {
+    use ambit_net::xds::route::route_name;
     use ambit_net::xds::{service_name, waypoint_name};
     let mut views: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for w in &config.waypoints {
@@ -120,6 +126,34 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
         for wl in &config.workloads {
             if wl.waypoint.as_ref().is_some_and(|b| b.key() == key) {
                 view.insert(wl.uid.clone());
+            }
+        }
+        // The HTTPRoutes of the Services bound to it, and the Services they route to
+        // (bound to it or not), with their workloads.
+        let bound: BTreeSet<(&str, &str)> = config
+            .services
+            .iter()
+            .filter(|s| s.waypoint.as_ref().is_some_and(|b| b.key() == key))
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
+            .collect();
+        for r in &config.http_routes {
+            if !r
+                .parents
+                .iter()
+                .any(|p| bound.contains(&(p.namespace.as_str(), p.name.as_str())))
+            {
+                continue;
+            }
+            view.insert(route_name(&r.route.namespace, &r.route.name));
+            for backend in r.route.rules.iter().flat_map(|rule| &rule.backends) {
+                for s in config
+                    .services
+                    .iter()
+                    .filter(|s| s.namespace == backend.namespace && s.name == backend.name)
+                {
+                    view.insert(service_name(&s.namespace, &s.hostname()));
+                    view.extend(s.endpoints.iter().map(|e| e.workload_uid.clone()));
+                }
             }
         }
     }
@@ -373,6 +407,48 @@ mod tests {
                 .collect(),
             nonce: 0,
         }
+    }
+
+    #[test]
+    fn a_waypoint_sees_the_routes_of_its_services_and_their_backends_and_node_agents_no_routes() {
+        let snapshot = Snapshot::new(
+            1,
+            &model(
+                r#"
+workloads:
+- {uid: shop/v1-1, name: v1-1, namespace: shop, node: n, ips: [10.1.0.2]}
+- {uid: shop/other-1, name: other-1, namespace: shop, node: n, ips: [10.1.0.3]}
+services:
+- {name: reviews, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 80}], waypoint: {address: 10.96.0.99, name: wp, namespace: shop}}
+- {name: reviews-v1, namespace: shop, vips: [10.96.0.11], ports: [{port: 80, targetPort: 80}], endpoints: [{workloadUid: shop/v1-1}]}
+- {name: other, namespace: shop, vips: [10.96.0.12], ports: [{port: 80, targetPort: 80}], endpoints: [{workloadUid: shop/other-1}]}
+waypoints:
+- {name: wp, namespace: shop, serviceAccount: wp, address: 10.96.0.99}
+httpRoutes:
+- parents: [{namespace: shop, name: reviews}]
+  route: {namespace: shop, name: canary, created: 0, rules: [{backends: [{namespace: shop, name: reviews-v1, port: 80, weight: 1}]}]}
+- parents: [{namespace: shop, name: other}]
+  route: {namespace: shop, name: elsewhere, created: 0, rules: [{backends: [{namespace: shop, name: other, port: 80, weight: 1}]}]}
+"#,
+            ),
+        );
+        let waypoint = View::Waypoint("shop".into(), "wp".into());
+        for name in [
+            "httproute/shop/canary",
+            "shop/reviews-v1.shop.svc.cluster.local",
+            "shop/v1-1",
+        ] {
+            assert!(waypoint.sees(&snapshot, name), "{name}");
+        }
+        for name in [
+            "httproute/shop/elsewhere",
+            "shop/other.shop.svc.cluster.local",
+            "shop/other-1",
+        ] {
+            assert!(!waypoint.sees(&snapshot, name), "{name}");
+        }
+        assert!(!View::NodeAgent.sees(&snapshot, "httproute/shop/canary"));
+        assert!(View::NodeAgent.sees(&snapshot, "shop/other-1"));
     }
 
     #[test]

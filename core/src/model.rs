@@ -245,6 +245,43 @@ pub struct MeshConfig {
     /// The waypoints of the mesh.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waypoints: Vec<WaypointSpec>,
+    /// HTTPRoutes attached to Services, for the waypoints of those Services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<HttpRouteSpec>,
+}
+
+/// An HTTPRoute (Gateway API) attached to Services: the waypoint bound to a parent
+/// routes the parent's requests by it instead of balancing over the parent's own
+/// endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteSpec {
+    /// The Services it is attached to (`parentRefs` of kind Service).
+    pub parents: Vec<RouteParentSpec>,
+    pub route: crate::route::HttpRoute,
+}
+
+impl HttpRouteSpec {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.route.namespace, self.route.name)
+    }
+
+    /// Whether it applies to requests to `service` (`namespace`, `name`) on `port`.
+    pub fn applies_to(&self, service: (&str, &str), port: u16) -> bool {
+        self.parents.iter().any(|p| {
+            (p.namespace.as_str(), p.name.as_str()) == service && p.port.is_none_or(|q| q == port)
+        })
+    }
+}
+
+/// A Service a route is attached to; no port: all of its ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteParentSpec {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// An authorization policy a waypoint enforces, and what it is attached to.
@@ -437,6 +474,8 @@ pub enum ModelError {
     WaypointIdentity { key: String, source: IdentityError },
     #[error("waypoint {0} appears twice")]
     DuplicateWaypoint(String),
+    #[error("HTTPRoute {0} appears twice")]
+    DuplicateRoute(String),
     #[error("service {service}: port {port}: {reason}")]
     BadPort {
         service: String,
@@ -457,6 +496,12 @@ pub struct MeshState {
     policies: Policies,
     l7_policies: Vec<Arc<L7PolicySpec>>,
     waypoints: HashMap<String, Arc<Waypoint>>,
+    http_routes: Vec<Arc<HttpRouteSpec>>,
+    /// `(namespace, name, port)` of a Service → the routes attached to it there, in
+    /// precedence order; absent: none (the Service's own endpoints).
+    route_tables: HashMap<(String, String, u16), Arc<crate::route::RouteTable>>,
+    /// `(namespace, name)` → the Service.
+    by_name: HashMap<(String, String), Arc<Service>>,
 }
 
 /// Authorization policies indexed the way a connection looks them up: the mesh-wide
@@ -490,6 +535,13 @@ impl MeshState {
             if state.policies.by_key.insert(key.clone(), policy).is_some() {
                 return Err(ModelError::DuplicatePolicy(key));
             }
+        }
+        let mut route_keys = std::collections::HashSet::new();
+        for spec in &config.http_routes {
+            if !route_keys.insert(spec.key()) {
+                return Err(ModelError::DuplicateRoute(spec.key()));
+            }
+            state.http_routes.push(Arc::new(spec.clone()));
         }
         let mut l7_keys = std::collections::HashSet::new();
         for spec in &config.l7_policies {
@@ -608,7 +660,58 @@ impl MeshState {
                 return Err(ModelError::DuplicateWaypoint(key));
             }
         }
+        for service in &state.services {
+            for port in &service.spec.ports {
+                let routes: Vec<crate::route::HttpRoute> = state
+                    .http_routes
+                    .iter()
+                    .filter(|r| {
+                        r.applies_to((&service.spec.namespace, &service.spec.name), port.port)
+                    })
+                    .map(|r| r.route.clone())
+                    .collect();
+                if !routes.is_empty() {
+                    state.route_tables.insert(
+                        (
+                            service.spec.namespace.clone(),
+                            service.spec.name.clone(),
+                            port.port,
+                        ),
+                        Arc::new(crate::route::RouteTable::new(routes)),
+                    );
+                }
+            }
+        }
+        for service in &state.services {
+            state.by_name.insert(
+                (service.spec.namespace.clone(), service.spec.name.clone()),
+                service.clone(),
+            );
+        }
         Ok(state)
+    }
+
+    /// The HTTPRoutes for requests to `service` on `port`, in precedence order; `None`
+    /// when none is attached there (the Service's own endpoints take the request).
+    pub fn routes_for(
+        &self,
+        service: &Service,
+        port: u16,
+    ) -> Option<&Arc<crate::route::RouteTable>> {
+        self.route_tables.get(&(
+            service.spec.namespace.clone(),
+            service.spec.name.clone(),
+            port,
+        ))
+    }
+
+    /// The Service `name` in `namespace`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.by_name.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    pub fn http_routes(&self) -> impl Iterator<Item = &Arc<HttpRouteSpec>> {
+        self.http_routes.iter()
     }
 
     /// The waypoint `namespace/name`.

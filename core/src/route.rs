@@ -25,9 +25,11 @@
 use std::sync::Arc;
 
 use regex::Regex;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// One HTTPRoute as the waypoint reads it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     pub namespace: String,
     pub name: String,
@@ -36,24 +38,33 @@ pub struct HttpRoute {
     pub rules: Vec<RouteRule>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRule {
     /// Any of them; none means every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<RouteMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
 }
 
 /// One `matches[]` entry: all of its conditions.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathMatch>,
     /// Upper case, as HTTP methods are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query: Vec<QueryMatch>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type", content = "value")]
 pub enum PathMatch {
     Exact(String),
     /// Without its trailing `/` (except the root itself).
@@ -62,20 +73,23 @@ pub enum PathMatch {
     Regex(Anchored),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Lower case.
     pub name: String,
     pub value: ValueMatch,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QueryMatch {
     pub name: String,
     pub value: ValueMatch,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type", content = "value")]
 pub enum ValueMatch {
     Exact(String),
     Regex(Anchored),
@@ -103,14 +117,19 @@ impl Anchored {
     /// Compiles `source`; the error says what is wrong with it. Sizes are bounded so a
     /// hostile pattern cannot take the proxy's memory.
     pub fn new(source: &str) -> Result<Anchored, String> {
-        let regex = regex::RegexBuilder::new(&format!("^(?:{source})$"))
-            .size_limit(1 << 20)
-            .dfa_size_limit(1 << 20)
-            .build()
-            .map_err(|e| match e {
-                regex::Error::CompiledTooBig(_) => "too large once compiled".to_owned(),
-                other => other.to_string(),
-            })?;
+        let build = |pattern: &str| {
+            regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .dfa_size_limit(1 << 20)
+                .build()
+                .map_err(|e| match e {
+                    regex::Error::CompiledTooBig(_) => "too large once compiled".to_owned(),
+                    other => other.to_string(),
+                })
+        };
+        // As written first, so an error shows the user's own pattern.
+        build(source)?;
+        let regex = build(&format!("^(?:{source})$"))?;
         Ok(Anchored {
             source: source.to_owned(),
             regex,
@@ -122,12 +141,38 @@ impl Anchored {
     }
 }
 
+impl PartialEq for Anchored {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Anchored {}
+
+/// Written as its source; read by compiling it again, so a pattern that arrives
+/// (from YAML or the wire) is checked exactly as one written in a route.
+impl Serialize for Anchored {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for Anchored {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let source = String::deserialize(deserializer)?;
+        Anchored::new(&source)
+            .map_err(|e| serde::de::Error::custom(format!("regex {source:?}: {e}")))
+    }
+}
+
 /// A `backendRefs[]` entry: a Service (or ServiceEntry) by name in a namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backend {
     pub namespace: String,
     pub name: String,
     /// `None`: the port the request was addressed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub weight: u32,
 }

@@ -82,8 +82,7 @@ impl Waypoint {
     /// The waypoint `gateway` in `state`.
     pub fn in_model(gateway: &GatewayRef, state: &MeshState) -> Waypoint {
         let addresses = state
-            .services()
-            .find(|s| s.spec.namespace == gateway.namespace && s.spec.name == gateway.name)
+            .service(&gateway.namespace, &gateway.name)
             .map(|s| s.spec.vips.clone())
             .unwrap_or_default();
         Waypoint {

@@ -274,6 +274,7 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "ServiceEntry" => &crate::service_entry::API_VERSIONS,
         "AuthorizationPolicy" | "PeerAuthentication" => &crate::security::API_VERSIONS,
         "Gateway" | "GatewayClass" => &crate::gateway::API_VERSIONS,
+        "HTTPRoute" => &crate::http_route::API_VERSIONS,
         _ => return None,
     })
 }
@@ -400,6 +401,7 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "PeerAuthentication" => Object::PeerAuthentication(Box::new(typed(value)?)),
         "Gateway" => Object::Gateway(Box::new(typed(value)?)),
         "GatewayClass" => Object::GatewayClass(Box::new(typed(value)?)),
+        "HTTPRoute" => Object::HttpRoute(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
 }

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::gateway::{Gateway, GatewayClass};
+use crate::http_route::HttpRoute;
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
@@ -51,6 +52,7 @@ pub struct Resources {
     pub gateways: BTreeMap<ObjectKey, Gateway>,
     /// Cluster-scoped: by name.
     pub gateway_classes: BTreeMap<String, GatewayClass>,
+    pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
 }
 
 /// The kinds the control plane keeps.
@@ -65,6 +67,7 @@ pub enum Kind {
     PeerAuthentication,
     Gateway,
     GatewayClass,
+    HttpRoute,
 }
 
 impl Kind {
@@ -80,6 +83,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::Gateway => "Gateway",
             Kind::GatewayClass => "GatewayClass",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 }
@@ -102,6 +106,7 @@ pub enum Object {
     PeerAuthentication(Box<PeerAuthentication>),
     Gateway(Box<Gateway>),
     GatewayClass(Box<GatewayClass>),
+    HttpRoute(Box<HttpRoute>),
 }
 
 impl Object {
@@ -121,6 +126,7 @@ impl Object {
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::Gateway(_) => Kind::Gateway,
             Object::GatewayClass(_) => Kind::GatewayClass,
+            Object::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 
@@ -137,6 +143,7 @@ impl Object {
             Object::PeerAuthentication(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::GatewayClass(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -178,6 +185,9 @@ impl Resources {
             Object::GatewayClass(o) => {
                 self.gateway_classes.insert(key.name, *o);
             }
+            Object::HttpRoute(o) => {
+                self.http_routes.insert(key, *o);
+            }
         }
     }
 
@@ -211,6 +221,9 @@ impl Resources {
             Kind::GatewayClass => {
                 self.gateway_classes.remove(&key.name);
             }
+            Kind::HttpRoute => {
+                self.http_routes.remove(key);
+            }
         }
     }
 
@@ -227,6 +240,7 @@ impl Resources {
             Kind::PeerAuthentication => self.peer_authentications.clear(),
             Kind::Gateway => self.gateways.clear(),
             Kind::GatewayClass => self.gateway_classes.clear(),
+            Kind::HttpRoute => self.http_routes.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

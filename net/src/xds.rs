@@ -4,6 +4,7 @@
 pub mod client;
 pub mod l7;
 pub mod resources;
+pub mod route;
 
 pub use resources::{
     from_resources, policy_name, service_name, to_resources, waypoint_name, ResourceError,

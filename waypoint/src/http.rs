@@ -4,8 +4,11 @@
 //! 1. **check** the request: both `Content-Length` and `Transfer-Encoding` (HTTP/1,
 //!    [`crate::h1_guard`]) or `%00` in the path → 400;
 //! 2. **authorize** it ([`crate::authz::authorize`]) → 403 `RBAC: access denied`;
-//! 3. **route**: a Service's request goes to the Service, a workload's to the workload;
-//! 4. **balance**: round robin over the Service's healthy endpoints
+//! 3. **route**: a Service's request goes by the HTTPRoutes attached to it on its port
+//!    (`ambit_core::route`: rule by precedence → 404 `NR` when none matches; backend by
+//!    weight → 500 `NC` when none has weight or it does not exist), else to the Service
+//!    itself; a workload's goes to the workload;
+//! 4. **balance**: round robin over the chosen Service's healthy endpoints
 //!    (`ambit_core::waypoint::pick_endpoint`) → 503 `no healthy upstream`;
 //! 5. **forward** over a pooled upstream connection ([`crate::upstream`]) → 503 when
 //!    it cannot be reached.
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_core::hbone::TraceParent;
+use ambit_core::route::RequestView as RouteView;
 use ambit_core::waypoint::{pick_endpoint, BoundTarget, Endpoint};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
@@ -268,12 +272,20 @@ async fn handle(
             *request.uri_mut() = rebuilt;
         }
     }
-    let Some(endpoint) = route(&context) else {
-        return respond(
-            local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-            "UH",
-            None,
-        );
+    let endpoint = match route_request(
+        &context,
+        &RouteView {
+            method: request.method().as_str(),
+            path: path.path(),
+            query: path.query(),
+            headers: request.headers(),
+        },
+    ) {
+        Ok(endpoint) => endpoint,
+        Err((status, body, flag)) => {
+            tracing::info!(dst = %context.destination, method = %request.method(), path = path.path(), flag, body, "request not routed");
+            return respond(local_reply(status, body), flag, None);
+        }
     };
     let version = match context.declared {
         ambit_core::waypoint::Declared::Http => HttpVersion::Http1,
@@ -429,7 +441,50 @@ fn request_id(mut b: [u8; 16]) -> String {
     )
 }
 
-/// The endpoint a request on this tunnel goes to.
+/// An HTTP request's endpoint: through the HTTPRoutes attached to its Service on its
+/// port when there are any (`ambit_core::route`: rule by precedence, backend by
+/// weight, then round robin over the backend's endpoints), else the Service's own
+/// endpoints. Failing, the local reply and Envoy's response flag: no rule matches →
+/// 404 `NR`; the rule has no backend with weight, or its backend Service or port does
+/// not exist → 500 `NC`; no healthy endpoint → 503 `UH`.
+fn route_request(
+    context: &TunnelContext,
+    request: &RouteView<'_>,
+) -> Result<Endpoint, (StatusCode, &'static str, &'static str)> {
+    const NO_HEALTHY: (StatusCode, &str, &str) =
+        (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+    let BoundTarget::Service { service, port, vip } = &context.target else {
+        return route(context).ok_or(NO_HEALTHY);
+    };
+    let state = context.shared.model.borrow().state.clone();
+    let Some(table) = state.routes_for(service, port.port) else {
+        return route(context).ok_or(NO_HEALTHY);
+    };
+    let no_backend = (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "no healthy upstream",
+        "NC",
+    );
+    let (_, rule) =
+        table
+            .select(request)
+            .ok_or((StatusCode::NOT_FOUND, "route not found", "NR"))?;
+    let backend = ambit_core::route::pick_backend(rule, rand::random()).ok_or(no_backend)?;
+    let target = state
+        .service(&backend.namespace, &backend.name)
+        .ok_or(no_backend)?;
+    let wanted = backend.port.unwrap_or(port.port);
+    let target_port = target
+        .spec
+        .ports
+        .iter()
+        .find(|p| p.port == wanted)
+        .ok_or(no_backend)?;
+    let turn = context.shared.next_turn(&target.key(), target_port.port);
+    pick_endpoint(&state, target, target_port, *vip, turn).ok_or(NO_HEALTHY)
+}
+
+/// The endpoint a request on this tunnel goes to, without routes.
 fn route(context: &TunnelContext) -> Option<Endpoint> {
     match &context.target {
         BoundTarget::Service { service, port, vip } => {

@@ -438,7 +438,7 @@ async fn admin_shows_what_the_waypoint_serves_and_readiness_is_200() {
     assert_eq!(dump["waypoint"]["gateway"], "shop/waypoint");
     assert_eq!(
         dump["waypoint"]["services"],
-        serde_json::json!(["shop/echo", "shop/guarded", "shop/legacy"])
+        serde_json::json!(["shop/canary", "shop/echo", "shop/guarded", "shop/legacy"])
     );
     assert_eq!(
         dump["waypoint"]["workloads"],
@@ -524,4 +524,73 @@ async fn a_client_without_a_mesh_certificate_is_refused() {
         },
     };
     assert!(refused, "a client without a certificate got through");
+}
+
+#[tokio::test]
+async fn an_httproute_splits_by_weight_matches_headers_and_answers_404_and_500_like_envoy() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, "10.96.0.50:80").await;
+    let mut send = async |path: &str, tag: Option<&str>| {
+        client.ready().await.unwrap();
+        let mut request = get(path);
+        if let Some(tag) = tag {
+            request.headers_mut().insert("x-tag", tag.parse().unwrap());
+        }
+        let response = client.send_request(request).await.unwrap();
+        let status = response.status();
+        (status, text(response).await)
+    };
+    // Tagged requests go to v2, except under /split, whose longer prefix takes
+    // precedence over the header rule's `/` (the Gateway API's order).
+    for _ in 0..5 {
+        let (status, body) = send("/reviews/1", Some("v2")).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("echo-2 "), "{body}");
+    }
+    let mut tagged_v1 = 0;
+    for _ in 0..40 {
+        let (_, body) = send("/split/a", Some("v2")).await;
+        tagged_v1 += usize::from(body.starts_with("echo-1 "));
+    }
+    assert!(tagged_v1 > 0, "the /split rule takes tagged requests too");
+    // 3:1 over 400 requests: within a 99.99 % binomial interval (300 +- 34).
+    let mut v1 = 0;
+    for _ in 0..400 {
+        let (status, body) = send("/split/b", None).await;
+        assert_eq!(status, 200);
+        if body.starts_with("echo-1 ") {
+            v1 += 1;
+        } else {
+            assert!(body.starts_with("echo-2 "), "{body}");
+        }
+    }
+    assert!((266..=334).contains(&v1), "{v1} of 400 to v1");
+    // No rule matches: 404, as Envoy's `NR`; weights all 0 or a backend that does not
+    // exist: 500.
+    assert_eq!(send("/other", None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send("/zero", None).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        send("/ghost", None).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    // A Service without routes is balanced over its own endpoints as before.
+    let mut plain = http1_client(&conn, ECHO_VIP).await;
+    plain.ready().await.unwrap();
+    assert_eq!(
+        plain.send_request(get("/other")).await.unwrap().status(),
+        200
+    );
+    let (_, metrics) = http_get(mesh.metrics, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"404\"")
+                && l.contains("response_flags=\"NR\"")),
+        "{metrics}"
+    );
 }

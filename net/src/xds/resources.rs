@@ -132,6 +132,14 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             },
         );
     }
+    for r in &config.http_routes {
+        resources.insert(
+            super::route::route_name(&r.route.namespace, &r.route.name),
+            Address {
+                r#type: Some(address::Type::HttpRoute(super::route::route_to_proto(r))),
+            },
+        );
+    }
     for w in &config.waypoints {
         resources.insert(
             waypoint_name(&w.namespace, &w.name),
@@ -403,6 +411,7 @@ pub fn from_resources<'a>(
     let mut endpoints: Vec<(String, EndpointSpec)> = Vec::new();
     let mut policies = Vec::new();
     let mut l7_policies = Vec::new();
+    let mut http_routes = Vec::new();
     let mut waypoints = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
@@ -448,8 +457,12 @@ pub fn from_resources<'a>(
                 Ok(w) => waypoints.push(w),
                 Err(reason) => errors.push(error(reason)),
             },
+            Some(address::Type::HttpRoute(r)) => match super::route::route_from_proto(r) {
+                Ok(r) => http_routes.push(r),
+                Err(reason) => errors.push(error(reason)),
+            },
             None => errors.push(error(
-                "neither a workload, a service, a policy nor a waypoint".into(),
+                "neither a workload, a service, a policy, a waypoint nor a route".into(),
             )),
         }
     }
@@ -468,6 +481,7 @@ pub fn from_resources<'a>(
             policies,
             l7_policies,
             waypoints,
+            http_routes,
         },
         errors,
     )

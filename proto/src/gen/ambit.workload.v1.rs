@@ -2,10 +2,11 @@
 /// One resource: a workload (named by its uid), a service (named
 /// `<namespace>/<hostname>`), an authorization policy ztunnel enforces (named
 /// `authz/<namespace>/<name>`), one waypoints enforce (named
-/// `l7authz/<namespace>/<name>`) or a waypoint (named `waypoint/<namespace>/<name>`).
+/// `l7authz/<namespace>/<name>`), a waypoint (named `waypoint/<namespace>/<name>`) or
+/// an HTTPRoute (named `httproute/<namespace>/<name>`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Address {
-    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102")]
+    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102, 103")]
     pub r#type: ::core::option::Option<address::Type>,
 }
 /// Nested message and enum types in `Address`.
@@ -30,6 +31,10 @@ pub mod address {
         /// learns waypoints only as services; Ambit sends what a waypoint serves with it.
         #[prost(message, tag = "102")]
         Waypoint(super::Waypoint),
+        /// Ambit's own: an HTTPRoute attached to Services, for their waypoints (named
+        /// `httproute/<namespace>/<name>`). Istio sends waypoints Envoy routes instead.
+        #[prost(message, tag = "103")]
+        HttpRoute(super::HttpRoute),
     }
 }
 /// A pod, with the services it is an endpoint of.
@@ -413,6 +418,95 @@ pub struct L7Condition {
     pub values: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, repeated, tag = "3")]
     pub not_values: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// A Gateway API HTTPRoute attached to Services (GAMMA), as `ambit_core::route` reads
+/// it: the CRD's defaults already applied, regular expressions as written (compiled
+/// again on receipt, so a pattern is checked exactly as one written in a route).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HttpRoute {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Creation time, seconds since the epoch: the older route wins a tie.
+    #[prost(int64, tag = "3")]
+    pub created: i64,
+    #[prost(message, repeated, tag = "4")]
+    pub parents: ::prost::alloc::vec::Vec<RouteParent>,
+    #[prost(message, repeated, tag = "5")]
+    pub rules: ::prost::alloc::vec::Vec<RouteRule>,
+}
+/// A Service the route is attached to; port 0: all of its ports.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteParent {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteRule {
+    /// Any of them; none: every request.
+    #[prost(message, repeated, tag = "1")]
+    pub matches: ::prost::alloc::vec::Vec<RouteMatch>,
+    #[prost(message, repeated, tag = "2")]
+    pub backends: ::prost::alloc::vec::Vec<RouteBackend>,
+}
+/// All of its conditions; no path: any path.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteMatch {
+    /// Empty: any method.
+    #[prost(string, tag = "4")]
+    pub method: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "5")]
+    pub headers: ::prost::alloc::vec::Vec<RouteValueMatch>,
+    #[prost(message, repeated, tag = "6")]
+    pub query_params: ::prost::alloc::vec::Vec<RouteValueMatch>,
+    #[prost(oneof = "route_match::Path", tags = "1, 2, 3")]
+    pub path: ::core::option::Option<route_match::Path>,
+}
+/// Nested message and enum types in `RouteMatch`.
+pub mod route_match {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Path {
+        #[prost(string, tag = "1")]
+        Exact(::prost::alloc::string::String),
+        #[prost(string, tag = "2")]
+        Prefix(::prost::alloc::string::String),
+        #[prost(string, tag = "3")]
+        Regex(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteValueMatch {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(oneof = "route_value_match::Value", tags = "2, 3")]
+    pub value: ::core::option::Option<route_value_match::Value>,
+}
+/// Nested message and enum types in `RouteValueMatch`.
+pub mod route_value_match {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Value {
+        #[prost(string, tag = "2")]
+        Exact(::prost::alloc::string::String),
+        #[prost(string, tag = "3")]
+        Regex(::prost::alloc::string::String),
+    }
+}
+/// A Service backend; port 0: the port the request was addressed to.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteBackend {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    #[prost(uint32, tag = "4")]
+    pub weight: u32,
 }
 /// `istio.io/waypoint-for`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -127,7 +127,8 @@ pub fn endpoint_ips() -> [IpAddr; 4] {
 /// The model: the waypoint's own Service, the bound Service `echo` with two
 /// endpoints, a bound workload `direct` (the third address), and `free`, bound to
 /// nothing, and `legacy`, bound, whose endpoint (the fourth address) is outside the
-/// mesh. `guarded` is `echo` declared `http` (HTTP/1.1 upstream) with a DENY policy that refuses `/admin` (after normalization) and DELETE.
+/// mesh. `canary` (bound) is routed by an HTTPRoute over `echo-v1` (echo-1) and
+/// `echo-v2` (echo-2), which are bound to nothing. `guarded` is `echo` declared `http` (HTTP/1.1 upstream) with a DENY policy that refuses `/admin` (after normalization) and DELETE.
 pub fn model(ips: [IpAddr; 4]) -> MeshConfig {
     let yaml = format!(
         r#"
@@ -166,8 +167,39 @@ services:
   vips: [10.96.0.20]
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
   endpoints: [{{workloadUid: shop/echo-1}}]
+- name: canary
+  namespace: shop
+  vips: [10.96.0.50]
+  ports: [{{port: 80, targetPort: {APP_PORT}}}]
+  waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
+  endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
+- name: echo-v1
+  namespace: shop
+  vips: [10.96.0.51]
+  ports: [{{port: 8080, targetPort: {APP_PORT}}}]
+  endpoints: [{{workloadUid: shop/echo-1}}]
+- name: echo-v2
+  namespace: shop
+  vips: [10.96.0.52]
+  ports: [{{port: 8080, targetPort: {APP_PORT}}}]
+  endpoints: [{{workloadUid: shop/echo-2}}]
 waypoints:
 - {{name: waypoint, namespace: shop, serviceAccount: waypoint, address: 10.96.0.99, trafficType: all, policies: [shop/no-admin]}}
+httpRoutes:
+- parents: [{{namespace: shop, name: canary, port: 80}}]
+  route:
+    namespace: shop
+    name: canary
+    created: 0
+    rules:
+    - matches: [{{path: {{type: prefix, value: /}}, headers: [{{name: x-tag, value: {{type: exact, value: v2}}}}]}}]
+      backends: [{{namespace: shop, name: echo-v2, port: 8080, weight: 1}}]
+    - matches: [{{path: {{type: prefix, value: /split}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 3}}, {{namespace: shop, name: echo-v2, port: 8080, weight: 1}}]
+    - matches: [{{path: {{type: exact, value: /zero}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 0}}]
+    - matches: [{{path: {{type: exact, value: /ghost}}}}]
+      backends: [{{namespace: shop, name: ghost, port: 8080, weight: 1}}]
 l7Policies:
 - targets: [{{kind: Service, namespace: shop, name: guarded}}]
   policy:

@@ -1,0 +1,259 @@
+//! HTTPRoutes as xDS resources, both ways: an [`HttpRouteSpec`] becomes an
+//! [`HttpRoute`] named `httproute/<namespace>/<name>`, and a received one is read back
+//! with its regular expressions compiled again, so a pattern the control plane could
+//! not have sent (one that does not compile, or compiles too large) rejects that
+//! resource alone.
+
+use ambit_core::model::{HttpRouteSpec, RouteParentSpec};
+use ambit_core::route::{
+    self, Anchored, Backend, HeaderMatch, PathMatch, QueryMatch, RouteMatch, RouteRule, ValueMatch,
+};
+use ambit_proto::workload::{
+    route_match, route_value_match, HttpRoute, RouteBackend, RouteParent, RouteValueMatch,
+};
+
+/// The resource name of an HTTPRoute.
+pub fn route_name(namespace: &str, name: &str) -> String {
+    format!("httproute/{namespace}/{name}")
+}
+
+pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
+    let r = &spec.route;
+    let value = |v: &ValueMatch| match v {
+        ValueMatch::Exact(s) => route_value_match::Value::Exact(s.clone()),
+        ValueMatch::Regex(a) => route_value_match::Value::Regex(a.source.clone()),
+    };
+    HttpRoute {
+        name: r.name.clone(),
+        namespace: r.namespace.clone(),
+        created: r.created,
+        parents: spec
+            .parents
+            .iter()
+            .map(|p| RouteParent {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                port: p.port.map_or(0, u32::from),
+            })
+            .collect(),
+        rules: r
+            .rules
+            .iter()
+            .map(|rule| ambit_proto::workload::RouteRule {
+                matches: rule
+                    .matches
+                    .iter()
+                    .map(|m| ambit_proto::workload::RouteMatch {
+                        path: m.path.as_ref().map(|p| match p {
+                            PathMatch::Exact(s) => route_match::Path::Exact(s.clone()),
+                            PathMatch::Prefix(s) => route_match::Path::Prefix(s.clone()),
+                            PathMatch::Regex(a) => route_match::Path::Regex(a.source.clone()),
+                        }),
+                        method: m.method.clone().unwrap_or_default(),
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|h| RouteValueMatch {
+                                name: h.name.clone(),
+                                value: Some(value(&h.value)),
+                            })
+                            .collect(),
+                        query_params: m
+                            .query
+                            .iter()
+                            .map(|q| RouteValueMatch {
+                                name: q.name.clone(),
+                                value: Some(value(&q.value)),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                backends: rule
+                    .backends
+                    .iter()
+                    .map(|b| RouteBackend {
+                        namespace: b.namespace.clone(),
+                        name: b.name.clone(),
+                        port: b.port.map_or(0, u32::from),
+                        weight: b.weight,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn port(p: u32, what: &str) -> Result<Option<u16>, String> {
+    match p {
+        0 => Ok(None),
+        p => u16::try_from(p)
+            .map(Some)
+            .map_err(|_| format!("{what}: port {p} is out of range")),
+    }
+}
+
+fn value(v: &RouteValueMatch, what: &str) -> Result<ValueMatch, String> {
+    match &v.value {
+        Some(route_value_match::Value::Exact(s)) => Ok(ValueMatch::Exact(s.clone())),
+        Some(route_value_match::Value::Regex(s)) => Anchored::new(s)
+            .map(ValueMatch::Regex)
+            .map_err(|e| format!("{what}: regex {s:?}: {e}")),
+        None => Err(format!("{what}: no value match")),
+    }
+}
+
+pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
+    let key = format!("HTTPRoute {}/{}", r.namespace, r.name);
+    let parents = r
+        .parents
+        .iter()
+        .map(|p| {
+            Ok(RouteParentSpec {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                port: port(p.port, &key)?,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let mut rules = Vec::new();
+    for (i, rule) in r.rules.iter().enumerate() {
+        let at = format!("{key} rule {i}");
+        let mut matches = Vec::new();
+        for m in &rule.matches {
+            let path = match &m.path {
+                None => None,
+                Some(route_match::Path::Exact(s)) => Some(PathMatch::Exact(s.clone())),
+                Some(route_match::Path::Prefix(s)) => Some(PathMatch::Prefix(s.clone())),
+                Some(route_match::Path::Regex(s)) => Some(PathMatch::Regex(
+                    Anchored::new(s).map_err(|e| format!("{at}: regex {s:?}: {e}"))?,
+                )),
+            };
+            matches.push(RouteMatch {
+                path,
+                method: (!m.method.is_empty()).then(|| m.method.clone()),
+                headers: m
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        Ok(HeaderMatch {
+                            name: h.name.to_ascii_lowercase(),
+                            value: value(h, &at)?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+                query: m
+                    .query_params
+                    .iter()
+                    .map(|q| {
+                        Ok(QueryMatch {
+                            name: q.name.clone(),
+                            value: value(q, &at)?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+            });
+        }
+        let backends = rule
+            .backends
+            .iter()
+            .map(|b| {
+                Ok(Backend {
+                    namespace: b.namespace.clone(),
+                    name: b.name.clone(),
+                    port: port(b.port, &at)?,
+                    weight: b.weight,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        rules.push(RouteRule { matches, backends });
+    }
+    Ok(HttpRouteSpec {
+        parents,
+        route: route::HttpRoute {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            created: r.created,
+            rules,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec() -> HttpRouteSpec {
+        HttpRouteSpec {
+            parents: vec![RouteParentSpec {
+                namespace: "shop".into(),
+                name: "reviews".into(),
+                port: Some(9080),
+            }],
+            route: route::HttpRoute {
+                namespace: "shop".into(),
+                name: "canary".into(),
+                created: 1_700_000_000,
+                rules: vec![
+                    RouteRule {
+                        matches: vec![RouteMatch {
+                            path: Some(PathMatch::Regex(Anchored::new("/v[0-9]+/.*").unwrap())),
+                            method: Some("GET".into()),
+                            headers: vec![HeaderMatch {
+                                name: "x-tag".into(),
+                                value: ValueMatch::Exact("v2".into()),
+                            }],
+                            query: vec![QueryMatch {
+                                name: "debug".into(),
+                                value: ValueMatch::Regex(Anchored::new("1|true").unwrap()),
+                            }],
+                        }],
+                        backends: vec![Backend {
+                            namespace: "shop".into(),
+                            name: "reviews-v2".into(),
+                            port: Some(9080),
+                            weight: 1,
+                        }],
+                    },
+                    RouteRule {
+                        matches: vec![],
+                        backends: vec![
+                            Backend {
+                                namespace: "shop".into(),
+                                name: "reviews-v1".into(),
+                                port: None,
+                                weight: 90,
+                            },
+                            Backend {
+                                namespace: "shop".into(),
+                                name: "reviews-v2".into(),
+                                port: None,
+                                weight: 10,
+                            },
+                        ],
+                    },
+                ],
+            },
+        }
+    }
+
+    #[test]
+    fn a_route_round_trips() {
+        let spec = spec();
+        assert_eq!(route_from_proto(&route_to_proto(&spec)).unwrap(), spec);
+    }
+
+    #[test]
+    fn a_regex_that_does_not_compile_rejects_the_resource_naming_it() {
+        let mut proto = route_to_proto(&spec());
+        proto.rules[0].matches[0].path = Some(route_match::Path::Regex("(".into()));
+        let err = route_from_proto(&proto).unwrap_err();
+        assert!(
+            err.contains("HTTPRoute shop/canary rule 0: regex \"(\""),
+            "{err}"
+        );
+        let mut proto = route_to_proto(&spec());
+        proto.rules[1].backends[0].port = 70_000;
+        assert!(route_from_proto(&proto).unwrap_err().contains("70000"));
+    }
+}
