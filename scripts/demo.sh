@@ -7,7 +7,9 @@
 # each namespace to the catalog and shows who the catalog says called it: an identity
 # over HBONE (mutual TLS), none in plaintext. Then it calls `orders`, which sits behind
 # the bookshop's waypoint (an L7 proxy): a GET is allowed, a POST is denied with 403 by
-# the waypoint's L7 AuthorizationPolicy, and the plaintext pod cannot go around it. The mesh keeps running afterwards;
+# the waypoint's L7 AuthorizationPolicy, and the plaintext pod cannot go around it.
+# Last, a canary: the waypoint splits `reviews` 90/10 between two versions by an
+# HTTPRoute, and sends tagged requests to v2. The mesh keeps running afterwards;
 # `ambitctl local down` removes it.
 #
 # Needs root (network namespaces, iptables); installs what it needs that is missing
@@ -47,5 +49,13 @@ echo
 echo "==> legacy/batch (plaintext) -> http://orders.bookshop/books : refused, it may not go around the waypoint"
 echo "\$ ambitctl local exec legacy/batch -- ambitctl app get http://orders.bookshop/books"
 "$ambitctl" local exec legacy/batch -- ambitctl app get http://orders.bookshop/books || true
+echo
+echo "==> bookshop/frontend -> http://reviews.bookshop/ x100 : a canary, the waypoint routes 90 % to v1 and 10 % to v2 (HTTPRoute reviews-canary)"
+echo "\$ ambitctl local exec bookshop/frontend -- ambitctl app get --count 100 http://reviews.bookshop/ | grep '^hello' | sort | uniq -c"
+"$ambitctl" local exec bookshop/frontend -- ambitctl app get --count 100 http://reviews.bookshop/ | grep '^hello' | cut -d' ' -f1-3 | sort | uniq -c
+echo
+echo "==> the same with x-canary: yes : every request to v2"
+echo "\$ ambitctl local exec bookshop/frontend -- ambitctl app get --count 10 -H 'x-canary: yes' http://reviews.bookshop/ | grep '^hello' | sort | uniq -c"
+"$ambitctl" local exec bookshop/frontend -- ambitctl app get --count 10 -H 'x-canary: yes' http://reviews.bookshop/ | grep '^hello' | cut -d' ' -f1-3 | sort | uniq -c
 echo
 echo "The mesh keeps running. $ambitctl local down removes it (namespaces, rules, processes)."

@@ -118,6 +118,9 @@ pub enum AppCommand {
         /// The method, as curl's `-X` (`POST`, `DELETE`).
         #[arg(short = 'X', long = "request", default_value = "GET")]
         method: String,
+        /// A request header, as curl's `-H` (`x-canary: yes`); repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
     },
     /// Sends a message to a TCP echo (`web.shop:9000`) and prints what comes back.
     Send { to: String, message: String },

@@ -178,10 +178,12 @@ async fn caller_identity(
         encode(peer),
         encode(local)
     );
-    let (status, body) =
-        tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, "GET", "localhost", &path))
-            .await
-            .context("ztunnel's admin endpoint did not answer")??;
+    let (status, body) = tokio::time::timeout(
+        CLIENT_TIMEOUT,
+        exchange(stream, "GET", "localhost", &path, ""),
+    )
+    .await
+    .context("ztunnel's admin endpoint did not answer")??;
     match status {
         200 => {
             let json: serde_json::Value = serde_json::from_str(&body)?;
@@ -198,6 +200,7 @@ async fn exchange(
     method: &str,
     host: &str,
     path: &str,
+    headers: &str,
 ) -> anyhow::Result<(u16, String)> {
     // A body-less request: no Content-Length for GET, `0` for the rest, as curl does.
     let length = if method == "GET" || method == "HEAD" {
@@ -208,7 +211,7 @@ async fn exchange(
     stream
         .write_all(
             format!(
-                "{method} {path} HTTP/1.1\r\nhost: {host}\r\n{length}connection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nhost: {host}\r\n{headers}{length}connection: close\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -288,12 +291,26 @@ pub async fn get(
     method: &str,
     url: &str,
     count: u32,
+    headers: &[String],
     hosts: &BTreeMap<String, IpAddr>,
 ) -> anyhow::Result<bool> {
     anyhow::ensure!(
         !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase()),
         "{method:?}: a method is upper-case letters (GET, POST, DELETE)"
     );
+    let mut extra = String::new();
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("-H {h:?}: give a header as `name: value`"))?;
+        let (name, value) = (name.trim(), value.trim());
+        anyhow::ensure!(
+            http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && http::HeaderValue::from_str(value).is_ok(),
+            "-H {h:?}: not a valid header name and value"
+        );
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("{url}: only http:// URLs"))?;
@@ -308,10 +325,12 @@ pub async fn get(
             .await
             .with_context(|| format!("connecting to {to}: timed out"))?
             .with_context(|| format!("connecting to {to}"))?;
-        let (status, body) =
-            tokio::time::timeout(CLIENT_TIMEOUT, exchange(stream, method, authority, path))
-                .await
-                .with_context(|| format!("{method} {url}: no answer"))??;
+        let (status, body) = tokio::time::timeout(
+            CLIENT_TIMEOUT,
+            exchange(stream, method, authority, path, &extra),
+        )
+        .await
+        .with_context(|| format!("{method} {url}: no answer"))??;
         if status != 200 {
             all_ok = false;
             crate::outln!("HTTP {status}")?;

@@ -89,9 +89,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .await?;
                         true
                     }
-                    AppCommand::Get { url, count, method } => {
-                        demo::get(&method, &url, count, &hosts).await?
-                    }
+                    AppCommand::Get {
+                        url,
+                        count,
+                        method,
+                        headers,
+                    } => demo::get(&method, &url, count, &headers, &hosts).await?,
                     AppCommand::Send { to, message } => demo::send(&to, &message, &hosts).await?,
                 };
                 Ok(if ok {

@@ -303,6 +303,29 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         "plaintext went around the waypoint"
     );
 
+    // The canary: the waypoint routes reviews 90/10 by its HTTPRoute (400 requests:
+    // v2 within a 99.99 % binomial interval, 40 +- 23), and tagged requests to v2.
+    let versions = |args: &[&str]| {
+        let out = app("bookshop/frontend", args);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{body}");
+        let count = |pod: &str| body.matches(&format!("hello from bookshop/{pod} ")).count();
+        (count("reviews-v1"), count("reviews-v2"))
+    };
+    let (v1, v2) = versions(&["--count", "400", "http://reviews.bookshop/"]);
+    assert_eq!(v1 + v2, 400);
+    assert!((17..=63).contains(&v2), "{v2} of 400 to v2");
+    assert_eq!(
+        versions(&[
+            "--count",
+            "20",
+            "-H",
+            "x-canary: yes",
+            "http://reviews.bookshop/"
+        ]),
+        (0, 20)
+    );
+
     // The destination ztunnel counted the frontend's connection as mutual TLS.
     let node_b = mesh["nodes"]
         .as_array()
