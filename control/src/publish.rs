@@ -55,8 +55,24 @@ impl Publisher {
         source: &str,
     ) -> Vec<crate::status::Wanted> {
         self.placements.update(resources);
-        let translation = translate_with(resources, &self.root_namespace);
-        problems.extend(translation.skipped.iter().map(|s| format!("{s}; skipped")));
+        let mut translation = translate_with(resources, &self.root_namespace);
+        // An HTTPRoute whose new version cannot be enforced keeps routing by its last
+        // good one, rather than falling back to its Services' own endpoints.
+        let previous = self.model.as_ref().map_or(&[][..], |m| &m.http_routes[..]);
+        for s in &translation.skipped {
+            let last_good = previous.iter().find(|r| {
+                s.kind == "HTTPRoute"
+                    && r.route.namespace == s.key.namespace
+                    && r.route.name == s.key.name
+            });
+            match last_good {
+                Some(kept) => {
+                    translation.config.http_routes.push(kept.clone());
+                    problems.push(format!("{s}; its last good version stays"));
+                }
+                None => problems.push(format!("{s}; skipped")),
+            }
+        }
         problems.extend(translation.warnings.iter().map(ToString::to_string));
         // A policy not enforced as written says why (condition ZtunnelAccepted).
         problems.extend(
@@ -98,5 +114,91 @@ impl Publisher {
     /// Whether a model has been published.
     pub fn has_published(&self) -> bool {
         self.model.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ambit_core::identity::TrustDomain;
+    use ambit_k8s::read::parse_file;
+
+    const ROUTE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /v2}}], backendRefs: [{name: reviews, port: 80}]}]
+";
+
+    fn resources(yaml: &str) -> Resources {
+        let parsed = parse_file(std::path::Path::new("mesh.yaml"), yaml);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let mut r = Resources::default();
+        for o in parsed.objects {
+            r.insert(o);
+        }
+        r
+    }
+
+    fn routes(rx: &watch::Receiver<Arc<Snapshot>>) -> Vec<String> {
+        rx.borrow()
+            .resources
+            .keys()
+            .filter(|k| k.starts_with("httproute/"))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn an_invalid_update_of_a_route_keeps_its_last_good_version_and_says_so() {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut publisher = Publisher::new(Arc::new(Placements::new(TrustDomain::default())), tx);
+        publisher.publish(&resources(ROUTE), Vec::new(), "test");
+        assert_eq!(routes(&rx), ["httproute/shop/canary"]);
+        let good = rx.borrow().resources["httproute/shop/canary"].clone();
+
+        publisher.publish(
+            &resources(&ROUTE.replace(
+                "type: PathPrefix, value: /v2",
+                "type: RegularExpression, value: '/(v2'",
+            )),
+            Vec::new(),
+            "test",
+        );
+        assert_eq!(rx.borrow().resources["httproute/shop/canary"], good);
+        assert!(
+            publisher
+                .reported
+                .iter()
+                .any(|p| p.contains("HTTPRoute shop/canary")
+                    && p.ends_with("its last good version stays")),
+            "{:?}",
+            publisher.reported
+        );
+
+        // Deleted, it goes; invalid with no good version before, it is left out.
+        publisher.publish(
+            &resources(ROUTE.split("---").next().unwrap()),
+            Vec::new(),
+            "test",
+        );
+        assert!(routes(&rx).is_empty());
+        publisher.publish(
+            &resources(&ROUTE.replace(
+                "type: PathPrefix, value: /v2",
+                "type: RegularExpression, value: '/(v2'",
+            )),
+            Vec::new(),
+            "test",
+        );
+        assert!(routes(&rx).is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! HTTPRoutes into the model (`MeshConfig.http_routes`), for the waypoints of the
 //! Services they are attached to. A route is read by `ambit_k8s::http_route`; one that
-//! fails validation is left out and reported with the field at fault (its parents'
-//! requests then take the Service's own endpoints). Kept with a warning: a backend
+//! fails validation is left out and reported with the field at fault (the publisher
+//! keeps its last good version, if it had one; otherwise its parents' requests take the
+//! Service's own endpoints). Kept with a warning: a backend
 //! Service that does not exist (its share of requests is answered 500 by the waypoint,
 //! as the Gateway API asks) and a parent Service that does not exist.
 //!
