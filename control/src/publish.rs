@@ -108,6 +108,7 @@ impl Publisher {
             &translation.skipped,
             &translation.policy_status,
             &translation.waypoint_status,
+            &translation.route_status,
         )
     }
 

@@ -9,6 +9,10 @@
 //!   `WaypointAccepted` on a `targetRefs` AuthorizationPolicy, and a waypoint Gateway's
 //!   whole status (`Accepted`, `Programmed`, its listeners, `addresses`)
 //!   ([`crate::translate::waypoints`]).
+//! - An HTTPRoute's `status.parents`: for each Service parent, `Accepted` and
+//!   `ResolvedRefs` with the Gateway API's reasons ([`crate::translate::routes`]),
+//!   controller `istio.io/mesh-controller`. The list is applied whole: entries another
+//!   controller wrote for a Gateway parent of the same route are replaced.
 //!
 //! All of an object's conditions are written in one server-side apply on the status
 //! subresource, so no other writer's conditions are touched. [`wanted`] is pure; the
@@ -27,8 +31,10 @@ use crate::gateway::Gateway;
 use crate::resources::ObjectKey;
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
+use crate::translate::routes::{ParentStatus, RouteStatus};
 use crate::translate::waypoints::{self, WaypointStatus};
 use crate::translate::{PolicyStatus, Skipped};
+use ambit_k8s::http_route::HttpRoute;
 
 /// The status an object should carry: its conditions (ours), and for a waypoint
 /// Gateway its listeners and addresses.
@@ -39,6 +45,8 @@ pub struct Wanted {
     pub conditions: Vec<WantedCondition>,
     /// A Gateway's `status.listeners` and `status.addresses`.
     pub gateway: Option<WantedGateway>,
+    /// An HTTPRoute's `status.parents` (its Service parents).
+    pub route_parents: Option<Vec<ParentStatus>>,
 }
 
 /// One condition.
@@ -71,6 +79,7 @@ pub fn wanted(
     skipped: &[Skipped],
     policies: &PolicyStatus,
     waypoint_status: &WaypointStatus,
+    route_status: &RouteStatus,
 ) -> Vec<Wanted> {
     fn add(
         objects: &mut BTreeMap<(&'static str, ObjectKey), Wanted>,
@@ -85,6 +94,7 @@ pub fn wanted(
                 key: key.clone(),
                 conditions: Vec::new(),
                 gateway: None,
+                route_parents: None,
             })
             .conditions
             .push(c);
@@ -167,6 +177,18 @@ pub fn wanted(
             });
         }
     }
+    for (key, parents) in route_status {
+        objects.insert(
+            ("HTTPRoute", key.clone()),
+            Wanted {
+                kind: "HTTPRoute",
+                key: key.clone(),
+                conditions: Vec::new(),
+                gateway: None,
+                route_parents: Some(parents.clone()),
+            },
+        );
+    }
     objects.into_values().collect()
 }
 
@@ -185,6 +207,32 @@ pub fn status_body(wanted: Option<&Wanted>, now: Time) -> Value {
             })
             .collect()
     };
+    if let Some(parents) = wanted.and_then(|w| w.route_parents.as_ref()) {
+        // A route's status is only its parents (Gateway API `RouteStatus`).
+        let parents: Vec<Value> = parents
+            .iter()
+            .map(|p| {
+                let mut parent_ref = json!({
+                    "group": if p.kind == "Service" { "" } else { "networking.istio.io" },
+                    "kind": p.kind,
+                    "namespace": p.namespace,
+                    "name": p.name,
+                });
+                if let Some(port) = p.port {
+                    parent_ref["port"] = json!(port);
+                }
+                json!({
+                    "parentRef": parent_ref,
+                    "controllerName": crate::gateway::WAYPOINT_CONTROLLER,
+                    "conditions": conditions(&[
+                        condition("Accepted", &p.accepted),
+                        condition("ResolvedRefs", &p.resolved_refs),
+                    ]),
+                })
+            })
+            .collect();
+        return json!({ "parents": parents });
+    }
     let mut status = json!({
         "conditions": wanted.map(|w| conditions(&w.conditions)).unwrap_or_default(),
     });
@@ -289,11 +337,15 @@ impl StatusWriter {
         key: &ObjectKey,
         condition: Option<&Wanted>,
     ) -> Result<(), kube::Error> {
-        let status = status_body(condition, Time(k8s_openapi::jiff::Timestamp::now()));
+        let status = match (kind, condition) {
+            // Withdrawn from a route: no parents of ours.
+            ("HTTPRoute", None) => json!({"parents": []}),
+            _ => status_body(condition, Time(k8s_openapi::jiff::Timestamp::now())),
+        };
         let api_version = match kind {
             "Service" => "v1",
             "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
-            "Gateway" => "gateway.networking.k8s.io/v1",
+            "Gateway" | "HTTPRoute" => "gateway.networking.k8s.io/v1",
             _ => "networking.istio.io/v1",
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -321,6 +373,11 @@ impl StatusWriter {
             }
             "Gateway" => {
                 Api::<Gateway>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "HTTPRoute" => {
+                Api::<HttpRoute>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }
@@ -381,7 +438,7 @@ mod tests {
                 },
             )],
         };
-        let wanted = wanted(&[], &policies, &status);
+        let wanted = wanted(&[], &policies, &status, &Vec::new());
         let policy = wanted.iter().find(|w| w.key == key).unwrap();
         let types: Vec<&str> = policy.conditions.iter().map(|c| c.type_).collect();
         assert_eq!(types, [CONDITION, "WaypointAccepted"]);

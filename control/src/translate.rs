@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::resources::{ObjectKey, Resources};
 
 pub use ambit_k8s::{authz, peer_authn};
-mod routes;
+pub mod routes;
 mod service_entries;
 pub mod waypoints;
 
@@ -59,6 +59,8 @@ pub struct Translation {
     /// The waypoint Gateways' status, and the waypoint conditions of Services and
     /// `targetRefs` policies.
     pub waypoint_status: waypoints::WaypointStatus,
+    /// Each HTTPRoute's status per Service parent.
+    pub route_status: routes::RouteStatus,
 }
 
 /// Kind, key and acceptance of each security policy.
@@ -217,9 +219,10 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
     let (policies, l7_policies, policy_status) =
         attach_policies(resources, &running, &mut workloads, root_namespace);
     let waypoints = gateways.finish(resources, &bound_to, root_namespace, &mut waypoint_status);
-    let (http_routes, routes_skipped, routes_warned) = routes::translate(resources, &services);
-    skipped.extend(routes_skipped);
-    warnings.extend(routes_warned);
+    let routes = routes::translate(resources, &services);
+    skipped.extend(routes.skipped);
+    warnings.extend(routes.warnings);
+    let http_routes = routes.routes;
     Translation {
         config: MeshConfig {
             workloads,
@@ -233,6 +236,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
         warnings,
         policy_status,
         waypoint_status,
+        route_status: routes.status,
     }
 }
 

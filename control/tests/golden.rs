@@ -88,7 +88,10 @@ fn check(case: &Path, directory: &mut Directory, expected: &str, failures: &mut 
             .iter()
             .map(|(kind, key, a)| format!("{kind} {key}: {}: {}", a.reason, a.message))
             .collect(),
-        status: waypoint_status(&translation.waypoint_status),
+        status: waypoint_status(&translation.waypoint_status)
+            .into_iter()
+            .chain(route_status(&translation.route_status))
+            .collect(),
     };
     // Whatever the input, ztunnel must accept the model as a whole, as it arrives
     // over xDS: a clash the translation let through would make it reject everything.
@@ -155,6 +158,29 @@ fn waypoint_status(status: &translate::waypoints::WaypointStatus) -> Vec<String>
         }
         if let Some(h) = &g.hostname {
             lines.push(format!("Gateway {key}: address {h}"));
+        }
+    }
+    lines
+}
+
+fn route_status(status: &translate::routes::RouteStatus) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (key, parents) in status {
+        for p in parents {
+            for (ty, c) in [
+                ("Accepted", &p.accepted),
+                ("ResolvedRefs", &p.resolved_refs),
+            ] {
+                lines.push(format!(
+                    "HTTPRoute {key}: parent {} {}/{}: {ty}={} ({}): {}",
+                    p.kind,
+                    p.namespace,
+                    p.name,
+                    if c.status { "True" } else { "False" },
+                    c.reason,
+                    c.message
+                ));
+            }
         }
     }
     lines

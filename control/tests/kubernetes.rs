@@ -677,6 +677,28 @@ async fn a_waypoint_gateway_is_deployed_and_programmed_once_its_pod_is_ready_and
         })
     })
     .await;
+    // An HTTPRoute on the bound Service: its status per parent says it is accepted and
+    // which backend does not exist. (Node agents are not sent routes: only waypoints.)
+    api.put(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: split, namespace: shop}\n\
+         spec: {parentRefs: [{group: '', kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80, weight: 9}, {name: gone, port: 80, weight: 1}]}]}\n",
+    );
+    api.wait_until("the route's status for its parent", || {
+        api.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "split")
+            .is_some_and(|o| {
+                let p = &o["status"]["parents"][0];
+                p["parentRef"]["name"] == "web"
+                    && p["controllerName"] == "istio.io/mesh-controller"
+                    && p["conditions"][0]["type"] == "Accepted"
+                    && p["conditions"][0]["status"] == "True"
+                    && p["conditions"][1]["reason"] == "BackendNotFound"
+                    && p["conditions"][1]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("shop/gone"))
+            })
+    })
+    .await;
     control.stop().await;
     assert_allowed_by_rbac(&api);
 }

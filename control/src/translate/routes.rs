@@ -14,23 +14,76 @@
 use ambit_core::model::{HttpRouteSpec, RouteParentSpec, ServiceSpec};
 use ambit_k8s::http_route::{read, ParentKind};
 
+use super::waypoints::Condition;
 use super::Skipped;
-use crate::resources::Resources;
+use crate::resources::{ObjectKey, Resources};
 
-/// The routes of `resources` for `services` (the model's), what was left out, and
-/// what was kept with a warning.
-pub fn translate(
-    resources: &Resources,
-    services: &[ServiceSpec],
-) -> (Vec<HttpRouteSpec>, Vec<Skipped>, Vec<Skipped>) {
+/// A route's status for one of its Service parents (Gateway API `RouteParentStatus`):
+/// `Accepted` (`Accepted`; `UnsupportedValue` when it fails validation or asks for what
+/// is not served; `NoMatchingParent` when the Service does not exist or has no
+/// waypoint) and `ResolvedRefs` (`ResolvedRefs`, or `BackendNotFound`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentStatus {
+    /// `Service` or `ServiceEntry`.
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<u16>,
+    pub accepted: Condition,
+    pub resolved_refs: Condition,
+}
+
+/// Each HTTPRoute with a Service (or ServiceEntry) parent, and its status per parent.
+pub type RouteStatus = Vec<(ObjectKey, Vec<ParentStatus>)>;
+
+/// What the translation makes of the HTTPRoutes.
+#[derive(Debug, Default)]
+pub struct Routes {
+    pub routes: Vec<HttpRouteSpec>,
+    pub skipped: Vec<Skipped>,
+    pub warnings: Vec<Skipped>,
+    pub status: RouteStatus,
+}
+
+/// The routes of `resources` for `services` (the model's), what was left out, what was
+/// kept with a warning, and each route's status per parent.
+pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
     let (mut routes, mut skipped, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
-    let exists =
-        |ns: &str, name: &str| services.iter().any(|s| s.namespace == ns && s.name == name);
+    let mut status = RouteStatus::new();
+    let service = |ns: &str, name: &str| {
+        services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+    };
+    let exists = |ns: &str, name: &str| service(ns, name).is_some();
     for (key, object) in &resources.http_routes {
         let read = read(key, object);
+        let parent_status =
+            |p: &ambit_k8s::http_route::RouteParent, accepted, resolved_refs| ParentStatus {
+                kind: match p.kind {
+                    ParentKind::Service => "Service",
+                    ParentKind::ServiceEntry => "ServiceEntry",
+                },
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                port: p.port,
+                accepted,
+                resolved_refs,
+            };
         let route = match read.route {
             Ok(route) => route,
             Err(reason) => {
+                let invalid = Condition::new(false, "UnsupportedValue", reason.clone());
+                let unresolved =
+                    Condition::new(false, "UnsupportedValue", "the route is not valid");
+                let parents: Vec<ParentStatus> = read
+                    .parents
+                    .iter()
+                    .map(|p| parent_status(p, invalid.clone(), unresolved.clone()))
+                    .collect();
+                if !parents.is_empty() {
+                    status.push((key.clone(), parents));
+                }
                 skipped.push(Skipped {
                     kind: "HTTPRoute",
                     key: key.clone(),
@@ -46,40 +99,83 @@ pub fn translate(
                 reason,
             })
         };
+        let missing: Vec<String> = route
+            .rules
+            .iter()
+            .flat_map(|r| &r.backends)
+            .filter(|b| !exists(&b.namespace, &b.name))
+            .map(|b| format!("{}/{}", b.namespace, b.name))
+            .collect();
+        for b in &missing {
+            warn(format!(
+                "backend Service {b}: not found (BackendNotFound); its share of requests is answered 500"
+            ));
+        }
+        let resolved_refs = if missing.is_empty() {
+            Condition::new(true, "ResolvedRefs", "every backend exists")
+        } else {
+            Condition::new(
+                false,
+                "BackendNotFound",
+                format!(
+                    "backend Service {} not found; its share of requests is answered 500",
+                    missing.join(", ")
+                ),
+            )
+        };
         let mut parents = Vec::new();
-        for p in read.parents {
+        let mut statuses = Vec::new();
+        for p in &read.parents {
             let name = format!("{}/{}", p.namespace, p.name);
-            if p.kind == ParentKind::ServiceEntry {
-                warn(format!(
-                    "parent ServiceEntry {name}: not served by Ambit yet"
-                ));
+            let accepted = if p.kind == ParentKind::ServiceEntry {
+                let m = format!("parent ServiceEntry {name}: not served by Ambit yet");
+                warn(m.clone());
+                Condition::new(false, "UnsupportedValue", m)
             } else if p.namespace != key.namespace {
-                warn(format!(
+                let m = format!(
                     "parent Service {name}: a route for a Service of another namespace (a consumer route) is not served by Ambit yet"
-                ));
+                );
+                warn(m.clone());
+                Condition::new(false, "UnsupportedValue", m)
             } else {
-                if !exists(&p.namespace, &p.name) {
-                    warn(format!("parent Service {name}: not found"));
-                }
                 parents.push(RouteParentSpec {
-                    namespace: p.namespace,
-                    name: p.name,
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
                     port: p.port,
                 });
-            }
+                match service(&p.namespace, &p.name) {
+                    None => {
+                        let m = format!("parent Service {name}: not found");
+                        warn(m.clone());
+                        Condition::new(false, "NoMatchingParent", m)
+                    }
+                    Some(s) => match &s.waypoint {
+                        None => Condition::new(
+                            false,
+                            "NoMatchingParent",
+                            format!("Service {name} is not bound to a waypoint: only a waypoint routes by HTTPRoutes, so its requests go to the Service itself"),
+                        ),
+                        Some(w) => Condition::new(
+                            true,
+                            "Accepted",
+                            format!("routed by waypoint {}/{}", w.namespace, w.name),
+                        ),
+                    },
+                }
+            };
+            statuses.push(parent_status(p, accepted, resolved_refs.clone()));
         }
-        if parents.is_empty() {
-            continue;
+        if !statuses.is_empty() {
+            status.push((key.clone(), statuses));
         }
-        for b in route.rules.iter().flat_map(|r| &r.backends) {
-            if !exists(&b.namespace, &b.name) {
-                warn(format!(
-                    "backend Service {}/{}: not found (BackendNotFound); its share of requests is answered 500",
-                    b.namespace, b.name
-                ));
-            }
+        if !parents.is_empty() {
+            routes.push(HttpRouteSpec { parents, route });
         }
-        routes.push(HttpRouteSpec { parents, route });
     }
-    (routes, skipped, warnings)
+    Routes {
+        routes,
+        skipped,
+        warnings,
+        status,
+    }
 }

@@ -53,7 +53,7 @@ pub struct Condition {
 }
 
 impl Condition {
-    fn new(status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: bool, reason: &'static str, message: impl Into<String>) -> Self {
         Condition {
             status,
             reason,
