@@ -33,10 +33,10 @@ use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, ObjectKey, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
-use ambit_k8s::http_route::HttpRoute;
+use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 11] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -47,6 +47,7 @@ pub const KINDS: [Kind; 10] = [
     Kind::Gateway,
     Kind::GatewayClass,
     Kind::HttpRoute,
+    Kind::GrpcRoute,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -171,6 +172,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<HttpRoute>(
             Api::all(client.clone()),
             Kind::HttpRoute,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<GrpcRoute>(
+            Api::all(client.clone()),
+            Kind::GrpcRoute,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<GatewayClass>(

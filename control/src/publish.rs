@@ -61,7 +61,7 @@ impl Publisher {
         let previous = self.model.as_ref().map_or(&[][..], |m| &m.http_routes[..]);
         for s in &translation.skipped {
             let last_good = previous.iter().find(|r| {
-                s.kind == "HTTPRoute"
+                s.kind == r.route.kind()
                     && r.route.namespace == s.key.namespace
                     && r.route.name == s.key.name
             });

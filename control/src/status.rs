@@ -34,7 +34,7 @@ use crate::service_entry::ServiceEntry;
 use crate::translate::routes::{ParentStatus, RouteStatus};
 use crate::translate::waypoints::{self, WaypointStatus};
 use crate::translate::{PolicyStatus, Skipped};
-use ambit_k8s::http_route::HttpRoute;
+use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 
 /// The status an object should carry: its conditions (ours), and for a waypoint
 /// Gateway its listeners and addresses.
@@ -177,11 +177,11 @@ pub fn wanted(
             });
         }
     }
-    for (key, parents) in route_status {
+    for (kind, key, parents) in route_status {
         objects.insert(
-            ("HTTPRoute", key.clone()),
+            (kind, key.clone()),
             Wanted {
-                kind: "HTTPRoute",
+                kind,
                 key: key.clone(),
                 conditions: Vec::new(),
                 gateway: None,
@@ -339,13 +339,13 @@ impl StatusWriter {
     ) -> Result<(), kube::Error> {
         let status = match (kind, condition) {
             // Withdrawn from a route: no parents of ours.
-            ("HTTPRoute", None) => json!({"parents": []}),
+            ("HTTPRoute" | "GRPCRoute", None) => json!({"parents": []}),
             _ => status_body(condition, Time(k8s_openapi::jiff::Timestamp::now())),
         };
         let api_version = match kind {
             "Service" => "v1",
             "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
-            "Gateway" | "HTTPRoute" => "gateway.networking.k8s.io/v1",
+            "Gateway" | "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
             _ => "networking.istio.io/v1",
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -378,6 +378,11 @@ impl StatusWriter {
             }
             "HTTPRoute" => {
                 Api::<HttpRoute>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "GRPCRoute" => {
+                Api::<GrpcRoute>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }

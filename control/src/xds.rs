@@ -54,8 +54,9 @@ pub struct Snapshot {
 
 /// Resource names of L7 policies start with this; only waypoints get them.
 pub const L7_POLICY_PREFIX: &str = "l7authz/";
-/// Resource names of HTTPRoutes start with this; only waypoints get them.
-pub const ROUTE_PREFIX: &str = "httproute/";
+/// Resource names of HTTPRoutes and GRPCRoutes start with these; only waypoints get
+/// them.
+pub const ROUTE_PREFIXES: [&str; 2] = ["httproute/", "grpcroute/"];
 
 impl Snapshot {
     pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
@@ -88,7 +89,8 @@ impl View {
     pub fn sees(&self, snapshot: &Snapshot, name: &str) -> bool {
         match self {
             View::NodeAgent => {
-                !name.starts_with(L7_POLICY_PREFIX) && !name.starts_with(ROUTE_PREFIX)
+                !name.starts_with(L7_POLICY_PREFIX)
+                    && !ROUTE_PREFIXES.iter().any(|p| name.starts_with(p))
             }
             View::Waypoint(ns, sa) => snapshot
                 .waypoint_views
@@ -144,7 +146,7 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
             {
                 continue;
             }
-            view.insert(route_name(&r.route.namespace, &r.route.name));
+            view.insert(route_name(&r.route));
             for backend in r.route.rules.iter().flat_map(|rule| &rule.backends) {
                 for s in config
                     .services

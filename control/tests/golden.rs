@@ -165,14 +165,14 @@ fn waypoint_status(status: &translate::waypoints::WaypointStatus) -> Vec<String>
 
 fn route_status(status: &translate::routes::RouteStatus) -> Vec<String> {
     let mut lines = Vec::new();
-    for (key, parents) in status {
+    for (kind, key, parents) in status {
         for p in parents {
             for (ty, c) in [
                 ("Accepted", &p.accepted),
                 ("ResolvedRefs", &p.resolved_refs),
             ] {
                 lines.push(format!(
-                    "HTTPRoute {key}: parent {} {}/{}: {ty}={} ({}): {}",
+                    "{kind} {key}: parent {} {}/{}: {ty}={} ({}): {}",
                     p.kind,
                     p.namespace,
                     p.name,

@@ -262,8 +262,14 @@ pub struct HttpRouteSpec {
 }
 
 impl HttpRouteSpec {
+    /// `HTTPRoute/<namespace>/<name>` (or `GRPCRoute/...`).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.route.namespace, self.route.name)
+        format!(
+            "{}/{}/{}",
+            self.route.kind(),
+            self.route.namespace,
+            self.route.name
+        )
     }
 
     /// Whether it applies to requests to `service` (`namespace`, `name`) on `port`.

@@ -36,6 +36,20 @@ pub struct HttpRoute {
     /// Creation time, seconds since the epoch: the older route wins a tie.
     pub created: i64,
     pub rules: Vec<RouteRule>,
+    /// A GRPCRoute (its method matches already paths); an HTTPRoute otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grpc: bool,
+}
+
+impl HttpRoute {
+    /// `HTTPRoute` or `GRPCRoute`, as in `kind:`.
+    pub fn kind(&self) -> &'static str {
+        if self.grpc {
+            "GRPCRoute"
+        } else {
+            "HTTPRoute"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Gateway API's `HTTPRoute` (`gateway.networking.k8s.io`, v1; v1beta1 reads the same)
-//! attached to a Service for mesh traffic (GAMMA: `parentRefs` of kind `Service`), read
-//! into [`ambit_core::route::HttpRoute`] with the CRD's defaults and validation.
+//! and `GRPCRoute` (v1) attached to a Service for mesh traffic (GAMMA: `parentRefs` of
+//! kind `Service`), read into [`ambit_core::route::HttpRoute`] with the CRDs' defaults
+//! and validation.
 //!
 //! The spec is kept as JSON and read here field by field, so a route that fails
 //! validation is not dropped by the reader: it gets `Accepted=False` (reason
@@ -79,6 +80,56 @@ impl kube_core::Resource for HttpRoute {
     }
 }
 
+/// Gateway API's `GRPCRoute` (v1), read into the same routing as an HTTPRoute: a
+/// gRPC request is `POST /<service>/<method>`, so a method match becomes a path match
+/// (service and method `Exact`: the exact path; service alone: the prefix
+/// `/<service>`; otherwise an anchored regular expression, a missing part matching any
+/// one segment).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GrpcRoute {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Value,
+}
+
+impl kube_core::Resource for GrpcRoute {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "GRPCRoute".into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        "grpcroutes".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The versions a GRPCRoute may be written in.
+pub const GRPC_API_VERSIONS: [&str; 1] = ["gateway.networking.k8s.io/v1"];
+
+/// Reads a GRPCRoute (its key, creation time and spec).
+pub fn read_grpc(key: &ObjectKey, route: &GrpcRoute) -> ReadRoute {
+    read_spec(key, &route.metadata, &route.spec, Flavour::Grpc)
+}
+
 /// A Service (or ServiceEntry) a route is attached to, for mesh traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteParent {
@@ -108,23 +159,33 @@ pub struct ReadRoute {
 
 /// Reads `route` (its key, creation time and spec).
 pub fn read(key: &ObjectKey, route: &HttpRoute) -> ReadRoute {
-    let created = route
-        .metadata
+    read_spec(key, &route.metadata, &route.spec, Flavour::Http)
+}
+
+/// Which kind of route a spec is: their matches differ, the rest is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Http,
+    Grpc,
+}
+
+fn read_spec(key: &ObjectKey, metadata: &ObjectMeta, spec: &Value, flavour: Flavour) -> ReadRoute {
+    let created = metadata
         .creation_timestamp
         .as_ref()
         .map_or(0, |t| t.0.as_second());
-    let spec = &route.spec;
     let (parents, parent_error) = match parents(spec, key) {
         Ok(p) => (p, None),
         Err(e) => (Vec::new(), Some(e)),
     };
     let route = match parent_error {
         Some(e) => Err(e),
-        None => rules(spec, key).map(|rules| Route {
+        None => rules(spec, key, flavour).map(|rules| Route {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             created,
             rules,
+            grpc: flavour == Flavour::Grpc,
         }),
     };
     ReadRoute { parents, route }
@@ -207,7 +268,7 @@ fn parents(spec: &Value, key: &ObjectKey) -> Result<Vec<RouteParent>, String> {
     Ok(parents)
 }
 
-fn rules(spec: &Value, key: &ObjectKey) -> Result<Vec<RouteRule>, String> {
+fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRule>, String> {
     let mut rules = Vec::new();
     for (i, r) in list(spec.get("rules"), "spec.rules", MAX_RULES)?
         .iter()
@@ -227,7 +288,11 @@ fn rules(spec: &Value, key: &ObjectKey) -> Result<Vec<RouteRule>, String> {
             .iter()
             .enumerate()
         {
-            matches.push(route_match(m, &format!("{path}.matches[{j}]"))?);
+            let at = format!("{path}.matches[{j}]");
+            matches.push(match flavour {
+                Flavour::Http => route_match(m, &at)?,
+                Flavour::Grpc => grpc_match(m, &at)?,
+            });
         }
         let mut backends = Vec::new();
         for (j, b) in list(
@@ -287,15 +352,7 @@ fn route_match(m: &Value, path: &str) -> Result<RouteMatch, String> {
         .iter()
         .enumerate()
     {
-        let at = format!("{path}.headers[{k}]");
-        let (name, value) = condition(h, &at)?;
-        http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("{at}.name: {name:?} is not a valid header name"))?;
-        let name = name.to_ascii_lowercase();
-        if headers.iter().any(|h: &HeaderMatch| h.name == name) {
-            return Err(format!("{at}.name: {name:?} is matched twice"));
-        }
-        headers.push(HeaderMatch { name, value });
+        headers.push(header_match(h, &format!("{path}.headers[{k}]"), &headers)?);
     }
     let mut query = Vec::new();
     for (k, q) in list(
@@ -319,6 +376,89 @@ fn route_match(m: &Value, path: &str) -> Result<RouteMatch, String> {
         headers,
         query,
     })
+}
+
+/// A GRPCRoute `matches[]` entry: its `method` as a path match, its headers.
+fn grpc_match(m: &Value, path: &str) -> Result<RouteMatch, String> {
+    let path_match = match m.get("method").filter(|v| !v.is_null()) {
+        None => PathMatch::Prefix("/".into()),
+        Some(method) => {
+            let at = format!("{path}.method");
+            let service = text(method, "service", &at)?.filter(|s| !s.is_empty());
+            let name = text(method, "method", &at)?.filter(|s| !s.is_empty());
+            match text(method, "type", &at)?.unwrap_or("Exact") {
+                "Exact" => {
+                    for (field, value) in [("service", service), ("method", name)] {
+                        if let Some(v) = value {
+                            if !v
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"._".contains(&b))
+                            {
+                                return Err(format!("{at}.{field}: {v:?} is not a gRPC name"));
+                            }
+                        }
+                    }
+                    match (service, name) {
+                        (Some(s), Some(n)) => PathMatch::Exact(format!("/{s}/{n}")),
+                        (Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+                        (None, Some(n)) => PathMatch::Regex(
+                            Anchored::new(&format!("/[^/]+/{}", regex::escape(n)))
+                                .map_err(|e| format!("{at}.method: {e}"))?,
+                        ),
+                        (None, None) => {
+                            return Err(format!("{at}: one of service and method is required"))
+                        }
+                    }
+                }
+                "RegularExpression" => {
+                    if service.is_none() && name.is_none() {
+                        return Err(format!("{at}: one of service and method is required"));
+                    }
+                    let part = |p: Option<&str>, field: &str| -> Result<String, String> {
+                        match p {
+                            None => Ok("[^/]+".to_owned()),
+                            Some(p) => Anchored::new(p)
+                                .map(|_| format!("(?:{p})"))
+                                .map_err(|e| format!("{at}.{field}: {p:?}: {e}")),
+                        }
+                    };
+                    let pattern =
+                        format!("/{}/{}", part(service, "service")?, part(name, "method")?);
+                    PathMatch::Regex(Anchored::new(&pattern).map_err(|e| format!("{at}: {e}"))?)
+                }
+                other => {
+                    return Err(format!(
+                        "{at}.type: {other:?} is not Exact or RegularExpression"
+                    ))
+                }
+            }
+        }
+    };
+    let mut headers = Vec::new();
+    for (k, h) in list(m.get("headers"), &format!("{path}.headers"), MAX_CONDITIONS)?
+        .iter()
+        .enumerate()
+    {
+        headers.push(header_match(h, &format!("{path}.headers[{k}]"), &headers)?);
+    }
+    Ok(RouteMatch {
+        path: Some(path_match),
+        method: None,
+        headers,
+        query: Vec::new(),
+    })
+}
+
+/// A header match; `seen` are the match's earlier ones (a name may appear once).
+fn header_match(h: &Value, at: &str, seen: &[HeaderMatch]) -> Result<HeaderMatch, String> {
+    let (name, value) = condition(h, at)?;
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{at}.name: {name:?} is not a valid header name"))?;
+    let name = name.to_ascii_lowercase();
+    if seen.iter().any(|h| h.name == name) {
+        return Err(format!("{at}.name: {name:?} is matched twice"));
+    }
+    Ok(HeaderMatch { name, value })
 }
 
 /// A header or query parameter match: its name and how its value is matched.

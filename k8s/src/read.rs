@@ -275,6 +275,7 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "AuthorizationPolicy" | "PeerAuthentication" => &crate::security::API_VERSIONS,
         "Gateway" | "GatewayClass" => &crate::gateway::API_VERSIONS,
         "HTTPRoute" => &crate::http_route::API_VERSIONS,
+        "GRPCRoute" => &crate::http_route::GRPC_API_VERSIONS,
         _ => return None,
     })
 }
@@ -402,6 +403,7 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "Gateway" => Object::Gateway(Box::new(typed(value)?)),
         "GatewayClass" => Object::GatewayClass(Box::new(typed(value)?)),
         "HTTPRoute" => Object::HttpRoute(Box::new(typed(value)?)),
+        "GRPCRoute" => Object::GrpcRoute(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
 }

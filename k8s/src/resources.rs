@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::gateway::{Gateway, GatewayClass};
-use crate::http_route::HttpRoute;
+use crate::http_route::{GrpcRoute, HttpRoute};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
 
@@ -53,6 +53,7 @@ pub struct Resources {
     /// Cluster-scoped: by name.
     pub gateway_classes: BTreeMap<String, GatewayClass>,
     pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
+    pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
 }
 
 /// The kinds the control plane keeps.
@@ -68,6 +69,7 @@ pub enum Kind {
     Gateway,
     GatewayClass,
     HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -84,6 +86,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::GatewayClass => "GatewayClass",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -107,6 +110,7 @@ pub enum Object {
     Gateway(Box<Gateway>),
     GatewayClass(Box<GatewayClass>),
     HttpRoute(Box<HttpRoute>),
+    GrpcRoute(Box<GrpcRoute>),
 }
 
 impl Object {
@@ -127,6 +131,7 @@ impl Object {
             Object::Gateway(_) => Kind::Gateway,
             Object::GatewayClass(_) => Kind::GatewayClass,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::GrpcRoute(_) => Kind::GrpcRoute,
         }
     }
 
@@ -144,6 +149,7 @@ impl Object {
             Object::Gateway(o) => &o.metadata,
             Object::GatewayClass(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::GrpcRoute(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -188,6 +194,9 @@ impl Resources {
             Object::HttpRoute(o) => {
                 self.http_routes.insert(key, *o);
             }
+            Object::GrpcRoute(o) => {
+                self.grpc_routes.insert(key, *o);
+            }
         }
     }
 
@@ -224,6 +233,9 @@ impl Resources {
             Kind::HttpRoute => {
                 self.http_routes.remove(key);
             }
+            Kind::GrpcRoute => {
+                self.grpc_routes.remove(key);
+            }
         }
     }
 
@@ -241,6 +253,7 @@ impl Resources {
             Kind::Gateway => self.gateways.clear(),
             Kind::GatewayClass => self.gateway_classes.clear(),
             Kind::HttpRoute => self.http_routes.clear(),
+            Kind::GrpcRoute => self.grpc_routes.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

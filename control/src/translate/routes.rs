@@ -12,7 +12,7 @@
 //! ServiceEntry parents, until the waypoint can tell clients' namespaces apart there.
 
 use ambit_core::model::{HttpRouteSpec, RouteParentSpec, ServiceSpec};
-use ambit_k8s::http_route::{read, ParentKind};
+use ambit_k8s::http_route::{read, read_grpc, ParentKind};
 
 use super::waypoints::Condition;
 use super::Skipped;
@@ -33,8 +33,9 @@ pub struct ParentStatus {
     pub resolved_refs: Condition,
 }
 
-/// Each HTTPRoute with a Service (or ServiceEntry) parent, and its status per parent.
-pub type RouteStatus = Vec<(ObjectKey, Vec<ParentStatus>)>;
+/// Each HTTPRoute and GRPCRoute (kind, key) with a Service (or ServiceEntry) parent,
+/// and its status per parent.
+pub type RouteStatus = Vec<(&'static str, ObjectKey, Vec<ParentStatus>)>;
 
 /// What the translation makes of the HTTPRoutes.
 #[derive(Debug, Default)]
@@ -56,8 +57,15 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
             .find(|s| s.namespace == ns && s.name == name)
     };
     let exists = |ns: &str, name: &str| service(ns, name).is_some();
-    for (key, object) in &resources.http_routes {
-        let read = read(key, object);
+    let http = resources
+        .http_routes
+        .iter()
+        .map(|(key, o)| ("HTTPRoute", key, read(key, o)));
+    let grpc = resources
+        .grpc_routes
+        .iter()
+        .map(|(key, o)| ("GRPCRoute", key, read_grpc(key, o)));
+    for (kind, key, read) in http.chain(grpc) {
         let parent_status =
             |p: &ambit_k8s::http_route::RouteParent, accepted, resolved_refs| ParentStatus {
                 kind: match p.kind {
@@ -82,10 +90,10 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                     .map(|p| parent_status(p, invalid.clone(), unresolved.clone()))
                     .collect();
                 if !parents.is_empty() {
-                    status.push((key.clone(), parents));
+                    status.push((kind, key.clone(), parents));
                 }
                 skipped.push(Skipped {
-                    kind: "HTTPRoute",
+                    kind,
                     key: key.clone(),
                     reason,
                 });
@@ -94,7 +102,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
         };
         let mut warn = |reason: String| {
             warnings.push(Skipped {
-                kind: "HTTPRoute",
+                kind,
                 key: key.clone(),
                 reason,
             })
@@ -166,7 +174,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
             statuses.push(parent_status(p, accepted, resolved_refs.clone()));
         }
         if !statuses.is_empty() {
-            status.push((key.clone(), statuses));
+            status.push((kind, key.clone(), statuses));
         }
         if !parents.is_empty() {
             routes.push(HttpRouteSpec { parents, route });

@@ -7,6 +7,7 @@ fn route(name: &str, created: i64, rules: Vec<RouteRule>) -> HttpRoute {
         name: name.into(),
         created,
         rules,
+        grpc: false,
     }
 }
 

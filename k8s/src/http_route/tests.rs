@@ -167,3 +167,79 @@ fn a_read_route_routes_like_the_core_table() {
         .unwrap();
     assert_eq!(rule.backends.len(), 2);
 }
+
+fn read_grpc_spec(spec: Value) -> ReadRoute {
+    let route = GrpcRoute {
+        spec,
+        ..GrpcRoute::default()
+    };
+    read_grpc(&ObjectKey::new("shop", "grpc"), &route)
+}
+
+#[test]
+fn a_grpc_route_routes_by_service_and_method_as_paths() {
+    let read = read_grpc_spec(json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "greeter"}],
+        "rules": [
+            {"matches": [{"method": {"service": "helloworld.Greeter", "method": "SayHello"}}],
+             "backendRefs": [{"name": "v2", "port": 50051}]},
+            {"matches": [{"method": {"service": "helloworld.Greeter"}}],
+             "backendRefs": [{"name": "v1", "port": 50051}]},
+            {"matches": [{"method": {"method": "Watch"}, "headers": [{"name": "x-user", "value": "bob"}]}],
+             "backendRefs": [{"name": "watch", "port": 50051}]},
+            {"matches": [{"method": {"type": "RegularExpression", "service": "admin\\..*"}}],
+             "backendRefs": [{"name": "admin", "port": 50051}]},
+        ]
+    }));
+    let table = ambit_core::route::RouteTable::new(vec![read.route.unwrap()]);
+    let route = |path: &str, user: Option<&str>| {
+        let mut headers = http::HeaderMap::new();
+        if let Some(u) = user {
+            headers.insert("x-user", u.parse().unwrap());
+        }
+        let view = ambit_core::route::RequestView {
+            method: "POST",
+            path,
+            query: None,
+            headers: &headers,
+        };
+        table
+            .select(&view)
+            .map_or("-".to_owned(), |(_, r)| r.backends[0].name.clone())
+    };
+    assert_eq!(route("/helloworld.Greeter/SayHello", None), "v2");
+    assert_eq!(route("/helloworld.Greeter/SayGoodbye", None), "v1");
+    assert_eq!(route("/other.Svc/Watch", Some("bob")), "watch");
+    assert_eq!(route("/other.Svc/Watch", None), "-");
+    assert_eq!(route("/admin.Users/Delete", None), "admin");
+    assert_eq!(route("/other.Svc/Get", None), "-");
+}
+
+#[test]
+fn a_grpc_match_that_cannot_be_enforced_is_refused_naming_the_field() {
+    for (m, want) in [
+        (
+            json!({"method": {}}),
+            "one of service and method is required",
+        ),
+        (
+            json!({"method": {"service": "a/b"}}),
+            "matches[0].method.service",
+        ),
+        (
+            json!({"method": {"type": "RegularExpression", "method": "("}}),
+            "matches[0].method.method",
+        ),
+        (
+            json!({"method": {"type": "Prefix", "service": "a"}}),
+            "method.type",
+        ),
+    ] {
+        let read = read_grpc_spec(json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "greeter"}],
+            "rules": [{"matches": [m.clone()], "backendRefs": [{"name": "v1", "port": 1}]}]
+        }));
+        let err = read.route.unwrap_err();
+        assert!(err.contains(want), "{m}: {err}");
+    }
+}

@@ -134,7 +134,7 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
     }
     for r in &config.http_routes {
         resources.insert(
-            super::route::route_name(&r.route.namespace, &r.route.name),
+            super::route::route_name(&r.route),
             Address {
                 r#type: Some(address::Type::HttpRoute(super::route::route_to_proto(r))),
             },

@@ -12,9 +12,11 @@ use ambit_proto::workload::{
     route_match, route_value_match, HttpRoute, RouteBackend, RouteParent, RouteValueMatch,
 };
 
-/// The resource name of an HTTPRoute.
-pub fn route_name(namespace: &str, name: &str) -> String {
-    format!("httproute/{namespace}/{name}")
+/// The resource name of an HTTPRoute (`httproute/...`) or a GRPCRoute
+/// (`grpcroute/...`).
+pub fn route_name(route: &route::HttpRoute) -> String {
+    let kind = if route.grpc { "grpcroute" } else { "httproute" };
+    format!("{kind}/{}/{}", route.namespace, route.name)
 }
 
 pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
@@ -27,6 +29,7 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
         created: r.created,
+        grpc: r.grpc,
         parents: spec
             .parents
             .iter()
@@ -174,6 +177,7 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
             name: r.name.clone(),
             created: r.created,
             rules,
+            grpc: r.grpc,
         },
     })
 }
@@ -194,6 +198,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "canary".into(),
                 created: 1_700_000_000,
+                grpc: false,
                 rules: vec![
                     RouteRule {
                         matches: vec![RouteMatch {
@@ -239,8 +244,12 @@ mod tests {
 
     #[test]
     fn a_route_round_trips() {
-        let spec = spec();
+        let mut spec = spec();
         assert_eq!(route_from_proto(&route_to_proto(&spec)).unwrap(), spec);
+        assert_eq!(route_name(&spec.route), "httproute/shop/canary");
+        spec.route.grpc = true;
+        assert_eq!(route_from_proto(&route_to_proto(&spec)).unwrap(), spec);
+        assert_eq!(route_name(&spec.route), "grpcroute/shop/canary");
     }
 
     #[test]

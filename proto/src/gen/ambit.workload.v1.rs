@@ -435,6 +435,10 @@ pub struct HttpRoute {
     pub parents: ::prost::alloc::vec::Vec<RouteParent>,
     #[prost(message, repeated, tag = "5")]
     pub rules: ::prost::alloc::vec::Vec<RouteRule>,
+    /// A GRPCRoute (named `grpcroute/<namespace>/<name>`), its method matches already
+    /// paths.
+    #[prost(bool, tag = "6")]
+    pub grpc: bool,
 }
 /// A Service the route is attached to; port 0: all of its ports.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
