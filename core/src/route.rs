@@ -60,6 +60,26 @@ pub struct RouteRule {
     pub matches: Vec<RouteMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
+    /// `timeouts.request`, milliseconds: the whole request, from when the waypoint has
+    /// it until the upstream's response headers (504 `UT` after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    /// `timeouts.backendRequest`, milliseconds: one try at the backend. Without
+    /// retries (not built yet) it bounds the request as the shorter of the two does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_timeout_ms: Option<u64>,
+}
+
+impl RouteRule {
+    /// How long the waypoint waits for the upstream's response headers; `None`: no
+    /// limit of the route's own.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        match (self.request_timeout_ms, self.backend_timeout_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(std::time::Duration::from_millis)
+    }
 }
 
 /// One `matches[]` entry: all of its conditions.

@@ -278,7 +278,7 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
         if !r.is_object() {
             return Err(format!("{path}: must be an object"));
         }
-        for field in ["filters", "timeouts", "retry", "sessionPersistence"] {
+        for field in ["filters", "retry", "sessionPersistence"] {
             if r.get(field).is_some_and(|v| !v.is_null()) {
                 return Err(format!("{path}.{field}: not supported by Ambit yet"));
             }
@@ -305,9 +305,74 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
         {
             backends.push(backend(b, &format!("{path}.backendRefs[{j}]"), key)?);
         }
-        rules.push(RouteRule { matches, backends });
+        let (request_timeout_ms, backend_timeout_ms) = timeouts(r, &path)?;
+        rules.push(RouteRule {
+            matches,
+            backends,
+            request_timeout_ms,
+            backend_timeout_ms,
+        });
     }
     Ok(rules)
+}
+
+/// `timeouts.request` and `timeouts.backendRequest` in milliseconds; `0s` (or absent):
+/// none. A backend request may not be longer than the request.
+fn timeouts(rule: &Value, path: &str) -> Result<(Option<u64>, Option<u64>), String> {
+    let Some(t) = rule.get("timeouts").filter(|t| !t.is_null()) else {
+        return Ok((None, None));
+    };
+    let at = format!("{path}.timeouts");
+    let read = |field: &str| -> Result<Option<u64>, String> {
+        match text(t, field, &at)? {
+            None => Ok(None),
+            Some(d) => gateway_duration(d)
+                .map(|ms| (ms > 0).then_some(ms))
+                .map_err(|e| format!("{at}.{field}: {d:?} {e}")),
+        }
+    };
+    let (request, backend) = (read("request")?, read("backendRequest")?);
+    if let (Some(r), Some(b)) = (request, backend) {
+        if b > r {
+            return Err(format!(
+                "{at}.backendRequest: may not be longer than timeouts.request"
+            ));
+        }
+    }
+    Ok((request, backend))
+}
+
+/// A Gateway API duration (GEP-2257: `1h`, `30m`, `10s`, `500ms`, combined as
+/// `1m30s`; up to 4 parts of up to 5 digits), in milliseconds.
+fn gateway_duration(d: &str) -> Result<u64, &'static str> {
+    let bad = "is not a duration like 10s, 500ms or 1m30s";
+    let (mut total, mut parts, mut rest) = (0u64, 0, d);
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad);
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad)?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1000, 1)
+        } else {
+            return Err(bad);
+        };
+        rest = &rest[len..];
+        total += n * unit;
+        parts += 1;
+    }
+    if parts == 0 || parts > 4 {
+        return Err(bad);
+    }
+    Ok(total)
 }
 
 fn route_match(m: &Value, path: &str) -> Result<RouteMatch, String> {

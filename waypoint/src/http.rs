@@ -272,7 +272,7 @@ async fn handle(
             *request.uri_mut() = rebuilt;
         }
     }
-    let endpoint = match route_request(
+    let (endpoint, timeout) = match route_request(
         &context,
         &RouteView {
             method: request.method().as_str(),
@@ -281,7 +281,7 @@ async fn handle(
             headers: request.headers(),
         },
     ) {
-        Ok(endpoint) => endpoint,
+        Ok(routed) => routed,
         Err((status, body, flag)) => {
             tracing::info!(dst = %context.destination, method = %request.method(), path = path.path(), flag, body, "request not routed");
             return respond(local_reply(status, body), flag, None);
@@ -309,7 +309,22 @@ async fn handle(
     let counter = request_bytes.clone();
     let request = request
         .map(move |body| Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)));
-    let sent = shared.upstreams.send(&key, request).await;
+    let sent = match timeout {
+        None => shared.upstreams.send(&key, request).await,
+        Some(limit) => {
+            match tokio::time::timeout(limit, shared.upstreams.send(&key, request)).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    tracing::info!(dst = %context.destination, upstream = %key.addr, timeout_ms = limit.as_millis(), "upstream request timed out (route timeout)");
+                    return respond(
+                        local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                        "UT",
+                        Some(&endpoint),
+                    );
+                }
+            }
+        }
+    };
     let mut response = match sent {
         Ok(response) => response,
         Err(e) => {
@@ -444,21 +459,22 @@ fn request_id(mut b: [u8; 16]) -> String {
 /// An HTTP request's endpoint: through the HTTPRoutes attached to its Service on its
 /// port when there are any (`ambit_core::route`: rule by precedence, backend by
 /// weight, then round robin over the backend's endpoints), else the Service's own
-/// endpoints. Failing, the local reply and Envoy's response flag: no rule matches →
+/// endpoints; with the rule's timeout (`timeouts`: 504 `UT` when the upstream's
+/// response headers take longer). Failing, the local reply and Envoy's response flag: no rule matches →
 /// 404 `NR`; the rule has no backend with weight, or its backend Service or port does
 /// not exist → 500 `NC`; no healthy endpoint → 503 `UH`.
 fn route_request(
     context: &TunnelContext,
     request: &RouteView<'_>,
-) -> Result<Endpoint, (StatusCode, &'static str, &'static str)> {
+) -> Result<(Endpoint, Option<Duration>), (StatusCode, &'static str, &'static str)> {
     const NO_HEALTHY: (StatusCode, &str, &str) =
         (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
     let BoundTarget::Service { service, port, vip } = &context.target else {
-        return route(context).ok_or(NO_HEALTHY);
+        return route(context).map(|e| (e, None)).ok_or(NO_HEALTHY);
     };
     let state = context.shared.model.borrow().state.clone();
     let Some(table) = state.routes_for(service, port.port) else {
-        return route(context).ok_or(NO_HEALTHY);
+        return route(context).map(|e| (e, None)).ok_or(NO_HEALTHY);
     };
     let no_backend = (
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -481,7 +497,9 @@ fn route_request(
         .find(|p| p.port == wanted)
         .ok_or(no_backend)?;
     let turn = context.shared.next_turn(&target.key(), target_port.port);
-    pick_endpoint(&state, target, target_port, *vip, turn).ok_or(NO_HEALTHY)
+    pick_endpoint(&state, target, target_port, *vip, turn)
+        .map(|e| (e, rule.timeout()))
+        .ok_or(NO_HEALTHY)
 }
 
 /// The endpoint a request on this tunnel goes to, without routes.

@@ -577,6 +577,14 @@ async fn an_httproute_splits_by_weight_matches_headers_and_answers_404_and_500_l
         send("/ghost", None).await.0,
         StatusCode::INTERNAL_SERVER_ERROR
     );
+    // The rule's timeout (300 ms): 504 instead of the app's answer after 2 s, and the
+    // client's connection still serves the next request.
+    let (status, body) = send("/slow", None).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+    );
+    assert_eq!(send("/split/c", None).await.0, StatusCode::OK);
     // A Service without routes is balanced over its own endpoints as before.
     let mut plain = http1_client(&conn, ECHO_VIP).await;
     plain.ready().await.unwrap();

@@ -20,6 +20,7 @@ fn rule(matches: Vec<RouteMatch>, backend: &str) -> RouteRule {
             port: None,
             weight: 1,
         }],
+        ..RouteRule::default()
     }
 }
 

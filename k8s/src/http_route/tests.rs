@@ -128,8 +128,16 @@ fn what_cannot_be_enforced_is_refused_naming_the_field() {
             "spec.rules[0].filters: not supported",
         ),
         (
-            json!({"timeouts": {"request": "1s"}}),
-            "spec.rules[0].timeouts",
+            json!({"timeouts": {"request": "1 s"}}),
+            "spec.rules[0].timeouts.request: \"1 s\" is not a duration",
+        ),
+        (
+            json!({"timeouts": {"request": "1s", "backendRequest": "2s"}}),
+            "backendRequest: may not be longer",
+        ),
+        (
+            json!({"timeouts": {"request": "123456s"}}),
+            "timeouts.request",
         ),
         (json!("rule"), "spec.rules[0]: must be an object"),
     ];
@@ -242,4 +250,23 @@ fn a_grpc_match_that_cannot_be_enforced_is_refused_naming_the_field() {
         let err = read.route.unwrap_err();
         assert!(err.contains(want), "{m}: {err}");
     }
+}
+
+#[test]
+fn timeouts_read_as_gateway_api_durations() {
+    let mut spec = canary();
+    spec["rules"][1]["timeouts"] = json!({"request": "1m30s", "backendRequest": "500ms"});
+    spec["rules"][0]["timeouts"] = json!({"request": "0s"});
+    let route = read_spec(spec).route.unwrap();
+    assert_eq!(route.rules[1].request_timeout_ms, Some(90_000));
+    assert_eq!(route.rules[1].backend_timeout_ms, Some(500));
+    assert_eq!(
+        route.rules[1].timeout(),
+        Some(std::time::Duration::from_millis(500))
+    );
+    assert_eq!(route.rules[0].timeout(), None, "0s: no timeout");
+    assert_eq!(gateway_duration("1h"), Ok(3_600_000));
+    assert!(gateway_duration("1h2m3s4ms5s").is_err(), "at most 4 parts");
+    assert!(gateway_duration("").is_err());
+    assert!(gateway_duration("10").is_err());
 }

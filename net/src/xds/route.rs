@@ -71,6 +71,8 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
                             .collect(),
                     })
                     .collect(),
+                request_timeout_ms: rule.request_timeout_ms.unwrap_or(0),
+                backend_timeout_ms: rule.backend_timeout_ms.unwrap_or(0),
                 backends: rule
                     .backends
                     .iter()
@@ -168,7 +170,12 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
                 })
             })
             .collect::<Result<_, String>>()?;
-        rules.push(RouteRule { matches, backends });
+        rules.push(RouteRule {
+            matches,
+            backends,
+            request_timeout_ms: (rule.request_timeout_ms > 0).then_some(rule.request_timeout_ms),
+            backend_timeout_ms: (rule.backend_timeout_ms > 0).then_some(rule.backend_timeout_ms),
+        });
     }
     Ok(HttpRouteSpec {
         parents,
@@ -219,9 +226,13 @@ mod tests {
                             port: Some(9080),
                             weight: 1,
                         }],
+                        request_timeout_ms: None,
+                        backend_timeout_ms: Some(250),
                     },
                     RouteRule {
                         matches: vec![],
+                        request_timeout_ms: Some(1500),
+                        backend_timeout_ms: None,
                         backends: vec![
                             Backend {
                                 namespace: "shop".into(),

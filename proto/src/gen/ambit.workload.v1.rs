@@ -457,6 +457,11 @@ pub struct RouteRule {
     pub matches: ::prost::alloc::vec::Vec<RouteMatch>,
     #[prost(message, repeated, tag = "2")]
     pub backends: ::prost::alloc::vec::Vec<RouteBackend>,
+    /// `timeouts.request` and `timeouts.backendRequest`, milliseconds; 0: none.
+    #[prost(uint64, tag = "3")]
+    pub request_timeout_ms: u64,
+    #[prost(uint64, tag = "4")]
+    pub backend_timeout_ms: u64,
 }
 /// All of its conditions; no path: any path.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -200,6 +200,9 @@ httpRoutes:
       backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 0}}]
     - matches: [{{path: {{type: exact, value: /ghost}}}}]
       backends: [{{namespace: shop, name: ghost, port: 8080, weight: 1}}]
+    - matches: [{{path: {{type: exact, value: /slow}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
+      requestTimeoutMs: 300
 l7Policies:
 - targets: [{{kind: Service, namespace: shop, name: guarded}}]
   policy:
@@ -450,7 +453,7 @@ type AppBody = BoxBody<Bytes, hyper::Error>;
 
 /// The app behind an endpoint (HTTP/1.1 and HTTP/2): `/name` answers its name and
 /// what it saw; `/echo` streams the request body back; `/grpc` answers a message
-/// and trailers; an `Upgrade` is answered 101 and echoed.
+/// and trailers; `/slow` answers after 2 s; an `Upgrade` is answered 101 and echoed.
 async fn start_app(addr: SocketAddr, name: &'static str) {
     let listener = TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
@@ -515,6 +518,10 @@ async fn app(
     }
     let response = match request.uri().path() {
         "/echo" => Response::new(request.into_body().boxed()),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Response::new(full("slow"))
+        }
         "/grpc" => {
             let mut trailers = http::HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());
