@@ -8,59 +8,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::bin;
-
-/// A state directory of its own, and `local down` when the test ends, passed or not.
-struct Ctl {
-    state: tempfile::TempDir,
-}
-
-impl Ctl {
-    fn new() -> Ctl {
-        Ctl {
-            state: tempfile::Builder::new()
-                .prefix("ambitctl-test-")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("ambitctl"))
-            .args(args)
-            .env("AMBITCTL_STATE_DIR", self.state.path())
-            .output()
-            .unwrap()
-    }
-
-    /// Runs and asserts success; stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "ambitctl {args:?} failed ({}):\n{}{}\nsupervisor log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(self.state.path().join("supervisor.log")).unwrap_or_default()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn mesh(&self) -> serde_json::Value {
-        let text = std::fs::read_to_string(self.state.path().join("mesh.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    }
-}
-
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        let _ = self.run(&["local", "down"]);
-    }
-}
+use support::ctl::Ctl;
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

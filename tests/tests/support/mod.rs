@@ -4,6 +4,8 @@
 //! played by the test; all of it `ambit_localmesh::Ambient`, shared with `ambitctl`.
 #![allow(dead_code)]
 
+pub mod ctl;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

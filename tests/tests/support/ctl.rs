@@ -1,0 +1,121 @@
+//! `ambitctl local` driven as a user drives it: a state directory of its own per test
+//! (`AMBITCTL_STATE_DIR`), `local down` when the test ends, passed or not, and the
+//! mesh's `mesh.json` to find pods, services and processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::bin;
+
+/// A state directory of its own, and `local down` when the test ends, passed or not.
+pub struct Ctl {
+    pub state: tempfile::TempDir,
+}
+
+impl Ctl {
+    pub fn new() -> Ctl {
+        Ctl {
+            state: tempfile::Builder::new()
+                .prefix("ambitctl-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin("ambitctl"))
+            .args(args)
+            .env("AMBITCTL_STATE_DIR", self.state.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and asserts success; stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ambitctl {args:?} failed ({}):\n{}{}\nsupervisor log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.state.path().join("supervisor.log")).unwrap_or_default()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The running mesh as `up` recorded it.
+    pub fn mesh(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.state.path().join("mesh.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The network namespace (a path) of pod `name` of the running mesh.
+    pub fn netns(&self, name: &str) -> PathBuf {
+        let mesh = self.mesh();
+        let pod = mesh["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no pod {name} in {mesh}"));
+        PathBuf::from(pod["netns"].as_str().unwrap())
+    }
+
+    /// The Cluster IP of service `name`.
+    pub fn vip(&self, name: &str) -> String {
+        let mesh = self.mesh();
+        mesh["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no service {name} in {mesh}"))["vip"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Every log of the mesh's processes, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out =
+            std::fs::read_to_string(self.state.path().join("supervisor.log")).unwrap_or_default();
+        let Some(dir) = self.mesh()["dir"]
+            .as_str()
+            .map(|d| Path::new(d).join("logs"))
+        else {
+            return out;
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            // The tail: what went wrong is at the end.
+            let tail: String = text
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.push_str(&format!("--- {} ---\n{tail}\n", file.display()));
+        }
+        out
+    }
+}
+
+impl Default for Ctl {
+    fn default() -> Ctl {
+        Ctl::new()
+    }
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        let _ = self.run(&["local", "down"]);
+    }
+}
