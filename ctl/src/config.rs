@@ -53,6 +53,10 @@ pub enum LocalCommand {
         /// How long starting may take.
         #[arg(long, default_value = "180s", value_parser = parse_duration)]
         timeout: Duration,
+        /// How ztunnels and waypoints write their logs (under the mesh's `logs/`):
+        /// `text`, or `json` (one JSON object per line, for a log collector).
+        #[arg(long, default_value = "text")]
+        log_format: ambit_net::process::LogFormat,
     },
     /// Stops the local mesh and removes every namespace, rule and process it made.
     Down {
@@ -89,6 +93,8 @@ pub enum LocalCommand {
         dir: PathBuf,
         #[arg(long)]
         bin_dir: PathBuf,
+        #[arg(long, default_value = "text")]
+        log_format: ambit_net::process::LogFormat,
     },
 }
 

@@ -30,7 +30,8 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
             dir,
             bin_dir,
             timeout,
-        } => up(state_dir, &dir, bin_dir, timeout),
+            log_format,
+        } => up(state_dir, &dir, bin_dir, timeout, log_format),
         LocalCommand::Down { timeout } => down(state_dir, timeout),
         LocalCommand::Exec { pod, command } => exec(state_dir, &pod, &command),
         LocalCommand::Status => {
@@ -40,7 +41,11 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
         }
         LocalCommand::Apply { file } => apply(state_dir, &file),
         LocalCommand::Delete { file } => delete(state_dir, &file),
-        LocalCommand::Supervise { dir, bin_dir } => supervisor::run(state_dir, &dir, &bin_dir),
+        LocalCommand::Supervise {
+            dir,
+            bin_dir,
+            log_format,
+        } => supervisor::run(state_dir, &dir, &bin_dir, log_format),
     }
 }
 
@@ -214,6 +219,7 @@ fn up(
     dir: &Path,
     bin_dir: Option<PathBuf>,
     timeout: Duration,
+    log_format: ambit_net::process::LogFormat,
 ) -> anyhow::Result<ExitCode> {
     if let Some(pid) = state::read_pid(state_dir).filter(|pid| state::pid_alive(*pid)) {
         let from = MeshState::read(state_dir)
@@ -270,6 +276,8 @@ fn up(
         .arg(&dir)
         .arg("--bin-dir")
         .arg(&bin_dir)
+        .arg("--log-format")
+        .arg(log_format.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -435,6 +435,8 @@ pub struct WaypointConfig {
     pub account: ServiceAccount,
     /// Its `--log` filter.
     pub log: String,
+    /// Its `--log-format`.
+    pub log_format: ambit_net::process::LogFormat,
 }
 
 /// Starts the waypoint `config` in `pod`'s network namespace, as Kubernetes would run
@@ -465,6 +467,8 @@ pub fn start_waypoint(
         path(account_token_file(mesh, &config.account)),
         "--log".to_owned(),
         config.log.clone(),
+        "--log-format".to_owned(),
+        config.log_format.to_string(),
     ];
     let process = mesh.spawn_in(pod.netns(), &config.binary, &args, &[])?;
     process.wait_for_log("waypoint ready", deadline)?;

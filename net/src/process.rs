@@ -96,24 +96,67 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// How a proxy writes its log lines: `text` (human, one line per event) or `json`
+/// (one JSON object per line, the event's fields at the top level beside
+/// `timestamp`, `level`, `target` and `message`, for log collectors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?}: the log format is text or json")),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
 /// What every proxy binary's `main` does before its runtime: logs to stderr filtered
-/// by `filter` (colours only on a terminal), with a handle that changes the filter at
-/// run time (admin `/logging`), and the open-file limit raised (every proxied
-/// connection holds descriptors; the default soft limit of 1024 would cap a node at a
-/// few hundred connections).
-pub fn init_proxy_process(filter: &str) -> Result<crate::admin::SetLogFilter, String> {
+/// by `filter`, as text (colours only on a terminal) or JSON lines, with a handle that
+/// changes the filter at run time (admin `/logging`), and the open-file limit raised
+/// (every proxied connection holds descriptors; the default soft limit of 1024 would
+/// cap a node at a few hundred connections).
+pub fn init_proxy_process(
+    filter: &str,
+    format: LogFormat,
+) -> Result<crate::admin::SetLogFilter, String> {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{reload, EnvFilter};
     let filter = EnvFilter::try_new(filter).map_err(|e| format!("--log {filter:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+    });
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
+        .with(text)
+        .with(json)
         .init();
     match raise_nofile_limit() {
         Ok(limit) => tracing::debug!(limit, "open-file limit"),

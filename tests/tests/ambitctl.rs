@@ -86,7 +86,9 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     let rules_before = host_rules();
     let ctl = Ctl::new();
     let dir = example("bookshop");
-    let up = ctl.ok(&["local", "up", dir.to_str().unwrap()]);
+    // JSON logs, as a log collector takes them (the waypoint's access log is read
+    // below).
+    let up = ctl.ok(&["local", "up", "--log-format", "json", dir.to_str().unwrap()]);
     assert!(up.contains("bookshop/frontend"), "{up}");
     assert!(up.contains("ambient (HBONE)"), "{up}");
 
@@ -277,6 +279,71 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         ]),
         (0, 20)
     );
+
+    // The waypoint's access log: one JSON object per line, one line per request once
+    // its response ended, the allowed GET and the denied POST among them.
+    let logs = Path::new(mesh["dir"].as_str().unwrap()).join("logs");
+    let access = || -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        for entry in std::fs::read_dir(&logs).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.contains("-waypoint-") {
+                continue;
+            }
+            for line in std::fs::read_to_string(&path).unwrap().lines() {
+                let value: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{name}: not a JSON line ({e}): {line}"));
+                if value["target"] == "access" {
+                    lines.push(value);
+                }
+            }
+        }
+        lines
+    };
+    let frontend = "spiffe://cluster.local/ns/bookshop/sa/frontend";
+    let find = |method: &str, code: u64, protocol: &str| {
+        access().into_iter().find(|l| {
+            l["method"] == method
+                && l["response_code"] == code
+                && l["protocol"] == protocol
+                && l["path"] == "/books"
+        })
+    };
+    let mut got = None;
+    eventually(
+        || {
+            got = find("GET", 200, "HTTP/2");
+            got.is_some()
+        },
+        || format!("no access line for the HTTP/2 GET: {:#?}", access()),
+    );
+    let get = got.unwrap();
+    assert_eq!(get["level"], "INFO", "{get}");
+    assert_eq!(get["source_principal"], frontend, "{get}");
+    assert_eq!(get["source_workload"], "frontend", "{get}");
+    assert_eq!(
+        get["destination_service"], "orders.bookshop.svc.cluster.local",
+        "{get}"
+    );
+    assert_eq!(
+        get["destination_principal"], "spiffe://cluster.local/ns/bookshop/sa/orders",
+        "{get}"
+    );
+    assert_eq!(get["response_flags"], "-", "{get}");
+    assert!(get["response_bytes"].as_u64().unwrap() > 0, "{get}");
+    assert!(get["duration_ms"].is_u64(), "{get}");
+    let upstream = get["upstream_host"].as_str().unwrap();
+    assert!(
+        upstream.starts_with(&format!("{}:", ip_of("orders"))),
+        "{get}"
+    );
+    assert_eq!(get["trace_id"].as_str().unwrap().len(), 32, "{get}");
+    assert_eq!(get["x_request_id"].as_str().unwrap().len(), 36, "{get}");
+    let denied = find("DELETE", 403, "HTTP/2").unwrap_or_else(|| panic!("{:#?}", access()));
+    assert_eq!(denied["upstream_host"], "-", "{denied}");
+    assert_eq!(denied["source_principal"], frontend, "{denied}");
+    assert!(find("GET", 200, "HTTP/1.1").is_some(), "{:#?}", access());
 
     // The destination ztunnel counted the frontend's connection as mutual TLS.
     let node_b = mesh["nodes"]

@@ -401,7 +401,8 @@ fn translate_version<B>(request: &mut Request<B>, version: HttpVersion) {
     }
 }
 
-/// Records an answered request: its metrics and its access-log line.
+/// Records an answered request once its response ends: its metrics and its
+/// access-log line.
 fn finish(
     context: &TunnelContext,
     summary: &RequestSummary,
@@ -410,7 +411,6 @@ fn finish(
     endpoint: Option<&Endpoint>,
     request_bytes: Arc<AtomicU64>,
 ) -> Response<Body> {
-    log_summary(context, summary, &response, flag, endpoint.map(|e| e.addr));
     let metrics = &context.shared.metrics;
     metrics.request(context, summary, response, flag, endpoint, request_bytes)
 }
@@ -658,7 +658,11 @@ pub struct RequestSummary {
     pub authority: String,
     pub path: String,
     pub protocol: &'static str,
+    /// The client's HTTP version, as Envoy's `%PROTOCOL%`: `HTTP/1.1`, `HTTP/2`.
+    pub version: &'static str,
     pub trace_id: String,
+    /// `x-request-id`, the client's or the one the waypoint added.
+    pub request_id: String,
     /// When the request's headers had arrived.
     pub started: Instant,
 }
@@ -689,33 +693,22 @@ fn request_summary<B>(request: &Request<B>, trace_id: String, started: Instant) 
         } else {
             "http"
         },
+        version: match request.version() {
+            Version::HTTP_09 => "HTTP/0.9",
+            Version::HTTP_10 => "HTTP/1.0",
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/1.1",
+        },
+        request_id: request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
         trace_id,
         started,
     }
-}
-
-/// One access-log line per request.
-fn log_summary(
-    context: &TunnelContext,
-    request: &RequestSummary,
-    response: &Response<Body>,
-    flag: &str,
-    upstream: Option<SocketAddr>,
-) {
-    tracing::info!(
-        target: "access",
-        method = %request.method,
-        authority = %request.authority,
-        path = %request.path,
-        status = response.status().as_u16(),
-        duration_ms = request.started.elapsed().as_millis() as u64,
-        upstream = %upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-        response_flags = if flag.is_empty() { "-" } else { flag },
-        peer = %context.peer,
-        client = %context.client,
-        trace_id = %request.trace_id,
-        "request"
-    );
 }
 
 #[cfg(test)]

@@ -10,12 +10,13 @@
 //!
 //! Pieces: [`config`] (flags), [`app`] (wiring: certificate, model over xDS, listeners,
 //! drain), [`proxy`], [`http`], [`h1_guard`] (request smuggling guard), [`io`]
-//! (sniffing and idle wrappers), [`upstream`], [`authz`], [`metrics`] and [`admin`].
+//! (sniffing and idle wrappers), [`upstream`], [`authz`], [`metrics`], [`access_log`] and [`admin`].
 //!
 //! Decisions are `ambit_core::waypoint` functions. The waypoint reuses `ambit_net`
 //! (HBONE server and pool, certificate manager, xDS model source, operations
 //! endpoints) and must not depend on another component.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;

@@ -2,7 +2,8 @@
 //! `istio_requests_total`, `istio_request_duration_milliseconds` (Istio's buckets),
 //! `istio_request_bytes` and `istio_response_bytes`, labelled with the source and
 //! destination as the model knows them (the source's `baggage` where it does not),
-//! recorded once a response has ended ([`Counted`]).
+//! recorded once a response has ended ([`Counted`]), when the access log's line is
+//! written too ([`crate::access_log`]).
 
 use std::fmt::Write as _;
 use std::pin::Pin;
@@ -184,18 +185,30 @@ impl Metrics {
         let (requests, durations) = (self.requests.clone(), self.durations.clone());
         let (request_sizes, response_sizes) =
             (self.request_bytes.clone(), self.response_bytes.clone());
-        let started = request.started;
+        let request = request.clone();
+        let (client, upstream) = (context.client, endpoint.map(|e| e.addr));
         response.map(move |body| {
             Counted::new(body, grpc_status, move |sent, grpc_status| {
                 labels.grpc_response_status = grpc_status.unwrap_or_default();
+                let duration = request.started.elapsed();
+                let received = request_bytes.load(Ordering::Relaxed);
                 requests.get_or_create(&labels).inc();
                 durations
                     .get_or_create(&labels)
-                    .observe(started.elapsed().as_secs_f64() * 1000.0);
+                    .observe(duration.as_secs_f64() * 1000.0);
                 request_sizes
                     .get_or_create(&labels)
-                    .observe(request_bytes.load(Ordering::Relaxed) as f64);
+                    .observe(received as f64);
                 response_sizes.get_or_create(&labels).observe(sent as f64);
+                crate::access_log::log(&crate::access_log::Ended {
+                    request: &request,
+                    labels: &labels,
+                    client,
+                    upstream,
+                    duration,
+                    request_bytes: received,
+                    response_bytes: sent,
+                });
             })
             .boxed()
         })

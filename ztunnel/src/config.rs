@@ -108,6 +108,10 @@ pub struct Config {
     /// Log filter (tracing syntax); changeable at run time via the admin endpoint.
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log lines as `text` or `json` (one JSON object per line).
+    #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "text")]
+    pub log_format: ambit_net::process::LogFormat,
 }
 
 impl Config {

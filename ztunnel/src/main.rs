@@ -19,8 +19,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let set_filter =
-        ambit_net::process::init_proxy_process(&config.log).map_err(anyhow::Error::msg)?;
+    let set_filter = ambit_net::process::init_proxy_process(&config.log, config.log_format)
+        .map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -20,6 +20,7 @@ use ambit_localmesh::{
     Ambient, AmbientConfig, LocalMesh, Pod, PodSpec, Process, ServiceAccount, ServiceSpec,
     WaypointConfig,
 };
+use ambit_net::process::LogFormat;
 use anyhow::Context;
 
 use super::state::{self, MeshState, NodeState, PodState, ServiceState};
@@ -28,7 +29,12 @@ use crate::manifest::{self, App, TargetPort};
 /// How long each component may take to start.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-pub fn run(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    state_dir: &Path,
+    dir: &Path,
+    bin_dir: &Path,
+    log_format: LogFormat,
+) -> anyhow::Result<ExitCode> {
     if let Err(e) = state::create_pid_file(state_dir) {
         anyhow::bail!(
             "{}: {e}: another local mesh is running (or starting) with this state directory",
@@ -39,12 +45,17 @@ pub fn run(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<ExitC
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(supervise(state_dir, dir, bin_dir)));
+        .and_then(|rt| rt.block_on(supervise(state_dir, dir, bin_dir, log_format)));
     state::clear(state_dir);
     result.map(|()| ExitCode::SUCCESS)
 }
 
-async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Result<()> {
+async fn supervise(
+    state_dir: &Path,
+    dir: &Path,
+    bin_dir: &Path,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
     // The terminal `up` ran in may close: the mesh stays until `down`.
     let _ignore_hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let app = manifest::load_dir(dir)?;
@@ -66,7 +77,7 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
             control: bin_dir.join("ambit-control"),
             ztunnel: bin_dir.join("ztunnel"),
             ztunnel_log: "info,ambit_ztunnel=debug".into(),
-            ztunnel_flags: Vec::new(),
+            ztunnel_flags: vec!["--log-format".into(), log_format.to_string()],
             deadline: DEADLINE,
             node_agent: Some(bin_dir.join("ambit-cni")),
             // Waypoints talk to the control plane as their own service accounts.
@@ -111,6 +122,7 @@ async fn supervise(state_dir: &Path, dir: &Path, bin_dir: &Path) -> anyhow::Resu
                     name: spec.service_account.clone(),
                 },
                 log: "info,ambit_waypoint=debug".into(),
+                log_format,
             };
             apps.push(ambit_localmesh::ambient::start_waypoint(
                 &mesh, pod, &config, DEADLINE,
