@@ -103,6 +103,7 @@ where
     match version {
         HttpVersion::Http1 => {
             let verdicts = Verdicts::default();
+            let context_for_errors = context.clone();
             let io = Watched::new(Guarded::new(io, verdicts.clone()), activity.clone());
             let service = hyper::service::service_fn(move |request| {
                 let context = context.clone();
@@ -132,6 +133,11 @@ where
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "HTTP/1 connection ended");
+                // hyper answers a head it cannot parse itself, before a request
+                // exists for the handler: count and log that answer too.
+                if let Some(status) = answered_by_hyper(&e) {
+                    refused_head(&context_for_errors, status);
+                }
             }
         }
         HttpVersion::Http2 => {
@@ -163,6 +169,45 @@ where
             }
         }
     }
+}
+
+/// The status hyper's HTTP/1 server wrote for a head it refused before any request
+/// reached the handler, as Envoy answers the same heads: 431 for a head over the
+/// limit, 400 for one it could not parse. `None`: nothing was answered.
+fn answered_by_hyper(error: &hyper::Error) -> Option<StatusCode> {
+    if error.is_parse_too_large() {
+        Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    } else if error.is_parse() {
+        Some(StatusCode::BAD_REQUEST)
+    } else {
+        None
+    }
+}
+
+/// Records a head hyper refused with `status` (metrics and the access log), with
+/// response flag `DPE` (downstream protocol error) as Envoy's.
+fn refused_head(context: &Arc<TunnelContext>, status: StatusCode) {
+    let summary = RequestSummary {
+        method: "-".into(),
+        authority: context.destination.to_string(),
+        path: "-".into(),
+        protocol: "http",
+        version: "HTTP/1.1",
+        trace_id: String::new(),
+        request_id: String::new(),
+        started: Instant::now(),
+    };
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = status;
+    // The body is dropped unread: dropping it records the request.
+    drop(finish(
+        context,
+        &summary,
+        response,
+        "DPE",
+        None,
+        Arc::new(AtomicU64::new(0)),
+    ));
 }
 
 /// The request path: check, authorize, route, balance, forward.

@@ -399,6 +399,22 @@ async fn bad_requests_are_refused_like_envoy() {
     }
     let response = client.send_request(request).await.unwrap();
     assert_eq!(response.status(), 431);
+    // The heads hyper refused before a request existed are counted and logged like
+    // any other answer, with Envoy's flag for a downstream protocol error.
+    let (_, metrics) = http_get(mesh.metrics, "/metrics").await;
+    let refused = |code: &str| {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("response_code=\"{code}\""))
+                    && l.contains("response_flags=\"DPE\"")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert!(refused("431") >= 1.0, "{metrics}");
 }
 
 #[tokio::test]
