@@ -147,7 +147,7 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
                 continue;
             }
             view.insert(route_name(&r.route));
-            for backend in r.route.rules.iter().flat_map(|rule| &rule.backends) {
+            for backend in r.route.rules.iter().flat_map(|rule| rule.referenced()) {
                 for s in config
                     .services
                     .iter()

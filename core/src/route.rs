@@ -22,10 +22,17 @@
 //! without backends, or whose weights are all 0, answers 500; so does the share of a
 //! backend that does not exist (the caller knows which exist).
 
+mod filter;
+
 use std::sync::Arc;
 
 use regex::Regex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use filter::{
+    shadow_authority, split_host_port, Filters, HeaderModifier, Mirror, PathModifier, Redirect,
+    RedirectFrom, Rewrite,
+};
 
 /// One HTTPRoute as the waypoint reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,9 +75,19 @@ pub struct RouteRule {
     /// retries (not built yet) it bounds the request as the shorter of the two does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_timeout_ms: Option<u64>,
+    /// `filters`: header modifiers, redirect, rewrite, mirrors.
+    #[serde(default, skip_serializing_if = "Filters::is_empty")]
+    pub filters: Filters,
 }
 
 impl RouteRule {
+    /// Every Service the rule refers to: its backends, then its mirrors'.
+    pub fn referenced(&self) -> impl Iterator<Item = &Backend> {
+        self.backends
+            .iter()
+            .chain(self.filters.mirrors.iter().map(|m| &m.backend))
+    }
+
     /// How long the waypoint waits for the upstream's response headers; `None`: no
     /// limit of the route's own.
     pub fn timeout(&self) -> Option<std::time::Duration> {
@@ -274,7 +291,7 @@ impl RouteTable {
 
     /// The rule `request` takes, with its route; `None`: no rule matches (the caller
     /// answers 404, as Envoy does when a route table has no match).
-    pub fn select(&self, request: &RequestView<'_>) -> Option<(&HttpRoute, &RouteRule)> {
+    pub fn select(&self, request: &RequestView<'_>) -> Option<Selected<'_>> {
         self.order.iter().find_map(|&(r, i, m)| {
             let route = &self.routes[r];
             let rule = &route.rules[i];
@@ -282,9 +299,29 @@ impl RouteTable {
                 None => true,
                 Some(m) => rule.matches[m].matches(request),
             };
-            hit.then_some((route.as_ref(), rule))
+            hit.then(|| Selected {
+                route: route.as_ref(),
+                rule,
+                matched_prefix: match m {
+                    // No matches written: `PathPrefix /`.
+                    None => Some("/"),
+                    Some(m) => match &rule.matches[m].path {
+                        Some(PathMatch::Prefix(p)) => Some(p.as_str()),
+                        _ => None,
+                    },
+                },
+            })
         })
     }
+}
+
+/// The rule a request takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Selected<'a> {
+    pub route: &'a HttpRoute,
+    pub rule: &'a RouteRule,
+    /// The `PathPrefix` the request matched, for `ReplacePrefixMatch`.
+    pub matched_prefix: Option<&'a str>,
 }
 
 /// The precedence of one match; greater goes first.

@@ -1,6 +1,6 @@
 //! An HTTPRoute spec from arbitrary JSON: reading it (defaults, validation, regex
 //! compilation with bounded size) never panics, and a route that reads routes any
-//! request without panicking.
+//! request without panicking, its filters applied.
 #![no_main]
 
 use ambit_core::route::{RequestView, RouteTable};
@@ -29,11 +29,33 @@ fuzz_target!(|data: &[u8]| {
         Some((p, q)) => (p, Some(q)),
         None => (target.as_ref(), None),
     };
-    let headers = http::HeaderMap::new();
-    let _ = table.select(&RequestView {
+    let mut headers = http::HeaderMap::new();
+    let Some(selected) = table.select(&RequestView {
         method: "GET",
         path,
         query,
         headers: &headers,
-    });
+    }) else {
+        return;
+    };
+    // What the rule's filters do to the request never panics either.
+    let filters = selected.rule.filters.clone();
+    if let Some(m) = &filters.request_headers {
+        m.apply(&mut headers);
+    }
+    if let Some(r) = &filters.rewrite {
+        if let Some(p) = &r.path {
+            let _ = p.apply(path, selected.matched_prefix);
+        }
+    }
+    if let Some(r) = &filters.redirect {
+        let _ = r.location(&ambit_core::route::RedirectFrom {
+            scheme: "http",
+            host: "h",
+            port: 80,
+            path,
+            query,
+            matched_prefix: selected.matched_prefix,
+        });
+    }
 });

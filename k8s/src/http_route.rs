@@ -10,8 +10,9 @@
 //! `PathPrefix /`, a header or query match without a type is `Exact`, a weight is 1.
 //!
 //! Not read yet (refused with `UnsupportedValue` rather than ignored, so a route is
-//! never enforced as something it does not say): `filters`, `timeouts`, `retry`,
-//! `sessionPersistence`, and backends other than Services.
+//! never enforced as something it does not say): `retry`, `sessionPersistence`,
+//! filters on a backend (`backendRefs[].filters`), `ExtensionRef` filters, and
+//! backends other than Services. Rule filters: `filters.rs`.
 
 use std::borrow::Cow;
 
@@ -278,7 +279,7 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
         if !r.is_object() {
             return Err(format!("{path}: must be an object"));
         }
-        for field in ["filters", "retry", "sessionPersistence"] {
+        for field in ["retry", "sessionPersistence"] {
             if r.get(field).is_some_and(|v| !v.is_null()) {
                 return Err(format!("{path}.{field}: not supported by Ambit yet"));
             }
@@ -306,11 +307,13 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
             backends.push(backend(b, &format!("{path}.backendRefs[{j}]"), key)?);
         }
         let (request_timeout_ms, backend_timeout_ms) = timeouts(r, &path)?;
+        let filters = filters::filters(r, &path, flavour, &matches, key)?;
         rules.push(RouteRule {
             matches,
             backends,
             request_timeout_ms,
             backend_timeout_ms,
+            filters,
         });
     }
     Ok(rules)
@@ -599,6 +602,8 @@ fn backend(b: &Value, path: &str, key: &ObjectKey) -> Result<Backend, String> {
         weight: u32::try_from(weight).unwrap_or(u32::MAX),
     })
 }
+
+mod filters;
 
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,7 @@ use crate::authz::{self, ConnectionInfo, RequestInfo};
 use crate::h1_guard::{Guarded, Verdict, Verdicts};
 use crate::io::{idle, Activity, Watched};
 use crate::metrics::Counted;
+use crate::mirror::Outbound;
 use crate::proxy::Shared;
 use crate::upstream::{HttpVersion, UpstreamKey};
 
@@ -48,7 +49,7 @@ use crate::upstream::{HttpVersion, UpstreamKey};
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// A request body sent upstream, counted for `istio_request_bytes`.
-pub type RequestBody = Counted<Incoming>;
+pub type RequestBody = Counted<Outbound>;
 
 /// Envoy-like limits on the client side.
 #[derive(Debug, Clone, Copy)]
@@ -317,7 +318,7 @@ async fn handle(
             *request.uri_mut() = rebuilt;
         }
     }
-    let (endpoint, timeout) = match route_request(
+    let routed = route_request(
         &context,
         &RouteView {
             method: request.method().as_str(),
@@ -325,13 +326,57 @@ async fn handle(
             query: path.query(),
             headers: request.headers(),
         },
-    ) {
-        Ok(routed) => routed,
+        &host,
+    );
+    let (endpoint, timeout, actions) = match routed {
+        Ok(Routed::Forward {
+            endpoint,
+            timeout,
+            actions,
+        }) => (endpoint, timeout, actions),
+        Ok(Routed::Redirect {
+            status,
+            location,
+            response_headers,
+        }) => {
+            let mut response = Response::new(Body::default());
+            *response.status_mut() = status;
+            if let Ok(location) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            if let Some(modifier) = response_headers {
+                modifier.apply(response.headers_mut());
+            }
+            return respond(response, "", None);
+        }
         Err((status, body, flag)) => {
             tracing::info!(dst = %context.destination, method = %request.method(), path = path.path(), flag, body, "request not routed");
             return respond(local_reply(status, body), flag, None);
         }
     };
+    let mut response_headers = None;
+    let mut mirrors = Vec::new();
+    if let Some(actions) = actions {
+        let RuleActions {
+            filters,
+            matched_prefix,
+            mirrors: copies_to,
+        } = *actions;
+        if let Some(modifier) = &filters.request_headers {
+            modifier.apply(request.headers_mut());
+        }
+        if let Some(rewrite) = &filters.rewrite {
+            apply_rewrite(
+                &mut request,
+                rewrite,
+                path.path(),
+                path.query(),
+                matched_prefix.as_deref(),
+            );
+        }
+        response_headers = filters.response_headers;
+        mirrors = copies_to;
+    }
     let version = match context.declared {
         ambit_core::waypoint::Declared::Http => HttpVersion::Http1,
         ambit_core::waypoint::Declared::Http2 => HttpVersion::Http2,
@@ -351,9 +396,19 @@ async fn handle(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     strip_hop_by_hop(request.headers_mut(), upgrade);
     append_forwarded_for(request.headers_mut(), context.client);
+    if upgrade {
+        mirrors.clear();
+    }
     let counter = request_bytes.clone();
-    let request = request
-        .map(move |body| Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)));
+    let (head, body) = request.into_parts();
+    let (body, copy_bodies) = Outbound::tee(body, mirrors.len());
+    for (mirror, copy_body) in mirrors.into_iter().zip(copy_bodies) {
+        send_mirror(shared, &head, mirror, copy_body, version);
+    }
+    let request = Request::from_parts(
+        head,
+        Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)),
+    );
     let sent = match timeout {
         None => shared.upstreams.send(&key, request).await,
         Some(limit) => {
@@ -397,8 +452,100 @@ async fn handle(
         });
     }
     strip_hop_by_hop(response.headers_mut(), switched);
+    if let Some(modifier) = &response_headers {
+        modifier.apply(response.headers_mut());
+    }
     respond(response.map(BodyExt::boxed), "", Some(&endpoint))
 }
+
+/// `URLRewrite`: the backend receives the new path (the query kept) and host.
+fn apply_rewrite<B>(
+    request: &mut Request<B>,
+    rewrite: &ambit_core::route::Rewrite,
+    path: &str,
+    query: Option<&str>,
+    matched_prefix: Option<&str>,
+) {
+    let mut parts = request.uri().clone().into_parts();
+    if let Some(modifier) = &rewrite.path {
+        let mut target = modifier.apply(path, matched_prefix);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        match target.parse::<http::uri::PathAndQuery>() {
+            Ok(p) => parts.path_and_query = Some(p),
+            Err(e) => {
+                tracing::info!(path = target, error = %e, "URLRewrite made an invalid path; sent unchanged")
+            }
+        }
+    }
+    if let Some(hostname) = &rewrite.hostname {
+        if let Ok(value) = HeaderValue::from_str(hostname) {
+            // Origin form with the new `Host`: the upstream's version decides
+            // later whether it travels as `Host` or `:authority`.
+            parts.scheme = None;
+            parts.authority = None;
+            request.headers_mut().insert(header::HOST, value);
+        }
+    }
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+}
+
+/// Sends a copy of the request `head` (as it goes upstream) to `endpoint`, with the
+/// `-shadow` host, on its own task; its response is dropped, its failure logged.
+fn send_mirror(
+    shared: &Arc<Shared>,
+    head: &http::request::Parts,
+    endpoint: Endpoint,
+    body: Outbound,
+    version: HttpVersion,
+) {
+    let mut copy = Request::new(Counted::new(body, None, |_, _| {}));
+    *copy.method_mut() = head.method.clone();
+    *copy.version_mut() = head.version;
+    *copy.headers_mut() = head.headers.clone();
+    let mut uri = head.uri.clone().into_parts();
+    if let Some(authority) = uri.authority.take() {
+        let shadow = ambit_core::route::shadow_authority(authority.as_str());
+        uri.authority = shadow.parse().ok();
+    }
+    if let Some(host) = copy
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        if let Ok(shadow) = HeaderValue::from_str(&ambit_core::route::shadow_authority(host)) {
+            copy.headers_mut().insert(header::HOST, shadow);
+        }
+    }
+    if let Ok(uri) = http::Uri::from_parts(uri) {
+        *copy.uri_mut() = uri;
+    }
+    let key = UpstreamKey {
+        addr: endpoint.addr,
+        identity: endpoint.workload.identity.clone(),
+        version,
+        hbone: endpoint.workload.is_hbone(),
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(MIRROR_TIMEOUT, shared.upstreams.send(&key, copy)).await {
+            Ok(Ok(response)) => {
+                let _ = tokio::time::timeout(MIRROR_TIMEOUT, crate::mirror::drain(response)).await;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %key.addr, error = %e, "mirrored request failed")
+            }
+            Err(_) => tracing::debug!(upstream = %key.addr, "mirrored request timed out"),
+        }
+    });
+}
+
+/// How long a mirrored request may take before it is dropped.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Rewrites a request for an upstream that speaks `version`: HTTP/1.1 takes the
 /// origin form with a `Host` header, HTTP/2 the absolute form (`:authority`).
@@ -511,40 +658,99 @@ fn request_id(mut b: [u8; 16]) -> String {
 fn route_request(
     context: &TunnelContext,
     request: &RouteView<'_>,
-) -> Result<(Endpoint, Option<Duration>), (StatusCode, &'static str, &'static str)> {
+    host: &str,
+) -> Result<Routed, (StatusCode, &'static str, &'static str)> {
     const NO_HEALTHY: (StatusCode, &str, &str) =
         (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
+    let plain = |endpoint| Routed::Forward {
+        endpoint,
+        timeout: None,
+        actions: None,
+    };
     let BoundTarget::Service { service, port, vip } = &context.target else {
-        return route(context).map(|e| (e, None)).ok_or(NO_HEALTHY);
+        return route(context).map(plain).ok_or(NO_HEALTHY);
     };
     let state = context.shared.model.borrow().state.clone();
     let Some(table) = state.routes_for(service, port.port) else {
-        return route(context).map(|e| (e, None)).ok_or(NO_HEALTHY);
+        return route(context).map(plain).ok_or(NO_HEALTHY);
     };
     let no_backend = (
         StatusCode::INTERNAL_SERVER_ERROR,
         "no healthy upstream",
         "NC",
     );
-    let (_, rule) =
-        table
-            .select(request)
-            .ok_or((StatusCode::NOT_FOUND, "route not found", "NR"))?;
+    let selected = table
+        .select(request)
+        .ok_or((StatusCode::NOT_FOUND, "route not found", "NR"))?;
+    let rule = selected.rule;
+    if let Some(redirect) = &rule.filters.redirect {
+        let host = ambit_core::route::split_host_port(host).0;
+        let location = redirect.location(&ambit_core::route::RedirectFrom {
+            scheme: "http",
+            host,
+            port: port.port,
+            path: request.path,
+            query: request.query,
+            matched_prefix: selected.matched_prefix,
+        });
+        return Ok(Routed::Redirect {
+            status: StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND),
+            location,
+            response_headers: rule.filters.response_headers.clone(),
+        });
+    }
+    // The endpoint of `backend` (a Service, on its port or the request's).
+    let endpoint_of = |backend: &ambit_core::route::Backend| {
+        let target = state.service(&backend.namespace, &backend.name)?;
+        let wanted = backend.port.unwrap_or(port.port);
+        let target_port = target.spec.ports.iter().find(|p| p.port == wanted)?;
+        let turn = context.shared.next_turn(&target.key(), target_port.port);
+        Some(pick_endpoint(&state, target, target_port, *vip, turn))
+    };
     let backend = ambit_core::route::pick_backend(rule, rand::random()).ok_or(no_backend)?;
-    let target = state
-        .service(&backend.namespace, &backend.name)
-        .ok_or(no_backend)?;
-    let wanted = backend.port.unwrap_or(port.port);
-    let target_port = target
-        .spec
-        .ports
-        .iter()
-        .find(|p| p.port == wanted)
-        .ok_or(no_backend)?;
-    let turn = context.shared.next_turn(&target.key(), target_port.port);
-    pick_endpoint(&state, target, target_port, *vip, turn)
-        .map(|e| (e, rule.timeout()))
-        .ok_or(NO_HEALTHY)
+    let endpoint = endpoint_of(backend).ok_or(no_backend)?.ok_or(NO_HEALTHY)?;
+    let actions = (!rule.filters.is_empty()).then(|| {
+        Box::new(RuleActions {
+            mirrors: rule
+                .filters
+                .mirrors
+                .iter()
+                .filter(|m| m.sampled(rand::random()))
+                .filter_map(|m| endpoint_of(&m.backend).flatten())
+                .collect(),
+            filters: rule.filters.clone(),
+            matched_prefix: selected.matched_prefix.map(str::to_owned),
+        })
+    });
+    Ok(Routed::Forward {
+        endpoint,
+        timeout: rule.timeout(),
+        actions,
+    })
+}
+
+/// Where a request goes.
+enum Routed {
+    Forward {
+        endpoint: Endpoint,
+        /// The rule's timeout.
+        timeout: Option<Duration>,
+        /// What the rule's filters ask; `None`: nothing.
+        actions: Option<Box<RuleActions>>,
+    },
+    /// A `RequestRedirect`, answered by the waypoint.
+    Redirect {
+        status: StatusCode,
+        location: String,
+        response_headers: Option<ambit_core::route::HeaderModifier>,
+    },
+}
+
+/// A forwarded request's filters, and the endpoints its copies go to.
+struct RuleActions {
+    filters: ambit_core::route::Filters,
+    matched_prefix: Option<String>,
+    mirrors: Vec<Endpoint>,
 }
 
 /// The endpoint a request on this tunnel goes to, without routes.

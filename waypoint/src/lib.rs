@@ -25,5 +25,6 @@ pub mod h1_guard;
 pub mod http;
 pub mod io;
 pub mod metrics;
+pub mod mirror;
 pub mod proxy;
 pub mod upstream;

@@ -618,3 +618,103 @@ async fn an_httproute_splits_by_weight_matches_headers_and_answers_404_and_500_l
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn route_filters_modify_headers_rewrite_redirect_and_mirror() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, "10.96.0.50:80").await;
+    // Header modifiers both ways, and a rewrite of path and host.
+    client.ready().await.unwrap();
+    let mut request = get("/modified/headers?q=1");
+    let headers = request.headers_mut();
+    headers.insert("x-set", "old".parse().unwrap());
+    headers.insert("x-add", "mine".parse().unwrap());
+    headers.insert("x-gone", "secret".parse().unwrap());
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-served-by"], "waypoint");
+    assert!(
+        !response.headers().contains_key("x-app"),
+        "{:?}",
+        response.headers()
+    );
+    let seen = text(response).await;
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(lines.contains(&"x-set: new"), "{seen}");
+    assert!(!lines.contains(&"x-set: old"), "{seen}");
+    assert!(
+        lines.contains(&"x-add: mine") && lines.contains(&"x-add: added"),
+        "{seen}"
+    );
+    assert!(!seen.contains("x-gone"), "{seen}");
+    assert!(lines.contains(&"host: rewritten.internal"), "{seen}");
+    // ReplacePrefixMatch `/modified` -> `/` reached the app's `/headers`; the query
+    // is kept (the app answers `/headers` by path alone).
+    // A redirect is answered by the waypoint, no backend involved.
+    client.ready().await.unwrap();
+    let response = client.send_request(get("/old/page?x=1")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        response.headers()["location"],
+        "https://echo.shop.svc.cluster.local/new/page?x=1"
+    );
+    // A mirror gets a copy of the request with its body and the `-shadow` host; the
+    // original's answer is the primary's.
+    let body = vec![b'm'; 300_000];
+    client.ready().await.unwrap();
+    let mut request = Request::post("/mirrored/x")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", "canary.shop".parse().unwrap());
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(text(response).await, "got Ok(300000)");
+    let log = |client: &mut Sender1, path: &'static str, tag: Option<&'static str>| {
+        let mut request = get(path);
+        if let Some(tag) = tag {
+            request.headers_mut().insert("x-tag", tag.parse().unwrap());
+        }
+        let sent = client.send_request(request);
+        async move { text(sent.await.unwrap()).await }
+    };
+    let mut copy_seen = String::new();
+    for _ in 0..50 {
+        client.ready().await.unwrap();
+        copy_seen = log(&mut client, "/seen", Some("v2")).await;
+        if copy_seen.contains("body=Ok(300000)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        copy_seen.contains("echo-2 POST /sink host=canary.shop-shadow body=Ok(300000)"),
+        "the mirror's log: {copy_seen}"
+    );
+    client.ready().await.unwrap();
+    let primary_seen = log(&mut client, "/modified/seen", None).await;
+    assert!(
+        primary_seen.contains("echo-1 POST /sink host=canary.shop body=Ok(300000)"),
+        "the primary's log: {primary_seen}"
+    );
+    // A mirror whose upstream never reads does not slow the original: 8 MB pass
+    // while the copy stalls, and the copy is abandoned.
+    let started = std::time::Instant::now();
+    client.ready().await.unwrap();
+    let mut request = Request::post("/mirrored/x")
+        .body(Full::new(Bytes::from(vec![b's'; 8 << 20])))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", "canary.shop".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("x-stall-shadow", "1".parse().unwrap());
+    let response = tokio::time::timeout(Duration::from_secs(20), client.send_request(request))
+        .await
+        .expect("the original waited for its stalled copy")
+        .unwrap();
+    assert_eq!(text(response).await, format!("got Ok({})", 8 << 20));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

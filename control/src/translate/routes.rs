@@ -119,17 +119,35 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                 "backend Service {b}: not found (BackendNotFound); its share of requests is answered 500"
             ));
         }
-        let resolved_refs = if missing.is_empty() {
+        let missing_mirrors: Vec<String> = route
+            .rules
+            .iter()
+            .flat_map(|r| &r.filters.mirrors)
+            .filter(|m| !exists(&m.backend.namespace, &m.backend.name))
+            .map(|m| format!("{}/{}", m.backend.namespace, m.backend.name))
+            .collect();
+        for b in &missing_mirrors {
+            warn(format!(
+                "mirror backend Service {b}: not found (BackendNotFound); requests are not mirrored to it"
+            ));
+        }
+        let resolved_refs = if missing.is_empty() && missing_mirrors.is_empty() {
             Condition::new(true, "ResolvedRefs", "every backend exists")
         } else {
-            Condition::new(
-                false,
-                "BackendNotFound",
-                format!(
+            let mut says = Vec::new();
+            if !missing.is_empty() {
+                says.push(format!(
                     "backend Service {} not found; its share of requests is answered 500",
                     missing.join(", ")
-                ),
-            )
+                ));
+            }
+            if !missing_mirrors.is_empty() {
+                says.push(format!(
+                    "mirror backend Service {} not found; requests are not mirrored to it",
+                    missing_mirrors.join(", ")
+                ));
+            }
+            Condition::new(false, "BackendNotFound", says.join("; "))
         };
         let mut parents = Vec::new();
         let mut statuses = Vec::new();

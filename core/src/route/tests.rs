@@ -64,7 +64,7 @@ fn routed(table: &RouteTable, method: &str, target: &str, headers: &[(&str, &str
     };
     table
         .select(&request)
-        .map_or("-".into(), |(_, rule)| rule.backends[0].name.clone())
+        .map_or("-".into(), |s| s.rule.backends[0].name.clone())
 }
 
 #[test]
@@ -253,4 +253,171 @@ fn weights_split_exactly_and_all_zero_is_none() {
     assert_eq!(pick_backend(&r, 7), None);
     r.backends.clear();
     assert_eq!(pick_backend(&r, 7), None);
+}
+
+#[test]
+fn replace_prefix_match_follows_the_gateway_apis_table() {
+    // (matched prefix, request path, replacement, result)
+    for (prefix, path, replacement, want) in [
+        ("/foo", "/foo/bar", "/xyz", "/xyz/bar"),
+        ("/foo", "/foo", "/xyz", "/xyz"),
+        ("/foo/", "/foo/bar", "/xyz/", "/xyz/bar"),
+        ("/foo/", "/foo/bar", "/xyz", "/xyz/bar"),
+        ("/foo", "/foo", "/", "/"),
+        ("/foo", "/foo/", "/", "/"),
+        ("/foo/", "/foo/bar", "/", "/bar"),
+        ("/foo", "/foo/bar", "/", "/bar"),
+        ("/foo", "/foo/", "/xyz", "/xyz/"),
+        ("/", "/a/b", "/v2", "/v2/a/b"),
+    ] {
+        let got = PathModifier::Prefix(replacement.into()).apply(path, Some(prefix));
+        assert_eq!(got, want, "{prefix} {path} -> {replacement}");
+    }
+    // A full replacement ignores the match; a prefix one without a prefix match
+    // leaves the path.
+    assert_eq!(PathModifier::Full("/x".into()).apply("/a/b", None), "/x");
+    assert_eq!(
+        PathModifier::Prefix("/x".into()).apply("/a/b", None),
+        "/a/b"
+    );
+}
+
+#[test]
+fn the_prefix_a_request_matched_is_known_for_rewrites() {
+    let table = RouteTable::new(vec![route(
+        "r",
+        0,
+        vec![
+            rule(vec![exact("/exact")], "a"),
+            rule(vec![prefix("/api/")], "b"),
+            rule(vec![], "c"),
+        ],
+    )]);
+    let map = http::HeaderMap::new();
+    let select = |path: &'static str| {
+        table
+            .select(&RequestView {
+                method: "GET",
+                path,
+                query: None,
+                headers: &map,
+            })
+            .map(|s| s.matched_prefix)
+    };
+    assert_eq!(select("/exact"), Some(None));
+    assert_eq!(select("/api/x"), Some(Some("/api/")));
+    assert_eq!(select("/other"), Some(Some("/")));
+}
+
+#[test]
+fn redirect_location() {
+    let from = RedirectFrom {
+        scheme: "http",
+        host: "web.shop.svc.cluster.local",
+        port: 8080,
+        path: "/old/page",
+        query: Some("a=1"),
+        matched_prefix: Some("/old"),
+    };
+    let redirect = |scheme: Option<&str>, hostname: Option<&str>, port, path| Redirect {
+        scheme: scheme.map(str::to_owned),
+        hostname: hostname.map(str::to_owned),
+        port,
+        path,
+        status: 302,
+    };
+    for (r, want) in [
+        // Nothing changed but the path: the request's own port stays.
+        (
+            redirect(None, None, None, Some(PathModifier::Prefix("/new".into()))),
+            "http://web.shop.svc.cluster.local:8080/new/page?a=1",
+        ),
+        // A scheme without a port: its well-known port, left out.
+        (
+            redirect(Some("https"), None, None, None),
+            "https://web.shop.svc.cluster.local/old/page?a=1",
+        ),
+        (
+            redirect(Some("http"), Some("example.com"), None, None),
+            "http://example.com/old/page?a=1",
+        ),
+        (
+            redirect(Some("https"), Some("example.com"), Some(8443), None),
+            "https://example.com:8443/old/page?a=1",
+        ),
+        (
+            redirect(None, None, Some(80), Some(PathModifier::Full("/".into()))),
+            "http://web.shop.svc.cluster.local/?a=1",
+        ),
+        (
+            redirect(None, Some("::1"), Some(81), None),
+            "http://[::1]:81/old/page?a=1",
+        ),
+    ] {
+        assert_eq!(r.location(&from), want, "{r:?}");
+    }
+}
+
+#[test]
+fn header_modifier_sets_adds_then_removes() {
+    let mut headers = http::HeaderMap::new();
+    headers.append("x-set", "old-1".parse().unwrap());
+    headers.append("x-set", "old-2".parse().unwrap());
+    headers.insert("x-add", "first".parse().unwrap());
+    headers.insert("x-gone", "v".parse().unwrap());
+    HeaderModifier {
+        set: vec![
+            ("x-set".into(), "new".into()),
+            ("x-fresh".into(), "1".into()),
+        ],
+        add: vec![("x-add".into(), "second".into())],
+        remove: vec!["x-gone".into(), "x-absent".into()],
+    }
+    .apply(&mut headers);
+    let all = |name: &str| -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("x-set"), ["new"]);
+    assert_eq!(all("x-fresh"), ["1"]);
+    assert_eq!(all("x-add"), ["first", "second"]);
+    assert!(all("x-gone").is_empty());
+}
+
+#[test]
+fn mirror_share_and_shadow_host() {
+    let mirror = |share_ppm| Mirror {
+        backend: Backend {
+            namespace: "shop".into(),
+            name: "shadow".into(),
+            port: None,
+            weight: 1,
+        },
+        share_ppm,
+    };
+    assert!(mirror(Mirror::ALL).sampled(u64::MAX));
+    assert!(!mirror(0).sampled(0));
+    let half = mirror(500_000);
+    assert!(half.sampled(0));
+    assert!(half.sampled(u64::MAX / 2 - 1_000_000_000));
+    assert!(!half.sampled(u64::MAX / 2 + 1_000_000_000_000));
+    let n = (0..10_000u64)
+        .filter(|i| half.sampled(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .count();
+    assert!((4_700..=5_300).contains(&n), "{n}");
+    for (authority, want) in [
+        (
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local-shadow",
+        ),
+        ("web:8080", "web-shadow:8080"),
+        ("10.0.0.1:80", "10.0.0.1-shadow:80"),
+        ("[fd00::1]:80", "[fd00::1]-shadow:80"),
+        ("[fd00::1]", "[fd00::1]-shadow"),
+    ] {
+        assert_eq!(shadow_authority(authority), want);
+    }
 }

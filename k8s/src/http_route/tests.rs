@@ -125,7 +125,64 @@ fn what_cannot_be_enforced_is_refused_naming_the_field() {
         ),
         (
             json!({"filters": [{"type": "RequestMirror"}]}),
-            "spec.rules[0].filters: not supported",
+            "spec.rules[0].filters[0].requestMirror: is required",
+        ),
+        (
+            json!({"filters": [{"type": "ExtensionRef", "extensionRef": {"group": "x", "kind": "Y", "name": "z"}}]}),
+            "ExtensionRef filters are not supported",
+        ),
+        (
+            json!({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {}, "urlRewrite": {}}]}),
+            "filters[0].urlRewrite: must not be set for type RequestHeaderModifier",
+        ),
+        (
+            json!({"filters": [
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {}},
+                {"type": "RequestHeaderModifier", "requestHeaderModifier": {}}]}),
+            "filters[1]: a rule may have one RequestHeaderModifier filter",
+        ),
+        (
+            json!({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "bad name", "value": "v"}]}}]}),
+            "requestHeaderModifier.set[0].name: \"bad name\" is not a valid header name",
+        ),
+        (
+            json!({"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "Host", "value": "v"}]}}]}),
+            "may not be modified by a filter",
+        ),
+        (
+            json!({"filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"set": [{"name": "a", "value": "1"}, {"name": "A", "value": "2"}]}}]}),
+            "set[1].name: \"a\" is listed twice",
+        ),
+        (
+            json!({"filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 304}}]}),
+            "statusCode: 304 is not 301",
+        ),
+        (
+            json!({"filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "ftp"}}]}),
+            "scheme: \"ftp\" is not http or https",
+        ),
+        (
+            json!({"filters": [
+                {"type": "RequestRedirect", "requestRedirect": {}},
+                {"type": "URLRewrite", "urlRewrite": {}}]}),
+            "RequestRedirect and URLRewrite may not both be used",
+        ),
+        (
+            json!({"matches": [{"path": {"type": "Exact", "value": "/a"}}],
+                   "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/b"}}}]}),
+            "ReplacePrefixMatch needs the rule to have exactly one match, of type PathPrefix",
+        ),
+        (
+            json!({"filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": "*.example.com"}}]}),
+            "urlRewrite.hostname: \"*.example.com\" is not a hostname",
+        ),
+        (
+            json!({"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow", "port": 80}, "percent": 101}}]}),
+            "requestMirror.percent: 101",
+        ),
+        (
+            json!({"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow", "port": 80}, "percent": 5, "fraction": {"numerator": 1}}}]}),
+            "percent and fraction may not both be set",
         ),
         (
             json!({"timeouts": {"request": "1 s"}}),
@@ -164,15 +221,16 @@ fn a_read_route_routes_like_the_core_table() {
         query: None,
         headers: &headers,
     };
-    let (_, rule) = table.select(&view).unwrap();
+    let rule = table.select(&view).unwrap().rule;
     assert_eq!(rule.backends[0].name, "reviews-v2");
     let plain = http::HeaderMap::new();
-    let (_, rule) = table
+    let rule = table
         .select(&ambit_core::route::RequestView {
             headers: &plain,
             ..view
         })
-        .unwrap();
+        .unwrap()
+        .rule;
     assert_eq!(rule.backends.len(), 2);
 }
 
@@ -213,7 +271,7 @@ fn a_grpc_route_routes_by_service_and_method_as_paths() {
         };
         table
             .select(&view)
-            .map_or("-".to_owned(), |(_, r)| r.backends[0].name.clone())
+            .map_or("-".to_owned(), |s| s.rule.backends[0].name.clone())
     };
     assert_eq!(route("/helloworld.Greeter/SayHello", None), "v2");
     assert_eq!(route("/helloworld.Greeter/SayGoodbye", None), "v1");
@@ -269,4 +327,70 @@ fn timeouts_read_as_gateway_api_durations() {
     assert!(gateway_duration("1h2m3s4ms5s").is_err(), "at most 4 parts");
     assert!(gateway_duration("").is_err());
     assert!(gateway_duration("10").is_err());
+}
+
+#[test]
+fn filters_read_with_the_crds_defaults() {
+    let mut spec = canary();
+    spec["rules"] = json!([
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+         "filters": [
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                "set": [{"name": "X-Set", "value": "1"}],
+                "add": [{"name": "x-add", "value": "2"}],
+                "remove": ["X-Gone"]}},
+            {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                "set": [{"name": "x-served-by", "value": "ambit"}]}},
+            {"type": "URLRewrite", "urlRewrite": {
+                "hostname": "reviews.internal",
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}},
+            {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow", "port": 9080}, "percent": 25}},
+            {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow2", "namespace": "qa", "port": 80}, "fraction": {"numerator": 1, "denominator": 3}}},
+         ],
+         "backendRefs": [{"name": "reviews-v1", "port": 9080}]},
+        {"matches": [{"path": {"type": "Exact", "value": "/moved"}}],
+         "filters": [{"type": "RequestRedirect", "requestRedirect": {
+             "scheme": "https", "path": {"type": "ReplaceFullPath", "replaceFullPath": "/here"}}}]},
+    ]);
+    let route = read_spec(spec).route.unwrap();
+    let f = &route.rules[0].filters;
+    let request = f.request_headers.as_ref().unwrap();
+    assert_eq!(request.set, [("x-set".to_owned(), "1".to_owned())]);
+    assert_eq!(request.add, [("x-add".to_owned(), "2".to_owned())]);
+    assert_eq!(request.remove, ["x-gone"]);
+    assert_eq!(
+        f.response_headers.as_ref().unwrap().set,
+        [("x-served-by".to_owned(), "ambit".to_owned())]
+    );
+    let rewrite = f.rewrite.as_ref().unwrap();
+    assert_eq!(rewrite.hostname.as_deref(), Some("reviews.internal"));
+    assert_eq!(
+        rewrite.path,
+        Some(ambit_core::route::PathModifier::Prefix("/new".into()))
+    );
+    assert_eq!(f.mirrors.len(), 2);
+    assert_eq!(f.mirrors[0].share_ppm, 250_000);
+    assert_eq!(f.mirrors[0].backend.name, "shadow");
+    assert_eq!(f.mirrors[0].backend.namespace, "shop");
+    assert_eq!(f.mirrors[1].share_ppm, 333_333);
+    assert_eq!(f.mirrors[1].backend.namespace, "qa");
+    let redirect = route.rules[1].filters.redirect.as_ref().unwrap();
+    assert_eq!(redirect.status, 302, "the CRD's default");
+    assert_eq!(redirect.scheme.as_deref(), Some("https"));
+    assert!(route.rules[1].backends.is_empty());
+}
+
+#[test]
+fn grpc_routes_take_header_modifiers_and_mirrors_only() {
+    let route = GrpcRoute {
+        spec: json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "greeter", "port": 50051}],
+            "rules": [{"filters": [{"type": "URLRewrite", "urlRewrite": {}}]}],
+        }),
+        ..GrpcRoute::default()
+    };
+    let err = read_grpc(&ObjectKey::new("shop", "g"), &route)
+        .route
+        .unwrap_err();
+    assert!(err.contains("\"URLRewrite\" is not one of RequestHeaderModifier, ResponseHeaderModifier, RequestMirror"), "{err}");
 }

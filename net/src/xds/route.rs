@@ -6,10 +6,13 @@
 
 use ambit_core::model::{HttpRouteSpec, RouteParentSpec};
 use ambit_core::route::{
-    self, Anchored, Backend, HeaderMatch, PathMatch, QueryMatch, RouteMatch, RouteRule, ValueMatch,
+    self, Anchored, Backend, Filters, HeaderMatch, HeaderModifier, Mirror, PathMatch, PathModifier,
+    QueryMatch, Redirect, Rewrite, RouteMatch, RouteRule, ValueMatch,
 };
 use ambit_proto::workload::{
-    route_match, route_value_match, HttpRoute, RouteBackend, RouteParent, RouteValueMatch,
+    route_match, route_path_modifier, route_value_match, HttpRoute, RouteBackend, RouteFilters,
+    RouteHeader, RouteHeaderModifier, RouteMirror, RouteParent, RoutePathModifier, RouteRedirect,
+    RouteRewrite, RouteValueMatch,
 };
 
 /// The resource name of an HTTPRoute (`httproute/...`) or a GRPCRoute
@@ -73,19 +76,149 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
                     .collect(),
                 request_timeout_ms: rule.request_timeout_ms.unwrap_or(0),
                 backend_timeout_ms: rule.backend_timeout_ms.unwrap_or(0),
-                backends: rule
-                    .backends
-                    .iter()
-                    .map(|b| RouteBackend {
-                        namespace: b.namespace.clone(),
-                        name: b.name.clone(),
-                        port: b.port.map_or(0, u32::from),
-                        weight: b.weight,
-                    })
-                    .collect(),
+                backends: rule.backends.iter().map(backend_to_proto).collect(),
+                filters: (!rule.filters.is_empty()).then(|| filters_to_proto(&rule.filters)),
             })
             .collect(),
     }
+}
+
+fn backend_to_proto(b: &Backend) -> RouteBackend {
+    RouteBackend {
+        namespace: b.namespace.clone(),
+        name: b.name.clone(),
+        port: b.port.map_or(0, u32::from),
+        weight: b.weight,
+    }
+}
+
+fn backend_from_proto(b: &RouteBackend, what: &str) -> Result<Backend, String> {
+    Ok(Backend {
+        namespace: b.namespace.clone(),
+        name: b.name.clone(),
+        port: port(b.port, what)?,
+        weight: b.weight,
+    })
+}
+
+fn filters_to_proto(f: &Filters) -> RouteFilters {
+    let headers = |m: &HeaderModifier| RouteHeaderModifier {
+        set: m.set.iter().map(header).collect(),
+        add: m.add.iter().map(header).collect(),
+        remove: m.remove.clone(),
+    };
+    let path = |p: &PathModifier| RoutePathModifier {
+        path: Some(match p {
+            PathModifier::Full(s) => route_path_modifier::Path::Full(s.clone()),
+            PathModifier::Prefix(s) => route_path_modifier::Path::Prefix(s.clone()),
+        }),
+    };
+    RouteFilters {
+        request_headers: f.request_headers.as_ref().map(headers),
+        response_headers: f.response_headers.as_ref().map(headers),
+        redirect: f.redirect.as_ref().map(|r| RouteRedirect {
+            scheme: r.scheme.clone().unwrap_or_default(),
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().map(path),
+            port: r.port.map_or(0, u32::from),
+            status: u32::from(r.status),
+        }),
+        rewrite: f.rewrite.as_ref().map(|r| RouteRewrite {
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().map(path),
+        }),
+        mirrors: f
+            .mirrors
+            .iter()
+            .map(|m| RouteMirror {
+                backend: Some(backend_to_proto(&m.backend)),
+                share_ppm: m.share_ppm,
+            })
+            .collect(),
+    }
+}
+
+fn header((name, value): &(String, String)) -> RouteHeader {
+    RouteHeader {
+        name: name.clone(),
+        value: value.clone(),
+    }
+}
+
+/// Read back with the checks a header name and value need to be applied, so a
+/// resource that could not be applied is rejected whole rather than in part.
+fn filters_from_proto(f: &RouteFilters, at: &str) -> Result<Filters, String> {
+    let pairs = |list: &[RouteHeader]| -> Result<Vec<(String, String)>, String> {
+        list.iter()
+            .map(|h| {
+                http::HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| format!("{at}: header name {:?} is not valid", h.name))?;
+                http::HeaderValue::from_str(&h.value)
+                    .map_err(|_| format!("{at}: header value {:?} is not valid", h.value))?;
+                Ok((h.name.to_ascii_lowercase(), h.value.clone()))
+            })
+            .collect()
+    };
+    let headers = |m: &RouteHeaderModifier| -> Result<HeaderModifier, String> {
+        Ok(HeaderModifier {
+            set: pairs(&m.set)?,
+            add: pairs(&m.add)?,
+            remove: m.remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
+        })
+    };
+    let path = |p: &RoutePathModifier| -> Result<PathModifier, String> {
+        match &p.path {
+            Some(route_path_modifier::Path::Full(s)) => Ok(PathModifier::Full(s.clone())),
+            Some(route_path_modifier::Path::Prefix(s)) => Ok(PathModifier::Prefix(s.clone())),
+            None => Err(format!("{at}: a path modifier without a path")),
+        }
+    };
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Ok(Filters {
+        request_headers: f.request_headers.as_ref().map(headers).transpose()?,
+        response_headers: f.response_headers.as_ref().map(headers).transpose()?,
+        redirect: f
+            .redirect
+            .as_ref()
+            .map(|r| -> Result<Redirect, String> {
+                let status = match r.status {
+                    s @ (301 | 302 | 303 | 307 | 308) => s as u16,
+                    other => return Err(format!("{at}: redirect status {other}")),
+                };
+                Ok(Redirect {
+                    scheme: text(&r.scheme),
+                    hostname: text(&r.hostname),
+                    path: r.path.as_ref().map(path).transpose()?,
+                    port: port(r.port, at)?,
+                    status,
+                })
+            })
+            .transpose()?,
+        rewrite: f
+            .rewrite
+            .as_ref()
+            .map(|r| -> Result<Rewrite, String> {
+                Ok(Rewrite {
+                    hostname: text(&r.hostname),
+                    path: r.path.as_ref().map(path).transpose()?,
+                })
+            })
+            .transpose()?,
+        mirrors: f
+            .mirrors
+            .iter()
+            .map(|m| {
+                let backend = m
+                    .backend
+                    .as_ref()
+                    .ok_or_else(|| format!("{at}: a mirror without a backend"))?;
+                Ok(Mirror {
+                    backend: backend_from_proto(backend, at)?,
+                    share_ppm: m.share_ppm.min(Mirror::ALL),
+                })
+            })
+            .collect::<Result<_, String>>()?,
+    })
 }
 
 fn port(p: u32, what: &str) -> Result<Option<u16>, String> {
@@ -161,20 +294,17 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
         let backends = rule
             .backends
             .iter()
-            .map(|b| {
-                Ok(Backend {
-                    namespace: b.namespace.clone(),
-                    name: b.name.clone(),
-                    port: port(b.port, &at)?,
-                    weight: b.weight,
-                })
-            })
+            .map(|b| backend_from_proto(b, &at))
             .collect::<Result<_, String>>()?;
         rules.push(RouteRule {
             matches,
             backends,
             request_timeout_ms: (rule.request_timeout_ms > 0).then_some(rule.request_timeout_ms),
             backend_timeout_ms: (rule.backend_timeout_ms > 0).then_some(rule.backend_timeout_ms),
+            filters: match &rule.filters {
+                Some(f) => filters_from_proto(f, &at)?,
+                None => Filters::default(),
+            },
         });
     }
     Ok(HttpRouteSpec {
@@ -228,11 +358,43 @@ mod tests {
                         }],
                         request_timeout_ms: None,
                         backend_timeout_ms: Some(250),
+                        filters: Filters {
+                            request_headers: Some(HeaderModifier {
+                                set: vec![("x-set".into(), "1".into())],
+                                add: vec![("x-add".into(), "2".into())],
+                                remove: vec!["x-gone".into()],
+                            }),
+                            response_headers: Some(HeaderModifier::default()),
+                            redirect: None,
+                            rewrite: Some(Rewrite {
+                                hostname: Some("reviews.internal".into()),
+                                path: Some(PathModifier::Prefix("/v2".into())),
+                            }),
+                            mirrors: vec![Mirror {
+                                backend: Backend {
+                                    namespace: "qa".into(),
+                                    name: "shadow".into(),
+                                    port: Some(80),
+                                    weight: 1,
+                                },
+                                share_ppm: 250_000,
+                            }],
+                        },
                     },
                     RouteRule {
                         matches: vec![],
                         request_timeout_ms: Some(1500),
                         backend_timeout_ms: None,
+                        filters: Filters {
+                            redirect: Some(Redirect {
+                                scheme: Some("https".into()),
+                                hostname: None,
+                                path: Some(PathModifier::Full("/".into())),
+                                port: Some(8443),
+                                status: 301,
+                            }),
+                            ..Filters::default()
+                        },
                         backends: vec![
                             Backend {
                                 namespace: "shop".into(),

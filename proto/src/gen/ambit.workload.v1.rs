@@ -462,6 +462,84 @@ pub struct RouteRule {
     pub request_timeout_ms: u64,
     #[prost(uint64, tag = "4")]
     pub backend_timeout_ms: u64,
+    #[prost(message, optional, tag = "5")]
+    pub filters: ::core::option::Option<RouteFilters>,
+}
+/// A rule's `filters`: at most one of each kind but mirrors.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteFilters {
+    #[prost(message, optional, tag = "1")]
+    pub request_headers: ::core::option::Option<RouteHeaderModifier>,
+    #[prost(message, optional, tag = "2")]
+    pub response_headers: ::core::option::Option<RouteHeaderModifier>,
+    #[prost(message, optional, tag = "3")]
+    pub redirect: ::core::option::Option<RouteRedirect>,
+    #[prost(message, optional, tag = "4")]
+    pub rewrite: ::core::option::Option<RouteRewrite>,
+    #[prost(message, repeated, tag = "5")]
+    pub mirrors: ::prost::alloc::vec::Vec<RouteMirror>,
+}
+/// `set` replaces, `add` appends, `remove` deletes; names lower case.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteHeaderModifier {
+    #[prost(message, repeated, tag = "1")]
+    pub set: ::prost::alloc::vec::Vec<RouteHeader>,
+    #[prost(message, repeated, tag = "2")]
+    pub add: ::prost::alloc::vec::Vec<RouteHeader>,
+    #[prost(string, repeated, tag = "3")]
+    pub remove: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteHeader {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoutePathModifier {
+    #[prost(oneof = "route_path_modifier::Path", tags = "1, 2")]
+    pub path: ::core::option::Option<route_path_modifier::Path>,
+}
+/// Nested message and enum types in `RoutePathModifier`.
+pub mod route_path_modifier {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Path {
+        #[prost(string, tag = "1")]
+        Full(::prost::alloc::string::String),
+        /// Replaces what the rule's PathPrefix matched.
+        #[prost(string, tag = "2")]
+        Prefix(::prost::alloc::string::String),
+    }
+}
+/// Empty strings and port 0: unchanged.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteRedirect {
+    #[prost(string, tag = "1")]
+    pub scheme: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub hostname: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub path: ::core::option::Option<RoutePathModifier>,
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    #[prost(uint32, tag = "5")]
+    pub status: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteRewrite {
+    #[prost(string, tag = "1")]
+    pub hostname: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub path: ::core::option::Option<RoutePathModifier>,
+}
+/// The share of requests mirrored, in millionths.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteMirror {
+    #[prost(message, optional, tag = "1")]
+    pub backend: ::core::option::Option<RouteBackend>,
+    #[prost(uint32, tag = "2")]
+    pub share_ppm: u32,
 }
 /// All of its conditions; no path: any path.
 #[derive(Clone, PartialEq, ::prost::Message)]

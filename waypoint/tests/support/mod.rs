@@ -203,6 +203,20 @@ httpRoutes:
     - matches: [{{path: {{type: exact, value: /slow}}}}]
       backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
       requestTimeoutMs: 300
+    - matches: [{{path: {{type: prefix, value: /modified}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
+      filters:
+        requestHeaders: {{set: [[x-set, new]], add: [[x-add, added]], remove: [x-gone]}}
+        responseHeaders: {{set: [[x-served-by, waypoint]], remove: [x-app]}}
+        rewrite: {{hostname: rewritten.internal, path: {{type: prefix, value: /}}}}
+    - matches: [{{path: {{type: prefix, value: /old}}}}]
+      filters:
+        redirect: {{scheme: https, path: {{type: prefix, value: /new}}, status: 301}}
+    - matches: [{{path: {{type: prefix, value: /mirrored}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
+      filters:
+        rewrite: {{path: {{type: full, value: /sink}}}}
+        mirrors: [{{backend: {{namespace: shop, name: echo-v2, port: 8080, weight: 1}}, sharePpm: 1000000}}]
 l7Policies:
 - targets: [{{kind: Service, namespace: shop, name: guarded}}]
   policy:
@@ -469,6 +483,13 @@ async fn start_app(addr: SocketAddr, name: &'static str) {
     });
 }
 
+/// What the test apps' `/sink` saw, each line prefixed by the app's name.
+static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn seen_log(line: String) {
+    SEEN.lock().unwrap().push(line);
+}
+
 fn full(body: impl Into<Bytes>) -> AppBody {
     Full::new(body.into()).map_err(|n| match n {}).boxed()
 }
@@ -516,8 +537,58 @@ async fn app(
             .unwrap();
         return Ok(response);
     }
+    let header = |r: &Request<Incoming>, n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
     let response = match request.uri().path() {
         "/echo" => Response::new(request.into_body().boxed()),
+        // Every request header, one `name: value` per line.
+        "/headers" => {
+            let lines: Vec<String> = request
+                .headers()
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            Response::builder()
+                .header("x-app", name)
+                .body(full(lines.join("\n")))
+                .unwrap()
+        }
+        // Reads the whole body and records the request in the app's log; a copy
+        // (`-shadow` host) asked to stall never reads its body.
+        "/sink" => {
+            let host = header(&request, "host");
+            let authority = request.uri().authority().map(|a| a.to_string());
+            let host = authority.unwrap_or(host);
+            if host.contains("-shadow") && request.headers().contains_key("x-stall-shadow") {
+                seen_log(format!("{name} {} stalled host={host}", request.method()));
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return Ok(Response::new(full("stalled")));
+            }
+            let method = request.method().clone();
+            let bytes = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .map_err(|e| e.to_string());
+            seen_log(format!("{name} {method} /sink host={host} body={bytes:?}"));
+            Response::new(full(format!("got {bytes:?}")))
+        }
+        // The app's log of `/sink` requests.
+        "/seen" => Response::new(full(
+            SEEN.lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with(name))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )),
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             Response::new(full("slow"))
