@@ -178,12 +178,12 @@ async fn a_flood_of_idle_tls_clients_is_bounded_and_closed_while_others_are_serv
     // A connection the server took keeps its place at least AUTHENTICATE_WITHIN
     // after its handshake: so many completed within any such span were all held at
     // once at its end. The times are the clients' (a task scheduled late on a loaded
-    // machine records its handshake late), so the span is a second shorter: a
-    // connection the server counted out can then never be counted in twice.
-    let at_once = most_within(
-        &times,
-        AUTHENTICATE_WITHIN.saturating_sub(Duration::from_secs(1)),
-    );
+    // machine records its handshake late; in CI beside other builds, by more than a
+    // second), so the span is half as long: a connection the server counted out can
+    // then be counted in twice only if its client was late by 2.5 s. The initial burst
+    // (up to IN_FLIGHT handshakes at once) still falls within one span, so a server
+    // that held more than its limit is caught.
+    let at_once = most_within(&times, AUTHENTICATE_WITHIN / 2);
     eprintln!(
         "{} of {flood} idle clients from {sources} addresses completed TLS, at most {at_once} held at once; \
          a CA request and an xDS stream served {served_after:?} into the flood, which took {:?}",
