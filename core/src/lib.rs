@@ -20,6 +20,7 @@ pub mod l7;
 pub mod model;
 pub mod outbound;
 pub mod renewal;
+pub mod retry;
 pub mod route;
 pub mod waypoint;
 

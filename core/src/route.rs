@@ -71,13 +71,39 @@ pub struct RouteRule {
     /// it until the upstream's response headers (504 `UT` after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_timeout_ms: Option<u64>,
-    /// `timeouts.backendRequest`, milliseconds: one try at the backend. Without
-    /// retries (not built yet) it bounds the request as the shorter of the two does.
+    /// `timeouts.backendRequest`, milliseconds: one try at the backend (a try that
+    /// runs out may be retried, within `request`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_timeout_ms: Option<u64>,
     /// `filters`: header modifiers, redirect, rewrite, mirrors.
     #[serde(default, skip_serializing_if = "Filters::is_empty")]
     pub filters: Filters,
+    /// `retry`; `None`: the mesh's default retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RouteRetry>,
+}
+
+/// An HTTPRoute rule's `retry`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRetry {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// HTTP statuses retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+}
+
+impl RouteRetry {
+    pub fn policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy::from_route(
+            self.attempts,
+            self.codes.clone(),
+            self.backoff_ms.map(std::time::Duration::from_millis),
+        )
+    }
 }
 
 impl RouteRule {

@@ -10,7 +10,7 @@
 //! `PathPrefix /`, a header or query match without a type is `Exact`, a weight is 1.
 //!
 //! Not read yet (refused with `UnsupportedValue` rather than ignored, so a route is
-//! never enforced as something it does not say): `retry`, `sessionPersistence`,
+//! never enforced as something it does not say): `sessionPersistence`,
 //! filters on a backend (`backendRefs[].filters`), `ExtensionRef` filters, and
 //! backends other than Services. Rule filters: `filters.rs`.
 
@@ -279,7 +279,7 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
         if !r.is_object() {
             return Err(format!("{path}: must be an object"));
         }
-        for field in ["retry", "sessionPersistence"] {
+        for field in ["sessionPersistence"] {
             if r.get(field).is_some_and(|v| !v.is_null()) {
                 return Err(format!("{path}.{field}: not supported by Ambit yet"));
             }
@@ -308,12 +308,20 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
         }
         let (request_timeout_ms, backend_timeout_ms) = timeouts(r, &path)?;
         let filters = filters::filters(r, &path, flavour, &matches, key)?;
+        let retry = match flavour {
+            Flavour::Http => retry(r, &path)?,
+            Flavour::Grpc if r.get("retry").is_some_and(|v| !v.is_null()) => {
+                return Err(format!("{path}.retry: GRPCRoute has no retry field"))
+            }
+            Flavour::Grpc => None,
+        };
         rules.push(RouteRule {
             matches,
             backends,
             request_timeout_ms,
             backend_timeout_ms,
             filters,
+            retry,
         });
     }
     Ok(rules)
@@ -343,6 +351,37 @@ fn timeouts(rule: &Value, path: &str) -> Result<(Option<u64>, Option<u64>), Stri
         }
     }
     Ok((request, backend))
+}
+
+/// `retry`: `attempts` (retries), `codes` (400 to 599), `backoff` (a duration).
+fn retry(rule: &Value, path: &str) -> Result<Option<ambit_core::route::RouteRetry>, String> {
+    let Some(r) = rule.get("retry").filter(|r| !r.is_null()) else {
+        return Ok(None);
+    };
+    let at = format!("{path}.retry");
+    if !r.is_object() {
+        return Err(format!("{at}: must be an object"));
+    }
+    let attempts = number(r, "attempts", &at, 100)?.unwrap_or(0);
+    let mut codes = Vec::new();
+    for (i, c) in list(r.get("codes"), &format!("{at}.codes"), 64)?
+        .iter()
+        .enumerate()
+    {
+        match c.as_u64() {
+            Some(c @ 400..=599) => codes.push(c as u16),
+            _ => return Err(format!("{at}.codes[{i}]: {c} is not between 400 and 599")),
+        }
+    }
+    let backoff_ms = match text(r, "backoff", &at)? {
+        None => None,
+        Some(d) => Some(gateway_duration(d).map_err(|e| format!("{at}.backoff: {d:?} {e}"))?),
+    };
+    Ok(Some(ambit_core::route::RouteRetry {
+        attempts: attempts as u32,
+        codes,
+        backoff_ms,
+    }))
 }
 
 /// A Gateway API duration (GEP-2257: `1h`, `30m`, `10s`, `500ms`, combined as

@@ -32,7 +32,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -328,12 +328,14 @@ async fn handle(
         },
         &host,
     );
-    let (endpoint, timeout, actions) = match routed {
+    let (endpoint, overall, per_try, retry_policy, actions) = match routed {
         Ok(Routed::Forward {
             endpoint,
-            timeout,
+            overall,
+            per_try,
+            retry,
             actions,
-        }) => (endpoint, timeout, actions),
+        }) => (endpoint, overall, per_try, retry, actions),
         Ok(Routed::Redirect {
             status,
             location,
@@ -384,12 +386,6 @@ async fn handle(
         _ => HttpVersion::Http1,
     };
     translate_version(&mut request, version);
-    let key = UpstreamKey {
-        addr: endpoint.addr,
-        identity: endpoint.workload.identity.clone(),
-        version,
-        hbone: endpoint.workload.is_hbone(),
-    };
     let upgrade = version == HttpVersion::Http1
         && request.version() == Version::HTTP_11
         && wants_upgrade(request.headers());
@@ -399,41 +395,175 @@ async fn handle(
     if upgrade {
         mirrors.clear();
     }
-    let counter = request_bytes.clone();
     let (head, body) = request.into_parts();
-    let (body, copy_bodies) = Outbound::tee(body, mirrors.len());
-    for (mirror, copy_body) in mirrors.into_iter().zip(copy_bodies) {
-        send_mirror(shared, &head, mirror, copy_body, version);
-    }
-    let request = Request::from_parts(
-        head,
-        Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)),
-    );
-    let sent = match timeout {
-        None => shared.upstreams.send(&key, request).await,
-        Some(limit) => {
-            match tokio::time::timeout(limit, shared.upstreams.send(&key, request)).await {
-                Ok(sent) => sent,
-                Err(_) => {
-                    tracing::info!(dst = %context.destination, upstream = %key.addr, timeout_ms = limit.as_millis(), "upstream request timed out (route timeout)");
+    // A body the retry can send again: none, or a small one with a length, read
+    // whole first (as Envoy buffers a request for retries). A longer or streamed
+    // body is sent as it comes and never retried; so is an upgrade.
+    let replay_body = |bytes: &Option<Bytes>| match bytes {
+        None => Outbound::Empty,
+        Some(b) => Outbound::Full(Some(b.clone())),
+    };
+    let copies = mirrors.len();
+    let replayable = !upgrade
+        && (body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT));
+    let (replay, first, copy_bodies) = if !replayable {
+        let (body, copy_bodies) = Outbound::tee(body, copies);
+        (None, body, copy_bodies)
+    } else {
+        let bytes = if body.is_end_stream() {
+            None
+        } else {
+            match body.collect().await {
+                Ok(collected) => Some(collected.to_bytes()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "client's request body failed");
                     return respond(
-                        local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-                        "UT",
-                        Some(&endpoint),
+                        local_reply(StatusCode::BAD_REQUEST, "request body failed"),
+                        "DPE",
+                        None,
                     );
                 }
             }
-        }
+        };
+        let first = replay_body(&bytes);
+        let copy_bodies = (0..copies).map(|_| replay_body(&bytes)).collect();
+        (Some(bytes), first, copy_bodies)
     };
-    let mut response = match sent {
+    let mut first_body = Some(first);
+    for (mirror, copy_body) in mirrors.into_iter().zip(copy_bodies) {
+        send_mirror(shared, &head, mirror, copy_body, version);
+    }
+    let policy = retry_policy.as_ref().map_or(&*DEFAULT_RETRY, |r| r);
+    // Only what a retry needs is kept: the request's head again.
+    let again = (replay.is_some() && policy.retries > 0).then(|| head_copy(&head));
+    let deadline = overall.map(|limit| (started + limit, limit));
+    let _in_flight = InFlight::new(&shared.requests_in_flight);
+    let mut head = Some(head);
+    let mut endpoint = endpoint;
+    let mut tries = 0u32;
+    let mut retrying = None;
+    let tried = loop {
+        tries += 1;
+        let key = UpstreamKey {
+            addr: endpoint.addr,
+            identity: endpoint.workload.identity.clone(),
+            version,
+            hbone: endpoint.workload.is_hbone(),
+        };
+        let parts = match head.take() {
+            Some(parts) => parts,
+            None => match &again {
+                Some(parts) => head_copy(parts),
+                None => break Err((key, Failure::Lost)),
+            },
+        };
+        let body = match first_body.take() {
+            Some(body) => body,
+            None => match &replay {
+                Some(bytes) => replay_body(bytes),
+                None => break Err((key, Failure::Lost)),
+            },
+        };
+        let counter = request_bytes.clone();
+        let request = Request::from_parts(
+            parts,
+            Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)),
+        );
+        // This try's time: its own (`backendRequest`), within what is left of the
+        // request's (`request`).
+        let left = deadline.map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let limit = match (per_try, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent = match limit {
+            None => Ok(shared.upstreams.send(&key, request).await),
+            Some(limit) => tokio::time::timeout(limit, shared.upstreams.send(&key, request))
+                .await
+                .map_err(|_| limit),
+        };
+        let outcome = match &sent {
+            Ok(Ok(response)) => ambit_core::retry::Outcome::Response {
+                status: response.status().as_u16(),
+                grpc: response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            },
+            Ok(Err(e)) => outcome_of(e),
+            Err(_) => ambit_core::retry::Outcome::Timeout,
+        };
+        let time_left = deadline.is_none_or(|(at, _)| Instant::now() < at);
+        let retry = again.is_some()
+            && time_left
+            && policy.retries(outcome, tries)
+            && ambit_core::retry::budget_allows(
+                shared.requests_in_flight.load(Ordering::Relaxed),
+                shared.retries_in_flight.load(Ordering::Relaxed),
+            );
+        if !retry {
+            break match sent {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) => Err((key, Failure::Upstream(e))),
+                Err(limit) => {
+                    let overall_ran_out = deadline.is_some_and(|(at, _)| Instant::now() >= at);
+                    let limit = match (overall_ran_out, deadline) {
+                        (true, Some((_, overall))) => overall,
+                        _ => limit,
+                    };
+                    Err((key, Failure::Timeout(limit)))
+                }
+            };
+        }
+        if let Ok(Ok(response)) = sent {
+            // A response that is retried is read to its end and dropped, so its
+            // connection can serve again.
+            tokio::spawn(crate::mirror::drain(response));
+        }
+        tracing::debug!(dst = %context.destination, upstream = %key.addr, try_ = tries, ?outcome, "retrying");
+        // Counted from the first retry until the request's last try ends.
+        retrying.get_or_insert_with(|| InFlight::new(&shared.retries_in_flight));
+        tokio::time::sleep(policy.backoff(tries, rand::random())).await;
+        let view = RouteView {
+            method: again.as_ref().map_or("GET", |h| h.method.as_str()),
+            path: path.path(),
+            query: path.query(),
+            headers: again.as_ref().map_or(&EMPTY_HEADERS, |h| &h.headers),
+        };
+        endpoint = match route_request(&context, &view, &host) {
+            Ok(Routed::Forward { endpoint, .. }) => endpoint,
+            _ => endpoint,
+        };
+    };
+    drop(retrying);
+    let mut response = match tried {
         Ok(response) => response,
-        Err(e) => {
-            tracing::info!(dst = %context.destination, upstream = %key.addr, error = %e, "upstream request failed");
+        Err((key, Failure::Timeout(limit))) => {
+            tracing::info!(dst = %context.destination, upstream = %key.addr, timeout_ms = limit.as_millis(), tries, "upstream request timed out (route timeout)");
+            return respond(
+                local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                "UT",
+                Some(&endpoint),
+            );
+        }
+        Err((key, Failure::Upstream(e))) => {
+            tracing::info!(dst = %context.destination, upstream = %key.addr, error = %e, tries, "upstream request failed");
             let reply = local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("upstream connect error or disconnect/reset before headers. reason: {e}"),
             );
             return respond(reply, e.response_flag(), Some(&endpoint));
+        }
+        Err((_, Failure::Lost)) => {
+            return respond(
+                local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "request could not be retried",
+                ),
+                "",
+                Some(&endpoint),
+            );
         }
     };
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -456,6 +586,71 @@ async fn handle(
         modifier.apply(response.headers_mut());
     }
     respond(response.map(BodyExt::boxed), "", Some(&endpoint))
+}
+
+/// The largest request body read whole before the first try so a retry can send it
+/// again (Envoy buffers up to its connection buffer limit, 1 MiB, for the same).
+const REPLAY_LIMIT: u64 = 64 << 10;
+
+/// The mesh's default retry, for requests whose route has no `retry`.
+static DEFAULT_RETRY: std::sync::LazyLock<ambit_core::retry::RetryPolicy> =
+    std::sync::LazyLock::new(ambit_core::retry::RetryPolicy::default);
+
+static EMPTY_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+
+/// How the last try failed.
+enum Failure {
+    Upstream(crate::upstream::UpstreamError),
+    /// The try's time (or the request's) ran out; which limit.
+    Timeout(Duration),
+    /// Nothing left to send again (cannot happen: a retry needs a replayable body).
+    Lost,
+}
+
+/// What a failed send means for the retry policy.
+fn outcome_of(e: &crate::upstream::UpstreamError) -> ambit_core::retry::Outcome {
+    use crate::upstream::UpstreamError;
+    use ambit_core::retry::Outcome;
+    match e {
+        UpstreamError::Request { source, .. } => {
+            let refused = std::error::Error::source(source)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .and_then(h2::Error::reason)
+                == Some(h2::Reason::REFUSED_STREAM);
+            if refused {
+                Outcome::RefusedStream
+            } else {
+                Outcome::Reset
+            }
+        }
+        _ => Outcome::ConnectFailure,
+    }
+}
+
+/// A request head, again (`http::request::Parts` has no `Clone`: its extensions).
+fn head_copy(head: &http::request::Parts) -> http::request::Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = head.method.clone();
+    copy.uri = head.uri.clone();
+    copy.version = head.version;
+    copy.headers = head.headers.clone();
+    copy
+}
+
+/// Counts itself in a gauge while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// `URLRewrite`: the backend receives the new path (the query kept) and host.
@@ -664,7 +859,9 @@ fn route_request(
         (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
     let plain = |endpoint| Routed::Forward {
         endpoint,
-        timeout: None,
+        overall: None,
+        per_try: None,
+        retry: None,
         actions: None,
     };
     let BoundTarget::Service { service, port, vip } = &context.target else {
@@ -722,9 +919,12 @@ fn route_request(
             matched_prefix: selected.matched_prefix.map(str::to_owned),
         })
     });
+    let ms = |v: Option<u64>| v.map(Duration::from_millis);
     Ok(Routed::Forward {
         endpoint,
-        timeout: rule.timeout(),
+        overall: ms(rule.request_timeout_ms),
+        per_try: ms(rule.backend_timeout_ms),
+        retry: rule.retry.as_ref().map(|r| r.policy()),
         actions,
     })
 }
@@ -733,8 +933,11 @@ fn route_request(
 enum Routed {
     Forward {
         endpoint: Endpoint,
-        /// The rule's timeout.
-        timeout: Option<Duration>,
+        /// The rule's `timeouts`: the whole request's, one try's.
+        overall: Option<Duration>,
+        per_try: Option<Duration>,
+        /// The rule's `retry`; `None`: the mesh's default.
+        retry: Option<ambit_core::retry::RetryPolicy>,
         /// What the rule's filters ask; `None`: nothing.
         actions: Option<Box<RuleActions>>,
     },

@@ -28,6 +28,8 @@ pub enum Outbound {
     Plain(Incoming),
     Teed(Tee),
     Copy(CopyBody),
+    /// A body read whole before the first try, so a retry can send it again.
+    Full(Option<Bytes>),
     Empty,
 }
 
@@ -72,6 +74,7 @@ impl Body for Outbound {
             Outbound::Plain(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Outbound::Teed(t) => Pin::new(t).poll_frame(cx),
             Outbound::Copy(c) => Pin::new(c).poll_frame(cx),
+            Outbound::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Outbound::Empty => Poll::Ready(None),
         }
     }
@@ -81,6 +84,7 @@ impl Body for Outbound {
             Outbound::Plain(b) => b.is_end_stream(),
             Outbound::Teed(t) => t.inner.is_end_stream(),
             Outbound::Copy(_) => false,
+            Outbound::Full(b) => b.is_none(),
             Outbound::Empty => true,
         }
     }
@@ -90,6 +94,7 @@ impl Body for Outbound {
             Outbound::Plain(b) => b.size_hint(),
             Outbound::Teed(t) => t.inner.size_hint(),
             Outbound::Copy(_) => SizeHint::default(),
+            Outbound::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Outbound::Empty => SizeHint::with_exact(0),
         }
     }

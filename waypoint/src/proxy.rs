@@ -50,6 +50,10 @@ pub struct Shared {
     turns: Mutex<HashMap<(String, u16), u64>>,
     /// Tunnels open now (for draining).
     pub open: AtomicU64,
+    /// HTTP requests being forwarded now, and how many of them are retrying: the
+    /// retry budget (`ambit_core::retry::budget_allows`).
+    pub requests_in_flight: AtomicU64,
+    pub retries_in_flight: AtomicU64,
     draining: watch::Receiver<bool>,
 }
 
@@ -84,6 +88,8 @@ impl Shared {
             detection_timeout: settings.detection_timeout,
             turns: Mutex::default(),
             open: AtomicU64::new(0),
+            requests_in_flight: AtomicU64::new(0),
+            retries_in_flight: AtomicU64::new(0),
             draining,
         })
     }

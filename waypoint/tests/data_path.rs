@@ -718,3 +718,51 @@ async fn route_filters_modify_headers_rewrite_redirect_and_mirror() {
     assert_eq!(text(response).await, format!("got Ok({})", 8 << 20));
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test]
+async fn failed_tries_are_retried_on_another_endpoint_by_default_and_as_a_route_says() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, "10.96.0.50:80").await;
+    let mut send = async |path: &str| {
+        client.ready().await.unwrap();
+        let response = client.send_request(get(path)).await.unwrap();
+        let status = response.status();
+        (status, text(response).await)
+    };
+    // Half the endpoints answer 503: the mesh's default retry (503 is retriable)
+    // hides it from the client. The same for 500 with a route's retry on 500.
+    for path in ["/flaky/503", "/flaky/500"] {
+        for _ in 0..20 {
+            let (status, body) = send(path).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, "echo-2"),
+                "{path}"
+            );
+        }
+    }
+    // Every endpoint failing: the route's 2 retries, then the upstream's own 500.
+    let (status, _) = send("/always/500").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    // The apps' logs: the failing endpoint did take its turns (the retries were
+    // real), and the failing request was tried three times in all.
+    let mut log = String::new();
+    for (path, tag) in [("/modified/seen", None), ("/seen", Some("v2"))] {
+        client.ready().await.unwrap();
+        let mut request = get(path);
+        if let Some(tag) = tag {
+            request.headers_mut().insert("x-tag", tag.parse().unwrap());
+        }
+        log.push_str(&text(client.send_request(request).await.unwrap()).await);
+        log.push('\n');
+    }
+    let count = |line: &str| log.lines().filter(|l| *l == line).count();
+    assert!(count("echo-1 /flaky/503") >= 5, "{log}");
+    assert!(count("echo-1 /flaky/500") >= 5, "{log}");
+    assert_eq!(
+        count("echo-1 /always/500") + count("echo-2 /always/500"),
+        3,
+        "{log}"
+    );
+}

@@ -394,3 +394,34 @@ fn grpc_routes_take_header_modifiers_and_mirrors_only() {
         .unwrap_err();
     assert!(err.contains("\"URLRewrite\" is not one of RequestHeaderModifier, ResponseHeaderModifier, RequestMirror"), "{err}");
 }
+
+#[test]
+fn retry_reads_attempts_codes_and_backoff() {
+    let mut spec = canary();
+    spec["rules"][0]["retry"] = json!({"attempts": 3, "codes": [500, 503], "backoff": "100ms"});
+    let route = read_spec(spec.clone()).route.unwrap();
+    assert_eq!(
+        route.rules[0].retry,
+        Some(ambit_core::route::RouteRetry {
+            attempts: 3,
+            codes: vec![500, 503],
+            backoff_ms: Some(100)
+        })
+    );
+    assert_eq!(route.rules[1].retry, None, "the mesh's default");
+    for (retry, want) in [
+        (
+            json!({"codes": [200]}),
+            "retry.codes[0]: 200 is not between 400 and 599",
+        ),
+        (json!({"attempts": -1}), "retry.attempts: -1"),
+        (
+            json!({"backoff": "soon"}),
+            "retry.backoff: \"soon\" is not a duration",
+        ),
+    ] {
+        spec["rules"][0]["retry"] = retry;
+        let err = read_spec(spec.clone()).route.unwrap_err();
+        assert!(err.contains(want), "{err}");
+    }
+}

@@ -78,6 +78,14 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
                 backend_timeout_ms: rule.backend_timeout_ms.unwrap_or(0),
                 backends: rule.backends.iter().map(backend_to_proto).collect(),
                 filters: (!rule.filters.is_empty()).then(|| filters_to_proto(&rule.filters)),
+                retry: rule
+                    .retry
+                    .as_ref()
+                    .map(|r| ambit_proto::workload::RouteRetry {
+                        attempts: r.attempts,
+                        codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
+                        backoff_ms: r.backoff_ms.unwrap_or(0),
+                    }),
             })
             .collect(),
     }
@@ -305,6 +313,21 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
                 Some(f) => filters_from_proto(f, &at)?,
                 None => Filters::default(),
             },
+            retry: match &rule.retry {
+                None => None,
+                Some(r) => Some(route::RouteRetry {
+                    attempts: r.attempts,
+                    codes: r
+                        .codes
+                        .iter()
+                        .map(|c| match u16::try_from(*c) {
+                            Ok(c) if (400..600).contains(&c) => Ok(c),
+                            _ => Err(format!("{at}: retry code {c} is not between 400 and 599")),
+                        })
+                        .collect::<Result<_, String>>()?,
+                    backoff_ms: (r.backoff_ms > 0).then_some(r.backoff_ms),
+                }),
+            },
         });
     }
     Ok(HttpRouteSpec {
@@ -380,6 +403,7 @@ mod tests {
                                 share_ppm: 250_000,
                             }],
                         },
+                        retry: None,
                     },
                     RouteRule {
                         matches: vec![],
@@ -395,6 +419,11 @@ mod tests {
                             }),
                             ..Filters::default()
                         },
+                        retry: Some(route::RouteRetry {
+                            attempts: 3,
+                            codes: vec![500, 503],
+                            backoff_ms: Some(100),
+                        }),
                         backends: vec![
                             Backend {
                                 namespace: "shop".into(),

@@ -464,6 +464,20 @@ pub struct RouteRule {
     pub backend_timeout_ms: u64,
     #[prost(message, optional, tag = "5")]
     pub filters: ::core::option::Option<RouteFilters>,
+    /// Absent: the mesh's default retry.
+    #[prost(message, optional, tag = "6")]
+    pub retry: ::core::option::Option<RouteRetry>,
+}
+/// An HTTPRoute rule's `retry`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteRetry {
+    #[prost(uint32, tag = "1")]
+    pub attempts: u32,
+    #[prost(uint32, repeated, tag = "2")]
+    pub codes: ::prost::alloc::vec::Vec<u32>,
+    /// 0: the default backoff.
+    #[prost(uint64, tag = "3")]
+    pub backoff_ms: u64,
 }
 /// A rule's `filters`: at most one of each kind but mirrors.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -212,6 +212,11 @@ httpRoutes:
     - matches: [{{path: {{type: prefix, value: /old}}}}]
       filters:
         redirect: {{scheme: https, path: {{type: prefix, value: /new}}, status: 301}}
+    - matches: [{{path: {{type: exact, value: /flaky/500}}}}, {{path: {{type: exact, value: /always/500}}}}]
+      backends: [{{namespace: shop, name: echo, port: 80, weight: 1}}]
+      retry: {{attempts: 2, codes: [500]}}
+    - matches: [{{path: {{type: exact, value: /flaky/503}}}}]
+      backends: [{{namespace: shop, name: echo, port: 80, weight: 1}}]
     - matches: [{{path: {{type: prefix, value: /mirrored}}}}]
       backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
       filters:
@@ -578,6 +583,19 @@ async fn app(
                 .map_err(|e| e.to_string());
             seen_log(format!("{name} {method} /sink host={host} body={bytes:?}"));
             Response::new(full(format!("got {bytes:?}")))
+        }
+        // echo-1 fails with the status named in the path; echo-2 answers 200.
+        // Each request is logged.
+        "/flaky/503" | "/flaky/500" | "/always/500" => {
+            let path = request.uri().path().to_owned();
+            seen_log(format!("{name} {path}"));
+            let failing = name == "echo-1" || path.starts_with("/always");
+            let status = match (failing, path.ends_with("503")) {
+                (false, _) => StatusCode::OK,
+                (true, true) => StatusCode::SERVICE_UNAVAILABLE,
+                (true, false) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Response::builder().status(status).body(full(name)).unwrap()
         }
         // The app's log of `/sink` requests.
         "/seen" => Response::new(full(
