@@ -5,6 +5,7 @@
 
 mod state;
 mod supervisor;
+mod waypoints;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -36,7 +37,7 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
         LocalCommand::Exec { pod, command } => exec(state_dir, &pod, &command),
         LocalCommand::Status => {
             let mesh = running(state_dir)?;
-            crate::out!("{}", describe(&mesh))?;
+            crate::out!("{}", describe(&mesh, &waypoints_of(&mesh)))?;
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Apply { file } => apply(state_dir, &file),
@@ -314,7 +315,7 @@ fn up(
     }
     let mesh = MeshState::read(state_dir)?;
     crate::outln!()?;
-    crate::out!("{}", describe(&mesh))?;
+    crate::out!("{}", describe(&mesh, &waypoints_of(&mesh)))?;
     crate::outln!()?;
     crate::outln!("Try (as root):")?;
     let client = mesh.pods.iter().find(|p| p.enrolled).or(mesh.pods.first());
@@ -484,8 +485,17 @@ fn exec(state_dir: &Path, pod: &str, command: &[std::ffi::OsString]) -> anyhow::
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
+/// The mesh's waypoints as its control plane binds them; what could not be read is a
+/// note, not a failure of `status`.
+fn waypoints_of(mesh: &MeshState) -> waypoints::Waypoints {
+    waypoints::read(mesh, &mesh.dir.join("k8s")).unwrap_or_else(|e| waypoints::Waypoints {
+        waypoints: Vec::new(),
+        problems: vec![format!("cannot read the control plane's objects: {e:#}")],
+    })
+}
+
 /// The mesh as a few tables.
-fn describe(mesh: &MeshState) -> String {
+fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints) -> String {
     let mut out = format!(
         "local mesh {} running {} (supervisor pid {})\ncontrol plane: ambit-control on {} (namespace {})\n\n",
         mesh.id,
@@ -569,6 +579,33 @@ fn describe(mesh: &MeshState) -> String {
             ]);
         }
         out.push_str(&columns(&table));
+    }
+    if !waypoints.waypoints.is_empty() {
+        out.push('\n');
+        let mut table = vec![vec![
+            "WAYPOINT".to_owned(),
+            "POD".to_owned(),
+            "READY".to_owned(),
+            "IDENTITY".to_owned(),
+            "SERVES (istio.io/use-waypoint)".to_owned(),
+        ]];
+        for w in &waypoints.waypoints {
+            table.push(vec![
+                w.gateway.clone(),
+                w.pod.clone().unwrap_or_else(|| "-".to_owned()),
+                w.readiness.clone(),
+                w.identity.clone(),
+                if w.serves.is_empty() {
+                    "nothing bound".to_owned()
+                } else {
+                    w.serves.join(", ")
+                },
+            ]);
+        }
+        out.push_str(&columns(&table));
+    }
+    for problem in &waypoints.problems {
+        out.push_str(&format!("waypoint binding: {problem}\n"));
     }
     for note in &mesh.notes {
         out.push_str(&format!("note: {note}\n"));

@@ -465,6 +465,25 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
 
     let status = ctl.ok(&["local", "status"]);
     assert!(status.contains("catalog.bookshop"), "{status}");
+    // The waypoint, its pod answering ready, its identity, and what binds to it as the
+    // control plane binds it (the Services' own labels; not the per-version Services).
+    let waypoint = status
+        .lines()
+        .skip_while(|l| !l.starts_with("WAYPOINT "))
+        .find(|l| l.starts_with("bookshop/waypoint "))
+        .unwrap_or_else(|| panic!("no waypoint row: {status}"));
+    let cells: Vec<&str> = waypoint.split("  ").filter(|c| !c.is_empty()).collect();
+    assert_eq!(
+        cells.iter().map(|c| c.trim()).collect::<Vec<_>>(),
+        [
+            "bookshop/waypoint",
+            "bookshop/waypoint-0",
+            "ready",
+            "spiffe://cluster.local/ns/bookshop/sa/waypoint",
+            "Service bookshop/orders, Service bookshop/reviews",
+        ],
+        "{status}"
+    );
 
     // Down: nothing of it is left.
     let mut pids: Vec<u64> = mesh["pids"]
