@@ -445,13 +445,14 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     eventually(frontend_gets, || {
         "the deletion to let the frontend in".into()
     });
-    // Pods are not applied this way: they come from the directory `up` ran.
+    // New pods are not applied this way: they come from the directory `up` ran.
     let pod = policies.path().join("pod.yaml");
     std::fs::write(&pod, "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").unwrap();
     let refused = ctl.run(&["local", "apply", "-f", pod.to_str().unwrap()]);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("kind \"Pod\""),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("pod.yaml:1: Pod default/x: not in the running mesh"),
         "{refused:?}"
     );
 
@@ -712,4 +713,185 @@ fn up_refuses_a_policy_the_control_plane_would_not_enforce() {
     assert!(!err.contains("PeerAuthentication"), "{err}");
     assert!(err.contains("refused, nothing started"), "{err}");
     assert!(!ctl.state.path().join("supervisor.pid").exists());
+}
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec:
+  nodeName: node-a
+  serviceAccountName: client
+  containers: [{name: client, image: example/client, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {app: server}}
+spec:
+  nodeName: node-b
+  serviceAccountName: server
+  containers: [{name: server, image: example/server, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+# Only GET, enforced by the Service's waypoint once it has one.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-read-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: server}]
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#;
+
+/// The Gateway, and the Service as `up` read it but for its waypoint label.
+const WAYPOINT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+#[test]
+fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_delete_undoes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), SHOP).unwrap();
+    let ctl = Ctl::new();
+    ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
+    let request = |method: &str| {
+        let out = ctl.run(&[
+            "local",
+            "exec",
+            "shop/client",
+            "--",
+            "ambitctl",
+            "app",
+            "get",
+            "-X",
+            method,
+            "http://server.shop/items",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let direct = "caller identity: spiffe://cluster.local/ns/shop/sa/client";
+    let via_waypoint = "caller identity: spiffe://cluster.local/ns/shop/sa/wp";
+    // No waypoint yet: straight to the server, the policy is no waypoint's to enforce.
+    let got = request("POST");
+    assert!(
+        got.contains("hello from shop/server") && got.contains(direct),
+        "{got}"
+    );
+
+    let applied = dir.path().join("waypoint.yaml");
+    std::fs::write(&applied, WAYPOINT).unwrap();
+    let out = ctl.ok(&["local", "apply", "-f", applied.to_str().unwrap()]);
+    assert!(
+        out.contains("Gateway shop/wp: waypoint pod shop/wp-0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Service shop/server: now istio.io/use-waypoint=wp"),
+        "{out}"
+    );
+    // Through the new waypoint: the POST is its L7 403, the GET passes as its identity.
+    let seen = std::cell::RefCell::new(String::new());
+    eventually(
+        || {
+            seen.replace(request("POST"));
+            let now = seen.borrow();
+            now.contains("HTTP 403") && now.contains("RBAC: access denied")
+        },
+        || {
+            format!(
+                "no 403 through the waypoint: {}\n{}",
+                seen.borrow(),
+                ctl.logs()
+            )
+        },
+    );
+    let got = request("GET");
+    assert!(
+        got.contains("hello from shop/server") && got.contains(via_waypoint),
+        "{got}"
+    );
+    let status = ctl.ok(&["local", "status"]);
+    let row = status
+        .lines()
+        .skip_while(|l| !l.starts_with("WAYPOINT "))
+        .find(|l| l.starts_with("shop/wp "))
+        .unwrap_or_else(|| panic!("no waypoint row: {status}"));
+    assert!(
+        row.contains("shop/wp-0")
+            && row.contains(" ready ")
+            && row.contains("spiffe://cluster.local/ns/shop/sa/wp")
+            && row.ends_with("Service shop/server"),
+        "{status}"
+    );
+    let waypoint_pid = ctl.mesh()["pids"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    assert!(alive(waypoint_pid));
+
+    // More than a waypoint label, or something new: refused, naming object and field.
+    for (yaml, expected) in [
+        (
+            WAYPOINT.replace("port: 80,", "port: 81,"),
+            "Service shop/server: field spec.ports[0].port differs",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: extra, namespace: shop}\nspec: {containers: [{name: a, image: a}]}\n".to_owned(),
+            "Pod shop/extra: not in the running mesh",
+        ),
+        (
+            WAYPOINT.replace("istio-waypoint", "istio"),
+            "spec.gatewayClassName is \"istio\"",
+        ),
+    ] {
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, yaml).unwrap();
+        let out = ctl.run(&["local", "apply", "-f", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expected), "{expected}: {err}");
+    }
+
+    // Deleted: the waypoint stops, the label is as `up` read it, traffic goes direct.
+    let out = ctl.ok(&["local", "delete", "-f", applied.to_str().unwrap()]);
+    assert!(
+        out.contains("Gateway shop/wp: waypoint pod shop/wp-0 stopped"),
+        "{out}"
+    );
+    eventually(
+        || {
+            seen.replace(request("POST"));
+            let now = seen.borrow();
+            now.contains("hello from shop/server") && now.contains(direct)
+        },
+        || format!("not direct again: {}\n{}", seen.borrow(), ctl.logs()),
+    );
+    eventually(|| !alive(waypoint_pid), || "the waypoint still runs".into());
+    let status = ctl.ok(&["local", "status"]);
+    assert!(!status.contains("shop/wp-0"), "{status}");
+    ctl.ok(&["local", "down"]);
 }
