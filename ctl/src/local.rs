@@ -775,6 +775,42 @@ mod tests {
         );
         assert_eq!(checked.notes.len(), 1, "{:?}", checked.notes);
         assert!(checked.notes[0].contains("methods"), "{:?}", checked.notes);
+        // Routes are the control plane's; a waypoint Gateway and running objects are
+        // the supervisor's to check; another Gateway class is refused here.
+        let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+            metadata: {name: r, namespace: shop}\n\
+            spec: {parentRefs: [{group: \"\", kind: Service, name: s}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+            metadata: {name: g, namespace: shop}\n\
+            spec: {parentRefs: [{group: \"\", kind: Service, name: s}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+            metadata: {name: wp, namespace: shop}\nspec: {gatewayClassName: istio-waypoint, listeners: []}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+            metadata: {name: in, namespace: shop}\nspec: {gatewayClassName: istio, listeners: []}\n";
+        let checked = check(Path::new("r.yaml"), routes, true);
+        assert_eq!(
+            checked.applied,
+            ["HTTPRoute shop/r", "GRPCRoute shop/g", "Gateway shop/wp"]
+        );
+        assert_eq!(checked.refusals.len(), 1, "{:?}", checked.refusals);
+        assert!(
+            checked.refusals[0].contains("Gateway shop/in: spec.gatewayClassName is \"istio\""),
+            "{:?}",
+            checked.refusals
+        );
+        let (mesh, control) = split_for_mesh(Path::new("r.yaml"), routes).unwrap();
+        let kinds: Vec<&str> = mesh
+            .iter()
+            .map(|(_, v)| v["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["Gateway", "Gateway"]);
+        let control = control.unwrap();
+        assert!(
+            control.contains("kind: HTTPRoute")
+                && control.contains("kind: GRPCRoute")
+                && !control.contains("kind: Gateway\n"),
+            "{control}"
+        );
         // For `up`, any kind; the same policies refused.
         assert_eq!(check(Path::new("f.yaml"), text, false).refusals.len(), 2);
     }

@@ -845,13 +845,7 @@ fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_
             && row.ends_with("Service shop/server"),
         "{status}"
     );
-    let waypoint_pid = ctl.mesh()["pids"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .as_u64()
-        .unwrap();
+    let waypoint_pid = ctl.process_in("wp-0");
     assert!(alive(waypoint_pid));
 
     // More than a waypoint label, or something new: refused, naming object and field.
@@ -893,5 +887,134 @@ fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_
     eventually(|| !alive(waypoint_pid), || "the waypoint still runs".into());
     let status = ctl.ok(&["local", "status"]);
     assert!(!status.contains("shop/wp-0"), "{status}");
+    ctl.ok(&["local", "down"]);
+}
+
+/// A process the test started in a pod's network namespace, killed when dropped.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_stopped_waypoint_refuses_its_traffic_naming_it_and_a_restarted_one_serves_it_again() {
+    // The shop of the apply test, with the Service bound and the waypoint from `up`.
+    let bound = SHOP.replace(
+        "metadata: {name: server, namespace: shop}",
+        "metadata: {name: server, namespace: shop, labels: {istio.io/use-waypoint: wp}}",
+    );
+    let gateway = WAYPOINT.split("---").next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), format!("{bound}---{gateway}")).unwrap();
+    let ctl = Ctl::new();
+    ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
+    let request = |method: &str| {
+        let out = ctl.run(&[
+            "local",
+            "exec",
+            "shop/client",
+            "--",
+            "ambitctl",
+            "app",
+            "get",
+            "-X",
+            method,
+            "http://server.shop/items",
+        ]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let via_waypoint = "caller identity: spiffe://cluster.local/ns/shop/sa/wp";
+    let (ok, got) = request("GET");
+    assert!(ok && got.contains(via_waypoint), "{got}");
+    assert!(request("POST").1.contains("HTTP 403"));
+
+    // Stopped (as a crashed container): the client's ztunnel refuses, naming the
+    // waypoint, and the server is never reached around it, not even once.
+    let pid = ctl.process_in("wp-0");
+    let command: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let netns = ctl.netns("wp-0");
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    eventually(|| !alive(pid), || "the waypoint still runs".into());
+    let logs = Path::new(ctl.mesh()["dir"].as_str().unwrap()).join("logs");
+    let refusals = || -> Vec<String> {
+        std::fs::read_dir(&logs)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("ztunnel"))
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("pod=shop/client") && l.contains("waypoint=shop/wp"))
+                    .filter(|l| l.contains("connection reset") || l.contains("refused"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let before = refusals().len();
+    for method in ["GET", "POST"] {
+        let (ok, got) = request(method);
+        assert!(
+            !ok && !got.contains("hello from shop/server"),
+            "{method} went around the stopped waypoint: {got}"
+        );
+    }
+    eventually(
+        || refusals().len() >= before + 2,
+        || {
+            format!(
+                "no refusal naming the waypoint: {:?}\n{}",
+                refusals(),
+                ctl.logs()
+            )
+        },
+    );
+
+    // Restarted with the same command in its pod: served again, policy and all.
+    let log = dir.path().join("waypoint-restarted.log");
+    let restarted = Restarted(
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .arg("--")
+            .args(&command)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(
+        || {
+            let (ok, got) = request("GET");
+            ok && got.contains(via_waypoint)
+        },
+        || {
+            format!(
+                "not served again: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        },
+    );
+    let (ok, got) = request("POST");
+    assert!(
+        !ok && got.contains("HTTP 403") && got.contains("RBAC: access denied"),
+        "{got}"
+    );
+    drop(restarted);
     ctl.ok(&["local", "down"]);
 }

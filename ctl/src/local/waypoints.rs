@@ -175,7 +175,8 @@ fn probe(pod: &PodState) -> String {
     };
     match runtime.block_on(async { tokio::time::timeout(PROBE_TIMEOUT, ask).await }) {
         Err(_) => format!("not ready (no answer on {READINESS_PORT} within {PROBE_TIMEOUT:?})"),
-        Ok(Err(e)) => format!("not ready ({e})"),
+        // The kind ("connection refused"): the whole error names the namespace's path.
+        Ok(Err(e)) => format!("not ready ({} on {READINESS_PORT})", e.kind()),
         Ok(Ok(answer)) => {
             let status = answer.lines().next().unwrap_or_default();
             if status.split_whitespace().nth(1) == Some("200") {
