@@ -150,9 +150,9 @@ enum Change {
     StopWaypoint {
         key: String,
     },
-    /// Replace declared object `index` by `object`.
+    /// Replace the declared object of the same kind, namespace and name by `object`
+    /// (found again when made: stopping a waypoint removes objects before it).
     Labels {
-        index: usize,
         object: Value,
         what: String,
     },
@@ -289,7 +289,6 @@ impl Live {
             };
             if replacement != *running {
                 changes.push(Change::Labels {
-                    index,
                     object: replacement,
                     what: format!("{what}: now {said}"),
                 });
@@ -318,15 +317,14 @@ impl Live {
         let mut labels_changed = false;
         for change in changes {
             let done = match change {
-                Change::Labels {
-                    index,
-                    object,
-                    what,
-                } => {
-                    self.declared[index] = object;
-                    labels_changed = true;
-                    Ok(what)
-                }
+                Change::Labels { object, what } => match self.find(&self.declared, &object) {
+                    Some(index) => {
+                        self.declared[index] = object;
+                        labels_changed = true;
+                        Ok(what)
+                    }
+                    None => Err(format!("{what}: the object is gone from the running mesh")),
+                },
                 Change::StartWaypoint { at, gateway } => self
                     .start(mesh, ambient, recorded, gateway)
                     .map_err(|e| format!("{at}: {e:#}")),
