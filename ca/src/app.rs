@@ -7,7 +7,7 @@ use ambit_core::certificate::{ValidityLimits, WorkloadPlacement};
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::auth::{Authenticator, PeerCertificateAuthenticator, TokenAuthenticator};
+use crate::auth::{Authenticator, PeerCertificateAuthenticator, TokensFile};
 use crate::authority::CertificateAuthority;
 use crate::config::Config;
 use crate::server;
@@ -64,7 +64,7 @@ pub fn token_authenticator(config: &Config) -> anyhow::Result<Option<Arc<dyn Aut
     let Some(path) = &config.tokens else {
         return Ok(None);
     };
-    let tokens = TokenAuthenticator::from_file(path)?;
+    let tokens = TokensFile::open(path)?;
     tracing::info!(path = %path.display(), tokens = tokens.len(), "loaded bearer tokens");
     Ok(Some(Arc::new(tokens)))
 }

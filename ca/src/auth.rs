@@ -243,6 +243,90 @@ impl Authenticator for TokenAuthenticator {
     }
 }
 
+/// The tokens file, read again whenever it changes (its modification time or size),
+/// so a caller added while the CA runs (a waypoint `ambitctl local apply` starts) is
+/// recognised, and one removed is no longer. A file that changed but cannot be read or
+/// parsed keeps the tokens last read (and says why in the log): a half-written file
+/// never locks every caller out.
+pub struct TokensFile {
+    path: std::path::PathBuf,
+    current: std::sync::RwLock<(Option<FileStamp>, Arc<TokenAuthenticator>)>,
+}
+
+/// What tells that the file changed.
+type FileStamp = (std::time::SystemTime, u64);
+
+impl fmt::Debug for TokensFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokensFile({})", self.path.display())
+    }
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+impl TokensFile {
+    /// Reads `path`; errors if it cannot be read or parsed now.
+    pub fn open(path: &Path) -> Result<Self, TokensFileError> {
+        let at = stamp(path);
+        let tokens = TokenAuthenticator::from_file(path)?;
+        Ok(TokensFile {
+            path: path.to_owned(),
+            current: std::sync::RwLock::new((at, Arc::new(tokens))),
+        })
+    }
+
+    /// The tokens as the file holds them now (or as last read, if it cannot be).
+    fn tokens(&self) -> Arc<TokenAuthenticator> {
+        let now = stamp(&self.path);
+        {
+            let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+            if current.0 == now {
+                return current.1.clone();
+            }
+        }
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.0 != now {
+            // Whatever happens, this version of the file is not read again.
+            current.0 = now;
+            match TokenAuthenticator::from_file(&self.path) {
+                Ok(tokens) => {
+                    tracing::info!(path = %self.path.display(), tokens = tokens.len(), "bearer tokens read again: the file changed");
+                    current.1 = Arc::new(tokens);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the tokens file changed but cannot be read; keeping the tokens read before")
+                }
+            }
+        }
+        current.1.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens().is_empty()
+    }
+}
+
+impl Authenticator for TokensFile {
+    fn name(&self) -> &'static str {
+        "bearer token"
+    }
+
+    fn authenticate<'a>(
+        &'a self,
+        credentials: &'a Credentials,
+    ) -> BoxFuture<'a, Result<Option<Caller>, AuthError>> {
+        let tokens = self.tokens();
+        Box::pin(async move { tokens.authenticate(credentials).await })
+    }
+}
+
 /// A caller presenting a mesh certificate (verified to chain to the mesh root by the
 /// TLS layer) is that certificate's identity. Such callers are never node agents: a
 /// certificate does not say which node it runs on, so impersonation needs a token.
@@ -293,6 +377,37 @@ mod tests {
             bearer_token: token.map(String::from),
             peer_identity: peer.map(|p| SpiffeId::parse(p).unwrap()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_changed_tokens_file_is_read_again_and_a_broken_one_keeps_the_last_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        std::fs::write(&path, FILE).unwrap();
+        let tokens = TokensFile::open(&path).unwrap();
+        let added = "added-waypoint-token-0123456789";
+        let who = |tokens: &TokensFile, token: &str| {
+            let creds = creds(Some(token), None);
+            futures::executor::block_on(tokens.authenticate(&creds))
+                .map(|c| c.map(|c| c.identity.to_string()))
+        };
+        assert!(who(&tokens, added).is_err());
+        let more = format!(
+            "{FILE}- token: \"{added}\"\n  identity: spiffe://cluster.local/ns/shop/sa/wp\n"
+        );
+        std::fs::write(&path, &more).unwrap();
+        assert_eq!(
+            who(&tokens, added).unwrap().as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/wp")
+        );
+        assert_eq!(tokens.len(), 3);
+        // Half written: the tokens read before still hold.
+        std::fs::write(&path, "- token: [").unwrap();
+        assert!(who(&tokens, added).unwrap().is_some());
+        // Removed: no longer recognised.
+        std::fs::write(&path, FILE).unwrap();
+        assert!(who(&tokens, added).is_err());
+        assert!(who(&tokens, "workload-token-0123456789").unwrap().is_some());
     }
 
     #[tokio::test]

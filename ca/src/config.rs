@@ -26,7 +26,8 @@ pub struct Config {
     #[arg(long, env = "AMBIT_CA_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
 
-    /// YAML list of static bearer tokens: `{token, identity, nodeAgent, node}`.
+    /// YAML list of static bearer tokens: `{token, identity, nodeAgent, node}`. Read
+    /// again when it changes (a broken new version keeps the tokens read before).
     #[arg(long, env = "AMBIT_CA_TOKENS")]
     pub tokens: Option<PathBuf>,
 

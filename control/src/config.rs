@@ -70,6 +70,7 @@ impl Config {
                 .waypoint_control_plane
                 .clone()
                 .unwrap_or_else(|| format!("ambit-control.{}.svc:15012", self.ca.system_namespace)),
+            trust_domain: self.ca.trust_domain.to_string(),
         }
     }
 

@@ -36,7 +36,7 @@ use crate::resources::{ObjectKey, Resources};
 pub use ambit_k8s::{authz, peer_authn};
 pub mod routes;
 mod service_entries;
-pub mod waypoints;
+pub use ambit_k8s::waypoints;
 
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -345,12 +345,9 @@ fn attach_policies(
     (policies, l7_policies, status)
 }
 
-/// The label that binds a pod, service or namespace to a waypoint (`none`: to none).
-pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
-/// The namespace of that waypoint, when it is not the object's own.
-pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
-/// The label a Gateway's (a waypoint's) own pods and service carry.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+pub use ambit_k8s::waypoints::{
+    GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL,
+};
 
 /// Workload IPs, service VIPs and service names in use, and by whom.
 #[derive(Default)]
@@ -680,23 +677,7 @@ pub(crate) fn name_protocol(name: &str) -> Option<String> {
         .then_some(prefix)
 }
 
-/// The entries of `map` (keyed by namespace, then name) in `namespace`: a range, not a
-/// scan, so a service's endpoints cost its namespace's pods, not the cluster's.
-pub(crate) fn in_namespace<'a, K, V>(
-    map: &'a BTreeMap<K, V>,
-    namespace: &str,
-) -> impl Iterator<Item = (&'a K, &'a V)> + 'a
-where
-    K: std::borrow::Borrow<ObjectKey> + Ord,
-{
-    let start = ObjectKey::new(namespace, "");
-    let namespace = namespace.to_owned();
-    map.range::<ObjectKey, _>((
-        std::ops::Bound::Included(&start),
-        std::ops::Bound::Unbounded,
-    ))
-    .take_while(move |(k, _)| (*k).borrow().namespace == namespace)
-}
+pub(crate) use ambit_k8s::resources::in_namespace;
 
 /// Endpoints from the service's selector over the running pods of its namespace. A pod
 /// that lacks a named target port is not an endpoint.

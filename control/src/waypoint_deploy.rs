@@ -32,7 +32,21 @@ pub struct WaypointPods {
     pub image: String,
     /// Where the waypoint reaches the control plane (CA and xDS), `host:port`.
     pub control_plane: String,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
 }
+
+/// Where a waypoint pod reads its service-account token: projected for the CA's
+/// audience (`istio-ca`, what the control plane's TokenReview asks for) and rotated
+/// by the kubelet; the waypoint reads it again for every request.
+pub const TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+
+/// Where a waypoint pod reads the mesh root: ConfigMap `istio-ca-root-cert`, which
+/// the control plane keeps in every namespace.
+pub const ROOT_PATH: &str = "/var/run/secrets/istio/root-cert.pem";
+
+/// The waypoint's ports in its pod: HBONE, metrics, readiness (its flags' defaults).
+pub const PORTS: [(&str, u16); 3] = [("mesh", 15008), ("metrics", 15020), ("status-port", 15021)];
 
 /// One object to apply: its kind and its applied configuration.
 pub type Applied = (&'static str, ObjectKey, Value);
@@ -113,24 +127,40 @@ fn for_gateway(key: &ObjectKey, gateway: &Gateway, uid: &str, pods: &WaypointPod
                     "containers": [{
                         "name": "waypoint",
                         "image": pods.image,
-                        "ports": [
-                            {"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
-                            {"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
-                            {"name": "status-port", "containerPort": 15021, "protocol": "TCP"},
-                        ],
+                        "ports": PORTS.iter().map(|(name, port)| json!({
+                            "name": name, "containerPort": port, "protocol": "TCP",
+                        })).collect::<Vec<_>>(),
+                        // Exactly the variables the waypoint's flags read
+                        // (`waypoint/src/config.rs`; `tests/tests/waypoint_deploy.rs`
+                        // parses them with its parser).
                         "env": [
-                            {"name": "AMBIT_CONTROL_PLANE", "value": pods.control_plane},
-                            {"name": "AMBIT_WAYPOINT_NAME", "value": name},
-                            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
-                            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
-                            {"name": "NODE_NAME", "valueFrom": field("spec.nodeName")},
-                            {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
+                            {"name": "AMBIT_GATEWAY", "value": format!("{}/{name}", key.namespace)},
+                            {"name": "AMBIT_SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
+                            {"name": "AMBIT_TRUST_DOMAIN", "value": pods.trust_domain},
+                            {"name": "AMBIT_CONTROL_ADDRESS", "value": pods.control_plane},
+                            {"name": "AMBIT_CA_ROOT", "value": ROOT_PATH},
+                            {"name": "AMBIT_TOKEN_FILE", "value": TOKEN_PATH},
+                            {"name": "INSTANCE_IP", "valueFrom": field("status.podIP")},
                         ],
                         "readinessProbe": {
                             "httpGet": {"path": "/healthz/ready", "port": 15021},
                             "periodSeconds": 2,
                         },
+                        "volumeMounts": [
+                            {"name": "istio-token", "mountPath": parent(TOKEN_PATH), "readOnly": true},
+                            {"name": "istiod-ca-cert", "mountPath": parent(ROOT_PATH), "readOnly": true},
+                        ],
                     }],
+                    "volumes": [
+                        {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+                            "audience": crate::token_review::AUDIENCE,
+                            "expirationSeconds": 43200,
+                            "path": file_name(TOKEN_PATH),
+                        }}]}},
+                        {"name": "istiod-ca-cert", "configMap": {
+                            "name": crate::cluster_ca::ROOT_CONFIGMAP,
+                        }},
+                    ],
                 },
             },
         },
@@ -144,6 +174,14 @@ fn for_gateway(key: &ObjectKey, gateway: &Gateway, uid: &str, pods: &WaypointPod
         ("Service", key.clone(), service),
         ("Deployment", key.clone(), deployment),
     ]
+}
+
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map_or("/", |(dir, _)| dir)
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit_once('/').map_or(path, |(_, file)| file)
 }
 
 /// Applies what [`objects`] says, remembering what it applied so an unchanged object
@@ -236,6 +274,7 @@ mod tests {
         let pods = WaypointPods {
             image: "ambit/waypoint:test".into(),
             control_plane: "ambit-control.ambit-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
         };
         let objects = objects(&resources, &pods);
         let names: Vec<String> = objects.iter().map(|(k, o, _)| format!("{k} {o}")).collect();

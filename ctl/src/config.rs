@@ -73,16 +73,21 @@ pub enum LocalCommand {
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
     },
-    /// The running mesh: nodes, pods, services, enrolment.
+    /// The running mesh: nodes, pods, services, enrolment, and each waypoint with
+    /// what it serves.
     Status,
-    /// Applies a file of AuthorizationPolicy, PeerAuthentication or ServiceEntry
-    /// objects to the running mesh, as `kubectl apply -f` would (applying the same
-    /// file again replaces what it applied before).
+    /// Applies a file to the running mesh, as `kubectl apply -f` would (applying the
+    /// same file again replaces what it applied before): AuthorizationPolicy,
+    /// PeerAuthentication, ServiceEntry, HTTPRoute and GRPCRoute objects; a Gateway of
+    /// class istio-waypoint (its waypoint pod starts); a running Namespace, Service or
+    /// Pod whose only change is a waypoint label (istio.io/use-waypoint,
+    /// istio.io/use-waypoint-namespace, istio.io/waypoint-for).
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// Deletes what `local apply -f FILE` applied.
+    /// Deletes what `local apply -f FILE` applied: a Gateway's waypoint stops, waypoint
+    /// labels go back to what `local up` read.
     Delete {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,

@@ -3,8 +3,11 @@
 //! removes whatever a killed supervisor left); `exec`, `status` and `down` find it
 //! through the state directory ([`state`]).
 
+mod live;
+mod requests;
 mod state;
 mod supervisor;
+mod waypoints;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -36,7 +39,7 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
         LocalCommand::Exec { pod, command } => exec(state_dir, &pod, &command),
         LocalCommand::Status => {
             let mesh = running(state_dir)?;
-            crate::out!("{}", describe(&mesh))?;
+            crate::out!("{}", describe(&mesh, &waypoints_of(&mesh)))?;
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Apply { file } => apply(state_dir, &file),
@@ -50,8 +53,80 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
 }
 
 /// Kinds `local apply` takes: those the control plane reads that need nothing of the
-/// mesh (pods, services and namespaces come from the directory `up` ran).
-const APPLY_KINDS: [&str; 3] = ["AuthorizationPolicy", "PeerAuthentication", "ServiceEntry"];
+/// mesh, written for it; and ([`live::MESH_KINDS`]) a waypoint Gateway, which the
+/// supervisor starts, and the waypoint labels of a running Namespace, Service or Pod
+/// (pods, services and namespaces themselves come from the directory `up` ran).
+const APPLY_KINDS: [&str; 5] = [
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "ServiceEntry",
+    "HTTPRoute",
+    "GRPCRoute",
+];
+
+/// How long the supervisor may take to answer (a waypoint has to start).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A document for the supervisor, with where it was written (`file:line`).
+type MeshDocument = (String, serde_json::Value);
+
+/// The documents of `file` for the supervisor ([`live::MESH_KINDS`]), and the text of
+/// the others for the control plane (`text` itself when there are no mesh documents,
+/// so its comments stay; `None` when there are no others).
+fn split_for_mesh(file: &Path, text: &str) -> anyhow::Result<(Vec<MeshDocument>, Option<String>)> {
+    let documents = crate::manifest::parse_documents(file, text)?;
+    let is_mesh = |v: &serde_json::Value| {
+        v["kind"]
+            .as_str()
+            .is_some_and(|k| live::MESH_KINDS.contains(&k))
+    };
+    if !documents.iter().any(|(_, v)| is_mesh(v)) {
+        return Ok((Vec::new(), Some(text.to_owned())));
+    }
+    let mut mesh = Vec::new();
+    let mut rest = Vec::new();
+    for (at, value) in documents {
+        if is_mesh(&value) {
+            mesh.push((at.to_string(), value));
+        } else {
+            rest.push(serde_yaml_ng::to_string(&value)?);
+        }
+    }
+    Ok((mesh, (!rest.is_empty()).then(|| rest.join("---\n"))))
+}
+
+/// Asks the running mesh's supervisor for what only it can do; prints what it did.
+fn ask_supervisor(
+    state_dir: &Path,
+    delete: bool,
+    objects: Vec<(String, serde_json::Value)>,
+) -> anyhow::Result<()> {
+    let mesh = running(state_dir)?;
+    let reply = requests::send(
+        state_dir,
+        mesh.supervisor,
+        &requests::Request { delete, objects },
+        REQUEST_TIMEOUT,
+    )?;
+    if !reply.ok {
+        for line in &reply.lines {
+            crate::output::stderr(format_args!("{line}"));
+        }
+        anyhow::bail!(
+            "refused by the running mesh ({} line(s) above){}",
+            reply.lines.len(),
+            if reply.lines.len() > 1 {
+                "; what the lines before the last say was done stays done"
+            } else {
+                ", nothing changed"
+            }
+        );
+    }
+    for line in &reply.lines {
+        crate::outln!("{line}")?;
+    }
+    Ok(())
+}
 
 /// Where the control plane of the running mesh reads what `file` applies.
 fn applied_path(state_dir: &Path, file: &Path) -> anyhow::Result<PathBuf> {
@@ -86,10 +161,16 @@ fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
         "{}: no object in it",
         file.display()
     );
+    let (for_mesh, for_control) = split_for_mesh(file, &text)?;
     let target = applied_path(state_dir, file)?;
-    let temporary = target.with_extension("tmp");
-    fs::write(&temporary, &text).with_context(|| format!("{}", temporary.display()))?;
-    fs::rename(&temporary, &target).with_context(|| format!("{}", target.display()))?;
+    if !for_mesh.is_empty() {
+        ask_supervisor(state_dir, false, for_mesh)?;
+    }
+    if let Some(for_control) = for_control {
+        let temporary = target.with_extension("tmp");
+        fs::write(&temporary, &for_control).with_context(|| format!("{}", temporary.display()))?;
+        fs::rename(&temporary, &target).with_context(|| format!("{}", target.display()))?;
+    }
     for object in checked.applied {
         crate::outln!("{object} applied")?;
     }
@@ -157,13 +238,25 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
             Object::PeerAuthentication(p) => {
                 Some(ambit_k8s::peer_authn::read_object(&key, p).acceptance)
             }
-            Object::ServiceEntry(_) => None,
+            Object::ServiceEntry(_) | Object::HttpRoute(_) | Object::GrpcRoute(_) => None,
             _ if !apply => None,
+            Object::Gateway(g) if g.spec.gateway_class_name != crate::manifest::WAYPOINT_CLASS => {
+                checked.refusals.push(format!(
+                    "{at}: Gateway {key}: spec.gatewayClassName is {:?}: the local mesh runs Gateways of class {} (waypoints) only",
+                    g.spec.gateway_class_name,
+                    crate::manifest::WAYPOINT_CLASS
+                ));
+                continue;
+            }
+            // The supervisor checks these against the running mesh.
+            Object::Gateway(_) | Object::Namespace(_) | Object::Service(_) | Object::Pod(_) => None,
             other => {
                 checked.refusals.push(format!(
-                    "{at}: kind {:?}: `local apply` takes {}; pods, services and namespaces come from the directory given to `local up`",
+                    "{at}: kind {:?}: `local apply` takes {}, a Gateway of class {} (a waypoint), and the waypoint labels ({}) of a running Namespace, Service or Pod",
                     other.kind(),
-                    APPLY_KINDS.join(", ")
+                    APPLY_KINDS.join(", "),
+                    crate::manifest::WAYPOINT_CLASS,
+                    live::WAYPOINT_LABELS.join(", ")
                 ));
                 continue;
             }
@@ -189,11 +282,21 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
 
 fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let target = applied_path(state_dir, file)?;
+    // The mesh's part (a waypoint, waypoint labels) from the file as it is now.
+    let for_mesh = match fs::read_to_string(file) {
+        Ok(text) => split_for_mesh(file, &text)?.0,
+        Err(_) => Vec::new(),
+    };
+    let had_mesh = !for_mesh.is_empty();
+    if had_mesh {
+        ask_supervisor(state_dir, true, for_mesh)?;
+    }
     match fs::remove_file(&target) {
         Ok(()) => {
             crate::outln!("what {} applied is deleted", file.display())?;
             Ok(ExitCode::SUCCESS)
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && had_mesh => Ok(ExitCode::SUCCESS),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             anyhow::bail!(
                 "nothing applied from {} (see `local apply -f`)",
@@ -314,7 +417,7 @@ fn up(
     }
     let mesh = MeshState::read(state_dir)?;
     crate::outln!()?;
-    crate::out!("{}", describe(&mesh))?;
+    crate::out!("{}", describe(&mesh, &waypoints_of(&mesh)))?;
     crate::outln!()?;
     crate::outln!("Try (as root):")?;
     let client = mesh.pods.iter().find(|p| p.enrolled).or(mesh.pods.first());
@@ -484,8 +587,17 @@ fn exec(state_dir: &Path, pod: &str, command: &[std::ffi::OsString]) -> anyhow::
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
+/// The mesh's waypoints as its control plane binds them; what could not be read is a
+/// note, not a failure of `status`.
+fn waypoints_of(mesh: &MeshState) -> waypoints::Waypoints {
+    waypoints::read(mesh, &mesh.dir.join("k8s")).unwrap_or_else(|e| waypoints::Waypoints {
+        waypoints: Vec::new(),
+        problems: vec![format!("cannot read the control plane's objects: {e:#}")],
+    })
+}
+
 /// The mesh as a few tables.
-fn describe(mesh: &MeshState) -> String {
+fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints) -> String {
     let mut out = format!(
         "local mesh {} running {} (supervisor pid {})\ncontrol plane: ambit-control on {} (namespace {})\n\n",
         mesh.id,
@@ -570,6 +682,33 @@ fn describe(mesh: &MeshState) -> String {
         }
         out.push_str(&columns(&table));
     }
+    if !waypoints.waypoints.is_empty() {
+        out.push('\n');
+        let mut table = vec![vec![
+            "WAYPOINT".to_owned(),
+            "POD".to_owned(),
+            "READY".to_owned(),
+            "IDENTITY".to_owned(),
+            "SERVES (istio.io/use-waypoint)".to_owned(),
+        ]];
+        for w in &waypoints.waypoints {
+            table.push(vec![
+                w.gateway.clone(),
+                w.pod.clone().unwrap_or_else(|| "-".to_owned()),
+                w.readiness.clone(),
+                w.identity.clone(),
+                if w.serves.is_empty() {
+                    "nothing bound".to_owned()
+                } else {
+                    w.serves.join(", ")
+                },
+            ]);
+        }
+        out.push_str(&columns(&table));
+    }
+    for problem in &waypoints.problems {
+        out.push_str(&format!("waypoint binding: {problem}\n"));
+    }
     for note in &mesh.notes {
         out.push_str(&format!("note: {note}\n"));
     }
@@ -611,7 +750,7 @@ mod tests {
 
     #[test]
     fn apply_refuses_unreadable_and_invalid_policies_and_other_kinds_and_notes_the_rest() {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\n\
+        let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: p}\n---\n\
             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
             metadata: {name: a, namespace: shop}\nspec: {action: MAYBE}\n---\n\
             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
@@ -622,7 +761,10 @@ mod tests {
         let checked = check(Path::new("f.yaml"), text, true);
         let all = checked.refusals.join("\n");
         assert_eq!(checked.refusals.len(), 3, "{all}");
-        assert!(all.contains("f.yaml:1: document 1: kind \"Pod\""), "{all}");
+        assert!(
+            all.contains("f.yaml:1: document 1: kind \"GatewayClass\""),
+            "{all}"
+        );
         assert!(
             all.contains("f.yaml:5: document 2: AuthorizationPolicy shop/a: spec.action"),
             "{all}"
@@ -633,6 +775,42 @@ mod tests {
         );
         assert_eq!(checked.notes.len(), 1, "{:?}", checked.notes);
         assert!(checked.notes[0].contains("methods"), "{:?}", checked.notes);
+        // Routes are the control plane's; a waypoint Gateway and running objects are
+        // the supervisor's to check; another Gateway class is refused here.
+        let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+            metadata: {name: r, namespace: shop}\n\
+            spec: {parentRefs: [{group: \"\", kind: Service, name: s}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+            metadata: {name: g, namespace: shop}\n\
+            spec: {parentRefs: [{group: \"\", kind: Service, name: s}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+            metadata: {name: wp, namespace: shop}\nspec: {gatewayClassName: istio-waypoint, listeners: []}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+            metadata: {name: in, namespace: shop}\nspec: {gatewayClassName: istio, listeners: []}\n";
+        let checked = check(Path::new("r.yaml"), routes, true);
+        assert_eq!(
+            checked.applied,
+            ["HTTPRoute shop/r", "GRPCRoute shop/g", "Gateway shop/wp"]
+        );
+        assert_eq!(checked.refusals.len(), 1, "{:?}", checked.refusals);
+        assert!(
+            checked.refusals[0].contains("Gateway shop/in: spec.gatewayClassName is \"istio\""),
+            "{:?}",
+            checked.refusals
+        );
+        let (mesh, control) = split_for_mesh(Path::new("r.yaml"), routes).unwrap();
+        let kinds: Vec<&str> = mesh
+            .iter()
+            .map(|(_, v)| v["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["Gateway", "Gateway"]);
+        let control = control.unwrap();
+        assert!(
+            control.contains("kind: HTTPRoute")
+                && control.contains("kind: GRPCRoute")
+                && !control.contains("kind: Gateway\n"),
+            "{control}"
+        );
         // For `up`, any kind; the same policies refused.
         assert_eq!(check(Path::new("f.yaml"), text, false).refusals.len(), 2);
     }

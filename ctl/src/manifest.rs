@@ -407,7 +407,12 @@ fn pod(
 
 /// The Pod and the Service a cluster's control plane would make for waypoint
 /// Gateway `namespace/name` (its Deployment's one replica), on `node`.
-fn waypoint_objects(namespace: &str, name: &str, gateway: &Value, node: &str) -> (Value, Value) {
+pub(crate) fn waypoint_objects(
+    namespace: &str,
+    name: &str,
+    gateway: &Value,
+    node: &str,
+) -> (Value, Value) {
     let account = gateway["metadata"]["annotations"][WAYPOINT_ACCOUNT_ANNOTATION]
         .as_str()
         .filter(|a| !a.is_empty())
@@ -559,7 +564,7 @@ fn labels(value: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

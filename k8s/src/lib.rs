@@ -8,7 +8,8 @@
 //! - [`security`], [`service_entry`]: Istio's kinds as Ambit keeps them; [`gateway`]:
 //!   Gateway API's Gateway and GatewayClass (what declares a waypoint);
 //! - [`authz`], [`peer_authn`]: the pure validation and translation of
-//!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies.
+//!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies;
+//! - [`waypoints`]: which Gateways are waypoints and what binds to them.
 //!
 //! It must not: do IO (callers read the files), or depend on a component.
 
@@ -20,6 +21,7 @@ pub mod read;
 pub mod resources;
 pub mod security;
 pub mod service_entry;
+pub mod waypoints;
 
 pub use resources::{Kind, Object, ObjectKey, Resources};
 

@@ -261,3 +261,21 @@ impl Resources {
         }
     }
 }
+
+/// The entries of `map` (keyed by namespace, then name) in `namespace`: a range, not a
+/// scan, so a service's endpoints cost its namespace's pods, not the cluster's.
+pub fn in_namespace<'a, K, V>(
+    map: &'a BTreeMap<K, V>,
+    namespace: &str,
+) -> impl Iterator<Item = (&'a K, &'a V)> + 'a
+where
+    K: std::borrow::Borrow<ObjectKey> + Ord,
+{
+    let start = ObjectKey::new(namespace, "");
+    let namespace = namespace.to_owned();
+    map.range::<ObjectKey, _>((
+        std::ops::Bound::Included(&start),
+        std::ops::Bound::Unbounded,
+    ))
+    .take_while(move |(k, _)| (*k).borrow().namespace == namespace)
+}

@@ -95,6 +95,8 @@ pub struct Ambient {
     config: AmbientConfig,
     control: Process,
     ztunnels: Vec<Ztunnel>,
+    /// The CA's tokens file, entry by entry: the nodes', then each account's.
+    tokens: Vec<(Option<ServiceAccount>, String)>,
 }
 
 #[derive(Debug)]
@@ -111,25 +113,22 @@ impl Ambient {
     /// `ambit-control` in the fabric namespace and a ztunnel in every node, and waits
     /// until each is ready.
     pub fn start(mesh: &LocalMesh, config: AmbientConfig) -> Result<Ambient, MeshError> {
-        let dir = mesh.dir();
-        let mut tokens = String::new();
+        let mut tokens = Vec::new();
         for node in mesh.nodes() {
             let token = random_token();
             write_secret(&token_file(mesh, node.name()), &token)?;
-            tokens.push_str(&format!(
-                "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
-                node.name()
+            tokens.push((
+                None,
+                format!(
+                    "- token: \"{token}\"\n  identity: spiffe://cluster.local/ns/ambit-system/sa/ztunnel\n  nodeAgent: true\n  node: {}\n",
+                    node.name()
+                ),
             ));
         }
         for account in &config.accounts {
-            let token = random_token();
-            write_secret(&account_token_file(mesh, account), &token)?;
-            tokens.push_str(&format!(
-                "- token: \"{token}\"\n  identity: {}\n",
-                account.identity()
-            ));
+            tokens.push((Some(account.clone()), account_token(mesh, account)?));
         }
-        write_secret(&dir.join("tokens.yaml"), &tokens)?;
+        write_tokens(mesh, &tokens)?;
         mesh.write_kubernetes()?;
         let control = start_control(mesh, &config)?;
         let mut ztunnels = Vec::new();
@@ -147,6 +146,7 @@ impl Ambient {
             config,
             control,
             ztunnels,
+            tokens,
         };
         if ambient.config.node_agent.is_some() {
             for node in mesh.nodes() {
@@ -154,6 +154,35 @@ impl Ambient {
             }
         }
         Ok(ambient)
+    }
+
+    /// Gives `account` a bearer token the running control plane accepts (it reads its
+    /// tokens file again when it changes), in [`account_token_file`]; for a waypoint
+    /// started while the mesh runs. An account that has one keeps it.
+    pub fn add_account(
+        &mut self,
+        mesh: &LocalMesh,
+        account: &ServiceAccount,
+    ) -> Result<(), MeshError> {
+        if self.tokens.iter().any(|(a, _)| a.as_ref() == Some(account)) {
+            return Ok(());
+        }
+        let entry = account_token(mesh, account)?;
+        self.tokens.push((Some(account.clone()), entry));
+        write_tokens(mesh, &self.tokens)
+    }
+
+    /// Takes `account`'s token away (the control plane no longer accepts it) and
+    /// removes its token file.
+    pub fn remove_account(
+        &mut self,
+        mesh: &LocalMesh,
+        account: &ServiceAccount,
+    ) -> Result<(), MeshError> {
+        self.tokens.retain(|(a, _)| a.as_ref() != Some(account));
+        write_tokens(mesh, &self.tokens)?;
+        let _ = std::fs::remove_file(account_token_file(mesh, account));
+        Ok(())
     }
 
     /// Starts `node`'s ztunnel again (after [`Process::stop`] or a kill), on the same
@@ -576,6 +605,24 @@ pub async fn config_dump(mesh: &LocalMesh, node: &str) -> std::io::Result<String
 }
 
 /// A node agent's bearer token: 256 random bits, hex (a CSPRNG seeded by the OS).
+/// A new token for `account`, written to its token file; its tokens-file entry.
+fn account_token(mesh: &LocalMesh, account: &ServiceAccount) -> Result<String, MeshError> {
+    let token = random_token();
+    write_secret(&account_token_file(mesh, account), &token)?;
+    Ok(format!(
+        "- token: \"{token}\"\n  identity: {}\n",
+        account.identity()
+    ))
+}
+
+fn write_tokens(
+    mesh: &LocalMesh,
+    tokens: &[(Option<ServiceAccount>, String)],
+) -> Result<(), MeshError> {
+    let text: String = tokens.iter().map(|(_, entry)| entry.as_str()).collect();
+    write_secret(&mesh.dir().join("tokens.yaml"), &text)
+}
+
 fn random_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];

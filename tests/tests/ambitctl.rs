@@ -445,13 +445,14 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     eventually(frontend_gets, || {
         "the deletion to let the frontend in".into()
     });
-    // Pods are not applied this way: they come from the directory `up` ran.
+    // New pods are not applied this way: they come from the directory `up` ran.
     let pod = policies.path().join("pod.yaml");
     std::fs::write(&pod, "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").unwrap();
     let refused = ctl.run(&["local", "apply", "-f", pod.to_str().unwrap()]);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("kind \"Pod\""),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("pod.yaml:1: Pod default/x: not in the running mesh"),
         "{refused:?}"
     );
 
@@ -465,6 +466,25 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
 
     let status = ctl.ok(&["local", "status"]);
     assert!(status.contains("catalog.bookshop"), "{status}");
+    // The waypoint, its pod answering ready, its identity, and what binds to it as the
+    // control plane binds it (the Services' own labels; not the per-version Services).
+    let waypoint = status
+        .lines()
+        .skip_while(|l| !l.starts_with("WAYPOINT "))
+        .find(|l| l.starts_with("bookshop/waypoint "))
+        .unwrap_or_else(|| panic!("no waypoint row: {status}"));
+    let cells: Vec<&str> = waypoint.split("  ").filter(|c| !c.is_empty()).collect();
+    assert_eq!(
+        cells.iter().map(|c| c.trim()).collect::<Vec<_>>(),
+        [
+            "bookshop/waypoint",
+            "bookshop/waypoint-0",
+            "ready",
+            "spiffe://cluster.local/ns/bookshop/sa/waypoint",
+            "Service bookshop/orders, Service bookshop/reviews",
+        ],
+        "{status}"
+    );
 
     // Down: nothing of it is left.
     let mut pids: Vec<u64> = mesh["pids"]
@@ -693,4 +713,308 @@ fn up_refuses_a_policy_the_control_plane_would_not_enforce() {
     assert!(!err.contains("PeerAuthentication"), "{err}");
     assert!(err.contains("refused, nothing started"), "{err}");
     assert!(!ctl.state.path().join("supervisor.pid").exists());
+}
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec:
+  nodeName: node-a
+  serviceAccountName: client
+  containers: [{name: client, image: example/client, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {app: server}}
+spec:
+  nodeName: node-b
+  serviceAccountName: server
+  containers: [{name: server, image: example/server, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+# Only GET, enforced by the Service's waypoint once it has one.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-read-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: server}]
+  action: ALLOW
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#;
+
+/// The Gateway, and the Service as `up` read it but for its waypoint label.
+const WAYPOINT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+#[test]
+fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_delete_undoes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), SHOP).unwrap();
+    let ctl = Ctl::new();
+    ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
+    let request = |method: &str| {
+        let out = ctl.run(&[
+            "local",
+            "exec",
+            "shop/client",
+            "--",
+            "ambitctl",
+            "app",
+            "get",
+            "-X",
+            method,
+            "http://server.shop/items",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let direct = "caller identity: spiffe://cluster.local/ns/shop/sa/client";
+    let via_waypoint = "caller identity: spiffe://cluster.local/ns/shop/sa/wp";
+    // No waypoint yet: straight to the server, the policy is no waypoint's to enforce.
+    let got = request("POST");
+    assert!(
+        got.contains("hello from shop/server") && got.contains(direct),
+        "{got}"
+    );
+
+    let applied = dir.path().join("waypoint.yaml");
+    std::fs::write(&applied, WAYPOINT).unwrap();
+    let out = ctl.ok(&["local", "apply", "-f", applied.to_str().unwrap()]);
+    assert!(
+        out.contains("Gateway shop/wp: waypoint pod shop/wp-0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Service shop/server: now istio.io/use-waypoint=wp"),
+        "{out}"
+    );
+    // Through the new waypoint: the POST is its L7 403, the GET passes as its identity.
+    let seen = std::cell::RefCell::new(String::new());
+    eventually(
+        || {
+            seen.replace(request("POST"));
+            let now = seen.borrow();
+            now.contains("HTTP 403") && now.contains("RBAC: access denied")
+        },
+        || {
+            format!(
+                "no 403 through the waypoint: {}\n{}",
+                seen.borrow(),
+                ctl.logs()
+            )
+        },
+    );
+    let got = request("GET");
+    assert!(
+        got.contains("hello from shop/server") && got.contains(via_waypoint),
+        "{got}"
+    );
+    let status = ctl.ok(&["local", "status"]);
+    let row = status
+        .lines()
+        .skip_while(|l| !l.starts_with("WAYPOINT "))
+        .find(|l| l.starts_with("shop/wp "))
+        .unwrap_or_else(|| panic!("no waypoint row: {status}"));
+    assert!(
+        row.contains("shop/wp-0")
+            && row.contains(" ready ")
+            && row.contains("spiffe://cluster.local/ns/shop/sa/wp")
+            && row.ends_with("Service shop/server"),
+        "{status}"
+    );
+    let waypoint_pid = ctl.process_in("wp-0");
+    assert!(alive(waypoint_pid));
+
+    // More than a waypoint label, or something new: refused, naming object and field.
+    for (yaml, expected) in [
+        (
+            WAYPOINT.replace("port: 80,", "port: 81,"),
+            "Service shop/server: field spec.ports[0].port differs",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: extra, namespace: shop}\nspec: {containers: [{name: a, image: a}]}\n".to_owned(),
+            "Pod shop/extra: not in the running mesh",
+        ),
+        (
+            WAYPOINT.replace("istio-waypoint", "istio"),
+            "spec.gatewayClassName is \"istio\"",
+        ),
+    ] {
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, yaml).unwrap();
+        let out = ctl.run(&["local", "apply", "-f", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expected), "{expected}: {err}");
+    }
+
+    // Deleted: the waypoint stops, the label is as `up` read it, traffic goes direct.
+    let out = ctl.ok(&["local", "delete", "-f", applied.to_str().unwrap()]);
+    assert!(
+        out.contains("Gateway shop/wp: waypoint pod shop/wp-0 stopped"),
+        "{out}"
+    );
+    eventually(
+        || {
+            seen.replace(request("POST"));
+            let now = seen.borrow();
+            now.contains("hello from shop/server") && now.contains(direct)
+        },
+        || format!("not direct again: {}\n{}", seen.borrow(), ctl.logs()),
+    );
+    eventually(|| !alive(waypoint_pid), || "the waypoint still runs".into());
+    let status = ctl.ok(&["local", "status"]);
+    assert!(!status.contains("shop/wp-0"), "{status}");
+    ctl.ok(&["local", "down"]);
+}
+
+/// A process the test started in a pod's network namespace, killed when dropped.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_stopped_waypoint_refuses_its_traffic_naming_it_and_a_restarted_one_serves_it_again() {
+    // The shop of the apply test, with the Service bound and the waypoint from `up`.
+    let bound = SHOP.replace(
+        "metadata: {name: server, namespace: shop}",
+        "metadata: {name: server, namespace: shop, labels: {istio.io/use-waypoint: wp}}",
+    );
+    let gateway = WAYPOINT.split("---").next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), format!("{bound}---{gateway}")).unwrap();
+    let ctl = Ctl::new();
+    ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
+    let request = |method: &str| {
+        let out = ctl.run(&[
+            "local",
+            "exec",
+            "shop/client",
+            "--",
+            "ambitctl",
+            "app",
+            "get",
+            "-X",
+            method,
+            "http://server.shop/items",
+        ]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let via_waypoint = "caller identity: spiffe://cluster.local/ns/shop/sa/wp";
+    let (ok, got) = request("GET");
+    assert!(ok && got.contains(via_waypoint), "{got}");
+    assert!(request("POST").1.contains("HTTP 403"));
+
+    // Stopped (as a crashed container): the client's ztunnel refuses, naming the
+    // waypoint, and the server is never reached around it, not even once.
+    let pid = ctl.process_in("wp-0");
+    let command: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let netns = ctl.netns("wp-0");
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    eventually(|| !alive(pid), || "the waypoint still runs".into());
+    let logs = Path::new(ctl.mesh()["dir"].as_str().unwrap()).join("logs");
+    let refusals = || -> Vec<String> {
+        std::fs::read_dir(&logs)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("ztunnel"))
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("pod=shop/client") && l.contains("waypoint=shop/wp"))
+                    .filter(|l| l.contains("connection reset") || l.contains("refused"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let before = refusals().len();
+    for method in ["GET", "POST"] {
+        let (ok, got) = request(method);
+        assert!(
+            !ok && !got.contains("hello from shop/server"),
+            "{method} went around the stopped waypoint: {got}"
+        );
+    }
+    eventually(
+        || refusals().len() >= before + 2,
+        || {
+            format!(
+                "no refusal naming the waypoint: {:?}\n{}",
+                refusals(),
+                ctl.logs()
+            )
+        },
+    );
+
+    // Restarted with the same command in its pod: served again, policy and all.
+    let log = dir.path().join("waypoint-restarted.log");
+    let restarted = Restarted(
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .arg("--")
+            .args(&command)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(
+        || {
+            let (ok, got) = request("GET");
+            ok && got.contains(via_waypoint)
+        },
+        || {
+            format!(
+                "not served again: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        },
+    );
+    let (ok, got) = request("POST");
+    assert!(
+        !ok && got.contains("HTTP 403") && got.contains("RBAC: access denied"),
+        "{got}"
+    );
+    drop(restarted);
+    ctl.ok(&["local", "down"]);
 }

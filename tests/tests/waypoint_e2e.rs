@@ -239,21 +239,7 @@ impl Shop {
     /// The waypoint's process: the one of the mesh's processes in its pod's network
     /// namespace.
     fn waypoint_pid(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(self.ctl.netns("waypoint-0"))
-            .unwrap()
-            .ino();
-        let want = format!("net:[{ino}]");
-        self.ctl.mesh()["pids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(serde_json::Value::as_u64)
-            .find(|pid| {
-                std::fs::read_link(format!("/proc/{pid}/ns/net"))
-                    .is_ok_and(|l| l.to_string_lossy() == want)
-            })
-            .expect("the waypoint's process")
+        self.ctl.process_in("waypoint-0")
     }
 }
 

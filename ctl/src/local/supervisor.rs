@@ -8,8 +8,10 @@
 //!
 //! `down` is SIGTERM to the supervisor followed by a sweep. The state directory
 //! (`AMBITCTL_STATE_DIR`, default `<tmp>/ambit-localmesh/ctl`) holds `supervisor.pid`
-//! (created exclusively: one mesh per directory), `supervisor.log`, `mesh.json` and
-//! `hosts`.
+//! (created exclusively: one mesh per directory), `supervisor.log`, `mesh.json`,
+//! `hosts` and `requests/`, where `local apply` and `local delete` ask for what only
+//! the supervisor can do ([`super::live`]: start or stop a waypoint, change a running
+//! object's waypoint labels).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +25,8 @@ use ambit_localmesh::{
 use ambit_net::process::LogFormat;
 use anyhow::Context;
 
+use super::live::Live;
+use super::requests::{self, Reply};
 use super::state::{self, MeshState, NodeState, PodState, ServiceState};
 use crate::manifest::{self, App, TargetPort};
 
@@ -71,7 +75,7 @@ async fn supervise(
     mesh.declare_kubernetes(app.objects.clone());
 
     println!("==> starting ambit-control (xDS and the CA), and on every node a ztunnel and the node agent (ambit-cni agent, which joins the node's CNI chain)");
-    let ambient = Ambient::start(
+    let mut ambient = Ambient::start(
         &mesh,
         AmbientConfig {
             control: bin_dir.join("ambit-control"),
@@ -175,7 +179,7 @@ async fn supervise(
             .filter_map(|n| ambient.node_agent(n.name()))
             .map(Process::pid),
     );
-    let recorded = MeshState {
+    let mut recorded = MeshState {
         supervisor: std::process::id(),
         id: mesh.id().to_string(),
         dir: mesh.dir().to_owned(),
@@ -216,8 +220,54 @@ async fn supervise(
     recorded.write(state_dir)?;
     println!("{}", state::READY_LINE);
 
-    ambit_net::process::shutdown_signal().await;
+    // Until `down`: what `local apply` and `local delete` ask of the mesh.
+    let mut live = Live::new(
+        app.objects.clone(),
+        app.nodes
+            .first()
+            .cloned()
+            .unwrap_or_else(|| manifest::DEFAULT_NODE.to_owned()),
+        bin_dir.join("waypoint"),
+        log_format,
+        DEADLINE,
+    );
+    let shutdown = ambit_net::process::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut poll = tokio::time::interval(requests::POLL);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = poll.tick() => {}
+        }
+        for (reply_at, request) in requests::take(state_dir) {
+            let reply = match request {
+                Ok(request) => {
+                    let reply = live
+                        .handle(&mesh, &mut ambient, &mut recorded, &request)
+                        .await;
+                    for line in &reply.lines {
+                        println!(
+                            "==> {} {line}",
+                            if request.delete { "delete:" } else { "apply:" }
+                        );
+                    }
+                    reply
+                }
+                Err(why) => Reply {
+                    ok: false,
+                    lines: vec![why],
+                },
+            };
+            if let Err(e) = recorded.write(state_dir) {
+                println!("==> cannot record the mesh: {e:#}");
+            }
+            if let Err(e) = requests::answer(&reply_at, &reply) {
+                println!("==> cannot answer {}: {e:#}", reply_at.display());
+            }
+        }
+    }
     println!("==> stopping: demo apps, ztunnels, control plane, pods (CNI DEL), namespaces");
+    drop(live);
     drop(apps);
     drop(ambient);
     mesh.teardown()?;

@@ -76,6 +76,24 @@ impl Ctl {
             .to_owned()
     }
 
+    /// The process of the mesh's running in pod `name`'s network namespace (a
+    /// waypoint's).
+    pub fn process_in(&self, name: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(self.netns(name)).unwrap().ino();
+        let want = format!("net:[{ino}]");
+        self.mesh()["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .find(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|l| l.to_string_lossy() == want)
+            })
+            .unwrap_or_else(|| panic!("no process of the mesh in pod {name}"))
+    }
+
     /// Every log of the mesh's processes, for failure messages.
     pub fn logs(&self) -> String {
         let mut out =

@@ -1,6 +1,8 @@
 //! Waypoints (reference §3.1, §3.2): which Gateways are waypoints, what binds to
 //! them, the policies attached to them, and the status each object should carry. Pure:
-//! the objects in, the bindings and conditions out.
+//! the objects in, the bindings and conditions out. The control plane's translation
+//! and `ambitctl local status` (what each local waypoint serves) both read bindings
+//! here, so they cannot disagree.
 //!
 //! - A Gateway of class `istio-waypoint` with one listener on 15008, protocol HBONE, is
 //!   a waypoint; any other listener shape gets listener `Accepted=False`
@@ -35,7 +37,12 @@ use crate::gateway::{
 };
 use crate::resources::{ObjectKey, Resources};
 
-use super::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
+/// The label that binds a pod, service or namespace to a waypoint (`none`: to none).
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The namespace of that waypoint, when it is not the object's own.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// The label a Gateway's (a waypoint's) own pods and service carry.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// The annotation naming a waypoint's service account, when not the Gateway's name.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "gateway.istio.io/service-account";
@@ -151,7 +158,7 @@ impl<'a> Gateways<'a> {
                         .chain(spec.cluster_ip.as_ref())
                         .find_map(|ip| ip.parse::<IpAddr>().ok())
                 });
-            let ready = super::in_namespace(&resources.pods, &key.namespace)
+            let ready = crate::resources::in_namespace(&resources.pods, &key.namespace)
                 .any(|(_, pod)| is_ready_pod_of(pod, &key.name, &service_account));
             by_key.insert(
                 key.clone(),
