@@ -110,6 +110,8 @@ struct Sample {
     cpu_per_1k: f64,
     /// The proxy's resident set at its end, MB (0 on (a)).
     rss_mb: f64,
+    /// Of which anonymous memory (heap, stacks: not the binary's mapped pages), MB.
+    anon_mb: f64,
     p50_ms: f64,
     p99_ms: f64,
     wrk_rps: f64,
@@ -561,6 +563,7 @@ fn fixed_rate(
         let cores = (process_ticks(pid) - before) as f64 / ticks_per_second() / wall;
         s.cpu_per_1k = cores * 1000.0 * 1000.0 / s.fixed_rps;
         s.rss_mb = rss_bytes(pid) as f64 / 1e6;
+        s.anon_mb = anon_rss_bytes(pid) as f64 / 1e6;
     }
 }
 
@@ -611,6 +614,19 @@ fn h2load(h: &Harness, client: &Pod, path: Path3, plan: &Plan) -> f64 {
         .find(|l| l.starts_with("finished in"))
         .unwrap_or_else(|| panic!("no `finished in` in h2load output:\n{out}"));
     number_after(finished, ",")
+}
+
+/// The anonymous part of `pid`'s resident set in bytes (`RssAnon`): what it allocated,
+/// without the pages of its binary and libraries (Envoy's binary is about 100 MB).
+fn anon_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"));
+    kb * 1024
 }
 
 /// The first number after `anchor` in `text`.
@@ -932,6 +948,13 @@ fn report(samples: &[[Sample; 3]], plan: &Plan) -> String {
         fmt(col(2, &rss), 1),
         rss_b / rss_c,
         mark(rss_b <= 0.5 * rss_c && rss_b <= 20.0)
+    );
+    let anon = |s: &Sample| s.anon_mb;
+    out += &format!(
+        "| of which anonymous (RssAnon, MB) | - | {} | {} | {:.2} | - | - |\n",
+        fmt(col(1, &anon), 1),
+        fmt(col(2, &anon), 1),
+        ratio(col(1, &anon), col(2, &anon)),
     );
     let p50 = |s: &Sample| s.p50_ms;
     let p99 = |s: &Sample| s.p99_ms;
