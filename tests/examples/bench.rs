@@ -15,10 +15,14 @@
 //! Run (as root): `scripts/bench.sh`. The report is printed and written to
 //! `target/bench-report.md`. `scripts/bench.sh idle` measures only the memory figure,
 //! `scripts/bench.sh conns` only new connections/s through the mesh (20 s, to profile).
+//! `scripts/bench.sh waypoint [quick]` is the waypoint's benchmark, against Envoy
+//! (`bench/waypoint.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "bench/waypoint.rs"]
+mod waypoint;
 
 use std::time::Duration;
 
@@ -85,18 +89,35 @@ const NGINX_PORTS: [u16; 8] = [8080, 8081, 8082, 8083, 8084, 8085, 8086, 8087];
 /// nginx serving a fixed 200 on `NGINX_PORTS` in `pod`, its files under a fresh
 /// directory.
 fn start_nginx(h: &Harness, pod: &Pod) -> (ambit_localmesh::Process, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("ambit-bench-nginx-{}", std::process::id()));
+    let listens = NGINX_PORTS
+        .map(|p| format!("listen {p} reuseport backlog=4096;"))
+        .join(" ");
+    start_nginx_with(h, pod, |_| {
+        format!("{listens}\n    location / {{ return 200 \"ok\\n\"; }}")
+    })
+}
+
+/// nginx in `pod` with one `server` block, the text `server(dir)` returns (`dir`: its
+/// fresh directory, for files it serves), one worker, no access log.
+fn start_nginx_with(
+    h: &Harness,
+    pod: &Pod,
+    server: impl FnOnce(&std::path::Path) -> String,
+) -> (ambit_localmesh::Process, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "ambit-bench-nginx-{}-{}",
+        std::process::id(),
+        pod.name()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = format!(
         "daemon off;\nworker_processes 1;\nerror_log stderr;\npid {d}/nginx.pid;\n\
          events {{ worker_connections 16384; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    {listens}\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+           server {{\n    {server}\n  }}\n}}\n",
         d = dir.display(),
-        listens = NGINX_PORTS
-            .map(|p| format!("listen {p} reuseport backlog=4096;"))
-            .join(" "),
+        server = server(&dir),
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
@@ -232,6 +253,10 @@ fn measure(h: &Harness, client: &Pod, server: &Pod, enrolled: bool) -> Figures {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("waypoint") {
+        waypoint::main(std::env::args().nth(2).as_deref()).await;
+        return;
+    }
     let mesh = two_nodes();
     let client = mesh
         .add_pod("node-a", PodSpec::new("bench", "client"))

@@ -48,6 +48,17 @@ impl Harness {
 
     /// [`Harness::start_logging`] with more ztunnel flags.
     pub fn start_with(mesh: LocalMesh, log: &str, ztunnel_flags: &[&str]) -> Harness {
+        Self::start_with_accounts(mesh, log, ztunnel_flags, Vec::new())
+    }
+
+    /// [`Harness::start_with`], with service accounts that talk to the control plane
+    /// as themselves (waypoints; see [`AmbientConfig::accounts`]).
+    pub fn start_with_accounts(
+        mesh: LocalMesh,
+        log: &str,
+        ztunnel_flags: &[&str],
+        accounts: Vec<ambit_localmesh::ServiceAccount>,
+    ) -> Harness {
         let config = AmbientConfig {
             control: bin("ambit-control"),
             ztunnel: bin("ztunnel"),
@@ -55,7 +66,7 @@ impl Harness {
             ztunnel_flags: ztunnel_flags.iter().map(|f| f.to_string()).collect(),
             deadline: DEADLINE,
             node_agent: None,
-            accounts: Vec::new(),
+            accounts,
         };
         let ambient = Ambient::start(&mesh, config).unwrap_or_else(|e| panic!("{e}"));
         Harness { mesh, ambient }
