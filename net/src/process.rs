@@ -143,7 +143,7 @@ pub fn init_proxy_process(
     let (filter, handle) = reload::Layer::new(filter);
     let text = (format == LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(LogWriter)
             .with_ansi(std::io::stderr().is_terminal())
     });
     let json = (format == LogFormat::Json).then(|| {
@@ -151,8 +151,15 @@ pub fn init_proxy_process(
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_writer(std::io::stderr)
+            .with_writer(LogWriter)
     });
+    std::thread::Builder::new()
+        .name("log-flush".into())
+        .spawn(|| loop {
+            std::thread::sleep(ACCESS_LOG_FLUSH);
+            flush_logs();
+        })
+        .map_err(|e| format!("cannot start the log flusher: {e}"))?;
     tracing_subscriber::registry()
         .with(filter)
         .with(text)
@@ -166,6 +173,79 @@ pub fn init_proxy_process(
         let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
         handle.reload(new).map_err(|e| e.to_string())
     }))
+}
+
+/// How long an access-log line may wait in memory (Envoy's access log flushes
+/// every second too).
+const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Buffered access-log bytes beyond which they are written at once.
+const ACCESS_LOG_BUFFER: usize = 64 << 10;
+
+/// Access-log lines (target `access`, one per request) not yet written to stderr.
+static ACCESS_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Writes what the access log holds to stderr. The proxies call it as they exit;
+/// a thread calls it every [`ACCESS_LOG_FLUSH`].
+pub fn flush_logs() {
+    let mut buffer = ACCESS_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    write_stderr(&mut buffer);
+}
+
+fn write_stderr(buffer: &mut Vec<u8>) {
+    use std::io::Write;
+    if !buffer.is_empty() {
+        // Nowhere to report a failure to write the log.
+        let _ = std::io::stderr().lock().write_all(buffer);
+        buffer.clear();
+    }
+}
+
+/// The proxies' log writer: the access log (per request, so on the hot path) is
+/// buffered and written in batches, as Envoy's is, which saves a `write(2)` per
+/// request; every other line is written at once, after what the buffer holds, so
+/// lines stay in order.
+#[derive(Debug, Clone, Copy)]
+struct LogWriter;
+
+/// Where one event's line goes. The formatting layer writes a line in one call.
+struct LogLine {
+    access: bool,
+}
+
+impl io::Write for LogLine {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let mut buffer = ACCESS_LOG.lock().unwrap_or_else(|p| p.into_inner());
+        if self.access {
+            buffer.extend_from_slice(bytes);
+            if buffer.len() >= ACCESS_LOG_BUFFER {
+                write_stderr(&mut buffer);
+            }
+        } else {
+            write_stderr(&mut buffer);
+            // Nowhere to report a failure to write the log.
+            let _ = std::io::stderr().lock().write_all(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine { access: false }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LogLine {
+        LogLine {
+            access: meta.target() == "access",
+        }
+    }
 }
 
 /// Parses a duration flag of the proxies: `250ms`, `5s` or plain milliseconds;

@@ -22,8 +22,11 @@ fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(ambit_waypoint::app::run(config, set_filter, async {
+    let ran = runtime.block_on(ambit_waypoint::app::run(config, set_filter, async {
         ambit_net::process::shutdown_signal().await;
         tracing::info!("shutting down");
-    }))
+    }));
+    // The access log's last lines.
+    ambit_net::process::flush_logs();
+    ran
 }
