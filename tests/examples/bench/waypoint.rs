@@ -879,8 +879,8 @@ request; Envoy keeps only its own counters and histograms), the peer metadata fr
 `baggage` and the `forwarded` and `baggage` headers ours puts on its upstream CONNECT, \
 `traceparent` continuation with a new span per hop (no tracer configured), the xDS \
 subscription and certificate rotation (Envoy's configuration and certificate are static \
-files, its certificate signed with the mesh CA's key by openssl), and Envoy's access \
-log is buffered (flushed every second) where ours writes each line at once.\n";
+files, its certificate signed with the mesh CA's key by openssl). Both access logs are \
+buffered and flushed every second.\n";
 
 /// The median and the range of `values`.
 fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
