@@ -304,10 +304,19 @@ impl Pods {
         })
     }
 
-    /// Withdraws the report (unless the pod is gone), takes the pod from ztunnel and
-    /// removes its rules. Logs what fails and goes on: what is left is found again by
-    /// the next reconciliation or goes with the namespace.
+    /// Removes the pod's rules, withdraws the report (unless the pod is gone) and
+    /// takes the pod from ztunnel, in that order: once peers are told the pod speaks
+    /// plaintext its traffic must already go around ztunnel, and ztunnel's listeners in
+    /// the pod close last, so no new connection is ever redirected to a listener that
+    /// is gone (the other order refused the pod's connections for as long as the rules
+    /// outlived the listeners). Logs what fails and goes on: what is left is found
+    /// again by the next reconciliation or goes with the namespace.
     async fn undo(&self, key: &str, entry: Enrolled, pod_gone: bool) {
+        match remove_rules(&fd_path(&entry.netns)).await {
+            Ok(()) => {}
+            Err(RedirectError::NetnsUnavailable { .. }) => {}
+            Err(e) => tracing::warn!(pod = %key, error = %e, "removing the redirect rules failed"),
+        }
         if !pod_gone {
             if let Err(e) = self.control.report(&entry.pod, false).await {
                 tracing::warn!(pod = %key, error = %e, "withdrawing the redirection report failed");
@@ -315,11 +324,6 @@ impl Pods {
         }
         if let Err(e) = self.ztunnel.remove(key).await {
             tracing::warn!(pod = %key, error = %e, "taking the pod from ztunnel failed");
-        }
-        match remove_rules(&fd_path(&entry.netns)).await {
-            Ok(()) => {}
-            Err(RedirectError::NetnsUnavailable { .. }) => {}
-            Err(e) => tracing::warn!(pod = %key, error = %e, "removing the redirect rules failed"),
         }
         if let Err(e) = self.node_snat(key, None).await {
             tracing::warn!(pod = %key, error = %e, "removing the node's SNAT for the pod failed");
