@@ -9,7 +9,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::bin;
 use support::ctl::Ctl;
@@ -69,16 +69,8 @@ fn alive(pid: u64) -> bool {
 }
 
 /// Polls `f` until it returns true, or panics with `what()` after the deadline.
-fn eventually(mut f: impl FnMut() -> bool, what: impl Fn() -> String) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "not within 30s: {}",
-            what()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn eventually(f: impl FnMut() -> bool, what: impl Fn() -> String) {
+    support::poll_until(Duration::from_secs(30), f, what);
 }
 
 #[test]
@@ -770,27 +762,34 @@ spec:
   ports: [{name: http, port: 80, targetPort: http}]
 "#;
 
+/// `ambitctl app get -X method` from `shop/client` to the shop's server: whether it
+/// exited 0, and what it printed.
+fn shop_request(ctl: &Ctl, method: &str) -> (bool, String) {
+    let out = ctl.run(&[
+        "local",
+        "exec",
+        "shop/client",
+        "--",
+        "ambitctl",
+        "app",
+        "get",
+        "-X",
+        method,
+        "http://server.shop/items",
+    ]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_delete_undoes_it() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("shop.yaml"), SHOP).unwrap();
     let ctl = Ctl::new();
     ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
-    let request = |method: &str| {
-        let out = ctl.run(&[
-            "local",
-            "exec",
-            "shop/client",
-            "--",
-            "ambitctl",
-            "app",
-            "get",
-            "-X",
-            method,
-            "http://server.shop/items",
-        ]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let request = |method: &str| shop_request(&ctl, method).1;
     let direct = "caller identity: spiffe://cluster.local/ns/shop/sa/client";
     let via_waypoint = "caller identity: spiffe://cluster.local/ns/shop/sa/wp";
     // No waypoint yet: straight to the server, the policy is no waypoint's to enforce.
@@ -912,24 +911,7 @@ fn a_stopped_waypoint_refuses_its_traffic_naming_it_and_a_restarted_one_serves_i
     std::fs::write(dir.path().join("shop.yaml"), format!("{bound}---{gateway}")).unwrap();
     let ctl = Ctl::new();
     ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
-    let request = |method: &str| {
-        let out = ctl.run(&[
-            "local",
-            "exec",
-            "shop/client",
-            "--",
-            "ambitctl",
-            "app",
-            "get",
-            "-X",
-            method,
-            "http://server.shop/items",
-        ]);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let request = |method: &str| shop_request(&ctl, method);
     let via_waypoint = "caller identity: spiffe://cluster.local/ns/shop/sa/wp";
     let (ok, got) = request("GET");
     assert!(ok && got.contains(via_waypoint), "{got}");

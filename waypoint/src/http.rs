@@ -429,16 +429,22 @@ async fn handle(
         let copy_bodies = (0..copies).map(|_| replay_body(&bytes)).collect();
         (Some(bytes), first, copy_bodies)
     };
-    let mut first_body = Some(first);
     for (mirror, copy_body) in mirrors.into_iter().zip(copy_bodies) {
         send_mirror(shared, &head, mirror, copy_body, version);
     }
     let policy = retry_policy.as_ref().map_or(&*DEFAULT_RETRY, |r| r);
-    // Only what a retry needs is kept: the request's head again.
-    let again = (replay.is_some() && policy.retries > 0).then(|| head_copy(&head));
-    let deadline = overall.map(|limit| (started + limit, limit));
+    // What a retry sends again: the head and the body read whole. None when the
+    // request cannot be retried.
+    let again = replay
+        .filter(|_| policy.retries > 0)
+        .map(|bytes| (head_copy(&head), bytes));
+    let counted = |body: Outbound| {
+        let counter = request_bytes.clone();
+        Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed))
+    };
+    let deadline = overall.map(|limit| started + limit);
     let _in_flight = InFlight::new(&shared.requests_in_flight);
-    let mut head = Some(head);
+    let mut next = Request::from_parts(head, counted(first));
     let mut endpoint = endpoint;
     let mut tries = 0u32;
     let mut retrying = None;
@@ -450,35 +456,16 @@ async fn handle(
             version,
             hbone: endpoint.workload.is_hbone(),
         };
-        let parts = match head.take() {
-            Some(parts) => parts,
-            None => match &again {
-                Some(parts) => head_copy(parts),
-                None => break Err((key, Failure::Lost)),
-            },
-        };
-        let body = match first_body.take() {
-            Some(body) => body,
-            None => match &replay {
-                Some(bytes) => replay_body(bytes),
-                None => break Err((key, Failure::Lost)),
-            },
-        };
-        let counter = request_bytes.clone();
-        let request = Request::from_parts(
-            parts,
-            Counted::new(body, None, move |n, _| counter.store(n, Ordering::Relaxed)),
-        );
         // This try's time: its own (`backendRequest`), within what is left of the
         // request's (`request`).
-        let left = deadline.map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let left = deadline.map(|at| at.saturating_duration_since(Instant::now()));
         let limit = match (per_try, left) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let sent = match limit {
-            None => Ok(shared.upstreams.send(&key, request).await),
-            Some(limit) => tokio::time::timeout(limit, shared.upstreams.send(&key, request))
+            None => Ok(shared.upstreams.send(&key, next).await),
+            Some(limit) => tokio::time::timeout(limit, shared.upstreams.send(&key, next))
                 .await
                 .map_err(|_| limit),
         };
@@ -494,28 +481,21 @@ async fn handle(
             Ok(Err(e)) => outcome_of(e),
             Err(_) => ambit_core::retry::Outcome::Timeout,
         };
-        let time_left = deadline.is_none_or(|(at, _)| Instant::now() < at);
-        let retry = again.is_some()
-            && time_left
-            && policy.retries(outcome, tries)
-            && ambit_core::retry::budget_allows(
-                shared.requests_in_flight.load(Ordering::Relaxed),
-                shared.retries_in_flight.load(Ordering::Relaxed),
-            );
-        if !retry {
+        let retry = again.as_ref().filter(|_| {
+            deadline.is_none_or(|at| Instant::now() < at)
+                && policy.retries(outcome, tries)
+                && ambit_core::retry::budget_allows(
+                    shared.requests_in_flight.load(Ordering::Relaxed),
+                    shared.retries_in_flight.load(Ordering::Relaxed),
+                )
+        });
+        let Some((head, bytes)) = retry else {
             break match sent {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e)) => Err((key, Failure::Upstream(e))),
-                Err(limit) => {
-                    let overall_ran_out = deadline.is_some_and(|(at, _)| Instant::now() >= at);
-                    let limit = match (overall_ran_out, deadline) {
-                        (true, Some((_, overall))) => overall,
-                        _ => limit,
-                    };
-                    Err((key, Failure::Timeout(limit)))
-                }
+                Err(limit) => Err((key, Failure::Timeout(limit))),
             };
-        }
+        };
         if let Ok(Ok(response)) = sent {
             // A response that is retried is read to its end and dropped, so its
             // connection can serve again.
@@ -526,15 +506,15 @@ async fn handle(
         retrying.get_or_insert_with(|| InFlight::new(&shared.retries_in_flight));
         tokio::time::sleep(policy.backoff(tries, rand::random())).await;
         let view = RouteView {
-            method: again.as_ref().map_or("GET", |h| h.method.as_str()),
+            method: head.method.as_str(),
             path: path.path(),
             query: path.query(),
-            headers: again.as_ref().map_or(&EMPTY_HEADERS, |h| &h.headers),
+            headers: &head.headers,
         };
-        endpoint = match route_request(&context, &view, &host) {
-            Ok(Routed::Forward { endpoint, .. }) => endpoint,
-            _ => endpoint,
-        };
+        if let Ok(Routed::Forward { endpoint: e, .. }) = route_request(&context, &view, &host) {
+            endpoint = e;
+        }
+        next = Request::from_parts(head_copy(head), counted(replay_body(bytes)));
     };
     drop(retrying);
     let mut response = match tried {
@@ -554,16 +534,6 @@ async fn handle(
                 &format!("upstream connect error or disconnect/reset before headers. reason: {e}"),
             );
             return respond(reply, e.response_flag(), Some(&endpoint));
-        }
-        Err((_, Failure::Lost)) => {
-            return respond(
-                local_reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "request could not be retried",
-                ),
-                "",
-                Some(&endpoint),
-            );
         }
     };
     let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -596,15 +566,12 @@ const REPLAY_LIMIT: u64 = 64 << 10;
 static DEFAULT_RETRY: std::sync::LazyLock<ambit_core::retry::RetryPolicy> =
     std::sync::LazyLock::new(ambit_core::retry::RetryPolicy::default);
 
-static EMPTY_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
-
 /// How the last try failed.
 enum Failure {
     Upstream(crate::upstream::UpstreamError),
-    /// The try's time (or the request's) ran out; which limit.
+    /// The try's time ran out (its own, or what was left of the request's): the
+    /// limit it had.
     Timeout(Duration),
-    /// Nothing left to send again (cannot happen: a retry needs a replayable body).
-    Lost,
 }
 
 /// What a failed send means for the retry policy.
@@ -698,10 +665,7 @@ fn send_mirror(
     body: Outbound,
     version: HttpVersion,
 ) {
-    let mut copy = Request::new(Counted::new(body, None, |_, _| {}));
-    *copy.method_mut() = head.method.clone();
-    *copy.version_mut() = head.version;
-    *copy.headers_mut() = head.headers.clone();
+    let mut copy = Request::from_parts(head_copy(head), Counted::new(body, None, |_, _| {}));
     let mut uri = head.uri.clone().into_parts();
     if let Some(authority) = uri.authority.take() {
         let shadow = ambit_core::route::shadow_authority(authority.as_str());

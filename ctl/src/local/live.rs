@@ -27,9 +27,9 @@ use crate::manifest::{self, WAYPOINT_CLASS, WAYPOINT_HBONE_PORT, WAYPOINT_STATUS
 
 /// The labels `local apply` may change on a running object.
 pub const WAYPOINT_LABELS: [&str; 3] = [
-    "istio.io/use-waypoint",
-    "istio.io/use-waypoint-namespace",
-    "istio.io/waypoint-for",
+    ambit_k8s::waypoints::USE_WAYPOINT_LABEL,
+    ambit_k8s::waypoints::USE_WAYPOINT_NAMESPACE_LABEL,
+    ambit_k8s::gateway::WAYPOINT_FOR_LABEL,
 ];
 
 /// The kinds the supervisor takes; the others `local apply` writes for the control
@@ -57,6 +57,27 @@ struct Started {
     account: ServiceAccount,
     /// Stops the waypoint when dropped.
     _process: Process,
+}
+
+/// How the local mesh runs the waypoint of Gateway `namespace/gateway` as `account`,
+/// whether `up` or `local apply` starts it.
+pub fn waypoint_config(
+    binary: PathBuf,
+    namespace: &str,
+    gateway: &str,
+    account: ServiceAccount,
+    log_format: LogFormat,
+) -> WaypointConfig {
+    WaypointConfig {
+        binary,
+        gateway: ServiceAccount {
+            namespace: namespace.to_owned(),
+            name: gateway.to_owned(),
+        },
+        account,
+        log: "info,ambit_waypoint=debug".into(),
+        log_format,
+    }
 }
 
 /// `Kind namespace/name` (a Namespace: `Namespace name`).
@@ -402,16 +423,13 @@ impl Live {
                         .endpoints([&*made_pod]),
                 )?,
             );
-            let config = WaypointConfig {
-                binary: self.binary.clone(),
-                gateway: ServiceAccount {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                },
-                account: account.clone(),
-                log: "info,ambit_waypoint=debug".into(),
-                log_format: self.log_format,
-            };
+            let config = waypoint_config(
+                self.binary.clone(),
+                &namespace,
+                &name,
+                account.clone(),
+                self.log_format,
+            );
             Ok(ambit_localmesh::ambient::start_waypoint(
                 mesh,
                 made_pod,

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use ambit_localmesh::{
     Ambient, AmbientConfig, LocalMesh, Pod, PodSpec, Process, ServiceAccount, ServiceSpec,
-    WaypointConfig,
 };
 use ambit_net::process::LogFormat;
 use anyhow::Context;
@@ -115,19 +114,16 @@ async fn supervise(
                 pod.node(),
                 spec.service_account
             );
-            let config = WaypointConfig {
-                binary: bin_dir.join("waypoint"),
-                gateway: ServiceAccount {
-                    namespace: spec.namespace.clone(),
-                    name: gateway.clone(),
-                },
-                account: ServiceAccount {
+            let config = super::live::waypoint_config(
+                bin_dir.join("waypoint"),
+                &spec.namespace,
+                gateway,
+                ServiceAccount {
                     namespace: spec.namespace.clone(),
                     name: spec.service_account.clone(),
                 },
-                log: "info,ambit_waypoint=debug".into(),
                 log_format,
-            };
+            );
             apps.push(ambit_localmesh::ambient::start_waypoint(
                 &mesh, pod, &config, DEADLINE,
             )?);

@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use ambit_localmesh::{Pod, PodSpec, Process, Protocol, ServiceAccount, WaypointConfig};
 
-use super::support::{bin, two_nodes, Harness, DEADLINE};
+use super::support::{bin, poll_until, two_nodes, Harness, DEADLINE};
 use super::{
     process_ticks, rss_bytes, run, start_nginx_with, ticks_per_second, FIXED_RATE_EACH,
     FIXED_WORKERS,
@@ -360,22 +360,30 @@ fn curl(h: &Harness, pod: &Pod, extra: &[&str], url: &str) -> String {
 
 /// Polls until `path` serves the 1 KB file over HTTP/1.1 and HTTP/2.
 fn until_served(h: &Harness, client: &Pod, path: Path3, envoy: &Process) {
-    let started = std::time::Instant::now();
-    loop {
-        let h1 = curl(h, client, &[], &url(path, 80));
-        let h2 = curl(h, client, &["--http2-prior-knowledge"], &url(path, 81));
-        if h1 == "200" && h2 == "200" {
-            return;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "{} never served: HTTP/1.1 {h1}, HTTP/2 {h2}\n--- envoy ---\n{}\n{}",
-            path.name(),
-            envoy.log(),
-            h.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = std::cell::RefCell::new((String::new(), String::new()));
+    poll_until(
+        DEADLINE,
+        || {
+            let now = (
+                curl(h, client, &[], &url(path, 80)),
+                curl(h, client, &["--http2-prior-knowledge"], &url(path, 81)),
+            );
+            let served = now.0 == "200" && now.1 == "200";
+            *got.borrow_mut() = now;
+            served
+        },
+        || {
+            let got = got.borrow();
+            format!(
+                "{} never served: HTTP/1.1 {}, HTTP/2 {}\n--- envoy ---\n{}\n{}",
+                path.name(),
+                got.0,
+                got.1,
+                envoy.log(),
+                h.logs()
+            )
+        },
+    );
 }
 
 /// The two waypoints' pods, to read what each has counted.
@@ -469,40 +477,44 @@ impl Proxies<'_> {
         before: Counts,
         done: impl Fn(Counts) -> bool,
     ) {
-        let started = std::time::Instant::now();
-        loop {
-            let now = self.counts(h, path);
-            if done(now) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{}: the waypoint did not count the requests sent through it: \
-                 before {before:?}, now {now:?}",
-                path.name()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let now = std::cell::Cell::new(before);
+        poll_until(
+            Duration::from_secs(10),
+            || {
+                now.set(self.counts(h, path));
+                done(now.get())
+            },
+            || {
+                format!(
+                    "{}: the waypoint did not count the requests sent through it: \
+                     before {before:?}, now {:?}",
+                    path.name(),
+                    now.get()
+                )
+            },
+        );
     }
 }
 
 /// Polls `process`'s log until a line holds every one of `needles` (Envoy flushes its
 /// access log every second).
 fn until_logged(process: &Process, needles: &[&str], path: Path3) {
-    let started = std::time::Instant::now();
-    while !process
-        .log()
-        .lines()
-        .any(|l| needles.iter().all(|n| l.contains(n)))
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{}: no access-log line with {needles:?}:\n{}",
-            path.name(),
-            process.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    poll_until(
+        Duration::from_secs(10),
+        || {
+            process
+                .log()
+                .lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+        },
+        || {
+            format!(
+                "{}: no access-log line with {needles:?}:\n{}",
+                path.name(),
+                process.log()
+            )
+        },
+    );
 }
 
 /// hey at 1,000 requests/s for `plan.fixed`: requests/s reached, latency, and the

@@ -245,6 +245,17 @@ where
     }
 }
 
+/// Polls `done` (blocking) until it holds; panics with `what()` after `deadline`.
+pub fn poll_until(deadline: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > deadline {
+            panic!("not within {deadline:?}: {}", what());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A fresh mesh of two nodes, `node-a` and `node-b`.
 pub fn two_nodes() -> LocalMesh {
     LocalMesh::builder()
