@@ -252,6 +252,10 @@ pub struct Backend {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub weight: u32,
+    /// A DestinationRule subset of the Service (a VirtualService's
+    /// `destination.subset`); `None`: all of its endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
 }
 
 /// What a request offers to matching. The path is the request target's path (before

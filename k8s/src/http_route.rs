@@ -639,6 +639,7 @@ fn backend(b: &Value, path: &str, key: &ObjectKey) -> Result<Backend, String> {
         name,
         port: Some(port),
         weight: u32::try_from(weight).unwrap_or(u32::MAX),
+        subset: None,
     })
 }
 

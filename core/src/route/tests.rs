@@ -19,6 +19,7 @@ fn rule(matches: Vec<RouteMatch>, backend: &str) -> RouteRule {
             name: backend.into(),
             port: None,
             weight: 1,
+            subset: None,
         }],
         ..RouteRule::default()
     }
@@ -229,6 +230,7 @@ fn weights_split_exactly_and_all_zero_is_none() {
         name: "v2".into(),
         port: None,
         weight: 10,
+        subset: None,
     });
     // Evenly spread randomness: exactly 90 % and 10 %.
     let mut counts = std::collections::BTreeMap::new();
@@ -395,6 +397,7 @@ fn mirror_share_and_shadow_host() {
             name: "shadow".into(),
             port: None,
             weight: 1,
+            subset: None,
         },
         share_ppm,
     };

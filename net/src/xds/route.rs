@@ -97,6 +97,7 @@ fn backend_to_proto(b: &Backend) -> RouteBackend {
         name: b.name.clone(),
         port: b.port.map_or(0, u32::from),
         weight: b.weight,
+        subset: b.subset.clone().unwrap_or_default(),
     }
 }
 
@@ -106,6 +107,7 @@ fn backend_from_proto(b: &RouteBackend, what: &str) -> Result<Backend, String> {
         name: b.name.clone(),
         port: port(b.port, what)?,
         weight: b.weight,
+        subset: (!b.subset.is_empty()).then(|| b.subset.clone()),
     })
 }
 
@@ -378,6 +380,7 @@ mod tests {
                             name: "reviews-v2".into(),
                             port: Some(9080),
                             weight: 1,
+                            subset: None,
                         }],
                         request_timeout_ms: None,
                         backend_timeout_ms: Some(250),
@@ -399,6 +402,7 @@ mod tests {
                                     name: "shadow".into(),
                                     port: Some(80),
                                     weight: 1,
+                                    subset: None,
                                 },
                                 share_ppm: 250_000,
                             }],
@@ -430,12 +434,14 @@ mod tests {
                                 name: "reviews-v1".into(),
                                 port: None,
                                 weight: 90,
+                                subset: None,
                             },
                             Backend {
                                 namespace: "shop".into(),
                                 name: "reviews-v2".into(),
                                 port: None,
                                 weight: 10,
+                                subset: None,
                             },
                         ],
                     },

@@ -608,6 +608,10 @@ pub struct RouteBackend {
     pub port: u32,
     #[prost(uint32, tag = "4")]
     pub weight: u32,
+    /// A DestinationRule subset of the Service (a VirtualService's `destination.subset`);
+    /// empty: all of its endpoints.
+    #[prost(string, tag = "5")]
+    pub subset: ::prost::alloc::string::String,
 }
 /// `istio.io/waypoint-for`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
