@@ -35,6 +35,7 @@ use crate::translate::routes::{ParentStatus, RouteStatus};
 use crate::translate::waypoints::{self, WaypointStatus};
 use crate::translate::{PolicyStatus, Skipped};
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
+use ambit_k8s::virtual_service::VirtualService;
 
 /// The status an object should carry: its conditions (ours), and for a waypoint
 /// Gateway its listeners and addresses.
@@ -177,7 +178,10 @@ pub fn wanted(
             });
         }
     }
-    for (kind, key, parents) in route_status {
+    for (kind, key, c) in &route_status.conditions {
+        add(&mut objects, kind, key, condition("Accepted", c));
+    }
+    for (kind, key, parents) in &route_status.parents {
         objects.insert(
             (kind, key.clone()),
             Wanted {
@@ -386,6 +390,11 @@ impl StatusWriter {
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }
+            "VirtualService" => {
+                Api::<VirtualService>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
             _ => {
                 Api::<ServiceEntry>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
@@ -443,7 +452,7 @@ mod tests {
                 },
             )],
         };
-        let wanted = wanted(&[], &policies, &status, &Vec::new());
+        let wanted = wanted(&[], &policies, &status, &RouteStatus::default());
         let policy = wanted.iter().find(|w| w.key == key).unwrap();
         let types: Vec<&str> = policy.conditions.iter().map(|c| c.type_).collect();
         assert_eq!(types, [CONDITION, "WaypointAccepted"]);

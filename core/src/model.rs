@@ -668,7 +668,7 @@ impl MeshState {
         }
         for service in &state.services {
             for port in &service.spec.ports {
-                let routes: Vec<crate::route::HttpRoute> = state
+                let mut routes: Vec<crate::route::HttpRoute> = state
                     .http_routes
                     .iter()
                     .filter(|r| {
@@ -676,6 +676,11 @@ impl MeshState {
                     })
                     .map(|r| r.route.clone())
                     .collect();
+                // An HTTPRoute (or GRPCRoute) wins over VirtualServices for the same
+                // Service and port, as in Istio's waypoints.
+                if routes.iter().any(|r| !r.virtual_service) {
+                    routes.retain(|r| !r.virtual_service);
+                }
                 if !routes.is_empty() {
                     state.route_tables.insert(
                         (

@@ -21,6 +21,7 @@ pub mod read;
 pub mod resources;
 pub mod security;
 pub mod service_entry;
+pub mod virtual_service;
 pub mod waypoints;
 
 pub use resources::{Kind, Object, ObjectKey, Resources};

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use ambit_core::hbone::TraceParent;
 use ambit_core::route::RequestView as RouteView;
+use ambit_core::route::{AbortWith, Injected};
 use ambit_core::waypoint::{pick_endpoint, BoundTarget, Endpoint};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
@@ -325,17 +326,19 @@ async fn handle(
             path: path.path(),
             query: path.query(),
             headers: request.headers(),
+            authority: &host,
         },
         &host,
     );
-    let (endpoint, overall, per_try, retry_policy, actions) = match routed {
+    let (endpoint, overall, per_try, retry_policy, actions, fault) = match routed {
         Ok(Routed::Forward {
             endpoint,
             overall,
             per_try,
             retry,
             actions,
-        }) => (endpoint, overall, per_try, retry, actions),
+            fault,
+        }) => (endpoint, overall, per_try, retry, actions, fault),
         Ok(Routed::Redirect {
             status,
             location,
@@ -356,6 +359,18 @@ async fn handle(
             return respond(local_reply(status, body), flag, None);
         }
     };
+    // A VirtualService's fault injection, before anything is sent: the delay, then
+    // the abort (Envoy's fault filter: flags `DI` and `FI`).
+    let mut fault_flag = "";
+    if let Some(delay) = fault.delay {
+        tracing::debug!(dst = %context.destination, delay_ms = delay.as_millis(), "fault injection: delaying the request");
+        tokio::time::sleep(delay).await;
+        fault_flag = "DI";
+    }
+    if let Some(abort) = fault.abort {
+        let flag = if fault_flag.is_empty() { "FI" } else { "DI,FI" };
+        return respond(fault_abort(abort), flag, None);
+    }
     let mut response_headers = None;
     let mut mirrors = Vec::new();
     if let Some(actions) = actions {
@@ -510,6 +525,7 @@ async fn handle(
             path: path.path(),
             query: path.query(),
             headers: &head.headers,
+            authority: &host,
         };
         if let Ok(Routed::Forward { endpoint: e, .. }) = route_request(&context, &view, &host) {
             endpoint = e;
@@ -827,6 +843,7 @@ fn route_request(
         per_try: None,
         retry: None,
         actions: None,
+        fault: Injected::default(),
     };
     let BoundTarget::Service { service, port, vip } = &context.target else {
         return route(context).map(plain).ok_or(NO_HEALTHY);
@@ -890,6 +907,11 @@ fn route_request(
         per_try: ms(rule.backend_timeout_ms),
         retry: rule.retry.as_ref().map(|r| r.policy()),
         actions,
+        fault: rule
+            .fault
+            .as_ref()
+            .map(|f| f.decide(rand::random(), rand::random()))
+            .unwrap_or_default(),
     })
 }
 
@@ -904,6 +926,8 @@ enum Routed {
         retry: Option<ambit_core::retry::RetryPolicy>,
         /// What the rule's filters ask; `None`: nothing.
         actions: Option<Box<RuleActions>>,
+        /// The faults drawn for this request (a VirtualService's `fault`).
+        fault: Injected,
     },
     /// A `RequestRedirect`, answered by the waypoint.
     Redirect {
@@ -1012,6 +1036,30 @@ pub fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+/// The answer of an injected abort, as Envoy's fault filter gives it: the status
+/// with body `fault filter abort`, or for a gRPC status a trailers-only gRPC
+/// response (HTTP 200, `grpc-status`).
+fn fault_abort(abort: AbortWith) -> Response<Body> {
+    const BODY: &str = "fault filter abort";
+    match abort {
+        AbortWith::Http(status) => local_reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            BODY,
+        ),
+        AbortWith::Grpc(code) => {
+            let mut response = Response::new(Body::default());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert("grpc-message", HeaderValue::from_static(BODY));
+            response
+        }
+    }
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols.
