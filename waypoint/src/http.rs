@@ -371,6 +371,13 @@ async fn handle(
         let flag = if fault_flag.is_empty() { "FI" } else { "DI,FI" };
         return respond(fault_abort(abort), flag, None);
     }
+    // From here on, a delayed request's flags carry `DI` too.
+    let respond = |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| match (
+        fault_flag, flag,
+    ) {
+        ("", flag) | (flag, "") => respond(response, flag, endpoint),
+        (delayed, flag) => respond(response, &format!("{delayed},{flag}"), endpoint),
+    };
     let mut response_headers = None;
     let mut mirrors = Vec::new();
     if let Some(actions) = actions {
