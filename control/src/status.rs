@@ -265,6 +265,34 @@ pub fn status_body(wanted: Option<&Wanted>, now: Time) -> Value {
     status
 }
 
+/// The `apiVersion` status is written in for `kind`.
+fn api_version(kind: &str) -> &'static str {
+    match kind {
+        "Service" => "v1",
+        "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
+        "Gateway" | "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
+        _ => "networking.istio.io/v1",
+    }
+}
+
+/// Local mode's stand-in for the status subresources: every object's status as it
+/// would be written to a cluster, as one YAML list (what `ambitctl local status`
+/// reads), at `now`.
+pub fn status_document(wanted: &[Wanted], now: Time) -> String {
+    let objects: Vec<Value> = wanted
+        .iter()
+        .map(|w| {
+            json!({
+                "apiVersion": api_version(w.kind),
+                "kind": w.kind,
+                "metadata": {"name": w.key.name, "namespace": w.key.namespace},
+                "status": status_body(Some(w), now.clone()),
+            })
+        })
+        .collect();
+    serde_yaml_ng::to_string(&objects).unwrap_or_default()
+}
+
 /// The condition's type.
 pub const CONDITION: &str = "ZtunnelAccepted";
 const FIELD_MANAGER: &str = "ambit-control";
@@ -346,12 +374,7 @@ impl StatusWriter {
             ("HTTPRoute" | "GRPCRoute", None) => json!({"parents": []}),
             _ => status_body(condition, Time(k8s_openapi::jiff::Timestamp::now())),
         };
-        let api_version = match kind {
-            "Service" => "v1",
-            "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
-            "Gateway" | "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
-            _ => "networking.istio.io/v1",
-        };
+        let api_version = api_version(kind);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let body = json!({
             "apiVersion": api_version,

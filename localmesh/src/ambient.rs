@@ -651,6 +651,11 @@ fn write_secret(path: &Path, text: &str) -> Result<(), MeshError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// In the mesh's directory: the status each object would carry in a cluster, as
+/// `ambit-control --status-file` writes it (what `ambitctl local status` shows of
+/// routes).
+pub const STATUS_FILE: &str = "status.yaml";
+
 /// `ambit-control` in local mode in the fabric namespace: the mesh's `k8s/` directory
 /// in, the model over delta xDS and the CA (root in `ca/`, the nodes' tokens) out, on
 /// one port.
@@ -671,6 +676,8 @@ fn start_control(mesh: &LocalMesh, config: &AmbientConfig) -> Result<Process, Me
             control_address(mesh).to_string(),
             "--tokens".to_owned(),
             path("tokens.yaml"),
+            "--status-file".to_owned(),
+            path(STATUS_FILE),
         ],
         &[],
     )?;
