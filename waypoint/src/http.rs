@@ -470,6 +470,7 @@ async fn handle(
     let mut endpoint = endpoint;
     let mut tries = 0u32;
     let mut retrying = None;
+    let exhausted;
     let tried = loop {
         tries += 1;
         let key = UpstreamKey {
@@ -512,6 +513,9 @@ async fn handle(
                 )
         });
         let Some((head, bytes)) = retry else {
+            // Envoy's `URX`: the last try failed as the policy retries, but the retries
+            // ran out.
+            exhausted = tries > 1 && policy.retries(outcome, 1) && !policy.retries(outcome, tries);
             break match sent {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e)) => Err((key, Failure::Upstream(e))),
@@ -540,6 +544,13 @@ async fn handle(
         next = Request::from_parts(head_copy(head), counted(replay_body(bytes)));
     };
     drop(retrying);
+    let respond =
+        |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| match (exhausted, flag)
+        {
+            (false, flag) => respond(response, flag, endpoint),
+            (true, "") => respond(response, "URX", endpoint),
+            (true, flag) => respond(response, &format!("{flag},URX"), endpoint),
+        };
     let mut response = match tried {
         Ok(response) => response,
         Err((key, Failure::Timeout(limit))) => {

@@ -771,6 +771,16 @@ async fn failed_tries_are_retried_on_another_endpoint_by_default_and_as_a_route_
         3,
         "{log}"
     );
+    // The retries ran out: Envoy's flag `URX` on the upstream's own 500.
+    let (_, metrics) = http_get(mesh.metrics, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"500\"")
+                && l.contains("response_flags=\"URX\"")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
