@@ -867,7 +867,7 @@ fn route_request(
         return route(context).map(plain).ok_or(NO_HEALTHY);
     };
     let state = context.shared.model.borrow().state.clone();
-    let Some(table) = state.routes_for(service, port.port) else {
+    let Some(table) = state.routes_for(service, port.port, context.peer.namespace()) else {
         return route(context).map(plain).ok_or(NO_HEALTHY);
     };
     let no_backend = (

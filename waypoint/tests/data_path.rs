@@ -874,3 +874,29 @@ async fn delayed_count(mesh: &Mesh) -> usize {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as usize
 }
+
+#[tokio::test]
+async fn a_consumer_route_applies_to_its_own_namespaces_clients_only() {
+    let mesh = Mesh::start(Limits::default()).await;
+    // From namespace `other`: its consumer route sends everything to v1, even a
+    // request the producer's route would send to v2.
+    let other = mesh
+        .client_as("spiffe://cluster.local/ns/other/sa/client")
+        .await;
+    let mut client = http1_client(&other, "10.96.0.50:80").await;
+    for _ in 0..10 {
+        client.ready().await.unwrap();
+        let mut request = get("/reviews/1");
+        request.headers_mut().insert("x-tag", "v2".parse().unwrap());
+        let body = text(client.send_request(request).await.unwrap()).await;
+        assert!(body.starts_with("echo-1 "), "{body}");
+    }
+    // From the Service's own namespace: the producer's routes, as before.
+    let shop = mesh.client().await;
+    let mut client = http1_client(&shop, "10.96.0.50:80").await;
+    client.ready().await.unwrap();
+    let mut request = get("/reviews/1");
+    request.headers_mut().insert("x-tag", "v2".parse().unwrap());
+    let body = text(client.send_request(request).await.unwrap()).await;
+    assert!(body.starts_with("echo-2 "), "{body}");
+}

@@ -6,10 +6,11 @@
 //! Service that does not exist (its share of requests is answered 500 by the waypoint,
 //! as the Gateway API asks) and a parent Service that does not exist.
 //!
-//! Only producer routes are served: a route in the namespace of the Service it is
-//! attached to. A parent in another namespace (a GAMMA consumer route, which applies
-//! only to clients in the route's namespace) is left out with a warning, as are
-//! ServiceEntry parents, until the waypoint can tell clients' namespaces apart there.
+//! A route in the namespace of the Service it is attached to is a producer route, for
+//! every client; one in another namespace is a consumer route (GAMMA), for the clients
+//! of its own namespace only, who take it instead of the producer's routes (the model
+//! keeps the two apart; the waypoint knows a client's namespace from its identity).
+//! ServiceEntry parents are left out with a warning.
 
 use ambit_core::model::{HttpRouteSpec, RouteParentSpec, ServiceSpec};
 use ambit_k8s::http_route::{read, read_grpc, ParentKind};
@@ -162,13 +163,14 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                 let m = format!("parent ServiceEntry {name}: not served by Ambit yet");
                 warn(m.clone());
                 Condition::new(false, "UnsupportedValue", m)
-            } else if p.namespace != key.namespace {
-                let m = format!(
-                    "parent Service {name}: a route for a Service of another namespace (a consumer route) is not served by Ambit yet"
-                );
-                warn(m.clone());
-                Condition::new(false, "UnsupportedValue", m)
             } else {
+                // A parent in another namespace: a consumer route, for the clients
+                // of the route's namespace only (the model keeps them apart).
+                let consumer = if p.namespace == key.namespace {
+                    String::new()
+                } else {
+                    format!(" for clients in namespace {}", key.namespace)
+                };
                 parents.push(RouteParentSpec {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
@@ -189,7 +191,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                         Some(w) => Condition::new(
                             true,
                             "Accepted",
-                            format!("routed by waypoint {}/{}", w.namespace, w.name),
+                            format!("routed by waypoint {}/{}{consumer}", w.namespace, w.name),
                         ),
                     },
                 }
@@ -215,9 +217,9 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
 
 /// The VirtualServices for mesh traffic (`gateways` absent or naming `mesh`), read
 /// by `ambit_k8s::virtual_service` into the same routing. Their `hosts` are their
-/// parents; as with HTTPRoutes, only producer routes are served (a host in the
-/// VirtualService's own namespace) and a host that is not a Service of the cluster is
-/// left out with a warning. Where an HTTPRoute (or GRPCRoute) also applies to a
+/// parents; as with HTTPRoutes, a host of another namespace makes it a consumer route
+/// (for the clients of its own namespace), and a host that is not a Service of the
+/// cluster is left out with a warning. Where an HTTPRoute (or GRPCRoute) also applies to a
 /// Service, the model routes that Service by the HTTPRoute alone, and the
 /// VirtualService's condition says so.
 fn virtual_services(resources: &Resources, services: &[ServiceSpec], out: &mut Routes) {
@@ -299,14 +301,11 @@ fn virtual_services(resources: &Resources, services: &[ServiceSpec], out: &mut R
                 }
             };
             let full = format!("{ns}/{name}");
-            if *ns != key.namespace {
-                let m = format!(
-                    "host Service {full}: a VirtualService for a Service of another namespace is not served by Ambit yet"
-                );
-                warn(m.clone());
-                says.push(m);
-                continue;
-            }
+            let consumer = if *ns == key.namespace {
+                String::new()
+            } else {
+                format!(" for clients in namespace {}", key.namespace)
+            };
             parents.push(RouteParentSpec {
                 namespace: ns.clone(),
                 name: name.clone(),
@@ -325,7 +324,10 @@ fn virtual_services(resources: &Resources, services: &[ServiceSpec], out: &mut R
                     Some(by) => says.push(format!(
                         "{by} also applies to Service {full}; the HTTPRoute wins there (as in Istio's waypoints) and this VirtualService is not used for it"
                     )),
-                    None => routed_by.push(format!("{full} by waypoint {}/{}", w.namespace, w.name)),
+                    None => routed_by.push(format!(
+                        "{full} by waypoint {}/{}{consumer}",
+                        w.namespace, w.name
+                    )),
                 },
             }
         }

@@ -254,6 +254,13 @@ httpRoutes:
       requestTimeoutMs: 300
     - matches: [{{path: {{type: startsWith, value: /}}}}]
       backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 90}}, {{namespace: shop, name: echo-v2, port: 8080, weight: 10}}]
+- parents: [{{namespace: shop, name: canary, port: 80}}]
+  route:
+    namespace: other
+    name: consumer
+    created: 0
+    rules:
+    - backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
 l7Policies:
 - targets: [{{kind: Service, namespace: shop, name: guarded}}]
   policy:
@@ -384,7 +391,12 @@ impl Mesh {
 
     /// An HBONE connection to the waypoint as the client ztunnel would open it.
     pub async fn client(&self) -> HboneConnection {
-        let cert = self.ca.issue(CLIENT);
+        self.client_as(CLIENT).await
+    }
+
+    /// An HBONE connection to the waypoint as the client ztunnel of `identity`.
+    pub async fn client_as(&self, identity: &str) -> HboneConnection {
+        let cert = self.ca.issue(identity);
         let config = tls::client_config(
             Some(&cert),
             cert.roots(),
