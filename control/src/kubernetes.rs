@@ -33,10 +33,11 @@ use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, ObjectKey, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
+use ambit_k8s::destination_rule::DestinationRule;
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 11] = [
+pub const KINDS: [Kind; 12] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -48,6 +49,7 @@ pub const KINDS: [Kind; 11] = [
     Kind::GatewayClass,
     Kind::HttpRoute,
     Kind::GrpcRoute,
+    Kind::DestinationRule,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -177,6 +179,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<GrpcRoute>(
             Api::all(client.clone()),
             Kind::GrpcRoute,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<DestinationRule>(
+            Api::all(client.clone()),
+            Kind::DestinationRule,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<GatewayClass>(

@@ -56,12 +56,13 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
 /// mesh, written for it; and ([`live::MESH_KINDS`]) a waypoint Gateway, which the
 /// supervisor starts, and the waypoint labels of a running Namespace, Service or Pod
 /// (pods, services and namespaces themselves come from the directory `up` ran).
-const APPLY_KINDS: [&str; 5] = [
+const APPLY_KINDS: [&str; 6] = [
     "AuthorizationPolicy",
     "PeerAuthentication",
     "ServiceEntry",
     "HTTPRoute",
     "GRPCRoute",
+    "DestinationRule",
 ];
 
 /// How long the supervisor may take to answer (a waypoint has to start).
@@ -239,6 +240,15 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
                 Some(ambit_k8s::peer_authn::read_object(&key, p).acceptance)
             }
             Object::ServiceEntry(_) | Object::HttpRoute(_) | Object::GrpcRoute(_) => None,
+            Object::DestinationRule(r) => {
+                if let Err(e) = ambit_k8s::destination_rule::read(&key, r) {
+                    checked
+                        .refusals
+                        .push(format!("{at}: DestinationRule {key}: {e}"));
+                    continue;
+                }
+                None
+            }
             _ if !apply => None,
             Object::Gateway(g) if g.spec.gateway_class_name != crate::manifest::WAYPOINT_CLASS => {
                 checked.refusals.push(format!(

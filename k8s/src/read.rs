@@ -276,6 +276,7 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "Gateway" | "GatewayClass" => &crate::gateway::API_VERSIONS,
         "HTTPRoute" => &crate::http_route::API_VERSIONS,
         "GRPCRoute" => &crate::http_route::GRPC_API_VERSIONS,
+        "DestinationRule" => &crate::destination_rule::API_VERSIONS,
         _ => return None,
     })
 }
@@ -404,6 +405,7 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "GatewayClass" => Object::GatewayClass(Box::new(typed(value)?)),
         "HTTPRoute" => Object::HttpRoute(Box::new(typed(value)?)),
         "GRPCRoute" => Object::GrpcRoute(Box::new(typed(value)?)),
+        "DestinationRule" => Object::DestinationRule(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::destination_rule::DestinationRule;
 use crate::gateway::{Gateway, GatewayClass};
 use crate::http_route::{GrpcRoute, HttpRoute};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
@@ -54,6 +55,7 @@ pub struct Resources {
     pub gateway_classes: BTreeMap<String, GatewayClass>,
     pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
     pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
+    pub destination_rules: BTreeMap<ObjectKey, DestinationRule>,
 }
 
 /// The kinds the control plane keeps.
@@ -70,6 +72,7 @@ pub enum Kind {
     GatewayClass,
     HttpRoute,
     GrpcRoute,
+    DestinationRule,
 }
 
 impl Kind {
@@ -87,6 +90,7 @@ impl Kind {
             Kind::GatewayClass => "GatewayClass",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -111,6 +115,7 @@ pub enum Object {
     GatewayClass(Box<GatewayClass>),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
+    DestinationRule(Box<DestinationRule>),
 }
 
 impl Object {
@@ -132,6 +137,7 @@ impl Object {
             Object::GatewayClass(_) => Kind::GatewayClass,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
+            Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -150,6 +156,7 @@ impl Object {
             Object::GatewayClass(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
+            Object::DestinationRule(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -197,6 +204,9 @@ impl Resources {
             Object::GrpcRoute(o) => {
                 self.grpc_routes.insert(key, *o);
             }
+            Object::DestinationRule(o) => {
+                self.destination_rules.insert(key, *o);
+            }
         }
     }
 
@@ -236,6 +246,9 @@ impl Resources {
             Kind::GrpcRoute => {
                 self.grpc_routes.remove(key);
             }
+            Kind::DestinationRule => {
+                self.destination_rules.remove(key);
+            }
         }
     }
 
@@ -254,6 +267,7 @@ impl Resources {
             Kind::GatewayClass => self.gateway_classes.clear(),
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
+            Kind::DestinationRule => self.destination_rules.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);
