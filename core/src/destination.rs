@@ -237,6 +237,16 @@ impl Policy {
     }
 }
 
+/// A Service port and subset a DestinationRule applies to: what Envoy calls a
+/// cluster. Its endpoints share one connection pool and one outlier detector.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterKey {
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+    pub subset: Option<String>,
+}
+
 /// What a Service port (one subset of it) is carrying now, for [`admit`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Load {
