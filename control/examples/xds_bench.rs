@@ -60,6 +60,7 @@ fn pod(i: usize) -> WorkloadSpec {
         waypoint: None,
         ambient: true,
         authorization_policies: Vec::new(),
+        labels: Default::default(),
     }
 }
 

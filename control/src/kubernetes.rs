@@ -33,11 +33,12 @@ use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, ObjectKey, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
 use crate::service_entry::ServiceEntry;
+use ambit_k8s::destination_rule::DestinationRule;
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 use ambit_k8s::virtual_service::VirtualService;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 12] = [
+pub const KINDS: [Kind; 13] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -50,6 +51,7 @@ pub const KINDS: [Kind; 12] = [
     Kind::HttpRoute,
     Kind::GrpcRoute,
     Kind::VirtualService,
+    Kind::DestinationRule,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -184,6 +186,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<VirtualService>(
             Api::all(client.clone()),
             Kind::VirtualService,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<DestinationRule>(
+            Api::all(client.clone()),
+            Kind::DestinationRule,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<GatewayClass>(

@@ -59,7 +59,25 @@ impl Publisher {
         // An HTTPRoute whose new version cannot be enforced keeps routing by its last
         // good one, rather than falling back to its Services' own endpoints.
         let previous = self.model.as_ref().map_or(&[][..], |m| &m.http_routes[..]);
+        // A DestinationRule likewise keeps its last good version.
+        let previous_rules = self
+            .model
+            .as_ref()
+            .map_or(&[][..], |m| &m.destination_rules[..]);
         for s in &translation.skipped {
+            if s.kind == "DestinationRule" {
+                let last_good = previous_rules
+                    .iter()
+                    .find(|r| r.namespace == s.key.namespace && r.name == s.key.name);
+                match last_good {
+                    Some(kept) => {
+                        translation.config.destination_rules.push(kept.clone());
+                        problems.push(format!("{s}; its last good version stays"));
+                    }
+                    None => problems.push(format!("{s}; skipped")),
+                }
+                continue;
+            }
             let last_good = previous.iter().find(|r| {
                 s.kind == r.route.kind()
                     && r.route.namespace == s.key.namespace
@@ -156,6 +174,48 @@ spec:
             .filter(|k| k.starts_with("httproute/"))
             .cloned()
             .collect()
+    }
+
+    const RULE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy: {outlierDetection: {interval: 1s}}
+";
+
+    #[test]
+    fn an_invalid_update_of_a_destination_rule_keeps_its_last_good_version_and_says_so() {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut publisher = Publisher::new(Arc::new(Placements::new(TrustDomain::default())), tx);
+        publisher.publish(&resources(RULE), Vec::new(), "test");
+        let name = "destinationrule/shop/reviews";
+        let good = rx.borrow().resources[name].clone();
+        publisher.publish(
+            &resources(&RULE.replace("interval: 1s", "interval: soon")),
+            Vec::new(),
+            "test",
+        );
+        assert_eq!(rx.borrow().resources[name], good);
+        assert!(
+            publisher.reported.iter().any(|p| p.contains(
+                "DestinationRule shop/reviews: spec.trafficPolicy.outlierDetection.interval"
+            ) && p.ends_with("its last good version stays")),
+            "{:?}",
+            publisher.reported
+        );
+        publisher.publish(
+            &resources(RULE.split("---").next().unwrap()),
+            Vec::new(),
+            "test",
+        );
+        assert!(!rx.borrow().resources.contains_key(name));
     }
 
     #[test]

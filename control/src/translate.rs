@@ -34,6 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use crate::resources::{ObjectKey, Resources};
 
 pub use ambit_k8s::{authz, peer_authn};
+pub mod destination_rules;
 pub mod routes;
 mod service_entries;
 pub use ambit_k8s::waypoints;
@@ -223,6 +224,9 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
     skipped.extend(routes.skipped);
     warnings.extend(routes.warnings);
     let http_routes = routes.routes;
+    let rules = destination_rules::translate(resources, &services);
+    skipped.extend(rules.skipped);
+    warnings.extend(rules.warnings);
     Translation {
         config: MeshConfig {
             workloads,
@@ -231,6 +235,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
             l7_policies,
             waypoints,
             http_routes,
+            destination_rules: rules.rules,
         },
         skipped,
         warnings,
@@ -477,6 +482,7 @@ fn workload(
         waypoint: None,
         ambient,
         authorization_policies: Vec::new(),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
     }))
 }
 

@@ -9,13 +9,15 @@
 //! Only the `Address` type and the wildcard subscription are served. What a stream
 //! gets depends on who subscribes (its view):
 //! - trusted node agents (ztunnels and `ambit-cni` agents, which run as the node-agent
-//!   accounts) get the whole model except L7 policies (`l7authz/...`) and HTTPRoutes
-//!   (`httproute/...`), which only waypoints enforce;
+//!   accounts) get the whole model except L7 policies (`l7authz/...`), HTTPRoutes
+//!   (`httproute/...`) and DestinationRules (`destinationrule/...`), which only
+//!   waypoints enforce;
 //! - a waypoint (a caller whose identity is a waypoint's service account in the mesh's
 //!   trust domain) gets only what it serves: the services and workloads bound to it,
 //!   the workloads behind those services, its own Service and workloads, its
-//!   `waypoint/...` entry, the L7 policies attached to it, and the HTTPRoutes of its
-//!   services with the services they route to;
+//!   `waypoint/...` entry, the L7 policies attached to it, the HTTPRoutes of its
+//!   services with the services they route to, and the DestinationRules of all of
+//!   those services;
 //! - any other caller, a workload's certificate or token included, gets
 //!   `PERMISSION_DENIED`: the model names every workload, address and policy of the
 //!   mesh.
@@ -57,6 +59,8 @@ pub const L7_POLICY_PREFIX: &str = "l7authz/";
 /// Resource names of HTTPRoutes, GRPCRoutes and VirtualServices start with these;
 /// only waypoints get them.
 pub const ROUTE_PREFIXES: [&str; 3] = ["httproute/", "grpcroute/", "virtualservice/"];
+/// Resource names of DestinationRules start with this; only waypoints get them.
+pub const DESTINATION_RULE_PREFIX: &str = "destinationrule/";
 
 impl Snapshot {
     pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
@@ -90,6 +94,7 @@ impl View {
         match self {
             View::NodeAgent => {
                 !name.starts_with(L7_POLICY_PREFIX)
+                    && !name.starts_with(DESTINATION_RULE_PREFIX)
                     && !ROUTE_PREFIXES.iter().any(|p| name.starts_with(p))
             }
             View::Waypoint(ns, sa) => snapshot
@@ -105,6 +110,7 @@ impl View {
 /// workloads behind those services, its own Service and workloads, its entry, and the
 /// L7 policies attached to it.
 pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSet<String>> {
+    use ambit_net::xds::destination::destination_rule_name;
     use ambit_net::xds::route::route_name;
     use ambit_net::xds::{service_name, waypoint_name};
     let mut views: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
@@ -156,6 +162,17 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
                     view.insert(service_name(&s.namespace, &s.hostname()));
                     view.extend(s.endpoints.iter().map(|e| e.workload_uid.clone()));
                 }
+            }
+        }
+        // The DestinationRules of the Services it sends requests to.
+        for r in &config.destination_rules {
+            let routes_to = config.services.iter().any(|s| {
+                s.namespace == r.service_namespace
+                    && s.name == r.service_name
+                    && view.contains(&service_name(&s.namespace, &s.hostname()))
+            });
+            if routes_to {
+                view.insert(destination_rule_name(&r.namespace, &r.name));
             }
         }
     }
@@ -431,6 +448,9 @@ httpRoutes:
   route: {namespace: shop, name: canary, created: 0, rules: [{backends: [{namespace: shop, name: reviews-v1, port: 80, weight: 1}]}]}
 - parents: [{namespace: shop, name: other}]
   route: {namespace: shop, name: elsewhere, created: 0, rules: [{backends: [{namespace: shop, name: other, port: 80, weight: 1}]}]}
+destinationRules:
+- {namespace: shop, name: v1, serviceNamespace: shop, serviceName: reviews-v1}
+- {namespace: shop, name: other, serviceNamespace: shop, serviceName: other}
 "#,
             ),
         );
@@ -439,6 +459,7 @@ httpRoutes:
             "httproute/shop/canary",
             "shop/reviews-v1.shop.svc.cluster.local",
             "shop/v1-1",
+            "destinationrule/shop/v1",
         ] {
             assert!(waypoint.sees(&snapshot, name), "{name}");
         }
@@ -446,10 +467,12 @@ httpRoutes:
             "httproute/shop/elsewhere",
             "shop/other.shop.svc.cluster.local",
             "shop/other-1",
+            "destinationrule/shop/other",
         ] {
             assert!(!waypoint.sees(&snapshot, name), "{name}");
         }
         assert!(!View::NodeAgent.sees(&snapshot, "httproute/shop/canary"));
+        assert!(!View::NodeAgent.sees(&snapshot, "destinationrule/shop/v1"));
         assert!(View::NodeAgent.sees(&snapshot, "shop/other-1"));
     }
 

@@ -71,6 +71,8 @@ fn everything(name: &str, schema: &Value) -> Value {
             "serviceAccounts" | "notServiceAccounts" => "ns/sa",
             "ipBlocks" | "notIpBlocks" | "remoteIpBlocks" | "notRemoteIpBlocks" => "10.0.0.0/8",
             "key" => "source.ip",
+            "interval" | "baseEjectionTime" | "ttl" => "1s",
+            "path" => "/",
             "values" | "notValues" => "10.0.0.1",
             _ => "x",
         }),
@@ -363,4 +365,109 @@ fn every_virtual_service_field_in_the_schema_is_read_by_the_control_plane() {
     };
     let read = ambit_k8s::virtual_service::read(&ObjectKey::new("shop", "x"), &vs);
     read.route.unwrap();
+}
+
+fn destination_rule_crd() -> Value {
+    networking()
+        .into_iter()
+        .find(|c| c["spec"]["names"]["kind"] == "DestinationRule")
+        .expect("no CRD for DestinationRule")
+}
+
+#[test]
+fn destination_rule_is_served_in_v1_and_v1beta1_with_one_schema_status_and_columns() {
+    let crd = destination_rule_crd();
+    assert_eq!(crd["spec"]["group"], "networking.istio.io");
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["dr"]));
+    let versions = crd["spec"]["versions"].as_array().unwrap();
+    let names: Vec<(&str, bool)> = versions
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v["storage"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(names, [("v1", true), ("v1beta1", false)]);
+    for v in versions {
+        assert_eq!(v["served"], true);
+        assert_eq!(v["subresources"]["status"], json!({}));
+        assert_eq!(v["schema"], versions[0]["schema"], "one schema");
+        let columns: Vec<&str> = v["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Host", "Age"]);
+    }
+    // The served versions are the ones the control plane reads.
+    let read: Vec<String> = ambit_k8s::destination_rule::API_VERSIONS
+        .iter()
+        .map(|v| v.trim_start_matches("networking.istio.io/").to_owned())
+        .collect();
+    assert_eq!(read, ["v1", "v1beta1"]);
+}
+
+#[test]
+fn every_destination_rule_field_in_the_schema_is_read_by_the_control_plane() {
+    let spec = everything("spec", &spec_schema(&destination_rule_crd()));
+    // Spot-check that the generator reached the leaves.
+    assert_eq!(
+        spec["subsets"][0]["trafficPolicy"]["portLevelSettings"][0]["outlierDetection"]
+            ["baseEjectionTime"],
+        "1s"
+    );
+    assert_eq!(spec["subsets"][0]["labels"]["app"], "x");
+    // consistentHash takes one key (maxProperties: 1): each in turn.
+    let hash_keys = ["httpHeaderName", "httpCookie", "useSourceIp"];
+    for keep in hash_keys {
+        fn each_hash(v: &mut Value, keep: &str, keys: &[&str]) {
+            match v {
+                Value::Object(o) => {
+                    if let Some(Value::Object(h)) = o.get_mut("consistentHash") {
+                        h.retain(|k, _| k == keep || !keys.contains(&k.as_str()));
+                    }
+                    o.values_mut().for_each(|v| each_hash(v, keep, keys));
+                }
+                Value::Array(a) => a.iter_mut().for_each(|v| each_hash(v, keep, keys)),
+                _ => {}
+            }
+        }
+        let mut one = spec.clone();
+        each_hash(&mut one, keep, &hash_keys);
+        // ... and simple or consistentHash, not both.
+        fn no_simple(v: &mut Value) {
+            match v {
+                Value::Object(o) => {
+                    if let Some(Value::Object(lb)) = o.get_mut("loadBalancer") {
+                        lb.remove("simple");
+                    }
+                    o.values_mut().for_each(no_simple);
+                }
+                Value::Array(a) => a.iter_mut().for_each(no_simple),
+                _ => {}
+            }
+        }
+        no_simple(&mut one);
+        let read =
+            ambit_k8s::destination_rule::read_spec(&ObjectKey::new("shop", "reviews"), 0, &one);
+        assert!(read.is_ok(), "{keep}: {read:?}");
+    }
+    // What the schema does not have, the control plane refuses.
+    let spec = json!({"host": "r", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "1s"}}}});
+    let e =
+        ambit_k8s::destination_rule::read_spec(&ObjectKey::new("shop", "r"), 0, &spec).unwrap_err();
+    assert!(e.contains("unknown or not supported"), "{e}");
+}
+
+#[test]
+fn the_destination_rule_enums_are_what_the_control_plane_accepts() {
+    let schema = spec_schema(&destination_rule_crd());
+    let lb = &schema["properties"]["trafficPolicy"]["properties"]["loadBalancer"]["properties"];
+    for simple in lb["simple"]["enum"].as_array().unwrap() {
+        let read = ambit_k8s::destination_rule::read_spec(
+            &ObjectKey::new("shop", "r"),
+            0,
+            &json!({"host": "r", "trafficPolicy": {"loadBalancer": {"simple": simple}}}),
+        );
+        assert!(read.is_ok(), "{simple}: {read:?}");
+    }
 }

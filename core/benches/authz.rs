@@ -66,6 +66,7 @@ fn workload(i: usize, namespace: &str, policies: Vec<String>) -> WorkloadSpec {
         waypoint: None,
         ambient: true,
         authorization_policies: policies,
+        labels: Default::default(),
     }
 }
 

@@ -12,13 +12,16 @@
 //! (`net`, `ca` and the components) call into it.
 
 pub mod authz;
+pub mod balance;
 pub mod certificate;
+pub mod destination;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
 pub mod l7;
 pub mod model;
 pub mod outbound;
+pub mod outlier;
 pub mod renewal;
 pub mod retry;
 pub mod route;

@@ -78,6 +78,9 @@ pub struct WorkloadSpec {
     /// select it; namespace and mesh-wide policies apply without being listed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
+    /// Its pod's labels: what a DestinationRule's subsets select on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -248,6 +251,9 @@ pub struct MeshConfig {
     /// HTTPRoutes attached to Services, for the waypoints of those Services.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http_routes: Vec<HttpRouteSpec>,
+    /// DestinationRules of Services, for the waypoints that route to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_rules: Vec<crate::destination::DestinationRule>,
 }
 
 /// An HTTPRoute (Gateway API) attached to Services: the waypoint bound to a parent
@@ -510,6 +516,8 @@ pub struct MeshState {
     route_tables: HashMap<(String, String, u16, Option<String>), Arc<crate::route::RouteTable>>,
     /// `(namespace, name)` → the Service.
     by_name: HashMap<(String, String), Arc<Service>>,
+    /// `(namespace, name)` of a Service → the DestinationRule that applies to it.
+    destination_rules: HashMap<(String, String), Arc<crate::destination::DestinationRule>>,
 }
 
 /// Authorization policies indexed the way a connection looks them up: the mesh-wide
@@ -703,6 +711,17 @@ impl MeshState {
                 }
             }
         }
+        for rule in &config.destination_rules {
+            // Of two rules for one Service, the older (then the first by key) applies,
+            // whatever order they came in.
+            let key = (rule.service_namespace.clone(), rule.service_name.clone());
+            let older = |r: &crate::destination::DestinationRule| {
+                (rule.created, rule.key()) < (r.created, r.key())
+            };
+            if state.destination_rules.get(&key).is_none_or(|r| older(r)) {
+                state.destination_rules.insert(key, Arc::new(rule.clone()));
+            }
+        }
         for service in &state.services {
             state.by_name.insert(
                 (service.spec.namespace.clone(), service.spec.name.clone()),
@@ -736,6 +755,16 @@ impl MeshState {
             }
         }
         self.route_tables.get(&key(None))
+    }
+
+    /// The DestinationRule of the Service `name` in `namespace`.
+    pub fn destination_rule(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Arc<crate::destination::DestinationRule>> {
+        self.destination_rules
+            .get(&(namespace.to_owned(), name.to_owned()))
     }
 
     /// The Service `name` in `namespace`.

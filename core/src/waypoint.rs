@@ -1,6 +1,7 @@
 //! A waypoint's decisions, free of IO: which CONNECT targets it serves
 //! ([`bound_target`]), how it tells HTTP from TCP ([`declared_protocol`], [`sniff`]),
-//! and which endpoint of a Service a request goes to ([`pick_endpoint`]).
+//! and which endpoints of a Service a request may go to ([`endpoints`], [`in_subset`];
+//! the pick among them is [`crate::balance`]'s, or round robin, [`pick_endpoint`]).
 //!
 //! A waypoint serves exactly the Services and workloads bound to its Gateway: those
 //! whose `waypoint` names it. Every other target is refused (400), so a waypoint is
@@ -306,6 +307,10 @@ pub struct Endpoint {
     pub workload: Arc<Workload>,
     /// `podIP:targetPort`: the CONNECT `:authority` at the endpoint's ztunnel.
     pub addr: SocketAddr,
+    /// The Service port (and subset) it was picked from, when a DestinationRule
+    /// applies there: whose connection pool and outlier detection its requests count
+    /// in. `None`: no rule (or a workload target).
+    pub cluster: Option<Arc<crate::destination::ClusterKey>>,
 }
 
 /// Picks one of `service`'s healthy endpoints for `port` in `vip`'s address family,
@@ -318,7 +323,52 @@ pub fn pick_endpoint(
     vip: IpAddr,
     turn: u64,
 ) -> Option<Endpoint> {
-    let candidates: Vec<Endpoint> = service
+    let candidates = endpoints(state, service, port, vip);
+    if candidates.is_empty() {
+        return None;
+    }
+    let index = (turn % candidates.len() as u64) as usize;
+    candidates.into_iter().nth(index)
+}
+
+/// Why a Service (subset) has no endpoint for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoEndpoint {
+    /// None is healthy, or every one is ejected: 503 `UH`.
+    NoHealthy,
+    /// The subset is not defined by the Service's DestinationRule (or it has none):
+    /// 503 `NC`.
+    NoSubset,
+}
+
+/// `candidates` (a Service's endpoints) in `subset` of `rule`, the Service's
+/// DestinationRule: those whose workload has the subset's labels. No subset: all.
+pub fn in_subset(
+    rule: Option<&crate::destination::DestinationRule>,
+    subset: Option<&str>,
+    candidates: Vec<Endpoint>,
+) -> Result<Vec<Endpoint>, NoEndpoint> {
+    let Some(name) = subset else {
+        return Ok(candidates);
+    };
+    let subset = rule
+        .and_then(|r| r.subset(name))
+        .ok_or(NoEndpoint::NoSubset)?;
+    Ok(candidates
+        .into_iter()
+        .filter(|e| subset.selects(&e.workload.spec.labels))
+        .collect())
+}
+
+/// `service`'s healthy endpoints for `port` in `vip`'s address family, in the
+/// model's order.
+pub fn endpoints(
+    state: &MeshState,
+    service: &Service,
+    port: &ServicePort,
+    vip: IpAddr,
+) -> Vec<Endpoint> {
+    service
         .spec
         .endpoints
         .iter()
@@ -336,14 +386,10 @@ pub fn pick_endpoint(
             Some(Endpoint {
                 workload: workload.clone(),
                 addr: SocketAddr::new(ip, target_port),
+                cluster: None,
             })
         })
-        .collect();
-    if candidates.is_empty() {
-        return None;
-    }
-    let index = (turn % candidates.len() as u64) as usize;
-    candidates.into_iter().nth(index)
+        .collect()
 }
 
 #[cfg(test)]
@@ -399,6 +445,43 @@ waypoints:
 
     fn me(state: &MeshState) -> Waypoint {
         Waypoint::in_model(&"shop/waypoint".parse().unwrap(), state)
+    }
+
+    #[test]
+    fn a_subset_keeps_the_endpoints_with_its_labels_and_an_unknown_one_is_refused() {
+        let config: MeshConfig = serde_yaml_ng::from_str(
+            "workloads:\n\
+             - {uid: shop/r-1, name: r-1, namespace: shop, node: a, ips: [10.1.0.1], labels: {version: v1}}\n\
+             - {uid: shop/r-2, name: r-2, namespace: shop, node: a, ips: [10.1.0.2], labels: {version: v2, track: canary}}\n\
+             - {uid: shop/r-3, name: r-3, namespace: shop, node: a, ips: [10.1.0.3]}\n\
+             services:\n\
+             - {name: r, namespace: shop, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}],\n\
+                endpoints: [{workloadUid: shop/r-1}, {workloadUid: shop/r-2}, {workloadUid: shop/r-3}]}\n\
+             destinationRules:\n\
+             - {namespace: shop, name: r, serviceNamespace: shop, serviceName: r,\n\
+                subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}, {name: v9, labels: {version: v9}}]}\n",
+        )
+        .unwrap();
+        let s = MeshState::build(&config, &TrustDomain::default()).unwrap();
+        let r = s.service("shop", "r").unwrap();
+        let rule = s.destination_rule("shop", "r").map(|r| &**r);
+        let all = endpoints(&s, r, &r.spec.ports[0], "10.96.0.1".parse().unwrap());
+        let uids = |subset| {
+            in_subset(rule, subset, all.clone()).map(|e| {
+                e.iter()
+                    .map(|e| e.workload.uid().to_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(uids(None).unwrap(), ["shop/r-1", "shop/r-2", "shop/r-3"]);
+        assert_eq!(uids(Some("v1")).unwrap(), ["shop/r-1"]);
+        assert_eq!(uids(Some("v2")).unwrap(), ["shop/r-2"]);
+        assert_eq!(uids(Some("v9")).unwrap(), Vec::<String>::new());
+        assert_eq!(uids(Some("v3")), Err(NoEndpoint::NoSubset));
+        assert_eq!(
+            in_subset(None, Some("v1"), all.clone()).unwrap_err(),
+            NoEndpoint::NoSubset
+        );
     }
 
     #[test]

@@ -57,13 +57,14 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
 /// mesh, written for it; and ([`live::MESH_KINDS`]) a waypoint Gateway, which the
 /// supervisor starts, and the waypoint labels of a running Namespace, Service or Pod
 /// (pods, services and namespaces themselves come from the directory `up` ran).
-const APPLY_KINDS: [&str; 6] = [
+const APPLY_KINDS: [&str; 7] = [
     "AuthorizationPolicy",
     "PeerAuthentication",
     "ServiceEntry",
     "HTTPRoute",
     "GRPCRoute",
     "VirtualService",
+    "DestinationRule",
 ];
 
 /// How long the supervisor may take to answer (a waypoint has to start).
@@ -244,6 +245,15 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
             | Object::HttpRoute(_)
             | Object::GrpcRoute(_)
             | Object::VirtualService(_) => None,
+            Object::DestinationRule(r) => {
+                if let Err(e) = ambit_k8s::destination_rule::read(&key, r) {
+                    checked
+                        .refusals
+                        .push(format!("{at}: DestinationRule {key}: {e}"));
+                    continue;
+                }
+                None
+            }
             _ if !apply => None,
             Object::Gateway(g) if g.spec.gateway_class_name != crate::manifest::WAYPOINT_CLASS => {
                 checked.refusals.push(format!(

@@ -5,7 +5,8 @@
 //! - [`read`]: YAML text → typed objects (multi-document, keys as the API server
 //!   converts them, unreadable security policies kept to fail closed);
 //! - [`resources`]: the objects, keyed by namespace and name;
-//! - [`security`], [`service_entry`]: Istio's kinds as Ambit keeps them; [`gateway`]:
+//! - [`security`], [`service_entry`], [`destination_rule`]: Istio's kinds as Ambit
+//!   keeps them (a DestinationRule read and validated into `ambit_core::destination`); [`gateway`]:
 //!   Gateway API's Gateway and GatewayClass (what declares a waypoint);
 //! - [`authz`], [`peer_authn`]: the pure validation and translation of
 //!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies;
@@ -14,6 +15,7 @@
 //! It must not: do IO (callers read the files), or depend on a component.
 
 pub mod authz;
+pub mod destination_rule;
 pub mod gateway;
 pub mod http_route;
 pub mod peer_authn;

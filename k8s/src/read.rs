@@ -277,6 +277,7 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "HTTPRoute" => &crate::http_route::API_VERSIONS,
         "GRPCRoute" => &crate::http_route::GRPC_API_VERSIONS,
         "VirtualService" => &crate::virtual_service::API_VERSIONS,
+        "DestinationRule" => &crate::destination_rule::API_VERSIONS,
         _ => return None,
     })
 }
@@ -406,6 +407,7 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "HTTPRoute" => Object::HttpRoute(Box::new(typed(value)?)),
         "GRPCRoute" => Object::GrpcRoute(Box::new(typed(value)?)),
         "VirtualService" => Object::VirtualService(Box::new(typed(value)?)),
+        "DestinationRule" => Object::DestinationRule(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::destination_rule::DestinationRule;
 use crate::gateway::{Gateway, GatewayClass};
 use crate::http_route::{GrpcRoute, HttpRoute};
 use crate::security::{AuthorizationPolicy, PeerAuthentication};
@@ -56,6 +57,7 @@ pub struct Resources {
     pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
     pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
     pub virtual_services: BTreeMap<ObjectKey, VirtualService>,
+    pub destination_rules: BTreeMap<ObjectKey, DestinationRule>,
 }
 
 /// The kinds the control plane keeps.
@@ -73,6 +75,7 @@ pub enum Kind {
     HttpRoute,
     GrpcRoute,
     VirtualService,
+    DestinationRule,
 }
 
 impl Kind {
@@ -91,6 +94,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -116,6 +120,7 @@ pub enum Object {
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
     VirtualService(Box<VirtualService>),
+    DestinationRule(Box<DestinationRule>),
 }
 
 impl Object {
@@ -138,6 +143,7 @@ impl Object {
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
             Object::VirtualService(_) => Kind::VirtualService,
+            Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -157,6 +163,7 @@ impl Object {
             Object::HttpRoute(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
             Object::VirtualService(o) => &o.metadata,
+            Object::DestinationRule(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -207,6 +214,9 @@ impl Resources {
             Object::GrpcRoute(o) => {
                 self.grpc_routes.insert(key, *o);
             }
+            Object::DestinationRule(o) => {
+                self.destination_rules.insert(key, *o);
+            }
         }
     }
 
@@ -249,6 +259,9 @@ impl Resources {
             Kind::GrpcRoute => {
                 self.grpc_routes.remove(key);
             }
+            Kind::DestinationRule => {
+                self.destination_rules.remove(key);
+            }
         }
     }
 
@@ -268,6 +281,7 @@ impl Resources {
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
             Kind::VirtualService => self.virtual_services.clear(),
+            Kind::DestinationRule => self.destination_rules.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

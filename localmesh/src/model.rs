@@ -38,6 +38,7 @@ pub(crate) fn export(pods: &[ModelPod<'_>], services: &[(&Service, Vec<String>)]
             waypoint: None,
             ambient: p.protocol == ambit_core::model::Protocol::Hbone,
             authorization_policies: Vec::new(),
+            labels: Default::default(),
         })
         .collect();
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));

@@ -2,6 +2,7 @@
 //! ([`client`]), which keeps the model current from ambit-control.
 
 pub mod client;
+pub mod destination;
 pub mod l7;
 pub mod resources;
 pub mod route;

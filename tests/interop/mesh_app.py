@@ -8,6 +8,10 @@ HTTP server, grpcio (generic handlers, raw bytes) and websockets.
   grpc PORT            gRPC server of service test.Echo: Unary (echo), Forbidden (echo),
                        Stream (the request is a count N; N messages "i" back).
   ws PORT              WebSocket echo server.
+  named PORT NAME [fail]
+                       HTTP/1.1 server answering {"server": NAME, "path": ...}; GET
+                       /delay/MS answers after MS milliseconds; with `fail`, every
+                       request answers 503. Each request is printed ("NAME PATH").
   digest N             sha256 of stream(N), hex.
   grpc-client ADDR     calls each method, prints one JSON object of what came back.
   ws-client URI N      sends N messages, checks each echo, prints "echoed N".
@@ -64,6 +68,33 @@ class Echo(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+
+class Named(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    name = "?"
+    fail = False
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        print(self.name, self.path, flush=True)
+        if self.path.startswith("/delay/"):
+            time.sleep(int(self.path.rsplit("/", 1)[1]) / 1000)
+        body = json.dumps({"server": self.name, "path": self.path}).encode()
+        self.send_response(503 if self.fail else 200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve_named(port, name, fail):
+    handler = type("Handler", (Named,), {"name": name, "fail": fail})
+    server = ThreadingHTTPServer(("0.0.0.0", port), handler)
+    print("listening on", port, flush=True)
+    server.serve_forever()
 
 
 def serve_http(port):
@@ -172,6 +203,8 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "http":
         serve_http(int(args[0]))
+    elif cmd == "named":
+        serve_named(int(args[0]), args[1], args[2:] == ["fail"])
     elif cmd == "grpc":
         serve_grpc(int(args[0]))
     elif cmd == "ws":

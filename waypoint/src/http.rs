@@ -8,10 +8,12 @@
 //!    (`ambit_core::route`: rule by precedence → 404 `NR` when none matches; backend by
 //!    weight → 500 `NC` when none has weight or it does not exist), else to the Service
 //!    itself; a workload's goes to the workload;
-//! 4. **balance**: round robin over the chosen Service's healthy endpoints
-//!    (`ambit_core::waypoint::pick_endpoint`) → 503 `no healthy upstream`;
-//! 5. **forward** over a pooled upstream connection ([`crate::upstream`]) → 503 when
-//!    it cannot be reached.
+//! 4. **balance** over the chosen Service's (subset's) healthy endpoints that are not
+//!    ejected: round robin, or as its DestinationRule says ([`crate::balance`]) → 503
+//!    `UH` `no healthy upstream`; a subset the rule does not define → 503 `NC`;
+//! 5. **forward** over a pooled upstream connection ([`crate::upstream`]), as the
+//!    rule's connection pool admits (→ 503 `UO` on overflow), each try's outcome
+//!    reported to its outlier detection → 503 when it cannot be reached.
 //!
 //! Bodies stream both ways frame by frame (trailers included, so gRPC works) and are
 //! never held whole; an HTTP/1.1 `Upgrade` (WebSocket) answered 101 joins the two
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use ambit_core::hbone::TraceParent;
 use ambit_core::route::RequestView as RouteView;
 use ambit_core::route::{AbortWith, Injected};
-use ambit_core::waypoint::{pick_endpoint, BoundTarget, Endpoint};
+use ambit_core::waypoint::{BoundTarget, Endpoint, NoEndpoint};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -39,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::authz::{self, ConnectionInfo, RequestInfo};
+use crate::balance::{HashInput, PickFor};
 use crate::h1_guard::{Guarded, Verdict, Verdicts};
 use crate::io::{idle, Activity, Watched};
 use crate::metrics::Counted;
@@ -471,6 +474,8 @@ async fn handle(
     let mut tries = 0u32;
     let mut retrying = None;
     let exhausted;
+    // Held with the response's body: the request counts in its cluster until then.
+    let mut permit = crate::balance::Permit::default();
     let tried = loop {
         tries += 1;
         let key = UpstreamKey {
@@ -486,12 +491,19 @@ async fn handle(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sent = match limit {
-            None => Ok(shared.upstreams.send(&key, next).await),
-            Some(limit) => tokio::time::timeout(limit, shared.upstreams.send(&key, next))
-                .await
-                .map_err(|_| limit),
+        // The DestinationRule's connection pool: 503 `UO` when it overflows.
+        let http2 = version == HttpVersion::Http2;
+        let Ok(admitted) = shared.balancer.admit(&endpoint, http2).await else {
+            exhausted = false;
+            break Err((key, Failure::Overflow));
         };
+        let per_connection = shared.balancer.requests_per_connection(&endpoint);
+        let send = shared.upstreams.send_limited(&key, next, per_connection);
+        let sent = match limit {
+            None => Ok(send.await),
+            Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| limit),
+        };
+        permit = admitted;
         let outcome = match &sent {
             Ok(Ok(response)) => ambit_core::retry::Outcome::Response {
                 status: response.status().as_u16(),
@@ -504,6 +516,7 @@ async fn handle(
             Ok(Err(e)) => outcome_of(e),
             Err(_) => ambit_core::retry::Outcome::Timeout,
         };
+        shared.balancer.report(&endpoint, outcome);
         let retry = again.as_ref().filter(|_| {
             deadline.is_none_or(|at| Instant::now() < at)
                 && policy.retries(outcome, tries)
@@ -561,6 +574,17 @@ async fn handle(
                 Some(&endpoint),
             );
         }
+        Err((key, Failure::Overflow)) => {
+            tracing::info!(dst = %context.destination, upstream = %key.addr, tries, "request refused: connection pool overflow (DestinationRule connectionPool)");
+            return respond(
+                local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ),
+                "UO",
+                Some(&endpoint),
+            );
+        }
         Err((key, Failure::Upstream(e))) => {
             tracing::info!(dst = %context.destination, upstream = %key.addr, error = %e, tries, "upstream request failed");
             let reply = local_reply(
@@ -589,7 +613,8 @@ async fn handle(
     if let Some(modifier) = &response_headers {
         modifier.apply(response.headers_mut());
     }
-    respond(response.map(BodyExt::boxed), "", Some(&endpoint))
+    let response = response.map(|body| crate::balance::Held::new(body, permit).boxed());
+    respond(response, "", Some(&endpoint))
 }
 
 /// The largest request body read whole before the first try so a retry can send it
@@ -606,6 +631,8 @@ enum Failure {
     /// The try's time ran out (its own, or what was left of the request's): the
     /// limit it had.
     Timeout(Duration),
+    /// The endpoint's connection pool refused it.
+    Overflow,
 }
 
 /// What a failed send means for the retry policy.
@@ -853,8 +880,6 @@ fn route_request(
     request: &RouteView<'_>,
     host: &str,
 ) -> Result<Routed, (StatusCode, &'static str, &'static str)> {
-    const NO_HEALTHY: (StatusCode, &str, &str) =
-        (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH");
     let plain = |endpoint| Routed::Forward {
         endpoint,
         overall: None,
@@ -863,12 +888,13 @@ fn route_request(
         actions: None,
         fault: Injected::default(),
     };
+    let hash = Some(request.headers);
     let BoundTarget::Service { service, port, vip } = &context.target else {
-        return route(context).map(plain).ok_or(NO_HEALTHY);
+        return route(context, hash).map(plain).map_err(no_endpoint);
     };
     let state = context.shared.model.borrow().state.clone();
     let Some(table) = state.routes_for(service, port.port, context.peer.namespace()) else {
-        return route(context).map(plain).ok_or(NO_HEALTHY);
+        return route(context, hash).map(plain).map_err(no_endpoint);
     };
     let no_backend = (
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -895,16 +921,29 @@ fn route_request(
             response_headers: rule.filters.response_headers.clone(),
         });
     }
-    // The endpoint of `backend` (a Service, on its port or the request's).
+    // The endpoint of `backend` (a Service, on its port or the request's; its subset).
     let endpoint_of = |backend: &ambit_core::route::Backend| {
         let target = state.service(&backend.namespace, &backend.name)?;
         let wanted = backend.port.unwrap_or(port.port);
         let target_port = target.spec.ports.iter().find(|p| p.port == wanted)?;
-        let turn = context.shared.next_turn(&target.key(), target_port.port);
-        Some(pick_endpoint(&state, target, target_port, *vip, turn))
+        let hash = HashInput {
+            headers: Some(request.headers),
+            client: context.client.ip(),
+        };
+        let to = PickFor {
+            service: target,
+            port: target_port,
+            vip: *vip,
+            subset: backend.subset.as_deref(),
+        };
+        Some(context.shared.balancer.pick(&state, to, hash, || {
+            context.shared.next_turn(&target.key(), target_port.port)
+        }))
     };
     let backend = ambit_core::route::pick_backend(rule, rand::random()).ok_or(no_backend)?;
-    let endpoint = endpoint_of(backend).ok_or(no_backend)?.ok_or(NO_HEALTHY)?;
+    let endpoint = endpoint_of(backend)
+        .ok_or(no_backend)?
+        .map_err(no_endpoint)?;
     let actions = (!rule.filters.is_empty()).then(|| {
         Box::new(RuleActions {
             mirrors: rule
@@ -912,7 +951,7 @@ fn route_request(
                 .mirrors
                 .iter()
                 .filter(|m| m.sampled(rand::random()))
-                .filter_map(|m| endpoint_of(&m.backend).flatten())
+                .filter_map(|m| endpoint_of(&m.backend)?.ok())
                 .collect(),
             filters: rule.filters.clone(),
             matched_prefix: selected.matched_prefix.map(str::to_owned),
@@ -962,17 +1001,40 @@ struct RuleActions {
     mirrors: Vec<Endpoint>,
 }
 
-/// The endpoint a request on this tunnel goes to, without routes.
-fn route(context: &TunnelContext) -> Option<Endpoint> {
+/// The local reply for a Service (subset) without an endpoint: no healthy one, or
+/// every one ejected → 503 `UH`; a subset its DestinationRule does not define → 503
+/// `NC`.
+fn no_endpoint(why: NoEndpoint) -> (StatusCode, &'static str, &'static str) {
+    match why {
+        NoEndpoint::NoHealthy => (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH"),
+        NoEndpoint::NoSubset => (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "NC"),
+    }
+}
+
+/// The endpoint a request on this tunnel goes to, without routes (`headers`: the
+/// request's, for a consistent hash; `None` for TCP).
+fn route(context: &TunnelContext, headers: Option<&HeaderMap>) -> Result<Endpoint, NoEndpoint> {
     match &context.target {
         BoundTarget::Service { service, port, vip } => {
             let state = context.shared.model.borrow().state.clone();
-            let turn = context.shared.next_turn(&service.key(), port.port);
-            pick_endpoint(&state, service, port, *vip, turn)
+            let hash = HashInput {
+                headers,
+                client: context.client.ip(),
+            };
+            let to = PickFor {
+                service,
+                port,
+                vip: *vip,
+                subset: None,
+            };
+            context.shared.balancer.pick(&state, to, hash, || {
+                context.shared.next_turn(&service.key(), port.port)
+            })
         }
-        BoundTarget::Workload { workload, addr } => Some(Endpoint {
+        BoundTarget::Workload { workload, addr } => Ok(Endpoint {
             workload: workload.clone(),
             addr: *addr,
+            cluster: None,
         }),
     }
 }
@@ -999,7 +1061,7 @@ where
         tracing::info!(peer = %context.peer, dst = %context.destination, %denial, "TCP connection denied by authorization policy");
         return;
     }
-    let Some(endpoint) = route(&context) else {
+    let Ok(endpoint) = route(&context, None) else {
         tracing::info!(dst = %context.destination, "TCP connection refused: no healthy upstream");
         return;
     };

@@ -5,8 +5,10 @@
 //! the original destination as the CONNECT `:authority`. The waypoint terminates the
 //! tunnel ([`proxy`]), refuses targets not bound to it, and tells HTTP from TCP. It
 //! serves HTTP/1.1 and HTTP/2 with hyper ([`http`]) and authorizes each request
-//! ([`authz`]). It picks an endpoint round robin and forwards over pooled HBONE to
-//! the endpoint's ztunnel as its own identity ([`upstream`]).
+//! ([`authz`]). It picks an endpoint (round robin, or as the Service's
+//! DestinationRule says, with its connection pool and outlier detection:
+//! [`balance`]) and forwards over pooled HBONE to the endpoint's ztunnel as its own
+//! identity ([`upstream`]).
 //!
 //! Pieces: [`config`] (flags), [`app`] (wiring: certificate, model over xDS, listeners,
 //! drain), [`proxy`], [`http`], [`h1_guard`] (request smuggling guard), [`io`]
@@ -20,6 +22,7 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod balance;
 pub mod config;
 pub mod h1_guard;
 pub mod http;

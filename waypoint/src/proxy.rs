@@ -54,6 +54,8 @@ pub struct Shared {
     /// retry budget (`ambit_core::retry::budget_allows`).
     pub requests_in_flight: AtomicU64,
     pub retries_in_flight: AtomicU64,
+    /// DestinationRule state: load balancing, connection pools, outlier detection.
+    pub balancer: crate::balance::Balancer,
     draining: watch::Receiver<bool>,
 }
 
@@ -90,6 +92,7 @@ impl Shared {
             open: AtomicU64::new(0),
             requests_in_flight: AtomicU64::new(0),
             retries_in_flight: AtomicU64::new(0),
+            balancer: crate::balance::Balancer::default(),
             draining,
         })
     }

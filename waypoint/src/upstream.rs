@@ -11,6 +11,9 @@
 //! an endpoint that stopped receiving requests end, and with them the HBONE
 //! connection once it has none.
 //!
+//! A DestinationRule's `maxRequestsPerConnection` ends a connection after that many
+//! requests ([`Upstreams::send_limited`]).
+//!
 //! A request that never left (its connection turned out to be closed when it was
 //! sent, as happens when an endpoint closes an idle keep-alive connection) is sent
 //! again on a new connection; one that left is never retried.
@@ -107,8 +110,10 @@ impl std::fmt::Debug for Upstreams {
     }
 }
 
-/// An idle HTTP/1.1 connection and since when it is idle.
-type IdleH1 = (http1::SendRequest<RequestBody>, Instant);
+/// An idle HTTP/1.1 connection, since when it is idle, and the requests it carried.
+type IdleH1 = (http1::SendRequest<RequestBody>, Instant, u32);
+/// An HTTP/2 connection, when it was last used, and the requests it carried.
+type PooledH2 = (http2::SendRequest<RequestBody>, Instant, u32);
 
 struct Inner {
     hbone: HbonePool,
@@ -119,7 +124,8 @@ struct Inner {
     idle: Mutex<HashMap<UpstreamKey, Vec<IdleH1>>>,
     /// With when each was last used: one unused for [`IDLE_TIMEOUT`] is let go, and
     /// closes once its last request has ended.
-    h2: Mutex<HashMap<UpstreamKey, (http2::SendRequest<RequestBody>, Instant)>>,
+    /// And the requests it carried.
+    h2: Mutex<HashMap<UpstreamKey, PooledH2>>,
 }
 
 impl Upstreams {
@@ -185,9 +191,21 @@ impl Upstreams {
         key: &UpstreamKey,
         request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_limited(key, request, None).await
+    }
+
+    /// [`Upstreams::send`], a connection carrying at most `per_connection` requests
+    /// (a DestinationRule's `maxRequestsPerConnection`; `None`: no limit).
+    pub async fn send_limited(
+        &self,
+        key: &UpstreamKey,
+        request: Request<RequestBody>,
+        per_connection: Option<u32>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let limit = per_connection.unwrap_or(u32::MAX);
         match key.version {
-            HttpVersion::Http2 => self.send_h2(key, request).await,
-            HttpVersion::Http1 => self.send_h1(key, request).await,
+            HttpVersion::Http2 => self.send_h2(key, request, limit).await,
+            HttpVersion::Http1 => self.send_h1(key, request, limit).await,
         }
     }
 
@@ -195,17 +213,28 @@ impl Upstreams {
         &self,
         key: &UpstreamKey,
         request: Request<RequestBody>,
+        limit: u32,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = request;
         let mut fresh = false;
         loop {
-            let pooled = lock(&self.inner.h2)
-                .get_mut(key)
-                .filter(|(s, _)| !s.is_closed())
-                .map(|(s, used)| {
-                    *used = Instant::now();
-                    s.clone()
-                });
+            let pooled = {
+                let mut h2 = lock(&self.inner.h2);
+                let pooled =
+                    h2.get_mut(key)
+                        .filter(|(s, _, _)| !s.is_closed())
+                        .map(|(s, used, count)| {
+                            *used = Instant::now();
+                            *count += 1;
+                            (s.clone(), *count)
+                        });
+                // Its last request: new ones take a new connection, and this one
+                // closes when its streams end.
+                if pooled.as_ref().is_some_and(|(_, n)| *n >= limit) {
+                    h2.remove(key);
+                }
+                pooled.map(|(s, _)| s)
+            };
             let mut sender = match pooled {
                 Some(s) => s,
                 None => {
@@ -225,7 +254,10 @@ impl Upstreams {
                             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                         }
                     });
-                    lock(&self.inner.h2).insert(key.clone(), (sender.clone(), Instant::now()));
+                    if limit > 1 {
+                        lock(&self.inner.h2)
+                            .insert(key.clone(), (sender.clone(), Instant::now(), 1));
+                    }
                     sender
                 }
             };
@@ -261,11 +293,12 @@ impl Upstreams {
         &self,
         key: &UpstreamKey,
         request: Request<RequestBody>,
+        limit: u32,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = request;
         loop {
-            let (mut sender, fresh) = match self.idle_h1(key) {
-                Some(sender) => (sender, false),
+            let (mut sender, fresh, carried) = match self.idle_h1(key) {
+                Some((sender, carried)) => (sender, false, carried),
                 None => {
                     let io = self.connection_io(key).await?;
                     let (sender, conn) = http1::Builder::new()
@@ -280,12 +313,17 @@ impl Upstreams {
                             tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
                         }
                     });
-                    (sender, true)
+                    (sender, true, 0)
                 }
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    // Back to the idle list once the response has been read.
+                    // Back to the idle list once the response has been read, unless
+                    // it has carried as many requests as it may.
+                    let carried = carried + 1;
+                    if carried >= limit {
+                        return Ok(response);
+                    }
                     let pool = Arc::downgrade(&self.inner);
                     let key = key.clone();
                     tokio::spawn(async move {
@@ -294,7 +332,7 @@ impl Upstreams {
                                 let mut idle = lock(&inner.idle);
                                 let list = idle.entry(key).or_default();
                                 if list.len() < MAX_IDLE_PER_ENDPOINT {
-                                    list.push((sender, Instant::now()));
+                                    list.push((sender, Instant::now(), carried));
                                 }
                             }
                         }
@@ -316,12 +354,12 @@ impl Upstreams {
     }
 
     /// An idle HTTP/1.1 connection to `key` that can take a request now.
-    fn idle_h1(&self, key: &UpstreamKey) -> Option<http1::SendRequest<RequestBody>> {
+    fn idle_h1(&self, key: &UpstreamKey) -> Option<(http1::SendRequest<RequestBody>, u32)> {
         let mut idle = lock(&self.inner.idle);
         let list = idle.get_mut(key)?;
-        while let Some((sender, _)) = list.pop() {
+        while let Some((sender, _, carried)) = list.pop() {
             if sender.is_ready() && !sender.is_closed() {
-                return Some(sender);
+                return Some((sender, carried));
             }
         }
         None
@@ -371,11 +409,13 @@ async fn sweep(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
         lock(&inner.idle).retain(|_, list| {
-            list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+            list.retain(|(s, since, _)| {
+                !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
+            });
             !list.is_empty()
         });
         lock(&inner.h2)
-            .retain(|_, (s, used)| !s.is_closed() && now.duration_since(*used) < IDLE_TIMEOUT);
+            .retain(|_, (s, used, _)| !s.is_closed() && now.duration_since(*used) < IDLE_TIMEOUT);
     }
 }
 

@@ -787,7 +787,7 @@ async fn failed_tries_are_retried_on_another_endpoint_by_default_and_as_a_route_
 async fn a_virtual_service_routes_in_order_splits_90_10_retries_and_injects_faults() {
     let mesh = Mesh::start(Limits::default()).await;
     let conn = mesh.client().await;
-    let mut client = http1_client(&conn, "10.96.0.60:80").await;
+    let mut client = http1_client(&conn, "10.96.0.61:80").await;
     let mut send = async |path: &str, canary: Option<&str>| {
         client.ready().await.unwrap();
         let mut request = get(path);
@@ -846,7 +846,7 @@ async fn a_virtual_service_routes_in_order_splits_90_10_retries_and_injects_faul
     // The route's timeout: 504.
     assert_eq!(send("/slow", None).await.0, StatusCode::GATEWAY_TIMEOUT);
     // A gRPC abort: HTTP 200 with grpc-status 14 and no body.
-    let mut h2 = http2_client::<Full<Bytes>>(&conn, "10.96.0.60:80").await;
+    let mut h2 = http2_client::<Full<Bytes>>(&conn, "10.96.0.61:80").await;
     let request = Request::post("http://reviews.shop/fault/grpc")
         .header("content-type", "application/grpc")
         .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))

@@ -143,6 +143,7 @@ pub(super) fn translate_entry(
             // Outside the mesh: no node agent captures it.
             ambient: false,
             authorization_policies: Vec::new(),
+            labels: Default::default(),
         });
         endpoints.push(EndpointSpec {
             workload_uid: uid,

@@ -13,6 +13,8 @@
 //!   `l7authz/<namespace>/<name>` ([`super::l7`]).
 //! - A waypoint is a resource named `waypoint/<namespace>/<name>`; what is bound to it
 //!   names it in its `GatewayAddress`.
+//! - An HTTPRoute is `httproute/<namespace>/<name>` ([`super::route`]); a
+//!   DestinationRule `destinationrule/<namespace>/<name>` ([`super::destination`]).
 //!
 //! A resource that cannot be used is rejected on its own ([`ResourceError`] names it),
 //! so the client can NACK it and keep the rest.
@@ -106,6 +108,7 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             workload_kind: w.workload_kind.clone().unwrap_or_default(),
             ambient: w.ambient,
             authorization_policies: w.authorization_policies.clone(),
+            labels: w.labels.clone().into_iter().collect(),
         };
         resources.insert(
             w.uid.clone(),
@@ -137,6 +140,16 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             super::route::route_name(&r.route),
             Address {
                 r#type: Some(address::Type::HttpRoute(super::route::route_to_proto(r))),
+            },
+        );
+    }
+    for r in &config.destination_rules {
+        resources.insert(
+            super::destination::destination_rule_name(&r.namespace, &r.name),
+            Address {
+                r#type: Some(address::Type::DestinationRule(
+                    super::destination::destination_rule_to_proto(r),
+                )),
             },
         );
     }
@@ -412,6 +425,7 @@ pub fn from_resources<'a>(
     let mut policies = Vec::new();
     let mut l7_policies = Vec::new();
     let mut http_routes = Vec::new();
+    let mut destination_rules = Vec::new();
     let mut waypoints = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
@@ -461,8 +475,14 @@ pub fn from_resources<'a>(
                 Ok(r) => http_routes.push(r),
                 Err(reason) => errors.push(error(reason)),
             },
+            Some(address::Type::DestinationRule(r)) => {
+                match super::destination::destination_rule_from_proto(r) {
+                    Ok(r) => destination_rules.push(r),
+                    Err(reason) => errors.push(error(reason)),
+                }
+            }
             None => errors.push(error(
-                "neither a workload, a service, a policy, a waypoint nor a route".into(),
+                "neither a workload, a service, a policy, a waypoint, a route nor a destination rule".into(),
             )),
         }
     }
@@ -482,6 +502,7 @@ pub fn from_resources<'a>(
             l7_policies,
             waypoints,
             http_routes,
+            destination_rules,
         },
         errors,
     )
@@ -530,6 +551,7 @@ fn workload(w: &Workload) -> Result<WorkloadSpec, String> {
         waypoint: w.waypoint.as_ref().map(waypoint).transpose()?,
         ambient: w.ambient,
         authorization_policies: w.authorization_policies.clone(),
+        labels: w.labels.clone().into_iter().collect(),
     })
 }
 
@@ -639,6 +661,7 @@ mod tests {
              - {uid: shop/web-a, name: web-a, namespace: shop, serviceAccount: web, node: node-a,\n\
                 ips: [10.1.0.10, 'fd10:1::10'], protocol: HBONE, canonicalName: web,\n\
                 canonicalRevision: v1, workloadKind: Deployment, workloadName: web,\n\
+                labels: {app: web, version: v1},\n\
                 waypoint: {address: 10.96.0.100, name: waypoint, namespace: shop}}\n\
              - {uid: shop/web-b, name: web-b, namespace: shop, node: node-b, ips: [10.2.0.10],\n\
                 healthy: false}\n\
@@ -655,7 +678,10 @@ mod tests {
              waypoints:\n\
              - {name: waypoint, namespace: shop, trafficType: all, serviceAccount: waypoint,\n\
                 address: 10.96.0.100, policies: [shop/admin-only]}\n\
-             - {name: bare, namespace: infra, serviceAccount: bare}\n",
+             - {name: bare, namespace: infra, serviceAccount: bare}\n\
+             destinationRules:\n\
+             - {namespace: shop, name: web, serviceNamespace: shop, serviceName: web,\n\
+                subsets: [{name: v1, labels: {version: v1}}]}\n",
         )
         .unwrap()
     }
@@ -715,6 +741,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "destinationrule/shop/web",
                 "shop/client",
                 "shop/db.example.com",
                 "shop/web-a",

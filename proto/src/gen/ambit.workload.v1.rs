@@ -2,11 +2,12 @@
 /// One resource: a workload (named by its uid), a service (named
 /// `<namespace>/<hostname>`), an authorization policy ztunnel enforces (named
 /// `authz/<namespace>/<name>`), one waypoints enforce (named
-/// `l7authz/<namespace>/<name>`), a waypoint (named `waypoint/<namespace>/<name>`) or
-/// an HTTPRoute (named `httproute/<namespace>/<name>`).
+/// `l7authz/<namespace>/<name>`), a waypoint (named `waypoint/<namespace>/<name>`), an
+/// HTTPRoute (named `httproute/<namespace>/<name>`) or a DestinationRule (named
+/// `destinationrule/<namespace>/<name>`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Address {
-    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102, 103")]
+    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102, 103, 105")]
     pub r#type: ::core::option::Option<address::Type>,
 }
 /// Nested message and enum types in `Address`.
@@ -35,6 +36,11 @@ pub mod address {
         /// `httproute/<namespace>/<name>`). Istio sends waypoints Envoy routes instead.
         #[prost(message, tag = "103")]
         HttpRoute(super::HttpRoute),
+        /// Ambit's own: a DestinationRule (networking.istio.io) of a Service, for the
+        /// waypoints that route to it (named `destinationrule/<namespace>/<name>`). Istio
+        /// sends waypoints Envoy clusters instead. (104 is RequestAuthentication's.)
+        #[prost(message, tag = "105")]
+        DestinationRule(super::DestinationRule),
     }
 }
 /// A pod, with the services it is an endpoint of.
@@ -87,6 +93,13 @@ pub struct Workload {
     /// protocol says HBONE only once that is reported done.
     #[prost(bool, tag = "101")]
     pub ambient: bool,
+    /// Its pod's labels: what a DestinationRule's subsets select on. (Istio's workload
+    /// API has none; Envoy learns them as endpoint metadata.)
+    #[prost(map = "string, string", tag = "102")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Service {
@@ -669,6 +682,130 @@ pub struct RouteBackend {
     #[prost(string, tag = "5")]
     pub subset: ::prost::alloc::string::String,
 }
+/// A DestinationRule with its `host` resolved to a Service, as `ambit_core::destination`
+/// reads it: values as written (absent stays absent), durations in milliseconds.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DestinationRule {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Creation time, seconds since the epoch: of two rules for one Service, the older
+    /// applies.
+    #[prost(int64, tag = "3")]
+    pub created: i64,
+    #[prost(string, tag = "4")]
+    pub service_namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub service_name: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "6")]
+    pub traffic_policy: ::core::option::Option<TrafficPolicy>,
+    #[prost(message, repeated, tag = "7")]
+    pub subsets: ::prost::alloc::vec::Vec<DestinationSubset>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DestinationSubset {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(map = "string, string", tag = "2")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Absent: the rule's.
+    #[prost(message, optional, tag = "3")]
+    pub traffic_policy: ::core::option::Option<TrafficPolicy>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TrafficPolicy {
+    #[prost(message, optional, tag = "1")]
+    pub load_balancer: ::core::option::Option<LoadBalancer>,
+    #[prost(message, optional, tag = "2")]
+    pub connection_pool: ::core::option::Option<ConnectionPool>,
+    #[prost(message, optional, tag = "3")]
+    pub outlier_detection: ::core::option::Option<OutlierDetection>,
+    #[prost(message, repeated, tag = "4")]
+    pub port_level_settings: ::prost::alloc::vec::Vec<PortTrafficPolicy>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PortTrafficPolicy {
+    #[prost(uint32, tag = "1")]
+    pub port: u32,
+    #[prost(message, optional, tag = "2")]
+    pub load_balancer: ::core::option::Option<LoadBalancer>,
+    #[prost(message, optional, tag = "3")]
+    pub connection_pool: ::core::option::Option<ConnectionPool>,
+    #[prost(message, optional, tag = "4")]
+    pub outlier_detection: ::core::option::Option<OutlierDetection>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LoadBalancer {
+    #[prost(oneof = "load_balancer::Policy", tags = "1, 2")]
+    pub policy: ::core::option::Option<load_balancer::Policy>,
+}
+/// Nested message and enum types in `LoadBalancer`.
+pub mod load_balancer {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Policy {
+        #[prost(enumeration = "super::SimpleLoadBalancer", tag = "1")]
+        Simple(i32),
+        #[prost(message, tag = "2")]
+        ConsistentHash(super::ConsistentHashKey),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConsistentHashKey {
+    #[prost(oneof = "consistent_hash_key::Key", tags = "1, 2, 3")]
+    pub key: ::core::option::Option<consistent_hash_key::Key>,
+}
+/// Nested message and enum types in `ConsistentHashKey`.
+pub mod consistent_hash_key {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Key {
+        /// Lower case.
+        #[prost(string, tag = "1")]
+        HttpHeaderName(::prost::alloc::string::String),
+        #[prost(message, tag = "2")]
+        HttpCookie(super::HashCookie),
+        #[prost(bool, tag = "3")]
+        UseSourceIp(bool),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HashCookie {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// 0: none.
+    #[prost(uint64, tag = "2")]
+    pub ttl_ms: u64,
+    /// Empty: none.
+    #[prost(string, tag = "3")]
+    pub path: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectionPool {
+    #[prost(uint32, optional, tag = "1")]
+    pub max_connections: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "2")]
+    pub http1_max_pending_requests: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "3")]
+    pub http2_max_requests: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "4")]
+    pub max_requests_per_connection: ::core::option::Option<u32>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutlierDetection {
+    #[prost(uint32, optional, tag = "1")]
+    pub consecutive_5xx_errors: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "2")]
+    pub consecutive_gateway_errors: ::core::option::Option<u32>,
+    #[prost(uint64, optional, tag = "3")]
+    pub interval_ms: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "4")]
+    pub base_ejection_time_ms: ::core::option::Option<u64>,
+    #[prost(uint32, optional, tag = "5")]
+    pub max_ejection_percent: ::core::option::Option<u32>,
+}
 /// `istio.io/waypoint-for`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -817,6 +954,35 @@ impl AuthorizationAction {
             "AUTHORIZATION_ACTION_DENY" => Some(Self::Deny),
             "AUTHORIZATION_ACTION_AUDIT" => Some(Self::Audit),
             "AUTHORIZATION_ACTION_CUSTOM" => Some(Self::Custom),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum SimpleLoadBalancer {
+    RoundRobin = 0,
+    LeastRequest = 1,
+    Random = 2,
+}
+impl SimpleLoadBalancer {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::RoundRobin => "SIMPLE_LOAD_BALANCER_ROUND_ROBIN",
+            Self::LeastRequest => "SIMPLE_LOAD_BALANCER_LEAST_REQUEST",
+            Self::Random => "SIMPLE_LOAD_BALANCER_RANDOM",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SIMPLE_LOAD_BALANCER_ROUND_ROBIN" => Some(Self::RoundRobin),
+            "SIMPLE_LOAD_BALANCER_LEAST_REQUEST" => Some(Self::LeastRequest),
+            "SIMPLE_LOAD_BALANCER_RANDOM" => Some(Self::Random),
             _ => None,
         }
     }

@@ -175,7 +175,7 @@ services:
   endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
 - name: reviews
   namespace: shop
-  vips: [10.96.0.60]
+  vips: [10.96.0.61]
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
   waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
   endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
@@ -293,6 +293,11 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start(limits: Limits) -> Mesh {
+        Mesh::start_edited(limits, |_| {}).await
+    }
+
+    /// [`Mesh::start`] with the model changed by `edit` first.
+    pub async fn start_edited(limits: Limits, edit: impl FnOnce(&mut MeshConfig)) -> Mesh {
         let ca = Arc::new(TestCa::new());
         let ips = endpoint_ips();
         let upstream_peers = Arc::new(Mutex::new(Vec::new()));
@@ -302,7 +307,8 @@ impl Mesh {
         }
         // Outside the mesh: the app alone, no ztunnel.
         start_app(SocketAddr::new(ips[3], APP_PORT), "legacy-0").await;
-        let config = model(ips);
+        let mut config = model(ips);
+        edit(&mut config);
         let td = TrustDomain::default();
         let state = MeshState::build(&config, &td).unwrap();
         let snapshot = ModelSnapshot {
@@ -539,6 +545,16 @@ fn seen_log(line: String) {
     SEEN.lock().unwrap().push(line);
 }
 
+/// The apps' log lines containing `marker`.
+pub fn seen(marker: &str) -> Vec<String> {
+    SEEN.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(marker))
+        .cloned()
+        .collect()
+}
+
 fn full(body: impl Into<Bytes>) -> AppBody {
     Full::new(body.into()).map_err(|n| match n {}).boxed()
 }
@@ -638,6 +654,16 @@ async fn app(
                 (false, _) => StatusCode::OK,
                 (true, true) => StatusCode::SERVICE_UNAVAILABLE,
                 (true, false) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Response::builder().status(status).body(full(name)).unwrap()
+        }
+        // echo-1 answers 503, echo-2 200; each request is logged.
+        p if p.starts_with("/dr/") => {
+            seen_log(format!("{name} {p}"));
+            let status = if name == "echo-1" {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
             };
             Response::builder().status(status).body(full(name)).unwrap()
         }
