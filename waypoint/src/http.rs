@@ -575,7 +575,7 @@ async fn handle(
             );
         }
         Err((key, Failure::Overflow)) => {
-            tracing::info!(dst = %context.destination, upstream = %key.addr, tries, "request refused: connection pool overflow (DestinationRule connectionPool)");
+            tracing::debug!(dst = %context.destination, upstream = %key.addr, tries, "request refused: connection pool overflow (DestinationRule connectionPool)");
             return respond(
                 local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
