@@ -8,7 +8,9 @@
 //! - `maxConnections: 1` with one pending request: 10 concurrent slow requests give
 //!   2 answers and 8 × 503 `UO`, in the access log and the metrics;
 //! - a backend that always fails is ejected (no traffic for `baseEjectionTime`) and
-//!   comes back after it.
+//!   comes back after it;
+//! - a VirtualService over the rule's subsets: tagged requests to v2 only, the rest
+//!   90/10 within the binomial 99.9 % interval.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -339,5 +341,93 @@ fn destination_rules_hash_limit_and_eject_in_the_waypoint() {
     assert!(web_a.hits(marker) > 0);
     drop(web_a);
     drop(web_b);
+    ctl.ok(&["local", "down"]);
+}
+
+/// `count` GETs of `url` from the client pod in one curl (one connection), with
+/// `header`: the server that answered each.
+fn servers_of(ctl: &Ctl, url: &str, count: usize, header: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "local",
+        "exec",
+        "client",
+        "--",
+        "curl",
+        "-s",
+        "--max-time",
+        "60",
+    ];
+    if let Some(h) = header {
+        args.extend(["-H", h]);
+    }
+    args.extend(["-w", "\n"]);
+    let urls = vec![url; count];
+    args.extend(urls.iter().copied());
+    let out = ctl.run(&args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .map(|v| v["server"].as_str().unwrap_or("?").to_owned())
+                .unwrap_or_else(|_| format!("not JSON: {l}"))
+        })
+        .collect()
+}
+
+/// A VirtualService over a DestinationRule's subsets, as Istio users write a canary:
+/// tagged requests to subset v2 only, the rest 90/10 between v1 and v2.
+#[test]
+fn a_virtual_service_splits_over_destination_rule_subsets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), SHOP).unwrap();
+    let ctl = Ctl::new();
+    ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
+    let _web_a = serve(&ctl, "web-a", false);
+    let _web_b = serve(&ctl, "web-b", false);
+    apply(
+        &ctl,
+        "canary",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {name: web, namespace: shop}\n\
+         spec:\n  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n\
+         ---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: web, namespace: shop}\n\
+         spec:\n  hosts: [web]\n  http:\n\
+         \x20 - match: [{headers: {x-canary: {exact: \"yes\"}}}]\n\
+         \x20   route: [{destination: {host: web, subset: v2}}]\n\
+         \x20 - route:\n\
+         \x20   - {destination: {host: web, subset: v1}, weight: 90}\n\
+         \x20   - {destination: {host: web, subset: v2}, weight: 10}\n",
+    );
+    let web = format!("http://{}/canary", ctl.vip("web"));
+    poll_until(
+        Duration::from_secs(30),
+        || {
+            servers_of(&ctl, &web, 10, Some("x-canary: yes"))
+                .iter()
+                .all(|s| s == "web-b")
+        },
+        || {
+            format!(
+                "tagged requests not all on v2: {:?}",
+                servers_of(&ctl, &web, 10, Some("x-canary: yes"))
+            )
+        },
+    );
+    // 90/10 over 400 requests: v2 within the binomial 99.9 % interval (40 +- 20).
+    let untagged = servers_of(&ctl, &web, 400, None);
+    assert_eq!(untagged.len(), 400, "{untagged:?}");
+    let v2 = untagged.iter().filter(|s| *s == "web-b").count();
+    let v1 = untagged.iter().filter(|s| *s == "web-a").count();
+    assert_eq!(v1 + v2, 400, "{untagged:?}");
+    assert!((20..=60).contains(&v2), "{v2} of 400 to v2");
+    let status = ctl.ok(&["local", "status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("VirtualService shop/web") && l.contains(" True")),
+        "{status}"
+    );
     ctl.ok(&["local", "down"]);
 }
