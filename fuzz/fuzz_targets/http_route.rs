@@ -3,7 +3,9 @@
 //! request without panicking, its filters applied.
 #![no_main]
 
-use ambit_core::route::{RequestView, RouteTable};
+#[path = "route_common.rs"]
+mod route_common;
+
 use ambit_k8s::http_route::{read, HttpRoute};
 use ambit_k8s::resources::ObjectKey;
 use libfuzzer_sys::fuzz_target;
@@ -20,43 +22,7 @@ fuzz_target!(|data: &[u8]| {
         spec,
         ..HttpRoute::default()
     };
-    let Ok(route) = read(&ObjectKey::new("ns", "r"), &route).route else {
-        return;
-    };
-    let table = RouteTable::new(vec![route]);
-    let target = String::from_utf8_lossy(target);
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (target.as_ref(), None),
-    };
-    let mut headers = http::HeaderMap::new();
-    let Some(selected) = table.select(&RequestView {
-        method: "GET",
-        path,
-        query,
-        headers: &headers,
-        authority: "h",
-    }) else {
-        return;
-    };
-    // What the rule's filters do to the request never panics either.
-    let filters = selected.rule.filters.clone();
-    if let Some(m) = &filters.request_headers {
-        m.apply(&mut headers);
-    }
-    if let Some(r) = &filters.rewrite {
-        if let Some(p) = &r.path {
-            let _ = p.apply(path, selected.matched_prefix);
-        }
-    }
-    if let Some(r) = &filters.redirect {
-        let _ = r.location(&ambit_core::route::RedirectFrom {
-            scheme: "http",
-            host: "h",
-            port: 80,
-            path,
-            query,
-            matched_prefix: selected.matched_prefix,
-        });
+    if let Ok(route) = read(&ObjectKey::new("ns", "r"), &route).route {
+        route_common::exercise(route, target);
     }
 });

@@ -4,9 +4,11 @@
 //! drawn.
 #![no_main]
 
-use ambit_core::route::{RequestView, RouteTable};
-use ambit_k8s::virtual_service::{read, VirtualService};
+#[path = "route_common.rs"]
+mod route_common;
+
 use ambit_k8s::resources::ObjectKey;
+use ambit_k8s::virtual_service::{read, VirtualService};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,53 +19,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(spec) = serde_json::from_slice(spec) else {
         return;
     };
-    let route = VirtualService {
+    let vs = VirtualService {
         spec,
         ..VirtualService::default()
     };
-    let Ok(route) = read(&ObjectKey::new("ns", "r"), &route).route else {
-        return;
-    };
-    let table = RouteTable::new(vec![route]);
-    let target = String::from_utf8_lossy(target);
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (target.as_ref(), None),
-    };
-    let mut headers = http::HeaderMap::new();
-    let Some(selected) = table.select(&RequestView {
-        method: "GET",
-        path,
-        query,
-        headers: &headers,
-        authority: "h",
-    }) else {
-        return;
-    };
-    if let Some(f) = &selected.rule.fault {
-        let _ = f.decide(u64::MAX, 0);
-    }
-    if let Some(r) = &selected.rule.retry {
-        let _ = r.policy();
-    }
-    // What the rule's filters do to the request never panics either.
-    let filters = selected.rule.filters.clone();
-    if let Some(m) = &filters.request_headers {
-        m.apply(&mut headers);
-    }
-    if let Some(r) = &filters.rewrite {
-        if let Some(p) = &r.path {
-            let _ = p.apply(path, selected.matched_prefix);
-        }
-    }
-    if let Some(r) = &filters.redirect {
-        let _ = r.location(&ambit_core::route::RedirectFrom {
-            scheme: "http",
-            host: "h",
-            port: 80,
-            path,
-            query,
-            matched_prefix: selected.matched_prefix,
-        });
+    if let Ok(route) = read(&ObjectKey::new("ns", "r"), &vs).route {
+        route_common::exercise(route, target);
     }
 });
