@@ -31,12 +31,12 @@ use tokio::time::Instant;
 
 use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, ObjectKey, Resources};
-use crate::security::{AuthorizationPolicy, PeerAuthentication};
+use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::service_entry::ServiceEntry;
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 11] = [
+pub const KINDS: [Kind; 12] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -44,6 +44,7 @@ pub const KINDS: [Kind; 11] = [
     Kind::ServiceEntry,
     Kind::AuthorizationPolicy,
     Kind::PeerAuthentication,
+    Kind::RequestAuthentication,
     Kind::Gateway,
     Kind::GatewayClass,
     Kind::HttpRoute,
@@ -162,6 +163,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<PeerAuthentication>(
             Api::all(client.clone()),
             Kind::PeerAuthentication,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<RequestAuthentication>(
+            Api::all(client.clone()),
+            Kind::RequestAuthentication,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<Gateway>(

@@ -9,12 +9,14 @@
 //! Only the `Address` type and the wildcard subscription are served. What a stream
 //! gets depends on who subscribes (its view):
 //! - trusted node agents (ztunnels and `ambit-cni` agents, which run as the node-agent
-//!   accounts) get the whole model except L7 policies (`l7authz/...`) and HTTPRoutes
-//!   (`httproute/...`), which only waypoints enforce;
+//!   accounts) get the whole model except L7 policies (`l7authz/...`),
+//!   RequestAuthentications (`requestauthn/...`) and HTTPRoutes (`httproute/...`),
+//!   which only waypoints enforce;
 //! - a waypoint (a caller whose identity is a waypoint's service account in the mesh's
 //!   trust domain) gets only what it serves: the services and workloads bound to it,
 //!   the workloads behind those services, its own Service and workloads, its
-//!   `waypoint/...` entry, the L7 policies attached to it, and the HTTPRoutes of its
+//!   `waypoint/...` entry, the L7 policies and RequestAuthentications attached to it
+//!   (or to a Service bound to it), and the HTTPRoutes of its
 //!   services with the services they route to;
 //! - any other caller, a workload's certificate or token included, gets
 //!   `PERMISSION_DENIED`: the model names every workload, address and policy of the
@@ -57,6 +59,8 @@ pub const L7_POLICY_PREFIX: &str = "l7authz/";
 /// Resource names of HTTPRoutes and GRPCRoutes start with these; only waypoints get
 /// them.
 pub const ROUTE_PREFIXES: [&str; 2] = ["httproute/", "grpcroute/"];
+/// Resource names of RequestAuthentications start with this; only waypoints get them.
+pub const REQUEST_AUTHN_PREFIX: &str = "requestauthn/";
 
 impl Snapshot {
     pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
@@ -90,6 +94,7 @@ impl View {
         match self {
             View::NodeAgent => {
                 !name.starts_with(L7_POLICY_PREFIX)
+                    && !name.starts_with(REQUEST_AUTHN_PREFIX)
                     && !ROUTE_PREFIXES.iter().any(|p| name.starts_with(p))
             }
             View::Waypoint(ns, sa) => snapshot
@@ -128,6 +133,21 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
         for wl in &config.workloads {
             if wl.waypoint.as_ref().is_some_and(|b| b.key() == key) {
                 view.insert(wl.uid.clone());
+            }
+        }
+        // The RequestAuthentications attached to it, its class, or a Service bound to
+        // it.
+        let gateway = (w.namespace.as_str(), w.name.as_str());
+        for a in &config.request_authns {
+            let to_service = config.services.iter().any(|s| {
+                s.waypoint.as_ref().is_some_and(|b| b.key() == key)
+                    && a.applies_to(gateway, Some((&s.namespace, &s.name)))
+            });
+            if to_service || a.applies_to(gateway, None) {
+                view.insert(ambit_net::xds::request_authn::request_authn_name(
+                    &a.namespace,
+                    &a.name,
+                ));
             }
         }
         // The HTTPRoutes of the Services bound to it, and the Services they route to

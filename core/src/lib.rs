@@ -16,6 +16,7 @@ pub mod certificate;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod jwt;
 pub mod l7;
 pub mod model;
 pub mod outbound;

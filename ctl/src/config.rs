@@ -78,7 +78,8 @@ pub enum LocalCommand {
     Status,
     /// Applies a file to the running mesh, as `kubectl apply -f` would (applying the
     /// same file again replaces what it applied before): AuthorizationPolicy,
-    /// PeerAuthentication, ServiceEntry, HTTPRoute and GRPCRoute objects; a Gateway of
+    /// PeerAuthentication, RequestAuthentication, ServiceEntry, HTTPRoute and GRPCRoute
+    /// objects; a Gateway of
     /// class istio-waypoint (its waypoint pod starts); a running Namespace, Service or
     /// Pod whose only change is a waypoint label (istio.io/use-waypoint,
     /// istio.io/use-waypoint-namespace, istio.io/waypoint-for).

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod l7;
+pub mod request_authn;
 pub mod resources;
 pub mod route;
 

@@ -11,6 +11,8 @@
 //!   lists the selector policies that select it by `<namespace>/<name>`.
 //! - A waypoint's L7 authorization policy is a resource named
 //!   `l7authz/<namespace>/<name>` ([`super::l7`]).
+//! - A RequestAuthentication for waypoints is a resource named
+//!   `requestauthn/<namespace>/<name>` ([`super::request_authn`]).
 //! - A waypoint is a resource named `waypoint/<namespace>/<name>`; what is bound to it
 //!   names it in its `GatewayAddress`.
 //!
@@ -137,6 +139,16 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             super::route::route_name(&r.route),
             Address {
                 r#type: Some(address::Type::HttpRoute(super::route::route_to_proto(r))),
+            },
+        );
+    }
+    for a in &config.request_authns {
+        resources.insert(
+            super::request_authn::request_authn_name(&a.namespace, &a.name),
+            Address {
+                r#type: Some(address::Type::RequestAuthentication(
+                    super::request_authn::request_authn_to_proto(a),
+                )),
             },
         );
     }
@@ -413,6 +425,7 @@ pub fn from_resources<'a>(
     let mut l7_policies = Vec::new();
     let mut http_routes = Vec::new();
     let mut waypoints = Vec::new();
+    let mut request_authns = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
             name: name.clone(),
@@ -461,6 +474,12 @@ pub fn from_resources<'a>(
                 Ok(r) => http_routes.push(r),
                 Err(reason) => errors.push(error(reason)),
             },
+            Some(address::Type::RequestAuthentication(a)) => {
+                match super::request_authn::request_authn_from_proto(a) {
+                    Ok(a) => request_authns.push(a),
+                    Err(reason) => errors.push(error(reason)),
+                }
+            }
             None => errors.push(error(
                 "neither a workload, a service, a policy, a waypoint nor a route".into(),
             )),
@@ -482,6 +501,7 @@ pub fn from_resources<'a>(
             l7_policies,
             waypoints,
             http_routes,
+            request_authns,
         },
         errors,
     )
