@@ -19,6 +19,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod authz;
 pub mod config;
 pub mod h1_guard;
