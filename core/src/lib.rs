@@ -4,7 +4,8 @@
 //! certificate authority's decisions (who may obtain which identity, how long a
 //! certificate lives), the certificate manager's renewal schedule, HBONE's request
 //! semantics (CONNECT target, headers, refusal statuses), and authorization: per
-//! connection at L4 (`authz`, ztunnel) and per request at L7 (`l7`, waypoints). The
+//! connection at L4 (`authz`, ztunnel) and per request at L7 (`l7`, waypoints), and
+//! end-user JWTs (`jwt`, waypoints). The
 //! current time and any randomness are always arguments.
 //!
 //! This crate must not open sockets, spawn tasks, read files or the environment, or
