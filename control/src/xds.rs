@@ -474,6 +474,38 @@ httpRoutes:
     }
 
     #[test]
+    fn request_authentications_go_to_the_waypoints_they_attach_to_and_never_to_node_agents() {
+        let snapshot = Snapshot::new(
+            1,
+            &model(
+                r#"
+services:
+- {name: web, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 80}], waypoint: {address: 10.96.0.99, name: wp, namespace: shop}}
+- {name: other, namespace: shop, vips: [10.96.0.12], ports: [{port: 80, targetPort: 80}]}
+waypoints:
+- {name: wp, namespace: shop, serviceAccount: wp, address: 10.96.0.99}
+- {name: wp2, namespace: shop, serviceAccount: wp2, address: 10.96.0.98}
+requestAuthns:
+- {namespace: shop, name: on-web, targets: [{kind: Service, namespace: shop, name: web}], rules: []}
+- {namespace: shop, name: on-wp, targets: [{kind: Gateway, namespace: shop, name: wp}], rules: []}
+- {namespace: shop, name: on-other, targets: [{kind: Service, namespace: shop, name: other}], rules: []}
+"#,
+            ),
+        );
+        let wp = View::Waypoint("shop".into(), "wp".into());
+        let wp2 = View::Waypoint("shop".into(), "wp2".into());
+        for (name, sees) in [
+            ("requestauthn/shop/on-web", true),
+            ("requestauthn/shop/on-wp", true),
+            ("requestauthn/shop/on-other", false),
+        ] {
+            assert_eq!(wp.sees(&snapshot, name), sees, "{name}");
+            assert!(!wp2.sees(&snapshot, name), "{name}");
+            assert!(!View::NodeAgent.sees(&snapshot, name), "{name}");
+        }
+    }
+
+    #[test]
     fn a_client_gets_only_what_it_lacks_and_the_names_it_should_drop() {
         let snapshot = Snapshot::new(
             7,

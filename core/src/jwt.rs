@@ -153,8 +153,11 @@ pub enum JwtError {
     #[error("Jwt verification fails")]
     VerificationFailed,
     /// The rule's keys are unusable (an invalid policy or JWKS); the reason is logged.
-    #[error("Jwks remote fetch is failed")]
+    #[error("Jwt verification fails")]
     NoKeys(String),
+    /// The rule's remote JWKS has not been fetched (yet); the reason is logged.
+    #[error("Jwks remote fetch is failed")]
+    FetchFailed(String),
 }
 
 impl JwtError {
@@ -173,6 +176,7 @@ impl JwtError {
             JwtError::UnknownKey => "unknown_key",
             JwtError::VerificationFailed => "bad_signature",
             JwtError::NoKeys(_) => "no_keys",
+            JwtError::FetchFailed(_) => "jwks_fetch_failed",
         }
     }
 
@@ -181,7 +185,7 @@ impl JwtError {
     fn rank(&self) -> u8 {
         match self {
             JwtError::UnknownIssuer => 0,
-            JwtError::NoKeys(_) => 1,
+            JwtError::NoKeys(_) | JwtError::FetchFailed(_) => 1,
             _ => 2,
         }
     }

@@ -508,4 +508,32 @@ fn request_authentication_at_the_waypoint_with_a_real_jwks_server() {
         "the big token reached the server"
     );
     assert_eq!(curl(&ctl, &["-H", &bearer(&alice), &url("/me")]).0, "200");
+
+    // The policy replaced by one whose JWKS is not JSON: every token is refused,
+    // requests without one still pass (Istio's semantics for an invalid JWKS).
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+             metadata: {{name: jwt, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{kind: Service, group: \"\", name: web}}]\n\
+             \x20 jwtRules:\n  - issuer: {ISSUER}\n    jwks: '{{not json'\n"
+        ),
+    )
+    .unwrap();
+    ctl.ok(&["local", "apply", "-f", policy.to_str().unwrap()]);
+    poll_until(
+        Duration::from_secs(20),
+        || curl(&ctl, &["-H", &bearer(&alice), &url("/me")]).0 == "401",
+        || {
+            format!(
+                "{:?}\n{}",
+                curl(&ctl, &["-H", &bearer(&alice), &url("/me")]),
+                ctl.logs()
+            )
+        },
+    );
+    let (_, _, body) = curl(&ctl, &["-H", &bearer(&alice), &url("/public")]);
+    assert_eq!(body, "Jwt verification fails");
+    assert_eq!(curl(&ctl, &[&url("/public")]).0, "200");
 }

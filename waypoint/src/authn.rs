@@ -264,7 +264,7 @@ impl Authenticator {
         }
         self.fetch_into(uri, remote)
             .await
-            .ok_or_else(|| JwtError::NoKeys(format!("no keys from {uri} yet")))
+            .ok_or_else(|| JwtError::FetchFailed(format!("no keys from {uri} yet")))
     }
 
     /// Fetches `uri` again for a key its keys lack, unless it was tried too recently;
