@@ -2,13 +2,14 @@
 //! translation, and the xDS server on the CA's port.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use ambit_ca::auth::{Authenticator, PeerCertificateAuthenticator};
 use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use anyhow::Context;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -210,6 +211,10 @@ pub async fn run_local(
             .with_root_namespace(&config.root_namespace),
         reports,
         last: None,
+        status_file: config
+            .local_status_file()
+            .unwrap_or_else(|| state_dir.join("status.yaml")),
+        last_status: None,
     };
     // The first read before serving: the CA authorizes node agents against its pods.
     source.step();
@@ -252,6 +257,9 @@ struct LocalSource {
     reports: Arc<Reports>,
     /// What was last published, so an unchanged directory is not translated again.
     last: Option<(Resources, Vec<String>)>,
+    /// Where the objects' status goes (`--status-file`), and what was last written.
+    status_file: PathBuf,
+    last_status: Option<Vec<crate::status::Wanted>>,
 }
 
 impl LocalSource {
@@ -273,10 +281,31 @@ impl LocalSource {
         if self.last.as_ref() == Some(&current) {
             return;
         }
-        self.publisher
-            .publish(&current.0, current.1.clone(), &self.directory.to_string());
+        let wanted =
+            self.publisher
+                .publish(&current.0, current.1.clone(), &self.directory.to_string());
         self.last = Some(current);
+        if self.last_status.as_ref() != Some(&wanted) {
+            let now = Time(k8s_openapi::jiff::Timestamp::now());
+            match write_atomically(
+                &self.status_file,
+                &crate::status::status_document(&wanted, now),
+            ) {
+                Ok(()) => self.last_status = Some(wanted),
+                Err(e) => {
+                    tracing::warn!(file = %self.status_file.display(), error = %e, "cannot write the objects' status")
+                }
+            }
+        }
     }
+}
+
+/// Writes `text` to `path` through a temporary file beside it, so a reader never
+/// sees half of it.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Writes what `rx` holds to the cluster with `apply`: now, whenever it changes, and

@@ -38,6 +38,12 @@ pub struct Config {
     #[arg(long, env = "AMBIT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Local mode: the file where the status each object would carry in a cluster
+    /// (route parents, conditions) is written, as a YAML list, whenever it changes.
+    /// Default: `status.yaml` in the state directory.
+    #[arg(long, env = "AMBIT_STATUS_FILE")]
+    pub status_file: Option<PathBuf>,
+
     /// How often the directory is read for changes.
     #[arg(long, env = "AMBIT_LOCAL_POLL", default_value = "200ms", value_parser = parse_poll)]
     pub poll: Duration,
@@ -77,6 +83,13 @@ impl Config {
     /// Where local mode keeps its state: `--state-dir`, else `--root-dir`.
     pub fn local_state_dir(&self) -> Option<PathBuf> {
         self.state_dir.clone().or_else(|| self.ca.root_dir.clone())
+    }
+
+    /// Local mode: where the objects' status is written.
+    pub fn local_status_file(&self) -> Option<PathBuf> {
+        self.status_file
+            .clone()
+            .or_else(|| Some(self.local_state_dir()?.join("status.yaml")))
     }
 
     /// The trusted node agents' `(namespace, service account)`.

@@ -34,9 +34,10 @@ use crate::resources::{Kind, Object, ObjectKey, Resources};
 use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::service_entry::ServiceEntry;
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
+use ambit_k8s::virtual_service::VirtualService;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 12] = [
+pub const KINDS: [Kind; 13] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -49,6 +50,7 @@ pub const KINDS: [Kind; 12] = [
     Kind::GatewayClass,
     Kind::HttpRoute,
     Kind::GrpcRoute,
+    Kind::VirtualService,
 ];
 
 /// A change waits this long for more before the model is rebuilt...
@@ -183,6 +185,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<GrpcRoute>(
             Api::all(client.clone()),
             Kind::GrpcRoute,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<VirtualService>(
+            Api::all(client.clone()),
+            Kind::VirtualService,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<GatewayClass>(

@@ -36,6 +36,7 @@ use crate::translate::routes::{ParentStatus, RouteStatus};
 use crate::translate::waypoints::{self, WaypointStatus};
 use crate::translate::{PolicyStatus, Skipped};
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
+use ambit_k8s::virtual_service::VirtualService;
 
 /// The status an object should carry: its conditions (ours), and for a waypoint
 /// Gateway its listeners and addresses.
@@ -183,7 +184,10 @@ pub fn wanted(
             });
         }
     }
-    for (kind, key, parents) in route_status {
+    for (kind, key, c) in &route_status.conditions {
+        add(&mut objects, kind, key, condition("Accepted", c));
+    }
+    for (kind, key, parents) in &route_status.parents {
         objects.insert(
             (kind, key.clone()),
             Wanted {
@@ -267,6 +271,36 @@ pub fn status_body(wanted: Option<&Wanted>, now: Time) -> Value {
     status
 }
 
+/// The `apiVersion` status is written in for `kind`.
+fn api_version(kind: &str) -> &'static str {
+    match kind {
+        "Service" => "v1",
+        "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication" => {
+            "security.istio.io/v1"
+        }
+        "Gateway" | "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
+        _ => "networking.istio.io/v1",
+    }
+}
+
+/// Local mode's stand-in for the status subresources: every object's status as it
+/// would be written to a cluster, as one YAML list (what `ambitctl local status`
+/// reads), at `now`.
+pub fn status_document(wanted: &[Wanted], now: Time) -> String {
+    let objects: Vec<Value> = wanted
+        .iter()
+        .map(|w| {
+            json!({
+                "apiVersion": api_version(w.kind),
+                "kind": w.kind,
+                "metadata": {"name": w.key.name, "namespace": w.key.namespace},
+                "status": status_body(Some(w), now.clone()),
+            })
+        })
+        .collect();
+    serde_yaml_ng::to_string(&objects).unwrap_or_default()
+}
+
 /// The condition's type.
 pub const CONDITION: &str = "ZtunnelAccepted";
 const FIELD_MANAGER: &str = "ambit-control";
@@ -348,14 +382,7 @@ impl StatusWriter {
             ("HTTPRoute" | "GRPCRoute", None) => json!({"parents": []}),
             _ => status_body(condition, Time(k8s_openapi::jiff::Timestamp::now())),
         };
-        let api_version = match kind {
-            "Service" => "v1",
-            "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication" => {
-                "security.istio.io/v1"
-            }
-            "Gateway" | "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
-            _ => "networking.istio.io/v1",
-        };
+        let api_version = api_version(kind);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let body = json!({
             "apiVersion": api_version,
@@ -396,6 +423,11 @@ impl StatusWriter {
             }
             "GRPCRoute" => {
                 Api::<GrpcRoute>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "VirtualService" => {
+                Api::<VirtualService>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }
@@ -456,7 +488,7 @@ mod tests {
                 },
             )],
         };
-        let wanted = wanted(&[], &policies, &status, &Vec::new());
+        let wanted = wanted(&[], &policies, &status, &RouteStatus::default());
         let policy = wanted.iter().find(|w| w.key == key).unwrap();
         let types: Vec<&str> = policy.conditions.iter().map(|c| c.type_).collect();
         assert_eq!(types, [CONDITION, "WaypointAccepted"]);

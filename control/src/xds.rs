@@ -56,9 +56,9 @@ pub struct Snapshot {
 
 /// Resource names of L7 policies start with this; only waypoints get them.
 pub const L7_POLICY_PREFIX: &str = "l7authz/";
-/// Resource names of HTTPRoutes and GRPCRoutes start with these; only waypoints get
-/// them.
-pub const ROUTE_PREFIXES: [&str; 2] = ["httproute/", "grpcroute/"];
+/// Resource names of HTTPRoutes, GRPCRoutes and VirtualServices start with these;
+/// only waypoints get them.
+pub const ROUTE_PREFIXES: [&str; 3] = ["httproute/", "grpcroute/", "virtualservice/"];
 /// Resource names of RequestAuthentications start with this; only waypoints get them.
 pub const REQUEST_AUTHN_PREFIX: &str = "requestauthn/";
 

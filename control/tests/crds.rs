@@ -65,6 +65,7 @@ fn everything(name: &str, schema: &Value) -> Value {
         Some("array") => json!([everything(name, &schema["items"])]),
         Some("boolean") => json!(true),
         Some("integer") => json!(1),
+        Some("number") => json!(12.5),
         _ => json!(match name {
             "ports" | "notPorts" => "8080",
             "serviceAccounts" | "notServiceAccounts" => "ns/sa",
@@ -269,4 +270,97 @@ fn the_gateway_api_kinds_are_served_in_v1_and_a_gateway_parses_as_the_control_pl
     }))
     .unwrap();
     assert!(ambit_control::gateway::waypoint_listener(&parsed).is_ok());
+}
+
+/// The networking.istio.io CRDs (VirtualService, ServiceEntry), merge keys applied.
+fn networking() -> Vec<Value> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/networking-istio-io.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| {
+            let mut value: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+            value.apply_merge().unwrap();
+            let mut value = serde_json::to_value(value).unwrap();
+            // Merge keys inside the versions list.
+            if let Some(versions) = value["spec"]["versions"].as_array_mut() {
+                for v in versions {
+                    let mut y: serde_yaml_ng::Value = serde_json::from_value(v.clone()).unwrap();
+                    y.apply_merge().unwrap();
+                    *v = serde_json::to_value(y).unwrap();
+                }
+            }
+            value
+        })
+        .collect()
+}
+
+#[test]
+fn virtual_services_and_service_entries_are_served_in_v1_v1beta1_and_v1alpha3() {
+    for (kind, short) in [("VirtualService", "vs"), ("ServiceEntry", "se")] {
+        let crd = networking()
+            .into_iter()
+            .find(|c| c["spec"]["names"]["kind"] == kind)
+            .unwrap_or_else(|| panic!("no CRD for {kind}"));
+        assert_eq!(crd["spec"]["group"], "networking.istio.io");
+        assert!(crd["spec"]["names"]["shortNames"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(short)));
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        let names: Vec<&str> = versions
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["v1", "v1beta1", "v1alpha3"], "{kind}");
+        for v in versions {
+            assert_eq!(v["served"], true, "{kind}");
+            assert_eq!(v["storage"], v["name"] == "v1", "{kind}");
+            assert_eq!(v["subresources"]["status"], json!({}), "{kind}");
+            assert_eq!(v["schema"], versions[0]["schema"], "{kind}: one schema");
+        }
+    }
+}
+
+#[test]
+fn every_virtual_service_field_in_the_schema_is_read_by_the_control_plane() {
+    let crd = networking()
+        .into_iter()
+        .find(|c| c["spec"]["names"]["kind"] == "VirtualService")
+        .unwrap();
+    let mut spec = everything("spec", &spec_schema(&crd));
+    // What the schema's own rules (one of a StringMatch, route or redirect, one abort
+    // status) and the semantic checks allow together.
+    let http = &mut spec["http"][0];
+    http.as_object_mut().unwrap().remove("redirect");
+    for m in ["uri", "method", "authority"] {
+        http["match"][0][m] = json!({"exact": "/x"});
+    }
+    http["match"][0]["headers"]["app"] = json!({"prefix": "x"});
+    http["match"][0]["queryParams"]["app"] = json!({"regex": "x"});
+    http["match"][0]["ignoreUriCase"] = json!(false);
+    http["match"][0]["gateways"] = json!(["mesh"]);
+    http["fault"]["abort"]
+        .as_object_mut()
+        .unwrap()
+        .remove("grpcStatus");
+    http["fault"]["abort"]["httpStatus"] = json!(503);
+    for d in ["timeout", "perTryTimeout", "fixedDelay"] {
+        let target = match d {
+            "timeout" => &mut http["timeout"],
+            "perTryTimeout" => &mut http["retries"]["perTryTimeout"],
+            _ => &mut http["fault"]["delay"]["fixedDelay"],
+        };
+        *target = json!("1s");
+    }
+    http["retries"]["retryOn"] = json!("5xx");
+    http["rewrite"] = json!({"uri": "/y", "authority": "x"});
+    spec["hosts"] = json!(["reviews"]);
+    spec["gateways"] = json!(["mesh"]);
+    let vs = ambit_k8s::virtual_service::VirtualService {
+        metadata: Default::default(),
+        spec,
+    };
+    let read = ambit_k8s::virtual_service::read(&ObjectKey::new("shop", "x"), &vs);
+    read.route.unwrap();
 }

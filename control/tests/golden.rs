@@ -165,7 +165,15 @@ fn waypoint_status(status: &translate::waypoints::WaypointStatus) -> Vec<String>
 
 fn route_status(status: &translate::routes::RouteStatus) -> Vec<String> {
     let mut lines = Vec::new();
-    for (kind, key, parents) in status {
+    for (kind, key, c) in &status.conditions {
+        lines.push(format!(
+            "{kind} {key}: Accepted={} ({}): {}",
+            if c.status { "True" } else { "False" },
+            c.reason,
+            c.message
+        ));
+    }
+    for (kind, key, parents) in &status.parents {
         for p in parents {
             for (ty, c) in [
                 ("Accepted", &p.accepted),

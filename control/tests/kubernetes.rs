@@ -699,6 +699,28 @@ async fn a_waypoint_gateway_is_deployed_and_programmed_once_its_pod_is_ready_and
             })
     })
     .await;
+    // A VirtualService on the same Service: the HTTPRoute wins there, and its
+    // `Accepted` condition says so.
+    api.put(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: web, namespace: shop}\n\
+         spec: {hosts: [web], http: [{route: [{destination: {host: web}}]}]}\n",
+    );
+    api.wait_until("the VirtualService's condition", || {
+        api.get("networking.istio.io/v1", "VirtualService", "shop", "web")
+            .is_some_and(|o| {
+                o["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["type"] == "Accepted"
+                            && c["status"] == "False"
+                            && c["message"].as_str().is_some_and(|m| {
+                                m.contains("HTTPRoute shop/split") && m.contains("wins")
+                            })
+                    })
+                })
+            })
+    })
+    .await;
     control.stop().await;
     assert_allowed_by_rbac(&api);
 }

@@ -23,7 +23,7 @@
 //!   endpoints: [{workloadUid: shop/cart-7d9f}]
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -546,7 +546,9 @@ pub struct MeshState {
     request_authns: Vec<Arc<RequestAuthnSpec>>,
     /// `(namespace, name, port)` of a Service → the routes attached to it there, in
     /// precedence order; absent: none (the Service's own endpoints).
-    route_tables: HashMap<(String, String, u16), Arc<crate::route::RouteTable>>,
+    /// By Service (namespace, name), port, and the namespace of the clients a
+    /// consumer route is for (`None`: the producer routes, for every client).
+    route_tables: HashMap<(String, String, u16, Option<String>), Arc<crate::route::RouteTable>>,
     /// `(namespace, name)` → the Service.
     by_name: HashMap<(String, String), Arc<Service>>,
 }
@@ -719,20 +721,33 @@ impl MeshState {
         }
         for service in &state.services {
             for port in &service.spec.ports {
-                let routes: Vec<crate::route::HttpRoute> = state
-                    .http_routes
-                    .iter()
-                    .filter(|r| {
-                        r.applies_to((&service.spec.namespace, &service.spec.name), port.port)
-                    })
-                    .map(|r| r.route.clone())
-                    .collect();
-                if !routes.is_empty() {
+                // Producer routes (in the Service's namespace) for every client;
+                // consumer routes (in another namespace) for that namespace's clients
+                // only, instead of the producer's (GAMMA).
+                let mut by_consumer: BTreeMap<Option<String>, Vec<crate::route::HttpRoute>> =
+                    BTreeMap::new();
+                for r in state.http_routes.iter().filter(|r| {
+                    r.applies_to((&service.spec.namespace, &service.spec.name), port.port)
+                }) {
+                    let consumer = (r.route.namespace != service.spec.namespace)
+                        .then(|| r.route.namespace.clone());
+                    by_consumer
+                        .entry(consumer)
+                        .or_default()
+                        .push(r.route.clone());
+                }
+                for (consumer, mut routes) in by_consumer {
+                    // An HTTPRoute (or GRPCRoute) wins over VirtualServices for the
+                    // same Service and port, as in Istio's waypoints.
+                    if routes.iter().any(|r| !r.virtual_service) {
+                        routes.retain(|r| !r.virtual_service);
+                    }
                     state.route_tables.insert(
                         (
                             service.spec.namespace.clone(),
                             service.spec.name.clone(),
                             port.port,
+                            consumer,
                         ),
                         Arc::new(crate::route::RouteTable::new(routes)),
                     );
@@ -748,18 +763,30 @@ impl MeshState {
         Ok(state)
     }
 
-    /// The HTTPRoutes for requests to `service` on `port`, in precedence order; `None`
-    /// when none is attached there (the Service's own endpoints take the request).
+    /// The routes for requests from a client in namespace `client` to `service` on
+    /// `port`, in precedence order: the consumer routes of the client's namespace if
+    /// it has any there, else the Service's own (producer) routes; `None` when none
+    /// is attached (the Service's own endpoints take the request).
     pub fn routes_for(
         &self,
         service: &Service,
         port: u16,
+        client: &str,
     ) -> Option<&Arc<crate::route::RouteTable>> {
-        self.route_tables.get(&(
-            service.spec.namespace.clone(),
-            service.spec.name.clone(),
-            port,
-        ))
+        let key = |consumer: Option<String>| {
+            (
+                service.spec.namespace.clone(),
+                service.spec.name.clone(),
+                port,
+                consumer,
+            )
+        };
+        if client != service.spec.namespace {
+            if let Some(table) = self.route_tables.get(&key(Some(client.to_owned()))) {
+                return Some(table);
+            }
+        }
+        self.route_tables.get(&key(None))
     }
 
     /// The Service `name` in `namespace`.

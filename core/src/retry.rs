@@ -10,6 +10,15 @@
 //! too), on the connection failures above and on the listed `codes`; `backoff` is the
 //! base interval.
 //!
+//! **VirtualService `retries`**: `attempts` retries on the conditions of `retryOn`
+//! as Envoy reads them (`5xx`: any 5xx, a reset, a connect failure or a timed-out
+//! try; `gateway-error`: 502, 503, 504 and the same failures; `reset`;
+//! `connect-failure`; `refused-stream`; `retriable-4xx`: 409;
+//! `retriable-status-codes` and bare numbers: those statuses (503 when none is
+//! written); the gRPC names `cancelled`, `deadline-exceeded`, `internal`,
+//! `resource-exhausted`, `unavailable`). Without `retryOn`, Istio's default
+//! conditions.
+//!
 //! **Backoff** as Envoy's: before retry `n` (1-based), a uniformly random wait below
 //! `base × 2^(n-1)`, capped at ten times the base; base 25 ms by default.
 //!
@@ -48,6 +57,10 @@ pub struct RetryPolicy {
     pub codes: Vec<u16>,
     /// A try that timed out (`backendRequest`) is retried.
     pub on_timeout: bool,
+    /// A connection that ended before the response's headers (`reset`).
+    pub on_reset: bool,
+    /// Any 5xx (`5xx`).
+    pub on_5xx: bool,
     pub backoff_base: Duration,
 }
 
@@ -64,6 +77,8 @@ impl Default for RetryPolicy {
             grpc: vec![1, 14],
             codes: vec![503],
             on_timeout: false,
+            on_reset: false,
+            on_5xx: false,
             backoff_base: DEFAULT_BACKOFF,
         }
     }
@@ -82,13 +97,85 @@ impl RetryPolicy {
             grpc: Vec::new(),
             codes,
             on_timeout: true,
+            on_reset: false,
+            on_5xx: false,
             backoff_base: backoff.unwrap_or(DEFAULT_BACKOFF),
         }
     }
 
+    /// A VirtualService's `retries`: `attempts` retries on `retry_on` (its
+    /// comma-separated `retryOn`, split; empty: Istio's default conditions). The
+    /// error names the condition that is not known.
+    pub fn from_retry_on(attempts: u32, retry_on: &[String]) -> Result<Self, String> {
+        if retry_on.is_empty() {
+            return Ok(RetryPolicy {
+                retries: attempts,
+                ..RetryPolicy::default()
+            });
+        }
+        let mut policy = RetryPolicy {
+            retries: attempts,
+            on_connect_failure: false,
+            on_refused_stream: false,
+            grpc: Vec::new(),
+            codes: Vec::new(),
+            on_timeout: false,
+            on_reset: false,
+            on_5xx: false,
+            backoff_base: DEFAULT_BACKOFF,
+        };
+        let mut status_codes = false;
+        for condition in retry_on.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+            match condition {
+                "5xx" => {
+                    policy.on_5xx = true;
+                    policy.on_timeout = true;
+                    policy.on_reset = true;
+                    policy.on_connect_failure = true;
+                    policy.on_refused_stream = true;
+                }
+                "gateway-error" => {
+                    policy.codes.extend([502, 503, 504]);
+                    policy.on_timeout = true;
+                    policy.on_reset = true;
+                    policy.on_connect_failure = true;
+                }
+                "reset" => {
+                    policy.on_reset = true;
+                    policy.on_connect_failure = true;
+                    policy.on_refused_stream = true;
+                }
+                "connect-failure" => policy.on_connect_failure = true,
+                "refused-stream" => policy.on_refused_stream = true,
+                "retriable-4xx" => policy.codes.push(409),
+                "retriable-status-codes" => status_codes = true,
+                "cancelled" => policy.grpc.push(1),
+                "deadline-exceeded" => policy.grpc.push(4),
+                "resource-exhausted" => policy.grpc.push(8),
+                "internal" => policy.grpc.push(13),
+                "unavailable" => policy.grpc.push(14),
+                number => match number.parse::<u16>() {
+                    Ok(code) if (100..=599).contains(&code) => {
+                        policy.codes.push(code);
+                        status_codes = true;
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{number:?} is not a retry condition Ambit knows (5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx, retriable-status-codes, an HTTP status, or a gRPC status name: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)"
+                        ))
+                    }
+                },
+            }
+        }
+        if status_codes && policy.codes.is_empty() {
+            policy.codes.push(503);
+        }
+        Ok(policy)
+    }
+
     /// Whether a try that ended with `outcome` is tried again, `done` tries in.
-    /// A reset after the request reached the app is never retried: the app may have
-    /// acted on it.
+    /// A reset after the request reached the app is retried only when asked for
+    /// (`reset`, `5xx`, `gateway-error`): the app may have acted on it.
     pub fn retries(&self, outcome: Outcome, done: u32) -> bool {
         if done > self.retries {
             return false;
@@ -96,10 +183,12 @@ impl RetryPolicy {
         match outcome {
             Outcome::ConnectFailure => self.on_connect_failure,
             Outcome::RefusedStream => self.on_refused_stream,
-            Outcome::Reset => false,
+            Outcome::Reset => self.on_reset,
             Outcome::Timeout => self.on_timeout,
             Outcome::Response { status, grpc } => {
-                self.codes.contains(&status) || grpc.is_some_and(|g| self.grpc.contains(&g))
+                self.codes.contains(&status)
+                    || (self.on_5xx && (500..=599).contains(&status))
+                    || grpc.is_some_and(|g| self.grpc.contains(&g))
             }
         }
     }
@@ -206,5 +295,47 @@ mod tests {
         assert!(budget_allows(100, 19));
         assert!(!budget_allows(100, 20));
         assert!(!budget_allows(1000, 200));
+    }
+
+    #[test]
+    fn retry_on_reads_envoys_conditions() {
+        let on = |v: &[&str]| {
+            RetryPolicy::from_retry_on(3, &v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        let status = |status| Outcome::Response { status, grpc: None };
+        let p = on(&["5xx"]).unwrap();
+        for o in [
+            status(500),
+            status(599),
+            Outcome::Reset,
+            Outcome::Timeout,
+            Outcome::ConnectFailure,
+        ] {
+            assert!(p.retries(o, 1), "5xx: {o:?}");
+        }
+        assert!(!p.retries(status(404), 1));
+        assert!(!p.retries(status(500), 4), "3 retries, 4 tries in all");
+        let p = on(&["gateway-error"]).unwrap();
+        assert!(p.retries(status(502), 1) && p.retries(status(504), 1));
+        assert!(!p.retries(status(500), 1));
+        let p = on(&["connect-failure", "429"]).unwrap();
+        assert!(p.retries(status(429), 1) && p.retries(Outcome::ConnectFailure, 1));
+        assert!(!p.retries(status(503), 1) && !p.retries(Outcome::Reset, 1));
+        let p = on(&["retriable-status-codes"]).unwrap();
+        assert_eq!(p.codes, vec![503]);
+        let p = on(&["unavailable", "cancelled"]).unwrap();
+        assert!(p.retries(
+            Outcome::Response {
+                status: 200,
+                grpc: Some(14)
+            },
+            1
+        ));
+        assert!(!p.retries(status(503), 1));
+        assert_eq!(on(&[]).unwrap().retries, 3, "Istio's default conditions");
+        assert_eq!(on(&[]).unwrap().codes, vec![503]);
+        let e = on(&["5xx", "sometimes"]).unwrap_err();
+        assert!(e.contains("\"sometimes\""), "{e}");
+        assert!(on(&["700"]).is_err());
     }
 }

@@ -18,10 +18,20 @@
 //! more query matches; ties go to the older route (creation time), then to the route
 //! first by `namespace/name`, then to the rule and match written first.
 //!
+//! **VirtualServices** (Istio's `networking.istio.io`, read into the same rules with
+//! `virtual_service` set) keep their own order instead: rules in the order written,
+//! the first that matches taking the request, routes ordered by creation time then
+//! `namespace/name`. A VirtualService's `uri.prefix` is a plain string prefix
+//! ([`PathMatch::StartsWith`]), its string matches may be prefixes
+//! ([`ValueMatch::Prefix`]) and it may match the authority. A Service that an
+//! HTTPRoute applies to is routed by its HTTPRoutes alone (the model leaves its
+//! VirtualServices out), as Istio's waypoints do.
+//!
 //! **Backends.** A rule's `backendRefs` split traffic by weight (default 1). A rule
 //! without backends, or whose weights are all 0, answers 500; so does the share of a
 //! backend that does not exist (the caller knows which exist).
 
+mod fault;
 mod filter;
 
 use std::sync::Arc;
@@ -29,6 +39,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use fault::{grpc_code, Abort, AbortWith, Delay, Fault, Injected, ALL_PPM};
 pub use filter::{
     shadow_authority, split_host_port, Filters, HeaderModifier, Mirror, PathModifier, Redirect,
     RedirectFrom, Rewrite,
@@ -46,12 +57,17 @@ pub struct HttpRoute {
     /// A GRPCRoute (its method matches already paths); an HTTPRoute otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grpc: bool,
+    /// An Istio VirtualService: its rules keep the order written (first match wins).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub virtual_service: bool,
 }
 
 impl HttpRoute {
     /// `HTTPRoute` or `GRPCRoute`, as in `kind:`.
     pub fn kind(&self) -> &'static str {
-        if self.grpc {
+        if self.virtual_service {
+            "VirtualService"
+        } else if self.grpc {
             "GRPCRoute"
         } else {
             "HTTPRoute"
@@ -81,6 +97,9 @@ pub struct RouteRule {
     /// `retry`; `None`: the mesh's default retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RouteRetry>,
+    /// A VirtualService's `fault`: delays and aborts injected before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 /// An HTTPRoute rule's `retry`.
@@ -94,15 +113,24 @@ pub struct RouteRetry {
     pub codes: Vec<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_ms: Option<u64>,
+    /// A VirtualService's `retries.retryOn`, as Istio writes it (`5xx`, `reset`,
+    /// `503`, ...); `None`: an HTTPRoute's `retry` (connection failures and `codes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<String>>,
 }
 
 impl RouteRetry {
     pub fn policy(&self) -> crate::retry::RetryPolicy {
-        crate::retry::RetryPolicy::from_route(
-            self.attempts,
-            self.codes.clone(),
-            self.backoff_ms.map(std::time::Duration::from_millis),
-        )
+        let backoff = self.backoff_ms.map(std::time::Duration::from_millis);
+        match &self.retry_on {
+            None => {
+                crate::retry::RetryPolicy::from_route(self.attempts, self.codes.clone(), backoff)
+            }
+            // Checked when the VirtualService was read; a value that is not valid
+            // anyway (from the wire) retries nothing rather than guessing.
+            Some(on) => crate::retry::RetryPolicy::from_retry_on(self.attempts, on)
+                .unwrap_or_else(|_| crate::retry::RetryPolicy::from_route(0, Vec::new(), None)),
+        }
     }
 }
 
@@ -138,6 +166,10 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query: Vec<QueryMatch>,
+    /// A VirtualService's `authority` match, against `:authority` (or `Host`) as
+    /// received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<ValueMatch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +180,9 @@ pub enum PathMatch {
     Prefix(String),
     /// Anchored: it must match the whole path.
     Regex(Anchored),
+    /// A VirtualService's `uri.prefix`: any path that starts with it, segments or
+    /// not (`/api` takes `/apiv2`).
+    StartsWith(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +205,8 @@ pub struct QueryMatch {
 pub enum ValueMatch {
     Exact(String),
     Regex(Anchored),
+    /// A VirtualService's `prefix`.
+    Prefix(String),
 }
 
 impl ValueMatch {
@@ -177,6 +214,7 @@ impl ValueMatch {
         match self {
             ValueMatch::Exact(v) => v == value,
             ValueMatch::Regex(r) => r.is_match(value),
+            ValueMatch::Prefix(p) => value.starts_with(p.as_str()),
         }
     }
 }
@@ -266,6 +304,8 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
+    /// `:authority` or `Host`, as received.
+    pub authority: &'a str,
 }
 
 /// Every rule of every route bound to one Service, in precedence order.
@@ -293,10 +333,13 @@ impl RouteTable {
         let key = |&(r, i, m): &(usize, usize, Option<usize>)| {
             let route = &routes[r];
             let m = m.map(|m| &route.rules[i].matches[m]);
-            (
-                m.map_or(MatchRank::EVERYTHING, MatchRank::of),
-                route.created,
-            )
+            // A VirtualService's rules have no precedence but their order.
+            let rank = if route.virtual_service {
+                MatchRank::WRITTEN
+            } else {
+                m.map_or(MatchRank::EVERYTHING, MatchRank::of)
+            };
+            (rank, route.created)
         };
         order.sort_by(|a, b| {
             let (rank_a, created_a) = key(a);
@@ -336,7 +379,10 @@ impl RouteTable {
                     // No matches written: `PathPrefix /`.
                     None => Some("/"),
                     Some(m) => match &rule.matches[m].path {
-                        Some(PathMatch::Prefix(p)) => Some(p.as_str()),
+                        Some(PathMatch::Prefix(p) | PathMatch::StartsWith(p)) => Some(p.as_str()),
+                        // A VirtualService's `rewrite.uri` replaces what matched: the
+                        // whole path, for an exact match.
+                        Some(PathMatch::Exact(p)) if route.virtual_service => Some(p.as_str()),
                         _ => None,
                     },
                 },
@@ -375,12 +421,23 @@ impl MatchRank {
         query: 0,
     };
 
+    /// Every rule of a VirtualService: only the order written separates them.
+    const WRITTEN: MatchRank = MatchRank {
+        kind: 0,
+        length: 0,
+        method: false,
+        headers: 0,
+        query: 0,
+    };
+
     fn of(m: &RouteMatch) -> MatchRank {
         let (kind, length) = match &m.path {
             Some(PathMatch::Exact(p)) => (3, p.len()),
             // Compared as written: `/` is one character, `/foo` four.
             Some(PathMatch::Prefix(p)) => (2, p.len().max(1)),
             Some(PathMatch::Regex(r)) => (1, r.source.len()),
+            // Only in VirtualServices, which are not ranked.
+            Some(PathMatch::StartsWith(p)) => (2, p.len()),
             None => (0, 0),
         };
         MatchRank {
@@ -400,6 +457,7 @@ impl RouteMatch {
             Some(PathMatch::Exact(p)) => request.path == p,
             Some(PathMatch::Prefix(p)) => prefix_matches(p, request.path),
             Some(PathMatch::Regex(r)) => r.is_match(request.path),
+            Some(PathMatch::StartsWith(p)) => request.path.starts_with(p.as_str()),
         };
         path && self.method.as_deref().is_none_or(|m| m == request.method)
             && self.headers.iter().all(|h| {
@@ -413,6 +471,10 @@ impl RouteMatch {
                 .query
                 .iter()
                 .all(|q| query_value(request.query, &q.name).is_some_and(|v| q.value.matches(v)))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|a| a.matches(request.authority))
     }
 }
 

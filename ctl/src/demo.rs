@@ -335,7 +335,13 @@ pub async fn get(
             all_ok = false;
             crate::outln!("HTTP {status}")?;
         }
-        crate::out!("{body}")?;
+        // A body without a final newline (a proxy's local reply: `RBAC: access
+        // denied`) still ends its line, so the next output or prompt starts on its own.
+        if body.is_empty() || body.ends_with('\n') {
+            crate::out!("{body}")?;
+        } else {
+            crate::outln!("{body}")?;
+        }
     }
     Ok(all_ok)
 }

@@ -5,6 +5,7 @@
 
 mod live;
 mod requests;
+mod routes;
 mod state;
 mod supervisor;
 mod waypoints;
@@ -56,13 +57,14 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
 /// mesh, written for it; and ([`live::MESH_KINDS`]) a waypoint Gateway, which the
 /// supervisor starts, and the waypoint labels of a running Namespace, Service or Pod
 /// (pods, services and namespaces themselves come from the directory `up` ran).
-const APPLY_KINDS: [&str; 6] = [
+const APPLY_KINDS: [&str; 7] = [
     "AuthorizationPolicy",
     "PeerAuthentication",
     "RequestAuthentication",
     "ServiceEntry",
     "HTTPRoute",
     "GRPCRoute",
+    "VirtualService",
 ];
 
 /// How long the supervisor may take to answer (a waypoint has to start).
@@ -243,7 +245,10 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
             Object::PeerAuthentication(p) => {
                 Some(ambit_k8s::peer_authn::read_object(&key, p).acceptance)
             }
-            Object::ServiceEntry(_) | Object::HttpRoute(_) | Object::GrpcRoute(_) => None,
+            Object::ServiceEntry(_)
+            | Object::HttpRoute(_)
+            | Object::GrpcRoute(_)
+            | Object::VirtualService(_) => None,
             _ if !apply => None,
             Object::Gateway(g) if g.spec.gateway_class_name != crate::manifest::WAYPOINT_CLASS => {
                 checked.refusals.push(format!(
@@ -713,6 +718,31 @@ fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints) -> String {
     }
     for problem in &waypoints.problems {
         out.push_str(&format!("waypoint binding: {problem}\n"));
+    }
+    match routes::read(&mesh.dir.join(ambit_localmesh::STATUS_FILE)) {
+        Ok(rows) if rows.is_empty() => {}
+        Ok(rows) => {
+            out.push('\n');
+            let mut table = vec![vec![
+                "ROUTE".to_owned(),
+                "PARENT".to_owned(),
+                "ACCEPTED".to_owned(),
+                "RESOLVED REFS".to_owned(),
+            ]];
+            for r in &rows {
+                table.push(vec![
+                    r.route.clone(),
+                    r.parent.clone(),
+                    r.accepted.clone(),
+                    r.resolved_refs.clone(),
+                ]);
+            }
+            out.push_str(&columns(&table));
+            for problem in rows.iter().flat_map(|r| &r.problems) {
+                out.push_str(&format!("route: {problem}\n"));
+            }
+        }
+        Err(e) => out.push_str(&format!("routes: cannot read their status: {e:#}\n")),
     }
     for note in &mesh.notes {
         out.push_str(&format!("note: {note}\n"));

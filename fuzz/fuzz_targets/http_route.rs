@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         path,
         query,
         headers: &headers,
+        authority: "h",
     }) else {
         return;
     };

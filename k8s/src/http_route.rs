@@ -187,12 +187,17 @@ fn read_spec(key: &ObjectKey, metadata: &ObjectMeta, spec: &Value, flavour: Flav
             created,
             rules,
             grpc: flavour == Flavour::Grpc,
+            virtual_service: false,
         }),
     };
     ReadRoute { parents, route }
 }
 
-fn list<'a>(value: Option<&'a Value>, path: &str, max: usize) -> Result<&'a [Value], String> {
+pub(crate) fn list<'a>(
+    value: Option<&'a Value>,
+    path: &str,
+    max: usize,
+) -> Result<&'a [Value], String> {
     match value {
         None | Some(Value::Null) => Ok(&[]),
         Some(Value::Array(items)) if items.len() <= max => Ok(items),
@@ -204,7 +209,11 @@ fn list<'a>(value: Option<&'a Value>, path: &str, max: usize) -> Result<&'a [Val
     }
 }
 
-fn text<'a>(value: &'a Value, field: &str, path: &str) -> Result<Option<&'a str>, String> {
+pub(crate) fn text<'a>(
+    value: &'a Value,
+    field: &str,
+    path: &str,
+) -> Result<Option<&'a str>, String> {
     match value.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -212,7 +221,12 @@ fn text<'a>(value: &'a Value, field: &str, path: &str) -> Result<Option<&'a str>
     }
 }
 
-fn number(value: &Value, field: &str, path: &str, max: u64) -> Result<Option<u64>, String> {
+pub(crate) fn number(
+    value: &Value,
+    field: &str,
+    path: &str,
+    max: u64,
+) -> Result<Option<u64>, String> {
     match value.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
@@ -322,6 +336,7 @@ fn rules(spec: &Value, key: &ObjectKey, flavour: Flavour) -> Result<Vec<RouteRul
             backend_timeout_ms,
             filters,
             retry,
+            fault: None,
         });
     }
     Ok(rules)
@@ -381,6 +396,7 @@ fn retry(rule: &Value, path: &str) -> Result<Option<ambit_core::route::RouteRetr
         attempts: attempts as u32,
         codes,
         backoff_ms,
+        retry_on: None,
     }))
 }
 
@@ -482,6 +498,7 @@ fn route_match(m: &Value, path: &str) -> Result<RouteMatch, String> {
         method,
         headers,
         query,
+        authority: None,
     })
 }
 
@@ -553,6 +570,7 @@ fn grpc_match(m: &Value, path: &str) -> Result<RouteMatch, String> {
         method: None,
         headers,
         query: Vec::new(),
+        authority: None,
     })
 }
 
@@ -590,7 +608,7 @@ fn condition(c: &Value, path: &str) -> Result<(String, ValueMatch), String> {
 }
 
 /// The CRD's rules for `Exact` and `PathPrefix` values.
-fn check_path(value: &str) -> Result<(), &'static str> {
+pub(crate) fn check_path(value: &str) -> Result<(), &'static str> {
     if !value.starts_with('/') {
         return Err("must be an absolute path");
     }
@@ -643,7 +661,7 @@ fn backend(b: &Value, path: &str, key: &ObjectKey) -> Result<Backend, String> {
     })
 }
 
-mod filters;
+pub(crate) mod filters;
 
 #[cfg(test)]
 mod tests;

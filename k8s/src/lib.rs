@@ -23,6 +23,7 @@ pub mod request_authn;
 pub mod resources;
 pub mod security;
 pub mod service_entry;
+pub mod virtual_service;
 pub mod waypoints;
 
 pub use resources::{Kind, Object, ObjectKey, Resources};

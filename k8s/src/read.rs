@@ -278,6 +278,7 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "Gateway" | "GatewayClass" => &crate::gateway::API_VERSIONS,
         "HTTPRoute" => &crate::http_route::API_VERSIONS,
         "GRPCRoute" => &crate::http_route::GRPC_API_VERSIONS,
+        "VirtualService" => &crate::virtual_service::API_VERSIONS,
         _ => return None,
     })
 }
@@ -415,6 +416,7 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "GatewayClass" => Object::GatewayClass(Box::new(typed(value)?)),
         "HTTPRoute" => Object::HttpRoute(Box::new(typed(value)?)),
         "GRPCRoute" => Object::GrpcRoute(Box::new(typed(value)?)),
+        "VirtualService" => Object::VirtualService(Box::new(typed(value)?)),
         other => return Err(format!("{other}: not a kind Ambit keeps")),
     })
 }

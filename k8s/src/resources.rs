@@ -12,6 +12,7 @@ use crate::gateway::{Gateway, GatewayClass};
 use crate::http_route::{GrpcRoute, HttpRoute};
 use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::service_entry::ServiceEntry;
+use crate::virtual_service::VirtualService;
 
 /// `namespace/name` (namespace empty for cluster-scoped objects).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -55,6 +56,7 @@ pub struct Resources {
     pub gateway_classes: BTreeMap<String, GatewayClass>,
     pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
     pub grpc_routes: BTreeMap<ObjectKey, GrpcRoute>,
+    pub virtual_services: BTreeMap<ObjectKey, VirtualService>,
 }
 
 /// The kinds the control plane keeps.
@@ -72,6 +74,7 @@ pub enum Kind {
     GatewayClass,
     HttpRoute,
     GrpcRoute,
+    VirtualService,
 }
 
 impl Kind {
@@ -90,6 +93,7 @@ impl Kind {
             Kind::GatewayClass => "GatewayClass",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::VirtualService => "VirtualService",
         }
     }
 }
@@ -115,6 +119,7 @@ pub enum Object {
     GatewayClass(Box<GatewayClass>),
     HttpRoute(Box<HttpRoute>),
     GrpcRoute(Box<GrpcRoute>),
+    VirtualService(Box<VirtualService>),
 }
 
 impl Object {
@@ -137,6 +142,7 @@ impl Object {
             Object::GatewayClass(_) => Kind::GatewayClass,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
+            Object::VirtualService(_) => Kind::VirtualService,
         }
     }
 
@@ -156,6 +162,7 @@ impl Object {
             Object::GatewayClass(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
+            Object::VirtualService(o) => &o.metadata,
         };
         let name = meta.name.clone().unwrap_or_default();
         match self {
@@ -203,6 +210,9 @@ impl Resources {
             Object::HttpRoute(o) => {
                 self.http_routes.insert(key, *o);
             }
+            Object::VirtualService(o) => {
+                self.virtual_services.insert(key, *o);
+            }
             Object::GrpcRoute(o) => {
                 self.grpc_routes.insert(key, *o);
             }
@@ -245,6 +255,9 @@ impl Resources {
             Kind::HttpRoute => {
                 self.http_routes.remove(key);
             }
+            Kind::VirtualService => {
+                self.virtual_services.remove(key);
+            }
             Kind::GrpcRoute => {
                 self.grpc_routes.remove(key);
             }
@@ -267,6 +280,7 @@ impl Resources {
             Kind::GatewayClass => self.gateway_classes.clear(),
             Kind::HttpRoute => self.http_routes.clear(),
             Kind::GrpcRoute => self.grpc_routes.clear(),
+            Kind::VirtualService => self.virtual_services.clear(),
         }
         for object in objects {
             debug_assert_eq!(object.kind_of(), kind);

@@ -500,8 +500,39 @@ pub fn start_waypoint(
         config.log_format.to_string(),
     ];
     let process = mesh.spawn_in(pod.netns(), &config.binary, &args, &[])?;
-    process.wait_for_log("waypoint ready", deadline)?;
+    // Ready when its readiness endpoint says so, as a kubelet's probe would see it:
+    // whatever its log level.
+    let readiness = SocketAddr::new(pod.ip().into(), WAYPOINT_READINESS_PORT);
+    process.wait_until("GET /healthz/ready answering 200", deadline, || {
+        answers_ready(pod.netns().path(), readiness)
+    })?;
     Ok(process)
+}
+
+/// The waypoint's readiness port, in its pod.
+pub const WAYPOINT_READINESS_PORT: u16 = 15021;
+
+/// Whether `GET /healthz/ready` on `addr`, from inside the network namespace at
+/// `netns`, answers 200 (on a thread of its own, which alone enters the namespace).
+fn answers_ready(netns: &std::path::Path, addr: SocketAddr) -> bool {
+    use std::io::{Read as _, Write as _};
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).ok()?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        s.write_all(b"GET /healthz/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).ok()?;
+        let head = String::from_utf8_lossy(&answer);
+        Some(head.lines().next()?.split_whitespace().nth(1) == Some("200"))
+    })
+    .join()
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// Where the control plane listens: the fabric's address, reachable from every node.
@@ -651,6 +682,11 @@ fn write_secret(path: &Path, text: &str) -> Result<(), MeshError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// In the mesh's directory: the status each object would carry in a cluster, as
+/// `ambit-control --status-file` writes it (what `ambitctl local status` shows of
+/// routes).
+pub const STATUS_FILE: &str = "status.yaml";
+
 /// `ambit-control` in local mode in the fabric namespace: the mesh's `k8s/` directory
 /// in, the model over delta xDS and the CA (root in `ca/`, the nodes' tokens) out, on
 /// one port.
@@ -671,6 +707,8 @@ fn start_control(mesh: &LocalMesh, config: &AmbientConfig) -> Result<Process, Me
             control_address(mesh).to_string(),
             "--tokens".to_owned(),
             path("tokens.yaml"),
+            "--status-file".to_owned(),
+            path(STATUS_FILE),
         ],
         &[],
     )?;

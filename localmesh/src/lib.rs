@@ -57,7 +57,7 @@ mod topology;
 use std::io;
 use std::path::PathBuf;
 
-pub use ambient::{Ambient, AmbientConfig, ServiceAccount, WaypointConfig};
+pub use ambient::{Ambient, AmbientConfig, ServiceAccount, WaypointConfig, STATUS_FILE};
 pub use ambit_core::model::{Protocol, ServicePort};
 pub use ambit_net::process::raise_nofile_limit;
 pub use mesh::{

@@ -178,6 +178,41 @@ impl Process {
         }
     }
 
+    /// Waits up to `deadline` for `ready` to hold (checked every poll interval),
+    /// failing as [`Process::wait_for_log`] does, `what` naming the wait, if the
+    /// process exits first or the deadline passes.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        deadline: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), ProcessError> {
+        let start = Instant::now();
+        loop {
+            let status = self.try_wait()?;
+            if status.is_none() && ready() {
+                return Ok(());
+            }
+            if let Some(status) = status {
+                return Err(ProcessError::ExitedBeforeLog {
+                    label: self.inner.label.clone(),
+                    pattern: what.to_owned(),
+                    status,
+                    log: tail(&self.log()),
+                });
+            }
+            if start.elapsed() >= deadline {
+                return Err(ProcessError::LogTimeout {
+                    label: self.inner.label.clone(),
+                    pattern: what.to_owned(),
+                    waited: deadline,
+                    log: tail(&self.log()),
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
     /// Its exit status if it has exited (reaping it), `None` while it runs.
     pub fn try_wait(&self) -> Result<Option<ExitStatus>, ProcessError> {
         self.inner.try_wait().map_err(|source| ProcessError::Wait {

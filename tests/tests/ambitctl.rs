@@ -762,6 +762,18 @@ spec:
   ports: [{name: http, port: 80, targetPort: http}]
 "#;
 
+/// Every request to the shop's server aborted with 418 by fault injection.
+const FAULT: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: server-fault, namespace: shop}
+spec:
+  hosts: [server]
+  http:
+  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: server}}]
+"#;
+
 /// `ambitctl app get -X method` from `shop/client` to the shop's server: whether it
 /// exited 0, and what it printed.
 fn shop_request(ctl: &Ctl, method: &str) -> (bool, String) {
@@ -846,6 +858,35 @@ fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_
     );
     let waypoint_pid = ctl.process_in("wp-0");
     assert!(alive(waypoint_pid));
+
+    // A VirtualService, as Istio users write it: its fault abort is injected by the
+    // waypoint, `local status` shows it accepted, and deleting it undoes it.
+    let vs = dir.path().join("fault.yaml");
+    std::fs::write(&vs, FAULT).unwrap();
+    let out = ctl.ok(&["local", "apply", "-f", vs.to_str().unwrap()]);
+    assert!(out.contains("VirtualService shop/server-fault"), "{out}");
+    eventually(
+        || {
+            seen.replace(request("GET"));
+            seen.borrow().contains("HTTP 418")
+        },
+        || format!("no injected 418: {}\n{}", seen.borrow(), ctl.logs()),
+    );
+    let status = ctl.ok(&["local", "status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("VirtualService shop/server-fault") && l.contains(" True")),
+        "{status}"
+    );
+    ctl.ok(&["local", "delete", "-f", vs.to_str().unwrap()]);
+    eventually(
+        || {
+            seen.replace(request("GET"));
+            seen.borrow().contains("hello from shop/server")
+        },
+        || format!("still aborted: {}\n{}", seen.borrow(), ctl.logs()),
+    );
 
     // More than a waypoint label, or something new: refused, naming object and field.
     for (yaml, expected) in [

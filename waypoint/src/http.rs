@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use ambit_core::hbone::TraceParent;
 use ambit_core::route::RequestView as RouteView;
+use ambit_core::route::{AbortWith, Injected};
 use ambit_core::waypoint::{pick_endpoint, BoundTarget, Endpoint};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
@@ -349,17 +350,19 @@ async fn handle(
             path: path.path(),
             query: path.query(),
             headers: request.headers(),
+            authority: &host,
         },
         &host,
     );
-    let (endpoint, overall, per_try, retry_policy, actions) = match routed {
+    let (endpoint, overall, per_try, retry_policy, actions, fault) = match routed {
         Ok(Routed::Forward {
             endpoint,
             overall,
             per_try,
             retry,
             actions,
-        }) => (endpoint, overall, per_try, retry, actions),
+            fault,
+        }) => (endpoint, overall, per_try, retry, actions, fault),
         Ok(Routed::Redirect {
             status,
             location,
@@ -379,6 +382,25 @@ async fn handle(
             tracing::info!(dst = %context.destination, method = %request.method(), path = path.path(), flag, body, "request not routed");
             return respond(local_reply(status, body), flag, None);
         }
+    };
+    // A VirtualService's fault injection, before anything is sent: the delay, then
+    // the abort (Envoy's fault filter: flags `DI` and `FI`).
+    let mut fault_flag = "";
+    if let Some(delay) = fault.delay {
+        tracing::debug!(dst = %context.destination, delay_ms = delay.as_millis(), "fault injection: delaying the request");
+        tokio::time::sleep(delay).await;
+        fault_flag = "DI";
+    }
+    if let Some(abort) = fault.abort {
+        let flag = if fault_flag.is_empty() { "FI" } else { "DI,FI" };
+        return respond(fault_abort(abort), flag, None);
+    }
+    // From here on, a delayed request's flags carry `DI` too.
+    let respond = |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| match (
+        fault_flag, flag,
+    ) {
+        ("", flag) | (flag, "") => respond(response, flag, endpoint),
+        (delayed, flag) => respond(response, &format!("{delayed},{flag}"), endpoint),
     };
     let mut response_headers = None;
     let mut mirrors = Vec::new();
@@ -472,6 +494,7 @@ async fn handle(
     let mut endpoint = endpoint;
     let mut tries = 0u32;
     let mut retrying = None;
+    let exhausted;
     let tried = loop {
         tries += 1;
         let key = UpstreamKey {
@@ -514,6 +537,9 @@ async fn handle(
                 )
         });
         let Some((head, bytes)) = retry else {
+            // Envoy's `URX`: the last try failed as the policy retries, but the retries
+            // ran out.
+            exhausted = tries > 1 && policy.retries(outcome, 1) && !policy.retries(outcome, tries);
             break match sent {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e)) => Err((key, Failure::Upstream(e))),
@@ -534,6 +560,7 @@ async fn handle(
             path: path.path(),
             query: path.query(),
             headers: &head.headers,
+            authority: &host,
         };
         if let Ok(Routed::Forward { endpoint: e, .. }) = route_request(&context, &view, &host) {
             endpoint = e;
@@ -541,6 +568,13 @@ async fn handle(
         next = Request::from_parts(head_copy(head), counted(replay_body(bytes)));
     };
     drop(retrying);
+    let respond =
+        |response: Response<Body>, flag: &str, endpoint: Option<&Endpoint>| match (exhausted, flag)
+        {
+            (false, flag) => respond(response, flag, endpoint),
+            (true, "") => respond(response, "URX", endpoint),
+            (true, flag) => respond(response, &format!("{flag},URX"), endpoint),
+        };
     let mut response = match tried {
         Ok(response) => response,
         Err((key, Failure::Timeout(limit))) => {
@@ -851,12 +885,13 @@ fn route_request(
         per_try: None,
         retry: None,
         actions: None,
+        fault: Injected::default(),
     };
     let BoundTarget::Service { service, port, vip } = &context.target else {
         return route(context).map(plain).ok_or(NO_HEALTHY);
     };
     let state = context.shared.model.borrow().state.clone();
-    let Some(table) = state.routes_for(service, port.port) else {
+    let Some(table) = state.routes_for(service, port.port, context.peer.namespace()) else {
         return route(context).map(plain).ok_or(NO_HEALTHY);
     };
     let no_backend = (
@@ -914,6 +949,11 @@ fn route_request(
         per_try: ms(rule.backend_timeout_ms),
         retry: rule.retry.as_ref().map(|r| r.policy()),
         actions,
+        fault: rule
+            .fault
+            .as_ref()
+            .map(|f| f.decide(rand::random(), rand::random()))
+            .unwrap_or_default(),
     })
 }
 
@@ -928,6 +968,8 @@ enum Routed {
         retry: Option<ambit_core::retry::RetryPolicy>,
         /// What the rule's filters ask; `None`: nothing.
         actions: Option<Box<RuleActions>>,
+        /// The faults drawn for this request (a VirtualService's `fault`).
+        fault: Injected,
     },
     /// A `RequestRedirect`, answered by the waypoint.
     Redirect {
@@ -1036,6 +1078,30 @@ pub fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+/// The answer of an injected abort, as Envoy's fault filter gives it: the status
+/// with body `fault filter abort`, or for a gRPC status a trailers-only gRPC
+/// response (HTTP 200, `grpc-status`).
+fn fault_abort(abort: AbortWith) -> Response<Body> {
+    const BODY: &str = "fault filter abort";
+    match abort {
+        AbortWith::Http(status) => local_reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            BODY,
+        ),
+        AbortWith::Grpc(code) => {
+            let mut response = Response::new(Body::default());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert("grpc-message", HeaderValue::from_static(BODY));
+            response
+        }
+    }
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols.

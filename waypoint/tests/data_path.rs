@@ -454,7 +454,13 @@ async fn admin_shows_what_the_waypoint_serves_and_readiness_is_200() {
     assert_eq!(dump["waypoint"]["gateway"], "shop/waypoint");
     assert_eq!(
         dump["waypoint"]["services"],
-        serde_json::json!(["shop/canary", "shop/echo", "shop/guarded", "shop/legacy"])
+        serde_json::json!([
+            "shop/canary",
+            "shop/echo",
+            "shop/guarded",
+            "shop/legacy",
+            "shop/reviews"
+        ])
     );
     assert_eq!(
         dump["waypoint"]["workloads"],
@@ -765,4 +771,132 @@ async fn failed_tries_are_retried_on_another_endpoint_by_default_and_as_a_route_
         3,
         "{log}"
     );
+    // The retries ran out: Envoy's flag `URX` on the upstream's own 500.
+    let (_, metrics) = http_get(mesh.metrics, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"500\"")
+                && l.contains("response_flags=\"URX\"")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_virtual_service_routes_in_order_splits_90_10_retries_and_injects_faults() {
+    let mesh = Mesh::start(Limits::default()).await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, "10.96.0.60:80").await;
+    let mut send = async |path: &str, canary: Option<&str>| {
+        client.ready().await.unwrap();
+        let mut request = get(path);
+        if let Some(c) = canary {
+            request.headers_mut().insert("x-canary", c.parse().unwrap());
+        }
+        let started = std::time::Instant::now();
+        let response = client.send_request(request).await.unwrap();
+        let status = response.status();
+        (status, text(response).await, started.elapsed())
+    };
+    // A header prefix match (written first) takes only tagged requests to v2.
+    for _ in 0..20 {
+        let (status, body, _) = send("/fault/abort", Some("true")).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("echo-2 "), "{body}");
+    }
+    // 90/10 over 2,000 requests: within the binomial 99.9 % interval (200 +- 44).
+    let mut v2 = 0;
+    for _ in 0..2000 {
+        let (status, body, _) = send("/reviews/1", Some("false")).await;
+        assert_eq!(status, 200, "{body}");
+        v2 += usize::from(body.starts_with("echo-2 "));
+    }
+    assert!((156..=244).contains(&v2), "{v2} of 2000 to v2");
+    // An abort at 50 % over 400 requests: 503 `fault filter abort`, never retried
+    // (200 +- 33 at 99.9 %).
+    let mut aborted = 0;
+    for _ in 0..400 {
+        let (status, body, _) = send("/fault/abort", None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(body, "fault filter abort");
+            aborted += 1;
+        } else {
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    assert!((167..=233).contains(&aborted), "{aborted} of 400 aborted");
+    // A delay of 150 ms at 50 % over 100 requests (50 +- 17); a delayed request
+    // took at least the delay.
+    let before = delayed_count(&mesh).await;
+    let mut slow = 0;
+    for _ in 0..100 {
+        let (status, _, took) = send("/fault/delay", None).await;
+        assert_eq!(status, 200);
+        slow += usize::from(took >= Duration::from_millis(150));
+    }
+    let delayed = delayed_count(&mesh).await - before;
+    assert!((33..=67).contains(&delayed), "{delayed} of 100 delayed");
+    assert!(slow >= delayed, "{slow} took 150 ms, {delayed} flagged DI");
+    // `retryOn: 5xx`: half the endpoints answer 500, the client never sees it.
+    for _ in 0..20 {
+        let (status, body, _) = send("/flaky/500", None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "echo-2"));
+    }
+    // The route's timeout: 504.
+    assert_eq!(send("/slow", None).await.0, StatusCode::GATEWAY_TIMEOUT);
+    // A gRPC abort: HTTP 200 with grpc-status 14 and no body.
+    let mut h2 = http2_client::<Full<Bytes>>(&conn, "10.96.0.60:80").await;
+    let request = Request::post("http://reviews.shop/fault/grpc")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["grpc-status"], "14");
+    let (_, metrics) = http_get(mesh.metrics, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"503\"")
+                && l.contains("response_flags=\"FI\"")),
+        "{metrics}"
+    );
+}
+
+/// Requests the waypoint's metrics count with response flag `DI`.
+async fn delayed_count(mesh: &Mesh) -> usize {
+    let (_, metrics) = http_get(mesh.metrics, "/metrics").await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_flags=\"DI\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
+
+#[tokio::test]
+async fn a_consumer_route_applies_to_its_own_namespaces_clients_only() {
+    let mesh = Mesh::start(Limits::default()).await;
+    // From namespace `other`: its consumer route sends everything to v1, even a
+    // request the producer's route would send to v2.
+    let other = mesh
+        .client_as("spiffe://cluster.local/ns/other/sa/client")
+        .await;
+    let mut client = http1_client(&other, "10.96.0.50:80").await;
+    for _ in 0..10 {
+        client.ready().await.unwrap();
+        let mut request = get("/reviews/1");
+        request.headers_mut().insert("x-tag", "v2".parse().unwrap());
+        let body = text(client.send_request(request).await.unwrap()).await;
+        assert!(body.starts_with("echo-1 "), "{body}");
+    }
+    // From the Service's own namespace: the producer's routes, as before.
+    let shop = mesh.client().await;
+    let mut client = http1_client(&shop, "10.96.0.50:80").await;
+    client.ready().await.unwrap();
+    let mut request = get("/reviews/1");
+    request.headers_mut().insert("x-tag", "v2".parse().unwrap());
+    let body = text(client.send_request(request).await.unwrap()).await;
+    assert!(body.starts_with("echo-2 "), "{body}");
 }

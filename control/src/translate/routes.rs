@@ -6,10 +6,11 @@
 //! Service that does not exist (its share of requests is answered 500 by the waypoint,
 //! as the Gateway API asks) and a parent Service that does not exist.
 //!
-//! Only producer routes are served: a route in the namespace of the Service it is
-//! attached to. A parent in another namespace (a GAMMA consumer route, which applies
-//! only to clients in the route's namespace) is left out with a warning, as are
-//! ServiceEntry parents, until the waypoint can tell clients' namespaces apart there.
+//! A route in the namespace of the Service it is attached to is a producer route, for
+//! every client; one in another namespace is a consumer route (GAMMA), for the clients
+//! of its own namespace only, who take it instead of the producer's routes (the model
+//! keeps the two apart; the waypoint knows a client's namespace from its identity).
+//! ServiceEntry parents are left out with a warning.
 
 use ambit_core::model::{HttpRouteSpec, RouteParentSpec, ServiceSpec};
 use ambit_k8s::http_route::{read, read_grpc, ParentKind};
@@ -33,9 +34,14 @@ pub struct ParentStatus {
     pub resolved_refs: Condition,
 }
 
-/// Each HTTPRoute and GRPCRoute (kind, key) with a Service (or ServiceEntry) parent,
-/// and its status per parent.
-pub type RouteStatus = Vec<(&'static str, ObjectKey, Vec<ParentStatus>)>;
+/// The routes' status: each HTTPRoute and GRPCRoute (kind, key) with a Service (or
+/// ServiceEntry) parent, and its status per parent; each VirtualService's `Accepted`
+/// condition (Istio's objects carry conditions, not Gateway API parents).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteStatus {
+    pub parents: Vec<(&'static str, ObjectKey, Vec<ParentStatus>)>,
+    pub conditions: Vec<(&'static str, ObjectKey, Condition)>,
+}
 
 /// What the translation makes of the HTTPRoutes.
 #[derive(Debug, Default)]
@@ -50,7 +56,7 @@ pub struct Routes {
 /// kept with a warning, and each route's status per parent.
 pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
     let (mut routes, mut skipped, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
-    let mut status = RouteStatus::new();
+    let mut status = RouteStatus::default();
     let service = |ns: &str, name: &str| {
         services
             .iter()
@@ -90,7 +96,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                     .map(|p| parent_status(p, invalid.clone(), unresolved.clone()))
                     .collect();
                 if !parents.is_empty() {
-                    status.push((kind, key.clone(), parents));
+                    status.parents.push((kind, key.clone(), parents));
                 }
                 skipped.push(Skipped {
                     kind,
@@ -157,13 +163,14 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                 let m = format!("parent ServiceEntry {name}: not served by Ambit yet");
                 warn(m.clone());
                 Condition::new(false, "UnsupportedValue", m)
-            } else if p.namespace != key.namespace {
-                let m = format!(
-                    "parent Service {name}: a route for a Service of another namespace (a consumer route) is not served by Ambit yet"
-                );
-                warn(m.clone());
-                Condition::new(false, "UnsupportedValue", m)
             } else {
+                // A parent in another namespace: a consumer route, for the clients
+                // of the route's namespace only (the model keeps them apart).
+                let consumer = if p.namespace == key.namespace {
+                    String::new()
+                } else {
+                    format!(" for clients in namespace {}", key.namespace)
+                };
                 parents.push(RouteParentSpec {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
@@ -184,7 +191,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
                         Some(w) => Condition::new(
                             true,
                             "Accepted",
-                            format!("routed by waypoint {}/{}", w.namespace, w.name),
+                            format!("routed by waypoint {}/{}{consumer}", w.namespace, w.name),
                         ),
                     },
                 }
@@ -192,16 +199,160 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
             statuses.push(parent_status(p, accepted, resolved_refs.clone()));
         }
         if !statuses.is_empty() {
-            status.push((kind, key.clone(), statuses));
+            status.parents.push((kind, key.clone(), statuses));
         }
         if !parents.is_empty() {
             routes.push(HttpRouteSpec { parents, route });
         }
     }
-    Routes {
+    let mut out = Routes {
         routes,
         skipped,
         warnings,
         status,
+    };
+    virtual_services(resources, services, &mut out);
+    out
+}
+
+/// The VirtualServices for mesh traffic (`gateways` absent or naming `mesh`), read
+/// by `ambit_k8s::virtual_service` into the same routing. Their `hosts` are their
+/// parents; as with HTTPRoutes, a host of another namespace makes it a consumer route
+/// (for the clients of its own namespace), and a host that is not a Service of the
+/// cluster is left out with a warning. Where an HTTPRoute (or GRPCRoute) also applies to a
+/// Service, the model routes that Service by the HTTPRoute alone, and the
+/// VirtualService's condition says so.
+fn virtual_services(resources: &Resources, services: &[ServiceSpec], out: &mut Routes) {
+    const KIND: &str = "VirtualService";
+    let service = |ns: &str, name: &str| {
+        services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+    };
+    // Which Services an HTTPRoute or GRPCRoute routes, and by which.
+    let gateway_api = |ns: &str, name: &str| {
+        out.routes
+            .iter()
+            .filter(|r| !r.route.virtual_service)
+            .find(|r| {
+                r.parents
+                    .iter()
+                    .any(|p| p.namespace == ns && p.name == name)
+            })
+            .map(|r| format!("{} {}/{}", r.route.kind(), r.route.namespace, r.route.name))
+    };
+    let mut routes = Vec::new();
+    let mut conditions = Vec::new();
+    let (mut skipped, mut warnings) = (Vec::new(), Vec::new());
+    for (key, vs) in &resources.virtual_services {
+        let read = ambit_k8s::virtual_service::read(key, vs);
+        if !read.for_mesh {
+            // For ingress gateways, which Ambit does not serve; not ours to report on.
+            continue;
+        }
+        let route = match read.route {
+            Ok(route) => route,
+            Err(reason) => {
+                conditions.push((
+                    KIND,
+                    key.clone(),
+                    Condition::new(false, "UnsupportedValue", reason.clone()),
+                ));
+                skipped.push(Skipped {
+                    kind: KIND,
+                    key: key.clone(),
+                    reason,
+                });
+                continue;
+            }
+        };
+        let mut warn = |reason: String| {
+            warnings.push(Skipped {
+                kind: KIND,
+                key: key.clone(),
+                reason,
+            })
+        };
+        let mut says = Vec::new();
+        for b in route.rules.iter().flat_map(|r| r.referenced()) {
+            if service(&b.namespace, &b.name).is_none() {
+                let m = format!(
+                    "destination Service {}/{}: not found; its share of requests is answered 500",
+                    b.namespace, b.name
+                );
+                warn(m.clone());
+                says.push(m);
+            }
+        }
+        let mut parents = Vec::new();
+        let mut routed_by = Vec::new();
+        for host in &read.hosts {
+            let (ns, name) = match host {
+                ambit_k8s::virtual_service::VsHost::Service { namespace, name } => {
+                    (namespace, name)
+                }
+                ambit_k8s::virtual_service::VsHost::Other(h) => {
+                    let m = format!(
+                        "host {h:?}: not a Service of this cluster (ServiceEntry hosts are not routed by Ambit yet)"
+                    );
+                    warn(m.clone());
+                    says.push(m);
+                    continue;
+                }
+            };
+            let full = format!("{ns}/{name}");
+            let consumer = if *ns == key.namespace {
+                String::new()
+            } else {
+                format!(" for clients in namespace {}", key.namespace)
+            };
+            parents.push(RouteParentSpec {
+                namespace: ns.clone(),
+                name: name.clone(),
+                port: None,
+            });
+            match service(ns, name).map(|s| &s.waypoint) {
+                None => {
+                    let m = format!("host Service {full}: not found");
+                    warn(m.clone());
+                    says.push(m);
+                }
+                Some(None) => says.push(format!(
+                    "Service {full} is not bound to a waypoint: only a waypoint routes by VirtualServices, so its requests go to the Service itself"
+                )),
+                Some(Some(w)) => match gateway_api(ns, name) {
+                    Some(by) => says.push(format!(
+                        "{by} also applies to Service {full}; the HTTPRoute wins there (as in Istio's waypoints) and this VirtualService is not used for it"
+                    )),
+                    None => routed_by.push(format!(
+                        "{full} by waypoint {}/{}{consumer}",
+                        w.namespace, w.name
+                    )),
+                },
+            }
+        }
+        let condition = if says.is_empty() {
+            Condition::new(
+                true,
+                "Accepted",
+                format!("routing {}", routed_by.join(", ")),
+            )
+        } else if routed_by.is_empty() {
+            Condition::new(false, "NotRouted", says.join("; "))
+        } else {
+            Condition::new(
+                true,
+                "PartiallyAccepted",
+                format!("routing {}; {}", routed_by.join(", "), says.join("; ")),
+            )
+        };
+        conditions.push((KIND, key.clone(), condition));
+        if !parents.is_empty() {
+            routes.push(HttpRouteSpec { parents, route });
+        }
     }
+    out.routes.extend(routes);
+    out.skipped.extend(skipped);
+    out.warnings.extend(warnings);
+    out.status.conditions.extend(conditions);
 }

@@ -8,6 +8,7 @@ fn route(name: &str, created: i64, rules: Vec<RouteRule>) -> HttpRoute {
         created,
         rules,
         grpc: false,
+        virtual_service: false,
     }
 }
 
@@ -62,6 +63,7 @@ fn routed(table: &RouteTable, method: &str, target: &str, headers: &[(&str, &str
         path,
         query,
         headers: &map,
+        authority: "shop.example:80",
     };
     table
         .select(&request)
@@ -303,6 +305,7 @@ fn the_prefix_a_request_matched_is_known_for_rewrites() {
                 path,
                 query: None,
                 headers: &map,
+                authority: "",
             })
             .map(|s| s.matched_prefix)
     };
@@ -423,4 +426,62 @@ fn mirror_share_and_shadow_host() {
     ] {
         assert_eq!(shadow_authority(authority), want);
     }
+}
+
+#[test]
+fn a_virtual_service_keeps_the_order_written_and_matches_string_prefixes_and_authority() {
+    let vs = |name: &str, created: i64, rules: Vec<RouteRule>| HttpRoute {
+        virtual_service: true,
+        ..route(name, created, rules)
+    };
+    let header = |name: &str, value: ValueMatch| RouteMatch {
+        headers: vec![HeaderMatch {
+            name: name.into(),
+            value,
+        }],
+        ..RouteMatch::default()
+    };
+    let table = RouteTable::new(vec![
+        vs(
+            "second",
+            2,
+            vec![rule(vec![exact("/exact")], "never-first")],
+        ),
+        vs(
+            "first",
+            1,
+            vec![
+                // Written first: takes /api/x although a longer exact match follows.
+                rule(vec![path(PathMatch::StartsWith("/api".into()))], "api"),
+                rule(vec![exact("/api/x")], "shadowed"),
+                rule(
+                    vec![header("x-canary", ValueMatch::Prefix("tr".into()))],
+                    "canary",
+                ),
+                rule(
+                    vec![RouteMatch {
+                        authority: Some(ValueMatch::Exact("shop.example:80".into())),
+                        ..RouteMatch::default()
+                    }],
+                    "by-authority",
+                ),
+            ],
+        ),
+    ]);
+    assert_eq!(routed(&table, "GET", "/api/x", &[]), "api");
+    assert_eq!(
+        routed(&table, "GET", "/apiv2", &[]),
+        "api",
+        "a string prefix"
+    );
+    assert_eq!(
+        routed(&table, "GET", "/x", &[("x-canary", "true")]),
+        "canary"
+    );
+    assert_eq!(
+        routed(&table, "GET", "/x", &[("x-canary", "false")]),
+        "by-authority"
+    );
+    // The older VirtualService's rules come first.
+    assert_eq!(routed(&table, "GET", "/exact", &[]), "by-authority");
 }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::state::{MeshState, PodState};
 
 /// The waypoint's readiness port, in its pod.
-const READINESS_PORT: u16 = 15021;
+const READINESS_PORT: u16 = ambit_localmesh::ambient::WAYPOINT_READINESS_PORT;
 /// How long a waypoint may take to answer its readiness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -169,7 +169,7 @@ fn header_modifier(m: &Value, at: &str) -> Result<HeaderModifier, String> {
 
 /// A header name as the CRD's `HTTPHeaderName`, lower-cased. Pseudo-headers and the
 /// framing headers are refused: rewriting them would change what the request is.
-fn header_name(name: Option<&str>, at: &str) -> Result<String, String> {
+pub(crate) fn header_name(name: Option<&str>, at: &str) -> Result<String, String> {
     let name = match name {
         Some(n) if !n.is_empty() => n,
         _ => return Err(format!("{at}: is required")),
@@ -243,7 +243,7 @@ fn path_modifier(p: &Value, at: &str, matches: &[RouteMatch]) -> Result<PathModi
 }
 
 /// The CRD's `PreciseHostname`: a DNS name, no wildcard.
-fn hostname(h: Option<&str>, at: &str) -> Result<Option<String>, String> {
+pub(crate) fn hostname(h: Option<&str>, at: &str) -> Result<Option<String>, String> {
     let Some(h) = h else { return Ok(None) };
     let valid = !h.is_empty()
         && h.len() <= 253

@@ -220,6 +220,7 @@ fn a_read_route_routes_like_the_core_table() {
         path: "/reviews/1",
         query: None,
         headers: &headers,
+        authority: "reviews",
     };
     let rule = table.select(&view).unwrap().rule;
     assert_eq!(rule.backends[0].name, "reviews-v2");
@@ -268,6 +269,7 @@ fn a_grpc_route_routes_by_service_and_method_as_paths() {
             path,
             query: None,
             headers: &headers,
+            authority: "reviews",
         };
         table
             .select(&view)
@@ -405,7 +407,8 @@ fn retry_reads_attempts_codes_and_backoff() {
         Some(ambit_core::route::RouteRetry {
             attempts: 3,
             codes: vec![500, 503],
-            backoff_ms: Some(100)
+            backoff_ms: Some(100),
+            retry_on: None,
         })
     );
     assert_eq!(route.rules[1].retry, None, "the mesh's default");

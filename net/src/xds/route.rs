@@ -10,15 +10,22 @@ use ambit_core::route::{
     QueryMatch, Redirect, Rewrite, RouteMatch, RouteRule, ValueMatch,
 };
 use ambit_proto::workload::{
-    route_match, route_path_modifier, route_value_match, HttpRoute, RouteBackend, RouteFilters,
-    RouteHeader, RouteHeaderModifier, RouteMirror, RouteParent, RoutePathModifier, RouteRedirect,
-    RouteRewrite, RouteValueMatch,
+    route_abort, route_match, route_path_modifier, route_value_match, HttpRoute, RouteAbort,
+    RouteBackend, RouteDelay, RouteFault, RouteFilters, RouteHeader, RouteHeaderModifier,
+    RouteMirror, RouteParent, RoutePathModifier, RouteRedirect, RouteRetryOn, RouteRewrite,
+    RouteValueMatch,
 };
 
 /// The resource name of an HTTPRoute (`httproute/...`) or a GRPCRoute
 /// (`grpcroute/...`).
 pub fn route_name(route: &route::HttpRoute) -> String {
-    let kind = if route.grpc { "grpcroute" } else { "httproute" };
+    let kind = if route.virtual_service {
+        "virtualservice"
+    } else if route.grpc {
+        "grpcroute"
+    } else {
+        "httproute"
+    };
     format!("{kind}/{}/{}", route.namespace, route.name)
 }
 
@@ -27,8 +34,10 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
     let value = |v: &ValueMatch| match v {
         ValueMatch::Exact(s) => route_value_match::Value::Exact(s.clone()),
         ValueMatch::Regex(a) => route_value_match::Value::Regex(a.source.clone()),
+        ValueMatch::Prefix(s) => route_value_match::Value::Prefix(s.clone()),
     };
     HttpRoute {
+        virtual_service: r.virtual_service,
         name: r.name.clone(),
         namespace: r.namespace.clone(),
         created: r.created,
@@ -54,6 +63,11 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
                             PathMatch::Exact(s) => route_match::Path::Exact(s.clone()),
                             PathMatch::Prefix(s) => route_match::Path::Prefix(s.clone()),
                             PathMatch::Regex(a) => route_match::Path::Regex(a.source.clone()),
+                            PathMatch::StartsWith(s) => route_match::Path::StartsWith(s.clone()),
+                        }),
+                        authority: m.authority.as_ref().map(|a| RouteValueMatch {
+                            name: String::new(),
+                            value: Some(value(a)),
                         }),
                         method: m.method.clone().unwrap_or_default(),
                         headers: m
@@ -85,7 +99,11 @@ pub fn route_to_proto(spec: &HttpRouteSpec) -> HttpRoute {
                         attempts: r.attempts,
                         codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
                         backoff_ms: r.backoff_ms.unwrap_or(0),
+                        retry_on: r.retry_on.as_ref().map(|c| RouteRetryOn {
+                            conditions: c.clone(),
+                        }),
                     }),
+                fault: rule.fault.as_ref().map(fault_to_proto),
             })
             .collect(),
     }
@@ -246,12 +264,20 @@ fn value(v: &RouteValueMatch, what: &str) -> Result<ValueMatch, String> {
         Some(route_value_match::Value::Regex(s)) => Anchored::new(s)
             .map(ValueMatch::Regex)
             .map_err(|e| format!("{what}: regex {s:?}: {e}")),
+        Some(route_value_match::Value::Prefix(s)) => Ok(ValueMatch::Prefix(s.clone())),
         None => Err(format!("{what}: no value match")),
     }
 }
 
 pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
-    let key = format!("HTTPRoute {}/{}", r.namespace, r.name);
+    let kind = if r.virtual_service {
+        "VirtualService"
+    } else if r.grpc {
+        "GRPCRoute"
+    } else {
+        "HTTPRoute"
+    };
+    let key = format!("{kind} {}/{}", r.namespace, r.name);
     let parents = r
         .parents
         .iter()
@@ -275,6 +301,7 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
                 Some(route_match::Path::Regex(s)) => Some(PathMatch::Regex(
                     Anchored::new(s).map_err(|e| format!("{at}: regex {s:?}: {e}"))?,
                 )),
+                Some(route_match::Path::StartsWith(s)) => Some(PathMatch::StartsWith(s.clone())),
             };
             matches.push(RouteMatch {
                 path,
@@ -299,6 +326,7 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
                         })
                     })
                     .collect::<Result<_, String>>()?,
+                authority: m.authority.as_ref().map(|a| value(a, &at)).transpose()?,
             });
         }
         let backends = rule
@@ -328,8 +356,24 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
                         })
                         .collect::<Result<_, String>>()?,
                     backoff_ms: (r.backoff_ms > 0).then_some(r.backoff_ms),
+                    retry_on: match &r.retry_on {
+                        None => None,
+                        Some(on) => {
+                            ambit_core::retry::RetryPolicy::from_retry_on(
+                                r.attempts,
+                                &on.conditions,
+                            )
+                            .map_err(|e| format!("{at}: retryOn: {e}"))?;
+                            Some(on.conditions.clone())
+                        }
+                    },
                 }),
             },
+            fault: rule
+                .fault
+                .as_ref()
+                .map(|f| fault_from_proto(f, &at))
+                .transpose()?,
         });
     }
     Ok(HttpRouteSpec {
@@ -340,7 +384,56 @@ pub fn route_from_proto(r: &HttpRoute) -> Result<HttpRouteSpec, String> {
             created: r.created,
             rules,
             grpc: r.grpc,
+            virtual_service: r.virtual_service,
         },
+    })
+}
+
+fn fault_to_proto(f: &route::Fault) -> RouteFault {
+    RouteFault {
+        delay: f.delay.as_ref().map(|d| RouteDelay {
+            fixed_delay_ms: d.fixed_delay_ms,
+            share_ppm: d.share_ppm,
+        }),
+        abort: f.abort.as_ref().map(|a| RouteAbort {
+            status: match (a.http_status, a.grpc_status) {
+                (Some(s), _) => Some(route_abort::Status::HttpStatus(u32::from(s))),
+                (None, Some(g)) => Some(route_abort::Status::GrpcStatus(g)),
+                (None, None) => None,
+            },
+            share_ppm: a.share_ppm,
+        }),
+    }
+}
+
+fn fault_from_proto(f: &RouteFault, at: &str) -> Result<route::Fault, String> {
+    Ok(route::Fault {
+        delay: f.delay.as_ref().map(|d| route::Delay {
+            fixed_delay_ms: d.fixed_delay_ms,
+            share_ppm: d.share_ppm.min(route::ALL_PPM),
+        }),
+        abort: f
+            .abort
+            .as_ref()
+            .map(|a| {
+                let (http_status, grpc_status) = match a.status {
+                    Some(route_abort::Status::HttpStatus(s)) => match u16::try_from(s) {
+                        Ok(s) if (200..600).contains(&s) => (Some(s), None),
+                        _ => return Err(format!("{at}: fault abort status {s}")),
+                    },
+                    Some(route_abort::Status::GrpcStatus(g)) if g < 17 => (None, Some(g)),
+                    Some(route_abort::Status::GrpcStatus(g)) => {
+                        return Err(format!("{at}: fault abort gRPC status {g}"))
+                    }
+                    None => return Err(format!("{at}: a fault abort without a status")),
+                };
+                Ok(route::Abort {
+                    http_status,
+                    grpc_status,
+                    share_ppm: a.share_ppm.min(route::ALL_PPM),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -361,6 +454,7 @@ mod tests {
                 name: "canary".into(),
                 created: 1_700_000_000,
                 grpc: false,
+                virtual_service: false,
                 rules: vec![
                     RouteRule {
                         matches: vec![RouteMatch {
@@ -374,6 +468,7 @@ mod tests {
                                 name: "debug".into(),
                                 value: ValueMatch::Regex(Anchored::new("1|true").unwrap()),
                             }],
+                            authority: None,
                         }],
                         backends: vec![Backend {
                             namespace: "shop".into(),
@@ -408,6 +503,7 @@ mod tests {
                             }],
                         },
                         retry: None,
+                        fault: None,
                     },
                     RouteRule {
                         matches: vec![],
@@ -427,7 +523,9 @@ mod tests {
                             attempts: 3,
                             codes: vec![500, 503],
                             backoff_ms: Some(100),
+                            retry_on: None,
                         }),
+                        fault: None,
                         backends: vec![
                             Backend {
                                 namespace: "shop".into(),
@@ -458,6 +556,47 @@ mod tests {
         spec.route.grpc = true;
         assert_eq!(route_from_proto(&route_to_proto(&spec)).unwrap(), spec);
         assert_eq!(route_name(&spec.route), "grpcroute/shop/canary");
+    }
+
+    #[test]
+    fn a_virtual_service_round_trips_with_its_own_matches_retries_and_faults() {
+        let mut spec = spec();
+        spec.route.virtual_service = true;
+        let rule = &mut spec.route.rules[1];
+        rule.matches = vec![RouteMatch {
+            path: Some(PathMatch::StartsWith("/api".into())),
+            headers: vec![HeaderMatch {
+                name: "x-user".into(),
+                value: ValueMatch::Prefix("qa-".into()),
+            }],
+            authority: Some(ValueMatch::Exact("reviews:9080".into())),
+            ..RouteMatch::default()
+        }];
+        rule.retry = Some(route::RouteRetry {
+            attempts: 2,
+            codes: vec![],
+            backoff_ms: None,
+            retry_on: Some(vec!["5xx".into(), "429".into()]),
+        });
+        rule.fault = Some(route::Fault {
+            delay: Some(route::Delay {
+                fixed_delay_ms: 200,
+                share_ppm: 500_000,
+            }),
+            abort: Some(route::Abort {
+                http_status: None,
+                grpc_status: Some(14),
+                share_ppm: 100_000,
+            }),
+        });
+        assert_eq!(route_from_proto(&route_to_proto(&spec)).unwrap(), spec);
+        assert_eq!(route_name(&spec.route), "virtualservice/shop/canary");
+        // A condition the control plane could not have sent rejects the resource.
+        let mut wire = route_to_proto(&spec);
+        wire.rules[1].retry.as_mut().unwrap().retry_on = Some(RouteRetryOn {
+            conditions: vec!["often".into()],
+        });
+        assert!(route_from_proto(&wire).unwrap_err().contains("retryOn"));
     }
 
     #[test]

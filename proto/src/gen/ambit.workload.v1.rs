@@ -444,6 +444,10 @@ pub struct HttpRoute {
     /// paths.
     #[prost(bool, tag = "6")]
     pub grpc: bool,
+    /// An Istio VirtualService (named `virtualservice/<namespace>/<name>`): its rules
+    /// keep the order written, the first match taking the request.
+    #[prost(bool, tag = "7")]
+    pub virtual_service: bool,
 }
 /// A Service the route is attached to; port 0: all of its ports.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -472,6 +476,41 @@ pub struct RouteRule {
     /// Absent: the mesh's default retry.
     #[prost(message, optional, tag = "6")]
     pub retry: ::core::option::Option<RouteRetry>,
+    /// A VirtualService's `fault`.
+    #[prost(message, optional, tag = "7")]
+    pub fault: ::core::option::Option<RouteFault>,
+}
+/// Faults injected before forwarding; shares in millionths.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteFault {
+    #[prost(message, optional, tag = "1")]
+    pub delay: ::core::option::Option<RouteDelay>,
+    #[prost(message, optional, tag = "2")]
+    pub abort: ::core::option::Option<RouteAbort>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteDelay {
+    #[prost(uint64, tag = "1")]
+    pub fixed_delay_ms: u64,
+    #[prost(uint32, tag = "2")]
+    pub share_ppm: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteAbort {
+    #[prost(uint32, tag = "3")]
+    pub share_ppm: u32,
+    #[prost(oneof = "route_abort::Status", tags = "1, 2")]
+    pub status: ::core::option::Option<route_abort::Status>,
+}
+/// Nested message and enum types in `RouteAbort`.
+pub mod route_abort {
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Status {
+        #[prost(uint32, tag = "1")]
+        HttpStatus(u32),
+        #[prost(uint32, tag = "2")]
+        GrpcStatus(u32),
+    }
 }
 /// An HTTPRoute rule's `retry`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -483,6 +522,15 @@ pub struct RouteRetry {
     /// 0: the default backoff.
     #[prost(uint64, tag = "3")]
     pub backoff_ms: u64,
+    /// A VirtualService's `retryOn`; absent: an HTTPRoute's `retry`.
+    #[prost(message, optional, tag = "4")]
+    pub retry_on: ::core::option::Option<RouteRetryOn>,
+}
+/// Conditions as Istio writes them (`5xx`, `reset`, `503`); none: Istio's default.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RouteRetryOn {
+    #[prost(string, repeated, tag = "1")]
+    pub conditions: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// A rule's `filters`: at most one of each kind but mirrors.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -570,7 +618,10 @@ pub struct RouteMatch {
     pub headers: ::prost::alloc::vec::Vec<RouteValueMatch>,
     #[prost(message, repeated, tag = "6")]
     pub query_params: ::prost::alloc::vec::Vec<RouteValueMatch>,
-    #[prost(oneof = "route_match::Path", tags = "1, 2, 3")]
+    /// A VirtualService's `authority` match (the name unused).
+    #[prost(message, optional, tag = "8")]
+    pub authority: ::core::option::Option<RouteValueMatch>,
+    #[prost(oneof = "route_match::Path", tags = "1, 2, 3, 7")]
     pub path: ::core::option::Option<route_match::Path>,
 }
 /// Nested message and enum types in `RouteMatch`.
@@ -583,13 +634,16 @@ pub mod route_match {
         Prefix(::prost::alloc::string::String),
         #[prost(string, tag = "3")]
         Regex(::prost::alloc::string::String),
+        /// A VirtualService's `uri.prefix`: a plain string prefix.
+        #[prost(string, tag = "7")]
+        StartsWith(::prost::alloc::string::String),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RouteValueMatch {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
-    #[prost(oneof = "route_value_match::Value", tags = "2, 3")]
+    #[prost(oneof = "route_value_match::Value", tags = "2, 3, 4")]
     pub value: ::core::option::Option<route_value_match::Value>,
 }
 /// Nested message and enum types in `RouteValueMatch`.
@@ -600,6 +654,8 @@ pub mod route_value_match {
         Exact(::prost::alloc::string::String),
         #[prost(string, tag = "3")]
         Regex(::prost::alloc::string::String),
+        #[prost(string, tag = "4")]
+        Prefix(::prost::alloc::string::String),
     }
 }
 /// A Service backend; port 0: the port the request was addressed to.

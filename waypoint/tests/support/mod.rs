@@ -173,6 +173,12 @@ services:
   ports: [{{port: 80, targetPort: {APP_PORT}}}]
   waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
   endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
+- name: reviews
+  namespace: shop
+  vips: [10.96.0.60]
+  ports: [{{port: 80, targetPort: {APP_PORT}}}]
+  waypoint: {{address: 10.96.0.99, name: waypoint, namespace: shop}}
+  endpoints: [{{workloadUid: shop/echo-1}}, {{workloadUid: shop/echo-2}}]
 - name: echo-v1
   namespace: shop
   vips: [10.96.0.51]
@@ -222,6 +228,39 @@ httpRoutes:
       filters:
         rewrite: {{path: {{type: full, value: /sink}}}}
         mirrors: [{{backend: {{namespace: shop, name: echo-v2, port: 8080, weight: 1}}, sharePpm: 1000000}}]
+- parents: [{{namespace: shop, name: reviews}}]
+  route:
+    namespace: shop
+    name: reviews
+    created: 0
+    virtualService: true
+    rules:
+    - matches: [{{path: {{type: startsWith, value: /}}, headers: [{{name: x-canary, value: {{type: prefix, value: "tr"}}}}]}}]
+      backends: [{{namespace: shop, name: echo-v2, port: 8080, weight: 100}}]
+    - matches: [{{path: {{type: startsWith, value: /fault/abort}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 100}}]
+      fault: {{abort: {{httpStatus: 503, sharePpm: 500000}}}}
+    - matches: [{{path: {{type: startsWith, value: /fault/grpc}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 100}}]
+      fault: {{abort: {{grpcStatus: 14, sharePpm: 1000000}}}}
+    - matches: [{{path: {{type: startsWith, value: /fault/delay}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 100}}]
+      fault: {{delay: {{fixedDelayMs: 150, sharePpm: 500000}}}}
+    - matches: [{{path: {{type: startsWith, value: /flaky/50}}}}]
+      backends: [{{namespace: shop, name: echo, port: 80, weight: 100}}]
+      retry: {{attempts: 2, retryOn: ["5xx"]}}
+    - matches: [{{path: {{type: exact, value: /slow}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 100}}]
+      requestTimeoutMs: 300
+    - matches: [{{path: {{type: startsWith, value: /}}}}]
+      backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 90}}, {{namespace: shop, name: echo-v2, port: 8080, weight: 10}}]
+- parents: [{{namespace: shop, name: canary, port: 80}}]
+  route:
+    namespace: other
+    name: consumer
+    created: 0
+    rules:
+    - backends: [{{namespace: shop, name: echo-v1, port: 8080, weight: 1}}]
 l7Policies:
 - targets: [{{kind: Service, namespace: shop, name: guarded}}]
   policy:
@@ -353,7 +392,12 @@ impl Mesh {
 
     /// An HBONE connection to the waypoint as the client ztunnel would open it.
     pub async fn client(&self) -> HboneConnection {
-        let cert = self.ca.issue(CLIENT);
+        self.client_as(CLIENT).await
+    }
+
+    /// An HBONE connection to the waypoint as the client ztunnel of `identity`.
+    pub async fn client_as(&self, identity: &str) -> HboneConnection {
+        let cert = self.ca.issue(identity);
         let config = tls::client_config(
             Some(&cert),
             cert.roots(),
