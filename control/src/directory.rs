@@ -180,7 +180,9 @@ impl Directory {
 fn is_security(object: &Object) -> bool {
     matches!(
         object,
-        Object::AuthorizationPolicy(_) | Object::PeerAuthentication(_)
+        Object::AuthorizationPolicy(_)
+            | Object::PeerAuthentication(_)
+            | Object::RequestAuthentication(_)
     )
 }
 

@@ -31,14 +31,14 @@ use tokio::time::Instant;
 
 use crate::gateway::{Gateway, GatewayClass};
 use crate::resources::{Kind, Object, ObjectKey, Resources};
-use crate::security::{AuthorizationPolicy, PeerAuthentication};
+use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::service_entry::ServiceEntry;
 use ambit_k8s::destination_rule::DestinationRule;
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 use ambit_k8s::virtual_service::VirtualService;
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 14] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
@@ -46,6 +46,7 @@ pub const KINDS: [Kind; 13] = [
     Kind::ServiceEntry,
     Kind::AuthorizationPolicy,
     Kind::PeerAuthentication,
+    Kind::RequestAuthentication,
     Kind::Gateway,
     Kind::GatewayClass,
     Kind::HttpRoute,
@@ -166,6 +167,11 @@ impl KubernetesSource {
         tasks.spawn(watch_kind::<PeerAuthentication>(
             Api::all(client.clone()),
             Kind::PeerAuthentication,
+            store.clone(),
+        ));
+        tasks.spawn(watch_kind::<RequestAuthentication>(
+            Api::all(client.clone()),
+            Kind::RequestAuthentication,
             store.clone(),
         ));
         tasks.spawn(watch_kind::<Gateway>(

@@ -6,7 +6,8 @@
 //!   `False` with Istio's reason (`UnsupportedValue`, `InvalidValue`) and what is
 //!   enforced instead.
 //! - `istio.io/WaypointBound` on a Service or ServiceEntry that asks for a waypoint,
-//!   `WaypointAccepted` on a `targetRefs` AuthorizationPolicy, and a waypoint Gateway's
+//!   `WaypointAccepted` on a `targetRefs` AuthorizationPolicy and on every
+//!   RequestAuthentication, and a waypoint Gateway's
 //!   whole status (`Accepted`, `Programmed`, its listeners, `addresses`)
 //!   ([`crate::translate::waypoints`]).
 //! - An HTTPRoute's `status.parents`: for each Service parent, `Accepted` and
@@ -29,7 +30,7 @@ use serde_json::{json, Value};
 
 use crate::gateway::Gateway;
 use crate::resources::ObjectKey;
-use crate::security::{AuthorizationPolicy, PeerAuthentication};
+use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::service_entry::ServiceEntry;
 use crate::translate::routes::{ParentStatus, RouteStatus};
 use crate::translate::waypoints::{self, WaypointStatus};
@@ -123,7 +124,12 @@ pub fn wanted(
             kind,
             key,
             WantedCondition {
-                type_: CONDITION,
+                // Only waypoints enforce a RequestAuthentication.
+                type_: if *kind == "RequestAuthentication" {
+                    waypoints::WAYPOINT_ACCEPTED
+                } else {
+                    CONDITION
+                },
                 accepted: a.accepted,
                 reason: a.reason.to_owned(),
                 message: a.message.clone(),
@@ -269,7 +275,9 @@ pub fn status_body(wanted: Option<&Wanted>, now: Time) -> Value {
 fn api_version(kind: &str) -> &'static str {
     match kind {
         "Service" => "v1",
-        "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io/v1",
+        "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication" => {
+            "security.istio.io/v1"
+        }
         "Gateway" | "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
         _ => "networking.istio.io/v1",
     }
@@ -395,6 +403,11 @@ impl StatusWriter {
             }
             "PeerAuthentication" => {
                 Api::<PeerAuthentication>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "RequestAuthentication" => {
+                Api::<RequestAuthentication>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }

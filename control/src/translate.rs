@@ -55,7 +55,8 @@ pub struct Translation {
     /// does not exist).
     pub warnings: Vec<Skipped>,
     /// Whether each AuthorizationPolicy and PeerAuthentication is enforced as written
-    /// (condition `ZtunnelAccepted`): kind, key, acceptance.
+    /// (condition `ZtunnelAccepted`), and each RequestAuthentication by waypoints
+    /// (`WaypointAccepted`): kind, key, acceptance.
     pub policy_status: PolicyStatus,
     /// The waypoint Gateways' status, and the waypoint conditions of Services and
     /// `targetRefs` policies.
@@ -217,8 +218,22 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
             Err(reason) => skip("ServiceEntry", key, reason),
         }
     }
-    let (policies, l7_policies, policy_status) =
+    let (policies, l7_policies, mut policy_status) =
         attach_policies(resources, &running, &mut workloads, root_namespace);
+    // RequestAuthentication: for waypoints only, attached like L7 policies.
+    let mut request_authns = Vec::new();
+    for (key, ra) in &resources.request_authentications {
+        let t = ambit_k8s::request_authn::translate(key, ra, root_namespace);
+        if !t.acceptance.accepted {
+            warnings.push(Skipped {
+                kind: "RequestAuthentication",
+                key: key.clone(),
+                reason: format!("{}: {}", t.acceptance.reason, t.acceptance.message),
+            });
+        }
+        policy_status.push(("RequestAuthentication", key.clone(), t.acceptance));
+        request_authns.extend(t.spec);
+    }
     let waypoints = gateways.finish(resources, &bound_to, root_namespace, &mut waypoint_status);
     let routes = routes::translate(resources, &services);
     skipped.extend(routes.skipped);
@@ -236,6 +251,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
             waypoints,
             http_routes,
             destination_rules: rules.rules,
+            request_authns,
         },
         skipped,
         warnings,

@@ -9,15 +9,15 @@
 //! Only the `Address` type and the wildcard subscription are served. What a stream
 //! gets depends on who subscribes (its view):
 //! - trusted node agents (ztunnels and `ambit-cni` agents, which run as the node-agent
-//!   accounts) get the whole model except L7 policies (`l7authz/...`), HTTPRoutes
-//!   (`httproute/...`) and DestinationRules (`destinationrule/...`), which only
-//!   waypoints enforce;
+//!   accounts) get the whole model except L7 policies (`l7authz/...`),
+//!   RequestAuthentications (`requestauthn/...`), HTTPRoutes (`httproute/...`) and
+//!   DestinationRules (`destinationrule/...`), which only waypoints enforce;
 //! - a waypoint (a caller whose identity is a waypoint's service account in the mesh's
 //!   trust domain) gets only what it serves: the services and workloads bound to it,
 //!   the workloads behind those services, its own Service and workloads, its
-//!   `waypoint/...` entry, the L7 policies attached to it, the HTTPRoutes of its
-//!   services with the services they route to, and the DestinationRules of all of
-//!   those services;
+//!   `waypoint/...` entry, the L7 policies and RequestAuthentications attached to it
+//!   (or to a Service bound to it), the HTTPRoutes of its services with the services
+//!   they route to, and the DestinationRules of all of those services;
 //! - any other caller, a workload's certificate or token included, gets
 //!   `PERMISSION_DENIED`: the model names every workload, address and policy of the
 //!   mesh.
@@ -61,6 +61,8 @@ pub const L7_POLICY_PREFIX: &str = "l7authz/";
 pub const ROUTE_PREFIXES: [&str; 3] = ["httproute/", "grpcroute/", "virtualservice/"];
 /// Resource names of DestinationRules start with this; only waypoints get them.
 pub const DESTINATION_RULE_PREFIX: &str = "destinationrule/";
+/// Resource names of RequestAuthentications start with this; only waypoints get them.
+pub const REQUEST_AUTHN_PREFIX: &str = "requestauthn/";
 
 impl Snapshot {
     pub fn new(version: u64, config: &MeshConfig) -> Snapshot {
@@ -95,6 +97,7 @@ impl View {
             View::NodeAgent => {
                 !name.starts_with(L7_POLICY_PREFIX)
                     && !name.starts_with(DESTINATION_RULE_PREFIX)
+                    && !name.starts_with(REQUEST_AUTHN_PREFIX)
                     && !ROUTE_PREFIXES.iter().any(|p| name.starts_with(p))
             }
             View::Waypoint(ns, sa) => snapshot
@@ -134,6 +137,21 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
         for wl in &config.workloads {
             if wl.waypoint.as_ref().is_some_and(|b| b.key() == key) {
                 view.insert(wl.uid.clone());
+            }
+        }
+        // The RequestAuthentications attached to it, its class, or a Service bound to
+        // it.
+        let gateway = (w.namespace.as_str(), w.name.as_str());
+        for a in &config.request_authns {
+            let to_service = config.services.iter().any(|s| {
+                s.waypoint.as_ref().is_some_and(|b| b.key() == key)
+                    && a.applies_to(gateway, Some((&s.namespace, &s.name)))
+            });
+            if to_service || a.applies_to(gateway, None) {
+                view.insert(ambit_net::xds::request_authn::request_authn_name(
+                    &a.namespace,
+                    &a.name,
+                ));
             }
         }
         // The HTTPRoutes of the Services bound to it, and the Services they route to
@@ -474,6 +492,38 @@ destinationRules:
         assert!(!View::NodeAgent.sees(&snapshot, "httproute/shop/canary"));
         assert!(!View::NodeAgent.sees(&snapshot, "destinationrule/shop/v1"));
         assert!(View::NodeAgent.sees(&snapshot, "shop/other-1"));
+    }
+
+    #[test]
+    fn request_authentications_go_to_the_waypoints_they_attach_to_and_never_to_node_agents() {
+        let snapshot = Snapshot::new(
+            1,
+            &model(
+                r#"
+services:
+- {name: web, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 80}], waypoint: {address: 10.96.0.99, name: wp, namespace: shop}}
+- {name: other, namespace: shop, vips: [10.96.0.12], ports: [{port: 80, targetPort: 80}]}
+waypoints:
+- {name: wp, namespace: shop, serviceAccount: wp, address: 10.96.0.99}
+- {name: wp2, namespace: shop, serviceAccount: wp2, address: 10.96.0.98}
+requestAuthns:
+- {namespace: shop, name: on-web, targets: [{kind: Service, namespace: shop, name: web}], rules: []}
+- {namespace: shop, name: on-wp, targets: [{kind: Gateway, namespace: shop, name: wp}], rules: []}
+- {namespace: shop, name: on-other, targets: [{kind: Service, namespace: shop, name: other}], rules: []}
+"#,
+            ),
+        );
+        let wp = View::Waypoint("shop".into(), "wp".into());
+        let wp2 = View::Waypoint("shop".into(), "wp2".into());
+        for (name, sees) in [
+            ("requestauthn/shop/on-web", true),
+            ("requestauthn/shop/on-wp", true),
+            ("requestauthn/shop/on-other", false),
+        ] {
+            assert_eq!(wp.sees(&snapshot, name), sees, "{name}");
+            assert!(!wp2.sees(&snapshot, name), "{name}");
+            assert!(!View::NodeAgent.sees(&snapshot, name), "{name}");
+        }
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! certificate lives), the certificate manager's renewal schedule, HBONE's request
 //! semantics (CONNECT target, headers, refusal statuses), and authorization: per
 //! connection at L4 (`authz`, ztunnel) and per request at L7 (`l7`, waypoints);
-//! routing (`route`, `retry`) and a DestinationRule's traffic policy (`destination`,
-//! `balance`, `outlier`). The current time and any randomness are always arguments.
+//! end-user JWTs (`jwt`, waypoints); routing (`route`, `retry`) and a
+//! DestinationRule's traffic policy (`destination`, `balance`, `outlier`). The current
+//! time and any randomness are always arguments.
 //!
 //! This crate must not open sockets, spawn tasks, read files or the environment, or
 //! depend on tokio (the `http` crate is used for its types only): the IO crates
@@ -19,6 +20,7 @@ pub mod destination;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod jwt;
 pub mod l7;
 pub mod model;
 pub mod outbound;

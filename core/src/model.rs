@@ -254,6 +254,36 @@ pub struct MeshConfig {
     /// DestinationRules of Services, for the waypoints that route to them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_rules: Vec<crate::destination::DestinationRule>,
+    /// RequestAuthentications (JWT) waypoints enforce (attached with `targetRefs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_authns: Vec<RequestAuthnSpec>,
+}
+
+/// A RequestAuthentication a waypoint enforces (`ambit_core::jwt`), and what it is
+/// attached to: the same kinds of target as an L7 authorization policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthnSpec {
+    pub namespace: String,
+    pub name: String,
+    pub targets: Vec<PolicyTarget>,
+    /// Its `jwtRules`; an invalid policy has one rule that refuses every token.
+    pub rules: Vec<crate::jwt::JwtRule>,
+    /// Whether the waypoint enforces it as written (`WaypointAccepted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<PolicyCondition>,
+}
+
+impl RequestAuthnSpec {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// As [`L7PolicySpec::applies_to`].
+    pub fn applies_to(&self, waypoint: (&str, &str), service: Option<(&str, &str)>) -> bool {
+        targets_apply(&self.targets, waypoint, service)
+    }
 }
 
 /// An HTTPRoute (Gateway API) attached to Services: the waypoint bound to a parent
@@ -315,14 +345,24 @@ impl L7PolicySpec {
     /// that Gateway, to the `istio-waypoint` class, or to that Service or
     /// ServiceEntry.
     pub fn applies_to(&self, waypoint: (&str, &str), service: Option<(&str, &str)>) -> bool {
-        self.targets.iter().any(|t| match t.kind {
-            TargetKind::Gateway => (t.namespace.as_str(), t.name.as_str()) == waypoint,
-            TargetKind::GatewayClass => t.name == WAYPOINT_GATEWAY_CLASS,
-            TargetKind::Service | TargetKind::ServiceEntry => {
-                service == Some((t.namespace.as_str(), t.name.as_str()))
-            }
-        })
+        targets_apply(&self.targets, waypoint, service)
     }
+}
+
+/// Whether a waypoint (`namespace/name` of its Gateway) enforces what is attached to
+/// `targets` for traffic to `service` (`None`: to a workload).
+fn targets_apply(
+    targets: &[PolicyTarget],
+    waypoint: (&str, &str),
+    service: Option<(&str, &str)>,
+) -> bool {
+    targets.iter().any(|t| match t.kind {
+        TargetKind::Gateway => (t.namespace.as_str(), t.name.as_str()) == waypoint,
+        TargetKind::GatewayClass => t.name == WAYPOINT_GATEWAY_CLASS,
+        TargetKind::Service | TargetKind::ServiceEntry => {
+            service == Some((t.namespace.as_str(), t.name.as_str()))
+        }
+    })
 }
 
 /// The GatewayClass of waypoints.
@@ -509,6 +549,7 @@ pub struct MeshState {
     l7_policies: Vec<Arc<L7PolicySpec>>,
     waypoints: HashMap<String, Arc<Waypoint>>,
     http_routes: Vec<Arc<HttpRouteSpec>>,
+    request_authns: Vec<Arc<RequestAuthnSpec>>,
     /// `(namespace, name, port)` of a Service → the routes attached to it there, in
     /// precedence order; absent: none (the Service's own endpoints).
     /// By Service (namespace, name), port, and the namespace of the clients a
@@ -558,6 +599,16 @@ impl MeshState {
                 return Err(ModelError::DuplicateRoute(spec.key()));
             }
             state.http_routes.push(Arc::new(spec.clone()));
+        }
+        let mut authn_keys = std::collections::HashSet::new();
+        for spec in &config.request_authns {
+            if !authn_keys.insert(spec.key()) {
+                return Err(ModelError::DuplicatePolicy(format!(
+                    "RequestAuthentication {}",
+                    spec.key()
+                )));
+            }
+            state.request_authns.push(Arc::new(spec.clone()));
         }
         let mut l7_keys = std::collections::HashSet::new();
         for spec in &config.l7_policies {
@@ -834,6 +885,19 @@ impl MeshState {
             .iter()
             .filter(move |p| p.applies_to(waypoint, service))
             .map(|p| &p.policy)
+    }
+
+    /// The JWT rules waypoint `namespace/name` enforces for traffic to `service`,
+    /// policy by policy in the order given.
+    pub fn jwt_rules_for<'a>(
+        &'a self,
+        waypoint: (&'a str, &'a str),
+        service: Option<(&'a str, &'a str)>,
+    ) -> impl Iterator<Item = (&'a RequestAuthnSpec, &'a crate::jwt::JwtRule)> + 'a {
+        self.request_authns
+            .iter()
+            .filter(move |p| p.applies_to(waypoint, service))
+            .flat_map(|p| p.rules.iter().map(move |r| (&**p, r)))
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

@@ -78,10 +78,11 @@ pub enum LocalCommand {
     Status,
     /// Applies a file to the running mesh, as `kubectl apply -f` would (applying the
     /// same file again replaces what it applied before): AuthorizationPolicy,
-    /// PeerAuthentication, ServiceEntry, HTTPRoute, GRPCRoute and DestinationRule
-    /// objects; a Gateway of class istio-waypoint (its waypoint pod starts); a running
-    /// Namespace, Service or Pod whose only change is a waypoint label
-    /// (istio.io/use-waypoint, istio.io/use-waypoint-namespace, istio.io/waypoint-for).
+    /// PeerAuthentication, RequestAuthentication, ServiceEntry, HTTPRoute, GRPCRoute,
+    /// VirtualService and DestinationRule objects; a Gateway of class istio-waypoint
+    /// (its waypoint pod starts); a running Namespace, Service or Pod whose only change
+    /// is a waypoint label (istio.io/use-waypoint, istio.io/use-waypoint-namespace,
+    /// istio.io/waypoint-for).
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,

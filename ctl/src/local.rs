@@ -57,9 +57,10 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
 /// mesh, written for it; and ([`live::MESH_KINDS`]) a waypoint Gateway, which the
 /// supervisor starts, and the waypoint labels of a running Namespace, Service or Pod
 /// (pods, services and namespaces themselves come from the directory `up` ran).
-const APPLY_KINDS: [&str; 7] = [
+const APPLY_KINDS: [&str; 8] = [
     "AuthorizationPolicy",
     "PeerAuthentication",
+    "RequestAuthentication",
     "ServiceEntry",
     "HTTPRoute",
     "GRPCRoute",
@@ -235,6 +236,10 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
             // Already refused above, as the reader's error.
             Object::AuthorizationPolicy(p) if p.unreadable.is_some() => continue,
             Object::PeerAuthentication(p) if p.unreadable.is_some() => continue,
+            Object::RequestAuthentication(p) if p.unreadable.is_some() => continue,
+            Object::RequestAuthentication(p) => {
+                Some(ambit_k8s::request_authn::translate(&key, p, root).acceptance)
+            }
             Object::AuthorizationPolicy(p) => {
                 Some(ambit_k8s::authz::translate(&key, p, root).acceptance)
             }

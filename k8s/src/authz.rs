@@ -32,6 +32,7 @@ use crate::resources::ObjectKey;
 
 mod waypoint;
 use waypoint::waypoint_projection;
+pub(crate) use waypoint::{Targets, MAX_TARGETS};
 
 /// The annotation that makes a policy shadow-only.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";

@@ -8,8 +8,9 @@
 //! - [`security`], [`service_entry`], [`destination_rule`]: Istio's kinds as Ambit
 //!   keeps them (a DestinationRule read and validated into `ambit_core::destination`); [`gateway`]:
 //!   Gateway API's Gateway and GatewayClass (what declares a waypoint);
-//! - [`authz`], [`peer_authn`]: the pure validation and translation of
-//!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies;
+//! - [`authz`], [`peer_authn`], [`request_authn`]: the pure validation and translation of
+//!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies, and
+//!   of RequestAuthentication into the waypoints' JWT rules;
 //! - [`waypoints`]: which Gateways are waypoints and what binds to them.
 //!
 //! It must not: do IO (callers read the files), or depend on a component.
@@ -20,6 +21,7 @@ pub mod gateway;
 pub mod http_route;
 pub mod peer_authn;
 pub mod read;
+pub mod request_authn;
 pub mod resources;
 pub mod security;
 pub mod service_entry;

@@ -10,7 +10,7 @@
 //!   applied; any other key (null, a sequence, a mapping) is an error.
 //! - Kinds Ambit does not use are skipped; a used kind in an unknown `apiVersion` is an
 //!   error.
-//! - A security policy (AuthorizationPolicy, PeerAuthentication) that cannot be read —
+//! - A security policy (AuthorizationPolicy, PeerAuthentication, RequestAuthentication) that cannot be read —
 //!   bad YAML inside it, a malformed `metadata`, an unknown version — but whose
 //!   namespace can still be told is kept as an object marked unreadable, which the
 //!   translation fails closed in its scope (decision record 0007): it is an error
@@ -26,7 +26,7 @@ use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
 use crate::resources::Object;
-use crate::security::{AuthorizationPolicy, PeerAuthentication};
+use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// A document that cannot be used as written, and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,7 +272,9 @@ fn versions(kind: &str) -> Option<&'static [&'static str]> {
         "Namespace" | "Pod" | "Service" => &["v1"],
         "EndpointSlice" => &["discovery.k8s.io/v1"],
         "ServiceEntry" => &crate::service_entry::API_VERSIONS,
-        "AuthorizationPolicy" | "PeerAuthentication" => &crate::security::API_VERSIONS,
+        "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication" => {
+            &crate::security::API_VERSIONS
+        }
         "Gateway" | "GatewayClass" => &crate::gateway::API_VERSIONS,
         "HTTPRoute" => &crate::http_route::API_VERSIONS,
         "GRPCRoute" => &crate::http_route::GRPC_API_VERSIONS,
@@ -321,7 +323,10 @@ pub fn parse_file(path: &Path, text: &str) -> ParsedFile {
             // Deployments, ConfigMaps, ...: not used by Ambit.
             continue;
         };
-        let security = matches!(kind.as_str(), "AuthorizationPolicy" | "PeerAuthentication");
+        let security = matches!(
+            kind.as_str(),
+            "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
+        );
         let mut why = problem.map(|(_, m)| m);
         if why.is_none() && !known.contains(&api_version.as_str()) {
             why = Some(format!(
@@ -381,7 +386,12 @@ pub fn from_api_server(kind: crate::resources::Kind, value: &Json) -> Result<Obj
     let kind = kind.as_str();
     match type_object(kind, value) {
         Ok(object) => Ok(object),
-        Err(why) if matches!(kind, "AuthorizationPolicy" | "PeerAuthentication") => {
+        Err(why)
+            if matches!(
+                kind,
+                "AuthorizationPolicy" | "PeerAuthentication" | "RequestAuthentication"
+            ) =>
+        {
             unreadable_policy(kind, value, &why, (0, 0)).map_err(|e| format!("{why}; {e}"))
         }
         Err(why) => Err(why),
@@ -402,6 +412,7 @@ fn type_object(kind: &str, value: &Json) -> Result<Object, String> {
         "ServiceEntry" => Object::ServiceEntry(Box::new(typed(value)?)),
         "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(typed(value)?)),
         "PeerAuthentication" => Object::PeerAuthentication(Box::new(typed(value)?)),
+        "RequestAuthentication" => Object::RequestAuthentication(Box::new(typed(value)?)),
         "Gateway" => Object::Gateway(Box::new(typed(value)?)),
         "GatewayClass" => Object::GatewayClass(Box::new(typed(value)?)),
         "HTTPRoute" => Object::HttpRoute(Box::new(typed(value)?)),
@@ -446,6 +457,11 @@ fn unreadable_policy(
     let unreadable = Some(why.to_owned());
     Ok(match kind {
         "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(AuthorizationPolicy {
+            metadata,
+            spec,
+            unreadable,
+        })),
+        "RequestAuthentication" => Object::RequestAuthentication(Box::new(RequestAuthentication {
             metadata,
             spec,
             unreadable,

@@ -11,7 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::destination_rule::DestinationRule;
 use crate::gateway::{Gateway, GatewayClass};
 use crate::http_route::{GrpcRoute, HttpRoute};
-use crate::security::{AuthorizationPolicy, PeerAuthentication};
+use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use crate::service_entry::ServiceEntry;
 use crate::virtual_service::VirtualService;
 
@@ -51,6 +51,7 @@ pub struct Resources {
     pub service_entries: BTreeMap<ObjectKey, ServiceEntry>,
     pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
+    pub request_authentications: BTreeMap<ObjectKey, RequestAuthentication>,
     pub gateways: BTreeMap<ObjectKey, Gateway>,
     /// Cluster-scoped: by name.
     pub gateway_classes: BTreeMap<String, GatewayClass>,
@@ -70,6 +71,7 @@ pub enum Kind {
     ServiceEntry,
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
     Gateway,
     GatewayClass,
     HttpRoute,
@@ -89,6 +91,7 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Gateway => "Gateway",
             Kind::GatewayClass => "GatewayClass",
             Kind::HttpRoute => "HTTPRoute",
@@ -115,6 +118,7 @@ pub enum Object {
     ServiceEntry(Box<ServiceEntry>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     PeerAuthentication(Box<PeerAuthentication>),
+    RequestAuthentication(Box<RequestAuthentication>),
     Gateway(Box<Gateway>),
     GatewayClass(Box<GatewayClass>),
     HttpRoute(Box<HttpRoute>),
@@ -138,6 +142,7 @@ impl Object {
             Object::ServiceEntry(_) => Kind::ServiceEntry,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
             Object::Gateway(_) => Kind::Gateway,
             Object::GatewayClass(_) => Kind::GatewayClass,
             Object::HttpRoute(_) => Kind::HttpRoute,
@@ -158,6 +163,7 @@ impl Object {
             Object::ServiceEntry(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
+            Object::RequestAuthentication(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::GatewayClass(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
@@ -198,6 +204,9 @@ impl Resources {
             }
             Object::PeerAuthentication(o) => {
                 self.peer_authentications.insert(key, *o);
+            }
+            Object::RequestAuthentication(o) => {
+                self.request_authentications.insert(key, *o);
             }
             Object::Gateway(o) => {
                 self.gateways.insert(key, *o);
@@ -244,6 +253,9 @@ impl Resources {
             Kind::PeerAuthentication => {
                 self.peer_authentications.remove(key);
             }
+            Kind::RequestAuthentication => {
+                self.request_authentications.remove(key);
+            }
             Kind::Gateway => {
                 self.gateways.remove(key);
             }
@@ -276,6 +288,7 @@ impl Resources {
             Kind::ServiceEntry => self.service_entries.clear(),
             Kind::AuthorizationPolicy => self.authorization_policies.clear(),
             Kind::PeerAuthentication => self.peer_authentications.clear(),
+            Kind::RequestAuthentication => self.request_authentications.clear(),
             Kind::Gateway => self.gateways.clear(),
             Kind::GatewayClass => self.gateway_classes.clear(),
             Kind::HttpRoute => self.http_routes.clear(),

@@ -1,6 +1,6 @@
 //! Istio's security resources (`security.istio.io`) as the control plane keeps them:
 //! metadata and the spec as JSON. The spec is read by the translation
-//! ([`crate::authz`], [`crate::peer_authn`]), which must see a malformed policy to fail
+//! ([`crate::authz`], [`crate::peer_authn`], [`crate::request_authn`]), which must see a malformed policy to fail
 //! it closed: a typed spec would make a malformed object fail to load, and so be
 //! skipped. A document of one of these kinds that cannot be read at all, but whose
 //! namespace can, is kept as an object marked `unreadable` ([`crate::read`]).
@@ -88,6 +88,48 @@ impl kube_core::Resource for PeerAuthentication {
 
     fn plural(_: &()) -> Cow<'_, str> {
         "peerauthentications".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestAuthentication {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Value,
+    /// Set when the document could not be read as this kind (its metadata, its
+    /// version or its YAML), though its kind and namespace could: the translation
+    /// then fails the policy closed in that scope, with this as the reason.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
+}
+
+impl kube_core::Resource for RequestAuthentication {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "RequestAuthentication".into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        "requestauthentications".into()
     }
 
     fn meta(&self) -> &ObjectMeta {

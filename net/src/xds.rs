@@ -4,6 +4,7 @@
 pub mod client;
 pub mod destination;
 pub mod l7;
+pub mod request_authn;
 pub mod resources;
 pub mod route;
 

@@ -97,6 +97,17 @@ pub async fn run(
         instance_ip: config.instance_ip,
         drain_deadline: config.drain_deadline,
         logging: LogLevel::new(&config.log, set_log_filter),
+        authn: crate::authn::AuthnSettings {
+            ca_bundle: match &config.jwks_ca_bundle {
+                Some(path) => {
+                    tls::read_roots(path).map_err(|e| anyhow::anyhow!("--jwks-ca-bundle {e}"))?
+                }
+                None => Vec::new(),
+            },
+            refresh_interval: config.jwks_refresh_interval,
+            refetch_min_interval: config.jwks_refetch_min_interval,
+            fetch_timeout: config.jwks_fetch_timeout,
+        },
     };
     serve(parts, shutdown).await
 }
@@ -120,6 +131,8 @@ pub struct Parts {
     pub instance_ip: Option<IpAddr>,
     pub drain_deadline: Duration,
     pub logging: LogLevel,
+    /// How remote JWKS are fetched (RequestAuthentication).
+    pub authn: crate::authn::AuthnSettings,
 }
 
 impl std::fmt::Debug for Parts {
@@ -225,6 +238,7 @@ pub async fn serve(parts: Parts, shutdown: impl Future<Output = ()> + Send) -> a
             limits: parts.limits,
             settings,
             detection_timeout: parts.detection_timeout,
+            authn: crate::authn::Authenticator::new(parts.authn).context("the JWKS client")?,
         },
         parts.model,
         parts.certs,

@@ -40,6 +40,8 @@ pub struct RequestInfo<'a> {
     /// The normalized path (Istio's `BASE`), without the query.
     pub path: &'a NormalizedPath,
     pub headers: &'a HeaderMap,
+    /// The end user's identity from an accepted JWT ([`crate::authn`]).
+    pub auth: Option<&'a l7::RequestAuth>,
 }
 
 /// What authorization sees of one plain TCP connection.
@@ -95,7 +97,7 @@ pub fn authorize(
         method: request.method,
         path: request.path,
         headers: request.headers,
-        auth: None,
+        auth: request.auth,
     };
     l7::evaluate(policies(state, gateway, target), &request)
 }

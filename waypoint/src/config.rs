@@ -97,6 +97,23 @@ pub struct Config {
     #[arg(long, env = "AMBIT_DRAIN_DEADLINE", default_value = "5000ms", value_parser = ambit_net::process::parse_millis)]
     pub drain_deadline: Duration,
 
+    /// PEM certificates trusted for the HTTPS servers of RequestAuthentication
+    /// `jwksUri`s, besides the system's roots.
+    #[arg(long, env = "AMBIT_JWKS_CA_BUNDLE")]
+    pub jwks_ca_bundle: Option<PathBuf>,
+
+    /// A `jwksUri` is fetched again this often (a failed fetch keeps the last keys).
+    #[arg(long, env = "AMBIT_JWKS_REFRESH_INTERVAL", default_value = "600s", value_parser = ambit_net::process::parse_millis)]
+    pub jwks_refresh_interval: Duration,
+
+    /// A token whose key id the JWKS lacks fetches it again, at most this often.
+    #[arg(long, env = "AMBIT_JWKS_REFETCH_MIN_INTERVAL", default_value = "10s", value_parser = ambit_net::process::parse_millis)]
+    pub jwks_refetch_min_interval: Duration,
+
+    /// How long one JWKS fetch may take.
+    #[arg(long, env = "AMBIT_JWKS_FETCH_TIMEOUT", default_value = "5s", value_parser = ambit_net::process::parse_millis)]
+    pub jwks_fetch_timeout: Duration,
+
     /// Log filter (tracing syntax); changeable at run time via the admin endpoint.
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     pub log: String,
@@ -159,6 +176,10 @@ mod tests {
         assert_eq!(c.readiness_addr.port(), 15021);
         assert_eq!(c.max_request_headers_kb, 60);
         assert_eq!(c.protocol_detection_timeout, Duration::from_secs(1));
+        assert_eq!(c.jwks_refresh_interval, Duration::from_secs(600));
+        assert_eq!(c.jwks_refetch_min_interval, Duration::from_secs(10));
+        assert_eq!(c.jwks_fetch_timeout, Duration::from_secs(5));
+        assert!(c.jwks_ca_bundle.is_none());
         let c = parse(&[
             "--service-account",
             "wp",
@@ -186,6 +207,10 @@ mod tests {
                 "--max-request-headers-kb",
             ),
             (vec!["--hbone-addr", "localhost"], "--hbone-addr"),
+            (
+                vec!["--jwks-refresh-interval", "often"],
+                "--jwks-refresh-interval",
+            ),
         ] {
             let e = parse(&args).unwrap_err().to_string();
             assert!(e.contains(flag), "{e}");

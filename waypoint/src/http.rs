@@ -3,7 +3,9 @@
 //!
 //! 1. **check** the request: both `Content-Length` and `Transfer-Encoding` (HTTP/1,
 //!    [`crate::h1_guard`]) or `%00` in the path → 400;
-//! 2. **authorize** it ([`crate::authz::authorize`]) → 403 `RBAC: access denied`;
+//! 2. **authenticate** it ([`crate::authn`], RequestAuthentication) → 401 for a token
+//!    no rule accepts, and **authorize** it ([`crate::authz::authorize`]) → 403
+//!    `RBAC: access denied`;
 //! 3. **route**: a Service's request goes by the HTTPRoutes attached to it on its port
 //!    (`ambit_core::route`: rule by precedence → 404 `NR` when none matches; backend by
 //!    weight → 500 `NC` when none has weight or it does not exist), else to the Service
@@ -287,8 +289,29 @@ async fn handle(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
+    // Authenticate (RequestAuthentication): a token no rule accepts is 401; none at
+    // all is no request identity.
+    let state = shared.model.borrow().state.clone();
+    let auth = match shared
+        .authn
+        .authenticate(
+            &state,
+            &shared.gateway,
+            &context.target,
+            request.headers_mut(),
+            path.query(),
+        )
+        .await
+    {
+        crate::authn::Outcome::Anonymous => None,
+        crate::authn::Outcome::Authenticated(auth) => Some(auth),
+        crate::authn::Outcome::Rejected(e) => {
+            tracing::info!(peer = %context.peer, dst = %context.destination, method = %request.method(), path = path.path(), reason = e.reason(), error = %e, "request refused: JWT not accepted");
+            let response = crate::authn::unauthorized(&e, &host, path.path(), grpc);
+            return respond(response, "", None);
+        }
+    };
     let verdict = {
-        let state = shared.model.borrow().state.clone();
         authz::authorize(
             &state,
             &shared.gateway,
@@ -301,6 +324,7 @@ async fn handle(
                 method: request.method().as_str(),
                 path: &path,
                 headers: request.headers(),
+                auth: auth.as_ref(),
             },
         )
     };

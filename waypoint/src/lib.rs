@@ -9,10 +9,13 @@
 //! DestinationRule says, with its connection pool and outlier detection:
 //! [`balance`]) and forwards over pooled HBONE to the endpoint's ztunnel as its own
 //! identity ([`upstream`]).
+//! serves HTTP/1.1 and HTTP/2 with hyper ([`http`]), authenticates each request's JWT
+//! ([`authn`], RequestAuthentication) and authorizes it ([`authz`]). It picks an endpoint round robin and forwards over pooled HBONE to
+//! the endpoint's ztunnel as its own identity ([`upstream`]).
 //!
 //! Pieces: [`config`] (flags), [`app`] (wiring: certificate, model over xDS, listeners,
 //! drain), [`proxy`], [`http`], [`h1_guard`] (request smuggling guard), [`io`]
-//! (sniffing and idle wrappers), [`upstream`], [`authz`], [`metrics`], [`access_log`] and [`admin`].
+//! (sniffing and idle wrappers), [`upstream`], [`authn`], [`authz`], [`metrics`], [`access_log`] and [`admin`].
 //!
 //! Decisions are `ambit_core::waypoint` functions. The waypoint reuses `ambit_net`
 //! (HBONE server and pool, certificate manager, xDS model source, operations
@@ -21,6 +24,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod authz;
 pub mod balance;
 pub mod config;

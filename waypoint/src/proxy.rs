@@ -46,6 +46,8 @@ pub struct Shared {
     pub settings: H2Settings,
     /// How long to wait for a client's first bytes.
     pub detection_timeout: Duration,
+    /// End-user authentication (JWT) and its keys.
+    pub authn: Arc<crate::authn::Authenticator>,
     /// Round-robin turns, per Service port.
     turns: Mutex<HashMap<(String, u16), u64>>,
     /// Tunnels open now (for draining).
@@ -67,6 +69,7 @@ pub struct Settings {
     pub limits: Limits,
     pub settings: H2Settings,
     pub detection_timeout: Duration,
+    pub authn: Arc<crate::authn::Authenticator>,
 }
 
 impl Shared {
@@ -88,6 +91,7 @@ impl Shared {
             limits: settings.limits,
             settings: settings.settings,
             detection_timeout: settings.detection_timeout,
+            authn: settings.authn,
             turns: Mutex::default(),
             open: AtomicU64::new(0),
             requests_in_flight: AtomicU64::new(0),

@@ -3,7 +3,8 @@
 //! admission does (reference §1.6) with the same checks and messages as the L4
 //! projection, plus what only L7 reads (path templates, header names).
 //!
-//! Targets: `Gateway` and `GatewayClass` (group `gateway.networking.k8s.io`; a class
+//! Targets ([`Targets`], shared with RequestAuthentication, `crate::request_authn`):
+//! `Gateway` and `GatewayClass` (group `gateway.networking.k8s.io`; a class
 //! only from the root namespace and only `istio-waypoint`), `Service` (group `""` or
 //! `core`), `ServiceEntry` (group `networking.istio.io`); at most 16; `namespace`
 //! empty or the policy's own.
@@ -26,20 +27,20 @@ struct TargetRef {
 }
 
 /// At most this many `targetRefs`.
-const MAX_TARGETS: usize = 16;
+pub(crate) const MAX_TARGETS: usize = 16;
 
 /// A policy's `targetRef`/`targetRefs` as written: the valid targets, the first
 /// error, and how many were written. `None` when it has neither.
-pub(super) struct Targets {
-    pub(super) valid: Vec<PolicyTarget>,
-    pub(super) error: Option<String>,
-    pub(super) written: usize,
+pub(crate) struct Targets {
+    pub(crate) valid: Vec<PolicyTarget>,
+    pub(crate) error: Option<String>,
+    pub(crate) written: usize,
 }
 
 impl Targets {
     /// Read from the document itself, so that a policy whose spec cannot be read still
     /// fails closed where it was attached.
-    pub(super) fn read(spec: &Value, key: &ObjectKey, root_namespace: &str) -> Option<Targets> {
+    pub(crate) fn read(spec: &Value, key: &ObjectKey, root_namespace: &str) -> Option<Targets> {
         let mut refs: Vec<(String, &Value)> = Vec::new();
         let mut error = None;
         if let Some(r) = spec.get("targetRef").filter(|r| !r.is_null()) {
@@ -77,7 +78,7 @@ impl Targets {
 
     /// Every target written is valid (and there is one): an invalid policy can fail
     /// closed exactly there.
-    pub(super) fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.error.is_none() && !self.valid.is_empty()
     }
 }

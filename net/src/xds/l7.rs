@@ -109,7 +109,7 @@ fn rule_to_proto(r: &Rule) -> L7Rule {
     }
 }
 
-fn target_to_proto(t: &PolicyTarget) -> L7PolicyTarget {
+pub(super) fn target_to_proto(t: &PolicyTarget) -> L7PolicyTarget {
     let (group, kind) = match t.kind {
         TargetKind::Gateway => ("gateway.networking.k8s.io", "Gateway"),
         TargetKind::GatewayClass => ("gateway.networking.k8s.io", "GatewayClass"),
@@ -275,7 +275,7 @@ fn rule_from_proto(r: &L7Rule) -> Result<Rule, String> {
     Ok(Rule { from, to, when })
 }
 
-fn target_from_proto(t: &L7PolicyTarget) -> Result<PolicyTarget, String> {
+pub(super) fn target_from_proto(t: &L7PolicyTarget) -> Result<PolicyTarget, String> {
     let kind = match (t.group.as_str(), t.kind.as_str()) {
         ("gateway.networking.k8s.io", "Gateway") => TargetKind::Gateway,
         ("gateway.networking.k8s.io", "GatewayClass") => TargetKind::GatewayClass,

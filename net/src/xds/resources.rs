@@ -11,6 +11,8 @@
 //!   lists the selector policies that select it by `<namespace>/<name>`.
 //! - A waypoint's L7 authorization policy is a resource named
 //!   `l7authz/<namespace>/<name>` ([`super::l7`]).
+//! - A RequestAuthentication for waypoints is a resource named
+//!   `requestauthn/<namespace>/<name>` ([`super::request_authn`]).
 //! - A waypoint is a resource named `waypoint/<namespace>/<name>`; what is bound to it
 //!   names it in its `GatewayAddress`.
 //! - An HTTPRoute is `httproute/<namespace>/<name>` ([`super::route`]); a
@@ -149,6 +151,16 @@ pub fn to_resources(config: &MeshConfig) -> BTreeMap<String, Address> {
             Address {
                 r#type: Some(address::Type::DestinationRule(
                     super::destination::destination_rule_to_proto(r),
+                )),
+            },
+        );
+    }
+    for a in &config.request_authns {
+        resources.insert(
+            super::request_authn::request_authn_name(&a.namespace, &a.name),
+            Address {
+                r#type: Some(address::Type::RequestAuthentication(
+                    super::request_authn::request_authn_to_proto(a),
                 )),
             },
         );
@@ -427,6 +439,7 @@ pub fn from_resources<'a>(
     let mut http_routes = Vec::new();
     let mut destination_rules = Vec::new();
     let mut waypoints = Vec::new();
+    let mut request_authns = Vec::new();
     for (name, resource) in resources {
         let error = |reason: String| ResourceError {
             name: name.clone(),
@@ -481,8 +494,14 @@ pub fn from_resources<'a>(
                     Err(reason) => errors.push(error(reason)),
                 }
             }
+            Some(address::Type::RequestAuthentication(a)) => {
+                match super::request_authn::request_authn_from_proto(a) {
+                    Ok(a) => request_authns.push(a),
+                    Err(reason) => errors.push(error(reason)),
+                }
+            }
             None => errors.push(error(
-                "neither a workload, a service, a policy, a waypoint, a route nor a destination rule".into(),
+                "neither a workload, a service, a policy, a waypoint, a route, a destination rule nor a request authentication".into(),
             )),
         }
     }
@@ -503,6 +522,7 @@ pub fn from_resources<'a>(
             waypoints,
             http_routes,
             destination_rules,
+            request_authns,
         },
         errors,
     )

@@ -7,7 +7,7 @@
 /// `destinationrule/<namespace>/<name>`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Address {
-    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102, 103, 105")]
+    #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102, 103, 105, 104")]
     pub r#type: ::core::option::Option<address::Type>,
 }
 /// Nested message and enum types in `Address`.
@@ -41,6 +41,11 @@ pub mod address {
         /// sends waypoints Envoy clusters instead. (104 is RequestAuthentication's.)
         #[prost(message, tag = "105")]
         DestinationRule(super::DestinationRule),
+        /// Ambit's own: a RequestAuthentication attached with `targetRefs`, for waypoints
+        /// (named `requestauthn/<namespace>/<name>`). Istio sends waypoints Envoy
+        /// `jwt_authn` filters instead.
+        #[prost(message, tag = "104")]
+        RequestAuthentication(super::RequestAuthentication),
     }
 }
 /// A pod, with the services it is an endpoint of.
@@ -805,6 +810,68 @@ pub struct OutlierDetection {
     pub base_ejection_time_ms: ::core::option::Option<u64>,
     #[prost(uint32, optional, tag = "5")]
     pub max_ejection_percent: ::core::option::Option<u32>,
+}
+/// A RequestAuthentication (JWT) as waypoints enforce it. Field numbers of `JwtRule`,
+/// `JwtHeader` and `ClaimToHeader` are istio/api's `security.v1beta1` JWTRule,
+/// JWTHeader and ClaimToHeader where the field is the same; Ambit's own start at 100.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RequestAuthentication {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    /// What it is attached to (its valid `targetRefs`).
+    #[prost(message, repeated, tag = "3")]
+    pub targets: ::prost::alloc::vec::Vec<L7PolicyTarget>,
+    #[prost(message, repeated, tag = "4")]
+    pub rules: ::prost::alloc::vec::Vec<JwtRule>,
+    /// Its `WaypointAccepted` condition.
+    #[prost(message, optional, tag = "5")]
+    pub condition: ::core::option::Option<PolicyCondition>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct JwtRule {
+    #[prost(string, tag = "1")]
+    pub issuer: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub audiences: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// One of the three is set.
+    #[prost(string, tag = "3")]
+    pub jwks_uri: ::prost::alloc::string::String,
+    #[prost(string, tag = "10")]
+    pub jwks: ::prost::alloc::string::String,
+    /// Ambit's own: the policy could not be understood; every token this rule finds is
+    /// refused, for this reason.
+    #[prost(string, tag = "100")]
+    pub invalid: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "6")]
+    pub from_headers: ::prost::alloc::vec::Vec<JwtHeader>,
+    #[prost(string, repeated, tag = "7")]
+    pub from_params: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "8")]
+    pub output_payload_to_header: ::prost::alloc::string::String,
+    #[prost(bool, tag = "9")]
+    pub forward_original_token: bool,
+    #[prost(message, repeated, tag = "11")]
+    pub output_claim_to_headers: ::prost::alloc::vec::Vec<ClaimToHeader>,
+    #[prost(string, repeated, tag = "12")]
+    pub from_cookies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "14")]
+    pub space_delimited_claims: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct JwtHeader {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub prefix: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClaimToHeader {
+    #[prost(string, tag = "1")]
+    pub header: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub claim: ::prost::alloc::string::String,
 }
 /// `istio.io/waypoint-for`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -356,6 +356,7 @@ impl Mesh {
             instance_ip: Some("127.0.0.1".parse().unwrap()),
             drain_deadline: Duration::from_secs(1),
             logging: LogLevel::new("info", Box::new(|_| Ok(()))),
+            authn: Default::default(),
         };
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
