@@ -2,9 +2,10 @@
 /// One resource: a workload (named by its uid), a service (named
 /// `<namespace>/<hostname>`), an authorization policy ztunnel enforces (named
 /// `authz/<namespace>/<name>`), one waypoints enforce (named
-/// `l7authz/<namespace>/<name>`), a waypoint (named `waypoint/<namespace>/<name>`), an
-/// HTTPRoute (named `httproute/<namespace>/<name>`) or a DestinationRule (named
-/// `destinationrule/<namespace>/<name>`).
+/// `l7authz/<namespace>/<name>`), a waypoint (named `waypoint/<namespace>/<name>`), a
+/// route (named `httproute/`, `grpcroute/` or `virtualservice/<namespace>/<name>`), a
+/// DestinationRule (named `destinationrule/<namespace>/<name>`) or a
+/// RequestAuthentication (named `requestauthn/<namespace>/<name>`).
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Address {
     #[prost(oneof = "address::Type", tags = "1, 2, 100, 101, 102, 103, 105, 104")]
