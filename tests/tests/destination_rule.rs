@@ -242,36 +242,49 @@ fn destination_rules_hash_limit_and_eject_in_the_waypoint() {
             "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}",
         ),
     );
-    let burst = || -> Vec<(u16, String)> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..10)
-                .map(|_| s.spawn(|| curl(&ctl, &format!("{slow}/delay/2000"), None)))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+    // One curl sends all 10 at once, each on a connection of its own (separate
+    // `local exec`s start too far apart on a busy machine: a 2 s request can end
+    // before the last one starts).
+    let burst = || -> Vec<u16> {
+        let url = format!("{slow}/delay/2000");
+        let mut args = vec![
+            "local",
+            "exec",
+            "client",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "20",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "10",
+            "-w",
+            "%{http_code}\n",
+        ];
+        for _ in 0..10 {
+            args.extend(["-o", "/dev/null", url.as_str()]);
+        }
+        let out = ctl.run(&args);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().parse().unwrap_or(0))
+            .collect()
     };
     let mut answers = Vec::new();
     poll_until(
         Duration::from_secs(60),
         || {
             answers = burst();
-            answers.iter().any(|(s, _)| *s == 503)
+            answers.contains(&503)
         },
         || "the pool never overflowed".into(),
     );
-    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
-    let refused: Vec<&String> = answers
-        .iter()
-        .filter(|(s, _)| *s == 503)
-        .map(|(_, b)| b)
-        .collect();
-    assert_eq!((ok, refused.len()), (2, 8), "{answers:?}");
-    for body in refused {
-        assert_eq!(
-            body,
-            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-        );
-    }
+    let ok = answers.iter().filter(|s| **s == 200).count();
+    let refused = answers.iter().filter(|s| **s == 503).count();
+    // (The overflow's body, Envoy's, is checked by the waypoint's own tests.)
+    assert_eq!((ok, refused), (2, 8), "{answers:?}");
     poll_until(
         Duration::from_secs(10),
         || {
