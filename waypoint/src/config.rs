@@ -75,6 +75,11 @@ pub struct Config {
     #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
 
+    /// Threads serving traffic (the async runtime's workers); default: one per CPU
+    /// the process may run on (Envoy's `--concurrency`).
+    #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
     /// Largest request header section, KiB (Envoy's max_request_headers_kb); larger
     /// gets 431.
     #[arg(long, env = "AMBIT_MAX_REQUEST_HEADERS_KB", default_value_t = 60, value_parser = clap::value_parser!(u32).range(8..=1024))]

@@ -19,9 +19,11 @@ fn main() -> std::process::ExitCode {
 fn run(config: Config) -> anyhow::Result<()> {
     let set_filter = ambit_net::process::init_proxy_process(&config.log, config.log_format)
         .map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(usize::from(n));
+    }
+    let runtime = runtime.enable_all().build()?;
     let ran = runtime.block_on(ambit_waypoint::app::run(config, set_filter, async {
         ambit_net::process::shutdown_signal().await;
         tracing::info!("shutting down");

@@ -313,7 +313,7 @@ pub async fn main(mode: Option<&str>) {
     }
     // The routes and the JWT policy are in force on (d) and (e), the same on both.
     for path in [Path3::AmbitRouted, Path3::EnvoyRouted] {
-        check_routed(&load, path, &token);
+        check_routed(&load, &proxies, path, &token);
     }
     let pid = |path: Path3| match path.proxy() {
         None => None,
@@ -452,7 +452,8 @@ impl Load<'_> {
 /// the benchmark's request is answered by the last rule (its response header), a
 /// redirect rule answers 301, no token is no principal (403 by the policy), a
 /// tampered token is 401.
-fn check_routed(load: &Load, path: Path3, token: &Token) {
+fn check_routed(load: &Load, proxies: &Proxies, path: Path3, token: &Token) {
+    let before = proxies.counts(load.h, path);
     let with = |token: &str| format!("Authorization: Bearer {token}");
     let ok = curl_out(
         load,
@@ -491,6 +492,11 @@ fn check_routed(load: &Load, path: Path3, token: &Token) {
         let code = curl_out(load, &all, &url);
         assert_eq!(code.trim(), want, "{}: {what}: {url}", path.name());
     }
+    // All five counted (a request is counted an instant after its response), so the
+    // measurements that follow see none of them.
+    proxies.until_counted(load.h, path, before, |now| {
+        now.requests >= before.requests + 5.0
+    });
 }
 
 fn url(path: Path3, port: u16) -> String {
