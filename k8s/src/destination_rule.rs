@@ -24,7 +24,6 @@
 //! Durations are Istio's: a sequence of decimal numbers with units (`h`, `m`, `s`,
 //! `ms`, `us`, `ns`), as `30s`, `1m30s`, `0.5s`; kept in milliseconds.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use ambit_core::destination::{
@@ -53,34 +52,12 @@ pub struct DestinationRule {
     pub spec: Value,
 }
 
-impl kube_core::Resource for DestinationRule {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "DestinationRule".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "destinationrules".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(
+    DestinationRule,
+    GROUP,
+    "DestinationRule",
+    "destinationrules"
+);
 
 /// Reads `rule` (its key, creation time and spec); `Err` names the field at fault.
 pub fn read(key: &ObjectKey, rule: &DestinationRule) -> Result<Rule, String> {

@@ -7,7 +7,6 @@
 //! A Gateway is a waypoint when its class is [`WAYPOINT_CLASS`]; [`waypoint_listener`]
 //! says whether its listeners have the one shape a waypoint serves.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -182,47 +181,10 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     exact && expressions
 }
 
-macro_rules! gateway_api_resource {
-    ($type:ty, $kind:literal, $plural:literal, $scope:ty) => {
-        impl kube_core::Resource for $type {
-            type DynamicType = ();
-            type Scope = $scope;
-
-            fn kind(_: &()) -> Cow<'_, str> {
-                $kind.into()
-            }
-
-            fn group(_: &()) -> Cow<'_, str> {
-                GROUP.into()
-            }
-
-            fn version(_: &()) -> Cow<'_, str> {
-                "v1".into()
-            }
-
-            fn plural(_: &()) -> Cow<'_, str> {
-                $plural.into()
-            }
-
-            fn meta(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-
-            fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-gateway_api_resource!(
-    Gateway,
-    "Gateway",
-    "gateways",
-    k8s_openapi::NamespaceResourceScope
-);
-gateway_api_resource!(
+resource!(Gateway, GROUP, "Gateway", "gateways");
+resource!(
     GatewayClass,
+    GROUP,
     "GatewayClass",
     "gatewayclasses",
     k8s_openapi::ClusterResourceScope

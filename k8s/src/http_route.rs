@@ -14,8 +14,6 @@
 //! filters on a backend (`backendRefs[].filters`), `ExtensionRef` filters, and
 //! backends other than Services. Rule filters: `filters.rs`.
 
-use std::borrow::Cow;
-
 use ambit_core::route::{
     Anchored, Backend, HeaderMatch, HttpRoute as Route, PathMatch, QueryMatch, RouteMatch,
     RouteRule, ValueMatch,
@@ -52,34 +50,7 @@ pub struct HttpRoute {
     pub spec: Value,
 }
 
-impl kube_core::Resource for HttpRoute {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "HTTPRoute".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "httproutes".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(HttpRoute, GROUP, "HTTPRoute", "httproutes");
 
 /// Gateway API's `GRPCRoute` (v1), read into the same routing as an HTTPRoute: a
 /// gRPC request is `POST /<service>/<method>`, so a method match becomes a path match
@@ -94,34 +65,7 @@ pub struct GrpcRoute {
     pub spec: Value,
 }
 
-impl kube_core::Resource for GrpcRoute {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "GRPCRoute".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "grpcroutes".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(GrpcRoute, GROUP, "GRPCRoute", "grpcroutes");
 
 /// The versions a GRPCRoute may be written in.
 pub const GRPC_API_VERSIONS: [&str; 1] = ["gateway.networking.k8s.io/v1"];

@@ -15,6 +15,53 @@
 //!
 //! It must not: do IO (callers read the files), or depend on a component.
 
+/// `kube_core::Resource` for a kind Ambit keeps as metadata plus a spec (its group,
+/// kind, plural and scope; version v1, the stored one): what kube-rs needs to list,
+/// watch and patch it.
+macro_rules! resource {
+    ($type:ty, $group:expr, $kind:literal, $plural:literal) => {
+        resource!(
+            $type,
+            $group,
+            $kind,
+            $plural,
+            k8s_openapi::NamespaceResourceScope
+        );
+    };
+    ($type:ty, $group:expr, $kind:literal, $plural:literal, $scope:ty) => {
+        impl kube_core::Resource for $type {
+            type DynamicType = ();
+            type Scope = $scope;
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                $group.into()
+            }
+
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                "v1".into()
+            }
+
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
+
+            fn meta_mut(
+                &mut self,
+            ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 pub mod authz;
 pub mod destination_rule;
 pub mod gateway;

@@ -5,8 +5,6 @@
 //! skipped. A document of one of these kinds that cannot be read at all, but whose
 //! namespace can, is kept as an object marked `unreadable` ([`crate::read`]).
 
-use std::borrow::Cow;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,34 +26,12 @@ pub struct AuthorizationPolicy {
     pub unreadable: Option<String>,
 }
 
-impl kube_core::Resource for AuthorizationPolicy {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "AuthorizationPolicy".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "authorizationpolicies".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(
+    AuthorizationPolicy,
+    GROUP,
+    "AuthorizationPolicy",
+    "authorizationpolicies"
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerAuthentication {
@@ -70,34 +46,12 @@ pub struct PeerAuthentication {
     pub unreadable: Option<String>,
 }
 
-impl kube_core::Resource for PeerAuthentication {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "PeerAuthentication".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "peerauthentications".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(
+    PeerAuthentication,
+    GROUP,
+    "PeerAuthentication",
+    "peerauthentications"
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestAuthentication {
@@ -112,31 +66,9 @@ pub struct RequestAuthentication {
     pub unreadable: Option<String>,
 }
 
-impl kube_core::Resource for RequestAuthentication {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "RequestAuthentication".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "requestauthentications".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(
+    RequestAuthentication,
+    GROUP,
+    "RequestAuthentication",
+    "requestauthentications"
+);

@@ -2,7 +2,6 @@
 //! same), as far as the control plane reads it: the fields that make services and
 //! endpoints. Unknown fields are ignored, as the API server would keep them.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -88,31 +87,4 @@ pub struct WorkloadSelector {
     pub labels: BTreeMap<String, String>,
 }
 
-impl kube_core::Resource for ServiceEntry {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "ServiceEntry".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "serviceentries".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(ServiceEntry, GROUP, "ServiceEntry", "serviceentries");

@@ -19,8 +19,6 @@
 //! `delegate`, `directResponse`, `corsPolicy`, `uriRegexRewrite`, and the match
 //! fields `withoutHeaders`, `sourceLabels`, `sourceNamespace`, `port`, `scheme`.
 
-use std::borrow::Cow;
-
 use ambit_core::route::{
     Abort, Anchored, Backend, Delay, Fault, Filters, HeaderMatch, HeaderModifier,
     HttpRoute as Route, Mirror, PathMatch, PathModifier, QueryMatch, Redirect, Rewrite, RouteMatch,
@@ -56,34 +54,7 @@ pub struct VirtualService {
     pub spec: Value,
 }
 
-impl kube_core::Resource for VirtualService {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "VirtualService".into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        "virtualservices".into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+resource!(VirtualService, GROUP, "VirtualService", "virtualservices");
 
 /// A `hosts` entry: a Service of the cluster (by name in a namespace), or a host
 /// that is not one (a ServiceEntry's, or outside the mesh).
