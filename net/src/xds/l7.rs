@@ -9,7 +9,7 @@ use ambit_core::authz::{Action, Cidr, StringMatch};
 use ambit_core::l7::{
     self, Condition, HostMatch, Operation, PathMatch, Policy, RequestPrincipalMatch, Rule, Source,
 };
-use ambit_core::model::{L7PolicySpec, PolicyCondition, PolicyTarget, TargetKind};
+use ambit_core::model::{L7PolicySpec, PolicyTarget, TargetKind};
 use ambit_proto::workload::{
     AuthorizationAction, L7Authorization, L7Condition, L7Operation, L7PolicyTarget, L7Rule,
     L7Source,
@@ -37,11 +37,7 @@ pub fn l7_policy_to_proto(spec: &L7PolicySpec) -> L7Authorization {
         condition: spec
             .condition
             .as_ref()
-            .map(|c| ambit_proto::workload::PolicyCondition {
-                accepted: c.accepted,
-                reason: c.reason.clone(),
-                message: c.message.clone(),
-            }),
+            .map(super::resources::condition_to_proto),
         targets: spec.targets.iter().map(target_to_proto).collect(),
     }
 }
@@ -157,11 +153,10 @@ pub fn l7_policy_from_proto(a: &L7Authorization) -> Result<L7PolicySpec, String>
             dry_run: a.dry_run,
             rules,
         },
-        condition: a.condition.as_ref().map(|c| PolicyCondition {
-            accepted: c.accepted,
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-        }),
+        condition: a
+            .condition
+            .as_ref()
+            .map(super::resources::condition_from_proto),
     })
 }
 

@@ -5,7 +5,7 @@
 //! HTTPS), so a resource the control plane could not have produced is rejected alone.
 
 use ambit_core::jwt::{ClaimToHeader, HeaderLocation, Jwks, JwksSource, JwtRule};
-use ambit_core::model::{PolicyCondition, RequestAuthnSpec};
+use ambit_core::model::RequestAuthnSpec;
 use ambit_proto::workload::{self as proto, RequestAuthentication};
 
 use super::l7::{target_from_proto, target_to_proto};
@@ -22,11 +22,10 @@ pub fn request_authn_to_proto(spec: &RequestAuthnSpec) -> RequestAuthentication 
         namespace: spec.namespace.clone(),
         targets: spec.targets.iter().map(target_to_proto).collect(),
         rules: spec.rules.iter().map(rule_to_proto).collect(),
-        condition: spec.condition.as_ref().map(|c| proto::PolicyCondition {
-            accepted: c.accepted,
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-        }),
+        condition: spec
+            .condition
+            .as_ref()
+            .map(super::resources::condition_to_proto),
     }
 }
 
@@ -89,11 +88,10 @@ pub fn request_authn_from_proto(a: &RequestAuthentication) -> Result<RequestAuth
         name: a.name.clone(),
         targets,
         rules,
-        condition: a.condition.as_ref().map(|c| PolicyCondition {
-            accepted: c.accepted,
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-        }),
+        condition: a
+            .condition
+            .as_ref()
+            .map(super::resources::condition_from_proto),
     })
 }
 

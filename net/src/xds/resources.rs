@@ -308,14 +308,7 @@ fn authorization_to_proto(p: &PolicySpec) -> Authorization {
             })
             .collect(),
         dry_run: p.policy.dry_run,
-        condition: p
-            .condition
-            .as_ref()
-            .map(|c| ambit_proto::workload::PolicyCondition {
-                accepted: c.accepted,
-                reason: c.reason.clone(),
-                message: c.message.clone(),
-            }),
+        condition: p.condition.as_ref().map(condition_to_proto),
     }
 }
 
@@ -409,11 +402,7 @@ fn authorization_from_proto(a: &Authorization) -> Result<PolicySpec, String> {
     }
     Ok(PolicySpec {
         scope,
-        condition: a.condition.as_ref().map(|c| PolicyCondition {
-            accepted: c.accepted,
-            reason: c.reason.clone(),
-            message: c.message.clone(),
-        }),
+        condition: a.condition.as_ref().map(condition_from_proto),
         policy: Policy {
             namespace: a.namespace.clone(),
             name: a.name.clone(),
@@ -668,6 +657,24 @@ fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, String> {
             "an address of {} bytes is neither IPv4 nor IPv6",
             bytes.len()
         ))
+    }
+}
+
+/// A policy's status condition, as the model keeps it and as xDS carries it (the
+/// same for every policy kind).
+pub(crate) fn condition_to_proto(c: &PolicyCondition) -> ambit_proto::workload::PolicyCondition {
+    ambit_proto::workload::PolicyCondition {
+        accepted: c.accepted,
+        reason: c.reason.clone(),
+        message: c.message.clone(),
+    }
+}
+
+pub(crate) fn condition_from_proto(c: &ambit_proto::workload::PolicyCondition) -> PolicyCondition {
+    PolicyCondition {
+        accepted: c.accepted,
+        reason: c.reason.clone(),
+        message: c.message.clone(),
     }
 }
 
