@@ -92,16 +92,19 @@ impl Publisher {
             }
         }
         problems.extend(translation.warnings.iter().map(ToString::to_string));
-        // A policy not enforced as written says why (condition ZtunnelAccepted).
+        // A policy not enforced as written says why (its acceptance condition). A
+        // DestinationRule's problems are among the skipped and the warnings already.
         problems.extend(
             translation
                 .policy_status
                 .iter()
-                .filter(|(_, _, a)| !a.accepted)
+                .filter(|(kind, _, a)| !a.accepted && *kind != "DestinationRule")
                 .map(|(kind, key, a)| {
                     format!(
-                        "{kind} {key}: ZtunnelAccepted=False ({}): {}",
-                        a.reason, a.message
+                        "{kind} {key}: {}=False ({}): {}",
+                        crate::status::policy_condition(kind),
+                        a.reason,
+                        a.message
                     )
                 }),
         );
@@ -189,6 +192,49 @@ spec:
   host: reviews
   trafficPolicy: {outlierDetection: {interval: 1s}}
 ";
+
+    #[test]
+    fn every_destination_rule_says_in_its_status_whether_it_applies() {
+        let yaml = format!(
+            "{RULE}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: younger, namespace: shop, creationTimestamp: '2030-01-01T00:00:00Z'}}\n\
+             spec: {{host: reviews}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: bad, namespace: shop}}\n\
+             spec: {{host: ratings, trafficPolicy: {{loadBalancer: {{simple: FASTEST}}}}}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: early, namespace: shop}}\n\
+             spec: {{host: details}}\n"
+        );
+        let t = crate::translate::translate(&resources(&yaml));
+        let wanted = crate::status::wanted(
+            &t.skipped,
+            &t.policy_status,
+            &t.waypoint_status,
+            &t.route_status,
+        );
+        let of = |name: &str| {
+            let w = wanted
+                .iter()
+                .find(|w| w.kind == "DestinationRule" && w.key.name == name)
+                .unwrap_or_else(|| panic!("no status for {name}: {wanted:?}"));
+            assert_eq!(w.conditions.len(), 1, "{w:?}");
+            let c = &w.conditions[0];
+            assert_eq!(c.type_, "WaypointAccepted");
+            (c.accepted, c.reason.clone(), c.message.clone())
+        };
+        let (ok, reason, _) = of("reviews");
+        assert!(ok && reason == "Accepted", "{reason}");
+        let (ok, reason, message) = of("younger");
+        assert!(!ok && reason == "Overridden", "{reason}");
+        assert!(message.contains("shop/reviews is older"), "{message}");
+        let (ok, reason, message) = of("bad");
+        assert!(!ok && reason == "InvalidValue", "{reason}");
+        assert!(message.contains("FASTEST"), "{message}");
+        let (ok, reason, message) = of("early");
+        assert!(ok && reason == "ServiceNotFound", "{reason}");
+        assert!(message.contains("shop/details not found"), "{message}");
+    }
 
     #[test]
     fn an_invalid_update_of_a_destination_rule_keeps_its_last_good_version_and_says_so() {

@@ -35,6 +35,7 @@ use crate::service_entry::ServiceEntry;
 use crate::translate::routes::{ParentStatus, RouteStatus};
 use crate::translate::waypoints::{self, WaypointStatus};
 use crate::translate::{PolicyStatus, Skipped};
+use ambit_k8s::destination_rule::DestinationRule;
 use ambit_k8s::http_route::{GrpcRoute, HttpRoute};
 use ambit_k8s::virtual_service::VirtualService;
 
@@ -124,12 +125,7 @@ pub fn wanted(
             kind,
             key,
             WantedCondition {
-                // Only waypoints enforce a RequestAuthentication.
-                type_: if *kind == "RequestAuthentication" {
-                    waypoints::WAYPOINT_ACCEPTED
-                } else {
-                    CONDITION
-                },
+                type_: policy_condition(kind),
                 accepted: a.accepted,
                 reason: a.reason.to_owned(),
                 message: a.message.clone(),
@@ -269,6 +265,17 @@ pub fn status_body(wanted: Option<&Wanted>, now: Time) -> Value {
             .collect();
     }
     status
+}
+
+/// The condition a policy of `kind` reports its acceptance in: `WaypointAccepted` for
+/// what only waypoints apply (RequestAuthentication, DestinationRule), else
+/// `ZtunnelAccepted`.
+pub fn policy_condition(kind: &str) -> &'static str {
+    if matches!(kind, "RequestAuthentication" | "DestinationRule") {
+        waypoints::WAYPOINT_ACCEPTED
+    } else {
+        CONDITION
+    }
 }
 
 /// The `apiVersion` status is written in for `kind`.
@@ -428,6 +435,11 @@ impl StatusWriter {
             }
             "VirtualService" => {
                 Api::<VirtualService>::namespaced(self.client.clone(), &key.namespace)
+                    .patch_status(&key.name, &params, &Patch::Apply(body))
+                    .await?;
+            }
+            "DestinationRule" => {
+                Api::<DestinationRule>::namespaced(self.client.clone(), &key.namespace)
                     .patch_status(&key.name, &params, &Patch::Apply(body))
                     .await?;
             }

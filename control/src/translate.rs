@@ -65,7 +65,7 @@ pub struct Translation {
     pub route_status: routes::RouteStatus,
 }
 
-/// Kind, key and acceptance of each security policy.
+/// Kind, key and acceptance of each security policy (and DestinationRule).
 pub type PolicyStatus = Vec<(&'static str, ObjectKey, authz::Acceptance)>;
 
 /// An object left out of the model, and why. Logged by the caller, and later written
@@ -242,6 +242,12 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
     let rules = destination_rules::translate(resources, &services);
     skipped.extend(rules.skipped);
     warnings.extend(rules.warnings);
+    policy_status.extend(
+        rules
+            .status
+            .into_iter()
+            .map(|(key, a)| ("DestinationRule", key, a)),
+    );
     Translation {
         config: MeshConfig {
             workloads,

@@ -6,12 +6,18 @@
 //! request for one of its subsets is answered 503 `NC`). Kept with a warning: a rule
 //! whose Service does not exist (yet), and the younger of two rules for one Service,
 //! which does not apply (the older one does, as Istio's oldest-first order).
+//!
+//! Each rule's status says which it is (condition `WaypointAccepted`, the waypoints
+//! being what applies a rule): `Accepted`; `InvalidValue` with the field at fault;
+//! `Overridden` by an older rule for the same Service; or accepted with reason
+//! `ServiceNotFound` while its Service does not exist.
 
 use ambit_core::destination::DestinationRule;
 use ambit_core::model::ServiceSpec;
 
 use super::Skipped;
-use crate::resources::Resources;
+use crate::resources::{ObjectKey, Resources};
+use ambit_k8s::authz::Acceptance;
 
 /// What the translation makes of the DestinationRules.
 #[derive(Debug, Default)]
@@ -19,6 +25,8 @@ pub struct DestinationRules {
     pub rules: Vec<DestinationRule>,
     pub skipped: Vec<Skipped>,
     pub warnings: Vec<Skipped>,
+    /// Every rule's condition, for its status.
+    pub status: Vec<(ObjectKey, Acceptance)>,
 }
 
 const KIND: &str = "DestinationRule";
@@ -29,26 +37,49 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Destination
     for (key, object) in &resources.destination_rules {
         match ambit_k8s::destination_rule::read(key, object) {
             Ok(rule) => out.rules.push(rule),
-            Err(reason) => out.skipped.push(Skipped {
-                kind: KIND,
-                key: key.clone(),
-                reason,
-            }),
+            Err(reason) => {
+                out.status.push((
+                    key.clone(),
+                    Acceptance {
+                        accepted: false,
+                        reason: "InvalidValue",
+                        message: reason.clone(),
+                    },
+                ));
+                out.skipped.push(Skipped {
+                    kind: KIND,
+                    key: key.clone(),
+                    reason,
+                });
+            }
         }
     }
     for rule in &out.rules {
-        let key = crate::resources::ObjectKey::new(&rule.namespace, &rule.name);
+        let key = ObjectKey::new(&rule.namespace, &rule.name);
+        let mut acceptance = Acceptance {
+            accepted: true,
+            reason: "Accepted",
+            message: format!(
+                "applies to Service {}/{}",
+                rule.service_namespace, rule.service_name
+            ),
+        };
         let service = format!("{}/{}", rule.service_namespace, rule.service_name);
         if !services
             .iter()
             .any(|s| s.namespace == rule.service_namespace && s.name == rule.service_name)
         {
+            let reason =
+                format!("host: Service {service} not found; the rule applies once it exists");
+            acceptance = Acceptance {
+                accepted: true,
+                reason: "ServiceNotFound",
+                message: reason.clone(),
+            };
             out.warnings.push(Skipped {
                 kind: KIND,
                 key: key.clone(),
-                reason: format!(
-                    "host: Service {service} not found; the rule applies once it exists"
-                ),
+                reason,
             });
         }
         let older = out.rules.iter().find(|r| {
@@ -57,15 +88,22 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Destination
                 && (r.created, r.key()) < (rule.created, rule.key())
         });
         if let Some(older) = older {
+            let reason = format!(
+                "DestinationRule {} for Service {service} is older and applies instead",
+                older.key()
+            );
+            acceptance = Acceptance {
+                accepted: false,
+                reason: "Overridden",
+                message: reason.clone(),
+            };
             out.warnings.push(Skipped {
                 kind: KIND,
-                key,
-                reason: format!(
-                    "DestinationRule {} for Service {service} is older and applies instead",
-                    older.key()
-                ),
+                key: key.clone(),
+                reason,
             });
         }
+        out.status.push((key, acceptance));
     }
     out
 }
