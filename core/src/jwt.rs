@@ -70,6 +70,10 @@ pub struct JwtRule {
     /// `permission` always are).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub space_delimited_claims: Vec<String>,
+    /// `timeout`: how long a fetch of a `jwksUri` may take, milliseconds; `None`: the
+    /// waypoint's own default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_timeout_ms: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {

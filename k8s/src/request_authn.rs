@@ -13,7 +13,8 @@
 //!   passes, as Istio does with an invalid JWKS. A policy that cannot be read at all
 //!   (an unknown field, a bad target, a missing issuer) becomes one such rule at
 //!   Envoy's default token locations, at the targets that are valid.
-//! - `timeout` is accepted; the waypoint's own JWKS fetch timeout applies.
+//! - `timeout` bounds the waypoint's fetch of the rule's `jwksUri` (a duration as
+//!   Istio writes them, at least 1 ms; unset: the waypoint's `--jwks-fetch-timeout`).
 //!
 //! Pure: the caller gives the object.
 
@@ -58,8 +59,7 @@ struct RuleSpec {
     forward_original_token: Option<bool>,
     output_claim_to_headers: Option<Vec<ClaimSpec>>,
     space_delimited_claims: Option<Vec<String>>,
-    #[serde(rename = "timeout")]
-    _timeout: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +206,7 @@ fn closed(
         output_payload_to_header: None,
         output_claim_to_headers: Vec::new(),
         space_delimited_claims: Vec::new(),
+        fetch_timeout_ms: None,
     };
     TranslatedRequestAuthn {
         spec: Some(spec_of(key, targets, vec![rule], &acceptance)),
@@ -266,6 +267,14 @@ fn rule(r: &RuleSpec, path: &str, notes: &mut Vec<String>) -> Result<JwtRule, St
             claim,
         });
     }
+    let fetch_timeout_ms = match &r.timeout {
+        None => None,
+        Some(t) => match crate::virtual_service::duration_ms(t) {
+            Ok(ms) if ms >= 1 => Some(ms),
+            Ok(_) => return Err(format!("{path}.timeout: {t:?}: must be at least 1ms")),
+            Err(e) => return Err(format!("{path}.timeout: {t:?} {e}")),
+        },
+    };
     let jwks = match (&r.jwks, &r.jwks_uri) {
         (Some(_), Some(_)) => {
             JwksSource::Invalid(format!("{path}: jwks and jwksUri are mutually exclusive"))
@@ -306,6 +315,7 @@ fn rule(r: &RuleSpec, path: &str, notes: &mut Vec<String>) -> Result<JwtRule, St
         output_payload_to_header,
         output_claim_to_headers,
         space_delimited_claims: r.space_delimited_claims.clone().unwrap_or_default(),
+        fetch_timeout_ms,
     })
 }
 
@@ -347,7 +357,9 @@ mod tests {
         assert_eq!(r.from_headers[0].name, "x-jwt");
         assert!(r.forward_original_token);
         assert_eq!(r.output_claim_to_headers[0].header, "x-sub");
+        assert_eq!(r.fetch_timeout_ms, Some(3_000));
         assert_eq!(spec.rules[1].jwks, JwksSource::Inline(JWKS.into()));
+        assert_eq!(spec.rules[1].fetch_timeout_ms, None);
     }
 
     #[test]

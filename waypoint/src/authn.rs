@@ -12,7 +12,8 @@
 //!
 //! Keys: an inline JWKS is parsed once and kept by its text; a `jwksUri` is fetched
 //! over HTTPS (hyper + rustls on aws-lc-rs, the system's roots plus
-//! `--jwks-ca-bundle`) on first use, then again every `--jwks-refresh-interval`. A
+//! `--jwks-ca-bundle`; within the rule's `timeout`, else `--jwks-fetch-timeout`) on
+//! first use, then again every `--jwks-refresh-interval`. A
 //! failed fetch keeps the last good keys. A token whose `kid` the keys lack makes one
 //! more fetch, at most once per `--jwks-refetch-min-interval` per URI, and is checked
 //! again with what it brought.
@@ -141,6 +142,8 @@ struct Remote {
     /// One fetch at a time.
     fetching: tokio::sync::Mutex<()>,
     last_attempt: Mutex<Option<Instant>>,
+    /// The rule's `timeout` for a fetch, as last seen; `None`: the waypoint's.
+    timeout: Mutex<Option<Duration>>,
 }
 
 /// Why the TLS client for JWKS servers could not be made.
@@ -236,6 +239,8 @@ impl Authenticator {
             }
             JwksSource::Uri(uri) => {
                 let remote = self.remote(uri);
+                *remote.timeout.lock().unwrap_or_else(|p| p.into_inner()) =
+                    rule.fetch_timeout_ms.map(Duration::from_millis);
                 let keys = self.keys_of(uri, &remote).await?;
                 match self.validate(token, rule, &keys, now) {
                     Err(JwtError::UnknownKey) => {
@@ -366,7 +371,12 @@ impl Authenticator {
             .last_attempt
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        match tokio::time::timeout(self.settings.fetch_timeout, self.fetch(uri)).await {
+        let timeout = remote
+            .timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(self.settings.fetch_timeout);
+        match tokio::time::timeout(timeout, self.fetch(uri)).await {
             Ok(Ok(keys)) => {
                 tracing::info!(uri, keys = keys.len(), "JWKS fetched");
                 let keys = Arc::new(keys);
@@ -378,7 +388,11 @@ impl Authenticator {
                 None
             }
             Err(_) => {
-                tracing::warn!(uri, timeout = ?self.settings.fetch_timeout, "JWKS fetch timed out; the last good keys stay");
+                tracing::warn!(
+                    uri,
+                    ?timeout,
+                    "JWKS fetch timed out; the last good keys stay"
+                );
                 None
             }
         }
@@ -517,6 +531,7 @@ mod tests {
             output_payload_to_header: None,
             output_claim_to_headers: Vec::new(),
             space_delimited_claims: Vec::new(),
+            fetch_timeout_ms: None,
         }
     }
 
@@ -563,6 +578,34 @@ mod tests {
         };
         assert!(a.validate(&tampered, &r, &keys1, now).is_err());
         assert!(!a.verified.lock().unwrap().holds(&tampered, &keys1));
+    }
+
+    #[tokio::test]
+    async fn a_rules_timeout_bounds_its_jwks_fetch() {
+        // A JWKS server that accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let a = Authenticator::new(AuthnSettings {
+            fetch_timeout: Duration::from_secs(600),
+            ..AuthnSettings::default()
+        })
+        .unwrap();
+        let mut r = rule("");
+        r.jwks = JwksSource::Uri(format!("https://{addr}/jwks"));
+        r.fetch_timeout_ms = Some(100);
+        let (k, _) = key("k1");
+        let token = sign(&k, "k1", 4_000_000_000);
+        let got = tokio::time::timeout(Duration::from_secs(60), a.check(&r, &token))
+            .await
+            .expect("the rule's 100 ms fetch timeout did not apply (the waypoint's is 600 s)");
+        assert!(matches!(got, Err(JwtError::FetchFailed(_))), "{got:?}");
+        held.abort();
     }
 
     #[test]

@@ -89,6 +89,7 @@ fn rule() -> JwtRule {
         output_payload_to_header: None,
         output_claim_to_headers: Vec::new(),
         space_delimited_claims: Vec::new(),
+        fetch_timeout_ms: None,
     }
 }
 
@@ -355,6 +356,7 @@ fn claims_become_the_request_identity() {
     let s = signer(Algorithm::ES256, "k1");
     let r = JwtRule {
         space_delimited_claims: vec!["roles".into()],
+        fetch_timeout_ms: None,
         ..rule()
     };
     let auth = validate(&s.sign(&claims()), &r, &s.jwks(), NOW).unwrap();

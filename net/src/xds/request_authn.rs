@@ -63,6 +63,7 @@ fn rule_to_proto(r: &JwtRule) -> proto::JwtRule {
             .collect(),
         from_cookies: r.from_cookies.clone(),
         space_delimited_claims: r.space_delimited_claims.clone(),
+        fetch_timeout_ms: r.fetch_timeout_ms,
     }
 }
 
@@ -155,6 +156,10 @@ fn rule_from_proto(r: &proto::JwtRule) -> Result<JwtRule, String> {
             })
             .collect::<Result<_, String>>()?,
         space_delimited_claims: r.space_delimited_claims.clone(),
+        fetch_timeout_ms: match r.fetch_timeout_ms {
+            Some(0) => return Err("a fetch timeout of 0 ms".into()),
+            t => t,
+        },
     })
 }
 

@@ -859,6 +859,10 @@ pub struct JwtRule {
     pub from_cookies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, repeated, tag = "14")]
     pub space_delimited_claims: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Ambit's own (Istio's `timeout` is a Duration at 13): how long a fetch of
+    /// `jwks_uri` may take, milliseconds; unset: the waypoint's --jwks-fetch-timeout.
+    #[prost(uint64, optional, tag = "101")]
+    pub fetch_timeout_ms: ::core::option::Option<u64>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct JwtHeader {
