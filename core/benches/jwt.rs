@@ -55,6 +55,7 @@ fn bench(c: &mut Criterion) {
         output_payload_to_header: None,
         output_claim_to_headers: Vec::new(),
         space_delimited_claims: Vec::new(),
+        fetch_timeout_ms: None,
     };
     for (name, alg) in [("es256", Algorithm::ES256), ("rs256", Algorithm::RS256)] {
         let (token, jwks) = signed(alg);

@@ -28,6 +28,7 @@ fuzz_target!(|input: &[u8]| {
             claim: "a.b.c".into(),
         }],
         space_delimited_claims: vec!["roles".into()],
+        fetch_timeout_ms: None,
     };
     if let Ok(t) = jwt::parse_token(token) {
         assert!(token.len() <= jwt::MAX_TOKEN_BYTES);
