@@ -127,6 +127,7 @@ pub async fn run_kubernetes(
         config.ca.system_namespace.clone(),
         location,
         live.clone(),
+        config.ca_reload,
     ));
     tasks.spawn(crate::cluster_ca::publish_root(
         client,

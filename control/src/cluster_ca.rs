@@ -180,11 +180,8 @@ fn secret_of(material: &CaMaterial, namespace: &str, name: &str) -> Secret {
     }
 }
 
-/// How often the CA's Secret is read again.
-pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Reads the Secret the CA's material came from (`location`, `Secret ns/name`) every
-/// [`RELOAD_INTERVAL`] and offers it to `live`: a changed plug-in `cacerts` is used
+/// `interval` (`--ca-reload`) and offers it to `live`: a changed plug-in `cacerts` is used
 /// without a restart; an unusable one is refused, naming the key, and the current CA
 /// keeps signing. Runs until dropped.
 pub async fn reload_secret(
@@ -192,6 +189,7 @@ pub async fn reload_secret(
     namespace: String,
     location: String,
     live: std::sync::Arc<ambit_ca::live::LiveAuthority>,
+    interval: std::time::Duration,
 ) {
     let name = location
         .rsplit('/')
@@ -199,7 +197,7 @@ pub async fn reload_secret(
         .unwrap_or(PLUGIN_SECRET)
         .to_owned();
     let secrets: Api<Secret> = Api::namespaced(client, &namespace);
-    let mut ticker = tokio::time::interval(RELOAD_INTERVAL);
+    let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     let mut last_problem: Option<String> = None;
     loop {
