@@ -167,3 +167,58 @@ async fn a_rotation_overlaps_switches_and_drops_the_old_root_by_expiry() {
     assert!(!dir.path().join(live::ROTATION_FILE).exists());
     task.abort();
 }
+
+#[tokio::test]
+async fn a_rotation_survives_a_restart_of_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, task) = start(dir.path());
+    let old = live.current().root_pem().to_owned();
+    issue_at(&live.current(), CART, 2, now());
+    // The issued-until mark is on disk before the rotation starts.
+    let mark = dir.path().join(live::ISSUED_MARK);
+    until("the issued-until mark", Duration::from_secs(5), || {
+        mark.exists()
+    })
+    .await;
+    std::fs::write(dir.path().join(live::ROTATE_REQUEST), "{}").unwrap();
+    let reply_path = dir.path().join(live::ROTATE_REPLY);
+    until(
+        "the rotation to be answered",
+        Duration::from_secs(5),
+        || reply_path.exists(),
+    )
+    .await;
+    task.abort();
+
+    // A new CA process on the same directory: both roots trusted, the old one signs,
+    // and the rotation goes on from rotation.json.
+    let (live, task) = start(dir.path());
+    assert_eq!(count(live.current().bundle_pem()), 2);
+    assert_eq!(live.current().root_pem(), old);
+    until(
+        "signing to switch after the restart",
+        Duration::from_secs(6),
+        || live.current().root_pem() != old,
+    )
+    .await;
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(live::ROTATION_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["phase"], "switched", "{state}");
+    // The old root stays as long as the mark says its certificates may live: the
+    // restarted CA knows no better than the mark (rounded up a minute).
+    let stored: live::IssuedMark =
+        serde_json::from_str(&std::fs::read_to_string(&mark).unwrap()).unwrap();
+    assert_eq!(stored.root_sha256, live::fingerprint(&old));
+    assert!(
+        state["old_signed_until"].as_u64().unwrap() >= stored.until,
+        "the old root must stay until the mark: {state} {stored:?}"
+    );
+    assert_eq!(state["phase"], "switched");
+    assert!(
+        state.get("new_key_pem").is_none_or(|k| k.is_null()),
+        "the new key left rotation.json at the switch"
+    );
+    task.abort();
+}
