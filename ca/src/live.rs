@@ -399,7 +399,7 @@ impl Driver {
                 format!(
                     "new root {} added to the trust bundle; the old root {} still signs",
                     &fingerprint(&new.root_cert_pem)[..16],
-                    &fingerprint(&material_root(&file))[..16]
+                    &fingerprint(&file.old_root_pem)[..16]
                 ),
                 format!(
                     "signing switches to the new root at {} (unix time; in {} s)",
@@ -475,11 +475,11 @@ impl Driver {
         // Progress for `ambitctl`, while the rotation lasts.
         if path.exists() {
             file.update(&r, now);
-            let _ = write_file(
-                &path,
-                &serde_json::to_string_pretty(&file).unwrap_or_default(),
-                0o600,
-            );
+            let text = serde_json::to_string_pretty(&file).unwrap_or_default();
+            // Written when it says something new, not every second.
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                let _ = write_file(&path, &text, 0o600);
+            }
         }
     }
 
@@ -502,10 +502,6 @@ impl Driver {
             .offer(material.clone(), &self.store.location(), now)
             .map(|_| ())
     }
-}
-
-fn material_root(file: &RotationFile) -> String {
-    file.old_root_pem.clone()
 }
 
 /// PEM certificates one after the other, each ending in a newline.
