@@ -70,7 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = GrpcCaClient::new(CaClientConfig {
         address: args.ca.clone(),
         ca_identity: args.ca_identity.clone(),
-        roots: vec![root],
+        roots: vec![root].into(),
         token: Some(args.token.clone().into()),
         impersonate: args.impersonate,
         timeout: Duration::from_secs(10),

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::auth::{Authenticator, PeerCertificateAuthenticator, TokensFile};
 use crate::authority::CertificateAuthority;
 use crate::config::Config;
+use crate::live::LiveAuthority;
 use crate::server;
 use crate::service::CaService;
 use crate::store::{CaMaterial, DirectoryStore, RootStore};
@@ -21,19 +22,46 @@ pub fn load_or_create(
     config: &Config,
     now: SystemTime,
 ) -> anyhow::Result<CertificateAuthority> {
-    let material = match store.load()? {
+    Ok(load_or_create_material(store, config, now)?.1)
+}
+
+/// [`load_or_create`], with the material and whether it was generated now.
+pub fn load_or_create_material(
+    store: &dyn RootStore,
+    config: &Config,
+    now: SystemTime,
+) -> anyhow::Result<(CaMaterial, CertificateAuthority, bool)> {
+    let (material, generated) = match store.load()? {
         Some(m) => {
             tracing::info!(location = %store.location(), "loaded CA material");
-            m
+            (m, false)
         }
         None => {
             let m = CertificateAuthority::generate_root(&config.trust_domain, now)?;
             store.save(&m)?;
             tracing::info!(location = %store.location(), "generated a new self-signed root");
-            m
+            (m, true)
         }
     };
-    authority(&material, config, &store.location(), now)
+    let ca = authority(&material, config, &store.location(), now)?;
+    Ok((material, ca, generated))
+}
+
+/// How [`LiveAuthority`] builds a CA from new material: `config`'s lifetimes, and
+/// node authorization against `placement` when given.
+pub fn builder(
+    config: &Config,
+    location: String,
+    placement: Option<Arc<dyn WorkloadPlacement>>,
+) -> crate::live::Build {
+    let config = config.clone();
+    Box::new(move |material, now| {
+        let ca = authority(material, &config, &location, now)?;
+        Ok(match &placement {
+            Some(p) => ca.with_placement(p.clone()),
+            None => ca,
+        })
+    })
 }
 
 /// The CA signing with `material` (found at `location`, for errors), with the
@@ -94,13 +122,26 @@ pub async fn run_with(
         .as_ref()
         .context("--root-dir is required: the directory holding the CA's material")?;
     let store = DirectoryStore::new(root_dir);
-    let mut ca = load_or_create(&store, &config, SystemTime::now())?;
-    match placement {
-        Some(placement) => ca = ca.with_placement(placement),
+    let (material, mut ca, generated) =
+        load_or_create_material(&store, &config, SystemTime::now())?;
+    match &placement {
+        Some(placement) => ca = ca.with_placement(placement.clone()),
         None => tracing::warn!(
             "no workload placement: node agents may request any identity in the trust domain"
         ),
     }
+    let live = LiveAuthority::new(material, ca, builder(&config, store.location(), placement));
+    // The directory is read again every second: a plug-in CA changed there, or a root
+    // rotation asked for there, is taken without a restart.
+    let watching = tokio::spawn(crate::live::watch_directory(
+        live.clone(),
+        store,
+        root_dir.clone(),
+        config.max_ttl,
+        generated,
+        std::time::Duration::from_secs(1),
+    ));
+    let _watching = AbortOnDrop(watching);
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
     match token_authenticator(&config)? {
         Some(tokens) => authenticators.push(tokens),
@@ -109,7 +150,16 @@ pub async fn run_with(
         ),
     }
     authenticators.push(Arc::new(PeerCertificateAuthenticator));
-    serve(config, ca, authenticators, add, on_listening, shutdown).await
+    serve(config, live, authenticators, add, on_listening, shutdown).await
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Serves `ca` on `config.listen` until `shutdown` completes, its callers authenticated
@@ -117,13 +167,12 @@ pub async fn run_with(
 /// port (see [`run_with`]).
 pub async fn serve(
     config: Config,
-    ca: CertificateAuthority,
+    ca: Arc<LiveAuthority>,
     authenticators: Vec<Arc<dyn Authenticator>>,
     add: impl FnOnce(&[Arc<dyn Authenticator>], &mut tonic::service::RoutesBuilder),
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let ca = Arc::new(ca);
     let identity = config.control_identity()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -134,12 +183,12 @@ pub async fn serve(
     let mut routes = tonic::service::RoutesBuilder::default();
     add(&authenticators, &mut routes);
     routes.add_service(IstioCertificateServiceServer::new(CaService::new(
-        ca.clone(),
+        ca.subscribe(),
         authenticators,
     )));
     server::serve(
         listener,
-        ca,
+        ca.subscribe(),
         routes.routes(),
         identity,
         config.serving_dns_names(),

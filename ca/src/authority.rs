@@ -81,9 +81,19 @@ pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     /// The earliest NotAfter along the issuing chain: no leaf outlives it.
     issuer_not_after: SystemTime,
-    /// What follows a leaf in a response: intermediates, then the root, one PEM each.
+    /// What follows a leaf in a response before the bundle: intermediates, one PEM
+    /// each.
     chain_pems: Vec<String>,
+    /// The root the issuing chain ends at, PEM.
     root_pem: String,
+    /// Every root the mesh trusts (`root-cert.pem`: the signing root and, during a
+    /// rotation, the other one), DER and as one PEM text, the last element of a
+    /// response.
+    bundle: Vec<CertificateDer<'static>>,
+    bundle_pem: String,
+    /// The latest NotAfter this CA's signing root has put on a workload certificate,
+    /// shared by every instance signing with the same material.
+    issued_until: Arc<std::sync::Mutex<Option<SystemTime>>>,
     limits: ValidityLimits,
     /// Where workloads run, for node authorization; without it a node agent may
     /// impersonate any identity in the trust domain.
@@ -132,10 +142,12 @@ impl CertificateAuthority {
     ) -> Result<Self, CaLoadError> {
         let ca_cert = first_cert("ca-cert.pem", &material.ca_cert_pem)?;
         let roots = all_certs("root-cert.pem", &material.root_cert_pem)?;
-        let root = roots.first().cloned().ok_or(CaLoadError::NoCertificate {
-            file: "root-cert.pem",
-            reason: "file is empty".into(),
-        })?;
+        if roots.is_empty() {
+            return Err(CaLoadError::NoCertificate {
+                file: "root-cert.pem",
+                reason: "file is empty".into(),
+            });
+        }
         let key = KeyPair::from_pem(&material.ca_key_pem).map_err(CaLoadError::BadKey)?;
 
         let (_, parsed) =
@@ -152,17 +164,33 @@ impl CertificateAuthority {
             return Err(CaLoadError::NotCa);
         }
 
-        // Issuer chain after a leaf: ca-cert, then the rest of cert-chain.pem, root last.
+        // Issuer chain after a leaf: ca-cert, then the rest of cert-chain.pem, then the
+        // root of root-cert.pem it reaches (the file may hold several: a rotation's).
         let mut chain = vec![ca_cert.clone()];
         for cert in all_certs("cert-chain.pem", &material.cert_chain_pem)? {
             if !chain.contains(&cert) {
                 chain.push(cert);
             }
         }
-        if chain.last() != Some(&root) {
-            chain.retain(|c| c != &root);
-            chain.push(root.clone());
-        }
+        let top = chain.last().cloned().unwrap_or_else(|| ca_cert.clone());
+        let root = match roots.iter().find(|r| **r == top) {
+            Some(root) => root.clone(),
+            None => {
+                let signer = roots.iter().find(|r| signs(r, &top));
+                match signer {
+                    Some(root) => {
+                        chain.push(root.clone());
+                        root.clone()
+                    }
+                    None => {
+                        return Err(CaLoadError::BrokenChain {
+                            child: subject_of(&top),
+                            parent: "any certificate in root-cert.pem".into(),
+                        })
+                    }
+                }
+            }
+        };
         let mut issuer_not_after = None::<SystemTime>;
         for (i, der) in chain.iter().enumerate() {
             let (_, cert) =
@@ -197,8 +225,11 @@ impl CertificateAuthority {
             trust_domain,
             issuer,
             issuer_not_after,
-            chain_pems: chain.iter().map(to_pem).collect(),
+            chain_pems: chain[..chain.len() - 1].iter().map(to_pem).collect(),
             root_pem: to_pem(&root),
+            bundle_pem: roots.iter().map(to_pem).collect(),
+            bundle: roots,
+            issued_until: Arc::default(),
             limits,
             placement: None,
         })
@@ -211,6 +242,42 @@ impl CertificateAuthority {
     /// The mesh root, PEM.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// Every root the mesh trusts, PEM, one after the other.
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// Every root the mesh trusts.
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// The latest NotAfter the signing root has put on a workload certificate, as far
+    /// as this process knows.
+    pub fn issued_until(&self) -> Option<SystemTime> {
+        *self
+            .issued_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts the certificates `other` signed as this one's: both sign with the same
+    /// material (only the bundle changed), or `other` was the same CA before a restart.
+    pub fn share_issued_with(mut self, other: &Arc<std::sync::Mutex<Option<SystemTime>>>) -> Self {
+        self.issued_until = other.clone();
+        self
+    }
+
+    /// What [`CertificateAuthority::share_issued_with`] takes.
+    pub fn issued_tracker(&self) -> Arc<std::sync::Mutex<Option<SystemTime>>> {
+        self.issued_until.clone()
+    }
+
+    /// Whether `other` signs with the same key, certificate and chain.
+    pub fn same_signer(&self, other: &CertificateAuthority) -> bool {
+        self.chain_pems == other.chain_pems && self.root_pem == other.root_pem
     }
 
     pub fn issuer_not_after(&self) -> SystemTime {
@@ -258,7 +325,13 @@ impl CertificateAuthority {
     ) -> Result<Vec<String>, IssueError> {
         let params = self.leaf_params(identity, &[], validity_secs, now)?;
         let public_key = SubjectPublicKeyInfo::from_der(&csr.public_key_der)?;
+        let not_after = SystemTime::from(params.not_after);
         let leaf = params.signed_by(&public_key, &self.issuer)?;
+        let mut issued = self
+            .issued_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *issued = Some(issued.map_or(not_after, |t| t.max(not_after)));
         Ok(self.response_chain(leaf.pem()))
     }
 
@@ -278,9 +351,10 @@ impl CertificateAuthority {
     }
 
     fn response_chain(&self, leaf_pem: String) -> Vec<String> {
-        let mut out = Vec::with_capacity(1 + self.chain_pems.len());
+        let mut out = Vec::with_capacity(2 + self.chain_pems.len());
         out.push(leaf_pem);
         out.extend(self.chain_pems.iter().cloned());
+        out.push(self.bundle_pem.clone());
         out
     }
 
@@ -337,6 +411,23 @@ fn to_pem(der: &CertificateDer<'_>) -> String {
         &block,
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     )
+}
+
+/// Whether `parent` signed `child`.
+fn signs(parent: &CertificateDer<'_>, child: &CertificateDer<'_>) -> bool {
+    let (Ok((_, parent)), Ok((_, child))) = (
+        X509Certificate::from_der(parent),
+        X509Certificate::from_der(child),
+    ) else {
+        return false;
+    };
+    child.verify_signature(Some(parent.public_key())).is_ok()
+}
+
+fn subject_of(der: &CertificateDer<'_>) -> String {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.subject().to_string())
+        .unwrap_or_else(|_| "a certificate that does not parse".into())
 }
 
 fn all_certs(file: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaLoadError> {

@@ -23,11 +23,9 @@ use std::time::{Duration, SystemTime};
 use ambit_core::renewal::RenewalPolicy;
 use ambit_core::SpiffeId;
 use ambit_net::tls::{self, CertSlot, ClientAuth, WorkloadCert};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -128,35 +126,41 @@ pub fn serving_cert(
     now: SystemTime,
 ) -> Result<WorkloadCert, ServeError> {
     let (chain, key) = ca.issue_own(identity, dns_names, SERVING_CERT_TTL, now)?;
-    let roots = vec![
-        CertificateDer::from_pem_slice(ca.root_pem().as_bytes()).map_err(|e| {
-            tls::TlsError::BadCertificatePem {
-                index: 0,
-                reason: e.to_string(),
-            }
-        })?,
-    ];
-    Ok(WorkloadCert::from_pem(&chain, &key, Some(roots))?)
+    Ok(WorkloadCert::from_pem(
+        &chain,
+        &key,
+        Some(ca.bundle().to_vec()),
+    )?)
 }
 
 /// Serves `routes` (the CA's service and any served next to it) on `listener`, over
-/// TLS with the CA's own serving certificate, until `shutdown` completes.
+/// TLS with the CA's own serving certificate, until `shutdown` completes. When `ca` is
+/// replaced (new material, a rotation step) the serving certificate is issued again by
+/// the new one if it signs with other material, and clients are verified against its
+/// trust bundle.
 pub async fn serve(
     listener: TcpListener,
-    ca: Arc<CertificateAuthority>,
+    ca: watch::Receiver<Arc<CertificateAuthority>>,
     routes: tonic::service::Routes,
     identity: SpiffeId,
     dns_names: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let cert = serving_cert(&ca, &identity, &dns_names, SystemTime::now())?;
+    let first = ca.borrow().clone();
+    let cert = serving_cert(&first, &identity, &dns_names, SystemTime::now())?;
     let slot = CertSlot::new(&cert);
     let config = tls::server_config(
         slot.clone(),
         cert.roots(),
-        ClientAuth::Optional(ca.trust_domain().clone()),
+        ClientAuth::Optional(first.trust_domain().clone()),
     )?;
-    let rotation = tokio::spawn(rotate_serving_cert(ca, slot, identity, dns_names, cert));
+    let rotation = tokio::spawn(rotate_serving_cert(
+        ca,
+        config.clone(),
+        identity,
+        dns_names,
+        cert,
+    ));
     let (tx, rx) = mpsc::channel(64);
     let accept = tokio::spawn(accept_loop(listener, config, tx));
     let incoming = ReceiverStream::new(rx);
@@ -233,14 +237,15 @@ async fn accept_loop(
 }
 
 async fn rotate_serving_cert(
-    ca: Arc<CertificateAuthority>,
-    slot: Arc<CertSlot>,
+    mut ca: watch::Receiver<Arc<CertificateAuthority>>,
+    server: tls::ServerTls,
     identity: SpiffeId,
     dns_names: Vec<String>,
     mut current: WorkloadCert,
 ) {
     let policy = RenewalPolicy::default();
     let mut failures = 0u32;
+    let mut signer = ca.borrow_and_update().clone();
     loop {
         let at = policy.renew_at(current.not_before(), current.not_after(), rand::random());
         let wait = if failures == 0 {
@@ -249,10 +254,29 @@ async fn rotate_serving_cert(
         } else {
             policy.backoff(failures, rand::random())
         };
-        tokio::time::sleep(wait).await;
-        match serving_cert(&ca, &identity, &dns_names, SystemTime::now()) {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            changed = ca.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let next = ca.borrow_and_update().clone();
+                let same = next.same_signer(&signer);
+                signer = next;
+                if same {
+                    // Only the bundle changed: trust it from the next handshake on.
+                    if let Err(e) = server.trust(signer.bundle()) {
+                        tracing::error!(error = %e, "cannot trust the new bundle");
+                    }
+                    continue;
+                }
+            }
+        }
+        match serving_cert(&signer, &identity, &dns_names, SystemTime::now()) {
             Ok(cert) => {
-                slot.replace(&cert);
+                if let Err(e) = server.rotate(&cert) {
+                    tracing::error!(error = %e, "cannot trust the new bundle");
+                }
                 tracing::info!(not_after = ?cert.not_after(), "rotated serving certificate");
                 current = cert;
                 failures = 0;

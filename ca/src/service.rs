@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use ambit_proto::ca::istio_certificate_service_server::IstioCertificateService;
 use ambit_proto::ca::{IstioCertificateRequest, IstioCertificateResponse, IMPERSONATED_IDENTITY};
 use prost_types::value::Kind;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{authenticate_request, Authenticator};
@@ -17,12 +18,16 @@ use crate::server::PeerInfo;
 
 #[derive(Debug, Clone)]
 pub struct CaService {
-    ca: Arc<CertificateAuthority>,
+    ca: watch::Receiver<Arc<CertificateAuthority>>,
     authenticators: Arc<[Arc<dyn Authenticator>]>,
 }
 
 impl CaService {
-    pub fn new(ca: Arc<CertificateAuthority>, authenticators: Vec<Arc<dyn Authenticator>>) -> Self {
+    /// Serves with the CA `ca` holds at each request (it may be replaced: a reload).
+    pub fn new(
+        ca: watch::Receiver<Arc<CertificateAuthority>>,
+        authenticators: Vec<Arc<dyn Authenticator>>,
+    ) -> Self {
         CaService {
             ca,
             authenticators: authenticators.into(),
@@ -44,7 +49,8 @@ impl IstioCertificateService for CaService {
         let caller = authenticate_request(&self.authenticators, &request).await?;
         let req = request.into_inner();
         let impersonate = impersonated_identity(&req)?;
-        let result = self.ca.create_certificate(
+        let ca = self.ca.borrow().clone();
+        let result = ca.create_certificate(
             &caller,
             &req.csr,
             req.validity_duration,

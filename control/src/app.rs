@@ -93,8 +93,14 @@ pub async fn run_kubernetes(
     let now = SystemTime::now();
     let report_pods = placements.clone();
     let report_sink = ReportSink::Kubernetes(client.clone());
-    let ca =
-        ambit_ca::app::authority(&material, &config.ca, &location, now)?.with_placement(placements);
+    let ca = ambit_ca::app::authority(&material, &config.ca, &location, now)?
+        .with_placement(placements.clone());
+    let placement: Arc<dyn ambit_core::certificate::WorkloadPlacement> = placements;
+    let live = ambit_ca::live::LiveAuthority::new(
+        material.clone(),
+        ca,
+        ambit_ca::app::builder(&config.ca, location.clone(), Some(placement)),
+    );
     let mut authenticators: Vec<Arc<dyn Authenticator>> = Vec::new();
     authenticators.push(Arc::new(TokenReviewAuthenticator::new(
         client.clone(),
@@ -114,9 +120,18 @@ pub async fn run_kubernetes(
     tasks.spawn(apply_on_change(deploy_rx, async move |wanted| {
         deployer.update(wanted).await;
     }));
+    // The CA's Secret is read again: a plug-in `cacerts` changed there is taken without
+    // a restart (or refused, naming the key, while the current CA keeps signing).
+    tasks.spawn(crate::cluster_ca::reload_secret(
+        client.clone(),
+        config.ca.system_namespace.clone(),
+        location,
+        live.clone(),
+        config.ca_reload,
+    ));
     tasks.spawn(crate::cluster_ca::publish_root(
         client,
-        material.root_cert_pem.clone(),
+        bundle_of(&live),
         namespaces_rx,
     ));
     // Owns the snapshot sender: when it goes, every xDS stream ends (see run_local).
@@ -148,7 +163,7 @@ pub async fn run_kubernetes(
     let trust_domain = config.ca.trust_domain.clone();
     let result = ambit_ca::app::serve(
         config.ca,
-        ca,
+        live,
         authenticators,
         control_routes(snapshots_rx, report_pods, report_sink, trust_domain),
         on_listening,
@@ -160,6 +175,23 @@ pub async fn run_kubernetes(
     .await;
     tasks.abort_all();
     result
+}
+
+/// The trust bundle of the CA `live` holds, following every replacement.
+fn bundle_of(live: &ambit_ca::live::LiveAuthority) -> watch::Receiver<String> {
+    let mut cas = live.subscribe();
+    let (tx, rx) = watch::channel(cas.borrow_and_update().bundle_pem().to_owned());
+    tokio::spawn(async move {
+        while cas.changed().await.is_ok() {
+            let bundle = cas.borrow_and_update().bundle_pem().to_owned();
+            tx.send_if_modified(|current| {
+                let changed = *current != bundle;
+                *current = bundle;
+                changed
+            });
+        }
+    });
+    rx
 }
 
 /// The control plane's own services on the CA's port, its callers authenticated as

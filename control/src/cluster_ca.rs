@@ -180,13 +180,61 @@ fn secret_of(material: &CaMaterial, namespace: &str, name: &str) -> Secret {
     }
 }
 
-/// Keeps ConfigMap `istio-ca-root-cert` with `root_pem` in every namespace of
-/// `namespaces`, putting it back when it is changed or deleted. Runs until dropped.
+/// Reads the Secret the CA's material came from (`location`, `Secret ns/name`) every
+/// `interval` (`--ca-reload`) and offers it to `live`: a changed plug-in `cacerts` is used
+/// without a restart; an unusable one is refused, naming the key, and the current CA
+/// keeps signing. Runs until dropped.
+pub async fn reload_secret(
+    client: Client,
+    namespace: String,
+    location: String,
+    live: std::sync::Arc<ambit_ca::live::LiveAuthority>,
+    interval: std::time::Duration,
+) {
+    let name = location
+        .rsplit('/')
+        .next()
+        .unwrap_or(PLUGIN_SECRET)
+        .to_owned();
+    let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    let mut last_problem: Option<String> = None;
+    loop {
+        ticker.tick().await;
+        let problem = match secrets.get_opt(&name).await {
+            Ok(Some(secret)) => match material_of(&secret, &namespace, &name) {
+                Ok(material) => live
+                    .offer(material, &location, SystemTime::now())
+                    .err()
+                    .map(|e| format!("Secret {namespace}/{name}: {e}")),
+                Err(e) => Some(e.to_string()),
+            },
+            // Gone: the CA keeps signing with what it has.
+            Ok(None) => Some(format!(
+                "Secret {namespace}/{name} is gone; the current CA keeps signing"
+            )),
+            Err(e) => Some(format!("Secret {namespace}/{name}: {e}")),
+        };
+        if problem.is_some() && problem != last_problem {
+            if let Some(p) = &problem {
+                tracing::error!(problem = %p, "CA Secret not reloaded; the current CA keeps signing");
+            }
+        }
+        last_problem = problem;
+    }
+}
+
+/// Keeps ConfigMap `istio-ca-root-cert` with the trust bundle `roots` holds in every
+/// namespace of `namespaces`, putting it back when it is changed or deleted, and
+/// publishing it again everywhere when the bundle changes (a rotation). Runs until
+/// dropped.
 pub async fn publish_root(
     client: Client,
-    root_pem: String,
+    mut roots: watch::Receiver<String>,
     mut namespaces: watch::Receiver<BTreeSet<String>>,
 ) {
+    let mut root_pem = roots.borrow_and_update().clone();
     let mut current: BTreeSet<String> = BTreeSet::new();
     let mut published: BTreeSet<String> = BTreeSet::new();
     // Namespaces whose ConfigMap holds the root, during a list of them.
@@ -203,6 +251,13 @@ pub async fn publish_root(
     loop {
         tokio::select! {
             _ = retry.tick() => {}
+            changed = roots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                root_pem = roots.borrow_and_update().clone();
+                published.clear();
+            }
             changed = namespaces.changed() => {
                 if changed.is_err() {
                     return;

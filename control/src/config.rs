@@ -44,6 +44,11 @@ pub struct Config {
     #[arg(long, env = "AMBIT_STATUS_FILE")]
     pub status_file: Option<PathBuf>,
 
+    /// In a cluster, how often the CA's Secret (`cacerts`, or `istio-ca-secret`) is
+    /// read again, so changed material is used without a restart.
+    #[arg(long, env = "AMBIT_CA_RELOAD", default_value = "10s", value_parser = parse_poll)]
+    pub ca_reload: Duration,
+
     /// How often the directory is read for changes.
     #[arg(long, env = "AMBIT_LOCAL_POLL", default_value = "200ms", value_parser = parse_poll)]
     pub poll: Duration,

@@ -100,9 +100,17 @@ fn uid(api: &FakeApi, pod: &str) -> String {
 
 /// ambit-control against `api`.
 async fn start(api: &FakeApi) -> Control {
-    let config =
-        ambit_control::config::Config::try_parse_from(["ambit-control", "--listen", "127.0.0.1:0"])
-            .unwrap();
+    start_with(api, &[]).await
+}
+
+/// ambit-control against `api`, with more flags.
+async fn start_with(api: &FakeApi, flags: &[&str]) -> Control {
+    let config = ambit_control::config::Config::try_parse_from(
+        ["ambit-control", "--listen", "127.0.0.1:0"]
+            .iter()
+            .chain(flags),
+    )
+    .unwrap();
     let client = api.client();
     Control::start(|on_listening, stopped| {
         ambit_control::app::run_kubernetes(config, client, on_listening, async move {
@@ -555,7 +563,7 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
         "data": {"ca-cert.pem": b64(&plugin.ca_cert_pem), "ca-key.pem": b64(&plugin.ca_key_pem),
                  "cert-chain.pem": b64(&plugin.cert_chain_pem), "root-cert.pem": b64(&plugin.root_cert_pem)}
     })).unwrap());
-    let control = start(&api).await;
+    let control = start_with(&api, &["--ca-reload", "200ms"]).await;
     api.wait_until("plug-in root published", || {
         published_root(&api, "shop").as_deref() == Some(plugin.root_cert_pem.as_str())
     })
@@ -564,6 +572,53 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
     request(&agent, "spiffe://cluster.local/ns/shop/sa/web")
         .await
         .unwrap();
+
+    // cacerts changed in place, without a restart: half-written first (a key that is
+    // not the certificate's), refused while the current CA keeps signing...
+    let next = ambit_ca::authority::CertificateAuthority::generate_root(
+        &"cluster.local".parse().unwrap(),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let cacerts = |cert: &str, key: &str, roots: &str| {
+        serde_json::to_string(&json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cacerts", "namespace": "ambit-system"},
+            "data": {"ca-cert.pem": b64(cert), "ca-key.pem": b64(key),
+                     "cert-chain.pem": b64(""), "root-cert.pem": b64(roots)}
+        }))
+        .unwrap()
+    };
+    api.put(&cacerts(
+        &plugin.ca_cert_pem,
+        &next.ca_key_pem,
+        &plugin.root_cert_pem,
+    ));
+    // Ten reads of the Secret.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        published_root(&api, "shop").as_deref(),
+        Some(plugin.root_cert_pem.as_str())
+    );
+    request(&agent, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap();
+    // ...then a rotation's first step, the new root added to root-cert.pem: taken,
+    // and the bundle of both published.
+    let both = format!("{}{}", plugin.root_cert_pem, next.root_cert_pem);
+    api.put(&cacerts(&plugin.ca_cert_pem, &plugin.ca_key_pem, &both));
+    api.wait_until("both roots published", || {
+        published_root(&api, "shop").is_some_and(|r| r.matches("BEGIN CERTIFICATE").count() == 2)
+    })
+    .await;
+    let chain = request(&agent, "spiffe://cluster.local/ns/shop/sa/web")
+        .await
+        .unwrap();
+    assert_eq!(
+        chain.last().unwrap().matches("BEGIN CERTIFICATE").count(),
+        2,
+        "a response ends with the whole bundle"
+    );
     control.stop().await;
     assert_allowed_by_rbac(&api);
 }

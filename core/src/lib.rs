@@ -6,7 +6,8 @@
 //! semantics (CONNECT target, headers, refusal statuses), and authorization: per
 //! connection at L4 (`authz`, ztunnel) and per request at L7 (`l7`, waypoints);
 //! end-user JWTs (`jwt`, waypoints); routing (`route`, `retry`) and a
-//! DestinationRule's traffic policy (`destination`, `balance`, `outlier`). The current
+//! DestinationRule's traffic policy (`destination`, `balance`, `outlier`); CA root
+//! rotation (`rotation`). The current
 //! time and any randomness are always arguments.
 //!
 //! This crate must not open sockets, spawn tasks, read files or the environment, or
@@ -27,6 +28,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod renewal;
 pub mod retry;
+pub mod rotation;
 pub mod route;
 pub mod waypoint;
 

@@ -93,6 +93,23 @@ pub enum LocalCommand {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Rotates the mesh's CA root with overlap (docs/operations.md): a new root joins
+    /// the trust bundle, signing switches to it once every proxy trusts it (or after
+    /// --overlap), workloads move to it as they renew, and the old root leaves the
+    /// bundle once no certificate it signed is valid. Traffic keeps flowing.
+    RotateRoot {
+        /// Switch signing after this long instead of once every certificate issued
+        /// before the rotation has expired (shorter is only safe when every proxy has
+        /// renewed since: see docs/operations.md).
+        #[arg(long, value_parser = parse_duration)]
+        overlap: Option<Duration>,
+        /// Follow the rotation until the old root has left the bundle.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Owns a running mesh (started by `up`, stopped by `down`).
     #[command(hide = true)]
     Supervise {

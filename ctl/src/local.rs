@@ -5,6 +5,7 @@
 
 mod live;
 mod requests;
+mod rotate;
 mod routes;
 mod state;
 mod supervisor;
@@ -45,6 +46,17 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
         }
         LocalCommand::Apply { file } => apply(state_dir, &file),
         LocalCommand::Delete { file } => delete(state_dir, &file),
+        LocalCommand::RotateRoot {
+            overlap,
+            wait,
+            timeout,
+        } => {
+            let mesh = running(state_dir)?;
+            Ok(match rotate::rotate_root(&mesh, overlap, wait, timeout)? {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::FAILURE,
+            })
+        }
         LocalCommand::Supervise {
             dir,
             bin_dir,

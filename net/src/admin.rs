@@ -274,6 +274,10 @@ pub fn certificates(certs: &CertificateManager) -> serde_json::Value {
                 "notAfter": unix_secs(c.not_after()),
                 "secondsLeft": c.remaining(now).as_secs(),
                 "chainLength": c.chain().len(),
+                // The trust bundle that came with it, and the root its chain ends at
+                // (by key identifier): what a root rotation changes.
+                "roots": c.roots().iter().map(|r| crate::tls::sha256_hex(r)).collect::<Vec<_>>(),
+                "chainsTo": c.issuing_root().map(|r| crate::tls::sha256_hex(r)),
             }),
             None => json!({"identity": id.to_string(), "state": "pending or expired"}),
         })

@@ -13,12 +13,12 @@ use ambit_proto::ca::istio_certificate_service_client::IstioCertificateServiceCl
 use ambit_proto::ca::{IstioCertificateRequest, IMPERSONATED_IDENTITY};
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::tls::{self, WorkloadCert};
+use crate::tls::{self, TrustSource, WorkloadCert};
 
 /// The identity the control plane (CA and xDS on 15012) presents unless told
 /// otherwise: `spiffe://<trust domain>/ns/ambit-system/sa/ambit-control`.
@@ -68,8 +68,9 @@ pub struct CaClientConfig {
     pub address: String,
     /// Identity the CA's serving certificate must carry.
     pub ca_identity: SpiffeId,
-    /// Mesh roots the CA's certificate must chain to.
-    pub roots: Vec<CertificateDer<'static>>,
+    /// Mesh roots the CA's certificate must chain to (read again for each new
+    /// connection when they come from a file).
+    pub roots: TrustSource,
     /// Bearer token, when the caller has one (read again for every request).
     pub token: Option<BearerToken>,
     /// Whether to name the requested identity in `ImpersonatedIdentity` (node agents).
@@ -187,18 +188,24 @@ fn channel(
 }
 
 /// A lazily connecting gRPC channel to the control plane's port at `address` (the CA
-/// and xDS): TLS, the server's certificate chaining to `roots` and carrying
-/// `identity`, presenting `client_cert` when given.
+/// and xDS): TLS, the server's certificate chaining to `roots` (as they are when each
+/// connection is made) and carrying `identity`, presenting `client_cert` when given.
 pub fn tls_channel(
     address: &str,
     identity: &SpiffeId,
-    roots: &[CertificateDer<'static>],
+    roots: &TrustSource,
     client_cert: Option<&WorkloadCert>,
     connect_timeout: Duration,
 ) -> Result<Channel, FetchError> {
-    let tls_config = tls::client_config(client_cert, roots, [identity.clone()])
-        .map_err(|e| FetchError::Tls(e.to_string()))?;
-    let connector = TlsConnector::from(Arc::new(tls_config));
+    let tls_config = move |roots: &[rustls_pki_types::CertificateDer<'static>]| {
+        tls::client_config(client_cert, roots, [identity.clone()])
+            .map_err(|e| FetchError::Tls(e.to_string()))
+    };
+    // Built once now, so unusable roots or certificate fail here, with their reason.
+    let first = Arc::new(tls_config(&roots.current())?);
+    let client_cert = client_cert.cloned();
+    let identity = identity.clone();
+    let roots = roots.clone();
     // TLS is done by the connector below, so the URI scheme is plain http to tonic.
     let endpoint =
         Endpoint::from_shared(format!("http://{address}")).map_err(|e| FetchError::Connect {
@@ -208,15 +215,18 @@ pub fn tls_channel(
     let endpoint = endpoint.connect_timeout(connect_timeout);
     let address = address.to_owned();
     let connect = tower::service_fn(move |_: Uri| {
-        let connector = connector.clone();
         let address = address.clone();
+        // The roots as they are now: a bundle published since is trusted.
+        let config = tls::client_config(client_cert.as_ref(), &roots.current(), [identity.clone()])
+            .map(Arc::new)
+            .unwrap_or_else(|_| first.clone());
         async move {
             let tcp = TcpStream::connect(&address).await?;
             tcp.set_nodelay(true)?;
             // The server name is unused: the verifier checks the SPIFFE identity.
             let name = ServerName::try_from("ambit-ca.invalid")
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = connector.connect(name, tcp).await?;
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });

@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime};
 
 use ambit_core::model::{MeshConfig, MeshState};
 use ambit_core::{SpiffeId, TrustDomain};
-use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
 use crate::ca_client::tls_channel;
@@ -61,7 +60,7 @@ pub struct XdsSource {
     pub address: String,
     /// The identity the control plane must present.
     pub identity: SpiffeId,
-    pub roots: Vec<CertificateDer<'static>>,
+    pub roots: crate::tls::TrustSource,
     pub token: BearerToken,
     /// `Node.id` the server logs this client by, e.g. `ztunnel~<node>`.
     pub node_id: String,

@@ -268,9 +268,41 @@ pub fn parse_millis(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_millis(n * mult))
 }
 
+/// Parses a certificate lifetime flag: `90s`, `30m`, `24h` or `2d`; under 10 s is
+/// refused (renewal at half-life would hammer the CA).
+pub fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a lifetime like 90s, 30m or 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    if secs < 10 {
+        return Err(format!("{s:?}: a certificate must live at least 10s"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_lifetimes_parse_with_their_unit() {
+        assert_eq!(parse_ttl("24h"), Ok(std::time::Duration::from_secs(86_400)));
+        assert_eq!(parse_ttl("90s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_ttl("2d"), Ok(std::time::Duration::from_secs(172_800)));
+        assert!(parse_ttl("5s").unwrap_err().contains("at least 10s"));
+        assert!(parse_ttl("24").unwrap_err().contains("unit"));
+        assert!(parse_ttl("h").is_err());
+    }
 
     #[test]
     fn child_with_parent_death_signal_runs_normally() {

@@ -32,6 +32,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
+use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 pub use verify::{identity_of, CertIdentityError, PeerVerifier};
 
@@ -98,6 +99,15 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
+/// Hex SHA-256 of a certificate's DER: how the admin endpoints name roots.
+pub fn sha256_hex(cert: &CertificateDer<'_>) -> String {
+    ::aws_lc_rs::digest::digest(&::aws_lc_rs::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The mesh root certificate(s) in the PEM file `path` (a component's `--ca-root`):
 /// at least one, or an error naming the file and what is wrong with it.
 pub fn read_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -111,31 +121,90 @@ pub fn read_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>
     Ok(roots)
 }
 
+/// The mesh roots a client of the control plane trusts: fixed, or the PEM file of a
+/// component's `--ca-root` read again for every new connection, so a trust bundle
+/// published there (the ConfigMap `istio-ca-root-cert` in a cluster) is picked up
+/// without a restart. A file that cannot be read keeps the roots read before.
+#[derive(Debug, Clone)]
+pub struct TrustSource {
+    path: Option<std::path::PathBuf>,
+    last: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+}
+
+impl TrustSource {
+    /// Reads `path` now; an error names the file and what is wrong with it.
+    pub fn file(path: &std::path::Path) -> Result<Self, String> {
+        let roots = read_roots(path)?;
+        Ok(TrustSource {
+            path: Some(path.to_owned()),
+            last: Arc::new(RwLock::new(roots)),
+        })
+    }
+
+    /// The roots now.
+    pub fn current(&self) -> Vec<CertificateDer<'static>> {
+        if let Some(path) = &self.path {
+            match read_roots(path) {
+                Ok(roots) => {
+                    let mut last = self.last.write().unwrap_or_else(|p| p.into_inner());
+                    if *last != roots {
+                        tracing::info!(file = %path.display(), roots = roots.len(), "mesh roots changed");
+                        last.clone_from(&roots);
+                    }
+                    return roots;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the mesh roots; keeping the ones read before")
+                }
+            }
+        }
+        self.last.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl From<Vec<CertificateDer<'static>>> for TrustSource {
+    fn from(roots: Vec<CertificateDer<'static>>) -> Self {
+        TrustSource {
+            path: None,
+            last: Arc::new(RwLock::new(roots)),
+        }
+    }
+}
+
 impl WorkloadCert {
-    /// Builds from a CA response (`chain_pems`: leaf first, root last; the last element
-    /// is taken as a root unless `roots` are given) and the PEM private key.
+    /// Builds from a CA response (`chain_pems`: leaf first, then intermediates, and
+    /// last the trust bundle: one element holding every mesh root, as Istio's CA
+    /// answers) and the PEM private key. The last element is taken as the roots unless
+    /// `roots` are given; a lone element holding several certificates ends with its
+    /// root.
     pub fn from_pem(
         chain_pems: &[String],
         key_pem: &str,
         roots: Option<Vec<CertificateDer<'static>>>,
     ) -> Result<Self, TlsError> {
-        let mut chain = Vec::new();
+        let mut elements = Vec::new();
         for (index, pem) in chain_pems.iter().enumerate() {
+            let mut certs = Vec::new();
             for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                chain.push(der.map_err(|e| TlsError::BadCertificatePem {
+                certs.push(der.map_err(|e| TlsError::BadCertificatePem {
                     index,
                     reason: e.to_string(),
                 })?);
             }
+            elements.push(certs);
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| TlsError::BadKeyPem(e.to_string()))?;
         let roots = match roots {
             Some(roots) => roots,
-            None if chain.len() > 1 => vec![chain[chain.len() - 1].clone()],
-            None => return Err(TlsError::NoRoots),
+            None if elements.len() > 1 => elements.last().cloned().unwrap_or_default(),
+            None => match elements.first() {
+                Some(only) if only.len() > 1 => vec![only[only.len() - 1].clone()],
+                _ => return Err(TlsError::NoRoots),
+            },
         };
-        // The root is a trust anchor, not part of what we present.
+        let mut chain: Vec<CertificateDer<'static>> = elements.into_iter().flatten().collect();
+        // Roots are trust anchors, not part of what we present.
         while chain.len() > 1 && chain.last().is_some_and(|c| roots.contains(c)) {
             chain.pop();
         }
@@ -185,6 +254,30 @@ impl WorkloadCert {
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// The root of the bundle the presented chain ends at: the one whose subject key
+    /// identifier is the authority key identifier of the chain's last certificate.
+    pub fn issuing_root(&self) -> Option<&CertificateDer<'static>> {
+        let top = self.chain().last()?;
+        let (_, top) = X509Certificate::from_der(top).ok()?;
+        let wanted = top
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            })?;
+        self.roots.iter().find(|root| {
+            X509Certificate::from_der(root).is_ok_and(|(_, r)| {
+                r.extensions().iter().any(|e| {
+                    matches!(e.parsed_extension(),
+                        ParsedExtension::SubjectKeyIdentifier(k) if k.0 == wanted.as_slice())
+                })
+            })
+        })
     }
 
     pub fn certified_key(&self) -> Arc<CertifiedKey> {
@@ -240,37 +333,75 @@ pub enum ClientAuth {
     Optional(TrustDomain),
 }
 
-/// A mesh TLS server presenting the certificate in `slot`, trusting `roots`.
+/// A mesh TLS server presenting the certificate in `slot`, trusting `roots` until
+/// [`ServerTls::trust`] changes them.
 pub fn server_config(
     slot: Arc<CertSlot>,
     roots: &[CertificateDer<'static>],
     client_auth: ClientAuth,
 ) -> Result<ServerTls, TlsError> {
-    let classical = provider();
-    let hybrid = Arc::new(CryptoProvider {
-        kx_groups: vec![aws_lc_rs::kx_group::X25519MLKEM768],
-        ..(*classical).clone()
-    });
+    let configs = ServerConfigs::build(&slot, roots, &client_auth)?;
     Ok(ServerTls {
-        hybrid: Arc::new(one_server_config(
-            hybrid,
-            slot.clone(),
-            roots,
-            client_auth.clone(),
-        )?),
-        classical: Arc::new(one_server_config(classical, slot, roots, client_auth)?),
+        inner: Arc::new(ServerTlsInner {
+            slot,
+            client_auth,
+            configs: RwLock::new(Arc::new(configs)),
+        }),
     })
 }
 
 /// The server side of mesh TLS: [`ServerTls::accept`] picks the configuration by
-/// what the client offers.
+/// what the client offers. Clones share their roots: [`ServerTls::trust`] on one is
+/// seen by every clone's next handshake.
 #[derive(Clone, Debug)]
 pub struct ServerTls {
+    inner: Arc<ServerTlsInner>,
+}
+
+#[derive(Debug)]
+struct ServerTlsInner {
+    slot: Arc<CertSlot>,
+    client_auth: ClientAuth,
+    configs: RwLock<Arc<ServerConfigs>>,
+}
+
+#[derive(Debug)]
+struct ServerConfigs {
+    roots: Vec<CertificateDer<'static>>,
     /// For clients offering X25519MLKEM768: that group alone, so one that sent only an
     /// X25519 key share is asked for a hybrid one (HelloRetryRequest).
     hybrid: Arc<ServerConfig>,
     /// For clients that do not offer it: X25519.
     classical: Arc<ServerConfig>,
+}
+
+impl ServerConfigs {
+    fn build(
+        slot: &Arc<CertSlot>,
+        roots: &[CertificateDer<'static>],
+        client_auth: &ClientAuth,
+    ) -> Result<Self, TlsError> {
+        let classical = provider();
+        let hybrid = Arc::new(CryptoProvider {
+            kx_groups: vec![aws_lc_rs::kx_group::X25519MLKEM768],
+            ..(*classical).clone()
+        });
+        Ok(ServerConfigs {
+            roots: roots.to_vec(),
+            hybrid: Arc::new(one_server_config(
+                hybrid,
+                slot.clone(),
+                roots,
+                client_auth.clone(),
+            )?),
+            classical: Arc::new(one_server_config(
+                classical,
+                slot.clone(),
+                roots,
+                client_auth.clone(),
+            )?),
+        })
+    }
 }
 
 impl ServerTls {
@@ -281,12 +412,50 @@ impl ServerTls {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+        let configs = self
+            .inner
+            .configs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let config = if offers_hybrid(&start.client_hello()) {
-            &self.hybrid
+            &configs.hybrid
         } else {
-            &self.classical
+            &configs.classical
         };
         start.into_stream(config.clone()).await
+    }
+
+    /// Trusts `roots` for client certificates from the next handshake on (a new trust
+    /// bundle, e.g. during a root rotation); established connections are unaffected.
+    /// Returns whether they changed.
+    pub fn trust(&self, roots: &[CertificateDer<'static>]) -> Result<bool, TlsError> {
+        if self.roots() == roots {
+            return Ok(false);
+        }
+        let configs = ServerConfigs::build(&self.inner.slot, roots, &self.inner.client_auth)?;
+        *self
+            .inner
+            .configs
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(configs);
+        Ok(true)
+    }
+
+    /// Presents `cert` and trusts its roots from the next handshake on.
+    pub fn rotate(&self, cert: &WorkloadCert) -> Result<bool, TlsError> {
+        self.inner.slot.replace(cert);
+        self.trust(cert.roots())
+    }
+
+    /// The roots client certificates must chain to.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.inner
+            .configs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .roots
+            .clone()
     }
 }
 

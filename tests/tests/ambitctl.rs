@@ -39,11 +39,29 @@ fn host_rules() -> String {
                 Some(i) if line.starts_with(':') => &line[..i],
                 _ => line,
             };
-            out.push_str(line);
+            // nft's `counter packets 12 bytes 3456` likewise (a container runtime's
+            // rules on the host count its traffic).
+            let line = without_nft_counts(line);
+            out.push_str(&line);
             out.push('\n');
         }
     }
     out
+}
+
+/// `line` with the numbers of each nft `counter packets N bytes M` left out.
+fn without_nft_counts(line: &str) -> String {
+    let mut words: Vec<&str> = Vec::new();
+    let mut skip_number = false;
+    for word in line.split(' ') {
+        if skip_number && word.chars().all(|c| c.is_ascii_digit()) && !word.is_empty() {
+            skip_number = false;
+            continue;
+        }
+        skip_number = (words.last() == Some(&"counter") && word == "packets") || word == "bytes";
+        words.push(word);
+    }
+    words.join(" ")
 }
 
 fn namespaces_of(id: &str) -> Vec<String> {

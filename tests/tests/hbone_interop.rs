@@ -103,7 +103,11 @@ async fn client_cert(h: &Harness, node: &Netns) -> ClientCert {
     let config = CaClientConfig {
         address: format!("{}:15012", h.mesh.fabric_ip()),
         ca_identity: CA_ID.parse().unwrap(),
-        roots: pem_blocks(&root_pem).into_iter().map(Into::into).collect(),
+        roots: pem_blocks(&root_pem)
+            .into_iter()
+            .map(Into::into)
+            .collect::<Vec<_>>()
+            .into(),
         token: Some(token.trim().into()),
         impersonate: true,
         timeout: Duration::from_secs(10),

@@ -40,7 +40,10 @@ pub async fn run(
     set_log_filter: SetLogFilter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let roots = tls::read_roots(&config.ca_root).map_err(|e| anyhow::anyhow!("--ca-root {e}"))?;
+    // Read again for every new connection to the control plane: a trust bundle
+    // published there during a root rotation is picked up without a restart.
+    let roots =
+        tls::TrustSource::file(&config.ca_root).map_err(|e| anyhow::anyhow!("--ca-root {e}"))?;
     let token = BearerToken::File(config.token_file.clone());
     // Read now too, so a missing or empty file stops startup with a clear error.
     token.current().context("--token-file")?;
@@ -58,7 +61,10 @@ pub async fn run(
     let certs = Arc::new(CertificateManager::new(
         Arc::new(ca),
         Arc::new(SystemClock),
-        ManagerConfig::default(),
+        ManagerConfig {
+            requested_ttl: config.cert_ttl,
+            ..ManagerConfig::default()
+        },
     ));
     let (model, synced, _model_task) = model_source::watch_xds(
         model_source::XdsSource {
@@ -199,23 +205,32 @@ pub async fn serve(parts: Parts, shutdown: impl Future<Output = ()> + Send) -> a
         }
     };
     let slot = CertSlot::new(&cert);
-    {
-        // Renewed certificates are served from the next handshake on.
-        let slot = slot.clone();
-        tokio::spawn(async move {
-            while cert_state.changed().await.is_ok() {
-                if let Some(cert) = cert_state.borrow_and_update().cert.clone() {
-                    slot.replace(&cert);
-                }
-            }
-        });
-    }
     drop(waiting_cert);
     let server_tls = Arc::new(tls::server_config(
         slot,
         cert.roots(),
         ClientAuth::Required(parts.trust_domain.clone()),
     )?);
+    {
+        // Renewed certificates are served from the next handshake on, and peers
+        // verified against the trust bundle that came with them (a root rotation).
+        let server_tls = server_tls.clone();
+        tokio::spawn(async move {
+            while cert_state.changed().await.is_ok() {
+                if let Some(cert) = cert_state.borrow_and_update().cert.clone() {
+                    match server_tls.rotate(&cert) {
+                        Ok(true) => {
+                            tracing::info!(roots = cert.roots().len(), "trust bundle changed")
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot trust the new bundle; keeping the current one")
+                        }
+                    }
+                }
+            }
+        });
+    }
 
     let (draining_tx, draining_rx) = watch::channel(false);
     let settings = H2Settings::default();

@@ -32,7 +32,9 @@ pub async fn run(
     let readiness = Readiness::new();
     let starting = readiness.block("startup");
 
-    let roots = ambit_net::tls::read_roots(&config.ca_root)
+    // Read again for every new connection to the control plane: a trust bundle
+    // published there during a root rotation is picked up without a restart.
+    let roots = ambit_net::tls::TrustSource::file(&config.ca_root)
         .map_err(|e| anyhow::anyhow!("--ca-root {e}"))?;
     let token = BearerToken::File(config.ca_token_file.clone());
     // Read now too, so a missing or empty file stops startup with a clear error.
@@ -80,7 +82,10 @@ pub async fn run(
     let certs = Arc::new(CertificateManager::new(
         Arc::new(ca),
         Arc::new(SystemClock),
-        ManagerConfig::default(),
+        ManagerConfig {
+            requested_ttl: config.cert_ttl,
+            ..ManagerConfig::default()
+        },
     ));
     let metrics = Arc::new(Metrics::new());
     let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);

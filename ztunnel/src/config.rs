@@ -54,9 +54,15 @@ pub struct Config {
     )]
     pub ca_address: String,
 
-    /// The mesh root certificate (PEM) the CA's certificate must chain to.
+    /// The mesh root certificate(s) (PEM) the CA's certificate must chain to: the
+    /// trust bundle, read again for every new connection to the control plane.
     #[arg(long, env = "AMBIT_CA_ROOT")]
     pub ca_root: PathBuf,
+
+    /// Lifetime of the workload certificates ztunnel requests (Istio's SECRET_TTL),
+    /// e.g. 24h or 90s; renewed at half-life.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = ambit_net::process::parse_ttl)]
+    pub cert_ttl: std::time::Duration,
 
     /// Identity the CA must present; defaults to
     /// spiffe://<trust-domain>/ns/ambit-system/sa/ambit-control.

@@ -314,12 +314,20 @@ impl Pods {
                 }
             }));
         }
-        // Present the renewed certificate on new inbound handshakes.
+        // Present the renewed certificate on new inbound handshakes, and verify peers
+        // against the trust bundle that came with it (a root rotation adds or drops a
+        // root there).
         let mut watch = self.shared.certs.watch(&pod.identity);
+        let identity = pod.identity.clone();
         tasks.push(tokio::spawn(async move {
+            let _slot = slot;
             while watch.changed().await.is_ok() {
                 if let Some(cert) = watch.borrow_and_update().cert.clone() {
-                    slot.replace(&cert);
+                    match server_tls.rotate(&cert) {
+                        Ok(true) => tracing::info!(%identity, roots = cert.roots().len(), "trust bundle changed"),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(%identity, error = %e, "cannot trust the new bundle; keeping the current one"),
+                    }
                 }
             }
         }));

@@ -117,7 +117,7 @@ pub fn client_config(
     ambit_net::ca_client::CaClientConfig {
         address: addr.to_string(),
         ca_identity: id(CONTROL),
-        roots: vec![der(&root_pem)],
+        roots: vec![der(&root_pem)].into(),
         token: token.map(BearerToken::from),
         impersonate,
         timeout: Duration::from_secs(10),

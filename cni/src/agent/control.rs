@@ -8,11 +8,11 @@ use std::time::Duration;
 use ambit_core::model::MeshConfig;
 use ambit_core::SpiffeId;
 use ambit_net::ca_client::tls_channel;
+use ambit_net::tls::TrustSource;
 use ambit_net::token::BearerToken;
 use ambit_net::xds::client::{ClientConfig, XdsClient};
 use ambit_proto::nodeagent::redirection_client::RedirectionClient;
 use ambit_proto::nodeagent::{EnrolmentAnswer, EnrolmentQuery, RedirectionReport};
-use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -26,7 +26,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Control {
     address: String,
     identity: SpiffeId,
-    roots: Vec<CertificateDer<'static>>,
+    roots: TrustSource,
     token: BearerToken,
     channel: Channel,
 }
@@ -35,7 +35,7 @@ impl Control {
     pub fn new(
         address: &str,
         identity: SpiffeId,
-        roots: Vec<CertificateDer<'static>>,
+        roots: TrustSource,
         token: BearerToken,
     ) -> Result<Control, String> {
         let channel = tls_channel(address, &identity, &roots, None, CALL_TIMEOUT)

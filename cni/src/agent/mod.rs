@@ -124,7 +124,9 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let roots = ambit_net::tls::read_roots(&config.ca_root)
+    // Read again for every new connection: a bundle published during a root
+    // rotation is picked up without a restart.
+    let roots = ambit_net::tls::TrustSource::file(&config.ca_root)
         .map_err(|e| anyhow::anyhow!("--ca-root {e}"))?;
     let token = BearerToken::File(config.token_file.clone());
     token

@@ -134,6 +134,7 @@ pub fn xds_model(
     let mut config = ClientConfig::new("ztunnel~node-a");
     config.token = Some(token.into());
     config.max_backoff = Duration::from_millis(200);
+    let roots = ambit_net::tls::TrustSource::from(roots);
     let connect = move || {
         let channel = ambit_net::ca_client::tls_channel(
             &addr.to_string(),
@@ -181,7 +182,7 @@ pub fn ca_client(
     GrpcCaClient::new(CaClientConfig {
         address: addr.to_string(),
         ca_identity: control_identity(),
-        roots,
+        roots: roots.into(),
         token: Some(token.into()),
         impersonate,
         timeout: Duration::from_secs(10),
@@ -211,7 +212,7 @@ pub fn redirection_client(
     let channel = ambit_net::ca_client::tls_channel(
         &addr.to_string(),
         &control_identity(),
-        roots,
+        &roots.to_vec().into(),
         None,
         Duration::from_secs(5),
     )

@@ -30,6 +30,16 @@ impl Ctl {
             .unwrap()
     }
 
+    /// Runs with more environment (e.g. `SECRET_TTL` for the mesh's proxies).
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new(bin("ambitctl"))
+            .args(args)
+            .env("AMBITCTL_STATE_DIR", self.state.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    }
+
     /// Runs and asserts success; stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
