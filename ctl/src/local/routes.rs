@@ -1,6 +1,7 @@
 //! What `local status` shows of the routes: each HTTPRoute's and GRPCRoute's status per
-//! Service parent (`Accepted`, `ResolvedRefs`) and each VirtualService's `Accepted`
-//! condition, as the local control plane writes them to its status file (the stand-in
+//! Service parent (`Accepted`, `ResolvedRefs`), each VirtualService's `Accepted`
+//! condition and each DestinationRule's `WaypointAccepted` (in the accepted column), as
+//! the local control plane writes them to its status file (the stand-in
 //! for the status subresources a cluster would hold: `ambit-control --status-file`).
 
 use std::path::Path;
@@ -13,7 +14,8 @@ use serde_yaml_ng::Value;
 pub struct RouteRow {
     /// `HTTPRoute shop/canary`.
     pub route: String,
-    /// `Service shop/reviews`, or `-` for a VirtualService (its hosts are its parents).
+    /// `Service shop/reviews`, or `-` for a VirtualService (its hosts are its parents)
+    /// or a DestinationRule.
     pub parent: String,
     pub accepted: String,
     pub resolved_refs: String,
@@ -101,9 +103,14 @@ fn rows(objects: &[Value]) -> Vec<RouteRow> {
                     });
                 }
             }
-            "VirtualService" => {
+            "VirtualService" | "DestinationRule" => {
                 let conditions = status.get("conditions").cloned().unwrap_or(Value::Null);
-                let (accepted, a) = condition(&route, &conditions, "Accepted");
+                let type_ = if kind == "VirtualService" {
+                    "Accepted"
+                } else {
+                    "WaypointAccepted"
+                };
+                let (accepted, a) = condition(&route, &conditions, type_);
                 out.push(RouteRow {
                     route,
                     parent: "-".to_owned(),
@@ -142,6 +149,12 @@ mod tests {
   status:
     conditions:
     - {type: Accepted, status: "True", reason: Accepted, message: routing}
+- apiVersion: networking.istio.io/v1
+  kind: DestinationRule
+  metadata: {name: reviews-again, namespace: shop}
+  status:
+    conditions:
+    - {type: WaypointAccepted, status: "False", reason: Overridden, message: "DestinationRule shop/reviews for Service shop/reviews is older and applies instead"}
 - apiVersion: v1
   kind: Service
   metadata: {name: reviews, namespace: shop}
@@ -150,7 +163,16 @@ mod tests {
         )
         .unwrap();
         let rows = rows(&objects);
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[2].route, "DestinationRule shop/reviews-again");
+        assert_eq!(rows[2].accepted, "False (Overridden)");
+        assert_eq!(
+            rows[2].problems,
+            [
+                "DestinationRule shop/reviews-again: WaypointAccepted=False (Overridden): \
+              DestinationRule shop/reviews for Service shop/reviews is older and applies instead"
+            ]
+        );
         assert_eq!(rows[0].parent, "Service shop/reviews:9080");
         assert_eq!(rows[0].accepted, "True");
         assert_eq!(rows[0].resolved_refs, "False (BackendNotFound)");
