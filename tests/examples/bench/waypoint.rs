@@ -382,7 +382,7 @@ struct Token {
     jwks: String,
     /// Valid for a day: issuer, subject, audience as the policies ask.
     valid: String,
-    /// `valid` with its signature's last character changed.
+    /// `valid` with its signature's first character changed.
     tampered: String,
 }
 
@@ -409,11 +409,15 @@ impl Token {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some("bench-1".into());
         let valid = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-        let last = valid.chars().last().unwrap();
+        // The signature's first character changed: other bytes, whatever the decoder
+        // (the last one's low bits may be padding a lenient decoder ignores).
+        let at = valid.rfind('.').unwrap() + 1;
+        let first = valid.as_bytes()[at];
         let tampered = format!(
-            "{}{}",
-            &valid[..valid.len() - 1],
-            if last == 'A' { 'B' } else { 'A' }
+            "{}{}{}",
+            &valid[..at],
+            if first == b'A' { 'B' } else { 'A' },
+            &valid[at + 1..]
         );
         Token {
             jwks,
