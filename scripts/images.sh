@@ -13,6 +13,10 @@
 #
 #   podman run --rm localhost/ambit/ztunnel:0.1.0 ztunnel --version
 #
+# (On a host where podman cannot raise the containers' limits or use the cgroups as
+# they are, as in some VMs: add `--cgroup-manager=cgroupfs --runtime runc --ulimit
+# nofile=1024:1024 --ulimit nproc=4096:4096`; the images are not the cause.)
+#
 # ambit-control and waypoint run as user 65532 (they need no privilege); ztunnel and
 # the node agent run as root for the capabilities the manifests give them. The cni
 # image also carries what the node agent runs in pods' namespaces: nsenter, ip,
