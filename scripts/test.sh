@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Ambit's whole test suite: formatting, lints, Rust unit/component/integration tests,
-# then the interoperability tests that call the real binaries from foreign clients
+# Ambit's whole test suite: formatting, lints, the Kubernetes manifests against the Helm
+# chart and the Kubernetes schemas, Rust unit/component/integration tests, then the
+# interoperability tests that call the real binaries from foreign clients
 # (Python grpcio). This is the README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,25 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
 export AMBIT_PYTHON="$PWD/$venv/bin/python"
+
+# The manifests and the Helm chart (scripts/manifests.py): Helm's library (helm-sdkpy)
+# needs Python >= 3.12, which the system's python3 is not; pyenv's is used.
+step "Kubernetes manifests: helm lint, chart == deploy/ambit.yaml, Kubernetes 1.32 schemas, kustomize"
+python312=""
+for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then
+        python312=$candidate
+        break
+    fi
+done
+[ -n "$python312" ] || { echo "Python >= 3.12 is needed for scripts/manifests.py" >&2; exit 1; }
+command -v kubectl >/dev/null || { echo "kubectl is needed (kubectl kustomize deploy/)" >&2; exit 1; }
+deploy_venv=.venv-deploy
+if [ ! -x "$deploy_venv/bin/python" ]; then
+    "$python312" -m venv "$deploy_venv"
+fi
+"$deploy_venv/bin/pip" install --quiet --disable-pip-version-check -r deploy/requirements.txt
+"$deploy_venv/bin/python" scripts/manifests.py check
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -7,6 +7,7 @@
 //! - [`protocol`]: the plugin ↔ agent messages, and [`protocol::call`], the Unix-socket
 //!   transport the plugin uses.
 //! - [`agent`]: the node agent (`ambit-cni agent`).
+//! - [`cli`]: the command line of the agent and the node maintenance commands.
 //! - [`conflist`]: adding ambit-cni to the node's CNI configuration and removing it,
 //!   preserving everything else.
 //!
@@ -15,6 +16,7 @@
 //! enrolled because of Ambit.
 
 pub mod agent;
+pub mod cli;
 pub mod conflist;
 pub mod plugin;
 pub mod protocol;

@@ -1,53 +1,10 @@
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ambit_cni::cli::{Cli, Command};
 use ambit_cni::{agent, conflist, plugin, protocol};
-use clap::{Parser, Subcommand};
-
-/// Ambit's CNI plugin and node agent. Invoked with CNI_COMMAND set, it is the plugin.
-#[derive(Debug, Parser)]
-#[command(name = "ambit-cni", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// The node agent: puts the plugin into the node's CNI chain, enrols the node's
-    /// pods whose labels ask for it and hands them to the node's ztunnel.
-    Agent {
-        #[command(flatten)]
-        config: Box<agent::Config>,
-        /// Log filter (tracing syntax).
-        #[arg(long, env = "AMBIT_LOG", default_value = "info")]
-        log: String,
-    },
-    /// Takes ambit-cni off the node: out of the CNI chain, and its binary removed. Pods
-    /// created afterwards are not captured; enrolled ones stay so until deleted.
-    Uninstall {
-        #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
-        conf_dir: PathBuf,
-        #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
-        bin_dir: PathBuf,
-    },
-    /// Appends ambit-cni to the chain of the node's primary CNI configuration (or
-    /// updates its entry), keeping the rest of the file as it is.
-    InstallConflist {
-        /// The CNI configuration directory.
-        #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
-        conf_dir: PathBuf,
-        /// The node agent's socket, written into the plugin's entry.
-        #[arg(long, env = "AMBIT_CNI_AGENT_SOCKET", default_value = protocol::DEFAULT_AGENT_SOCKET)]
-        agent_socket: PathBuf,
-    },
-    /// Removes ambit-cni from the node's primary CNI configuration.
-    UninstallConflist {
-        #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
-        conf_dir: PathBuf,
-    },
-}
+use ambit_net::process::LogFormat;
+use clap::Parser;
 
 fn main() -> ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
@@ -88,13 +45,19 @@ fn plugin_main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent { config, log } => {
+        Command::Agent {
+            config,
+            log,
+            log_format,
+        } => {
             use std::io::IsTerminal;
-            tracing_subscriber::fmt()
+            let logs = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log)?)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .init();
+                .with_writer(std::io::stderr);
+            match log_format {
+                LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+                LogFormat::Json => logs.json().init(),
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "AMBIT_WAYPOINT_CONTROL_PLANE")]
     pub waypoint_control_plane: Option<String>,
 
+    /// Log lines as `text` or `json` (one JSON object per line). The filter is the
+    /// CA's `--log`.
+    #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "text")]
+    pub log_format: ambit_net::process::LogFormat,
+
     /// The CA, which serves on the same port (`--listen`, default 0.0.0.0:15012).
     #[command(flatten)]
     pub ca: ambit_ca::config::Config,

@@ -204,6 +204,7 @@ impl KubernetesSource {
             Kind::GatewayClass,
             store.clone(),
         ));
+        tasks.spawn(ensure_waypoint_class(client.clone()));
         tasks.spawn(watch_kind::<AuthorizationPolicy>(
             Api::all(client),
             Kind::AuthorizationPolicy,
@@ -226,6 +227,51 @@ impl KubernetesSource {
 /// fails closed), while the rest of its kind is listed and watched as usual. Typed by
 /// kube-rs, it would fail the whole list, or the watch, again on every retry, and the
 /// kind would stay as it was, however much else changed.
+/// The GatewayClass of waypoints, server-side applied by the control plane as istiod
+/// makes its own: shipped in the manifests it would be a custom object beside its own
+/// CRD, which neither `kubectl apply` nor Helm can map before the CRD is established.
+/// Retried with a backoff while the Gateway API CRDs are missing or the API server
+/// refuses.
+async fn ensure_waypoint_class(client: Client) {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GatewayClass");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "gatewayclasses");
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let class = serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GatewayClass",
+        "metadata": {"name": ambit_k8s::gateway::WAYPOINT_CLASS},
+        "spec": {
+            "controllerName": WAYPOINT_CONTROLLER,
+            "description": "The default Istio waypoint GatewayClass (Ambit)",
+        },
+    });
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let params = PatchParams::apply(crate::cluster_ca::FIELD_MANAGER);
+        match api
+            .patch(
+                ambit_k8s::gateway::WAYPOINT_CLASS,
+                &params,
+                &Patch::Apply(&class),
+            )
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => tracing::warn!(
+                error = %e,
+                retry_in = ?backoff,
+                "GatewayClass istio-waypoint not applied (are the Gateway API CRDs installed?)"
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// The `controllerName` of the waypoint GatewayClass (Istio's).
+pub const WAYPOINT_CONTROLLER: &str = "istio.io/mesh-controller";
+
 async fn watch_kind<K>(api: Api<Raw<K>>, kind: Kind, store: Arc<Store>)
 where
     K: kube::Resource<DynamicType = ()> + Debug + Send + 'static,

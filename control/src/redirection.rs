@@ -318,12 +318,15 @@ impl Redirection for RedirectionService {
             }
             ReportSink::Kubernetes(client) => {
                 // A JSON merge patch: only this annotation changes (null removes it).
+                // Through the pods/status subresource, as Istio's CNI agent does, so
+                // the control plane needs no right to patch pods themselves (their
+                // spec): the API server keeps the spec of a status patch as it was.
                 let value = report.enabled.then_some("enabled");
                 let patch = serde_json::json!({
                     "metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}
                 });
                 Api::<Pod>::namespaced(client.clone(), &key.namespace)
-                    .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                     .map_err(|e| Status::unavailable(format!("annotating pod {key}: {e}")))?;
             }

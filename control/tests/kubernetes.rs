@@ -341,21 +341,24 @@ async fn the_model_follows_the_api_server_through_watches_bookmarks_and_410_gone
     })
     .await;
     control.stop().await;
+    // The redirection annotation and the status conditions above included.
+    assert_allowed_by_rbac(&api);
 }
 
-/// Every request ambit-control made is allowed by the RBAC it ships with
-/// (`deploy/ambit-control-rbac.yaml`): its ClusterRole anywhere, its Role in
-/// ambit-system.
+/// Every request ambit-control made is allowed by the RBAC it ships with (the
+/// manifests, `deploy/ambit.yaml`, rendered from the Helm chart): its ClusterRole
+/// anywhere, its Role in ambit-system, each rule with `resourceNames` only for the
+/// objects it names (by the request's path, or a list or watch by `metadata.name`).
 fn assert_allowed_by_rbac(api: &FakeApi) {
-    let rbac = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/ambit-control-rbac.yaml"
-    );
-    let text = std::fs::read_to_string(rbac).unwrap();
+    let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ambit.yaml");
+    let text = std::fs::read_to_string(manifests).unwrap();
     let mut cluster_rules = Vec::new();
     let mut namespace_rules = Vec::new();
-    for doc in text.split("\n---\n") {
-        let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["metadata"]["name"] != "ambit-control" {
+            continue;
+        }
         match v["kind"].as_str() {
             Some("ClusterRole") => cluster_rules.extend(v["rules"].as_array().unwrap().clone()),
             Some("Role") => {
@@ -365,11 +368,20 @@ fn assert_allowed_by_rbac(api: &FakeApi) {
             _ => {}
         }
     }
-    let allows = |rules: &[serde_json::Value], verb: &str, group: &str, resource: &str| {
+    assert!(!cluster_rules.is_empty() && !namespace_rules.is_empty());
+    let allows = |rules: &[serde_json::Value],
+                  verb: &str,
+                  group: &str,
+                  resource: &str,
+                  name: Option<&str>| {
         rules.iter().any(|r| {
             let has =
                 |field: &str, want: &str| r[field].as_array().unwrap().iter().any(|x| x == want);
-            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+            let named = match r["resourceNames"].as_array() {
+                None => true,
+                Some(names) => name.is_some_and(|n| names.iter().any(|x| x == n)),
+            };
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb) && named
         })
     };
     for request in api.requests() {
@@ -381,17 +393,20 @@ fn assert_allowed_by_rbac(api: &FakeApi) {
             ["apis", group, _version, tail @ ..] => (*group, tail),
             _ => panic!("unexpected request {request}"),
         };
-        let (namespace, resource, named) = match tail {
-            [plural] => (None, plural.to_string(), false),
-            ["namespaces", _] => (None, "namespaces".to_owned(), true),
-            ["namespaces", ns, plural] => (Some(*ns), plural.to_string(), false),
-            ["namespaces", ns, plural, _] => (Some(*ns), plural.to_string(), true),
-            ["namespaces", ns, plural, _, sub] => (Some(*ns), format!("{plural}/{sub}"), true),
+        let (namespace, resource, name) = match tail {
+            [plural] => (None, plural.to_string(), None),
+            ["namespaces", name] => (None, "namespaces".to_owned(), Some(*name)),
+            [plural, name] => (None, plural.to_string(), Some(*name)),
+            ["namespaces", ns, plural] => (Some(*ns), plural.to_string(), None),
+            ["namespaces", ns, plural, name] => (Some(*ns), plural.to_string(), Some(*name)),
+            ["namespaces", ns, plural, name, sub] => {
+                (Some(*ns), format!("{plural}/{sub}"), Some(*name))
+            }
             _ => panic!("unexpected request {request}"),
         };
         let verb = match method {
             "GET" if query.contains("watch=true") => "watch",
-            "GET" if named => "get",
+            "GET" if name.is_some() => "get",
             "GET" => "list",
             "POST" => "create",
             "PATCH" => "patch",
@@ -399,12 +414,17 @@ fn assert_allowed_by_rbac(api: &FakeApi) {
             "DELETE" => "delete",
             other => panic!("unexpected method {other}"),
         };
-        let allowed = allows(&cluster_rules, verb, group, &resource)
+        // A list or watch of one object by name is authorized by its name.
+        let selected = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("fieldSelector=metadata.name%3D"));
+        let name = name.or(selected);
+        let allowed = allows(&cluster_rules, verb, group, &resource, name)
             || (namespace == Some("ambit-system")
-                && allows(&namespace_rules, verb, group, &resource));
+                && allows(&namespace_rules, verb, group, &resource, name));
         assert!(
             allowed,
-            "{request}: {verb} {group}/{resource} is not allowed by {rbac}"
+            "{request}: {verb} {group}/{resource} {name:?} is not allowed by {manifests}"
         );
     }
 }
@@ -633,6 +653,17 @@ async fn a_waypoint_gateway_is_deployed_and_programmed_once_its_pod_is_ready_and
     })
     .await;
     let root = published_root(&api, "shop").unwrap();
+    // The class of waypoints is the control plane's to make, as istiod does.
+    api.wait_until("GatewayClass istio-waypoint applied", || {
+        api.get(
+            "gateway.networking.k8s.io/v1",
+            "GatewayClass",
+            "",
+            "istio-waypoint",
+        )
+        .is_some_and(|c| c["spec"]["controllerName"] == "istio.io/mesh-controller")
+    })
+    .await;
     let (mut model, _client) = xds_client(control.addr, &root, NODE_A_TOKEN);
     api.put(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\

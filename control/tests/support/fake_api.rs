@@ -387,12 +387,20 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         return token_review(state, &body);
     }
     if let ["namespaces", ns, plural, name, "status"] = rest.as_slice() {
-        return patch_status(state, (prefix, (*plural).to_owned()), ns, name, &body);
+        return patch_status(
+            state,
+            (prefix, (*plural).to_owned()),
+            ns,
+            name,
+            &body,
+            merge_patch,
+        );
     }
     // (namespace filter, plural, name)
     let (namespace, plural, name) = match rest.as_slice() {
         [plural] => (None, *plural, None),
         ["namespaces", name] => (None, "namespaces", Some(*name)),
+        [plural, name] => (None, *plural, Some(*name)),
         ["namespaces", ns, plural] => (Some(*ns), *plural, None),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
         _ => {
@@ -508,14 +516,17 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
     }
 }
 
-/// Server-side apply to the status subresource: the applied status replaces the
-/// object's.
+/// A patch of the status subresource. Server-side apply: the applied status replaces
+/// the object's. A JSON merge patch of a pod's status, as the API server's pod status
+/// strategy does, changes everything but the spec (so metadata such as annotations can
+/// be written through `pods/status`); of any other object, only its status.
 fn patch_status(
     state: &Arc<Mutex<State>>,
     collection: Collection,
     namespace: &str,
     name: &str,
     body: &[u8],
+    merge_patch: bool,
 ) -> Response<Body> {
     let applied: Value = serde_json::from_slice(body).unwrap();
     let mut state = state.lock().unwrap();
@@ -532,7 +543,15 @@ fn patch_status(
             &format!("\"{name}\" not found"),
         );
     };
-    object["status"] = applied["status"].clone();
+    if merge_patch && collection.1 == "pods" {
+        let spec = object["spec"].clone();
+        merge(&mut object, &applied);
+        object["spec"] = spec;
+    } else if merge_patch {
+        merge(&mut object["status"], &applied["status"]);
+    } else {
+        object["status"] = applied["status"].clone();
+    }
     state.store(collection.clone(), object);
     full(StatusCode::OK, &state.objects[&collection][&key])
 }
