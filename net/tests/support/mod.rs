@@ -223,6 +223,18 @@ impl Network {
         // runs, and binding it fails meanwhile (seen under load).
         peer.ip("-6 addr add 2001:db8::7/128 dev lo nodad");
         peer.ip("link set veth0 up");
+        // The peer does not forward, whatever the host does (a new namespace takes
+        // the host's net.ipv4.ip_forward; a container runtime on the host sets it),
+        // so a SYN to a host beyond it is dropped, not answered "unreachable".
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &peer.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=0",
+        ]);
         Network { pod, peer }
     }
 }
