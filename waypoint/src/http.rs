@@ -495,6 +495,8 @@ async fn handle(
     let _in_flight = InFlight::new(&shared.requests_in_flight);
     let mut next = Request::from_parts(head, counted(first));
     let mut endpoint = endpoint;
+    // The endpoints tried so far: a retry goes to another one where there is one.
+    let mut visited = vec![endpoint.addr];
     let mut tries = 0u32;
     let mut retrying = None;
     let exhausted;
@@ -575,9 +577,21 @@ async fn handle(
             headers: &head.headers,
             authority: &host,
         };
-        if let Ok(Routed::Forward { endpoint: e, .. }) = route_request(&context, &view, &host) {
+        // Another endpoint than those tried, as Envoy's `previous_hosts` retry
+        // predicate (Istio's default): up to 5 picks, else what the last one gave (a
+        // random or least-request balancer can pick a tried one again).
+        for _ in 0..RETRY_HOST_PICKS {
+            let Ok(Routed::Forward { endpoint: e, .. }) = route_request(&context, &view, &host)
+            else {
+                break;
+            };
+            let fresh = !visited.contains(&e.addr);
             endpoint = e;
+            if fresh {
+                break;
+            }
         }
+        visited.push(endpoint.addr);
         next = Request::from_parts(head_copy(head), counted(replay_body(bytes)));
     };
     drop(retrying);
@@ -995,6 +1009,10 @@ fn route_request(
             .unwrap_or_default(),
     })
 }
+
+/// How many times a retry picks an endpoint to find one not tried yet (Istio's
+/// `host_selection_retry_max_attempts`).
+const RETRY_HOST_PICKS: usize = 5;
 
 /// Where a request goes.
 enum Routed {

@@ -81,6 +81,40 @@ async fn a_failing_endpoint_is_ejected_for_the_base_ejection_time_and_comes_back
 }
 
 #[tokio::test]
+async fn a_retry_goes_to_another_endpoint_whatever_the_balancer_picks() {
+    // RANDOM and no outlier detection: echo-1 answers every request 503. A retry
+    // that picked at random could land on echo-1 again (both retries: 1 in 4); the
+    // default retry avoids the endpoints it tried, so the client sees only 200s.
+    let mesh = Mesh::start_edited(
+        Limits::default(),
+        with_rules(
+            "destinationRules:\n\
+             - {namespace: shop, name: echo, serviceNamespace: shop, serviceName: echo,\n\
+                trafficPolicy: {loadBalancer: {policy: random}}}\n",
+        ),
+    )
+    .await;
+    let conn = mesh.client().await;
+    let mut client = http1_client(&conn, ECHO_VIP).await;
+    let marker = format!("/dr/random-{}", rand::random::<u32>());
+    for i in 0..60 {
+        client.ready().await.unwrap();
+        let response = client.send_request(get(&marker)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {i}");
+        assert_eq!(text(response).await, "echo-2");
+    }
+    let tried_first = seen(&marker)
+        .iter()
+        .filter(|l| l.starts_with("echo-1"))
+        .count();
+    assert!(
+        tried_first > 0,
+        "RANDOM never picked echo-1: {:?}",
+        seen(&marker)
+    );
+}
+
+#[tokio::test]
 async fn max_connections_1_answers_the_overflow_503_uo_and_counts_it() {
     let mesh = Mesh::start_edited(
         Limits::default(),
