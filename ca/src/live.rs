@@ -63,6 +63,15 @@ impl LiveAuthority {
         self.current.subscribe()
     }
 
+    /// The material last refused, if any: what was found unusable while the current
+    /// CA kept signing.
+    pub fn refused(&self) -> Option<CaMaterial> {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The material in use.
     pub fn material(&self) -> CaMaterial {
         self.material

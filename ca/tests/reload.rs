@@ -49,6 +49,17 @@ async fn until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Polls until the watcher has read what `dir` holds now and refused it.
+async fn until_refused(live: &LiveAuthority, dir: &Path) {
+    let on_disk = DirectoryStore::new(dir).load().unwrap().unwrap();
+    until(
+        "the directory's material to be refused",
+        Duration::from_secs(5),
+        || live.refused().as_ref() == Some(&on_disk),
+    )
+    .await;
+}
+
 /// Certificates in a PEM text.
 fn count(pem: &str) -> usize {
     pem.matches("-----BEGIN CERTIFICATE-----").count()
@@ -63,7 +74,7 @@ async fn a_changed_directory_is_taken_and_a_broken_one_refused_while_the_old_ca_
     // Half-written: a new certificate whose key has not arrived yet.
     let next = root_material();
     std::fs::write(dir.path().join("ca-cert.pem"), &next.ca_cert_pem).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_refused(&live, dir.path()).await;
     assert_eq!(
         live.current().root_pem(),
         first,
@@ -92,7 +103,7 @@ async fn a_changed_directory_is_taken_and_a_broken_one_refused_while_the_old_ca_
         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_refused(&live, dir.path()).await;
     assert_eq!(live.current().root_pem(), next.root_cert_pem);
     let err = live
         .offer(
