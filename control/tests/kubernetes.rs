@@ -8,16 +8,14 @@
 
 #[path = "support/control.rs"]
 mod control;
-#[path = "support/fake_api.rs"]
-mod fake_api;
 
 use std::net::SocketAddr;
 
 use ambit_core::model::{MeshConfig, Protocol};
+use ambit_kubefake::FakeApi;
 use ambit_net::ca_client::GrpcCaClient;
 use clap::Parser;
 use control::{request, roots, until, xds_model, Control};
-use fake_api::FakeApi;
 use serde_json::{json, Value};
 const NODE_A_TOKEN: &str = "projected-token-of-ztunnel-on-node-a";
 const WEB_TOKEN: &str = "projected-token-of-shop-web";

@@ -7,6 +7,10 @@
 //! Tests drive it: [`FakeApi::put`] and [`FakeApi::delete`] change objects (watchers
 //! see the events), [`FakeApi::break_watches`] ends every open watch, and
 //! [`FakeApi::compact`] forgets the history so a watch that resumes must relist.
+//!
+//! It is test support, shared by the control plane's and ambitctl's tests: misuse (YAML
+//! that does not parse, a port that cannot be bound) panics the test that made it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -74,6 +78,14 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FakeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApi")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for FakeApi {
