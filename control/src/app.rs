@@ -52,6 +52,7 @@ pub async fn run_kubernetes(
     on_listening: impl FnOnce(std::net::SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let election = config.election()?;
     let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::default()));
     let placements = Arc::new(Placements::new(config.ca.trust_domain.clone()));
     let mut publisher =
@@ -76,12 +77,11 @@ pub async fn run_kubernetes(
     // them, never a push.
     let (skipped_tx, skipped_rx) =
         watch::channel(publisher.publish(&resources, Vec::new(), "cluster"));
-    let mut status = crate::status::StatusWriter::new(client.clone());
+
     // What runs each waypoint, applied by its own task too.
     let waypoint_pods = config.waypoint_pods();
     let (deploy_tx, deploy_rx) =
         watch::channel(crate::waypoint_deploy::objects(&resources, &waypoint_pods));
-    let mut deployer = crate::waypoint_deploy::Deployer::new(client.clone());
 
     let (material, location) = crate::cluster_ca::load_or_create(
         client.clone(),
@@ -114,11 +114,39 @@ pub async fn run_kubernetes(
     authenticators.push(Arc::new(PeerCertificateAuthenticator));
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(apply_on_change(skipped_rx, async move |skipped| {
-        status.update(&skipped).await;
+    // Every replica serves xDS and the CA; only the Lease's holder writes to the
+    // cluster: status conditions, waypoint objects, the root ConfigMaps and the
+    // waypoint GatewayClass, each writer started afresh at every term.
+    let (leading_tx, leading) = watch::channel(false);
+    let (stop_election, election_stopped) = tokio::sync::oneshot::channel::<()>();
+    let elector = crate::leader::Elector::new(client.clone(), election);
+    // In a JoinSet, so it ends with this future even when that is dropped, not
+    // stopped: then it does not release the Lease, as a killed process would not.
+    let mut election_task = tokio::task::JoinSet::new();
+    election_task.spawn(elector.run(leading_tx, async move {
+        if election_stopped.await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }));
-    tasks.spawn(apply_on_change(deploy_rx, async move |wanted| {
-        deployer.update(wanted).await;
+    let bundle = bundle_of(&live);
+    let writer = client.clone();
+    tasks.spawn(crate::leader::while_leading(leading, move || {
+        let mut writers = tokio::task::JoinSet::new();
+        let mut status = crate::status::StatusWriter::new(writer.clone());
+        writers.spawn(apply_on_change(skipped_rx.clone(), async move |skipped| {
+            status.update(&skipped).await;
+        }));
+        let mut deployer = crate::waypoint_deploy::Deployer::new(writer.clone());
+        writers.spawn(apply_on_change(deploy_rx.clone(), async move |wanted| {
+            deployer.update(wanted).await;
+        }));
+        writers.spawn(crate::cluster_ca::publish_root(
+            writer.clone(),
+            bundle.clone(),
+            namespaces_rx.clone(),
+        ));
+        writers.spawn(crate::kubernetes::ensure_waypoint_class(writer.clone()));
+        writers
     }));
     // The CA's Secret is read again: a plug-in `cacerts` changed there is taken without
     // a restart (or refused, naming the key, while the current CA keeps signing).
@@ -128,11 +156,6 @@ pub async fn run_kubernetes(
         location,
         live.clone(),
         config.ca_reload,
-    ));
-    tasks.spawn(crate::cluster_ca::publish_root(
-        client,
-        bundle_of(&live),
-        namespaces_rx,
     ));
     // Owns the snapshot sender: when it goes, every xDS stream ends (see run_local).
     let publishing = tasks.spawn(async move {
@@ -173,6 +196,9 @@ pub async fn run_kubernetes(
         },
     )
     .await;
+    // Released before the writers stop, so a standby takes over at its next retry.
+    let _ = stop_election.send(());
+    let _ = election_task.join_next().await;
     tasks.abort_all();
     result
 }

@@ -72,6 +72,32 @@ pub struct Config {
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "text")]
     pub log_format: ambit_net::process::LogFormat,
 
+    /// In a cluster: this replica's name in the leader election (the pod's name).
+    /// Default: the host's name and a random suffix.
+    #[arg(long, env = "AMBIT_LEADER_IDENTITY")]
+    pub leader_identity: Option<String>,
+
+    /// In a cluster: the Lease (in the system namespace) whose holder alone writes to
+    /// the cluster (status, root ConfigMaps, waypoint objects); every replica serves.
+    #[arg(
+        long,
+        env = "AMBIT_LEADER_LEASE",
+        default_value = "ambit-control-leader"
+    )]
+    pub leader_lease: String,
+
+    /// How long a leader's claim lasts after its last renewal.
+    #[arg(long, env = "AMBIT_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_poll)]
+    pub leader_lease_duration: Duration,
+
+    /// How long a leader keeps leading while renewals fail (less than the lease).
+    #[arg(long, env = "AMBIT_LEADER_RENEW_DEADLINE", default_value = "10s", value_parser = parse_poll)]
+    pub leader_renew_deadline: Duration,
+
+    /// How often a standby tries to take the lease and the leader renews it.
+    #[arg(long, env = "AMBIT_LEADER_RETRY_PERIOD", default_value = "2s", value_parser = parse_poll)]
+    pub leader_retry_period: Duration,
+
     /// The CA, which serves on the same port (`--listen`, default 0.0.0.0:15012).
     #[command(flatten)]
     pub ca: ambit_ca::config::Config,
@@ -100,6 +126,31 @@ impl Config {
         self.status_file
             .clone()
             .or_else(|| Some(self.local_state_dir()?.join("status.yaml")))
+    }
+
+    /// The leader election this replica runs in a cluster, checked: the renew
+    /// deadline must be shorter than the lease and longer than the retry period, or a
+    /// leader could still be writing when another takes over.
+    pub fn election(&self) -> anyhow::Result<crate::leader::ElectionConfig> {
+        anyhow::ensure!(
+            self.leader_retry_period < self.leader_renew_deadline
+                && self.leader_renew_deadline < self.leader_lease_duration,
+            "--leader-retry-period ({:?}) < --leader-renew-deadline ({:?}) < --leader-lease-duration ({:?}) must hold",
+            self.leader_retry_period,
+            self.leader_renew_deadline,
+            self.leader_lease_duration
+        );
+        Ok(crate::leader::ElectionConfig {
+            namespace: self.ca.system_namespace.clone(),
+            lease_name: self.leader_lease.clone(),
+            identity: self
+                .leader_identity
+                .clone()
+                .unwrap_or_else(crate::leader::default_identity),
+            lease_duration: self.leader_lease_duration,
+            renew_deadline: self.leader_renew_deadline,
+            retry_period: self.leader_retry_period,
+        })
     }
 
     /// The trusted node agents' `(namespace, service account)`.
@@ -138,6 +189,28 @@ fn parse_poll(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_election_whose_leader_could_outlive_its_lease_is_refused() {
+        let parse =
+            |args: &[&str]| Config::try_parse_from(["ambit-control"].iter().chain(args)).unwrap();
+        let defaults = parse(&[]).election().unwrap();
+        assert_eq!(defaults.lease_name, "ambit-control-leader");
+        assert_eq!(defaults.lease_duration, Duration::from_secs(15));
+        let named = parse(&["--leader-identity", "ambit-control-7f9c"]);
+        assert_eq!(named.election().unwrap().identity, "ambit-control-7f9c");
+        let e = parse(&["--leader-renew-deadline", "20s"])
+            .election()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("--leader-renew-deadline (20s)"),
+            "{e}"
+        );
+        let e = parse(&["--leader-retry-period", "10s"])
+            .election()
+            .unwrap_err();
+        assert!(e.to_string().contains("--leader-retry-period (10s)"), "{e}");
+    }
 
     #[test]
     fn the_ca_flags_come_with_the_control_planes_own() {

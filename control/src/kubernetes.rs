@@ -204,7 +204,6 @@ impl KubernetesSource {
             Kind::GatewayClass,
             store.clone(),
         ));
-        tasks.spawn(ensure_waypoint_class(client.clone()));
         tasks.spawn(watch_kind::<AuthorizationPolicy>(
             Api::all(client),
             Kind::AuthorizationPolicy,
@@ -232,7 +231,7 @@ impl KubernetesSource {
 /// CRD, which neither `kubectl apply` nor Helm can map before the CRD is established.
 /// Retried with a backoff while the Gateway API CRDs are missing or the API server
 /// refuses.
-async fn ensure_waypoint_class(client: Client) {
+pub async fn ensure_waypoint_class(client: Client) {
     use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
     let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GatewayClass");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "gatewayclasses");

@@ -23,6 +23,7 @@ pub mod cluster_ca;
 pub mod config;
 pub mod directory;
 pub mod kubernetes;
+pub mod leader;
 pub mod placement;
 pub mod publish;
 pub mod redirection;

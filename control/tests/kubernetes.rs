@@ -15,7 +15,7 @@ use ambit_core::model::{MeshConfig, Protocol};
 use ambit_kubefake::FakeApi;
 use ambit_net::ca_client::GrpcCaClient;
 use clap::Parser;
-use control::{request, roots, until, xds_model, Control};
+use control::{request, roots, until, xds_model, xds_model_of_any, Control};
 use serde_json::{json, Value};
 const NODE_A_TOKEN: &str = "projected-token-of-ztunnel-on-node-a";
 const WEB_TOKEN: &str = "projected-token-of-shop-web";
@@ -880,4 +880,166 @@ async fn an_object_that_cannot_be_read_is_left_out_alone_and_a_policy_fails_clos
     })
     .await;
     control.stop().await;
+}
+
+/// A replica of ambit-control named `who` (its identity in the election and its API
+/// client's name in [`FakeApi::requests_of`]), with short election times.
+async fn replica(api: &FakeApi, who: &str) -> Control {
+    let config = ambit_control::config::Config::try_parse_from([
+        "ambit-control",
+        "--listen",
+        "127.0.0.1:0",
+        "--leader-identity",
+        who,
+        "--leader-lease-duration",
+        "2s",
+        "--leader-renew-deadline",
+        "1s",
+        "--leader-retry-period",
+        "100ms",
+    ])
+    .unwrap();
+    let client = api.client_of(who);
+    Control::start(|on_listening, stopped| {
+        ambit_control::app::run_kubernetes(config, client, on_listening, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await
+}
+
+fn lease_holder(api: &FakeApi) -> Option<String> {
+    let lease = api.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        "ambit-system",
+        "ambit-control-leader",
+    )?;
+    lease["spec"]["holderIdentity"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
+}
+
+/// Writes to the cluster other than the election's own and a lost race to store the
+/// first root: status conditions, ConfigMaps, waypoint objects, the GatewayClass.
+fn cluster_writes(requests: &[String]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| !r.starts_with("GET "))
+        .filter(|r| !r.contains("/leases"))
+        .filter(|r| !r.contains("tokenreviews"))
+        .filter(|r| !r.starts_with("POST /api/v1/namespaces/ambit-system/secrets"))
+        .cloned()
+        .collect()
+}
+
+/// Two replicas serve xDS and the CA at once; only the one holding the Lease writes to
+/// the cluster. Killed in the middle of a push, the leader loses nothing: a ztunnel
+/// resumes from the other replica (resource versions are content hashes, the same on
+/// every replica) and gets the change, and the other replica takes the Lease and writes
+/// the status the change needs. A replica stopped cleanly hands the Lease over at once.
+#[tokio::test]
+async fn two_replicas_serve_and_only_the_lease_holder_writes_and_a_killed_leader_loses_no_update() {
+    let api = cluster().await;
+    let a = replica(&api, "control-a").await;
+    let b = replica(&api, "control-b").await;
+    api.wait_until("a leader", || lease_holder(&api).is_some())
+        .await;
+    let leader_name = lease_holder(&api).unwrap();
+    let (leader, follower, follower_name) = if leader_name == "control-a" {
+        (a, b, "control-b")
+    } else {
+        (b, a, "control-a")
+    };
+    api.wait_until("root published by the leader", || {
+        published_root(&api, "shop").is_some()
+    })
+    .await;
+    let root = published_root(&api, "shop").unwrap();
+
+    // Both serve: the CA (TokenReview from either) and xDS.
+    for control in [&leader, &follower] {
+        let ca = ca_client(control.addr, &root, WEB_TOKEN, false);
+        request(&ca, "spiffe://cluster.local/ns/shop/sa/web")
+            .await
+            .unwrap();
+        let (mut model, client) = xds_client(control.addr, &root, NODE_A_TOKEN);
+        until(&mut model, "the model from each replica", |m| {
+            has_workload(m, "shop/web-1")
+        })
+        .await;
+        client.abort();
+    }
+
+    // A policy gets its status from the leader alone.
+    api.put(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: first, namespace: shop}\n\
+         spec: {rules: [{from: [{source: {namespaces: [shop]}}]}]}\n",
+    );
+    api.wait_until("the first policy's status", || {
+        ztunnel_accepted(&api, "security.istio.io/v1", "AuthorizationPolicy", "first").is_some()
+    })
+    .await;
+    assert!(!cluster_writes(&api.requests_of(&leader_name)).is_empty());
+    assert_eq!(
+        cluster_writes(&api.requests_of(follower_name)),
+        Vec::<String>::new(),
+        "the replica that does not hold the lease wrote to the cluster"
+    );
+
+    // A ztunnel on the leader (its reconnections go to the other replica in turn).
+    let (mut model, _client) =
+        xds_model_of_any(vec![leader.addr, follower.addr], roots(&root), NODE_A_TOKEN);
+    until(&mut model, "the model from the leader", |m| {
+        has_workload(m, "shop/web-1")
+    })
+    .await;
+    // A change, and the leader killed at once: no clean stop, no release.
+    api.put(&pod("late-1", "node-a", "10.1.0.9"));
+    api.put(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: second, namespace: shop}\n\
+         spec: {rules: [{from: [{source: {namespaces: [shop]}}]}]}\n",
+    );
+    drop(leader);
+    until(&mut model, "the change, from the other replica", |m| {
+        has_workload(m, "shop/late-1") && m.policies.iter().any(|p| p.policy.name == "second")
+    })
+    .await;
+    api.wait_until("the other replica leads once the lease expires", || {
+        lease_holder(&api).as_deref() == Some(follower_name)
+    })
+    .await;
+    api.wait_until("the second policy's status, by the new leader", || {
+        ztunnel_accepted(
+            &api,
+            "security.istio.io/v1",
+            "AuthorizationPolicy",
+            "second",
+        )
+        .is_some()
+    })
+    .await;
+    let lease = api
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            "ambit-system",
+            "ambit-control-leader",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease:#}");
+
+    // A third replica waits; the leader stopped cleanly releases the lease first.
+    let c = replica(&api, "control-c").await;
+    follower.stop().await;
+    assert_ne!(lease_holder(&api).as_deref(), Some(follower_name));
+    api.wait_until("the third replica leads", || {
+        lease_holder(&api).as_deref() == Some("control-c")
+    })
+    .await;
+    c.stop().await;
+    assert_allowed_by_rbac(&api);
 }

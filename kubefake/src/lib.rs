@@ -29,6 +29,9 @@ use tokio::sync::{mpsc, watch};
 /// How long [`FakeApi::wait_until`] waits.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The header [`FakeApi::client_of`]'s clients send.
+const CLIENT_HEADER: &str = "x-fake-client";
+
 /// `(prefix, plural)`, e.g. `("api/v1", "pods")`.
 type Collection = (String, String);
 
@@ -44,8 +47,8 @@ struct State {
     watches: Vec<Watch>,
     /// token → the TokenReview status it gets.
     tokens: HashMap<String, Value>,
-    /// "METHOD path?query" of every request, in order.
-    requests: Vec<String>,
+    /// "METHOD path?query" of every request, in order, with its client's name.
+    requests: Vec<(String, Option<String>)>,
     /// Plurals the server does not serve (a CRD not installed): 404.
     missing: Vec<String>,
     /// Bumped on every request and every change, for [`FakeApi::wait_until`].
@@ -119,6 +122,7 @@ fn collection_of(api_version: &str, kind: &str) -> (Collection, bool) {
         "GRPCRoute" => ("grpcroutes", true),
         "Deployment" => ("deployments", true),
         "ServiceAccount" => ("serviceaccounts", true),
+        "Lease" => ("leases", true),
         other => panic!("fake API: no collection for kind {other}"),
     };
     ((prefix, plural.to_owned()), namespaced)
@@ -143,6 +147,7 @@ fn kind_of(plural: &str) -> &'static str {
         "grpcroutes" => "GRPCRoute",
         "deployments" => "Deployment",
         "serviceaccounts" => "ServiceAccount",
+        "leases" => "Lease",
         _ => "Unknown",
     }
 }
@@ -181,6 +186,17 @@ impl FakeApi {
     /// A kube-rs client for this server, as a cluster's would be built.
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// A client whose requests [`FakeApi::requests_of`] tells apart from others' (they
+    /// carry a `x-fake-client: <who>` header), as for several replicas of one program.
+    pub fn client_of(&self, who: &str) -> kube::Client {
+        let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        config.headers.push((
+            http::HeaderName::from_static(CLIENT_HEADER),
+            http::HeaderValue::from_str(who).unwrap(),
+        ));
         kube::Client::try_from(config).unwrap()
     }
 
@@ -273,7 +289,19 @@ impl FakeApi {
 
     /// The requests so far, as "METHOD path?query".
     pub fn requests(&self) -> Vec<String> {
-        self.state.lock().unwrap().requests.clone()
+        let state = self.state.lock().unwrap();
+        state.requests.iter().map(|(r, _)| r.clone()).collect()
+    }
+
+    /// The requests of [`FakeApi::client_of`]`(who)`'s clients, in order.
+    pub fn requests_of(&self, who: &str) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        state
+            .requests
+            .iter()
+            .filter(|(_, w)| w.as_deref() == Some(who))
+            .map(|(r, _)| r.clone())
+            .collect()
     }
 }
 
@@ -367,12 +395,20 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         .unwrap_or_default();
     {
         let mut recorded = state.lock().unwrap();
-        recorded.requests.push(format!(
-            "{method} /{path}{}",
-            req.uri()
-                .query()
-                .map(|q| format!("?{q}"))
-                .unwrap_or_default()
+        let who = req
+            .headers()
+            .get(CLIENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        recorded.requests.push((
+            format!(
+                "{method} /{path}{}",
+                req.uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default()
+            ),
+            who,
         ));
         recorded.changes.send_modify(|n| *n += 1);
     }
@@ -505,6 +541,37 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             state.store(collection.clone(), object);
             let stored = state.objects[&collection][&key(name)].clone();
             full(StatusCode::OK, &stored)
+        }
+        (Method::PUT, Some(name)) => {
+            // A replace. With a resourceVersion in the body it is conditional, as the
+            // API server makes it: 409 Conflict when the object has changed since.
+            let mut object: Value = serde_json::from_slice(&body).unwrap();
+            if let Some(ns) = namespace {
+                object["metadata"]["namespace"] = ns.into();
+            }
+            let mut state = state.lock().unwrap();
+            let Some(stored) = state
+                .objects
+                .get(&collection)
+                .and_then(|o| o.get(&key(name)))
+            else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{plural} \"{name}\" not found"),
+                );
+            };
+            let expected = &object["metadata"]["resourceVersion"];
+            if !expected.is_null() && *expected != stored["metadata"]["resourceVersion"] {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &format!("Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+                );
+            }
+            object["metadata"]["uid"] = stored["metadata"]["uid"].clone();
+            state.store(collection.clone(), object);
+            full(StatusCode::OK, &state.objects[&collection][&key(name)])
         }
         (Method::DELETE, Some(name)) => {
             let removed = state

@@ -130,12 +130,28 @@ pub fn xds_model(
     watch::Receiver<Arc<MeshConfig>>,
     tokio::task::JoinHandle<()>,
 ) {
+    xds_model_of_any(vec![addr], roots, token)
+}
+
+/// The same, reaching one of several replicas as a Service's address would: each
+/// (re)connection goes to the next of `addrs` in turn, the first to the first.
+pub fn xds_model_of_any(
+    addrs: Vec<SocketAddr>,
+    roots: Vec<CertificateDer<'static>>,
+    token: &str,
+) -> (
+    watch::Receiver<Arc<MeshConfig>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
     let mut config = ClientConfig::new("ztunnel~node-a");
     config.token = Some(token.into());
     config.max_backoff = Duration::from_millis(200);
     let roots = ambit_net::tls::TrustSource::from(roots);
     let connect = move || {
+        let n = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let addr = addrs[n % addrs.len()];
         let channel = ambit_net::ca_client::tls_channel(
             &addr.to_string(),
             &control_identity(),
