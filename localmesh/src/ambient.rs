@@ -67,6 +67,9 @@ impl ServiceAccount {
 /// The local mesh's trust domain.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
+/// The namespace the install's components run in (the manifests' `ambit-system`).
+pub const SYSTEM_NAMESPACE: &str = "ambit-system";
+
 impl AmbientConfig {
     /// The binaries built by this workspace, found with [`crate::target_binary`].
     pub fn from_target_dir() -> Result<AmbientConfig, MeshError> {
@@ -215,8 +218,18 @@ impl Ambient {
         let address = control_address(mesh).to_string();
         let dir = mesh.dir();
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        let args = vec![
-            "agent".to_owned(),
+        // As the manifests run it (its `agent` subcommand, its environment), with
+        // this machine's paths and addresses on the command line.
+        let manifest = crate::manifests::container(
+            crate::manifests::Component::NodeAgent,
+            &crate::manifests::PodFacts {
+                pod_name: &format!("ambit-cni-{node}"),
+                namespace: SYSTEM_NAMESPACE,
+                node_name: node,
+            },
+        )?;
+        let mut args = manifest.args.clone();
+        args.extend([
             "--node".to_owned(),
             node.to_owned(),
             "--control-address".to_owned(),
@@ -237,8 +250,8 @@ impl Ambient {
             "500ms".to_owned(),
             "--log".to_owned(),
             "info,ambit_cni=debug".to_owned(),
-        ];
-        let process = mesh.spawn_in(n.netns(), &binary, &args, &[])?;
+        ]);
+        let process = mesh.spawn_in(n.netns(), &binary, &args, &manifest.env_refs())?;
         process.wait_for_log("node agent ready", self.config.deadline)?;
         let z = self
             .ztunnels
@@ -572,17 +585,27 @@ fn start_ztunnel(
     let dir = mesh.dir();
     let n = mesh.node(node)?;
     let address = control_address(mesh).to_string();
-    let mut args: Vec<String> = [
-        "--node",
-        node,
-        "--xds-address",
-        &address,
-        "--ca-address",
-        &address,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let manifest = crate::manifests::container(
+        crate::manifests::Component::Ztunnel,
+        &crate::manifests::PodFacts {
+            pod_name: &format!("ztunnel-{node}"),
+            namespace: SYSTEM_NAMESPACE,
+            node_name: node,
+        },
+    )?;
+    let mut args = manifest.args.clone();
+    args.extend(
+        [
+            "--node",
+            node,
+            "--xds-address",
+            &address,
+            "--ca-address",
+            &address,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     for (flag, path) in [
         ("--ca-root", dir.join("ca/root-cert.pem")),
         ("--ca-token-file", token_file(mesh, node)),
@@ -593,7 +616,7 @@ fn start_ztunnel(
     }
     args.extend(["--log".to_owned(), config.ztunnel_log.clone()]);
     args.extend(config.ztunnel_flags.iter().cloned());
-    let process = mesh.spawn_in(n.netns(), &config.ztunnel, &args, &[])?;
+    let process = mesh.spawn_in(n.netns(), &config.ztunnel, &args, &manifest.env_refs())?;
     process.wait_for_log("ztunnel ready", config.deadline)?;
     Ok(process)
 }
@@ -693,10 +716,18 @@ pub const STATUS_FILE: &str = "status.yaml";
 fn start_control(mesh: &LocalMesh, config: &AmbientConfig) -> Result<Process, MeshError> {
     let dir = mesh.dir();
     let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let manifest = crate::manifests::container(
+        crate::manifests::Component::Control,
+        &crate::manifests::PodFacts {
+            pod_name: "ambit-control-local",
+            namespace: SYSTEM_NAMESPACE,
+            node_name: "fabric",
+        },
+    )?;
     let control = mesh.spawn_in(
         mesh.fabric(),
         &config.control,
-        [
+        manifest.args.iter().cloned().chain([
             "--local-dir".to_owned(),
             path("k8s"),
             "--poll".to_owned(),
@@ -709,8 +740,8 @@ fn start_control(mesh: &LocalMesh, config: &AmbientConfig) -> Result<Process, Me
             path("tokens.yaml"),
             "--status-file".to_owned(),
             path(STATUS_FILE),
-        ],
-        &[],
+        ]),
+        &manifest.env_refs(),
     )?;
     control.wait_for_log("CA serving", config.deadline)?;
     Ok(control)

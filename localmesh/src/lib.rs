@@ -46,6 +46,7 @@
 pub mod ambient;
 mod cmd;
 pub mod cni;
+pub mod manifests;
 mod mesh;
 mod model;
 mod naming;
