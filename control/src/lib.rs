@@ -9,7 +9,8 @@
 //! - [`publish`]: from the objects (either source) to the placements and the xDS
 //!   snapshot.
 //! - [`translate`]: the pure function from those objects to the model
-//!   (`ambit_core::model::MeshConfig`), with what it had to skip and why.
+//!   (`ambit_core::model::MeshConfig`), with what it had to skip and why; it lives in
+//!   `ambit-k8s`, so `ambitctl` runs the same translation.
 //! - [`xds`]: the delta xDS server that pushes the model to every ztunnel.
 //! - [`token_review`], [`cluster_ca`], [`placement`]: the CA in a cluster: callers
 //!   by TokenReview, the root in a Secret and published to every namespace, node
@@ -29,7 +30,7 @@ pub mod publish;
 pub mod redirection;
 pub mod status;
 pub mod token_review;
-pub mod translate;
+pub use ambit_k8s::translate;
 pub mod waypoint_deploy;
 pub mod xds;
 

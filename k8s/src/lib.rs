@@ -11,7 +11,10 @@
 //! - [`authz`], [`peer_authn`], [`request_authn`]: the pure validation and translation of
 //!   AuthorizationPolicy and PeerAuthentication into `ambit_core::authz` policies, and
 //!   of RequestAuthentication into the waypoints' JWT rules;
-//! - [`waypoints`]: which Gateways are waypoints and what binds to them.
+//! - [`waypoints`]: which Gateways are waypoints and what binds to them;
+//! - [`translate`]: all the objects → Ambit's mesh model (`ambit_core::model`), with
+//!   what was skipped and why and each policy's acceptance: the control plane's
+//!   translation, callable by `ambitctl` with the same answers (issue 17).
 //!
 //! It must not: do IO (callers read the files), or depend on a component.
 
@@ -72,6 +75,7 @@ pub mod request_authn;
 pub mod resources;
 pub mod security;
 pub mod service_entry;
+pub mod translate;
 pub mod virtual_service;
 pub mod waypoints;
 

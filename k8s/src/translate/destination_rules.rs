@@ -1,6 +1,6 @@
 //! DestinationRules into the model (`MeshConfig.destination_rules`), for the
 //! waypoints that route to their Services. A rule is read by
-//! `ambit_k8s::destination_rule`; one that fails validation is left out and reported
+//! `crate::destination_rule`; one that fails validation is left out and reported
 //! with the field at fault (the publisher keeps its last good version, if it had one;
 //! otherwise its Service is balanced as without a rule: round robin, no limits, and a
 //! request for one of its subsets is answered 503 `NC`). Kept with a warning: a rule
@@ -16,8 +16,8 @@ use ambit_core::destination::DestinationRule;
 use ambit_core::model::ServiceSpec;
 
 use super::Skipped;
+use crate::authz::Acceptance;
 use crate::resources::{ObjectKey, Resources};
-use ambit_k8s::authz::Acceptance;
 
 /// What the translation makes of the DestinationRules.
 #[derive(Debug, Default)]
@@ -35,7 +35,7 @@ const KIND: &str = "DestinationRule";
 pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> DestinationRules {
     let mut out = DestinationRules::default();
     for (key, object) in &resources.destination_rules {
-        match ambit_k8s::destination_rule::read(key, object) {
+        match crate::destination_rule::read(key, object) {
             Ok(rule) => out.rules.push(rule),
             Err(reason) => {
                 out.status.push((

@@ -1,5 +1,5 @@
 //! HTTPRoutes into the model (`MeshConfig.http_routes`), for the waypoints of the
-//! Services they are attached to. A route is read by `ambit_k8s::http_route`; one that
+//! Services they are attached to. A route is read by `crate::http_route`; one that
 //! fails validation is left out and reported with the field at fault (the publisher
 //! keeps its last good version, if it had one; otherwise its parents' requests take the
 //! Service's own endpoints). Kept with a warning: a backend
@@ -12,8 +12,8 @@
 //! keeps the two apart; the waypoint knows a client's namespace from its identity).
 //! ServiceEntry parents are left out with a warning.
 
+use crate::http_route::{read, read_grpc, ParentKind};
 use ambit_core::model::{HttpRouteSpec, RouteParentSpec, ServiceSpec};
-use ambit_k8s::http_route::{read, read_grpc, ParentKind};
 
 use super::waypoints::Condition;
 use super::Skipped;
@@ -73,7 +73,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
         .map(|(key, o)| ("GRPCRoute", key, read_grpc(key, o)));
     for (kind, key, read) in http.chain(grpc) {
         let parent_status =
-            |p: &ambit_k8s::http_route::RouteParent, accepted, resolved_refs| ParentStatus {
+            |p: &crate::http_route::RouteParent, accepted, resolved_refs| ParentStatus {
                 kind: match p.kind {
                     ParentKind::Service => "Service",
                     ParentKind::ServiceEntry => "ServiceEntry",
@@ -216,7 +216,7 @@ pub fn translate(resources: &Resources, services: &[ServiceSpec]) -> Routes {
 }
 
 /// The VirtualServices for mesh traffic (`gateways` absent or naming `mesh`), read
-/// by `ambit_k8s::virtual_service` into the same routing. Their `hosts` are their
+/// by `crate::virtual_service` into the same routing. Their `hosts` are their
 /// parents; as with HTTPRoutes, a host of another namespace makes it a consumer route
 /// (for the clients of its own namespace), and a host that is not a Service of the
 /// cluster is left out with a warning. Where an HTTPRoute (or GRPCRoute) also applies to a
@@ -245,7 +245,7 @@ fn virtual_services(resources: &Resources, services: &[ServiceSpec], out: &mut R
     let mut conditions = Vec::new();
     let (mut skipped, mut warnings) = (Vec::new(), Vec::new());
     for (key, vs) in &resources.virtual_services {
-        let read = ambit_k8s::virtual_service::read(key, vs);
+        let read = crate::virtual_service::read(key, vs);
         if !read.for_mesh {
             // For ingress gateways, which Ambit does not serve; not ours to report on.
             continue;
@@ -288,10 +288,8 @@ fn virtual_services(resources: &Resources, services: &[ServiceSpec], out: &mut R
         let mut routed_by = Vec::new();
         for host in &read.hosts {
             let (ns, name) = match host {
-                ambit_k8s::virtual_service::VsHost::Service { namespace, name } => {
-                    (namespace, name)
-                }
-                ambit_k8s::virtual_service::VsHost::Other(h) => {
+                crate::virtual_service::VsHost::Service { namespace, name } => (namespace, name),
+                crate::virtual_service::VsHost::Other(h) => {
                     let m = format!(
                         "host {h:?}: not a Service of this cluster (ServiceEntry hosts are not routed by Ambit yet)"
                     );

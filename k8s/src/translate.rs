@@ -33,11 +33,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::resources::{ObjectKey, Resources};
 
-pub use ambit_k8s::{authz, peer_authn};
+pub use crate::{authz, peer_authn};
 pub mod destination_rules;
 pub mod routes;
 mod service_entries;
-pub use ambit_k8s::waypoints;
+pub use crate::waypoints;
 
 /// The label that enrols a namespace or a pod (`ambient`) or opts a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -223,7 +223,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
     // RequestAuthentication: for waypoints only, attached like L7 policies.
     let mut request_authns = Vec::new();
     for (key, ra) in &resources.request_authentications {
-        let t = ambit_k8s::request_authn::translate(key, ra, root_namespace);
+        let t = crate::request_authn::translate(key, ra, root_namespace);
         if !t.acceptance.accepted {
             warnings.push(Skipped {
                 kind: "RequestAuthentication",
@@ -269,7 +269,7 @@ pub fn translate_with(resources: &Resources, root_namespace: &str) -> Translatio
 
 /// The namespace whose policies apply mesh-wide, unless configured otherwise (Istio's
 /// default root namespace).
-pub use ambit_k8s::DEFAULT_ROOT_NAMESPACE;
+pub use crate::DEFAULT_ROOT_NAMESPACE;
 
 /// Translates every AuthorizationPolicy, and lists each selector policy on the
 /// workloads it selects. Pods are found through `running` by namespace, so a policy
@@ -372,9 +372,7 @@ fn attach_policies(
     (policies, l7_policies, status)
 }
 
-pub use ambit_k8s::waypoints::{
-    GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL,
-};
+pub use crate::waypoints::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
 
 /// Workload IPs, service VIPs and service names in use, and by whom.
 #[derive(Default)]
@@ -705,7 +703,7 @@ pub(crate) fn name_protocol(name: &str) -> Option<String> {
         .then_some(prefix)
 }
 
-pub(crate) use ambit_k8s::resources::in_namespace;
+pub(crate) use crate::resources::in_namespace;
 
 /// Endpoints from the service's selector over the running pods of its namespace. A pod
 /// that lacks a named target port is not an endpoint.
