@@ -459,11 +459,7 @@ mod tests {
     use crate::translate::waypoints::{Condition, GatewayStatus};
 
     fn c(status: bool, reason: &'static str, message: &str) -> Condition {
-        Condition {
-            status,
-            reason,
-            message: message.into(),
-        }
+        Condition::new(status, reason, message)
     }
 
     #[test]

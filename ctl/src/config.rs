@@ -28,6 +28,31 @@ pub enum Command {
         #[command(subcommand)]
         command: LocalCommand,
     },
+    /// Finds what is wrong with Kubernetes YAML before it is applied: each finding
+    /// once, with its object, a stable code (AMB0001...), its severity and the fix.
+    /// It runs the control plane's own reader and translation. Exit status 79 when a
+    /// finding reaches --failure-threshold (as istioctl analyze), 1 when the files
+    /// cannot be read.
+    Analyze {
+        /// Files or directories (every .yaml, .yml and .json below it) to analyze.
+        #[arg(short = 'f', long = "filename", required_unless_present = "list_codes")]
+        files: Vec<PathBuf>,
+        /// Where mesh-wide policies live (Istio's meshConfig.rootNamespace).
+        #[arg(long, default_value = ambit_k8s::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
+        /// `table` (default), `json` or `yaml`.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        /// The least severity that makes the exit status 79: error, warning or info.
+        #[arg(long, default_value = "error")]
+        failure_threshold: String,
+        /// The least severity printed: error, warning or info.
+        #[arg(long, default_value = "info")]
+        output_threshold: String,
+        /// Lists every code, its severity and what it means, and exits.
+        #[arg(long)]
+        list_codes: bool,
+    },
     /// The demo app that runs in every pod, and its clients (for `local exec`).
     App {
         /// A hosts file (`IP name...`) naming services and pods: the local mesh has no

@@ -27,6 +27,7 @@ macro_rules! out {
     };
 }
 
+pub mod analyze;
 pub mod config;
 pub mod demo;
 pub mod local;
@@ -65,6 +66,21 @@ use config::{AppCommand, Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Local { state_dir, command } => local::run(&state_dir, command),
+        Command::Analyze {
+            files,
+            root_namespace,
+            output,
+            failure_threshold,
+            output_threshold,
+            list_codes,
+        } => analyze::run(analyze::Options {
+            files,
+            root_namespace,
+            output,
+            failure_threshold,
+            output_threshold,
+            list_codes,
+        }),
         Command::App { hosts, command } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

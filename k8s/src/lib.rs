@@ -65,6 +65,7 @@ macro_rules! resource {
     };
 }
 
+pub mod analyze;
 pub mod authz;
 pub mod destination_rule;
 pub mod gateway;

@@ -57,6 +57,10 @@ pub struct Condition {
     pub status: bool,
     pub reason: &'static str,
     pub message: String,
+    /// False only until the cluster has done its part: the waypoint's Service (which
+    /// the control plane makes) has its cluster IP, or its pod is ready. What the
+    /// objects as written say is fine; `ambitctl analyze` offline leaves it alone.
+    pub pending: bool,
 }
 
 impl Condition {
@@ -65,6 +69,15 @@ impl Condition {
             status,
             reason,
             message: message.into(),
+            pending: false,
+        }
+    }
+
+    /// A false condition that only waits for the cluster (see [`Condition::pending`]).
+    pub fn pending(reason: &'static str, message: impl Into<String>) -> Self {
+        Condition {
+            pending: true,
+            ..Condition::new(false, reason, message)
         }
     }
 }
@@ -266,10 +279,13 @@ impl<'a> Gateways<'a> {
             );
         }
         let Some(address) = waypoint.address else {
-            return not_bound(
-                "WaypointIsNotReady",
-                format!("waypoint {waypoint_key} has no Service with a cluster IP yet; not bound until it has"),
-            );
+            return Binding {
+                waypoint: None,
+                condition: Some(Condition::pending(
+                    "WaypointIsNotReady",
+                    format!("waypoint {waypoint_key} has no Service with a cluster IP yet; not bound until it has"),
+                )),
+            };
         };
         let condition = if waypoint.ready {
             Condition::new(
@@ -278,8 +294,7 @@ impl<'a> Gateways<'a> {
                 format!("bound to waypoint {waypoint_key}"),
             )
         } else {
-            Condition::new(
-                false,
+            Condition::pending(
                 "WaypointIsNotReady",
                 format!("bound to waypoint {waypoint_key}, which has no ready pod: its traffic is refused until it has, never sent around it"),
             )
@@ -439,13 +454,11 @@ fn gateway_status(key: &ObjectKey, w: &Waypoint<'_>) -> GatewayStatus {
         Ok(listener) => {
             let programmed = match (w.ready, w.address) {
                 (true, Some(_)) => Condition::new(true, "Programmed", "a waypoint pod is ready"),
-                (_, None) => Condition::new(
-                    false,
+                (_, None) => Condition::pending(
                     "Pending",
                     format!("no Service {key} with a cluster IP yet"),
                 ),
-                (false, Some(_)) => Condition::new(
-                    false,
+                (false, Some(_)) => Condition::pending(
                     "Pending",
                     format!(
                         "no ready pod with label {GATEWAY_NAME_LABEL}={} running as service account {}",

@@ -1,0 +1,164 @@
+//! `ambitctl analyze` as a user runs it: on a directory of deliberately broken YAML,
+//! one file per finding, each file naming the findings it must give (`# expect: CODE
+//! KIND NAMESPACE/NAME`, or `-` for a document that is no object); and on the
+//! project's clean examples, which must give none.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn ambitctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ambitctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn broken() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/analyze/broken");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// `(code, kind, object)` of each finding.
+fn findings(json: &str) -> Vec<(String, String, String)> {
+    let v: Value = serde_json::from_str(json).unwrap();
+    let mut out: Vec<(String, String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["code"].as_str().unwrap().to_owned(),
+                f["kind"].as_str().unwrap().to_owned(),
+                f["object"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn each_broken_file_gives_exactly_its_findings_with_a_place_and_a_fix() {
+    let files = broken();
+    let codes: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy()[..7].to_owned())
+        .collect();
+    // Every code has its file.
+    let (_, list, _) = ambitctl(&["analyze", "--list-codes"]);
+    for line in list.lines().skip(1) {
+        let code = line.split_whitespace().next().unwrap();
+        assert!(codes.iter().any(|c| c == code), "no file for {code}");
+    }
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut expected: Vec<(String, String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                match words.as_slice() {
+                    [code, "-"] => ((*code).to_owned(), String::new(), String::new()),
+                    [code, kind, object] => {
+                        ((*code).to_owned(), (*kind).to_owned(), (*object).to_owned())
+                    }
+                    _ => panic!("{}: bad expect line {l:?}", file.display()),
+                }
+            })
+            .collect();
+        expected.sort();
+        assert!(!expected.is_empty(), "{}: no expect line", file.display());
+        let path = file.to_str().unwrap();
+        let (status, out, err) = ambitctl(&["analyze", "-f", path, "-o", "json"]);
+        assert_eq!(findings(&out), expected, "{path}: {out}{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        for f in v.as_array().unwrap() {
+            assert!(f["place"].as_str().unwrap().starts_with(path), "{f}");
+            assert!(!f["fix"].as_str().unwrap().is_empty(), "{f}");
+        }
+        let error = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["severity"] == "Error");
+        assert_eq!(status, if error { 79 } else { 0 }, "{path}: {err}");
+        // The table says the same, one line per finding and its fix.
+        let (_, table, _) = ambitctl(&["analyze", "-f", path]);
+        for (code, kind, object) in &expected {
+            assert!(
+                table.lines().any(|l| l.contains(&format!("[{code}]"))
+                    && l.contains(&format!("{kind} {object}").trim().to_string())),
+                "{path}: {table}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_whole_directory_gives_each_finding_once_and_the_thresholds_choose_the_exit_status() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/analyze/broken");
+    let (status, out, _) = ambitctl(&["analyze", "-f", dir.to_str().unwrap(), "-o", "yaml"]);
+    assert_eq!(status, 79);
+    let v: Vec<Value> = serde_yaml_ng::from_str(&out).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &v {
+        let id = (
+            f["code"].clone(),
+            f["kind"].clone(),
+            f["object"].clone(),
+            f["message"].clone(),
+        );
+        assert!(seen.insert(format!("{id:?}")), "reported twice: {f:?}");
+    }
+    // A warning alone passes unless warnings fail.
+    let warning = dir.join("AMB0009-selects-nothing.yaml");
+    let warning = warning.to_str().unwrap();
+    assert_eq!(ambitctl(&["analyze", "-f", warning]).0, 0);
+    assert_eq!(
+        ambitctl(&["analyze", "-f", warning, "--failure-threshold", "warning"]).0,
+        79
+    );
+    let (_, out, _) = ambitctl(&["analyze", "-f", warning, "--output-threshold", "error"]);
+    assert!(out.contains("No findings"), "{out}");
+}
+
+#[test]
+fn the_examples_give_no_findings() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let (status, out, err) = ambitctl(&["analyze", "-f", examples.to_str().unwrap()]);
+    assert_eq!(
+        (status, out.contains("No findings")),
+        (0, true),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn bad_input_names_what_is_wrong() {
+    let (status, _, err) = ambitctl(&["analyze", "-f", "/nonexistent/policies"]);
+    assert_ne!(status, 0);
+    assert!(err.contains("/nonexistent/policies"), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let (status, _, err) = ambitctl(&["analyze", "-f", empty.path().to_str().unwrap()]);
+    assert_ne!(status, 0);
+    assert!(err.contains("no .yaml, .yml or .json file"), "{err}");
+    let (status, _, err) = ambitctl(&["analyze", "-f", ".", "-o", "xml"]);
+    assert_ne!(status, 0);
+    assert!(err.contains("-o \"xml\""), "{err}");
+    let (status, _, err) = ambitctl(&["analyze", "-f", ".", "--failure-threshold", "fatal"]);
+    assert_ne!(status, 0);
+    assert!(err.contains("--failure-threshold \"fatal\""), "{err}");
+}
