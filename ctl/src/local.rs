@@ -147,13 +147,64 @@ fn ask_supervisor(
 /// Where the control plane of the running mesh reads what `file` applies.
 fn applied_path(state_dir: &Path, file: &Path) -> anyhow::Result<PathBuf> {
     let mesh = running(state_dir)?;
+    Ok(mesh.dir.join("k8s").join(applied_name(file)?))
+}
+
+/// The name of `file`'s copy in the mesh's directory: its stem and a hash of where it
+/// is (its directory resolved), so two files of one name in two directories never
+/// replace each other, and the same file applied again replaces itself.
+fn applied_name(file: &Path) -> anyhow::Result<String> {
     let name = file
         .file_name()
         .with_context(|| format!("{}: not a file name", file.display()))?;
-    Ok(mesh
-        .dir
-        .join("k8s")
-        .join(format!("applied-{}", name.to_string_lossy())))
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let dir = fs::canonicalize(&parent)
+        .or_else(|_| std::path::absolute(&parent))
+        .with_context(|| format!("{}", parent.display()))?;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in dir.as_os_str().as_encoded_bytes() {
+        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let path = Path::new(name);
+    let stem = path.file_stem().unwrap_or(name).to_string_lossy();
+    let extension = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    Ok(format!("applied-{stem}-{:08x}{extension}", hash as u32))
+}
+
+/// What `ambitctl analyze` finds about the objects of `applied` (a copy of `file` in
+/// the mesh's directory `k8s`), read with everything else the mesh runs: printed, not
+/// refused (what could not be enforced as written was refused already).
+fn report_findings(k8s: &Path, applied: &Path, file: &Path) -> anyhow::Result<()> {
+    let mut input = ambit_k8s::analyze::Input::default();
+    for path in crate::manifest::yaml_files(k8s)? {
+        let text = fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        input.add_file(&path, &text);
+    }
+    let prefix = format!("{}:", applied.display());
+    for f in ambit_k8s::analyze::analyze(&input, ambit_k8s::DEFAULT_ROOT_NAMESPACE) {
+        let Some(line) = f.place.as_deref().and_then(|p| p.strip_prefix(&prefix)) else {
+            continue;
+        };
+        crate::output::stderr(format_args!(
+            "{}: {} [{}] {} {} {} ({}:{line}): {}\n    fix: {}",
+            f.severity.as_str().to_lowercase(),
+            f.severity,
+            f.code,
+            f.name,
+            f.kind,
+            f.object,
+            file.display(),
+            f.message,
+            f.fix
+        ));
+    }
+    Ok(())
 }
 
 fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
@@ -186,6 +237,9 @@ fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
         let temporary = target.with_extension("tmp");
         fs::write(&temporary, &for_control).with_context(|| format!("{}", temporary.display()))?;
         fs::rename(&temporary, &target).with_context(|| format!("{}", target.display()))?;
+        if let Some(k8s) = target.parent() {
+            report_findings(k8s, &target, file)?;
+        }
     }
     for object in checked.applied {
         crate::outln!("{object} applied")?;
@@ -793,6 +847,22 @@ fn columns(rows: &[Vec<String>]) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn files_of_one_name_in_two_directories_are_applied_side_by_side() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let (in_a, in_b) = (a.path().join("policy.yaml"), b.path().join("policy.yaml"));
+        let name = applied_name(&in_a).unwrap();
+        assert!(
+            name.starts_with("applied-policy-") && name.ends_with(".yaml"),
+            "{name}"
+        );
+        assert_ne!(name, applied_name(&in_b).unwrap());
+        // The same file, however it is named, replaces its own copy.
+        let dotted = a.path().join(".").join("policy.yaml");
+        assert_eq!(name, applied_name(&dotted).unwrap());
+    }
 
     #[test]
     fn the_examples_pass_the_control_planes_own_checks() {

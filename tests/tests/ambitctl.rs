@@ -414,7 +414,13 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         "{err}"
     );
     let k8s = Path::new(mesh["dir"].as_str().unwrap()).join("k8s");
-    assert!(!k8s.join("applied-bad.yaml").exists());
+    let applied = |stem: &str| {
+        std::fs::read_dir(&k8s).unwrap().any(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("applied-{stem}-")) && name.ends_with(".yaml")
+        })
+    };
+    assert!(!applied("bad"));
     // `apply ... | head -1`: the reader goes, the policy is applied all the same.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
@@ -427,7 +433,7 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.is_empty(), "{err}");
-    assert!(k8s.join("applied-deny-frontend.yaml").exists());
+    assert!(applied("deny-frontend"));
     let applied = ctl.ok(&["local", "apply", "-f", deny.to_str().unwrap()]);
     assert!(
         applied.contains("AuthorizationPolicy bookshop/deny-frontend applied"),
@@ -455,6 +461,41 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     eventually(frontend_gets, || {
         "the deletion to let the frontend in".into()
     });
+    // A policy that selects nothing is applied, and `analyze`'s finding printed; a
+    // file of the same name from another directory is applied beside it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let typo = elsewhere.path().join("deny-frontend.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: allow-payments, namespace: bookshop}\n\
+         spec: {selector: {matchLabels: {app: payments}}, rules: [{from: [{source: {namespaces: [bookshop]}}]}]}\n",
+    )
+    .unwrap();
+    ctl.ok(&["local", "apply", "-f", deny.to_str().unwrap()]);
+    let out = ctl.run(&["local", "apply", "-f", typo.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: Warning [AMB0009] PolicySelectsNothing AuthorizationPolicy bookshop/allow-payments")
+            && err.contains(&format!("({}:", typo.display())),
+        "{err}"
+    );
+    let copies = std::fs::read_dir(&k8s)
+        .unwrap()
+        .filter(|e| {
+            let name = e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            name.starts_with("applied-deny-frontend-")
+        })
+        .count();
+    assert_eq!(copies, 2, "two files named deny-frontend.yaml, two copies");
+    ctl.ok(&["local", "delete", "-f", typo.to_str().unwrap()]);
+    ctl.ok(&["local", "delete", "-f", deny.to_str().unwrap()]);
     // New pods are not applied this way: they come from the directory `up` ran.
     let pod = policies.path().join("pod.yaml");
     std::fs::write(&pod, "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").unwrap();
