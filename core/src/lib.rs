@@ -18,6 +18,7 @@ pub mod authz;
 pub mod balance;
 pub mod certificate;
 pub mod destination;
+pub mod explain;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;

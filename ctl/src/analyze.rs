@@ -109,7 +109,7 @@ fn print_table(findings: &[Finding], files: usize) -> std::io::Result<()> {
 }
 
 /// `path` itself, or every YAML/JSON file below it (sorted, so findings are stable).
-fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_dir() {

@@ -53,6 +53,11 @@ pub enum Command {
         #[arg(long)]
         list_codes: bool,
     },
+    /// Authorization: why traffic is allowed or denied.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
     /// The demo app that runs in every pod, and its clients (for `local exec`).
     App {
         /// A hosts file (`IP name...`) naming services and pods: the local mesh has no
@@ -62,6 +67,53 @@ pub enum Command {
         #[command(subcommand)]
         command: AppCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthzCommand {
+    /// Decides one connection (or HTTP request) with the proxies' own path choice
+    /// and policy evaluators on the model the control plane makes: each hop that
+    /// enforces (the waypoint, the destination's ztunnel), the policies that applied
+    /// there in order, and what decided. Exit status 0 when allowed, 3 when denied.
+    Explain {
+        /// The client: a pod (`namespace/name`), an IP address, or a service account
+        /// (`namespace/account`) when no pod of that name exists.
+        #[arg(long)]
+        from: String,
+        /// The destination: a Service or a pod (`namespace/name`; `svc/...` or
+        /// `pod/...` when both exist).
+        #[arg(long)]
+        to: String,
+        /// The destination port (the Service's port, or the pod's).
+        #[arg(long)]
+        port: u16,
+        /// An HTTP request's method; without it, plain TCP.
+        #[arg(long)]
+        method: Option<String>,
+        /// The request's path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// A request header `name=value` (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Files or directories of YAML to decide on, offline; without it, the
+        /// running local mesh's objects.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// The local mesh's state directory (without -f).
+        #[arg(long, env = "AMBITCTL_STATE_DIR", default_value_os_t = default_state_dir())]
+        state_dir: PathBuf,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_ascii_lowercase(), v.to_owned())),
+        _ => Err(format!("{s:?}: expected name=value")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

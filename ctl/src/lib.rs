@@ -28,6 +28,7 @@ macro_rules! out {
 }
 
 pub mod analyze;
+pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod local;
@@ -66,6 +67,7 @@ use config::{AppCommand, Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Local { state_dir, command } => local::run(&state_dir, command),
+        Command::Authz { command } => authz::run(command),
         Command::Analyze {
             files,
             root_namespace,

@@ -394,7 +394,7 @@ fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// The running mesh, or an error saying none runs.
-fn running(state_dir: &Path) -> anyhow::Result<MeshState> {
+pub(crate) fn running(state_dir: &Path) -> anyhow::Result<MeshState> {
     match state::read_pid(state_dir) {
         Some(pid) if state::pid_alive(pid) => MeshState::read(state_dir).with_context(|| {
             format!("the local mesh (supervisor pid {pid}) is still starting or stopping")

@@ -246,7 +246,11 @@ fn as_applied(resources: &mut Resources) -> BTreeSet<(&'static str, ObjectKey)> 
         if !resources.services.contains_key(&key) {
             let service: Service = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": key.name, "namespace": key.namespace},
-                "spec": {"clusterIP": next_ip(3), "ports": [{"name": "mesh", "port": 15008}]},
+                "spec": {
+                    "clusterIP": next_ip(3),
+                    "selector": {GATEWAY_NAME_LABEL: key.name},
+                    "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008}],
+                },
             }))
             .unwrap_or_default();
             resources.services.insert(key.clone(), service);
@@ -278,6 +282,14 @@ fn as_applied(resources: &mut Resources) -> BTreeSet<(&'static str, ObjectKey)> 
         made.insert(("Pod", pod_key));
     }
     made
+}
+
+/// The mesh model of `input` as a cluster would hold it once applied (see the module
+/// doc): what `ambitctl authz explain` decides on, offline.
+pub fn model(input: &Input, root_namespace: &str) -> ambit_core::model::MeshConfig {
+    let mut resources = input.resources.clone();
+    as_applied(&mut resources);
+    translate_with(&resources, root_namespace).config
 }
 
 /// Every finding about `input`, mesh-wide policies read from `root_namespace`; each

@@ -453,14 +453,68 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         .status
         .success()
     };
+    // `authz explain` on the running mesh agrees with the traffic, pod by pod.
+    let agrees = |phase: &str| {
+        for source in ["bookshop/frontend", "bookshop/catalog", "legacy/batch"] {
+            let real = ctl
+                .run(&[
+                    "local",
+                    "exec",
+                    source,
+                    "--",
+                    "ambitctl",
+                    "app",
+                    "get",
+                    "http://catalog.bookshop/",
+                ])
+                .status
+                .success();
+            let out = ctl.run(&[
+                "authz",
+                "explain",
+                "--from",
+                source,
+                "--to",
+                "bookshop/catalog",
+                "--port",
+                "80",
+            ]);
+            let said = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(if real { 0 } else { 3 }),
+                "{phase}: {source} → catalog: the traffic was {}, explain said:\n{said}",
+                if real { "allowed" } else { "denied" }
+            );
+        }
+    };
     eventually(
         || !frontend_gets(),
         || "the DENY to refuse the frontend".into(),
+    );
+    agrees("deny-frontend applied");
+    let out = ctl.run(&[
+        "authz",
+        "explain",
+        "--from",
+        "bookshop/frontend",
+        "--to",
+        "bookshop/catalog",
+        "--port",
+        "80",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("explicitly denied by policy bookshop/deny-frontend")
+            && said.contains("ztunnel on node-b"),
+        "{said}"
     );
     ctl.ok(&["local", "delete", "-f", deny.to_str().unwrap()]);
     eventually(frontend_gets, || {
         "the deletion to let the frontend in".into()
     });
+    agrees("deny-frontend deleted");
     // A policy that selects nothing is applied, and `analyze`'s finding printed; a
     // file of the same name from another directory is applied beside it.
     let elsewhere = tempfile::tempdir().unwrap();
