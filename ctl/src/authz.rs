@@ -22,6 +22,8 @@ pub fn run(command: AuthzCommand) -> anyhow::Result<ExitCode> {
         from,
         to,
         port,
+        all,
+        namespace,
         method,
         path,
         headers,
@@ -53,6 +55,20 @@ pub fn run(command: AuthzCommand) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("trust domain {TRUST_DOMAIN}: {e}"))?;
     let state = MeshState::build(&config, &trust_domain)
         .map_err(|e| anyhow::anyhow!("the model of these objects is not valid: {e}"))?;
+    if all {
+        let namespace = namespace.unwrap_or_default();
+        return matrix(
+            &state,
+            &namespace,
+            method.as_deref(),
+            &path,
+            &headers,
+            &output,
+        );
+    }
+    let (Some(from), Some(to), Some(port)) = (from, to, port) else {
+        anyhow::bail!("--from, --to and --port, or --all -n NAMESPACE");
+    };
     let source = source_of(&state, &from)?;
     let dst = destination_of(&state, &to, port)?;
     let request = method.map(|method| HttpRequest {
@@ -104,6 +120,91 @@ fn print(
         }
     }
     Ok(())
+}
+
+/// Every pod of `namespace` to every port of every Service in it.
+fn matrix(
+    state: &MeshState,
+    namespace: &str,
+    method: Option<&str>,
+    path: &str,
+    headers: &[(String, String)],
+    output: &str,
+) -> anyhow::Result<ExitCode> {
+    // Waypoints themselves are neither: they carry the traffic.
+    let waypoint_ids: Vec<_> = state.waypoints().map(|w| w.identity.clone()).collect();
+    let waypoint_keys: Vec<String> = state.waypoints().map(|w| w.key()).collect();
+    let mut sources: Vec<_> = state
+        .workloads()
+        .filter(|w| w.spec.namespace == namespace && !waypoint_ids.contains(&w.identity))
+        .collect();
+    sources.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    let mut services: Vec<_> = state
+        .services()
+        .filter(|s| {
+            s.spec.namespace == namespace
+                && !waypoint_keys.contains(&format!("{}/{}", s.spec.namespace, s.spec.name))
+        })
+        .collect();
+    services.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    anyhow::ensure!(
+        !sources.is_empty() && !services.is_empty(),
+        "-n {namespace}: no pods or no Services there"
+    );
+    let mut rows = Vec::new();
+    for w in &sources {
+        let Some(ip) = w.spec.ips.first().copied() else {
+            continue;
+        };
+        let source = Source::of(w, ip);
+        for s in &services {
+            let Some(vip) = s.spec.vips.first().copied() else {
+                continue;
+            };
+            for p in &s.spec.ports {
+                let request = method.map(|m| HttpRequest {
+                    method: m.to_owned(),
+                    path: path.to_owned(),
+                    host: format!("{}.{}:{}", s.spec.name, s.spec.namespace, p.port),
+                    headers: headers.to_vec(),
+                });
+                let e = explain(
+                    state,
+                    &source,
+                    SocketAddr::new(vip, p.port),
+                    request.as_ref(),
+                );
+                let decided = e.hops.iter().find(|h| !h.allowed).or(e.hops.last());
+                rows.push(serde_json::json!({
+                    "from": w.spec.uid,
+                    "to": format!("{}/{}:{}", s.spec.namespace, s.spec.name, p.port),
+                    "allowed": e.allowed,
+                    "enforcer": decided.map(|h| h.enforcer.clone()),
+                    "reason": decided.map(|h| h.reason.clone()),
+                }));
+            }
+        }
+    }
+    if output == "json" {
+        crate::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
+    } else {
+        crate::outln!("{:<28} {:<32} {:<7} ENFORCED BY: WHY", "FROM", "TO", "")?;
+        for r in &rows {
+            crate::outln!(
+                "{:<28} {:<32} {:<7} {}: {}",
+                r["from"].as_str().unwrap_or_default(),
+                r["to"].as_str().unwrap_or_default(),
+                if r["allowed"] == true {
+                    "ALLOW"
+                } else {
+                    "DENY"
+                },
+                r["enforcer"].as_str().unwrap_or_default(),
+                r["reason"].as_str().unwrap_or_default()
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A pod (`namespace/name`), an IP, or a service account (`namespace/account`).

@@ -78,15 +78,22 @@ pub enum AuthzCommand {
     Explain {
         /// The client: a pod (`namespace/name`), an IP address, or a service account
         /// (`namespace/account`) when no pod of that name exists.
-        #[arg(long)]
-        from: String,
+        #[arg(long, required_unless_present = "all")]
+        from: Option<String>,
         /// The destination: a Service or a pod (`namespace/name`; `svc/...` or
         /// `pod/...` when both exist).
-        #[arg(long)]
-        to: String,
+        #[arg(long, required_unless_present = "all")]
+        to: Option<String>,
         /// The destination port (the Service's port, or the pod's).
-        #[arg(long)]
-        port: u16,
+        #[arg(long, required_unless_present = "all")]
+        port: Option<u16>,
+        /// The whole matrix of a namespace (`-n`): every pod in it to every port of
+        /// every Service in it.
+        #[arg(long, conflicts_with_all = ["from", "to", "port"], requires = "namespace")]
+        all: bool,
+        /// The namespace of `--all`.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         /// An HTTP request's method; without it, plain TCP.
         #[arg(long)]
         method: Option<String>,

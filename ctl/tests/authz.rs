@@ -165,3 +165,50 @@ fn bad_input_names_what_is_wrong() {
     assert_ne!(status, 0);
     assert!(err.contains("--from \"frontend\""), "{err}");
 }
+
+#[test]
+fn all_prints_the_namespaces_matrix_without_the_waypoints_themselves() {
+    let (status, out, err) = explain(&[
+        "--all", "-n", "bookshop", "--method", "POST", "--path", "/orders", "-o", "json",
+    ]);
+    assert_eq!(status, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let row = |from: &str, to: &str| {
+        rows.iter()
+            .find(|r| r["from"] == from && r["to"] == to)
+            .unwrap_or_else(|| panic!("no row {from} → {to}: {out}"))
+            .clone()
+    };
+    assert_eq!(
+        row("bookshop/frontend", "bookshop/orders:80")["allowed"],
+        false
+    );
+    assert_eq!(
+        row("bookshop/frontend", "bookshop/catalog:80")["allowed"],
+        true
+    );
+    assert!(
+        rows.iter()
+            .all(|r| !r["from"].as_str().unwrap().contains("waypoint")
+                && !r["to"].as_str().unwrap().starts_with("bookshop/waypoint:")),
+        "{out}"
+    );
+    // Each row is what a single explain says.
+    for r in &rows {
+        let to = r["to"].as_str().unwrap();
+        let (service, port) = to.rsplit_once(':').unwrap();
+        let (status, _, _) = explain(&[
+            "--from",
+            r["from"].as_str().unwrap(),
+            "--to",
+            service,
+            "--port",
+            port,
+            "--method",
+            "POST",
+            "--path",
+            "/orders",
+        ]);
+        assert_eq!(status == 0, r["allowed"] == true, "{r}");
+    }
+}
