@@ -53,6 +53,18 @@ pub enum Command {
         #[arg(long)]
         list_codes: bool,
     },
+    /// Waypoints of the running local mesh, with istioctl waypoint's flags and
+    /// columns.
+    Waypoint {
+        /// The namespace (default: `default`).
+        #[arg(short = 'n', long, global = true)]
+        namespace: Option<String>,
+        /// The local mesh's state directory.
+        #[arg(long, env = "AMBITCTL_STATE_DIR", default_value_os_t = default_state_dir(), global = true)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: WaypointCommand,
+    },
     /// Authorization: why traffic is allowed or denied.
     Authz {
         #[command(subcommand)]
@@ -67,6 +79,65 @@ pub enum Command {
         #[command(subcommand)]
         command: AppCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WaypointCommand {
+    /// Prints the Gateway of a waypoint (class istio-waypoint, one HBONE listener).
+    Generate {
+        #[command(flatten)]
+        waypoint: WaypointArgs,
+    },
+    /// Applies that Gateway to the running mesh (its pod starts).
+    Apply {
+        #[command(flatten)]
+        waypoint: WaypointArgs,
+        /// Also label the namespace istio.io/use-waypoint=<name>.
+        #[arg(long)]
+        enroll_namespace: bool,
+        /// Replace the namespace's istio.io/use-waypoint label if it names another.
+        #[arg(long)]
+        overwrite: bool,
+        /// Wait until the waypoint is programmed (its pod ready).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// The waypoints: NAME, REVISION, TRAFFIC TYPE, PROGRAMMED.
+    List {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+    },
+    /// Each waypoint's Programmed condition and what it serves.
+    Status {
+        /// One waypoint (default: all in the namespace).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+    },
+    /// Deletes waypoints by name (or every one in the namespace with --all).
+    Delete {
+        names: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WaypointArgs {
+    /// The waypoint's name.
+    #[arg(long, default_value = "waypoint")]
+    pub name: String,
+    /// What it serves: service, workload, all or none.
+    #[arg(long = "for", default_value = "service", value_parser = ["service", "workload", "all", "none"])]
+    pub traffic_type: String,
 }
 
 #[derive(Debug, Subcommand)]

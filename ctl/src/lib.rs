@@ -33,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod local;
 pub mod manifest;
+pub mod waypoint;
 
 /// Writing to the terminal or a pipe that may close.
 pub mod output {
@@ -68,6 +69,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Local { state_dir, command } => local::run(&state_dir, command),
         Command::Authz { command } => authz::run(command),
+        Command::Waypoint {
+            namespace,
+            state_dir,
+            command,
+        } => waypoint::run(
+            &state_dir,
+            namespace.as_deref().unwrap_or("default"),
+            command,
+        ),
         Command::Analyze {
             files,
             root_namespace,

@@ -9,7 +9,7 @@ mod rotate;
 mod routes;
 mod state;
 mod supervisor;
-mod waypoints;
+pub(crate) mod waypoints;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
@@ -207,7 +207,7 @@ fn report_findings(k8s: &Path, applied: &Path, file: &Path) -> anyhow::Result<()
     Ok(())
 }
 
-fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
+pub(crate) fn apply(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
     let checked = check(file, &text, true);
     for note in &checked.notes {
@@ -366,7 +366,7 @@ fn check(file: &Path, text: &str, apply: bool) -> Checked {
     checked
 }
 
-fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
+pub(crate) fn delete(state_dir: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let target = applied_path(state_dir, file)?;
     // The mesh's part (a waypoint, waypoint labels) from the file as it is now.
     let for_mesh = match fs::read_to_string(file) {

@@ -1154,3 +1154,104 @@ fn a_stopped_waypoint_refuses_its_traffic_naming_it_and_a_restarted_one_serves_i
     drop(restarted);
     ctl.ok(&["local", "down"]);
 }
+
+/// `ambitctl waypoint` on the running mesh, as istioctl waypoint is used: none listed,
+/// one applied with the namespace enrolled and waited for, listed and programmed, its
+/// L7 policy in force (and `authz explain` saying so), another refused without
+/// --overwrite, then deleted and the traffic direct again.
+#[test]
+fn waypoint_apply_list_status_and_delete_on_the_running_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), SHOP).unwrap();
+    let ctl = Ctl::new();
+    ctl.ok(&["local", "up", dir.path().to_str().unwrap()]);
+    let listed = ctl.ok(&["waypoint", "list", "-n", "shop"]);
+    assert!(listed.contains("No waypoints found."), "{listed}");
+
+    let out = ctl.ok(&[
+        "waypoint",
+        "apply",
+        "-n",
+        "shop",
+        "--name",
+        "wp",
+        "--enroll-namespace",
+        "--wait",
+    ]);
+    assert!(out.contains("waypoint shop/wp programmed"), "{out}");
+    let listed = ctl.ok(&["waypoint", "list", "-n", "shop"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("wp "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns, ["wp", "default", "service", "True"], "{listed}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["waypoint", "list", "-A", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["namespace"], "shop");
+    assert_eq!(json[0]["programmed"], true);
+    let status = ctl.ok(&["waypoint", "status", "-n", "shop"]);
+    assert!(
+        status.contains("Programmed   True") && status.contains("Service shop/server"),
+        "{status}"
+    );
+    // The namespace's label binds the Service: its L7 policy (GET only) holds.
+    let seen = std::cell::RefCell::new(String::new());
+    eventually(
+        || {
+            seen.replace(shop_request(&ctl, "POST").1);
+            seen.borrow().contains("HTTP 403")
+        },
+        || format!("no 403 through the waypoint: {}", seen.borrow()),
+    );
+    let explained = ctl.run(&[
+        "authz",
+        "explain",
+        "--from",
+        "shop/client",
+        "--to",
+        "shop/server",
+        "--port",
+        "80",
+        "--method",
+        "POST",
+        "--path",
+        "/items",
+    ]);
+    let said = String::from_utf8_lossy(&explained.stdout);
+    assert_eq!(explained.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("waypoint shop/wp") && said.contains("(403)"),
+        "{said}"
+    );
+
+    let refused = ctl.run(&[
+        "waypoint",
+        "apply",
+        "-n",
+        "shop",
+        "--name",
+        "other",
+        "--enroll-namespace",
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("already uses waypoint wp") && err.contains("--overwrite"),
+        "{err}"
+    );
+
+    let out = ctl.ok(&["waypoint", "delete", "-n", "shop", "wp"]);
+    assert!(out.contains("waypoint shop/wp deleted"), "{out}");
+    eventually(
+        || {
+            let (_, got) = shop_request(&ctl, "POST");
+            got.contains("hello from shop/server")
+        },
+        || "the POST straight to the server again".into(),
+    );
+    let listed = ctl.ok(&["waypoint", "list", "-n", "shop"]);
+    assert!(listed.contains("No waypoints found."), "{listed}");
+    let missing = ctl.run(&["waypoint", "delete", "-n", "shop", "wp"]);
+    assert!(!missing.status.success());
+}

@@ -70,7 +70,7 @@ pub fn read(mesh: &MeshState, k8s_dir: &Path) -> anyhow::Result<Waypoints> {
 }
 
 /// The objects of every `*.yaml` in `dir`, as the control plane reads them.
-fn load(dir: &Path) -> anyhow::Result<Resources> {
+pub fn load(dir: &Path) -> anyhow::Result<Resources> {
     let mut resources = Resources::default();
     let mut paths: Vec<_> = fs::read_dir(dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
