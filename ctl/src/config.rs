@@ -65,6 +65,23 @@ pub enum Command {
         #[command(subcommand)]
         command: WaypointCommand,
     },
+    /// What each ztunnel of the running local mesh holds, from its admin endpoint
+    /// (`/config_dump`): workloads (with their waypoint), services, policies and
+    /// its certificates (identity, serial, expiry).
+    ZtunnelConfig {
+        /// workloads, services, policies, certificates or all.
+        #[arg(value_parser = ["workloads", "services", "policies", "certificates", "all"])]
+        what: String,
+        /// One node's ztunnel (default: every node's).
+        #[arg(long)]
+        node: Option<String>,
+        /// `table` (default) or `json`.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        /// The local mesh's state directory.
+        #[arg(long, env = "AMBITCTL_STATE_DIR", default_value_os_t = default_state_dir())]
+        state_dir: PathBuf,
+    },
     /// Authorization: why traffic is allowed or denied.
     Authz {
         #[command(subcommand)]

@@ -34,6 +34,7 @@ pub mod demo;
 pub mod local;
 pub mod manifest;
 pub mod waypoint;
+pub mod ztunnel_config;
 
 /// Writing to the terminal or a pipe that may close.
 pub mod output {
@@ -69,6 +70,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Local { state_dir, command } => local::run(&state_dir, command),
         Command::Authz { command } => authz::run(command),
+        Command::ZtunnelConfig {
+            what,
+            node,
+            output,
+            state_dir,
+        } => ztunnel_config::run(&state_dir, &what, node.as_deref(), &output),
         Command::Waypoint {
             namespace,
             state_dir,

@@ -274,6 +274,7 @@ pub fn certificates(certs: &CertificateManager) -> serde_json::Value {
                 "notAfter": unix_secs(c.not_after()),
                 "secondsLeft": c.remaining(now).as_secs(),
                 "chainLength": c.chain().len(),
+                "serial": c.serial_hex(),
                 // The trust bundle that came with it, and the root its chain ends at
                 // (by key identifier): what a root rotation changes.
                 "roots": c.roots().iter().map(|r| crate::tls::sha256_hex(r)).collect::<Vec<_>>(),

@@ -247,6 +247,18 @@ impl WorkloadCert {
         self.not_after
     }
 
+    /// The leaf's serial number, in hex (as `openssl x509 -serial` prints it).
+    pub fn serial_hex(&self) -> Option<String> {
+        let leaf = self.certified.cert.first()?;
+        let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+        Some(
+            cert.raw_serial()
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect(),
+        )
+    }
+
     /// Certificates presented to peers: leaf first, then intermediates.
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.certified.cert

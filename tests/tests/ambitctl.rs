@@ -515,6 +515,58 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         "the deletion to let the frontend in".into()
     });
     agrees("deny-frontend deleted");
+
+    // What each ztunnel holds, from its own admin endpoint.
+    let config: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["ztunnel-config", "all", "--node", "node-b", "-o", "json"]))
+            .unwrap();
+    assert_eq!(config.as_array().unwrap().len(), 1, "{config:#}");
+    let b = &config[0];
+    assert_eq!(b["node"], "node-b");
+    assert!(
+        b["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["uid"] == "bookshop/catalog"),
+        "{b:#}"
+    );
+    assert!(
+        b["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "catalog"),
+        "{b:#}"
+    );
+    let cert = b["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/bookshop/sa/catalog")
+        .unwrap_or_else(|| panic!("no certificate of catalog on node-b: {b:#}"));
+    assert_eq!(cert["state"], "valid");
+    assert!(
+        cert["serial"].as_str().is_some_and(|s| s.len() >= 8),
+        "{cert}"
+    );
+    let table = ctl.ok(&["ztunnel-config", "workloads"]);
+    assert!(
+        table.contains("== ztunnel on node-a: workloads")
+            && table.contains("== ztunnel on node-b: workloads")
+            && table
+                .lines()
+                .any(|l| l.starts_with("bookshop") && l.contains("catalog") && l.contains("HBONE")),
+        "{table}"
+    );
+    let certs = ctl.ok(&["ztunnel-config", "certificates", "--node", "node-b"]);
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/bookshop/sa/catalog"),
+        "{certs}"
+    );
+    let wrong = ctl.run(&["ztunnel-config", "all", "--node", "node-z"]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("the mesh's nodes are node-a, node-b"));
     // A policy that selects nothing is applied, and `analyze`'s finding printed; a
     // file of the same name from another directory is applied beside it.
     let elsewhere = tempfile::tempdir().unwrap();

@@ -147,45 +147,70 @@ fn bound(resources: &Resources) -> Waypoints {
 
 /// `ready`, or what the waypoint's readiness endpoint said instead.
 fn probe(pod: &PodState) -> String {
+    let addr = SocketAddr::new(IpAddr::V4(pod.ip), READINESS_PORT);
+    match http_get(&pod.netns, addr, "/healthz/ready", PROBE_TIMEOUT) {
+        Err(GetError::Timeout) => {
+            format!("not ready (no answer on {READINESS_PORT} within {PROBE_TIMEOUT:?})")
+        }
+        // The kind ("connection refused"): the whole error names the namespace's path.
+        Err(GetError::Io(e)) => format!("not ready ({} on {READINESS_PORT})", e.kind()),
+        Ok((200, _)) => "ready".to_owned(),
+        Ok((status, _)) => format!("not ready (HTTP {status})"),
+    }
+}
+
+/// Why [`http_get`] got no answer.
+#[derive(Debug)]
+pub enum GetError {
+    Timeout,
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for GetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GetError::Timeout => f.write_str("no answer in time"),
+            GetError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// `GET path` (HTTP/1.0) to `addr` from inside the network namespace at `netns`: the
+/// status and the body.
+pub fn http_get(
+    netns: &Path,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), GetError> {
     let ask = async {
-        let netns = ambit_net::netns::NetnsHandle::from_path(&pod.netns)?;
-        let addr = SocketAddr::new(IpAddr::V4(pod.ip), READINESS_PORT);
+        let netns = ambit_net::netns::NetnsHandle::from_path(netns)?;
         let mut stream = netns
-            .connect(
-                addr,
-                ambit_net::netns::ConnectOpts {
-                    mark: None,
-                    ..ambit_net::netns::ConnectOpts::default()
-                },
-            )
+            .connect(addr, ambit_net::netns::ConnectOpts::default())
             .await?;
         stream
-            .write_all(b"GET /healthz/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer).into_owned())
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => return format!("unknown ({e})"),
-    };
-    match runtime.block_on(async { tokio::time::timeout(PROBE_TIMEOUT, ask).await }) {
-        Err(_) => format!("not ready (no answer on {READINESS_PORT} within {PROBE_TIMEOUT:?})"),
-        // The kind ("connection refused"): the whole error names the namespace's path.
-        Ok(Err(e)) => format!("not ready ({} on {READINESS_PORT})", e.kind()),
-        Ok(Ok(answer)) => {
-            let status = answer.lines().next().unwrap_or_default();
-            if status.split_whitespace().nth(1) == Some("200") {
-                "ready".to_owned()
-            } else {
-                format!("not ready ({status})")
-            }
-        }
-    }
+        .map_err(GetError::Io)?;
+    let answer = runtime
+        .block_on(async { tokio::time::timeout(timeout, ask).await })
+        .map_err(|_| GetError::Timeout)?
+        .map_err(GetError::Io)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
 
 #[cfg(test)]
