@@ -217,7 +217,15 @@ async fn exchange(
         )
         .await?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
+    if let Err(e) = stream.read_to_end(&mut response).await {
+        if e.kind() == std::io::ErrorKind::ConnectionReset && response.is_empty() {
+            anyhow::bail!("connection reset by the mesh before any response: denied by policy, or refused on the way (`ambitctl authz explain` says which; the client node's ztunnel logs why)");
+        }
+        return Err(e.into());
+    }
+    if response.is_empty() {
+        anyhow::bail!("connection closed by the mesh before any response: denied by policy, or refused on the way (`ambitctl authz explain` says which; the client node's ztunnel logs why)");
+    }
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")

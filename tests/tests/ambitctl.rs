@@ -494,6 +494,23 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         || "the DENY to refuse the frontend".into(),
     );
     agrees("deny-frontend applied");
+    // The denied client says so, not a parse error of nothing.
+    let denied = ctl.run(&[
+        "local",
+        "exec",
+        "frontend",
+        "--",
+        "ambitctl",
+        "app",
+        "get",
+        "http://catalog.bookshop/",
+    ]);
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        err.contains("by the mesh before any response: denied by policy")
+            && !err.contains("not an HTTP response"),
+        "{err}"
+    );
     let out = ctl.run(&[
         "authz",
         "explain",
