@@ -22,7 +22,7 @@ use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-pub use state::{MeshState, PodState};
+pub use state::{MeshState, NodeState, PodState};
 
 use crate::config::LocalCommand;
 
@@ -41,7 +41,7 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
         LocalCommand::Exec { pod, command } => exec(state_dir, &pod, &command),
         LocalCommand::Status => {
             let mesh = running(state_dir)?;
-            crate::out!("{}", describe(&mesh, &waypoints_of(&mesh)))?;
+            crate::out!("{}", describe(&mesh, &waypoints_of(&mesh), &live_of(&mesh)))?;
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Apply { file } => apply(state_dir, &file),
@@ -503,7 +503,7 @@ fn up(
     }
     let mesh = MeshState::read(state_dir)?;
     crate::outln!()?;
-    crate::out!("{}", describe(&mesh, &waypoints_of(&mesh)))?;
+    crate::out!("{}", describe(&mesh, &waypoints_of(&mesh), &live_of(&mesh)))?;
     crate::outln!()?;
     crate::outln!("Try (as root):")?;
     let client = mesh.pods.iter().find(|p| p.enrolled).or(mesh.pods.first());
@@ -682,8 +682,43 @@ fn waypoints_of(mesh: &MeshState) -> waypoints::Waypoints {
     })
 }
 
+/// What each node's ztunnel says now, for `local status`: its state, and the pods
+/// its model holds as HBONE workloads.
+#[derive(Debug, Default)]
+struct Live {
+    /// node → `serving model version N`, or why it did not answer.
+    ztunnels: std::collections::BTreeMap<String, String>,
+    /// uid → HBONE in some answering ztunnel's model.
+    hbone: std::collections::BTreeMap<String, bool>,
+}
+
+fn live_of(mesh: &MeshState) -> Live {
+    let mut live = Live::default();
+    for node in &mesh.nodes {
+        match crate::ztunnel_config::config_dump(node) {
+            Ok(dump) => {
+                live.ztunnels.insert(
+                    node.name.clone(),
+                    format!("serving, model version {}", dump["modelVersion"]),
+                );
+                for w in dump["model"]["workloads"].as_array().into_iter().flatten() {
+                    if let Some(uid) = w["uid"].as_str() {
+                        live.hbone
+                            .insert(uid.to_owned(), w["protocol"].as_str() == Some("HBONE"));
+                    }
+                }
+            }
+            Err(e) => {
+                live.ztunnels
+                    .insert(node.name.clone(), format!("not answering ({e:#})"));
+            }
+        }
+    }
+    live
+}
+
 /// The mesh as a few tables.
-fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints) -> String {
+fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints, live: &Live) -> String {
     let mut out = format!(
         "local mesh {} running {} (supervisor pid {})\ncontrol plane: ambit-control on {} (namespace {})\n\n",
         mesh.id,
@@ -696,12 +731,17 @@ fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints) -> String {
         "NODE".to_owned(),
         "ADDRESS".to_owned(),
         "NETWORK NAMESPACE (ztunnel admin on its localhost:15000)".to_owned(),
+        "ZTUNNEL (now)".to_owned(),
     ]];
     for n in &mesh.nodes {
         table.push(vec![
             n.name.clone(),
             n.ip.to_string(),
             n.netns.display().to_string(),
+            live.ztunnels
+                .get(&n.name)
+                .cloned()
+                .unwrap_or_else(|| "-".to_owned()),
         ]);
     }
     out.push_str(&columns(&table));
@@ -731,7 +771,10 @@ fn describe(mesh: &MeshState, waypoints: &waypoints::Waypoints) -> String {
                 identity,
                 format!("waypoint of Gateway {}/{gateway}", p.namespace),
             ),
-            None if p.enrolled => ("ambient (HBONE)".to_owned(), identity, ports.join(", ")),
+            // As the ztunnels' models say now, else as enrolled at `up`.
+            None if live.hbone.get(&p.uid()).copied().unwrap_or(p.enrolled) => {
+                ("ambient (HBONE)".to_owned(), identity, ports.join(", "))
+            }
             None => ("plaintext".to_owned(), "-".to_owned(), ports.join(", ")),
         };
         table.push(vec![

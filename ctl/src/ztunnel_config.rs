@@ -44,17 +44,7 @@ pub fn run(
     }
     let mut dumps = Vec::new();
     for n in &nodes {
-        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT);
-        let (status, body) = http_get(&n.netns, addr, "/config_dump", Duration::from_secs(5))
-            .map_err(|e| anyhow::anyhow!("ztunnel on {}: admin {addr}: {e}", n.name))?;
-        anyhow::ensure!(
-            status == 200,
-            "ztunnel on {}: /config_dump answered {status}: {body}",
-            n.name
-        );
-        let dump: Value = serde_json::from_str(&body)
-            .with_context(|| format!("ztunnel on {}: /config_dump is not JSON", n.name))?;
-        dumps.push((n.name.clone(), dump));
+        dumps.push((n.name.clone(), config_dump(n)?));
     }
     let sections: &[&str] = match what {
         "all" => &["workloads", "services", "policies", "certificates"],
@@ -84,6 +74,20 @@ pub fn run(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `node`'s ztunnel's `/config_dump`.
+pub(crate) fn config_dump(node: &crate::local::NodeState) -> anyhow::Result<Value> {
+    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT);
+    let (status, body) = http_get(&node.netns, addr, "/config_dump", Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("ztunnel on {}: admin {addr}: {e}", node.name))?;
+    anyhow::ensure!(
+        status == 200,
+        "ztunnel on {}: /config_dump answered {status}: {body}",
+        node.name
+    );
+    serde_json::from_str(&body)
+        .with_context(|| format!("ztunnel on {}: /config_dump is not JSON", node.name))
 }
 
 fn section<'a>(dump: &'a Value, name: &str) -> &'a Value {

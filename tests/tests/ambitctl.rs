@@ -640,6 +640,14 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
 
     let status = ctl.ok(&["local", "status"]);
     assert!(status.contains("catalog.bookshop"), "{status}");
+    // Each node's ztunnel as it answers now.
+    for node in ["node-a ", "node-b "] {
+        let row = status
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("no {node}row: {status}"));
+        assert!(row.contains("serving, model version"), "{status}");
+    }
     // The waypoint, its pod answering ready, its identity, and what binds to it as the
     // control plane binds it (the Services' own labels; not the per-version Services).
     let waypoint = status
