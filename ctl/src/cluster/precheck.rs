@@ -1,0 +1,407 @@
+//! `ambitctl precheck`: what would make an install fail or fight something already
+//! there, each finding with what to do.
+//!
+//! - The server's Kubernetes version against the chart's `kubeVersion` (1.29+).
+//! - The CRDs the install would apply, already there and not Ambit's (Istio's base
+//!   chart, the Gateway API's release): the apply would conflict with their manager.
+//! - An Istio control plane (`app=istiod`) or Istio's ztunnel: two meshes would both
+//!   publish `istio-ca-root-cert` and program the same pods.
+//! - The CNI directories: the nodes' distribution (k3s, RKE2, GKE, MicroK8s) keeps
+//!   them elsewhere than the chart's defaults.
+//! - On a node (a kubelet's `/var/lib/kubelet`, or `--node`): the kernel's nftables,
+//!   TPROXY, socket and mark support that capture needs (docs/decisions/0005), and the
+//!   CNI configuration directory.
+
+use std::path::Path;
+
+use kube::api::ListParams;
+use serde_json::Value;
+
+use super::chart::{self, Values, PART_OF};
+use super::{Cluster, ClusterError, Finding, Level};
+
+/// The oldest Kubernetes the chart takes (Chart.yaml `kubeVersion`).
+const MIN_MINOR: u64 = 29;
+
+/// What to check.
+#[derive(Debug, Clone)]
+pub struct Precheck {
+    pub values: Values,
+    /// Check this machine as a node; `None`: when it looks like one.
+    pub node: Option<bool>,
+}
+
+pub async fn precheck(cluster: &Cluster, how: &Precheck) -> Result<Vec<Finding>, ClusterError> {
+    let mut findings = Vec::new();
+    let version = cluster.version().await?;
+    findings.push(kubernetes_version(
+        &version.major,
+        &version.minor,
+        &version.git_version,
+    ));
+    findings.extend(crds(cluster, &how.values).await?);
+    findings.extend(istio(cluster).await?);
+    findings.push(cni_dirs(cluster, &how.values).await?);
+    let on_node = how
+        .node
+        .unwrap_or_else(|| Path::new("/var/lib/kubelet").is_dir());
+    if on_node {
+        findings.extend(local_node(&how.values));
+    } else {
+        findings.push(
+            Finding::new(
+                "kernel",
+                Level::Info,
+                "not checked: this machine is not a node (no /var/lib/kubelet)",
+            )
+            .action(
+                "run `ambitctl precheck --node` on a node to check its kernel and CNI directory",
+            ),
+        );
+    }
+    Ok(findings)
+}
+
+/// 1.29 or later.
+pub fn kubernetes_version(major: &str, minor: &str, git: &str) -> Finding {
+    const CHECK: &str = "kubernetes-version";
+    // GKE and EKS say "29+".
+    let digits = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u64>()
+            .ok()
+    };
+    match (digits(major), digits(minor)) {
+        (Some(1), Some(minor)) if minor >= MIN_MINOR => Finding::new(
+            CHECK,
+            Level::Ok,
+            format!("{git} (1.{MIN_MINOR} or later is needed)"),
+        ),
+        (Some(_), Some(_)) => Finding::new(
+            CHECK,
+            Level::Fail,
+            format!("{git}: Ambit needs Kubernetes 1.{MIN_MINOR} or later"),
+        )
+        .action("upgrade the cluster"),
+        _ => Finding::new(
+            CHECK,
+            Level::Warning,
+            format!("cannot read the version {major:?}.{minor:?} ({git})"),
+        ),
+    }
+}
+
+async fn crds(cluster: &Cluster, values: &Values) -> Result<Vec<Finding>, ClusterError> {
+    const CHECK: &str = "crds";
+    let existing = cluster
+        .list(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            None,
+            &ListParams::default(),
+        )
+        .await?;
+    let ours: Vec<String> = chart::default_objects()
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    let mut findings = Vec::new();
+    let mut foreign = Vec::new();
+    let mut missing = Vec::new();
+    for name in &ours {
+        match existing
+            .iter()
+            .find(|c| c["metadata"]["name"] == name.as_str())
+        {
+            None => missing.push(name.clone()),
+            Some(crd) if crd["metadata"]["labels"][PART_OF.0] == PART_OF.1 => {}
+            Some(crd) => foreign.push(format!("{name} ({})", owner(crd))),
+        }
+    }
+    if values.crds_enabled {
+        if foreign.is_empty() {
+            findings.push(Finding::new(
+                CHECK,
+                Level::Ok,
+                format!(
+                    "none of the {} CRDs Ambit installs is someone else's",
+                    ours.len()
+                ),
+            ));
+        } else {
+            findings.push(Finding::new(CHECK, Level::Fail, format!("already installed by someone else: {}", foreign.join(", ")))
+                .action("keep them: install with --set crds.enabled=false (Ambit reads Istio's and the Gateway API's own CRDs); or take them over with install --force-conflicts"));
+        }
+    } else if missing.is_empty() {
+        findings.push(Finding::new(
+            CHECK,
+            Level::Ok,
+            "crds.enabled=false and every CRD Ambit reads is installed",
+        ));
+    } else {
+        findings.push(Finding::new(CHECK, Level::Warning, format!("crds.enabled=false but missing: {}", missing.join(", ")))
+            .action("ambit-control serves without those kinds; install them (Istio's base chart, the Gateway API's standard release) or leave crds.enabled on"));
+    }
+    Ok(findings)
+}
+
+/// Who made an object: its Helm release, else its managers.
+fn owner(object: &Value) -> String {
+    if let Some(release) = object["metadata"]["annotations"]["meta.helm.sh/release-name"].as_str() {
+        let ns = object["metadata"]["annotations"]["meta.helm.sh/release-namespace"]
+            .as_str()
+            .unwrap_or("?");
+        return format!("Helm release {ns}/{release}");
+    }
+    let managers: Vec<&str> = object["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["manager"].as_str())
+        .collect();
+    if managers.is_empty() {
+        "no Ambit label".to_owned()
+    } else {
+        format!("managed by {}", managers.join(", "))
+    }
+}
+
+async fn istio(cluster: &Cluster) -> Result<Vec<Finding>, ClusterError> {
+    const CHECK: &str = "istio";
+    let mut findings = Vec::new();
+    let istiod = cluster
+        .list(
+            "apps/v1",
+            "Deployment",
+            None,
+            &ListParams::default().labels("app=istiod"),
+        )
+        .await?;
+    let ztunnels: Vec<Value> = cluster
+        .list(
+            "apps/v1",
+            "DaemonSet",
+            None,
+            &ListParams::default().labels("app=ztunnel"),
+        )
+        .await?
+        .into_iter()
+        .filter(|d| d["metadata"]["labels"][PART_OF.0] != PART_OF.1)
+        .collect();
+    let names = |objects: &[Value]| {
+        objects
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["metadata"]["namespace"].as_str().unwrap_or(""),
+                    o["metadata"]["name"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !istiod.is_empty() {
+        findings.push(Finding::new(CHECK, Level::Fail, format!("Istio's control plane runs: Deployment {}", names(&istiod)))
+            .action("two control planes would both publish istio-ca-root-cert and program the same pods: uninstall Istio first (istioctl uninstall --purge)"));
+    }
+    if !ztunnels.is_empty() {
+        findings.push(Finding::new(CHECK, Level::Fail, format!("Istio's ztunnel runs: DaemonSet {}", names(&ztunnels)))
+            .action("two ztunnels on a node would capture the same pods: remove Istio's ambient components first"));
+    }
+    if istiod.is_empty() && ztunnels.is_empty() {
+        findings.push(Finding::new(
+            CHECK,
+            Level::Ok,
+            "no Istio control plane (app=istiod) or Istio ztunnel",
+        ));
+    }
+    Ok(findings)
+}
+
+/// Where the nodes' distribution keeps its CNI directories, if not at the defaults.
+pub fn cni_dirs_of(node: &Value) -> Option<(&'static str, &'static str, &'static str)> {
+    let kubelet = node["status"]["nodeInfo"]["kubeletVersion"]
+        .as_str()
+        .unwrap_or("");
+    let labels = &node["metadata"]["labels"];
+    if kubelet.contains("+k3s") {
+        Some((
+            "k3s",
+            "/var/lib/rancher/k3s/data/current/bin",
+            "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+        ))
+    } else if kubelet.contains("+rke2") {
+        Some((
+            "RKE2",
+            "/opt/cni/bin",
+            "/var/lib/rancher/rke2/agent/etc/cni/net.d",
+        ))
+    } else if labels.get("cloud.google.com/gke-nodepool").is_some() {
+        Some(("GKE", "/home/kubernetes/bin", "/etc/cni/net.d"))
+    } else if labels.get("microk8s.io/cluster").is_some() {
+        Some((
+            "MicroK8s",
+            "/var/snap/microk8s/current/opt/cni/bin",
+            "/var/snap/microk8s/current/args/cni-network",
+        ))
+    } else {
+        None
+    }
+}
+
+async fn cni_dirs(cluster: &Cluster, values: &Values) -> Result<Finding, ClusterError> {
+    const CHECK: &str = "cni-directories";
+    let nodes = cluster
+        .list("v1", "Node", None, &ListParams::default())
+        .await?;
+    let set = format!(
+        "cni.binDir={} cni.confDir={}",
+        values.cni_bin_dir, values.cni_conf_dir
+    );
+    for node in &nodes {
+        if let Some((platform, bin, conf)) = cni_dirs_of(node) {
+            if (bin, conf) != (values.cni_bin_dir.as_str(), values.cni_conf_dir.as_str()) {
+                return Ok(Finding::new(CHECK, Level::Warning, format!(
+                    "node {} runs {platform}, whose CNI directories are {bin} and {conf}, not {set}",
+                    node["metadata"]["name"].as_str().unwrap_or("?")))
+                    .action(format!("install with --set cni.binDir={bin} --set cni.confDir={conf}")));
+            }
+        }
+    }
+    Ok(Finding::new(CHECK, Level::Info, format!(
+        "{set} on every node ({} nodes; no k3s, RKE2, GKE or MicroK8s seen)", nodes.len()))
+        .action("if the nodes' runtime keeps its CNI configuration elsewhere, set cni.confDir and cni.binDir (run `ambitctl precheck --node` on a node to look)"))
+}
+
+/// Where a kernel module is: loaded, built in, loadable (in modules.dep), or absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Module {
+    Loaded,
+    BuiltIn,
+    Loadable,
+    Absent,
+}
+
+/// `module`'s state from `/proc/modules`, `modules.builtin` and `modules.dep`.
+pub fn module_state(module: &str, loaded: &str, builtin: &str, dep: &str) -> Module {
+    let file = |line: &str| {
+        let path = line.split(':').next().unwrap_or("");
+        let name = path.rsplit('/').next().unwrap_or("");
+        let name = name.split(".ko").next().unwrap_or("");
+        name.replace('-', "_") == module
+    };
+    if loaded
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(module))
+    {
+        Module::Loaded
+    } else if builtin.lines().any(file) {
+        Module::BuiltIn
+    } else if dep.lines().any(file) {
+        Module::Loadable
+    } else {
+        Module::Absent
+    }
+}
+
+/// The modules capture needs: nftables with tproxy and socket matching (the outbound
+/// capture), and iptables' mark and connmark (the mangle rules).
+const MODULES: [(&str, &str); 6] = [
+    ("nf_tables", "nftables"),
+    ("nft_tproxy", "nftables tproxy (outbound capture)"),
+    (
+        "nft_socket",
+        "nftables socket matching (refusing unhandled SYNs)",
+    ),
+    ("nf_tproxy_ipv4", "TPROXY for IPv4"),
+    ("xt_mark", "iptables mark"),
+    ("xt_connmark", "iptables connmark"),
+];
+
+fn local_node(values: &Values) -> Vec<Finding> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let release = read("/proc/sys/kernel/osrelease").trim().to_owned();
+    let loaded = read("/proc/modules");
+    let builtin = read(&format!("/lib/modules/{release}/modules.builtin"));
+    let dep = read(&format!("/lib/modules/{release}/modules.dep"));
+    let mut findings = Vec::new();
+    for (module, what) in MODULES {
+        let finding = match module_state(module, &loaded, &builtin, &dep) {
+            Module::Loaded => Finding::new("kernel", Level::Ok, format!("{what}: {module} loaded")),
+            Module::BuiltIn => Finding::new("kernel", Level::Ok, format!("{what}: {module} built in")),
+            Module::Loadable => Finding::new("kernel", Level::Ok, format!("{what}: {module} loadable (loaded on first use)")),
+            Module::Absent => Finding::new("kernel", Level::Fail, format!("{what}: no {module} in kernel {release}"))
+                .action("use a kernel with CONFIG_NF_TABLES, CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET, CONFIG_NETFILTER_XT_MARK and CONFIG_NETFILTER_XT_CONNMARK"),
+        };
+        findings.push(finding);
+    }
+    let conf = Path::new(&values.cni_conf_dir);
+    let configs: Vec<String> = std::fs::read_dir(conf)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".conflist") || n.ends_with(".conf"))
+                .collect()
+        })
+        .unwrap_or_default();
+    findings.push(if configs.is_empty() {
+        Finding::new("cni-directories", Level::Warning, format!("no CNI configuration in {} on this node", conf.display()))
+            .action("find the runtime's CNI directory (containerd: plugins.\"io.containerd.grpc.v1.cri\".cni conf_dir) and set cni.confDir")
+    } else {
+        Finding::new("cni-directories", Level::Ok, format!("{}: {}", conf.display(), configs.join(", ")))
+    });
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn versions_from_1_29_pass() {
+        assert_eq!(kubernetes_version("1", "32", "v1.32.0").level, Level::Ok);
+        assert_eq!(
+            kubernetes_version("1", "29+", "v1.29.3-gke").level,
+            Level::Ok
+        );
+        assert_eq!(kubernetes_version("1", "28", "v1.28.0").level, Level::Fail);
+        assert_eq!(kubernetes_version("", "", "?").level, Level::Warning);
+    }
+
+    #[test]
+    fn modules_are_found_where_the_kernel_keeps_them() {
+        let loaded = "nf_tables 364544 3 nft_tproxy, Live 0x0\nxt_mark 12288 1 - Live 0x0\n";
+        let builtin = "kernel/net/netfilter/xt_connmark.ko\n";
+        let dep = "kernel/net/netfilter/nft_socket.ko.zst: kernel/net/netfilter/nf_tables.ko.zst\n";
+        assert_eq!(
+            module_state("nf_tables", loaded, builtin, dep),
+            Module::Loaded
+        );
+        assert_eq!(
+            module_state("xt_connmark", loaded, builtin, dep),
+            Module::BuiltIn
+        );
+        assert_eq!(
+            module_state("nft_socket", loaded, builtin, dep),
+            Module::Loadable
+        );
+        assert_eq!(
+            module_state("nft_tproxy", loaded, builtin, dep),
+            Module::Absent
+        );
+    }
+
+    #[test]
+    fn distributions_name_their_cni_directories() {
+        let k3s =
+            json!({"status": {"nodeInfo": {"kubeletVersion": "v1.31.4+k3s1"}}, "metadata": {}});
+        assert_eq!(cni_dirs_of(&k3s).unwrap().0, "k3s");
+        let gke = json!({"metadata": {"labels": {"cloud.google.com/gke-nodepool": "p"}}});
+        assert_eq!(cni_dirs_of(&gke).unwrap().1, "/home/kubernetes/bin");
+        let plain = json!({"status": {"nodeInfo": {"kubeletVersion": "v1.32.0"}}, "metadata": {}});
+        assert_eq!(cni_dirs_of(&plain), None);
+    }
+}
