@@ -455,6 +455,13 @@ async fn precheck_finds_istio_and_foreign_crds_and_an_old_server() {
     let clean = ambitctl(&kc, &["precheck"]).await;
     assert_eq!(clean.code, 0, "{}", clean.stdout);
     assert!(clean.stdout.contains("ok    kubernetes-version: v1.32.0"));
+    assert!(
+        clean.stdout.contains(
+            "ok    permissions: the kubeconfig's user may get, patch and delete every kind"
+        ),
+        "{}",
+        clean.stdout
+    );
 
     fake.put(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: istiod, namespace: istio-system, labels: {app: istiod}}\nspec: {replicas: 1}\n",
@@ -467,6 +474,7 @@ async fn precheck_finds_istio_and_foreign_crds_and_an_old_server() {
         "apiVersion: v1\nkind: Node\nmetadata: {name: node-k3s}\nstatus: {nodeInfo: {kubeletVersion: v1.31.4+k3s1}}\n",
     );
     fake.set_version("1", "28");
+    fake.forbid("patch", "clusterroles");
     let run = ambitctl(&kc, &["precheck", "-o", "json"]).await;
     assert_eq!(run.code, 1);
     let report: Value = serde_json::from_str(&run.stdout).unwrap();
@@ -495,6 +503,10 @@ async fn precheck_finds_istio_and_foreign_crds_and_an_old_server() {
         .as_str()
         .unwrap()
         .contains("--set crds.enabled=false"));
+    assert_eq!(
+        find("permissions")["message"],
+        "the kubeconfig's user may not: patch clusterroles.rbac.authorization.k8s.io"
+    );
     let cni = find("cni-directories");
     assert!(cni["action"]
         .as_str()

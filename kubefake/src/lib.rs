@@ -18,7 +18,8 @@
 //! controllers and kubelets would: each applied workload gets the status of a finished
 //! rollout (a DaemonSet on every Node object), except those [`FakeApi::stall`] names,
 //! whose last pod never becomes ready. [`FakeApi::forbid`] answers a verb on a resource
-//! with 403 Forbidden, as RBAC would.
+//! with 403 Forbidden, as RBAC would, and a SelfSubjectAccessReview of it with
+//! `allowed: false`.
 //!
 //! Tests drive it: [`FakeApi::put`] and [`FakeApi::delete`] change objects (watchers
 //! see the events), [`FakeApi::break_watches`] ends every open watch, and
@@ -566,6 +567,25 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             )
         }
     };
+    if prefix == "apis/authorization.k8s.io/v1" && rest == ["selfsubjectaccessreviews"] {
+        // RBAC's view of the caller: everything but what forbid() named.
+        let mut review: Value = serde_json::from_slice(&body).unwrap();
+        let attributes = &review["spec"]["resourceAttributes"];
+        let verb = attributes["verb"].as_str().unwrap_or("").to_owned();
+        let resource = attributes["resource"].as_str().unwrap_or("").to_owned();
+        let denied = state
+            .lock()
+            .unwrap()
+            .forbidden
+            .iter()
+            .any(|(v, p)| *v == verb && *p == resource);
+        review["status"] = if denied {
+            json!({"allowed": false, "reason": "no RBAC rule allows it"})
+        } else {
+            json!({"allowed": true, "reason": "RBAC: allowed"})
+        };
+        return full(StatusCode::CREATED, &review);
+    }
     if prefix == "apis/authentication.k8s.io/v1" && rest == ["tokenreviews"] {
         return token_review(state, &body);
     }

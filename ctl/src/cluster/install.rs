@@ -29,7 +29,7 @@ const POLL: Duration = Duration::from_millis(500);
 /// Why an install did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("install stopped at {failed}: {source}\n  applied before it (in the cluster now): {}\n  not applied: {}\n  fix the cause and run `ambitctl install` again (applying is idempotent), or `ambitctl uninstall` to remove what was made", list(applied), list(not_applied))]
+    #[error("install stopped at {failed}: {source}{}\n  applied before it (in the cluster now): {}\n  not applied: {}\n  fix the cause and run `ambitctl install` again (applying is idempotent), or `ambitctl uninstall` to remove what was made", hint(source), list(applied), list(not_applied))]
     Apply {
         failed: ObjectName,
         #[source]
@@ -58,6 +58,16 @@ pub enum UninstallError {
     },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+}
+
+/// What to do about a refusal the API server explains by its code.
+fn hint(e: &ClusterError) -> &'static str {
+    match e.code() {
+        Some(401) => "\n  the kubeconfig's credentials were not accepted: log in again",
+        Some(403) => "\n  the kubeconfig's user may not do this: an install makes CRDs, ClusterRoles and bindings, which needs cluster-admin (`ambitctl precheck` lists what is missing)",
+        Some(409) => "\n  another field manager owns fields of this object: `ambitctl precheck` names it; keep its object (e.g. --set crds.enabled=false) or take the fields over with --force-conflicts",
+        _ => "",
+    }
 }
 
 fn list(names: &[ObjectName]) -> String {

@@ -2,6 +2,8 @@
 //! there, each finding with what to do.
 //!
 //! - The server's Kubernetes version against the chart's `kubeVersion` (1.29+).
+//! - Whether the kubeconfig's user may get, patch and delete each kind the install
+//!   makes (SelfSubjectAccessReview).
 //! - The CRDs the install would apply, already there and not Ambit's (Istio's base
 //!   chart, the Gateway API's release): the apply would conflict with their manager.
 //! - An Istio control plane (`app=istiod`) or Istio's ztunnel: two meshes would both
@@ -40,6 +42,7 @@ pub async fn precheck(cluster: &Cluster, how: &Precheck) -> Result<Vec<Finding>,
         &version.git_version,
     ));
     findings.extend(crds(cluster, &how.values).await?);
+    findings.push(permissions(cluster, &how.values).await);
     findings.extend(istio(cluster).await?);
     findings.push(cni_dirs(cluster, &how.values).await?);
     let on_node = how
@@ -144,6 +147,83 @@ async fn crds(cluster: &Cluster, values: &Values) -> Result<Vec<Finding>, Cluste
             .action("ambit-control serves without those kinds; install them (Istio's base chart, the Gateway API's standard release) or leave crds.enabled on"));
     }
     Ok(findings)
+}
+
+/// Whether the kubeconfig's user may get, patch (install) and delete (uninstall)
+/// every kind of object the install makes, asked with SelfSubjectAccessReviews.
+async fn permissions(cluster: &Cluster, values: &Values) -> Finding {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    const CHECK: &str = "permissions";
+    let mut asks = std::collections::BTreeSet::new();
+    for object in chart::render(values) {
+        let name = chart::ObjectName::of(&object);
+        let Some((resource, namespaced)) = super::resource_of(&name.api_version, &name.kind) else {
+            continue;
+        };
+        let namespace = if namespaced {
+            name.namespace.clone()
+        } else {
+            None
+        };
+        for verb in ["get", "patch", "delete"] {
+            asks.insert((
+                resource.group.clone(),
+                resource.plural.clone(),
+                namespace.clone(),
+                verb,
+            ));
+        }
+    }
+    let api: kube::Api<SelfSubjectAccessReview> = kube::Api::all(cluster.client.clone());
+    let mut denied = Vec::new();
+    for (group, plural, namespace, verb) in &asks {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(group.clone()),
+                    resource: Some(plural.clone()),
+                    namespace: namespace.clone(),
+                    verb: Some((*verb).to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        match api.create(&kube::api::PostParams::default(), &review).await {
+            Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => {}
+            Ok(_) => {
+                let resource = if group.is_empty() {
+                    plural.clone()
+                } else {
+                    format!("{plural}.{group}")
+                };
+                let scope = namespace
+                    .as_deref()
+                    .map(|ns| format!(" in {ns}"))
+                    .unwrap_or_default();
+                denied.push(format!("{verb} {resource}{scope}"));
+            }
+            Err(e) => {
+                return Finding::new(
+                    CHECK,
+                    Level::Warning,
+                    format!(
+                        "cannot ask what the user may do: {}",
+                        cluster.error("SelfSubjectAccessReview", e)
+                    ),
+                )
+            }
+        }
+    }
+    if denied.is_empty() {
+        Finding::new(CHECK, Level::Ok, format!("the kubeconfig's user may get, patch and delete every kind the install makes ({} checks)", asks.len()))
+    } else {
+        Finding::new(CHECK, Level::Fail, format!("the kubeconfig's user may not: {}", denied.join(", ")))
+            .action("an install makes CRDs, ClusterRoles and their bindings: use a cluster-admin context (--context), or grant these")
+    }
 }
 
 /// Who made an object: its Helm release, else its managers.
