@@ -512,7 +512,60 @@ async fn precheck_finds_istio_and_foreign_crds_and_an_old_server() {
         .as_str()
         .unwrap()
         .contains("--set cni.confDir=/var/lib/rancher/k3s/agent/etc/cni/net.d"));
+    fake.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: ambit-system}\n");
+    let namespace = ambitctl(&kc, &["precheck"]).await;
+    assert!(
+        namespace
+            .stdout
+            .contains("WARN  namespace: ambit-system exists and is not Ambit's"),
+        "{}",
+        namespace.stdout
+    );
+    assert!(namespace.stdout.contains("--set namespace.create=false"));
     // With the CRDs left to Istio's chart, that finding goes.
     let kept = ambitctl(&kc, &["precheck", "--set", "crds.enabled=false"]).await;
     assert!(!kept.stdout.contains("FAIL  crds"), "{}", kept.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crd_another_manager_owns_conflicts_until_forced() {
+    let (fake, _dir, kc) = cluster(1).await;
+    fake.put(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n\
+         metadata:\n  name: authorizationpolicies.security.istio.io\n  managedFields:\n  \
+         - {manager: helm, operation: Update, apiVersion: apiextensions.k8s.io/v1, fieldsType: FieldsV1,\n     \
+         fieldsV1: {'f:spec': {'f:group': {}, 'f:versions': {}}}}\n\
+         spec: {group: security.istio.io, versions: []}\n",
+    );
+    let run = ambitctl(&kc, &["install"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains(
+            "install stopped at CustomResourceDefinition authorizationpolicies.security.istio.io: \
+             applying CustomResourceDefinition authorizationpolicies.security.istio.io: the API server answered 409 Conflict: \
+             Apply failed with 1 conflict: conflict with \"helm\" using apiextensions.k8s.io/v1: .spec.versions"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("--force-conflicts"));
+    let forced = ambitctl(&kc, &["install", "--force-conflicts"]).await;
+    assert_eq!(forced.code, 0, "{}", forced.stderr);
+    assert!(forced
+        .stdout
+        .contains("configured CustomResourceDefinition authorizationpolicies.security.istio.io"));
+    let crd = fake
+        .get(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            "",
+            "authorizationpolicies.security.istio.io",
+        )
+        .unwrap();
+    let fields = &crd["metadata"]["managedFields"];
+    // helm keeps the field whose value did not change; the list moved to ambitctl.
+    assert_eq!(fields[0]["manager"], "helm");
+    assert_eq!(fields[0]["fieldsV1"], json!({"f:spec": {"f:group": {}}}));
+    assert_eq!(fields[1]["manager"], "ambitctl");
+    assert!(fields[1]["fieldsV1"]["f:spec"]["f:versions"].is_object());
 }

@@ -11,8 +11,11 @@
 //! stored one; `metadata.generation` starts at 1 and grows when the spec changes; a
 //! created or applied CustomResourceDefinition is Established (as the apiextensions
 //! controller makes it); deleting a Namespace deletes what is in it; lists take
-//! equality label selectors (`a=b,c`). Server-side apply's field ownership is not
-//! modelled: an apply replaces the object's fields and never conflicts.
+//! equality label selectors (`a=b,c`). Server-side apply keeps field ownership in
+//! `fieldsV1` (lists owned whole, as atomic lists): applying a field another manager
+//! owns with another value is a 409 Conflict naming manager and field, unless
+//! `force=true`, which moves the field to the applier. The applied object replaces the
+//! stored one's fields (other managers' fields are not merged back in).
 //!
 //! [`FakeApi::simulate_controllers`] makes it act as the Deployment and DaemonSet
 //! controllers and kubelets would: each applied workload gets the status of a finished
@@ -720,6 +723,8 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 );
             };
             let mut object: Value = serde_json::from_slice(&body).unwrap();
+            let applied_fields = owned_fields(&object);
+            let force = query.get("force").is_some_and(|f| f == "true");
             if let Some(ns) = namespace {
                 object["metadata"]["namespace"] = ns.into();
             }
@@ -748,14 +753,63 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                     .as_array()
                     .cloned()
                     .unwrap_or_default();
+                // A field another manager owns, set here to another value, conflicts
+                // unless forced; forced, it changes hands.
+                let mut conflicts = Vec::new();
+                for other in managers
+                    .iter_mut()
+                    .filter(|m| m["manager"] != manager.as_str())
+                {
+                    let mut theirs = leaves_of_fields(&other["fieldsV1"], "");
+                    for path in theirs.clone() {
+                        if applied_fields.contains(&path) && at(stored, &path) != at(&object, &path)
+                        {
+                            conflicts.push((
+                                other["manager"].as_str().unwrap_or("").to_owned(),
+                                path.clone(),
+                            ));
+                            theirs.retain(|p| *p != path);
+                        }
+                    }
+                    if force {
+                        other["fieldsV1"] = fields_v1(&theirs);
+                    }
+                }
+                if !force && !conflicts.is_empty() {
+                    let api_version = object["apiVersion"].as_str().unwrap_or("").to_owned();
+                    let causes: Vec<Value> = conflicts
+                        .iter()
+                        .map(|(m, p)| {
+                            json!({
+                        "reason": "FieldManagerConflict",
+                        "message": format!("conflict with \"{m}\" using {api_version}"),
+                        "field": p})
+                        })
+                        .collect();
+                    let list: Vec<String> = conflicts
+                        .iter()
+                        .map(|(m, p)| format!("conflict with \"{m}\" using {api_version}: {p}"))
+                        .collect();
+                    return full(
+                        StatusCode::CONFLICT,
+                        &json!({"kind": "Status", "apiVersion": "v1",
+                        "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409,
+                        "message": format!("Apply failed with {} conflict{}: {}", conflicts.len(),
+                            if conflicts.len() == 1 { "" } else { "s" }, list.join("\n")),
+                        "details": {"causes": causes}}),
+                    );
+                }
+                managers.retain(|m| {
+                    m["manager"] == manager.as_str()
+                        || !leaves_of_fields(&m["fieldsV1"], "").is_empty()
+                });
             } else {
                 object["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
             }
-            if !managers.iter().any(|m| m["manager"] == manager.as_str()) {
-                managers.push(json!({"manager": manager, "operation": "Apply",
-                    "apiVersion": object["apiVersion"], "time": "2026-01-01T00:00:00Z",
-                    "fieldsType": "FieldsV1", "fieldsV1": {}}));
-            }
+            managers.retain(|m| m["manager"] != manager.as_str());
+            managers.push(json!({"manager": manager, "operation": "Apply",
+                "apiVersion": object["apiVersion"], "time": "2026-01-01T00:00:00Z",
+                "fieldsType": "FieldsV1", "fieldsV1": fields_v1(&applied_fields)}));
             object["metadata"]["managedFields"] = managers.into();
             if plural == "customresourcedefinitions" {
                 establish(&mut object);
@@ -837,6 +891,75 @@ fn patch_status(
     }
     state.store(collection.clone(), object);
     full(StatusCode::OK, &state.objects[&collection][&key])
+}
+
+/// The fields an applied object sets, as paths (`.spec.replicas`): every scalar and
+/// every list (lists are taken whole, as atomic lists are), leaving out what names
+/// the object.
+fn owned_fields(object: &Value) -> Vec<String> {
+    let mut paths = Vec::new();
+    fn walk(value: &Value, path: String, paths: &mut Vec<String>) {
+        match value {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    walk(v, format!("{path}.{k}"), paths);
+                }
+            }
+            _ => paths.push(path),
+        }
+    }
+    for (k, v) in object.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "apiVersion" | "kind" | "status" => {}
+            "metadata" => {
+                for (m, v) in v.as_object().into_iter().flatten() {
+                    if m == "labels" || m == "annotations" {
+                        walk(v, format!(".metadata.{m}"), &mut paths);
+                    }
+                }
+            }
+            _ => walk(v, format!(".{k}"), &mut paths),
+        }
+    }
+    paths
+}
+
+/// Paths as `metadata.managedFields[].fieldsV1` writes them: `{"f:spec": {"f:replicas": {}}}`.
+fn fields_v1(paths: &[String]) -> Value {
+    let mut root = json!({});
+    for path in paths {
+        let mut node = &mut root;
+        for part in path.trim_start_matches('.').split('.') {
+            node = node
+                .as_object_mut()
+                .unwrap()
+                .entry(format!("f:{part}"))
+                .or_insert_with(|| json!({}));
+        }
+    }
+    root
+}
+
+/// The paths of a fieldsV1 tree.
+fn leaves_of_fields(fields: &Value, prefix: &str) -> Vec<String> {
+    match fields.as_object() {
+        Some(map) if !map.is_empty() => map
+            .iter()
+            .flat_map(|(k, v)| {
+                let part = k.strip_prefix("f:").unwrap_or(k);
+                leaves_of_fields(v, &format!("{prefix}.{part}"))
+            })
+            .collect(),
+        _ if prefix.is_empty() => Vec::new(),
+        _ => vec![prefix.to_owned()],
+    }
+}
+
+/// The value at a path of [`owned_fields`].
+fn at<'a>(object: &'a Value, path: &str) -> &'a Value {
+    path.trim_start_matches('.')
+        .split('.')
+        .fold(object, |v, part| v.get(part).unwrap_or(&Value::Null))
 }
 
 /// What the apiextensions controller does to a new CustomResourceDefinition.

@@ -43,6 +43,7 @@ pub async fn precheck(cluster: &Cluster, how: &Precheck) -> Result<Vec<Finding>,
     ));
     findings.extend(crds(cluster, &how.values).await?);
     findings.push(permissions(cluster, &how.values).await);
+    findings.push(namespace(cluster, &how.values).await?);
     findings.extend(istio(cluster).await?);
     findings.push(cni_dirs(cluster, &how.values).await?);
     let on_node = how
@@ -224,6 +225,30 @@ async fn permissions(cluster: &Cluster, values: &Values) -> Finding {
         Finding::new(CHECK, Level::Fail, format!("the kubeconfig's user may not: {}", denied.join(", ")))
             .action("an install makes CRDs, ClusterRoles and their bindings: use a cluster-admin context (--context), or grant these")
     }
+}
+
+/// The install's namespace: made by the install, or there already when it is not to be.
+async fn namespace(cluster: &Cluster, values: &Values) -> Result<Finding, ClusterError> {
+    const CHECK: &str = "namespace";
+    let name = chart::ObjectName {
+        api_version: "v1".into(),
+        kind: "Namespace".into(),
+        namespace: None,
+        name: chart::NAMESPACE.into(),
+    };
+    let found = cluster.get(&name).await?;
+    let ns = chart::NAMESPACE;
+    Ok(match (found, values.namespace_create) {
+        (None, true) => Finding::new(CHECK, Level::Ok, format!("{ns} does not exist yet; the install makes it")),
+        (None, false) => Finding::new(CHECK, Level::Fail, format!("{ns} does not exist and namespace.create=false"))
+            .action(format!("kubectl create namespace {ns}, or leave namespace.create on")),
+        (Some(o), true) if o["metadata"]["labels"][PART_OF.0] != PART_OF.1 => {
+            Finding::new(CHECK, Level::Warning, format!("{ns} exists and is not Ambit's: the install labels it as Ambit's, and uninstall then deletes it with everything in it"))
+                .action("keep it yours with --set namespace.create=false")
+        }
+        (Some(_), true) => Finding::new(CHECK, Level::Ok, format!("{ns} is Ambit's (an earlier install)")),
+        (Some(_), false) => Finding::new(CHECK, Level::Ok, format!("{ns} exists (namespace.create=false)")),
+    })
 }
 
 /// Who made an object: its Helm release, else its managers.
