@@ -38,6 +38,8 @@ pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
 /// The Secret ambit-control keeps its self-signed root in, in its namespace.
 pub const SELF_SIGNED_SECRET: &str = "istio-ca-secret";
+/// The label of what ambit-control makes to run a waypoint Gateway.
+pub const WAYPOINT_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// The GatewayClass of waypoints, applied by ambit-control at start.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 

@@ -70,8 +70,8 @@ pub enum Command {
         force_conflicts: bool,
     },
     /// Deletes every object an install makes and what the control plane made (the
-    /// root's ConfigMaps, its Secret, the waypoint GatewayClass); the CRDs only with
-    /// --purge.
+    /// root's ConfigMaps, its Secret, the waypoints' objects, the waypoint
+    /// GatewayClass); the CRDs only with --purge.
     Uninstall {
         #[command(flatten)]
         cluster: crate::cluster::ClusterArgs,

@@ -150,6 +150,23 @@ async fn control_plane_runs(fake: &FakeApi) {
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: istio-ca-secret, namespace: {NS}, \
          labels: {{app.kubernetes.io/managed-by: ambit-control}}}}\n"
     ));
+    // A waypoint for the user's Gateway shop/waypoint.
+    for (group, version, kind, plural) in [
+        ("", "v1", "ServiceAccount", "serviceaccounts"),
+        ("", "v1", "Service", "services"),
+        ("apps", "v1", "Deployment", "deployments"),
+    ] {
+        let resource =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api: kube::Api<DynamicObject> =
+            kube::Api::namespaced_with(client.clone(), "shop", &resource);
+        let body = json!({"apiVersion": resource.api_version, "kind": kind,
+            "metadata": {"name": "waypoint",
+                         "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}}});
+        api.patch("waypoint", &apply, &Patch::Apply(&body))
+            .await
+            .unwrap();
+    }
     let classes = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "GatewayClass"),
         "gatewayclasses",
@@ -176,6 +193,10 @@ async fn install_then_verify_then_uninstall_leaves_nothing_behind() {
     // Someone else's objects, which uninstall must not touch.
     fake.put("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
     fake.put("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings, namespace: shop}\n");
+    fake.put(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: own, namespace: shop, \
+         labels: {gateway.networking.k8s.io/gateway-name: own}}\n",
+    );
     let sets = ["trustDomain=example.org", "control.replicas=3"];
     let objects = generated(&kc, &sets).await;
 
@@ -313,6 +334,20 @@ async fn install_then_verify_then_uninstall_leaves_nothing_behind() {
         )
         .is_none());
     assert!(fake.get("v1", "ConfigMap", "shop", "settings").is_some());
+    for (api_version, kind) in [
+        ("apps/v1", "Deployment"),
+        ("v1", "Service"),
+        ("v1", "ServiceAccount"),
+    ] {
+        assert!(
+            fake.get(api_version, kind, "shop", "waypoint").is_none(),
+            "{kind}"
+        );
+    }
+    assert!(
+        fake.get("v1", "Service", "shop", "own").is_some(),
+        "not ambit-control's"
+    );
     assert!(fake.get("v1", "Namespace", "", "shop").is_some());
 
     let purge = ambitctl(&kc, &["uninstall", "--purge"]).await;

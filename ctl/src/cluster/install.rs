@@ -9,7 +9,8 @@
 //!
 //! Uninstall deletes every object an install can make, whatever `--set` it had
 //! (CustomResourceDefinitions only with `--purge`), and what ambit-control made: the
-//! root's ConfigMap in every namespace, its self-signed root's Secret and the
+//! root's ConfigMap in every namespace, its self-signed root's Secret, each waypoint's
+//! ServiceAccount, Service and Deployment (the users' Gateways stay) and the
 //! istio-waypoint GatewayClass. An object without Ambit's label (or, for what
 //! ambit-control made, not written by it) is left alone and named. The workloads go
 //! first, and are waited for, so the control plane cannot publish again what is
@@ -311,7 +312,8 @@ fn managed_by(object: &Value, manager: &str) -> bool {
 }
 
 /// What ambit-control made: the root's ConfigMap in each namespace, the self-signed
-/// root's Secret, the waypoint GatewayClass, each only if ambit-control wrote it.
+/// root's Secret, the waypoints' objects, the waypoint GatewayClass, each only if
+/// ambit-control wrote it.
 async fn made_by_control(cluster: &Cluster) -> Result<Vec<ObjectName>, ClusterError> {
     let mut made = Vec::new();
     let by_name = ListParams::default().fields(&format!("metadata.name={}", super::ROOT_CONFIGMAP));
@@ -329,6 +331,20 @@ async fn made_by_control(cluster: &Cluster) -> Result<Vec<ObjectName>, ClusterEr
     if let Some(s) = cluster.get(&secret).await? {
         if s["metadata"]["labels"]["app.kubernetes.io/managed-by"] == super::CONTROL_FIELD_MANAGER {
             made.push(secret);
+        }
+    }
+    // Each waypoint Gateway's ServiceAccount, Service and Deployment (the Gateways
+    // are the user's and stay; a new install makes their waypoints again).
+    let waypoints = ListParams::default().labels(super::WAYPOINT_LABEL);
+    for (api_version, kind) in [
+        ("apps/v1", "Deployment"),
+        ("v1", "Service"),
+        ("v1", "ServiceAccount"),
+    ] {
+        for o in cluster.list(api_version, kind, None, &waypoints).await? {
+            if managed_by(&o, super::CONTROL_FIELD_MANAGER) {
+                made.push(ObjectName::of(&o));
+            }
         }
     }
     let class = ObjectName {
