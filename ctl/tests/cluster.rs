@@ -604,3 +604,54 @@ async fn a_crd_another_manager_owns_conflicts_until_forced() {
     assert_eq!(fields[1]["manager"], "ambitctl");
     assert!(fields[1]["fieldsV1"]["f:spec"]["f:versions"].is_object());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinstalling_with_other_values_changes_only_what_they_change() {
+    let (fake, _dir, kc) = cluster(1).await;
+    let first = ambitctl(&kc, &["install", "--set", "control.resources.limits.cpu=2"]).await;
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    // Another tool annotates the Deployment (its own field manager).
+    let deployments = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apps", "v1", "Deployment"),
+        "deployments",
+    );
+    let api: kube::Api<DynamicObject> = kube::Api::namespaced_with(fake.client(), NS, &deployments);
+    let note = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "ambit-control", "annotations": {"example.org/owner": "ops"}}});
+    api.patch(
+        "ambit-control",
+        &PatchParams::apply("ops"),
+        &Patch::Apply(&note),
+    )
+    .await
+    .unwrap();
+
+    let upgrade = ambitctl(&kc, &["install", "--set", "control.replicas=3"]).await;
+    assert_eq!(upgrade.code, 0, "{}", upgrade.stderr);
+    let changed: Vec<&str> = upgrade
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with("unchanged "))
+        .collect();
+    assert_eq!(
+        changed,
+        ["configured Deployment ambit-system/ambit-control"],
+        "only the Deployment changes"
+    );
+    let deployment = fake
+        .get("apps/v1", "Deployment", NS, "ambit-control")
+        .unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let resources = &deployment["spec"]["template"]["spec"]["containers"][0]["resources"];
+    assert!(
+        resources["limits"].get("cpu").is_none(),
+        "the limit the first install set and this one does not is gone: {resources}"
+    );
+    assert_eq!(resources["limits"]["memory"], "1Gi");
+    assert_eq!(
+        deployment["metadata"]["annotations"]["example.org/owner"], "ops",
+        "another manager's field stays"
+    );
+    // The annotation left the generation alone; the new spec bumped it.
+    assert_eq!(deployment["metadata"]["generation"], 2);
+}

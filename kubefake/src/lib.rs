@@ -14,8 +14,9 @@
 //! equality label selectors (`a=b,c`). Server-side apply keeps field ownership in
 //! `fieldsV1` (lists owned whole, as atomic lists): applying a field another manager
 //! owns with another value is a 409 Conflict naming manager and field, unless
-//! `force=true`, which moves the field to the applier. The applied object replaces the
-//! stored one's fields (other managers' fields are not merged back in).
+//! `force=true`, which moves the field to the applier. The applied fields are merged
+//! over the stored object; a field the applier set before and no longer applies goes,
+//! unless another manager owns it too.
 //!
 //! [`FakeApi::simulate_controllers`] makes it act as the Deployment and DaemonSet
 //! controllers and kubelets would: each applied workload gets the status of a finished
@@ -737,18 +738,6 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 .cloned();
             let mut managers: Vec<Value> = Vec::new();
             if let Some(stored) = &stored {
-                for field in ["uid", "creationTimestamp", "generation"] {
-                    object["metadata"][field] = stored["metadata"][field].clone();
-                }
-                if stored["spec"] != object["spec"] {
-                    object["metadata"]
-                        .as_object_mut()
-                        .unwrap()
-                        .remove("generation");
-                }
-                if object.get("status").is_none() && !stored["status"].is_null() {
-                    object["status"] = stored["status"].clone();
-                }
                 managers = stored["metadata"]["managedFields"]
                     .as_array()
                     .cloned()
@@ -760,7 +749,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                     .iter_mut()
                     .filter(|m| m["manager"] != manager.as_str())
                 {
-                    let mut theirs = leaves_of_fields(&other["fieldsV1"], "");
+                    let mut theirs = leaves_of_fields(&other["fieldsV1"], &Vec::new());
                     for path in theirs.clone() {
                         if applied_fields.contains(&path) && at(stored, &path) != at(&object, &path)
                         {
@@ -783,12 +772,14 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                             json!({
                         "reason": "FieldManagerConflict",
                         "message": format!("conflict with \"{m}\" using {api_version}"),
-                        "field": p})
+                        "field": shown(p)})
                         })
                         .collect();
                     let list: Vec<String> = conflicts
                         .iter()
-                        .map(|(m, p)| format!("conflict with \"{m}\" using {api_version}: {p}"))
+                        .map(|(m, p)| {
+                            format!("conflict with \"{m}\" using {api_version}: {}", shown(p))
+                        })
                         .collect();
                     return full(
                         StatusCode::CONFLICT,
@@ -801,8 +792,36 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 }
                 managers.retain(|m| {
                     m["manager"] == manager.as_str()
-                        || !leaves_of_fields(&m["fieldsV1"], "").is_empty()
+                        || !leaves_of_fields(&m["fieldsV1"], &Vec::new()).is_empty()
                 });
+                // The applied fields over the stored object; a field this manager set
+                // before, no longer applies, and nobody else owns, goes.
+                let mine_before: Vec<FieldPath> = managers
+                    .iter()
+                    .filter(|m| m["manager"] == manager.as_str())
+                    .flat_map(|m| leaves_of_fields(&m["fieldsV1"], &Vec::new()))
+                    .collect();
+                let others: Vec<FieldPath> = managers
+                    .iter()
+                    .filter(|m| m["manager"] != manager.as_str())
+                    .flat_map(|m| leaves_of_fields(&m["fieldsV1"], &Vec::new()))
+                    .collect();
+                let mut merged = stored.clone();
+                for path in &mine_before {
+                    if !applied_fields.contains(path) && !others.contains(path) {
+                        remove_at(&mut merged, path);
+                    }
+                }
+                for path in &applied_fields {
+                    set_at(&mut merged, path, at(&object, path).clone());
+                }
+                if merged["spec"] != stored["spec"] {
+                    merged["metadata"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("generation");
+                }
+                object = merged;
             } else {
                 object["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
             }
@@ -893,43 +912,52 @@ fn patch_status(
     full(StatusCode::OK, &state.objects[&collection][&key])
 }
 
-/// The fields an applied object sets, as paths (`.spec.replicas`): every scalar and
-/// every list (lists are taken whole, as atomic lists are), leaving out what names
-/// the object.
-fn owned_fields(object: &Value) -> Vec<String> {
-    let mut paths = Vec::new();
-    fn walk(value: &Value, path: String, paths: &mut Vec<String>) {
+/// A field's path, key by key (a label key may hold dots).
+type FieldPath = Vec<String>;
+
+/// A path as kube-apiserver writes it in a conflict: `.spec.replicas`.
+fn shown(path: &FieldPath) -> String {
+    path.iter().map(|p| format!(".{p}")).collect()
+}
+
+/// The fields an applied object sets: every scalar and every list (lists are taken
+/// whole, as atomic lists are), leaving out what names the object.
+fn owned_fields(object: &Value) -> Vec<FieldPath> {
+    fn walk(value: &Value, path: FieldPath, paths: &mut Vec<FieldPath>) {
         match value {
             Value::Object(map) if !map.is_empty() => {
                 for (k, v) in map {
-                    walk(v, format!("{path}.{k}"), paths);
+                    let mut next = path.clone();
+                    next.push(k.clone());
+                    walk(v, next, paths);
                 }
             }
             _ => paths.push(path),
         }
     }
+    let mut paths = Vec::new();
     for (k, v) in object.as_object().into_iter().flatten() {
         match k.as_str() {
             "apiVersion" | "kind" | "status" => {}
             "metadata" => {
                 for (m, v) in v.as_object().into_iter().flatten() {
                     if m == "labels" || m == "annotations" {
-                        walk(v, format!(".metadata.{m}"), &mut paths);
+                        walk(v, vec!["metadata".to_owned(), m.clone()], &mut paths);
                     }
                 }
             }
-            _ => walk(v, format!(".{k}"), &mut paths),
+            _ => walk(v, vec![k.clone()], &mut paths),
         }
     }
     paths
 }
 
 /// Paths as `metadata.managedFields[].fieldsV1` writes them: `{"f:spec": {"f:replicas": {}}}`.
-fn fields_v1(paths: &[String]) -> Value {
+fn fields_v1(paths: &[FieldPath]) -> Value {
     let mut root = json!({});
     for path in paths {
         let mut node = &mut root;
-        for part in path.trim_start_matches('.').split('.') {
+        for part in path {
             node = node
                 .as_object_mut()
                 .unwrap()
@@ -941,24 +969,60 @@ fn fields_v1(paths: &[String]) -> Value {
 }
 
 /// The paths of a fieldsV1 tree.
-fn leaves_of_fields(fields: &Value, prefix: &str) -> Vec<String> {
+fn leaves_of_fields(fields: &Value, prefix: &FieldPath) -> Vec<FieldPath> {
     match fields.as_object() {
         Some(map) if !map.is_empty() => map
             .iter()
             .flat_map(|(k, v)| {
-                let part = k.strip_prefix("f:").unwrap_or(k);
-                leaves_of_fields(v, &format!("{prefix}.{part}"))
+                let mut next = prefix.clone();
+                next.push(k.strip_prefix("f:").unwrap_or(k).to_owned());
+                leaves_of_fields(v, &next)
             })
             .collect(),
         _ if prefix.is_empty() => Vec::new(),
-        _ => vec![prefix.to_owned()],
+        _ => vec![prefix.clone()],
     }
 }
 
-/// The value at a path of [`owned_fields`].
-fn at<'a>(object: &'a Value, path: &str) -> &'a Value {
-    path.trim_start_matches('.')
-        .split('.')
+/// Sets the value at a path, making the maps above it.
+fn set_at(object: &mut Value, path: &FieldPath, value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut node = object;
+    for part in parents {
+        if !node[part.as_str()].is_object() {
+            node[part.as_str()] = json!({});
+        }
+        node = &mut node[part.as_str()];
+    }
+    node[last.as_str()] = value;
+}
+
+/// Removes the value at a path, and the maps it leaves empty.
+fn remove_at(node: &mut Value, path: &[String]) {
+    let Some(map) = node.as_object_mut() else {
+        return;
+    };
+    match path {
+        [] => {}
+        [last] => {
+            map.remove(last);
+        }
+        [first, rest @ ..] => {
+            if let Some(child) = map.get_mut(first) {
+                remove_at(child, rest);
+                if child.as_object().is_some_and(|m| m.is_empty()) {
+                    map.remove(first);
+                }
+            }
+        }
+    }
+}
+
+/// The value at a path.
+fn at<'a>(object: &'a Value, path: &FieldPath) -> &'a Value {
+    path.iter()
         .fold(object, |v, part| v.get(part).unwrap_or(&Value::Null))
 }
 
