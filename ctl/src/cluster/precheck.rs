@@ -11,7 +11,8 @@
 //! - The CNI directories: the nodes' distribution (k3s, RKE2, GKE, MicroK8s) keeps
 //!   them elsewhere than the chart's defaults.
 //! - On a node (a kubelet's `/var/lib/kubelet`, or `--node`): the kernel's nftables,
-//!   TPROXY, socket and mark support that capture needs (docs/decisions/0005), and the
+//!   TPROXY, socket and mark support that capture needs (docs/decisions/0005), from the
+//!   loaded modules, the module lists or the kernel configuration, and the
 //!   CNI configuration directory.
 
 use std::path::Path;
@@ -380,68 +381,128 @@ async fn cni_dirs(cluster: &Cluster, values: &Values) -> Result<Finding, Cluster
         .action("if the nodes' runtime keeps its CNI configuration elsewhere, set cni.confDir and cni.binDir (run `ambitctl precheck --node` on a node to look)"))
 }
 
-/// Where a kernel module is: loaded, built in, loadable (in modules.dep), or absent.
+/// Where a kernel feature is: loaded, built in, loadable, absent, or unknown (no
+/// kernel configuration and no module lists to tell).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Module {
     Loaded,
     BuiltIn,
     Loadable,
     Absent,
+    Unknown,
 }
 
-/// `module`'s state from `/proc/modules`, `modules.builtin` and `modules.dep`.
-pub fn module_state(module: &str, loaded: &str, builtin: &str, dep: &str) -> Module {
-    let file = |line: &str| {
-        let path = line.split(':').next().unwrap_or("");
-        let name = path.rsplit('/').next().unwrap_or("");
-        let name = name.split(".ko").next().unwrap_or("");
-        name.replace('-', "_") == module
-    };
-    if loaded
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(module))
-    {
-        Module::Loaded
-    } else if builtin.lines().any(file) {
-        Module::BuiltIn
-    } else if dep.lines().any(file) {
-        Module::Loadable
-    } else {
-        Module::Absent
+/// What the node says of its kernel: `/proc/modules`, `modules.builtin`,
+/// `modules.dep`, and its configuration (`/proc/config.gz` or `/boot/config-*`).
+#[derive(Debug, Clone, Default)]
+pub struct Kernel {
+    pub release: String,
+    pub loaded: String,
+    pub builtin: String,
+    pub dep: String,
+    pub config: Option<String>,
+}
+
+impl Kernel {
+    /// This machine's.
+    pub fn read() -> Kernel {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let release = read("/proc/sys/kernel/osrelease").trim().to_owned();
+        let config = std::fs::read_to_string(format!("/boot/config-{release}"))
+            .ok()
+            .or_else(|| {
+                // gzip, not a new dependency, for the one compressed file.
+                std::process::Command::new("gzip")
+                    .args(["-dc", "/proc/config.gz"])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            });
+        Kernel {
+            loaded: read("/proc/modules"),
+            builtin: read(&format!("/lib/modules/{release}/modules.builtin")),
+            dep: read(&format!("/lib/modules/{release}/modules.dep")),
+            config,
+            release,
+        }
+    }
+
+    /// Where `module` (whose configuration symbol is `symbol`) is.
+    pub fn state(&self, module: &str, symbol: &str) -> Module {
+        let file = |line: &str| {
+            let path = line.split(':').next().unwrap_or("");
+            let name = path.rsplit('/').next().unwrap_or("");
+            let name = name.split(".ko").next().unwrap_or("");
+            name.replace('-', "_") == module
+        };
+        let configured = self.config.as_deref().and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix(symbol)
+                    .and_then(|rest| rest.strip_prefix('='))
+            })
+        });
+        if self
+            .loaded
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(module))
+        {
+            Module::Loaded
+        } else if configured == Some("y") || self.builtin.lines().any(file) {
+            Module::BuiltIn
+        } else if configured == Some("m") || self.dep.lines().any(file) {
+            Module::Loadable
+        } else if self.config.is_none() && self.builtin.is_empty() && self.dep.is_empty() {
+            Module::Unknown
+        } else {
+            Module::Absent
+        }
     }
 }
 
-/// The modules capture needs: nftables with tproxy and socket matching (the outbound
-/// capture), and iptables' mark and connmark (the mangle rules).
-const MODULES: [(&str, &str); 6] = [
-    ("nf_tables", "nftables"),
-    ("nft_tproxy", "nftables tproxy (outbound capture)"),
+/// What capture needs (docs/decisions/0005): nftables with tproxy and socket
+/// matching (the outbound capture), and iptables' mark and connmark (the mangle
+/// rules). (module, configuration symbol, what for).
+const MODULES: [(&str, &str, &str); 6] = [
+    ("nf_tables", "CONFIG_NF_TABLES", "nftables"),
+    (
+        "nft_tproxy",
+        "CONFIG_NFT_TPROXY",
+        "nftables tproxy (outbound capture)",
+    ),
     (
         "nft_socket",
+        "CONFIG_NFT_SOCKET",
         "nftables socket matching (refusing unhandled SYNs)",
     ),
-    ("nf_tproxy_ipv4", "TPROXY for IPv4"),
-    ("xt_mark", "iptables mark"),
-    ("xt_connmark", "iptables connmark"),
+    ("nf_tproxy_ipv4", "CONFIG_NF_TPROXY_IPV4", "TPROXY for IPv4"),
+    ("xt_mark", "CONFIG_NETFILTER_XT_MARK", "iptables mark"),
+    (
+        "xt_connmark",
+        "CONFIG_NETFILTER_XT_CONNMARK",
+        "iptables connmark",
+    ),
 ];
 
-fn local_node(values: &Values) -> Vec<Finding> {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let release = read("/proc/sys/kernel/osrelease").trim().to_owned();
-    let loaded = read("/proc/modules");
-    let builtin = read(&format!("/lib/modules/{release}/modules.builtin"));
-    let dep = read(&format!("/lib/modules/{release}/modules.dep"));
-    let mut findings = Vec::new();
-    for (module, what) in MODULES {
-        let finding = match module_state(module, &loaded, &builtin, &dep) {
+/// The kernel's findings.
+pub fn kernel_findings(kernel: &Kernel) -> Vec<Finding> {
+    let release = &kernel.release;
+    MODULES
+        .iter()
+        .map(|(module, symbol, what)| match kernel.state(module, symbol) {
             Module::Loaded => Finding::new("kernel", Level::Ok, format!("{what}: {module} loaded")),
-            Module::BuiltIn => Finding::new("kernel", Level::Ok, format!("{what}: {module} built in")),
+            Module::BuiltIn => Finding::new("kernel", Level::Ok, format!("{what}: {symbol}=y (built in)")),
             Module::Loadable => Finding::new("kernel", Level::Ok, format!("{what}: {module} loadable (loaded on first use)")),
-            Module::Absent => Finding::new("kernel", Level::Fail, format!("{what}: no {module} in kernel {release}"))
-                .action("use a kernel with CONFIG_NF_TABLES, CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET, CONFIG_NETFILTER_XT_MARK and CONFIG_NETFILTER_XT_CONNMARK"),
-        };
-        findings.push(finding);
-    }
+            Module::Absent => Finding::new("kernel", Level::Fail, format!("{what}: neither {module} nor {symbol} in kernel {release}"))
+                .action(format!("use a kernel built with {symbol} (y or m)")),
+            Module::Unknown => Finding::new("kernel", Level::Warning, format!("{what}: cannot tell (kernel {release} has no /proc/config.gz, /boot/config-{release} or module lists)"))
+                .action(format!("check that the kernel was built with {symbol}")),
+        })
+        .collect()
+}
+
+fn local_node(values: &Values) -> Vec<Finding> {
+    let mut findings = kernel_findings(&Kernel::read());
     let conf = Path::new(&values.cni_conf_dir);
     let configs: Vec<String> = std::fs::read_dir(conf)
         .map(|d| {
@@ -478,25 +539,64 @@ mod tests {
 
     #[test]
     fn modules_are_found_where_the_kernel_keeps_them() {
-        let loaded = "nf_tables 364544 3 nft_tproxy, Live 0x0\nxt_mark 12288 1 - Live 0x0\n";
-        let builtin = "kernel/net/netfilter/xt_connmark.ko\n";
-        let dep = "kernel/net/netfilter/nft_socket.ko.zst: kernel/net/netfilter/nf_tables.ko.zst\n";
+        let kernel = Kernel {
+            release: "6.1.0".into(),
+            loaded: "nf_tables 364544 3 nft_tproxy, Live 0x0\nxt_mark 12288 1 - Live 0x0\n".into(),
+            builtin: "kernel/net/netfilter/xt_connmark.ko\n".into(),
+            dep: "kernel/net/netfilter/nft_socket.ko.zst: kernel/net/netfilter/nf_tables.ko.zst\n"
+                .into(),
+            config: None,
+        };
         assert_eq!(
-            module_state("nf_tables", loaded, builtin, dep),
+            kernel.state("nf_tables", "CONFIG_NF_TABLES"),
             Module::Loaded
         );
         assert_eq!(
-            module_state("xt_connmark", loaded, builtin, dep),
+            kernel.state("xt_connmark", "CONFIG_NETFILTER_XT_CONNMARK"),
             Module::BuiltIn
         );
         assert_eq!(
-            module_state("nft_socket", loaded, builtin, dep),
+            kernel.state("nft_socket", "CONFIG_NFT_SOCKET"),
             Module::Loadable
         );
         assert_eq!(
-            module_state("nft_tproxy", loaded, builtin, dep),
+            kernel.state("nft_tproxy", "CONFIG_NFT_TPROXY"),
             Module::Absent
         );
+    }
+
+    #[test]
+    fn a_kernel_without_modules_is_read_from_its_configuration() {
+        // A monolithic kernel (as a Firecracker VM's): no module lists, only its config.
+        let mut kernel = Kernel {
+            release: "6.18.44".into(),
+            config: Some("CONFIG_NF_TABLES=y\nCONFIG_NFT_TPROXY=y\nCONFIG_NFT_SOCKET=m\n# CONFIG_NETFILTER_XT_MARK is not set\n".into()),
+            ..Kernel::default()
+        };
+        assert_eq!(
+            kernel.state("nft_tproxy", "CONFIG_NFT_TPROXY"),
+            Module::BuiltIn
+        );
+        assert_eq!(
+            kernel.state("nft_socket", "CONFIG_NFT_SOCKET"),
+            Module::Loadable
+        );
+        assert_eq!(
+            kernel.state("xt_mark", "CONFIG_NETFILTER_XT_MARK"),
+            Module::Absent
+        );
+        let findings = kernel_findings(&kernel);
+        assert_eq!(
+            findings[0].message,
+            "nftables: CONFIG_NF_TABLES=y (built in)"
+        );
+        assert_eq!(findings[4].level, Level::Fail);
+        kernel.config = None;
+        assert_eq!(
+            kernel.state("nft_tproxy", "CONFIG_NFT_TPROXY"),
+            Module::Unknown
+        );
+        assert_eq!(kernel_findings(&kernel)[1].level, Level::Warning);
     }
 
     #[test]
