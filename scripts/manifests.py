@@ -8,7 +8,10 @@
                           deploy/ambit.yaml; every object validates (strictly) against
                           the Kubernetes 1.32 OpenAPI schemas; `kubectl kustomize
                           deploy/` gives the same objects; the custom objects of
-                          examples/ validate against the CRDs' schemas
+                          examples/ validate against the CRDs' schemas; and
+                          `ambitctl manifest generate --set ...` (target/debug/ambitctl,
+                          or $AMBITCTL) prints what Helm renders for the same --set, for
+                          each --set list of DRIFT
 
 Helm's library comes from the helm-sdkpy wheel, which can install but not render
 client-only: the install runs against a small in-process stand-in for the API server
@@ -290,9 +293,122 @@ def check():
     if not failures:
         print("ok: the chart renders with components disabled and with values changed")
 
+    failures += check_drift()
+
     for f in failures:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+# --set lists for which `ambitctl manifest generate` must print what Helm renders
+# (docs/decisions/0016): every key ambitctl transforms, each at least once.
+DRIFT = [
+    [],
+    ["image.registry=ghcr.io/example/ambit", "image.tag=1.2.3", "image.pullPolicy=Always"],
+    ["image.tag=7"],
+    ["trustDomain=example.org", "rootNamespace=mesh-root", "log.level=ambit_net=debug\\,info",
+     "log.format=json"],
+    ["control.replicas=3", "control.resources.requests.cpu=1",
+     "control.resources.limits.cpu=2,ztunnel.resources.limits.memory=2Gi",
+     "cni.resources.requests.ephemeral-storage=1Gi", "ztunnel.resources.requests.cpu=250m"],
+    ["cni.binDir=/var/lib/rancher/k3s/data/current/bin",
+     "cni.confDir=/var/lib/rancher/k3s/agent/etc/cni/net.d"],
+    ["crds.enabled=false", "namespace.create=false"],
+    ["control.enabled=false"],
+    ["ztunnel.enabled=false,cni.enabled=false", "trustDomain=mesh.example"],
+]
+
+
+def helm_typed(text):
+    """A --set value as Helm's strvals types it: true/false, an integer without a
+    leading zero (or 0), else a string."""
+    if text in ("true", "false"):
+        return text == "true"
+    digits = text[1:] if text.startswith("-") else text
+    if text == "0" or (digits.isdigit() and not digits.startswith("0")):
+        return int(text)
+    return text
+
+
+def helm_values(sets):
+    """--set strings (comma-separated pairs, \\, a comma) as Helm's values tree."""
+    values = {}
+    for s in sets:
+        pairs, current, escaped = [], "", False
+        for c in s:
+            if escaped:
+                current, escaped = current + c, False
+            elif c == "\\":
+                escaped = True
+            elif c == ",":
+                pairs.append(current)
+                current = ""
+            else:
+                current += c
+        pairs.append(current)
+        for pair in pairs:
+            key, value = pair.split("=", 1)
+            node = values
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = helm_typed(value)
+    return values
+
+
+def first_difference(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k} (only in {'Helm' if k in a else 'ambitctl'})"
+            d = first_difference(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: Helm {a!r}, ambitctl {b!r}"
+
+
+def check_drift():
+    """`ambitctl manifest generate --set ...` against the chart rendered by Helm with
+    the same values."""
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    ambitctl = pathlib.Path(os.environ.get("AMBITCTL", target / "debug" / "ambitctl"))
+    if not ambitctl.exists():
+        return [f"{ambitctl} is not built (cargo build -p ambit-ctl): it cannot be compared "
+                "with the chart"]
+    failures = []
+    for sets in DRIFT:
+        args = [str(ambitctl), "manifest", "generate", "-o", "json"]
+        for s in sets:
+            args += ["--set", s]
+        run = subprocess.run(args, capture_output=True, text=True)
+        if run.returncode != 0:
+            failures.append(f"ambitctl manifest generate {sets}: {run.stderr.strip()}")
+            continue
+        ours = json.loads(run.stdout)["items"]
+        try:
+            helms = objects(render(helm_values(sets)))
+        except Exception as e:
+            failures.append(f"render with {sets}: {e}")
+            continue
+        if [key(o) for o in helms] != [key(o) for o in ours]:
+            failures.append(f"--set {sets}: Helm renders {[key(o) for o in helms]}, "
+                            f"ambitctl {[key(o) for o in ours]}")
+            continue
+        for h, o in zip(helms, ours):
+            d = first_difference(h, o)
+            if d:
+                failures.append(f"--set {sets}: {'/'.join(key(h))} differs at {d}")
+    if not failures:
+        print(f"ok: ambitctl manifest generate prints what Helm renders, for {len(DRIFT)} "
+              "--set lists")
+    return failures
 
 
 def check_custom_objects(docs):

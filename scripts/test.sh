@@ -34,7 +34,9 @@ export AMBIT_PYTHON="$PWD/$venv/bin/python"
 
 # The manifests and the Helm chart (scripts/manifests.py): Helm's library (helm-sdkpy)
 # needs Python >= 3.12, which the system's python3 is not; pyenv's is used.
-step "Kubernetes manifests: helm lint, chart == deploy/ambit.yaml, Kubernetes 1.32 schemas, kustomize"
+# After "build binaries": the check compares target/debug/ambitctl manifest generate
+# with the chart rendered by Helm.
+step "Kubernetes manifests: helm lint, chart == deploy/ambit.yaml == ambitctl manifest generate, Kubernetes 1.32 schemas, kustomize"
 python312=""
 for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
     if "$candidate" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then

@@ -12,7 +12,7 @@
 //! not matter. A leader that cannot renew within the renew deadline (shorter than the
 //! lease) stops writing before anyone else may take over; on shutdown it releases the
 //! Lease (empty holder) so a standby takes over at its next retry, not a lease later.
-//! See docs/decisions/0015-leader-election.md.
+//! See docs/decisions/0015-leader-election-by-lease-replace.md.
 
 use std::time::{Duration, Instant};
 

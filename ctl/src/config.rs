@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "ambitctl",
     version,
-    about = "Ambit's command line: run a local mesh of network namespaces on this machine"
+    about = "Ambit's command line: install Ambit on a cluster, or run a local mesh of network namespaces on this machine"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -87,6 +87,74 @@ pub enum Command {
         #[command(subcommand)]
         command: AuthzCommand,
     },
+    /// The objects of an install (`manifest generate`).
+    Manifest {
+        #[command(subcommand)]
+        command: ManifestCommand,
+    },
+    /// Checks a cluster before an install: the Kubernetes version, CRDs or an Istio
+    /// install in the way, the CNI directories, and on a node its kernel's nftables
+    /// and TPROXY. Exits 1 when an install would fail or fight what is there.
+    Precheck {
+        #[command(flatten)]
+        cluster: crate::cluster::ClusterArgs,
+        /// The chart values the install will have (see `manifest generate`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Check this machine as a node (kernel modules, the CNI configuration
+        /// directory); default: when /var/lib/kubelet exists.
+        #[arg(long)]
+        node: bool,
+        #[arg(short = 'o', long = "output", default_value = "human")]
+        output: ReportFormat,
+    },
+    /// Server-side applies Ambit (field manager ambitctl) to the kubeconfig's cluster,
+    /// one line per object; with --wait, waits until every workload is rolled out and
+    /// every CRD established.
+    Install {
+        #[command(flatten)]
+        cluster: crate::cluster::ClusterArgs,
+        /// A chart value, `key=value`, as `manifest generate` takes it.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Wait until everything is ready.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Take over fields another manager owns (as kubectl's --force-conflicts),
+        /// e.g. CRDs Istio's chart installed.
+        #[arg(long)]
+        force_conflicts: bool,
+    },
+    /// Deletes every object an install makes and what the control plane made (the
+    /// root's ConfigMaps, its Secret, the waypoints' objects, the waypoint
+    /// GatewayClass); the CRDs only with --purge.
+    Uninstall {
+        #[command(flatten)]
+        cluster: crate::cluster::ClusterArgs,
+        /// Delete the CRDs too, and with them every object of their kinds.
+        #[arg(long)]
+        purge: bool,
+        /// Wait until every deleted object is gone.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait for the workloads (always) and everything (--wait).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Checks an install: every object present and ready, ztunnel on every node, the
+    /// CA's endpoints ready, the mesh root published. Exits 1 on a failure.
+    VerifyInstall {
+        #[command(flatten)]
+        cluster: crate::cluster::ClusterArgs,
+        /// The chart values the install had.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(short = 'o', long = "output", default_value = "human")]
+        output: ReportFormat,
+    },
     /// The demo app that runs in every pod, and its clients (for `local exec`).
     App {
         /// A hosts file (`IP name...`) naming services and pods: the local mesh has no
@@ -95,6 +163,38 @@ pub enum Command {
         hosts: Option<PathBuf>,
         #[command(subcommand)]
         command: AppCommand,
+    },
+}
+
+/// How `precheck` and `verify-install` print their findings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReportFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// How `manifest generate` prints the objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ManifestFormat {
+    /// Multi-document YAML, as `kubectl apply -f` reads it.
+    #[default]
+    Yaml,
+    /// A `v1` `List` of the objects.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ManifestCommand {
+    /// Prints the objects `install` would apply with the same --set: the Helm chart
+    /// (deploy/helm/ambit/) rendered with its values changed by --set.
+    Generate {
+        /// A chart value, `key=value` (several comma-separated, as Helm's --set);
+        /// repeatable. Unknown keys are refused with the list of known ones.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(short = 'o', long = "output", default_value = "yaml")]
+        output: ManifestFormat,
     },
 }
 
@@ -332,7 +432,7 @@ pub fn default_state_dir() -> PathBuf {
     ambit_localmesh::default_state_root().join("ctl")
 }
 
-/// `500ms`, `30s`, `2m`.
+/// `500ms`, `30s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?}: give a duration like 500ms, 30s or 2m");
     let (number, unit) = s
@@ -343,6 +443,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
         _ => Err(bad()),
     }
 }
@@ -355,7 +456,7 @@ mod tests {
     fn durations_parse() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("2d").is_err());
         assert!(parse_duration("s").is_err());
     }
 

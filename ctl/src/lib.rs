@@ -1,5 +1,6 @@
-//! `ambitctl`, Ambit's command line. For now `ambitctl local`: a mesh of network
-//! namespaces on this machine, built by `ambit_localmesh` from a directory of
+//! `ambitctl`, Ambit's command line. Against a cluster ([`cluster`]): `manifest
+//! generate`, `precheck`, `install`, `uninstall`, `verify-install`. And `ambitctl
+//! local`: a mesh of network namespaces on this machine, built by `ambit_localmesh` from a directory of
 //! Kubernetes YAML ([`manifest`]), kept running by a supervisor process and reached
 //! with `local exec` ([`local`]); and the demo app its pods run ([`demo`]).
 //!
@@ -29,6 +30,7 @@ macro_rules! out {
 
 pub mod analyze;
 pub mod authz;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod local;
@@ -62,7 +64,7 @@ pub mod output {
 
 use std::process::ExitCode;
 
-use config::{AppCommand, Cli, Command};
+use config::{AppCommand, Cli, Command, ManifestCommand, ManifestFormat, ReportFormat};
 
 /// Runs one command; the exit code is the command's (`local exec` passes its
 /// command's through).
@@ -100,6 +102,81 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output_threshold,
             list_codes,
         }),
+        Command::Manifest {
+            command: ManifestCommand::Generate { set, output },
+        } => {
+            let values = cluster::chart::Values::from_sets(&set)?;
+            let objects = cluster::chart::render(&values);
+            match output {
+                ManifestFormat::Yaml => out!("{}", cluster::chart::to_yaml(&objects))?,
+                ManifestFormat::Json => outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "apiVersion": "v1", "kind": "List", "items": objects}))?
+                )?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Precheck {
+            cluster: args,
+            set,
+            node,
+            output,
+        } => {
+            let values = cluster::chart::Values::from_sets(&set)?;
+            on_cluster(&args, |c| async move {
+                let how = cluster::precheck::Precheck {
+                    values,
+                    node: node.then_some(true),
+                };
+                let findings = cluster::precheck::precheck(&c, &how).await?;
+                report(&findings, output)
+            })
+        }
+        Command::Install {
+            cluster: args,
+            set,
+            wait,
+            timeout,
+            force_conflicts,
+        } => {
+            let values = cluster::chart::Values::from_sets(&set)?;
+            let install = cluster::install::Install {
+                objects: cluster::chart::render(&values),
+                force_conflicts,
+                wait: wait.then_some(timeout),
+            };
+            on_cluster(&args, |c| async move {
+                cluster::install::install(&c, &install).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Uninstall {
+            cluster: args,
+            purge,
+            wait,
+            timeout,
+        } => on_cluster(&args, |c| async move {
+            let how = cluster::install::Uninstall {
+                purge,
+                timeout,
+                wait,
+            };
+            cluster::install::uninstall(&c, how).await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::VerifyInstall {
+            cluster: args,
+            set,
+            output,
+        } => {
+            let values = cluster::chart::Values::from_sets(&set)?;
+            on_cluster(&args, |c| async move {
+                let findings =
+                    cluster::verify::verify(&c, &cluster::chart::render(&values)).await?;
+                report(&findings, output)
+            })
+        }
         Command::App { hosts, command } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -140,4 +217,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Runs `work` on a runtime with the kubeconfig's cluster.
+fn on_cluster<F, Fut>(args: &cluster::ClusterArgs, work: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(cluster::Cluster) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let c = cluster::Cluster::connect(args).await?;
+        work(c).await
+    })
+}
+
+/// Prints findings; exit 1 when one is a failure.
+fn report(findings: &[cluster::Finding], output: ReportFormat) -> anyhow::Result<ExitCode> {
+    let ok = cluster::print_findings(findings, output == ReportFormat::Json)?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

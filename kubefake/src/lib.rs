@@ -4,6 +4,27 @@
 //! when asked for), a 410 Gone ERROR event for a version older than the kept history,
 //! get/create/server-side apply/delete, and TokenReview answered from a table.
 //!
+//! Closer to a real server where ambitctl's tests need it: `GET /version`; server-side
+//! apply needs `fieldManager` (422 without, as kube-apiserver), records the manager in
+//! `metadata.managedFields`, keeps the stored `status` (the status subresource's),
+//! and changes nothing, not even the resourceVersion, when the applied object is the
+//! stored one; `metadata.generation` starts at 1 and grows when the spec changes; a
+//! created or applied CustomResourceDefinition is Established (as the apiextensions
+//! controller makes it); deleting a Namespace deletes what is in it; lists take
+//! equality label selectors (`a=b,c`). Server-side apply keeps field ownership in
+//! `fieldsV1` (lists owned whole, as atomic lists): applying a field another manager
+//! owns with another value is a 409 Conflict naming manager and field, unless
+//! `force=true`, which moves the field to the applier. The applied fields are merged
+//! over the stored object; a field the applier set before and no longer applies goes,
+//! unless another manager owns it too.
+//!
+//! [`FakeApi::simulate_controllers`] makes it act as the Deployment and DaemonSet
+//! controllers and kubelets would: each applied workload gets the status of a finished
+//! rollout (a DaemonSet on every Node object), except those [`FakeApi::stall`] names,
+//! whose last pod never becomes ready. [`FakeApi::forbid`] answers a verb on a resource
+//! with 403 Forbidden, as RBAC would, and a SelfSubjectAccessReview of it with
+//! `allowed: false`.
+//!
 //! Tests drive it: [`FakeApi::put`] and [`FakeApi::delete`] change objects (watchers
 //! see the events), [`FakeApi::break_watches`] ends every open watch, and
 //! [`FakeApi::compact`] forgets the history so a watch that resumes must relist.
@@ -53,6 +74,13 @@ struct State {
     missing: Vec<String>,
     /// Bumped on every request and every change, for [`FakeApi::wait_until`].
     changes: watch::Sender<u64>,
+    /// (verb, plural) answered 403.
+    forbidden: Vec<(String, String)>,
+    /// Whether workloads get a rolled-out status, and those that never finish.
+    controllers: bool,
+    stalled: Vec<(String, String, String)>,
+    /// What `GET /version` answers: (major, minor).
+    server_version: (String, String),
 }
 
 struct Watch {
@@ -121,8 +149,17 @@ fn collection_of(api_version: &str, kind: &str) -> (Collection, bool) {
         "HTTPRoute" => ("httproutes", true),
         "GRPCRoute" => ("grpcroutes", true),
         "Deployment" => ("deployments", true),
+        "DaemonSet" => ("daemonsets", true),
         "ServiceAccount" => ("serviceaccounts", true),
         "Lease" => ("leases", true),
+        "PodDisruptionBudget" => ("poddisruptionbudgets", true),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "CustomResourceDefinition" => ("customresourcedefinitions", false),
+        "DestinationRule" => ("destinationrules", true),
+        "RequestAuthentication" => ("requestauthentications", true),
         other => panic!("fake API: no collection for kind {other}"),
     };
     ((prefix, plural.to_owned()), namespaced)
@@ -146,8 +183,18 @@ fn kind_of(plural: &str) -> &'static str {
         "httproutes" => "HTTPRoute",
         "grpcroutes" => "GRPCRoute",
         "deployments" => "Deployment",
+        "daemonsets" => "DaemonSet",
         "serviceaccounts" => "ServiceAccount",
         "leases" => "Lease",
+        "nodes" => "Node",
+        "poddisruptionbudgets" => "PodDisruptionBudget",
+        "clusterroles" => "ClusterRole",
+        "clusterrolebindings" => "ClusterRoleBinding",
+        "roles" => "Role",
+        "rolebindings" => "RoleBinding",
+        "customresourcedefinitions" => "CustomResourceDefinition",
+        "destinationrules" => "DestinationRule",
+        "requestauthentications" => "RequestAuthentication",
         _ => "Unknown",
     }
 }
@@ -160,6 +207,7 @@ impl FakeApi {
             version: 100,
             oldest: 100,
             changes: watch::Sender::new(0),
+            server_version: ("1".to_owned(), "32".to_owned()),
             ..State::default()
         }));
         let shared = state.clone();
@@ -287,6 +335,53 @@ impl FakeApi {
         eprintln!("{what}: seen after {:?}", start.elapsed());
     }
 
+    /// Answer `verb` (get, list, watch, create, patch, update, delete) on `plural`
+    /// (e.g. `clusterroles`) with 403 Forbidden.
+    pub fn forbid(&self, verb: &str, plural: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .forbidden
+            .push((verb.to_owned(), plural.to_owned()));
+    }
+
+    /// From now on, applied and created Deployments and DaemonSets get the status of
+    /// a finished rollout: every replica (for a DaemonSet, one per Node object) updated,
+    /// ready and available, and the current generation observed.
+    pub fn simulate_controllers(&self) {
+        self.state.lock().unwrap().controllers = true;
+    }
+
+    /// The workload's rollout never finishes: its last pod is not ready.
+    pub fn stall(&self, kind: &str, namespace: &str, name: &str) {
+        self.state.lock().unwrap().stalled.push((
+            kind.to_owned(),
+            namespace.to_owned(),
+            name.to_owned(),
+        ));
+    }
+
+    /// What `GET /version` answers (1.32 unless told).
+    pub fn set_version(&self, major: &str, minor: &str) {
+        self.state.lock().unwrap().server_version = (major.to_owned(), minor.to_owned());
+    }
+
+    /// Every object of a kind, in every namespace.
+    pub fn all(&self, api_version: &str, kind: &str) -> Vec<Value> {
+        let (collection, _) = collection_of(api_version, kind);
+        let state = self.state.lock().unwrap();
+        state
+            .objects
+            .get(&collection)
+            .map(|o| o.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The address of the server (`http://` it).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The requests so far, as "METHOD path?query".
     pub fn requests(&self) -> Vec<String> {
         let state = self.state.lock().unwrap();
@@ -322,6 +417,24 @@ impl State {
             object["metadata"]["name"].as_str().unwrap().to_owned(),
         );
         object["metadata"]["resourceVersion"] = version.to_string().into();
+        let previous = self
+            .objects
+            .get(&collection)
+            .and_then(|o| o.get(&key))
+            .cloned();
+        if object["metadata"]["generation"].is_null() {
+            object["metadata"]["generation"] = match &previous {
+                None => 1,
+                Some(p) => {
+                    let generation = p["metadata"]["generation"].as_u64().unwrap_or(1);
+                    generation + u64::from(p["spec"] != object["spec"])
+                }
+            }
+            .into();
+        }
+        if self.controllers {
+            self.roll_out(&mut object);
+        }
         let objects = self.objects.entry(collection.clone()).or_default();
         if object["metadata"]["uid"].is_null() {
             let uid = objects
@@ -338,6 +451,41 @@ impl State {
         self.notify(version, collection, kind, object);
     }
 
+    /// The status the workload controllers and kubelets would give `object`.
+    fn roll_out(&self, object: &mut Value) {
+        let kind = object["kind"].as_str().unwrap_or("").to_owned();
+        let stalled = self.stalled.iter().any(|(k, ns, n)| {
+            *k == kind
+                && object["metadata"]["namespace"] == ns.as_str()
+                && object["metadata"]["name"] == n.as_str()
+        });
+        let generation = object["metadata"]["generation"].clone();
+        match kind.as_str() {
+            "Deployment" => {
+                let wanted = object["spec"]["replicas"].as_u64().unwrap_or(1);
+                let ready = wanted - u64::from(stalled && wanted > 0);
+                object["status"] = json!({"observedGeneration": generation, "replicas": wanted,
+                    "updatedReplicas": wanted, "readyReplicas": ready, "availableReplicas": ready,
+                    "unavailableReplicas": wanted - ready,
+                    "conditions": [{"type": "Available", "status": if ready == wanted {"True"} else {"False"},
+                                    "reason": "MinimumReplicasAvailable"}]});
+            }
+            "DaemonSet" => {
+                let nodes = self
+                    .objects
+                    .get(&("api/v1".to_owned(), "nodes".to_owned()))
+                    .map_or(0, BTreeMap::len) as u64;
+                let ready = nodes - u64::from(stalled && nodes > 0);
+                object["status"] = json!({"observedGeneration": generation,
+                    "desiredNumberScheduled": nodes, "currentNumberScheduled": nodes,
+                    "updatedNumberScheduled": nodes, "numberReady": ready,
+                    "numberAvailable": ready, "numberUnavailable": nodes - ready,
+                    "numberMisscheduled": 0});
+            }
+            _ => {}
+        }
+    }
+
     fn remove(&mut self, collection: &Collection, namespace: &str, name: &str) -> Option<Value> {
         let mut object = self
             .objects
@@ -346,6 +494,23 @@ impl State {
         let version = self.next_version();
         object["metadata"]["resourceVersion"] = version.to_string().into();
         self.notify(version, collection.clone(), "DELETED", object.clone());
+        if collection.1 == "namespaces" {
+            // The namespace controller deletes what was in it.
+            let inside: Vec<(Collection, String)> = self
+                .objects
+                .iter()
+                .flat_map(|(c, objects)| {
+                    objects
+                        .keys()
+                        .filter(|(ns, _)| ns == name)
+                        .map(|(_, n)| (c.clone(), n.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for (c, n) in inside {
+                self.remove(&c, name, &n);
+            }
+        }
         Some(object)
     }
 
@@ -418,6 +583,17 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         .is_some_and(|v| v.as_bytes().starts_with(b"application/merge-patch+json"));
     let body = req.into_body().collect().await.unwrap().to_bytes();
 
+    if path == "version" && method == Method::GET {
+        let (major, minor) = state.lock().unwrap().server_version.clone();
+        return full(
+            StatusCode::OK,
+            &json!({"major": major, "minor": minor,
+                    "gitVersion": format!("v{major}.{minor}.0"), "gitCommit": "fake",
+                    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                    "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64"}),
+        );
+    }
+
     // api/v1/... or apis/<group>/<version>/...
     let segments: Vec<&str> = path.split('/').collect();
     let (prefix, rest) = match segments.as_slice() {
@@ -431,6 +607,25 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             )
         }
     };
+    if prefix == "apis/authorization.k8s.io/v1" && rest == ["selfsubjectaccessreviews"] {
+        // RBAC's view of the caller: everything but what forbid() named.
+        let mut review: Value = serde_json::from_slice(&body).unwrap();
+        let attributes = &review["spec"]["resourceAttributes"];
+        let verb = attributes["verb"].as_str().unwrap_or("").to_owned();
+        let resource = attributes["resource"].as_str().unwrap_or("").to_owned();
+        let denied = state
+            .lock()
+            .unwrap()
+            .forbidden
+            .iter()
+            .any(|(v, p)| *v == verb && *p == resource);
+        review["status"] = if denied {
+            json!({"allowed": false, "reason": "no RBAC rule allows it"})
+        } else {
+            json!({"allowed": true, "reason": "RBAC: allowed"})
+        };
+        return full(StatusCode::CREATED, &review);
+    }
     if prefix == "apis/authentication.k8s.io/v1" && rest == ["tokenreviews"] {
         return token_review(state, &body);
     }
@@ -466,6 +661,27 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             "the server could not find the requested resource",
         );
     }
+    let verb = match (&method, name) {
+        (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            "watch"
+        }
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PATCH, _) => "patch",
+        (&Method::PUT, _) => "update",
+        (&Method::DELETE, _) => "delete",
+        _ => "",
+    };
+    if state
+        .lock()
+        .unwrap()
+        .forbidden
+        .iter()
+        .any(|(v, p)| v == verb && p == plural)
+    {
+        return forbidden(&prefix, plural, verb, namespace, name);
+    }
     let collection = (prefix, plural.to_owned());
     let key = |name: &str| (namespace.unwrap_or("").to_owned(), name.to_owned());
     match (method, name) {
@@ -494,6 +710,9 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 object["metadata"]["namespace"] = ns.into();
             }
             let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            if plural == "customresourcedefinitions" {
+                establish(&mut object);
+            }
             let mut state = state.lock().unwrap();
             if state
                 .objects
@@ -531,14 +750,139 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
             full(StatusCode::OK, &state.objects[&collection][&key(name)])
         }
         (Method::PATCH, Some(name)) => {
-            // Server-side apply: the applied configuration becomes the object.
+            // Server-side apply: the applied configuration becomes the object's spec
+            // and metadata; its status stays (the status subresource's).
+            let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                );
+            };
             let mut object: Value = serde_json::from_slice(&body).unwrap();
+            let applied_fields = owned_fields(&object);
+            let force = query.get("force").is_some_and(|f| f == "true");
             if let Some(ns) = namespace {
                 object["metadata"]["namespace"] = ns.into();
             }
             object["metadata"]["name"] = name.into();
             let mut state = state.lock().unwrap();
-            state.store(collection.clone(), object);
+            let stored = state
+                .objects
+                .get(&collection)
+                .and_then(|o| o.get(&key(name)))
+                .cloned();
+            let mut managers: Vec<Value> = Vec::new();
+            if let Some(stored) = &stored {
+                managers = stored["metadata"]["managedFields"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                // A field another manager owns, set here to another value, conflicts
+                // unless forced; forced, it changes hands.
+                let mut conflicts = Vec::new();
+                for other in managers
+                    .iter_mut()
+                    .filter(|m| m["manager"] != manager.as_str())
+                {
+                    let mut theirs = leaves_of_fields(&other["fieldsV1"], &Vec::new());
+                    for path in theirs.clone() {
+                        if applied_fields.contains(&path) && at(stored, &path) != at(&object, &path)
+                        {
+                            conflicts.push((
+                                other["manager"].as_str().unwrap_or("").to_owned(),
+                                path.clone(),
+                            ));
+                            theirs.retain(|p| *p != path);
+                        }
+                    }
+                    if force {
+                        other["fieldsV1"] = fields_v1(&theirs);
+                    }
+                }
+                if !force && !conflicts.is_empty() {
+                    let api_version = object["apiVersion"].as_str().unwrap_or("").to_owned();
+                    let causes: Vec<Value> = conflicts
+                        .iter()
+                        .map(|(m, p)| {
+                            json!({
+                        "reason": "FieldManagerConflict",
+                        "message": format!("conflict with \"{m}\" using {api_version}"),
+                        "field": shown(p)})
+                        })
+                        .collect();
+                    let list: Vec<String> = conflicts
+                        .iter()
+                        .map(|(m, p)| {
+                            format!("conflict with \"{m}\" using {api_version}: {}", shown(p))
+                        })
+                        .collect();
+                    return full(
+                        StatusCode::CONFLICT,
+                        &json!({"kind": "Status", "apiVersion": "v1",
+                        "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409,
+                        "message": format!("Apply failed with {} conflict{}: {}", conflicts.len(),
+                            if conflicts.len() == 1 { "" } else { "s" }, list.join("\n")),
+                        "details": {"causes": causes}}),
+                    );
+                }
+                managers.retain(|m| {
+                    m["manager"] == manager.as_str()
+                        || !leaves_of_fields(&m["fieldsV1"], &Vec::new()).is_empty()
+                });
+                // The applied fields over the stored object; a field this manager set
+                // before, no longer applies, and nobody else owns, goes.
+                let mine_before: Vec<FieldPath> = managers
+                    .iter()
+                    .filter(|m| m["manager"] == manager.as_str())
+                    .flat_map(|m| leaves_of_fields(&m["fieldsV1"], &Vec::new()))
+                    .collect();
+                let others: Vec<FieldPath> = managers
+                    .iter()
+                    .filter(|m| m["manager"] != manager.as_str())
+                    .flat_map(|m| leaves_of_fields(&m["fieldsV1"], &Vec::new()))
+                    .collect();
+                let mut merged = stored.clone();
+                for path in &mine_before {
+                    if !applied_fields.contains(path) && !others.contains(path) {
+                        remove_at(&mut merged, path);
+                    }
+                }
+                for path in &applied_fields {
+                    set_at(&mut merged, path, at(&object, path).clone());
+                }
+                if merged["spec"] != stored["spec"] {
+                    merged["metadata"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("generation");
+                }
+                object = merged;
+            } else {
+                object["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
+            }
+            managers.retain(|m| m["manager"] != manager.as_str());
+            managers.push(json!({"manager": manager, "operation": "Apply",
+                "apiVersion": object["apiVersion"], "time": "2026-01-01T00:00:00Z",
+                "fieldsType": "FieldsV1", "fieldsV1": fields_v1(&applied_fields)}));
+            object["metadata"]["managedFields"] = managers.into();
+            if plural == "customresourcedefinitions" {
+                establish(&mut object);
+            }
+            let unchanged = stored.as_ref().is_some_and(|stored| {
+                let mut same = object.clone();
+                same["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"].clone();
+                if same["metadata"]["generation"].is_null() {
+                    same["metadata"]["generation"] = stored["metadata"]["generation"].clone();
+                }
+                if state.controllers {
+                    state.roll_out(&mut same);
+                }
+                &same == stored
+            });
+            if !unchanged {
+                state.store(collection.clone(), object);
+            }
             let stored = state.objects[&collection][&key(name)].clone();
             full(StatusCode::OK, &stored)
         }
@@ -635,6 +979,189 @@ fn patch_status(
     full(StatusCode::OK, &state.objects[&collection][&key])
 }
 
+/// A field's path, key by key (a label key may hold dots).
+type FieldPath = Vec<String>;
+
+/// A path as kube-apiserver writes it in a conflict: `.spec.replicas`.
+fn shown(path: &FieldPath) -> String {
+    path.iter().map(|p| format!(".{p}")).collect()
+}
+
+/// The fields an applied object sets: every scalar and every list (lists are taken
+/// whole, as atomic lists are), leaving out what names the object.
+fn owned_fields(object: &Value) -> Vec<FieldPath> {
+    fn walk(value: &Value, path: FieldPath, paths: &mut Vec<FieldPath>) {
+        match value {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let mut next = path.clone();
+                    next.push(k.clone());
+                    walk(v, next, paths);
+                }
+            }
+            _ => paths.push(path),
+        }
+    }
+    let mut paths = Vec::new();
+    for (k, v) in object.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "apiVersion" | "kind" | "status" => {}
+            "metadata" => {
+                for (m, v) in v.as_object().into_iter().flatten() {
+                    if m == "labels" || m == "annotations" {
+                        walk(v, vec!["metadata".to_owned(), m.clone()], &mut paths);
+                    }
+                }
+            }
+            _ => walk(v, vec![k.clone()], &mut paths),
+        }
+    }
+    paths
+}
+
+/// Paths as `metadata.managedFields[].fieldsV1` writes them: `{"f:spec": {"f:replicas": {}}}`.
+fn fields_v1(paths: &[FieldPath]) -> Value {
+    let mut root = json!({});
+    for path in paths {
+        let mut node = &mut root;
+        for part in path {
+            node = node
+                .as_object_mut()
+                .unwrap()
+                .entry(format!("f:{part}"))
+                .or_insert_with(|| json!({}));
+        }
+    }
+    root
+}
+
+/// The paths of a fieldsV1 tree.
+fn leaves_of_fields(fields: &Value, prefix: &FieldPath) -> Vec<FieldPath> {
+    match fields.as_object() {
+        Some(map) if !map.is_empty() => map
+            .iter()
+            .flat_map(|(k, v)| {
+                let mut next = prefix.clone();
+                next.push(k.strip_prefix("f:").unwrap_or(k).to_owned());
+                leaves_of_fields(v, &next)
+            })
+            .collect(),
+        _ if prefix.is_empty() => Vec::new(),
+        _ => vec![prefix.clone()],
+    }
+}
+
+/// Sets the value at a path, making the maps above it.
+fn set_at(object: &mut Value, path: &FieldPath, value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut node = object;
+    for part in parents {
+        if !node[part.as_str()].is_object() {
+            node[part.as_str()] = json!({});
+        }
+        node = &mut node[part.as_str()];
+    }
+    node[last.as_str()] = value;
+}
+
+/// Removes the value at a path, and the maps it leaves empty.
+fn remove_at(node: &mut Value, path: &[String]) {
+    let Some(map) = node.as_object_mut() else {
+        return;
+    };
+    match path {
+        [] => {}
+        [last] => {
+            map.remove(last);
+        }
+        [first, rest @ ..] => {
+            if let Some(child) = map.get_mut(first) {
+                remove_at(child, rest);
+                if child.as_object().is_some_and(|m| m.is_empty()) {
+                    map.remove(first);
+                }
+            }
+        }
+    }
+}
+
+/// The value at a path.
+fn at<'a>(object: &'a Value, path: &FieldPath) -> &'a Value {
+    path.iter()
+        .fold(object, |v, part| v.get(part).unwrap_or(&Value::Null))
+}
+
+/// What the apiextensions controller does to a new CustomResourceDefinition.
+fn establish(crd: &mut Value) {
+    crd["status"] = json!({
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+             "message": "no conflicts found", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+             "message": "the initial names have been accepted",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        ],
+        "acceptedNames": crd["spec"]["names"].clone(),
+        "storedVersions": crd["spec"]["versions"].as_array().map(|v| {
+            v.iter().filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect::<Vec<_>>()
+        }).unwrap_or_default(),
+    });
+}
+
+/// RBAC's answer: 403 with the message kube-apiserver writes.
+fn forbidden(
+    prefix: &str,
+    plural: &str,
+    verb: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> Response<Body> {
+    let group = prefix
+        .strip_prefix("apis/")
+        .and_then(|g| g.split('/').next())
+        .unwrap_or("");
+    let resource = if group.is_empty() {
+        plural.to_owned()
+    } else {
+        format!("{plural}.{group}")
+    };
+    let subject = match name {
+        Some(n) => format!("{resource} \"{n}\""),
+        None => resource.clone(),
+    };
+    let scope = match namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_owned(),
+    };
+    let message = format!(
+        "{subject} is forbidden: User \"system:serviceaccount:default:installer\" cannot {verb} resource \"{plural}\" in API group \"{group}\" {scope}"
+    );
+    full(
+        StatusCode::FORBIDDEN,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": "Forbidden",
+                "details": {"name": name.unwrap_or(""), "group": group, "kind": plural},
+                "code": 403}),
+    )
+}
+
+/// `a=b,c!=d,e`: whether `labels` match (equality, inequality and existence terms).
+fn labels_match(selector: &str, labels: &Value) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels[k.trim()] != v.trim()
+        } else if let Some((k, v)) = term.split_once('=') {
+            labels[k.trim().trim_end_matches('=')] == v.trim()
+        } else if let Some(k) = term.strip_prefix('!') {
+            labels.get(k.trim()).is_none()
+        } else {
+            labels.get(term.trim()).is_some()
+        }
+    })
+}
+
 /// RFC 7386: objects merge key by key, null removes, anything else replaces.
 fn merge(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
@@ -672,6 +1199,7 @@ fn list(
 ) -> Response<Body> {
     let state = state.lock().unwrap();
     let name = field_selector(query);
+    let selector = query.get("labelSelector").cloned().unwrap_or_default();
     let items: Vec<Value> = state
         .objects
         .get(collection)
@@ -682,6 +1210,7 @@ fn list(
                     namespace.is_none_or(|want| want == ns)
                         && name.as_deref().is_none_or(|want| want == n)
                 })
+                .filter(|(_, o)| labels_match(&selector, &o["metadata"]["labels"]))
                 .map(|(_, o)| o.clone())
                 .collect()
         })
