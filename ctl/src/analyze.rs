@@ -14,6 +14,7 @@ pub const FOUND_ISSUES: u8 = 79;
 #[derive(Debug)]
 pub struct Options {
     pub files: Vec<PathBuf>,
+    pub cluster: crate::cluster::ClusterArgs,
     pub root_namespace: String,
     pub output: String,
     pub failure_threshold: String,
@@ -42,6 +43,10 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     }
     let mut input = Input::default();
     let mut read = 0;
+    let mut source = String::new();
+    if o.files.is_empty() {
+        source = read_cluster(&o.cluster, &mut input)?;
+    }
     for path in &o.files {
         for file in files_of(path)? {
             let text = std::fs::read_to_string(&file)
@@ -51,7 +56,7 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
         }
     }
     anyhow::ensure!(
-        read > 0,
+        read > 0 || !source.is_empty(),
         "no .yaml, .yml or .json file in {}",
         o.files
             .iter()
@@ -66,7 +71,8 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     match o.output.as_str() {
         "json" => crate::outln!("{}", serde_json::to_string_pretty(&findings)?)?,
         "yaml" => crate::out!("{}", serde_yaml_ng::to_string(&findings)?)?,
-        _ => print_table(&findings, read)?,
+        _ if !source.is_empty() => print_table(&findings, &source)?,
+        _ => print_table(&findings, &format!("{read} file(s)"))?,
     }
     if findings.iter().any(|f| f.severity <= failure) {
         Ok(ExitCode::from(FOUND_ISSUES))
@@ -75,9 +81,9 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print_table(findings: &[Finding], files: usize) -> std::io::Result<()> {
+fn print_table(findings: &[Finding], source: &str) -> std::io::Result<()> {
     if findings.is_empty() {
-        return crate::outln!("✔ No findings in {files} file(s).");
+        return crate::outln!("✔ No findings in {source}.");
     }
     for f in findings {
         let object = if f.object.is_empty() {
@@ -101,7 +107,7 @@ fn print_table(findings: &[Finding], files: usize) -> std::io::Result<()> {
     }
     let count = |s: Severity| findings.iter().filter(|f| f.severity == s).count();
     crate::outln!(
-        "{} error(s), {} warning(s), {} info in {files} file(s).",
+        "{} error(s), {} warning(s), {} info in {source}.",
         count(Severity::Error),
         count(Severity::Warning),
         count(Severity::Info)
@@ -136,4 +142,168 @@ pub(crate) fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// The kinds the control plane reads: (kind, group, version, plural, namespaced).
+const KINDS: &[(ambit_k8s::resources::Kind, &str, &str, &str, bool)] = {
+    use ambit_k8s::resources::Kind as K;
+    &[
+        (K::Namespace, "", "v1", "namespaces", false),
+        (K::Pod, "", "v1", "pods", true),
+        (K::Service, "", "v1", "services", true),
+        (
+            K::EndpointSlice,
+            "discovery.k8s.io",
+            "v1",
+            "endpointslices",
+            true,
+        ),
+        (
+            K::ServiceEntry,
+            "networking.istio.io",
+            "v1",
+            "serviceentries",
+            true,
+        ),
+        (
+            K::VirtualService,
+            "networking.istio.io",
+            "v1",
+            "virtualservices",
+            true,
+        ),
+        (
+            K::DestinationRule,
+            "networking.istio.io",
+            "v1",
+            "destinationrules",
+            true,
+        ),
+        (
+            K::AuthorizationPolicy,
+            "security.istio.io",
+            "v1",
+            "authorizationpolicies",
+            true,
+        ),
+        (
+            K::PeerAuthentication,
+            "security.istio.io",
+            "v1",
+            "peerauthentications",
+            true,
+        ),
+        (
+            K::RequestAuthentication,
+            "security.istio.io",
+            "v1",
+            "requestauthentications",
+            true,
+        ),
+        (
+            K::Gateway,
+            "gateway.networking.k8s.io",
+            "v1",
+            "gateways",
+            true,
+        ),
+        (
+            K::GatewayClass,
+            "gateway.networking.k8s.io",
+            "v1",
+            "gatewayclasses",
+            false,
+        ),
+        (
+            K::HttpRoute,
+            "gateway.networking.k8s.io",
+            "v1",
+            "httproutes",
+            true,
+        ),
+        (
+            K::GrpcRoute,
+            "gateway.networking.k8s.io",
+            "v1",
+            "grpcroutes",
+            true,
+        ),
+    ]
+};
+
+/// Workload controllers whose pod templates are workloads.
+const CONTROLLERS: &[(&str, &str)] = &[
+    ("Deployment", "deployments"),
+    ("StatefulSet", "statefulsets"),
+    ("DaemonSet", "daemonsets"),
+];
+
+/// Lists every kind the control plane reads from the kubeconfig's cluster into
+/// `input`; a kind whose CRD is not installed has no objects. Returns what was read
+/// (`cluster <context> (<server>)`).
+fn read_cluster(args: &crate::cluster::ClusterArgs, input: &mut Input) -> anyhow::Result<String> {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster = crate::cluster::Cluster::connect(args).await?;
+        let place = format!("cluster {}", cluster.context);
+        let list = |group: &str, version: &str, kind: &str, plural: &str| {
+            let gvk = GroupVersionKind::gvk(group, version, kind);
+            let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+            let api: Api<DynamicObject> = Api::all_with(cluster.client.clone(), &resource);
+            async move { api.list(&ListParams::default()).await }
+        };
+        for (kind, group, version, plural, _) in KINDS {
+            let items = match list(group, version, kind.as_str(), plural).await {
+                Ok(l) => l.items,
+                // The kind's CRD is not installed: there is none of it.
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                Err(e) => {
+                    return Err(anyhow::Error::new(
+                        cluster.error(format!("list {plural}"), e),
+                    ))
+                }
+            };
+            for item in items {
+                let mut value = serde_json::to_value(&item)?;
+                value["apiVersion"] = if group.is_empty() {
+                    (*version).into()
+                } else {
+                    format!("{group}/{version}").into()
+                };
+                value["kind"] = kind.as_str().into();
+                match ambit_k8s::read::from_api_server(*kind, &value) {
+                    Ok(object) => input.add_object(object, &place),
+                    Err(why) => input.add_unreadable(
+                        &place,
+                        format!(
+                            "{kind} {}/{}: {why}",
+                            value["metadata"]["namespace"].as_str().unwrap_or(""),
+                            value["metadata"]["name"].as_str().unwrap_or("")
+                        ),
+                    ),
+                }
+            }
+        }
+        for (kind, plural) in CONTROLLERS {
+            match list("apps", "v1", kind, plural).await {
+                Ok(l) => {
+                    for item in l.items {
+                        let mut value = serde_json::to_value(&item)?;
+                        value["kind"] = (*kind).into();
+                        input.add_controller(&value);
+                    }
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(
+                        cluster.error(format!("list {plural}"), e),
+                    ))
+                }
+            }
+        }
+        Ok(format!("{place} ({})", cluster.server))
+    })
 }

@@ -34,9 +34,12 @@ pub enum Command {
     /// finding reaches --failure-threshold (as istioctl analyze), 1 when the files
     /// cannot be read.
     Analyze {
-        /// Files or directories (every .yaml, .yml and .json below it) to analyze.
-        #[arg(short = 'f', long = "filename", required_unless_present = "list_codes")]
+        /// Files or directories (every .yaml, .yml and .json below it) to analyze;
+        /// without any, every namespace of the kubeconfig's cluster.
+        #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        cluster: crate::cluster::ClusterArgs,
         /// Where mesh-wide policies live (Istio's meshConfig.rootNamespace).
         #[arg(long, default_value = ambit_k8s::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,

@@ -89,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         Command::Analyze {
             files,
+            cluster,
             root_namespace,
             output,
             failure_threshold,
@@ -96,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             list_codes,
         } => analyze::run(analyze::Options {
             files,
+            cluster,
             root_namespace,
             output,
             failure_threshold,

@@ -162,3 +162,79 @@ fn bad_input_names_what_is_wrong() {
     assert_ne!(status, 0);
     assert!(err.contains("--failure-threshold \"fatal\""), "{err}");
 }
+
+/// Without -f, the kubeconfig's cluster: every kind the control plane reads, listed
+/// from the API server (here the fake one), analyzed the same way; a document the
+/// control plane could not read is reported as it would log it.
+#[tokio::test]
+async fn without_files_it_analyzes_the_cluster_of_the_kubeconfig() {
+    let api = ambit_kubefake::FakeApi::start().await;
+    let broken = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/analyze/broken");
+    for file in [
+        "AMB0002-invalid-policy.yaml",
+        "AMB0010-service-outside-mesh.yaml",
+    ] {
+        let text = std::fs::read_to_string(broken.join(file)).unwrap();
+        for doc in text.split("\n---\n") {
+            let body: String = doc
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            api.put(&body);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"http://{}\"}}}}]\n\
+             users: [{{name: fake, user: {{token: test}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
+            api.addr()
+        ),
+    )
+    .unwrap();
+    let kc = kubeconfig.to_str().unwrap().to_owned();
+    let (status, out, err) = tokio::task::spawn_blocking(move || {
+        ambitctl(&["analyze", "--kubeconfig", &kc, "-o", "json"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 79, "{out}{err}");
+    assert_eq!(
+        findings(&out),
+        [
+            (
+                "AMB0002".to_owned(),
+                "AuthorizationPolicy".to_owned(),
+                "shop/deny-typo".to_owned()
+            ),
+            (
+                "AMB0010".to_owned(),
+                "Service".to_owned(),
+                "legacy/old".to_owned()
+            ),
+        ],
+        "{out}"
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["place"] == "cluster fake"),
+        "{out}"
+    );
+    // A kubeconfig pointing nowhere is an error naming it.
+    drop(api);
+    let kc = kubeconfig.to_str().unwrap().to_owned();
+    let (status, _, err) =
+        tokio::task::spawn_blocking(move || ambitctl(&["analyze", "--kubeconfig", &kc]))
+            .await
+            .unwrap();
+    assert_ne!(status, 0);
+    assert!(!err.is_empty(), "{err}");
+}

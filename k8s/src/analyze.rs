@@ -158,6 +158,39 @@ impl Input {
     }
 }
 
+impl Input {
+    /// Adds one object read from an API server; `place` says where (e.g. `cluster
+    /// CONTEXT`).
+    pub fn add_object(&mut self, object: crate::resources::Object, place: &str) {
+        self.places
+            .insert((object.kind().to_owned(), object.key()), place.to_owned());
+        self.resources.insert(object);
+    }
+
+    /// Adds a workload controller (Deployment, StatefulSet, ...) as the API server
+    /// sent it: its pod template's labels are a workload.
+    pub fn add_controller(&mut self, value: &Value) {
+        if let Some(labels) = template_labels(value) {
+            let namespace = value["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned();
+            self.templates.push((namespace, labels));
+        }
+    }
+
+    /// An object the API server sent that could not be read as its kind.
+    pub fn add_unreadable(&mut self, place: &str, message: String) {
+        self.errors.push(crate::read::DocumentError {
+            path: std::path::PathBuf::from(place),
+            line: 0,
+            document: 0,
+            message,
+            fails_closed: false,
+        });
+    }
+}
+
 /// The pod template's labels of a workload controller.
 fn template_labels(value: &Value) -> Option<BTreeMap<String, String>> {
     let template = match value["kind"].as_str()? {
@@ -314,7 +347,11 @@ pub fn analyze(input: &Input, root_namespace: &str) -> Vec<Finding> {
                 "correct the document: it is not applied as written"
             },
         );
-        f.place = Some(format!("{}:{}", e.path.display(), e.line));
+        f.place = Some(if e.line == 0 {
+            e.path.display().to_string()
+        } else {
+            format!("{}:{}", e.path.display(), e.line)
+        });
         out.push(f);
     }
     // Policies the reader kept as unreadable are reported above, by their document.
