@@ -158,6 +158,11 @@ pub enum Command {
         #[arg(short = 'o', long = "output", default_value = "human")]
         output: ReportFormat,
     },
+    /// Prints a shell completion script: `source <(ambitctl completion bash)`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// The demo app that runs in every pod, and its clients (for `local exec`).
     App {
         /// A hosts file (`IP name...`) naming services and pods: the local mesh has no
