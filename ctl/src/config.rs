@@ -56,8 +56,8 @@ pub enum Command {
         #[arg(long)]
         list_codes: bool,
     },
-    /// Waypoints of the running local mesh, with istioctl waypoint's flags and
-    /// columns.
+    /// Waypoints, with istioctl waypoint's flags and columns: of the running local
+    /// mesh, or of a cluster (`--kubeconfig`/`--context`, or when no local mesh runs).
     Waypoint {
         /// The namespace (default: `default`).
         #[arg(short = 'n', long, global = true)]
@@ -65,6 +65,13 @@ pub enum Command {
         /// The local mesh's state directory.
         #[arg(long, env = "AMBITCTL_STATE_DIR", default_value_os_t = default_state_dir(), global = true)]
         state_dir: PathBuf,
+        /// A cluster instead of the local mesh: its kubeconfig (also used when no
+        /// local mesh runs).
+        #[arg(long, global = true)]
+        kubeconfig: Option<PathBuf>,
+        /// The kubeconfig context (a cluster instead of the local mesh).
+        #[arg(long, global = true)]
+        context: Option<String>,
         #[command(subcommand)]
         command: WaypointCommand,
     },

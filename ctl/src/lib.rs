@@ -88,12 +88,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Waypoint {
             namespace,
             state_dir,
+            kubeconfig,
+            context,
             command,
-        } => waypoint::run(
-            &state_dir,
-            namespace.as_deref().unwrap_or("default"),
-            command,
-        ),
+        } => {
+            let namespace = namespace.as_deref().unwrap_or("default");
+            let cluster =
+                kubeconfig.is_some() || context.is_some() || local::running(&state_dir).is_err();
+            if cluster {
+                let args = cluster::ClusterArgs {
+                    kubeconfig,
+                    context,
+                };
+                waypoint::run_cluster(&args, namespace, command)
+            } else {
+                waypoint::run(&state_dir, namespace, command)
+            }
+        }
         Command::Analyze {
             files,
             cluster,

@@ -83,6 +83,80 @@ fn rows(state_dir: &Path, namespace: Option<&str>) -> anyhow::Result<Vec<Row>> {
     Ok(out)
 }
 
+fn print_list(rows: &[Row], all_namespaces: bool, output: &str) -> anyhow::Result<()> {
+    if output == "json" {
+        crate::outln!("{}", serde_json::to_string_pretty(rows)?)?;
+        return Ok(());
+    }
+    anyhow::ensure!(output == "table", "-o {output:?}: expected table or json");
+    if rows.is_empty() {
+        crate::outln!("No waypoints found.")?;
+        return Ok(());
+    }
+    let ns = |n: &str| {
+        if all_namespaces {
+            format!("{n:<16} ")
+        } else {
+            String::new()
+        }
+    };
+    crate::outln!(
+        "{}{:<20} {:<10} {:<14} PROGRAMMED",
+        ns("NAMESPACE"),
+        "NAME",
+        "REVISION",
+        "TRAFFIC TYPE"
+    )?;
+    for r in rows {
+        crate::outln!(
+            "{}{:<20} {:<10} {:<14} {}",
+            ns(&r.namespace),
+            r.name,
+            r.revision,
+            r.traffic_type,
+            if r.programmed { "True" } else { "False" }
+        )?;
+    }
+    Ok(())
+}
+
+fn print_status(
+    rows: &[Row],
+    namespace: &str,
+    name: Option<&str>,
+    output: &str,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no waypoint{} in namespace {namespace}",
+        name.map(|n| format!(" {n}")).unwrap_or_default()
+    );
+    if output == "json" {
+        crate::outln!("{}", serde_json::to_string_pretty(rows)?)?;
+    } else {
+        crate::outln!("{:<20} {:<12} {:<8} MESSAGE", "NAME", "CONDITION", "STATUS")?;
+        for r in rows {
+            crate::outln!(
+                "{:<20} {:<12} {:<8} {}{}",
+                r.name,
+                "Programmed",
+                if r.programmed { "True" } else { "False" },
+                r.reason,
+                if r.serves.is_empty() {
+                    String::new()
+                } else {
+                    format!("; serves {}", r.serves.join(", "))
+                }
+            )?;
+        }
+    }
+    Ok(if rows.iter().all(|r| r.programmed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 pub fn run(
     state_dir: &Path,
     namespace: &str,
@@ -162,40 +236,7 @@ pub fn run(
             output,
         } => {
             let rows = rows(state_dir, (!all_namespaces).then_some(namespace))?;
-            if output == "json" {
-                crate::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            anyhow::ensure!(output == "table", "-o {output:?}: expected table or json");
-            if rows.is_empty() {
-                crate::outln!("No waypoints found.")?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let ns = if all_namespaces {
-                format!("{:<16} ", "NAMESPACE")
-            } else {
-                String::new()
-            };
-            crate::outln!(
-                "{ns}{:<20} {:<10} {:<14} PROGRAMMED",
-                "NAME",
-                "REVISION",
-                "TRAFFIC TYPE"
-            )?;
-            for r in rows {
-                let ns = if all_namespaces {
-                    format!("{:<16} ", r.namespace)
-                } else {
-                    String::new()
-                };
-                crate::outln!(
-                    "{ns}{:<20} {:<10} {:<14} {}",
-                    r.name,
-                    r.revision,
-                    r.traffic_type,
-                    if r.programmed { "True" } else { "False" }
-                )?;
-            }
+            print_list(&rows, all_namespaces, &output)?;
             Ok(ExitCode::SUCCESS)
         }
         WaypointCommand::Status { name, output } => {
@@ -203,35 +244,7 @@ pub fn run(
                 .into_iter()
                 .filter(|r| name.as_ref().is_none_or(|n| *n == r.name))
                 .collect();
-            anyhow::ensure!(
-                !rows.is_empty(),
-                "no waypoint{} in namespace {namespace}",
-                name.map(|n| format!(" {n}")).unwrap_or_default()
-            );
-            if output == "json" {
-                crate::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
-            } else {
-                crate::outln!("{:<20} {:<12} {:<8} MESSAGE", "NAME", "CONDITION", "STATUS")?;
-                for r in &rows {
-                    crate::outln!(
-                        "{:<20} {:<12} {:<8} {}{}",
-                        r.name,
-                        "Programmed",
-                        if r.programmed { "True" } else { "False" },
-                        r.reason,
-                        if r.serves.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; serves {}", r.serves.join(", "))
-                        }
-                    )?;
-                }
-            }
-            Ok(if rows.iter().all(|r| r.programmed) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            print_status(&rows, namespace, name.as_deref(), &output)
         }
         WaypointCommand::Delete { names, all } => {
             let names: Vec<String> = if all {
@@ -256,4 +269,182 @@ pub fn run(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The same commands on a cluster: the Gateway server-side applied (field manager
+/// ambitctl), the namespace label patched, `list` and `status` from the Gateways'
+/// `status.conditions` (Programmed) as the control plane writes them.
+pub fn run_cluster(
+    args: &crate::cluster::ClusterArgs,
+    namespace: &str,
+    command: WaypointCommand,
+) -> anyhow::Result<ExitCode> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{
+        Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+        PatchParams,
+    };
+    if let WaypointCommand::Generate { waypoint } = &command {
+        crate::out!("{}", gateway_yaml(namespace, waypoint))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster = crate::cluster::Cluster::connect(args).await?;
+        let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway");
+        let resource = ApiResource::from_gvk_with_plural(&gvk, "gateways");
+        let gateways: Api<DynamicObject> =
+            Api::namespaced_with(cluster.client.clone(), namespace, &resource);
+        let rows = |all: bool| {
+            let api: Api<DynamicObject> = if all {
+                Api::all_with(cluster.client.clone(), &resource)
+            } else {
+                gateways.clone()
+            };
+            let cluster = cluster.clone();
+            async move {
+                let list = api
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| cluster.error("list gateways", e))?;
+                let mut out = Vec::new();
+                for g in list.items {
+                    let v = serde_json::to_value(&g)?;
+                    if v["spec"]["gatewayClassName"] != WAYPOINT_CLASS {
+                        continue;
+                    }
+                    let programmed = v["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|c| c["type"] == "Programmed")
+                        .cloned()
+                        .unwrap_or_default();
+                    out.push(Row {
+                        namespace: v["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+                        name: v["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                        revision: "default",
+                        traffic_type: v["metadata"]["labels"][WAYPOINT_FOR_LABEL]
+                            .as_str()
+                            .unwrap_or("service")
+                            .to_owned(),
+                        programmed: programmed["status"] == "True",
+                        reason: if programmed.is_null() {
+                            "no Programmed condition yet (is ambit-control running?)".to_owned()
+                        } else {
+                            format!(
+                                "{}: {}",
+                                programmed["reason"].as_str().unwrap_or(""),
+                                programmed["message"].as_str().unwrap_or("")
+                            )
+                        },
+                        serves: Vec::new(),
+                    });
+                }
+                Ok::<_, anyhow::Error>(out)
+            }
+        };
+        match command {
+            WaypointCommand::Generate { .. } => Ok(ExitCode::SUCCESS),
+            WaypointCommand::Apply {
+                waypoint,
+                enroll_namespace,
+                overwrite,
+                wait,
+                timeout,
+            } => {
+                let gateway: serde_json::Value =
+                    serde_yaml_ng::from_str(&gateway_yaml(namespace, &waypoint))?;
+                gateways
+                    .patch(
+                        &waypoint.name,
+                        &PatchParams::apply(crate::cluster::FIELD_MANAGER),
+                        &Patch::Apply(&gateway),
+                    )
+                    .await
+                    .map_err(|e| cluster.error(format!("apply Gateway {namespace}/{}", waypoint.name), e))?;
+                crate::outln!("waypoint {namespace}/{} applied", waypoint.name)?;
+                if enroll_namespace {
+                    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+                    let ns = namespaces
+                        .get(namespace)
+                        .await
+                        .map_err(|e| cluster.error(format!("get namespace {namespace}"), e))?;
+                    let current = ns
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(USE_WAYPOINT_LABEL))
+                        .cloned();
+                    if let Some(other) = current.filter(|c| *c != waypoint.name) {
+                        anyhow::ensure!(
+                            overwrite,
+                            "namespace {namespace} already uses waypoint {other} ({USE_WAYPOINT_LABEL}); pass --overwrite to replace it"
+                        );
+                    }
+                    let patch = serde_json::json!({"metadata": {"labels": {USE_WAYPOINT_LABEL: waypoint.name}}});
+                    namespaces
+                        .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map_err(|e| cluster.error(format!("label namespace {namespace}"), e))?;
+                    crate::outln!("namespace {namespace} labelled {USE_WAYPOINT_LABEL}={}", waypoint.name)?;
+                }
+                if !wait {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let deadline = Instant::now() + timeout;
+                loop {
+                    let now = rows(false).await?;
+                    if now.iter().any(|r| r.name == waypoint.name && r.programmed) {
+                        crate::outln!("waypoint {namespace}/{} programmed", waypoint.name)?;
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "waypoint {namespace}/{} not programmed within {timeout:?} (see `ambitctl waypoint status -n {namespace}`)",
+                        waypoint.name
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            WaypointCommand::List {
+                all_namespaces,
+                output,
+            } => {
+                print_list(&rows(all_namespaces).await?, all_namespaces, &output)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            WaypointCommand::Status { name, output } => {
+                let rows: Vec<Row> = rows(false)
+                    .await?
+                    .into_iter()
+                    .filter(|r| name.as_ref().is_none_or(|n| *n == r.name))
+                    .collect();
+                print_status(&rows, namespace, name.as_deref(), &output)
+            }
+            WaypointCommand::Delete { names, all } => {
+                let names: Vec<String> = if all {
+                    rows(false).await?.into_iter().map(|r| r.name).collect()
+                } else {
+                    names
+                };
+                anyhow::ensure!(!names.is_empty(), "name the waypoints to delete, or --all");
+                let known: Vec<String> = rows(false).await?.into_iter().map(|r| r.name).collect();
+                for name in names {
+                    anyhow::ensure!(
+                        known.contains(&name),
+                        "no waypoint {namespace}/{name} (a Gateway of class {WAYPOINT_CLASS})"
+                    );
+                    gateways
+                        .delete(&name, &DeleteParams::default())
+                        .await
+                        .map_err(|e| cluster.error(format!("delete Gateway {namespace}/{name}"), e))?;
+                    crate::outln!("waypoint {namespace}/{name} deleted")?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
 }
