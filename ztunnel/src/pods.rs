@@ -367,6 +367,8 @@ impl HandoffHandler for Pods {
         self.lock().insert(uid.to_string(), pod.clone());
         let tasks = self.spawn_tasks(&pod, listening);
         *pod.lock_tasks() = tasks;
+        self.shared.metrics.active_proxies.inc();
+        self.shared.metrics.proxies_started.inc();
         tracing::info!(pod = %uid, identity = %pod.identity, "serving pod");
         Ok(())
     }
@@ -376,6 +378,8 @@ impl HandoffHandler for Pods {
         if let Some(pod) = removed {
             pod.stop_and_wait().await;
             pod.close_connections();
+            self.shared.metrics.active_proxies.dec();
+            self.shared.metrics.proxies_stopped.inc();
             tracing::info!(pod = %uid, "no longer serving pod");
             // Other pods may share the identity; only forget the certificate when none do.
             let still_used = self.lock().values().any(|p| p.identity == pod.identity);
