@@ -15,6 +15,8 @@
 //! Run (as root): `scripts/bench.sh`. The report is printed and written to
 //! `target/bench-report.md`. `scripts/bench.sh idle` measures only the memory figure,
 //! `scripts/bench.sh conns` only new connections/s through the mesh (20 s, to profile).
+//! `scripts/bench.sh logs` what the access log costs: new connections/s through the
+//! mesh at `info` and with the access log filtered off, alternated in one run.
 //! `scripts/bench.sh waypoint [quick]` is the waypoint's benchmark, against Envoy
 //! (`bench/waypoint.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -266,7 +268,8 @@ async fn main() {
         .unwrap();
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
-    // ztunnel's default log level, as a user runs it: no line per connection.
+    // ztunnel's default log level, as a user runs it: the access log's line per
+    // connection (`bench logs` measures what it costs).
     let h = Harness::start_logging(mesh, "info");
     let _iperf = h
         .mesh
@@ -316,6 +319,54 @@ async fn main() {
         eprintln!("==> wrk through the mesh for 20 s");
         let rate = new_connections(&h, &client, &url(NGINX_PORTS[7]), "20s");
         println!("8 at a time for 20 s: direct {direct_long:.0}/s, mesh {rate:.0}/s");
+        let _ = std::fs::remove_dir_all(&nginx_dir);
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("logs") {
+        // The access log's cost per connection: wrk's new connections/s through the
+        // mesh with ztunnel at `info` (a line per connection) and with the access log
+        // filtered off, alternated in the same run (the machine is shared and noisy).
+        h.enrol(&client).await;
+        h.enrol(&server).await;
+        let url = format!("http://{}:{}/", server.ip(), NGINX_PORTS[0]);
+        let settings = [
+            ("info,access=off", "access log off"),
+            ("info", "info (access log on)"),
+        ];
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+        for round in 0..4 {
+            for (i, (filter, name)) in settings.iter().enumerate() {
+                for node in ["node-a", "node-b"] {
+                    let reply = ambit_localmesh::ambient::node_request(
+                        &h.mesh,
+                        node,
+                        15000,
+                        "POST",
+                        &format!("/logging?level={filter}"),
+                    )
+                    .await
+                    .unwrap();
+                    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+                }
+                let rate = new_connections(&h, &client, &url, "10s");
+                eprintln!("round {round}, {name}: {rate:.0} new connections/s");
+                rates[i].push(rate);
+            }
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        let (off, on) = (median(&rates[0]), median(&rates[1]));
+        for (i, (_, name)) in settings.iter().enumerate() {
+            println!(
+                "{name}: {:?} new connections/s (median {:.0})",
+                rates[i].iter().map(|r| r.round()).collect::<Vec<_>>(),
+                median(&rates[i])
+            );
+        }
+        println!("access log on / off: {:.3}x new connections/s", on / off);
         let _ = std::fs::remove_dir_all(&nginx_dir);
         return;
     }

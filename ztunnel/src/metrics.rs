@@ -20,8 +20,10 @@
 //! Ambit's own: `ambit_authorization_denials_total`, and
 //! `ambit_connections_refused_total`, every connection or tunnel refused before it
 //! carried data, by `reporter` and a stable `reason` (`descriptors_exhausted` when
-//! ztunnel ran out of file descriptors; `tls_handshake_failed` ... for an inbound
-//! HBONE connection that never got as far as a CONNECT). A refused client is always
+//! ztunnel ran out of file descriptors; `tls_handshake_failed`,
+//! `tls_handshake_timeout`, `no_peer_identity` for an inbound HBONE connection that
+//! never got as far as a CONNECT; `accept_failed` when a listener could not accept,
+//! the connection left queued). A refused client is always
 //! told — an HBONE status, or a TCP reset — never accepted and then closed as if it
 //! were done.
 //!
