@@ -43,6 +43,15 @@ fn direction(reporter: Reporter) -> &'static str {
 
 /// Writes the line of a connection that ended.
 pub fn connection(e: &Ended<'_>) {
+    // Nothing below is worked out when the line would not be written (a filter of
+    // `warn`, or `access=off`).
+    let enabled = match e.error {
+        None => tracing::enabled!(target: "access", tracing::Level::INFO),
+        Some(_) => tracing::enabled!(target: "access", tracing::Level::ERROR),
+    };
+    if !enabled {
+        return;
+    }
     let l = e.labels;
     let p = e.endpoints;
     let mtls = l.connection_security_policy == SecurityPolicy::mutual_tls;
