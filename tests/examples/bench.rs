@@ -323,17 +323,22 @@ async fn main() {
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("logs") {
-        // The access log's cost per connection: wrk's new connections/s through the
-        // mesh with ztunnel at `info` (a line per connection) and with the access log
-        // filtered off, alternated in the same run (the machine is shared and noisy).
+        // The access log's cost per connection, with ztunnel at `info` (a line per
+        // connection) and with the access log filtered off, alternated in the same
+        // run (the machine is shared and noisy): wrk's new connections/s, and both
+        // ztunnels' CPU at a fixed rate of new connections (hey, no keep-alive).
         h.enrol(&client).await;
         h.enrol(&server).await;
-        let url = format!("http://{}:{}/", server.ip(), NGINX_PORTS[0]);
         let settings = [
             ("info,access=off", "access log off"),
             ("info", "info (access log on)"),
         ];
+        let ztunnels: Vec<u32> = ["node-a", "node-b"]
+            .iter()
+            .map(|n| h.ztunnel(n).pid())
+            .collect();
         let mut rates: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
         for round in 0..4 {
             for (i, (filter, name)) in settings.iter().enumerate() {
                 for node in ["node-a", "node-b"] {
@@ -348,9 +353,44 @@ async fn main() {
                     .unwrap();
                     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
                 }
-                let rate = new_connections(&h, &client, &url, "10s");
-                eprintln!("round {round}, {name}: {rate:.0} new connections/s");
+                // A port of its own each time: the client's TIME_WAIT sockets of one
+                // run do not slow the next.
+                let port = NGINX_PORTS[round * 2 + i];
+                let url = format!("http://{}:{port}/", server.ip());
+                let rate = new_connections(&h, &client, &url, "8s");
+                std::thread::sleep(Duration::from_secs(2));
+                let before: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
+                let started = std::time::Instant::now();
+                let hey = run(
+                    &h,
+                    &client,
+                    "hey",
+                    &[
+                        "-z",
+                        "8s",
+                        "-c",
+                        "5",
+                        "-q",
+                        "100",
+                        "-disable-keepalive",
+                        &url,
+                    ],
+                );
+                let wall = started.elapsed().as_secs_f64();
+                let after: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
+                let rps: f64 = hey
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("Requests/sec:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no Requests/sec in hey output:\n{hey}"));
+                let millicores_per_1000 =
+                    (after - before) as f64 / ticks_per_second() / wall * 1000.0 * 1000.0 / rps;
+                eprintln!(
+                    "round {round}, {name}: wrk {rate:.0} new connections/s; hey {rps:.0}/s new connections, both ztunnels {millicores_per_1000:.0} millicores per 1000/s"
+                );
                 rates[i].push(rate);
+                cpu[i].push(millicores_per_1000);
             }
         }
         let median = |v: &[f64]| {
@@ -358,15 +398,20 @@ async fn main() {
             v.sort_by(f64::total_cmp);
             (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
         };
-        let (off, on) = (median(&rates[0]), median(&rates[1]));
         for (i, (_, name)) in settings.iter().enumerate() {
             println!(
-                "{name}: {:?} new connections/s (median {:.0})",
+                "{name}: wrk {:?} new connections/s (median {:.0}); ztunnels' CPU {:?} millicores per 1000 new connections/s (median {:.0})",
                 rates[i].iter().map(|r| r.round()).collect::<Vec<_>>(),
-                median(&rates[i])
+                median(&rates[i]),
+                cpu[i].iter().map(|r| r.round()).collect::<Vec<_>>(),
+                median(&cpu[i]),
             );
         }
-        println!("access log on / off: {:.3}x new connections/s", on / off);
+        println!(
+            "access log on / off: wrk {:.3}x new connections/s, {:.3}x CPU per connection",
+            median(&rates[1]) / median(&rates[0]),
+            median(&cpu[1]) / median(&cpu[0])
+        );
         let _ = std::fs::remove_dir_all(&nginx_dir);
         return;
     }
