@@ -55,25 +55,21 @@ pub fn connection(e: &Ended<'_>) {
     let l = e.labels;
     let p = e.endpoints;
     let mtls = l.connection_security_policy == SecurityPolicy::mutual_tls;
-    let pod_or = |pod: &Option<std::sync::Arc<ambit_core::model::Workload>>, service: &str| {
-        pod.as_ref()
-            .map_or_else(|| service.to_owned(), |w| w.spec.name.clone())
-    };
+    // Borrowed, not formatted into new strings: this runs for every connection.
+    fn pod_or<'a>(
+        pod: &'a Option<std::sync::Arc<ambit_core::model::Workload>>,
+        service: &'a str,
+    ) -> &'a str {
+        pod.as_ref().map_or(service, |w| w.spec.name.as_str())
+    }
     let src_workload = pod_or(&p.src_pod, &l.source_canonical_service);
     let dst_workload = pod_or(&p.dst_pod, &l.destination_canonical_service);
-    let proven = |principal: &str| {
-        if mtls && principal != UNKNOWN {
-            principal.to_owned()
-        } else {
-            "-".to_owned()
-        }
-    };
-    let hbone = p.hbone.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let hbone = OrDash(p.hbone);
     let (bytes_sent, bytes_recv) = match l.reporter {
         Reporter::source => (e.request_bytes, e.response_bytes),
         Reporter::destination => (e.response_bytes, e.request_bytes),
     };
-    let duration = format!("{}ms", e.duration.as_millis());
+    let duration = Millis(e.duration);
     macro_rules! line {
         ($level:expr, $($error:tt)*) => {
             tracing::event!(
@@ -82,13 +78,13 @@ pub fn connection(e: &Ended<'_>) {
                 src.addr = %p.src,
                 src.workload = %src_workload,
                 src.namespace = %l.source_workload_namespace,
-                src.identity = %proven(&l.source_principal),
+                src.identity = %Proven(mtls, &l.source_principal),
                 dst.addr = %p.dst,
                 dst.hbone_addr = %hbone,
                 dst.service = %l.destination_service,
                 dst.workload = %dst_workload,
                 dst.namespace = %l.destination_workload_namespace,
-                dst.identity = %proven(&l.destination_principal),
+                dst.identity = %Proven(mtls, &l.destination_principal),
                 direction = direction(l.reporter),
                 bytes_sent,
                 bytes_recv,
@@ -116,4 +112,56 @@ pub fn early_failure(src: SocketAddr, dst: SocketAddr, reporter: Reporter, error
         error = %error,
         "connection failed"
     );
+}
+
+/// A principal proven by mutual TLS, or `-`.
+struct Proven<'a>(bool, &'a str);
+
+impl std::fmt::Display for Proven<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 && self.1 != UNKNOWN {
+            f.write_str(self.1)
+        } else {
+            f.write_str("-")
+        }
+    }
+}
+
+/// An address, or `-`.
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A duration as Istio's ztunnel logs it: `<n>ms`.
+struct Millis(Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}ms", self.0.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absent_address_is_a_dash_and_a_duration_is_in_milliseconds() {
+        assert_eq!(OrDash(None).to_string(), "-");
+        assert_eq!(
+            OrDash(Some("10.0.0.1:15008".parse().unwrap())).to_string(),
+            "10.0.0.1:15008"
+        );
+        assert_eq!(
+            Millis(Duration::from_micros(2_500_900)).to_string(),
+            "2500ms"
+        );
+    }
 }
