@@ -121,7 +121,15 @@ fn for_gateway(key: &ObjectKey, gateway: &Gateway, uid: &str, pods: &WaypointPod
         "spec": {
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": pod_labels},
+                // Scraped like ztunnel (deploy/observability/prometheus-scrape.yaml).
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": "15020",
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     "serviceAccountName": account,
                     "containers": [{

@@ -629,6 +629,18 @@ pub async fn node_get(
     port: u16,
     path: &str,
 ) -> std::io::Result<String> {
+    node_request(mesh, node, port, "GET", path).await
+}
+
+/// [`node_get`] with another method, e.g. `POST /logging?level=...` to ztunnel's
+/// admin.
+pub async fn node_request(
+    mesh: &LocalMesh,
+    node: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
     let netns = mesh
         .node(node)
@@ -636,7 +648,9 @@ pub async fn node_get(
         .netns()
         .path();
     let ns = ambit_net::netns::NetnsHandle::from_path(netns)?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
     ns.run(move || {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;

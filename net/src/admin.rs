@@ -4,7 +4,8 @@
 //! plain function of the request ([`Endpoint::handle`]), so it is tested without
 //! sockets; [`serve`] is the thin HTTP/1 server around it. The pieces every proxy
 //! shares live here: [`Readiness`], [`LogLevel`] (`/logging`), [`certificates`] (the
-//! certificate manager's state as JSON) and [`metrics`] (the Prometheus paths).
+//! certificate manager's state as JSON), [`metrics`] (the Prometheus paths) and
+//! [`register_build_info`] (Istio's `istio_build{component,tag}`).
 //! What a proxy dumps and which metrics it keeps are its own.
 
 use std::collections::BTreeSet;
@@ -103,6 +104,33 @@ pub async fn serve(
                 .await;
         });
     }
+}
+
+/// Labels of `istio_build`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    component: String,
+    tag: String,
+}
+
+/// Registers Istio's build-info gauge, `istio_build{component, tag} 1`, with the
+/// proxy's name and version.
+pub fn register_build_info(
+    registry: &mut prometheus_client::registry::Registry,
+    component: &str,
+    tag: &str,
+) {
+    let build: prometheus_client::metrics::family::Family<
+        BuildLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    > = Default::default();
+    build
+        .get_or_create(&BuildLabels {
+            component: component.to_owned(),
+            tag: tag.to_owned(),
+        })
+        .set(1);
+    registry.register("istio_build", "Istio component build info", build);
 }
 
 /// Readiness: ready once every startup task that blocked it has finished.

@@ -64,6 +64,8 @@ pub struct XdsSource {
     pub token: BearerToken,
     /// `Node.id` the server logs this client by, e.g. `ztunnel~<node>`.
     pub node_id: String,
+    /// Where the client counts its streams and messages.
+    pub metrics: crate::xds::client::XdsMetrics,
 }
 
 /// Starts the client; the receiver holds an empty model until the first response, and
@@ -80,6 +82,7 @@ pub fn watch_xds(
     let (configs_tx, mut configs) = watch::channel(Arc::new(MeshConfig::default()));
     let mut config = ClientConfig::new(&source.node_id);
     config.token = Some(source.token.clone());
+    config.metrics = source.metrics.clone();
     let client = XdsClient::new(config, configs_tx);
     let (synced_tx, synced) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {

@@ -15,6 +15,8 @@
 //! Run (as root): `scripts/bench.sh`. The report is printed and written to
 //! `target/bench-report.md`. `scripts/bench.sh idle` measures only the memory figure,
 //! `scripts/bench.sh conns` only new connections/s through the mesh (20 s, to profile).
+//! `scripts/bench.sh logs` what the access log costs: new connections/s through the
+//! mesh at `info` and with the access log filtered off, alternated in one run.
 //! `scripts/bench.sh waypoint [quick]` is the waypoint's benchmark, against Envoy
 //! (`bench/waypoint.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -266,7 +268,8 @@ async fn main() {
         .unwrap();
     mesh.set_protocol(&client, Protocol::Hbone).unwrap();
     mesh.set_protocol(&server, Protocol::Hbone).unwrap();
-    // ztunnel's default log level, as a user runs it: no line per connection.
+    // ztunnel's default log level, as a user runs it: the access log's line per
+    // connection (`bench logs` measures what it costs).
     let h = Harness::start_logging(mesh, "info");
     let _iperf = h
         .mesh
@@ -316,6 +319,99 @@ async fn main() {
         eprintln!("==> wrk through the mesh for 20 s");
         let rate = new_connections(&h, &client, &url(NGINX_PORTS[7]), "20s");
         println!("8 at a time for 20 s: direct {direct_long:.0}/s, mesh {rate:.0}/s");
+        let _ = std::fs::remove_dir_all(&nginx_dir);
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("logs") {
+        // The access log's cost per connection, with ztunnel at `info` (a line per
+        // connection) and with the access log filtered off, alternated in the same
+        // run (the machine is shared and noisy): wrk's new connections/s, and both
+        // ztunnels' CPU at a fixed rate of new connections (hey, no keep-alive).
+        h.enrol(&client).await;
+        h.enrol(&server).await;
+        let settings = [
+            ("info,access=off", "access log off"),
+            ("info", "info (access log on)"),
+        ];
+        let ztunnels: Vec<u32> = ["node-a", "node-b"]
+            .iter()
+            .map(|n| h.ztunnel(n).pid())
+            .collect();
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+        for round in 0..4 {
+            for (i, (filter, name)) in settings.iter().enumerate() {
+                for node in ["node-a", "node-b"] {
+                    let reply = ambit_localmesh::ambient::node_request(
+                        &h.mesh,
+                        node,
+                        15000,
+                        "POST",
+                        &format!("/logging?level={filter}"),
+                    )
+                    .await
+                    .unwrap();
+                    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+                }
+                // A port of its own each time: the client's TIME_WAIT sockets of one
+                // run do not slow the next.
+                let port = NGINX_PORTS[round * 2 + i];
+                let url = format!("http://{}:{port}/", server.ip());
+                let rate = new_connections(&h, &client, &url, "8s");
+                std::thread::sleep(Duration::from_secs(2));
+                let before: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
+                let started = std::time::Instant::now();
+                let hey = run(
+                    &h,
+                    &client,
+                    "hey",
+                    &[
+                        "-z",
+                        "8s",
+                        "-c",
+                        "5",
+                        "-q",
+                        "100",
+                        "-disable-keepalive",
+                        &url,
+                    ],
+                );
+                let wall = started.elapsed().as_secs_f64();
+                let after: u64 = ztunnels.iter().map(|&p| process_ticks(p)).sum();
+                let rps: f64 = hey
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("Requests/sec:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no Requests/sec in hey output:\n{hey}"));
+                let millicores_per_1000 =
+                    (after - before) as f64 / ticks_per_second() / wall * 1000.0 * 1000.0 / rps;
+                eprintln!(
+                    "round {round}, {name}: wrk {rate:.0} new connections/s; hey {rps:.0}/s new connections, both ztunnels {millicores_per_1000:.0} millicores per 1000/s"
+                );
+                rates[i].push(rate);
+                cpu[i].push(millicores_per_1000);
+            }
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        for (i, (_, name)) in settings.iter().enumerate() {
+            println!(
+                "{name}: wrk {:?} new connections/s (median {:.0}); ztunnels' CPU {:?} millicores per 1000 new connections/s (median {:.0})",
+                rates[i].iter().map(|r| r.round()).collect::<Vec<_>>(),
+                median(&rates[i]),
+                cpu[i].iter().map(|r| r.round()).collect::<Vec<_>>(),
+                median(&cpu[i]),
+            );
+        }
+        println!(
+            "access log on / off: wrk {:.3}x new connections/s, {:.3}x CPU per connection",
+            median(&rates[1]) / median(&rates[0]),
+            median(&cpu[1]) / median(&cpu[0])
+        );
         let _ = std::fs::remove_dir_all(&nginx_dir);
         return;
     }

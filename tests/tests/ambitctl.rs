@@ -311,6 +311,38 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         }
         lines
     };
+    // ztunnel as `local up` runs it: at info (below), so its access log has a JSON
+    // line per connection (these requests went out of the frontend's ztunnel over
+    // HBONE).
+    let ztunnel_lines = || -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        for entry in std::fs::read_dir(&logs).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.contains("-ztunnel-") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                lines.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+            }
+        }
+        lines
+    };
+    eventually(
+        || {
+            ztunnel_lines().iter().any(|v| {
+                v["target"] == "access"
+                    && v["message"] == "connection complete"
+                    && v["direction"] == "outbound"
+                    && v["src.identity"] == "spiffe://cluster.local/ns/bookshop/sa/frontend"
+            })
+        },
+        || {
+            format!(
+                "no ztunnel access line for the frontend: {:#?}",
+                ztunnel_lines()
+            )
+        },
+    );
+
     let frontend = "spiffe://cluster.local/ns/bookshop/sa/frontend";
     let find = |method: &str, code: u64, protocol: &str| {
         access().into_iter().find(|l| {
@@ -386,6 +418,16 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         ],
     );
     assert!(opened >= 2.0, "opened {opened}:\n{metrics}");
+    // And it runs at `info`: no debug logging on the hot path.
+    let filter = Command::new("nsenter")
+        .arg(format!("--net={node_b}"))
+        .arg("--")
+        .arg(bin("ambitctl"))
+        .args(["app", "get", "http://127.0.0.1:15000/logging"])
+        .output()
+        .unwrap();
+    let filter = String::from_utf8_lossy(&filter.stdout);
+    assert_eq!(filter.trim(), "info", "ztunnel's log filter");
 
     // A policy applied to the running mesh, as with kubectl: the frontend is denied,
     // then the policy is deleted and it is let through again.

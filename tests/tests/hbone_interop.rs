@@ -259,10 +259,11 @@ async fn a_python_h2_client_with_a_ca_certificate_speaks_hbone_to_ztunnel() {
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     let tunnel = h
         .ztunnel("node-b")
-        .wait_for_log("inbound tunnel closed", DEADLINE)
+        .wait_for_log("direction=\"inbound\"", DEADLINE)
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     assert!(
-        tunnel.contains(CLIENT_ID) && tunnel.contains(&format!("bytes_in={}", text.len())),
+        tunnel.contains(&format!("src.identity={CLIENT_ID}"))
+            && tunnel.contains(&format!("bytes_recv={} ", text.len())),
         "the inbound tunnel should name the Python client's identity and bytes: {tunnel}"
     );
 

@@ -66,6 +66,7 @@ pub async fn run(
             ..ManagerConfig::default()
         },
     ));
+    let xds_metrics = ambit_net::xds::client::XdsMetrics::default();
     let (model, synced, _model_task) = model_source::watch_xds(
         model_source::XdsSource {
             address: config.control_address.clone(),
@@ -73,6 +74,7 @@ pub async fn run(
             roots,
             token,
             node_id: format!("waypoint~{}", config.gateway),
+            metrics: xds_metrics.clone(),
         },
         config.trust_domain.clone(),
     );
@@ -87,6 +89,7 @@ pub async fn run(
         trust_domain: config.trust_domain.clone(),
         certs,
         model,
+        xds_metrics,
         model_synced: Box::pin(async move {
             let _ = synced.await;
         }),
@@ -126,6 +129,8 @@ pub struct Parts {
     /// Issues and renews the waypoint's certificate.
     pub certs: Arc<CertificateManager>,
     pub model: watch::Receiver<ModelSnapshot>,
+    /// The xDS client's counters, served with the waypoint's metrics.
+    pub xds_metrics: ambit_net::xds::client::XdsMetrics,
     /// Completes once the first model has arrived.
     pub model_synced: Pin<Box<dyn Future<Output = ()> + Send>>,
     pub hbone: TcpListener,
@@ -164,7 +169,9 @@ pub async fn serve(parts: Parts, shutdown: impl Future<Output = ()> + Send) -> a
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics.register_xds(&parts.xds_metrics);
+    let metrics = Arc::new(metrics);
     tokio::spawn(admin::serve(
         parts.admin,
         Arc::new(Admin {

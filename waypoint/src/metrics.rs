@@ -57,10 +57,35 @@ pub struct RequestLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    families: Families,
+}
+
+/// The request metrics' families, which a finished response's body counts into.
+#[derive(Debug, Clone)]
+struct Families {
     requests: Family<RequestLabels, Counter>,
     durations: Family<RequestLabels, Histogram>,
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
+}
+
+impl Families {
+    fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.requests.get_or_create(labels).inc();
+        self.durations.get_or_create(labels).observe(duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(response_bytes as f64);
+    }
 }
 
 impl Default for Metrics {
@@ -84,6 +109,7 @@ impl Metrics {
         };
         let (durations, request_bytes, response_bytes) = (histograms(), histograms(), histograms());
         // prometheus-client adds `_total` to counters.
+        ambit_net::admin::register_build_info(&mut registry, "waypoint", env!("CARGO_PKG_VERSION"));
         registry.register("istio_requests", "Requests handled", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -102,11 +128,31 @@ impl Metrics {
         );
         Metrics {
             registry,
-            requests,
-            durations,
-            request_bytes,
-            response_bytes,
+            families: Families {
+                requests,
+                durations,
+                request_bytes,
+                response_bytes,
+            },
         }
+    }
+
+    /// Counts one finished request with `labels` (what [`Metrics::request`] does once
+    /// the response has ended).
+    pub fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.families
+            .record(labels, duration_ms, request_bytes, response_bytes);
+    }
+
+    /// Serves the xDS client's counters with these.
+    pub fn register_xds(&mut self, xds: &ambit_net::xds::client::XdsMetrics) {
+        xds.register(&mut self.registry);
     }
 
     /// Counts one answered request once its response has ended (or was dropped):
@@ -182,9 +228,7 @@ impl Metrics {
             },
             connection_security_policy: "mutual_tls",
         };
-        let (requests, durations) = (self.requests.clone(), self.durations.clone());
-        let (request_sizes, response_sizes) =
-            (self.request_bytes.clone(), self.response_bytes.clone());
+        let families = self.families.clone();
         let request = request.clone();
         let (client, upstream) = (context.client, endpoint.map(|e| e.addr));
         response.map(move |body| {
@@ -192,14 +236,7 @@ impl Metrics {
                 labels.grpc_response_status = grpc_status.unwrap_or_default();
                 let duration = request.started.elapsed();
                 let received = request_bytes.load(Ordering::Relaxed);
-                requests.get_or_create(&labels).inc();
-                durations
-                    .get_or_create(&labels)
-                    .observe(duration.as_secs_f64() * 1000.0);
-                request_sizes
-                    .get_or_create(&labels)
-                    .observe(received as f64);
-                response_sizes.get_or_create(&labels).observe(sent as f64);
+                families.record(&labels, duration.as_secs_f64() * 1000.0, received, sent);
                 crate::access_log::log(&crate::access_log::Ended {
                     request: &request,
                     labels: &labels,

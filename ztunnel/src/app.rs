@@ -41,6 +41,7 @@ pub async fn run(
     token.current().context("--ca-token-file")?;
     // Becomes true once there is a model: pods are taken from then on only.
     let (first_model_tx, mut first_model) = tokio::sync::watch::channel(false);
+    let xds_metrics = ambit_net::xds::client::XdsMetrics::default();
     let (model, _model_task) = match (&config.model_file, &config.xds_address) {
         (Some(path), _) => {
             first_model_tx.send_replace(true);
@@ -54,6 +55,7 @@ pub async fn run(
                     roots: roots.clone(),
                     token: token.clone(),
                     node_id: format!("ztunnel~{}", config.node),
+                    metrics: xds_metrics.clone(),
                 },
                 config.trust_domain.clone(),
             );
@@ -87,7 +89,7 @@ pub async fn run(
             ..ManagerConfig::default()
         },
     ));
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(&xds_metrics));
     let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         node: config.node.clone(),

@@ -8,13 +8,15 @@
 //!
 //! Pieces: [`config`] (flags), [`app`] (wiring and drain), [`pods`] (served pods and
 //! their listeners), [`proxy`] (the traffic paths), [`model_file`] (the model from a file; from xDS it is `ambit_net::model_source`),
-//! [`metrics`] (Istio's TCP metrics), [`callers`] (who opened each open inbound
+//! [`metrics`] (Istio's TCP metrics and ztunnel's other Istio metrics),
+//! [`access_log`] (one line per connection as it ends), [`callers`] (who opened each open inbound
 //! tunnel) and [`admin`] (admin, metrics and readiness
 //! endpoints).
 //!
 //! ztunnel must not make decisions itself (they are pure functions in `ambit_core`) and
 //! must not depend on another component.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod callers;

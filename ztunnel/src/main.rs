@@ -24,11 +24,14 @@ fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(ambit_ztunnel::app::run(
+    let result = runtime.block_on(ambit_ztunnel::app::run(
         config,
         set_filter,
         shutdown_signal(),
-    ))
+    ));
+    // The access log is written in batches: what it holds goes out before exit.
+    ambit_net::process::flush_logs();
+    result
 }
 
 async fn shutdown_signal() {

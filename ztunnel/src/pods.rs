@@ -16,12 +16,14 @@ use ambit_core::SpiffeId;
 use ambit_net::handoff::HandoffHandler;
 use ambit_net::hbone::pool::{HbonePool, MeshConnector, PoolConfig};
 use ambit_net::netns::{ConnectOpts, ListenOpts, NetnsHandle};
+use ambit_net::process::out_of_descriptors;
 use ambit_net::redirect::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use ambit_net::tls::{self, CertSlot, ClientAuth};
 use ambit_proto::handoff::WorkloadInfo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::metrics::{RefusalLabels, Reporter};
 use crate::proxy::{self, Shared};
 
 /// One served pod.
@@ -264,6 +266,23 @@ impl Pods {
                             // queued in the backlog (not lost) until one is free. Back
                             // off rather than spin on the ready listener.
                             tracing::warn!(pod = %uid, ?role, error = %e, retry_in = ?backoff, "accept failed");
+                            let reporter = match role {
+                                Role::Outbound => Reporter::source,
+                                Role::InboundPlaintext | Role::InboundHbone => {
+                                    Reporter::destination
+                                }
+                            };
+                            let reason = if out_of_descriptors(&e) {
+                                "descriptors_exhausted"
+                            } else {
+                                "accept_failed"
+                            };
+                            let state = shared.model.borrow().state.clone();
+                            shared.metrics.refused(&RefusalLabels::new(
+                                reporter,
+                                state.workload(&uid).map(|w| &**w),
+                                reason,
+                            ));
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                             continue;
@@ -367,6 +386,8 @@ impl HandoffHandler for Pods {
         self.lock().insert(uid.to_string(), pod.clone());
         let tasks = self.spawn_tasks(&pod, listening);
         *pod.lock_tasks() = tasks;
+        self.shared.metrics.active_proxies.inc();
+        self.shared.metrics.proxies_started.inc();
         tracing::info!(pod = %uid, identity = %pod.identity, "serving pod");
         Ok(())
     }
@@ -376,6 +397,8 @@ impl HandoffHandler for Pods {
         if let Some(pod) = removed {
             pod.stop_and_wait().await;
             pod.close_connections();
+            self.shared.metrics.active_proxies.dec();
+            self.shared.metrics.proxies_stopped.inc();
             tracing::info!(pod = %uid, "no longer serving pod");
             // Other pods may share the identity; only forget the certificate when none do.
             let still_used = self.lock().values().any(|p| p.identity == pod.identity);

@@ -11,7 +11,9 @@
 //! be opened (no route, a refusal, no file descriptor left) an HBONE CONNECT is
 //! answered with its status and a plain TCP client gets a reset, never the clean end
 //! of stream a finished exchange would give; both are counted in
-//! `ambit_connections_refused_total` by reason.
+//! `ambit_connections_refused_total` by reason, and, once its labels are known, in
+//! Istio's `istio_tcp_connections_failed_total` with `response_flags` `DENY` or
+//! `CONNECT`. Every connection's end is one access-log line (`crate::access_log`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,12 +21,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_core::authz::{self, Denial};
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
 use ambit_core::inbound::{client_source, local_target, waypoint_peer, PeerRole};
-use ambit_core::model::{MeshState, Workload};
+use ambit_core::model::{MeshState, Service, Workload};
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
 use ambit_core::SpiffeId;
 use ambit_core::TrustDomain;
@@ -40,10 +42,11 @@ use ambit_net::tls;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::access_log;
 use crate::callers::{Caller, InboundCallers, Registration};
 use crate::metrics::{
-    ConnectionLabels, DenialLabels, Metrics, OpenConnection, PeerLabels, RefusalLabels, Reporter,
-    SecurityPolicy,
+    ConnectionLabels, DenialLabels, Endpoints, Metrics, OpenConnection, PeerLabels, RefusalLabels,
+    Reporter, ResponseFlags, SecurityPolicy,
 };
 use crate::model_file::ModelSnapshot;
 use crate::open_inbound::{self, AppSocket, OpenInbounds};
@@ -192,21 +195,31 @@ impl Shared {
     }
 }
 
-/// Counts a connection as active while alive.
+/// Counts an accepted socket as active (for draining) and open
+/// (`istio_tcp_sockets_open`) while alive.
 #[derive(Debug)]
-struct Active(Arc<Shared>);
+struct Active {
+    shared: Arc<Shared>,
+    sockets: prometheus_client::metrics::gauge::Gauge,
+}
 
 impl Active {
-    fn new(shared: &Arc<Shared>) -> Self {
+    fn new(shared: &Arc<Shared>, reporter: Reporter) -> Self {
         shared.active.fetch_add(1, Ordering::Relaxed);
-        Active(shared.clone())
+        let sockets = shared.metrics.sockets(reporter);
+        sockets.inc();
+        Active {
+            shared: shared.clone(),
+            sockets,
+        }
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.none_active.notify_waiters();
+        self.sockets.dec();
+        if self.shared.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.shared.none_active.notify_waiters();
         }
     }
 }
@@ -227,8 +240,6 @@ enum Relay {
     Hbone {
         relay: TunnelRelay<TcpStream>,
         _open: OpenTunnel,
-        pod: Arc<Pod>,
-        orig: SocketAddr,
     },
     /// Outbound passthrough: plaintext to a destination outside the mesh.
     Passthrough {
@@ -300,10 +311,9 @@ impl Future for Opened {
             Relay::Passthrough { relay } => ready!(Pin::new(relay).poll(cx)),
             Relay::Plain { relay, .. } => ready!(Pin::new(relay).poll(cx)),
         };
-        this.metrics.closed(relayed.forward, relayed.backward);
-        if let Relay::Hbone { pod, orig, .. } = &this.relay {
-            tracing::debug!(pod = %pod.uid, dst = %orig, result = ?relayed.error, "outbound HBONE connection closed");
-        }
+        let error = relayed.error.as_ref().map(ToString::to_string);
+        this.metrics
+            .closed(relayed.forward, relayed.backward, error.as_deref());
         Poll::Ready(())
     }
 }
@@ -311,6 +321,20 @@ impl Future for Opened {
 fn workload_labels(shared: &Shared, w: Option<&Arc<Workload>>) -> PeerLabels {
     w.map(|w| PeerLabels::from_workload(w, &shared.cluster))
         .unwrap_or_else(PeerLabels::unknown)
+}
+
+/// The service an inbound connection to `workload` is reported under: the one the
+/// client addressed (the HBONE `forwarded` header's `host`), when `workload` is one of
+/// its endpoints, else the first service `workload` belongs to.
+fn inbound_service<'a>(
+    state: &'a MeshState,
+    workload: &Workload,
+    host: Option<&str>,
+) -> Option<&'a Service> {
+    let services = state.services_of(&workload.spec.uid);
+    host.and_then(|h| services.iter().find(|s| s.hostname == h))
+        .or_else(|| services.first())
+        .map(|s| &**s)
 }
 
 /// Refuses an accepted TCP connection before it carried data: counted, and reset, so
@@ -356,12 +380,14 @@ pub async fn open_outbound(
     client: TcpStream,
     peer: SocketAddr,
 ) -> Option<Opened> {
-    let active = Active::new(&shared);
+    let start = Instant::now();
+    let active = Active::new(&shared, Reporter::source);
     let shared = &*shared;
     let orig = match netns::original_dst(&client) {
         Ok(addr) => addr,
         Err(e) => {
-            tracing::debug!(pod = %pod.uid, %peer, error = %e, "connection to 15001 was not captured; closing");
+            let local = client.local_addr().unwrap_or(peer);
+            access_log::early_failure(peer, local, Reporter::source, &format!("not captured: {e}"));
             return refuse(shared, client, Reporter::source, None, "not_captured");
         }
     };
@@ -372,6 +398,7 @@ pub async fn open_outbound(
         Err(e) => {
             // A waypoint's refusal names it: the destination is never reached around it.
             tracing::info!(pod = %pod.uid, dst = %orig, reason = e.reason(), waypoint = %e.waypoint().unwrap_or_default(), error = %e, "outbound connection refused");
+            access_log::early_failure(peer, orig, Reporter::source, &e.to_string());
             return refuse(shared, client, Reporter::source, None, e.reason());
         }
     };
@@ -379,8 +406,31 @@ pub async fn open_outbound(
     let source = workload_labels(shared, source_workload);
     match decided {
         OutboundRoute::Hbone(path) => {
+            // Both ends prove these identities in the mutual TLS handshake: the pod's
+            // certificate, and the one the destination must present.
+            let labels = ConnectionLabels::new(
+                Reporter::source,
+                &source.proven(&pod.identity),
+                &workload_labels(shared, Some(&path.workload)).proven(&path.identity),
+                path.service.as_deref(),
+                SecurityPolicy::mutual_tls,
+            );
+            let endpoints = Endpoints {
+                src: peer,
+                dst: path.hbone_addr,
+                hbone: Some(path.target.addr()),
+                src_pod: source_workload.cloned(),
+                dst_pod: Some(path.workload.clone()),
+            };
             let Some(cert) = shared.certs.cached(&pod.identity) else {
                 tracing::warn!(pod = %pod.uid, "no valid certificate; refusing outbound connection");
+                shared.metrics.connection_failed(
+                    &labels,
+                    ResponseFlags::Connect,
+                    &endpoints,
+                    start,
+                    "no valid certificate for the source pod",
+                );
                 return refuse(
                     shared,
                     client,
@@ -422,19 +472,24 @@ pub async fn open_outbound(
                 baggage,
                 traceparent: Some(random_trace()),
             };
-            let destination = workload_labels(shared, Some(&path.workload));
-            let labels = ConnectionLabels::new(
-                Reporter::source,
-                &source,
-                &destination,
-                path.service.as_deref(),
-                SecurityPolicy::mutual_tls,
-            );
             let tunnel = match pod.pool.connect(&key, &cert, &request).await {
                 Ok(t) => t,
                 Err(e) => {
                     let reason = open_failure(&e, e.reason());
                     tracing::warn!(pod = %pod.uid, dst = %orig, expected = %path.identity, waypoint = %path.waypoint.as_deref().unwrap_or_default(), reason, error = %e, "HBONE connection failed; connection reset");
+                    // A refusal by the destination's policy is Istio's DENY.
+                    let flags = if e.reason() == "denied" {
+                        ResponseFlags::Deny
+                    } else {
+                        ResponseFlags::Connect
+                    };
+                    shared.metrics.connection_failed(
+                        &labels,
+                        flags,
+                        &endpoints,
+                        start,
+                        &e.to_string(),
+                    );
                     return refuse(
                         shared,
                         client,
@@ -444,16 +499,11 @@ pub async fn open_outbound(
                     );
                 }
             };
-            // The tunnel's way is logged here: an open connection keeps too little to
-            // log it at the end.
-            tracing::debug!(pod = %pod.uid, dst = %orig, via = %path.hbone_addr, waypoint = %path.waypoint.as_deref().unwrap_or_default(), "outbound HBONE tunnel opened");
             Some(Opened {
-                metrics: shared.metrics.connection_opened(&labels),
+                metrics: shared.metrics.connection_opened(&labels, endpoints),
                 relay: Relay::Hbone {
                     relay: relay_tunnel(client, tunnel.stream),
                     _open: tunnel.open,
-                    pod: pod.clone(),
-                    orig,
                 },
                 _active: active,
             })
@@ -463,6 +513,7 @@ pub async fn open_outbound(
             workload,
             service,
         } => {
+            // Plaintext: neither end proved an identity.
             let destination = workload_labels(shared, workload.as_ref());
             let labels = ConnectionLabels::new(
                 Reporter::source,
@@ -471,11 +522,25 @@ pub async fn open_outbound(
                 service.as_deref(),
                 SecurityPolicy::unknown,
             );
+            let endpoints = Endpoints {
+                src: peer,
+                dst,
+                hbone: None,
+                src_pod: source_workload.cloned(),
+                dst_pod: workload.clone(),
+            };
             let upstream = match pod.netns.connect(dst, ConnectOpts::default()).await {
                 Ok(s) => s,
                 Err(e) => {
                     let reason = open_failure(&e, "passthrough_connect_failed");
                     tracing::info!(pod = %pod.uid, %dst, reason, error = %e, "passthrough connect failed; connection reset");
+                    shared.metrics.connection_failed(
+                        &labels,
+                        ResponseFlags::Connect,
+                        &endpoints,
+                        start,
+                        &e.to_string(),
+                    );
                     return refuse(
                         shared,
                         client,
@@ -486,7 +551,7 @@ pub async fn open_outbound(
                 }
             };
             Some(Opened {
-                metrics: shared.metrics.connection_opened(&labels),
+                metrics: shared.metrics.connection_opened(&labels, endpoints),
                 relay: Relay::Passthrough {
                     relay: relay_streams(client, upstream),
                 },
@@ -517,7 +582,8 @@ pub async fn open_inbound_plaintext(
     client: TcpStream,
     peer: SocketAddr,
 ) -> Option<Opened> {
-    let active = Active::new(&shared);
+    let start = Instant::now();
+    let active = Active::new(&shared, Reporter::destination);
     let (shared, pod) = (&*shared, &pod);
     // With TPROXY the accepted socket's local address is the original destination.
     let Ok(dst) = client.local_addr() else {
@@ -535,12 +601,14 @@ pub async fn open_inbound_plaintext(
         Ok(w) => w.clone(),
         Err(e) => {
             tracing::info!(pod = %pod.uid, %peer, %dst, error = %e, "inbound plaintext connection refused");
+            access_log::early_failure(peer, dst, Reporter::destination, &e.to_string());
             return refuse(shared, client, Reporter::destination, None, e.reason());
         }
     };
     if let Err(refusal) = waypoint_peer(&state, &workload, None, target) {
         waypoint_refused(shared, &workload, &refusal);
         tracing::info!(pod = %pod.uid, %peer, %dst, reason = refusal.reason(), error = %refusal, "inbound plaintext connection refused");
+        access_log::early_failure(peer, dst, Reporter::destination, &refusal.to_string());
         return refuse(
             shared,
             client,
@@ -549,7 +617,31 @@ pub async fn open_inbound_plaintext(
             refusal.reason(),
         );
     }
-    if authorize(shared, &state, &workload, None, peer, dst, "connect").is_err() {
+    // Plaintext: no principal on either side, whatever the model says the client
+    // runs as; it proved nothing.
+    let source_workload = state.workload_by_ip(peer.ip());
+    let labels = ConnectionLabels::new(
+        Reporter::destination,
+        &workload_labels(shared, source_workload),
+        &workload_labels(shared, Some(&workload)),
+        inbound_service(&state, &workload, None),
+        SecurityPolicy::unknown,
+    );
+    let endpoints = Endpoints {
+        src: peer,
+        dst,
+        hbone: None,
+        src_pod: source_workload.cloned(),
+        dst_pod: Some(workload.clone()),
+    };
+    if let Err(denial) = authorize(shared, &state, &workload, None, peer, dst, "connect") {
+        shared.metrics.connection_failed(
+            &labels,
+            ResponseFlags::Deny,
+            &endpoints,
+            start,
+            &denial.to_string(),
+        );
         // A reset is the answer: plaintext has no way to say why.
         return refuse(
             shared,
@@ -559,20 +651,18 @@ pub async fn open_inbound_plaintext(
             "denied",
         );
     }
-    let source = workload_labels(shared, state.workload_by_ip(peer.ip()));
-    let destination = workload_labels(shared, Some(&workload));
-    let labels = ConnectionLabels::new(
-        Reporter::destination,
-        &source,
-        &destination,
-        None,
-        SecurityPolicy::unknown,
-    );
     let app = match connect_app(pod, dst, peer).await {
         Ok(s) => s,
         Err(e) => {
             let reason = open_failure(&e, "upstream_connect_failed");
             tracing::info!(pod = %pod.uid, %dst, reason, error = %e, "connect to app failed; connection reset");
+            shared.metrics.connection_failed(
+                &labels,
+                ResponseFlags::Connect,
+                &endpoints,
+                start,
+                &e.to_string(),
+            );
             return refuse(
                 shared,
                 client,
@@ -584,7 +674,7 @@ pub async fn open_inbound_plaintext(
     };
     let (app, registration) = shared.open_inbound.register(&pod.uid, None, peer, dst, app);
     Some(Opened {
-        metrics: shared.metrics.connection_opened(&labels),
+        metrics: shared.metrics.connection_opened(&labels, endpoints),
         relay: Relay::Plain {
             relay: relay_streams(client, app),
             _open: registration,
@@ -601,7 +691,15 @@ pub async fn inbound_hbone(
     peer: SocketAddr,
     server_tls: Arc<ambit_net::tls::ServerTls>,
 ) {
-    let _active = Active::new(shared);
+    let _active = Active::new(shared, Reporter::destination);
+    let handshake_refused = |reason: &str| {
+        let state = shared.model.borrow().state.clone();
+        shared.metrics.refused(&RefusalLabels::new(
+            Reporter::destination,
+            state.workload(&pod.uid).map(|w| &**w),
+            reason,
+        ));
+    };
     let tls_stream = match tokio::time::timeout(
         std::time::Duration::from_secs(10),
         server_tls.accept(stream),
@@ -611,10 +709,12 @@ pub async fn inbound_hbone(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(pod = %pod.uid, %peer, error = %e, "inbound HBONE handshake failed");
+            handshake_refused("tls_handshake_failed");
             return;
         }
         Err(_) => {
             tracing::info!(pod = %pod.uid, %peer, "inbound HBONE handshake timed out");
+            handshake_refused("tls_handshake_timeout");
             return;
         }
     };
@@ -627,6 +727,7 @@ pub async fn inbound_hbone(
     else {
         // The verifier already demands an identity; this is a second line.
         tracing::warn!(pod = %pod.uid, %peer, "inbound HBONE client presented no SPIFFE identity; closing");
+        handshake_refused("no_peer_identity");
         return;
     };
     let handler = PodInbound {
@@ -658,30 +759,48 @@ struct PodInbound {
 }
 
 impl PodInbound {
-    fn labels(&self, request: &InboundRequest) -> ConnectionLabels {
+    /// The tunnel's labels and access-log endpoints.
+    fn labels(&self, request: &InboundRequest) -> (ConnectionLabels, Endpoints) {
         let state = self.shared.model.borrow().state.clone();
         // Labels follow the same rule as the app connection: a claimed address counts
         // only when it belongs to the peer's identity.
-        let client_ip = client_source(
+        let client = client_source(
             &state,
             &request.peer,
             request.peer_addr,
             request.forwarded.as_ref(),
         )
-        .0
-        .ip();
-        let source = match state.workload_by_ip(client_ip) {
+        .0;
+        let source_workload = state.workload_by_ip(client.ip());
+        let source = match source_workload {
             Some(w) => PeerLabels::from_workload(w, &self.shared.cluster),
-            None => PeerLabels::from_baggage(&request.baggage, Some(request.peer.as_str())),
+            None => PeerLabels::from_baggage(&request.baggage),
         };
-        let destination = workload_labels(&self.shared, state.workload(&self.pod.uid));
-        ConnectionLabels::new(
+        let destination_workload = state.workload(&self.pod.uid);
+        let service = destination_workload.and_then(|w| {
+            inbound_service(
+                &state,
+                w,
+                request.forwarded.as_ref().and_then(|f| f.host.as_deref()),
+            )
+        });
+        // The principals are the identities of the handshake: the peer's certificate,
+        // and the pod's own, which this ztunnel presented.
+        let labels = ConnectionLabels::new(
             Reporter::destination,
-            &source,
-            &destination,
-            None,
+            &source.proven(&request.peer),
+            &workload_labels(&self.shared, destination_workload).proven(&self.pod.identity),
+            service,
             SecurityPolicy::mutual_tls,
-        )
+        );
+        let endpoints = Endpoints {
+            src: client,
+            dst: request.target.addr(),
+            hbone: Some(request.target.addr()),
+            src_pod: source_workload.cloned(),
+            dst_pod: destination_workload.cloned(),
+        };
+        (labels, endpoints)
     }
 }
 
@@ -762,7 +881,8 @@ impl InboundHandler for PodInbound {
             request.target.addr(),
             app,
         );
-        let metrics = self.shared.metrics.connection_opened(&self.labels(request));
+        let (labels, endpoints) = self.labels(request);
+        let metrics = self.shared.metrics.connection_opened(&labels, endpoints);
         // Registered before the CONNECT is answered, so before the client's first byte
         // can reach the app: an app asking who called after reading finds the caller.
         let caller = self.shared.callers.register(Caller {
@@ -781,10 +901,12 @@ impl InboundHandler for PodInbound {
     }
 
     fn finished(&self, tunnel: InboundTunnel, outcome: TunnelOutcome) {
-        tunnel.metrics.closed(outcome.bytes_in, outcome.bytes_out);
-        if let Some(caller) = tunnel.caller.finish() {
-            tracing::debug!(pod = %self.pod.uid, peer = %caller.identity, target = %caller.app, bytes_in = outcome.bytes_in, bytes_out = outcome.bytes_out, "inbound tunnel closed");
-        }
+        tunnel.metrics.closed(
+            outcome.bytes_in,
+            outcome.bytes_out,
+            outcome.error.as_deref(),
+        );
+        tunnel.caller.finish();
     }
 
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
@@ -793,6 +915,34 @@ impl InboundHandler for PodInbound {
             tracing::warn!(pod = %self.pod.uid, %peer, status = refusal.status(), reason = refusal.reason(), error = %refusal, "inbound HBONE CONNECT refused: ztunnel is out of file descriptors");
         } else {
             tracing::info!(pod = %self.pod.uid, %peer, status = refusal.status(), reason = refusal.reason(), error = %refusal, "inbound HBONE CONNECT refused");
+        }
+        // Once the target is known to be this pod's, the refusal is a failed
+        // connection with Istio's labels: DENY for policy, CONNECT for the app.
+        let flags = match refusal {
+            ConnectRefusal::Denied { .. } => Some(ResponseFlags::Deny),
+            ConnectRefusal::UpstreamConnect { .. } | ConnectRefusal::OutOfDescriptors { .. } => {
+                Some(ResponseFlags::Connect)
+            }
+            _ => None,
+        };
+        match (request, flags) {
+            (Some(request), Some(flags)) => {
+                let (labels, endpoints) = self.labels(request);
+                self.shared.metrics.connection_failed(
+                    &labels,
+                    flags,
+                    &endpoints,
+                    Instant::now(),
+                    &refusal.to_string(),
+                );
+            }
+            (Some(request), None) => access_log::early_failure(
+                request.peer_addr,
+                request.target.addr(),
+                Reporter::destination,
+                &refusal.to_string(),
+            ),
+            (None, _) => {}
         }
         let state = self.shared.model.borrow().state.clone();
         self.shared.metrics.refused(&RefusalLabels::new(

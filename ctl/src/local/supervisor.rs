@@ -79,7 +79,9 @@ async fn supervise(
         AmbientConfig {
             control: bin_dir.join("ambit-control"),
             ztunnel: bin_dir.join("ztunnel"),
-            ztunnel_log: "info,ambit_ztunnel=debug".into(),
+            // Info: the access log's line per connection, and no debug logging on the
+            // hot path.
+            ztunnel_log: "info".into(),
             ztunnel_flags: vec!["--log-format".into(), log_format.to_string()],
             deadline: DEADLINE,
             node_agent: Some(bin_dir.join("ambit-cni")),

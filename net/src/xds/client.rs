@@ -8,6 +8,12 @@
 //! so only differences are sent again. Reconnects back off exponentially (with jitter)
 //! from [`ClientConfig::min_backoff`] to [`ClientConfig::max_backoff`], starting over
 //! once a stream has delivered a response.
+//!
+//! Counted as Istio's ztunnel counts its xDS client ([`XdsMetrics`]):
+//! `istio_xds_connection_terminations_total{reason}` (`ConnectionError`: the server
+//! could not be reached; `Error`: the stream failed; `Complete`: the server ended it),
+//! `istio_xds_message_total{url}` and `istio_xds_message_bytes_total{url}` (responses
+//! received, by resource type URL).
 
 use crate::token::BearerToken;
 use std::collections::BTreeMap;
@@ -19,6 +25,10 @@ use ambit_core::model::MeshConfig;
 use ambit_proto::workload::{Address, ADDRESS_TYPE_URL};
 use ambit_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use ambit_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
@@ -37,6 +47,73 @@ pub struct ClientConfig {
     pub token: Option<BearerToken>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    pub metrics: XdsMetrics,
+}
+
+/// The xDS client's counters, with the names and labels of Istio's ztunnel; register
+/// them in the proxy's registry with [`XdsMetrics::register`].
+#[derive(Debug, Clone, Default)]
+pub struct XdsMetrics {
+    terminations: Family<TerminationLabels, Counter>,
+    messages: Family<UrlLabels, Counter>,
+    message_bytes: Family<UrlLabels, Counter>,
+}
+
+/// Why a stream to the xDS server ended (Istio's reasons).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TerminationReason {
+    ConnectionError,
+    Error,
+    Complete,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TerminationLabels {
+    reason: TerminationReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UrlLabels {
+    url: String,
+}
+
+impl XdsMetrics {
+    /// Adds the counters to `registry` (prometheus-client appends `_total`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_xds_connection_terminations",
+            "The total number of completed connections to xds server",
+            self.terminations.clone(),
+        );
+        registry.register(
+            "istio_xds_message",
+            "Total number of messages received",
+            self.messages.clone(),
+        );
+        registry.register(
+            "istio_xds_message_bytes",
+            "Total number of bytes received",
+            self.message_bytes.clone(),
+        );
+    }
+
+    /// Counts one stream ended.
+    pub fn terminated(&self, reason: TerminationReason) {
+        self.terminations
+            .get_or_create(&TerminationLabels { reason })
+            .inc();
+    }
+
+    /// Counts one response received.
+    pub fn received(&self, response: &DeltaDiscoveryResponse) {
+        let labels = UrlLabels {
+            url: response.type_url.clone(),
+        };
+        self.messages.get_or_create(&labels).inc();
+        self.message_bytes
+            .get_or_create(&labels)
+            .inc_by(response.encoded_len() as u64);
+    }
 }
 
 impl ClientConfig {
@@ -46,6 +123,7 @@ impl ClientConfig {
             token: None,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            metrics: XdsMetrics::default(),
         }
     }
 }
@@ -94,15 +172,20 @@ impl XdsClient {
             let delivered = match connect().await {
                 Ok(channel) => match self.stream(channel).await {
                     Ok(delivered) => {
+                        self.config.metrics.terminated(TerminationReason::Complete);
                         tracing::info!("xDS stream ended by the server; reconnecting");
                         delivered
                     }
                     Err((delivered, e)) => {
+                        self.config.metrics.terminated(TerminationReason::Error);
                         tracing::warn!(error = %e, held = self.held.len(), "xDS stream failed; keeping the last model and reconnecting");
                         delivered
                     }
                 },
                 Err(e) => {
+                    self.config
+                        .metrics
+                        .terminated(TerminationReason::ConnectionError);
                     tracing::warn!(error = %e, "cannot reach the xDS server");
                     false
                 }
@@ -166,6 +249,7 @@ impl XdsClient {
                 Err(e) => return Err((delivered, e)),
             };
             delivered = true;
+            self.config.metrics.received(&response);
             let applied = self.apply(&response);
             let error_detail = (!applied.rejected.is_empty()).then(|| Status {
                 code: INVALID_ARGUMENT,

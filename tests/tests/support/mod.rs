@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod ctl;
+pub mod promql;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,8 +17,9 @@ use ambit_localmesh::{
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// ztunnel's log filter in tests, which read its per-connection debug lines.
-pub const TEST_LOG: &str = "info,ambit_ztunnel=debug";
+/// ztunnel's log filter in tests: what `ambitctl local up` runs it with. Tests read
+/// its access log (one line per connection, at info) and its metrics.
+pub const TEST_LOG: &str = "info";
 
 /// A mesh with the control plane and one ztunnel per node, ready to enrol pods.
 pub struct Harness {

@@ -346,6 +346,7 @@ impl Mesh {
             trust_domain: td,
             certs,
             model,
+            xds_metrics: Default::default(),
             model_synced: Box::pin(async {}),
             hbone,
             admin,
