@@ -332,7 +332,7 @@ pub async fn get(
         let stream = tokio::time::timeout(CLIENT_TIMEOUT, TcpStream::connect(to))
             .await
             .with_context(|| format!("connecting to {to}: timed out"))?
-            .with_context(|| format!("connecting to {to}"))?;
+            .map_err(|e| connect_error(to, e))?;
         let (status, body) = tokio::time::timeout(
             CLIENT_TIMEOUT,
             exchange(stream, method, authority, path, &extra),
@@ -354,6 +354,18 @@ pub async fn get(
     Ok(all_ok)
 }
 
+/// A failed connect, said as a user of the mesh needs it: a reset is the mesh
+/// refusing the connection (a policy, or a destination that takes traffic only
+/// through its waypoint), not a network fault.
+fn connect_error(to: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => anyhow::anyhow!(
+            "connecting to {to}: connection refused by the mesh (reset): denied by policy, or the destination takes traffic only through its waypoint (`ambitctl authz explain` says which)"
+        ),
+        _ => anyhow::Error::new(e).context(format!("connecting to {to}")),
+    }
+}
+
 /// Sends `message` to the TCP echo at `to`, prints what came back; Ok(false) when it
 /// differs.
 pub async fn send(
@@ -365,7 +377,7 @@ pub async fn send(
     let mut stream = tokio::time::timeout(CLIENT_TIMEOUT, TcpStream::connect(to))
         .await
         .with_context(|| format!("connecting to {to}: timed out"))?
-        .with_context(|| format!("connecting to {to}"))?;
+        .map_err(|e| connect_error(to, e))?;
     stream.write_all(message.as_bytes()).await?;
     stream.shutdown().await?;
     let mut back = Vec::new();

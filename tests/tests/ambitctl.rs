@@ -266,6 +266,9 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         !around.status.success(),
         "plaintext went around the waypoint"
     );
+    // And the client says the mesh refused it, whichever moment the reset came.
+    let err = String::from_utf8_lossy(&around.stderr);
+    assert!(err.contains("by the mesh"), "{err}");
 
     // The canary: the waypoint routes reviews 90/10 by its HTTPRoute (400 requests:
     // v2 within a 99.99 % binomial interval, 40 +- 23), and tagged requests to v2.
