@@ -612,8 +612,17 @@ async fn the_root_is_kept_in_a_secret_published_everywhere_and_a_plugin_ca_wins(
         &next.ca_key_pem,
         &plugin.root_cert_pem,
     ));
-    // Ten reads of the Secret.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // The control plane has read the Secret as it is now (twice: a whole reload
+    // period after the change) and refused it.
+    let reads = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/namespaces/ambit-system/secrets/cacerts"))
+            .count()
+    };
+    let before = reads();
+    api.wait_until("the changed Secret read twice", || reads() >= before + 2)
+        .await;
     assert_eq!(
         published_root(&api, "shop").as_deref(),
         Some(plugin.root_cert_pem.as_str())
