@@ -69,7 +69,7 @@ impl Snapshot {
         let resources = ambit_net::xds::to_resources(config)
             .into_iter()
             .map(|(name, address)| {
-                let version = format!("{:016x}", fnv1a(&address.encode_to_vec()));
+                let version = format!("{:016x}", ambit_core::fnv1a(&address.encode_to_vec()));
                 (name, (version, address))
             })
             .collect();
@@ -195,13 +195,6 @@ pub fn waypoint_views(config: &MeshConfig) -> BTreeMap<(String, String), BTreeSe
         }
     }
     views
-}
-
-/// FNV-1a, 64 bits: stable across builds, unlike the standard library's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The gRPC service (`envoy.service.discovery.v3.AggregatedDiscoveryService`).

@@ -57,10 +57,7 @@ pub fn pick(lb: &LoadBalancer, n: usize, input: &PickInput<'_>) -> Option<usize>
 /// A request's hash key from its bytes (a header's value, a cookie, an address):
 /// FNV-1a, then a 64-bit finalizer, so close keys land far apart on the ring.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    mix(h)
+    mix(crate::fnv1a(bytes))
 }
 
 fn mix(mut z: u64) -> u64 {

@@ -34,3 +34,11 @@ pub mod route;
 pub mod waypoint;
 
 pub use identity::{IdentityError, SpiffeId, TrustDomain};
+
+/// FNV-1a, 64 bits: a hash stable across builds and toolchains (unlike the standard
+/// library's hasher), for versions and names that must not change between runs.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}

@@ -164,10 +164,7 @@ fn applied_name(file: &Path) -> anyhow::Result<String> {
     let dir = fs::canonicalize(&parent)
         .or_else(|_| std::path::absolute(&parent))
         .with_context(|| format!("{}", parent.display()))?;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in dir.as_os_str().as_encoded_bytes() {
-        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = ambit_core::fnv1a(dir.as_os_str().as_encoded_bytes());
     let path = Path::new(name);
     let stem = path.file_stem().unwrap_or(name).to_string_lossy();
     let extension = path

@@ -101,6 +101,14 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
+/// The first string of a list (an address of `ips` or `vips`).
+fn first(v: &Value) -> &str {
+    v.as_array()
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
 fn waypoint(v: &Value) -> String {
     if v.is_null() {
         "None".to_owned()
@@ -122,17 +130,11 @@ fn table(section: &str, rows: &Value) -> std::io::Result<()> {
                 "WAYPOINT"
             )?;
             for w in &rows {
-                let ips: Vec<&str> = w["ips"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
                 crate::outln!(
                     "{:<14} {:<24} {:<16} {:<10} {:<20} {}",
                     s(&w["namespace"]),
                     s(&w["name"]),
-                    ips.first().copied().unwrap_or(""),
+                    first(&w["ips"]),
                     s(&w["node"]),
                     waypoint(&w["waypoint"]),
                     if s(&w["protocol"]).is_empty() {
@@ -152,17 +154,11 @@ fn table(section: &str, rows: &Value) -> std::io::Result<()> {
                 "WAYPOINT"
             )?;
             for v in &rows {
-                let vips: Vec<&str> = v["vips"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
                 crate::outln!(
                     "{:<14} {:<20} {:<16} {:<20} {}",
                     s(&v["namespace"]),
                     s(&v["name"]),
-                    vips.first().copied().unwrap_or(""),
+                    first(&v["vips"]),
                     waypoint(&v["waypoint"]),
                     v["endpoints"].as_array().map_or(0, Vec::len)
                 )?;

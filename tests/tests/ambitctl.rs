@@ -400,14 +400,18 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         .as_str()
         .unwrap()
         .to_owned();
-    let metrics = Command::new("nsenter")
-        .arg(format!("--net={node_b}"))
-        .arg("--")
-        .arg(bin("ambitctl"))
-        .args(["app", "get", "http://127.0.0.1:15020/metrics"])
-        .output()
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    // `GET` of node-b's ztunnel's port on its loopback, from inside its namespace.
+    let node_b_get = |url: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={node_b}"))
+            .arg("--")
+            .arg(bin("ambitctl"))
+            .args(["app", "get", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metrics = node_b_get("http://127.0.0.1:15020/metrics");
     let opened = support::metric(
         &metrics,
         "istio_tcp_connections_opened_total",
@@ -422,14 +426,7 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     );
     assert!(opened >= 2.0, "opened {opened}:\n{metrics}");
     // And it runs at `info`: no debug logging on the hot path.
-    let filter = Command::new("nsenter")
-        .arg(format!("--net={node_b}"))
-        .arg("--")
-        .arg(bin("ambitctl"))
-        .args(["app", "get", "http://127.0.0.1:15000/logging"])
-        .output()
-        .unwrap();
-    let filter = String::from_utf8_lossy(&filter.stdout);
+    let filter = node_b_get("http://127.0.0.1:15000/logging");
     assert_eq!(filter.trim(), "info", "ztunnel's log filter");
 
     // A policy applied to the running mesh, as with kubectl: the frontend is denied,
@@ -499,6 +496,18 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
         .success()
     };
     // `authz explain` on the running mesh agrees with the traffic, pod by pod.
+    let explain = |source: &str| {
+        ctl.run(&[
+            "authz",
+            "explain",
+            "--from",
+            source,
+            "--to",
+            "bookshop/catalog",
+            "--port",
+            "80",
+        ])
+    };
     let agrees = |phase: &str| {
         for source in ["bookshop/frontend", "bookshop/catalog", "legacy/batch"] {
             let real = ctl
@@ -514,16 +523,7 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
                 ])
                 .status
                 .success();
-            let out = ctl.run(&[
-                "authz",
-                "explain",
-                "--from",
-                source,
-                "--to",
-                "bookshop/catalog",
-                "--port",
-                "80",
-            ]);
+            let out = explain(source);
             let said = String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr);
             assert_eq!(
@@ -556,16 +556,7 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
             && !err.contains("not an HTTP response"),
         "{err}"
     );
-    let out = ctl.run(&[
-        "authz",
-        "explain",
-        "--from",
-        "bookshop/frontend",
-        "--to",
-        "bookshop/catalog",
-        "--port",
-        "80",
-    ]);
+    let out = explain("bookshop/frontend");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         said.contains("explicitly denied by policy bookshop/deny-frontend")
