@@ -397,6 +397,21 @@ pub enum LocalCommand {
         #[arg(long, default_value = "30m", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Upgrades the nodes' ztunnels in place, one node at a time, as a DaemonSet
+    /// rolling update with a surge does: a new ztunnel starts beside the running one,
+    /// the node agent hands it every pod, then the old one stops accepting and drains
+    /// its open connections. No connection is refused on the way.
+    UpgradeZtunnel {
+        /// Only this node (repeatable); default every node.
+        #[arg(long)]
+        node: Vec<String>,
+        /// The new ztunnel binary; default the one the mesh runs (a restart in place).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Wait up to this long for the replaced ztunnels to drain and exit.
+        #[arg(long, value_parser = parse_duration, num_args = 0..=1, default_missing_value = "60s")]
+        wait: Option<Duration>,
+    },
     /// Owns a running mesh (started by `up`, stopped by `down`).
     #[command(hide = true)]
     Supervise {

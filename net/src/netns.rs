@@ -450,6 +450,12 @@ pub struct ListenOpts {
     pub mark: Option<u32>,
     /// `SO_REUSEADDR`, so a restarted ztunnel can listen while old connections linger.
     pub reuse_addr: bool,
+    /// `SO_REUSEPORT`: another process of the same user may hold the same address at
+    /// the same time (a new ztunnel beside the one it replaces). The kernel spreads new
+    /// connections over the holders; when one closes its listener, the connections
+    /// queued on it move to another holder if `net.ipv4.tcp_migrate_req` is set in the
+    /// namespace (the redirect rules set it), instead of being reset.
+    pub reuse_port: bool,
     pub backlog: u32,
 }
 
@@ -459,6 +465,7 @@ impl Default for ListenOpts {
             transparent: false,
             mark: Some(ZTUNNEL_MARK),
             reuse_addr: true,
+            reuse_port: false,
             backlog: 1024,
         }
     }
@@ -539,6 +546,9 @@ fn bind_listener(addr: SocketAddr, opts: &ListenOpts) -> io::Result<std::net::Tc
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(opts.reuse_addr)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     // The kernel caps it at net.core.somaxconn anyway.
     socket.listen(i32::try_from(opts.backlog).unwrap_or(i32::MAX))?;
