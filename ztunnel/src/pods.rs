@@ -9,12 +9,14 @@
 //! # Upgrade
 //! A new ztunnel takes a node over while the old one runs: the node agent sees the
 //! new hand-off socket and hands every pod to it (`ambit-cni`'s `agent::ztunnel`), and
-//! the new process opens the pods' listeners beside the old ones (`SO_REUSEPORT`).
-//! Only once the agent's snapshot is served is the new ztunnel ready. Then the old
-//! one, on SIGTERM, closes its listeners — the connections queued on them move to the
-//! new ones (`net.ipv4.tcp_migrate_req`, set by the redirect rules) — sends GOAWAY
-//! on its HBONE connections, and lets its open connections run to their end or to
-//! `--drain-deadline`. No connection is refused or reset on the way.
+//! the new process opens the pods' listeners beside the old ones (`SO_REUSEPORT`),
+//! and from then on the kernel gives it every new connection
+//! (`ambit_net::netns::steer_to_newest`). Only once the agent's snapshot is served is
+//! the new ztunnel ready. Then the old one, on SIGTERM, closes its listeners — by then
+//! their queues are empty; a connection still queued moves to the new ones
+//! (`net.ipv4.tcp_migrate_req`, set by the redirect rules where the kernel lets it) —
+//! sends GOAWAY on its HBONE connections, and lets its open connections run to their
+//! end or to `--drain-deadline`. No connection is refused or reset on the way.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -177,6 +179,7 @@ impl Pods {
                     // closes its listeners: no connection is refused in between
                     // (`upgrade` in the module docs).
                     reuse_port: true,
+                    steer_to_newest: true,
                     ..ListenOpts::default()
                 };
                 netns.listen(addr, opts).await
