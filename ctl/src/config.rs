@@ -43,6 +43,13 @@ pub enum Command {
         /// Where mesh-wide policies live (Istio's meshConfig.rootNamespace).
         #[arg(long, default_value = ambit_k8s::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
+        /// Report only the findings about objects in this namespace (everything is
+        /// still read: a policy elsewhere may be what is wrong with it).
+        #[arg(short = 'n', long = "namespace", conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Report the findings of every namespace (the default).
+        #[arg(short = 'A', long = "all-namespaces")]
+        all_namespaces: bool,
         /// `table` (default), `json` or `yaml`.
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: String,
