@@ -133,7 +133,13 @@ pub async fn run_kubernetes(
     tasks.spawn(crate::leader::while_leading(leading, move || {
         let mut writers = tokio::task::JoinSet::new();
         let mut status = crate::status::StatusWriter::new(writer.clone());
+        let mut adopted = false;
         writers.spawn(apply_on_change(skipped_rx.clone(), async move |skipped| {
+            // What an earlier leader wrote is this term's to keep or withdraw.
+            if !adopted {
+                status.adopt_existing().await;
+                adopted = true;
+            }
             status.update(&skipped).await;
         }));
         let mut deployer = crate::waypoint_deploy::Deployer::new(writer.clone());

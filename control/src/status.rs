@@ -334,6 +334,76 @@ impl StatusWriter {
         }
     }
 
+    /// Takes over what an earlier leader wrote: every object whose status carries one
+    /// of our conditions (or, for a route, a parent of our controller) is counted as
+    /// written, so the first [`StatusWriter::update`] of a term withdraws what no
+    /// longer applies and writes the rest again. Without it a new leader would never
+    /// clear a `False` its predecessor set on an object fixed meanwhile. A kind that
+    /// cannot be listed (its CRD not installed, no right to) is skipped, logged.
+    pub async fn adopt_existing(&mut self) {
+        use kube::api::{ApiResource, DynamicObject, ListParams};
+        let kinds: [(&'static str, ApiResource); 9] = [
+            ("Service", ApiResource::erase::<Service>(&())),
+            ("ServiceEntry", ApiResource::erase::<ServiceEntry>(&())),
+            (
+                "AuthorizationPolicy",
+                ApiResource::erase::<AuthorizationPolicy>(&()),
+            ),
+            (
+                "PeerAuthentication",
+                ApiResource::erase::<PeerAuthentication>(&()),
+            ),
+            (
+                "RequestAuthentication",
+                ApiResource::erase::<RequestAuthentication>(&()),
+            ),
+            ("HTTPRoute", ApiResource::erase::<HttpRoute>(&())),
+            ("GRPCRoute", ApiResource::erase::<GrpcRoute>(&())),
+            ("VirtualService", ApiResource::erase::<VirtualService>(&())),
+            (
+                "DestinationRule",
+                ApiResource::erase::<DestinationRule>(&()),
+            ),
+        ];
+        let mut adopted = 0;
+        for (kind, resource) in kinds {
+            let api = Api::<DynamicObject>::all_with(self.client.clone(), &resource);
+            let list = match api.list(&ListParams::default()).await {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::info!(%kind, error = %e, "cannot list to take over status conditions; those of this kind are left as they are");
+                    continue;
+                }
+            };
+            for object in list {
+                let (Some(namespace), Some(name)) = (
+                    object.metadata.namespace.as_deref(),
+                    object.metadata.name.as_deref(),
+                ) else {
+                    continue;
+                };
+                if !carries_ours(&object.data["status"]) {
+                    continue;
+                }
+                let key = ObjectKey::new(namespace, name);
+                self.written.entry((kind, key.clone())).or_insert(Wanted {
+                    kind,
+                    key,
+                    conditions: Vec::new(),
+                    gateway: None,
+                    route_parents: None,
+                });
+                adopted += 1;
+            }
+        }
+        if adopted > 0 {
+            tracing::info!(
+                objects = adopted,
+                "status conditions written before this term taken over"
+            );
+        }
+    }
+
     /// Brings the conditions in line with `skipped`: set where an object is newly
     /// skipped (or for a new reason), withdrawn where it no longer is. A failed write
     /// is logged and retried on the next update.
@@ -451,6 +521,21 @@ impl StatusWriter {
         }
         Ok(())
     }
+}
+
+/// Whether an object's `status` holds something this writer writes: one of our
+/// condition types, or a route parent of our controller.
+fn carries_ours(status: &Value) -> bool {
+    let ours = [CONDITION, "istio.io/WaypointBound", "WaypointAccepted"];
+    let condition = status["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"].as_str().is_some_and(|t| ours.contains(&t)))
+    });
+    let parent = status["parents"].as_array().is_some_and(|ps| {
+        ps.iter()
+            .any(|p| p["controllerName"] == crate::kubernetes::WAYPOINT_CONTROLLER)
+    });
+    condition || parent
 }
 
 #[cfg(test)]

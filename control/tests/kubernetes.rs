@@ -891,6 +891,39 @@ async fn an_object_that_cannot_be_read_is_left_out_alone_and_a_policy_fails_clos
     control.stop().await;
 }
 
+/// A leader that died left `ZtunnelAccepted: False` on a Service and a policy that are
+/// fine now: the next leader takes over what was written before its term and
+/// withdraws it, while it keeps (writes again) what still applies.
+#[tokio::test]
+async fn a_new_leader_withdraws_conditions_its_predecessor_left_that_no_longer_apply() {
+    let api = cluster().await;
+    let stale = "status: {conditions: [{type: ZtunnelAccepted, status: 'False', reason: NotTranslated, message: 'left by a leader that died', lastTransitionTime: '2026-01-01T00:00:00Z'}]}";
+    api.put(&format!(
+        "apiVersion: v1\nkind: Service\n\
+         metadata: {{name: web, namespace: shop}}\n\
+         spec: {{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10], selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: http}}]}}\n{stale}\n"
+    ));
+    api.put(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: fine, namespace: shop}}\n\
+         spec: {{rules: [{{from: [{{source: {{namespaces: [shop]}}}}]}}]}}\n{stale}\n"
+    ));
+    assert!(ztunnel_accepted(&api, "v1", "Service", "web").is_some());
+    let control = start(&api).await;
+    // The Service is translated: the stale condition goes.
+    api.wait_until("the stale condition withdrawn from the Service", || {
+        ztunnel_accepted(&api, "v1", "Service", "web").is_none()
+    })
+    .await;
+    // The policy is enforced as written: its condition is rewritten True.
+    api.wait_until("the policy's condition written again, True", || {
+        ztunnel_accepted(&api, "security.istio.io/v1", "AuthorizationPolicy", "fine")
+            .is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    control.stop().await;
+}
+
 /// A replica of ambit-control named `who` (its identity in the election and its API
 /// client's name in [`FakeApi::requests_of`]), with short election times.
 async fn replica(api: &FakeApi, who: &str) -> Control {
