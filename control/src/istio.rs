@@ -360,10 +360,7 @@ mod tests {
     fn istio(yaml: &str) -> IstioResources {
         let config: MeshConfig = serde_yaml_ng::from_str(yaml).unwrap();
         let resources = ambit_net::xds::to_resources(&config);
-        translate(
-            resources.iter(),
-            &"example.org".parse().unwrap(),
-        )
+        translate(resources.iter(), &"example.org".parse().unwrap())
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! `ambit-control`: `CA_ADDRESS` and `XDS_ADDRESS` point at the control plane, which
 //! serves Istio's `istio.workload.Address` and `istio.security.Authorization` beside
 //! Ambit's own types (decision record 0017). Its admin endpoint's `/config_dump` must
-//! show the mesh's workloads, services and policies as Ambit's model has them.
+//! show the mesh's workloads, services and policies as Ambit's model has them; an
+//! Ambit pod and the pod Istio's ztunnel serves then talk over HBONE both ways, each
+//! side seeing the other's identity, and a DENY policy holds at Istio's ztunnel.
 //!
 //! The binary is `$AMBIT_ISTIO_ZTUNNEL`, else `/work/shared/anchors/istio-ztunnel`,
 //! else `../shared/anchors/istio-ztunnel` from the workspace; without it the test says
@@ -115,6 +117,16 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
              spec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [legacy]\n",
         ),
     );
+    // Enforced by whichever ztunnel serves the destination: here, Istio's for web.
+    apply(
+        &h,
+        "deny-9000.yaml",
+        Some(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {name: deny-9000, namespace: shop}\n\
+             spec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"9000\"]\n",
+        ),
+    );
     h.update_model().await;
 
     // A dedicated-mode proxy serves one workload but needs the whole model, as a
@@ -147,6 +159,8 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
         ("AUTH_TOKEN", token_file.to_str().unwrap()),
         ("ENABLE_ORIG_SRC", "false"),
         ("ZTUNNEL_WORKER_THREADS", "1"),
+        // Its own connections carry this mark, so the capture rule below skips them.
+        ("PACKET_MARK", "1337"),
     ]
     .iter()
     .map(|(k, v)| format!("{k}={v}"))
@@ -232,6 +246,81 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
         tunnel.contains("spiffe://cluster.local/ns/shop/sa/web"),
         "the client's ztunnel should have verified web's identity: {tunnel}"
     );
+    // A DENY policy from Ambit's model is enforced by Istio's ztunnel: web's port
+    // 9000 is refused to the client.
+    let _echo_9000 = h.serve(&web, &["echo", "--port", "9000"]);
+    let denied = SocketAddr::new(web.ip().into(), 9000);
+    istio
+        .wait_for_log("listener established", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        !support::connects(&h, &client, denied),
+        "deny-9000 should hold at Istio's ztunnel\n{}",
+        istio.log()
+    );
+    let refused = istio
+        .wait_for_log(
+            "explicitly denied by: shop/deny-9000",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("Istio's ztunnel should name the policy: {e}"));
+    println!("Istio's ztunnel: {refused}");
+
+    // Istio → Ambit: web's outbound is captured by Istio's ztunnel (REDIRECT to 15001,
+    // its own marked traffic exempt), which tunnels it over HBONE to the client pod's
+    // 15008, where Ambit's ztunnel sees web's identity.
+    let capture = h
+        .mesh
+        .run_in(
+            web.netns(),
+            "iptables",
+            [
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "!",
+                "-o",
+                "lo",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                "0x539/0xfff",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(capture.status.success(), "iptables: {}", capture.log);
+    let _client_echo = h.serve(&client, &["echo", "--port", "8080"]);
+    let back = SocketAddr::new(client.ip().into(), 8080);
+    let start = Instant::now();
+    while !support::connects(&h, &web, back) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "web → client through Istio's ztunnel and Ambit's never connected\n\
+             Istio's ztunnel:\n{}\n{}",
+            istio.log(),
+            h.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let inbound = h
+        .ztunnel("node-a")
+        .wait_for_log("direction=\"inbound\"", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
+    assert!(
+        inbound.contains("src.identity=spiffe://cluster.local/ns/shop/sa/web"),
+        "Ambit's ztunnel should see web's identity from Istio's ztunnel: {inbound}"
+    );
+
     // The certificate Istio's ztunnel presented came from Ambit's CA, for web.
     let start = Instant::now();
     loop {
