@@ -5,7 +5,8 @@
 //! Ambit's own types (decision record 0017). Its admin endpoint's `/config_dump` must
 //! show the mesh's workloads, services and policies as Ambit's model has them; an
 //! Ambit pod and the pod Istio's ztunnel serves then talk over HBONE both ways, each
-//! side seeing the other's identity, and a DENY policy holds at Istio's ztunnel.
+//! side seeing the other's identity, nothing in plaintext on the fabric, both sides'
+//! metrics counting it, and a DENY policy holds at Istio's ztunnel.
 //!
 //! The binary is `$AMBIT_ISTIO_ZTUNNEL`, else `/work/shared/anchors/istio-ztunnel`,
 //! else `../shared/anchors/istio-ztunnel` from the workspace; without it the test says
@@ -319,6 +320,79 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
     assert!(
         inbound.contains("src.identity=spiffe://cluster.local/ns/shop/sa/web"),
         "Ambit's ztunnel should see web's identity from Istio's ztunnel: {inbound}"
+    );
+
+    // Nothing crosses the fabric in plaintext, in either direction: a marker in the
+    // request path is never seen there, HBONE to both pods' 15008 is.
+    let _web_http = h.serve(&web, &["http", "--port", "8081", "--name", "web"]);
+    let _client_http = h.serve(&client, &["http", "--port", "8081", "--name", "client"]);
+    let wire = support::capture(&h);
+    let secret = "mixed-mesh-secret-marker";
+    for (from, to) in [(&client, &web), (&web, &client)] {
+        let to = SocketAddr::new(to.ip().into(), 8081).to_string();
+        let path = format!("/{secret}");
+        let start = Instant::now();
+        loop {
+            let out = h.run_app(
+                from,
+                &["get", "--to", &to, "--path", &path, "--count", "1"],
+                Duration::from_secs(10),
+            );
+            if out.status.success() && out.log.contains("200 pod=") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "GET {to} from {} failed: {}\nIstio's ztunnel:\n{}\n{}",
+                from.uid(),
+                out.log,
+                istio.log(),
+                h.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for pod in [&web, &client] {
+        wire.wait_for_log(&format!("{}.15008", pod.ip()), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no HBONE to {} captured: {e}", pod.uid()));
+    }
+    wire.stop().unwrap();
+    let captured = wire.log();
+    assert!(
+        !captured.contains(secret),
+        "the marker crossed the fabric in plaintext:\n{captured}"
+    );
+
+    // Both sides count the traffic with Istio's metric names, each naming the peer
+    // it verified.
+    let istio_metrics = get_in(web.netns(), 15020, "/metrics").await.unwrap();
+    let from_client = support::metric(
+        &istio_metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
+        ],
+    );
+    assert!(
+        from_client >= 1.0,
+        "Istio's ztunnel counted nothing from the client:\n{istio_metrics}"
+    );
+    let ambit_metrics = h.metrics("node-a").await;
+    let from_web = support::metric(
+        &ambit_metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", "spiffe://cluster.local/ns/shop/sa/web"),
+        ],
+    );
+    assert!(
+        from_web >= 1.0,
+        "Ambit's ztunnel counted nothing from web:\n{ambit_metrics}"
     );
 
     // The certificate Istio's ztunnel presented came from Ambit's CA, for web.
