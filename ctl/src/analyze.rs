@@ -16,6 +16,8 @@ pub struct Options {
     pub files: Vec<PathBuf>,
     pub cluster: crate::cluster::ClusterArgs,
     pub root_namespace: String,
+    /// Only findings about objects in this namespace.
+    pub namespace: Option<String>,
     pub output: String,
     pub failure_threshold: String,
     pub output_threshold: String,
@@ -67,17 +69,35 @@ pub fn run(o: Options) -> anyhow::Result<ExitCode> {
     let findings: Vec<Finding> = ambit_k8s::analyze::analyze(&input, &o.root_namespace)
         .into_iter()
         .filter(|f| f.severity <= shown)
+        .filter(|f| o.namespace.as_deref().is_none_or(|ns| in_namespace(f, ns)))
         .collect();
+    let what = if source.is_empty() {
+        format!("{read} file(s)")
+    } else {
+        source
+    };
+    let what = match &o.namespace {
+        Some(ns) => format!("namespace {ns} of {what}"),
+        None => what,
+    };
     match o.output.as_str() {
         "json" => crate::outln!("{}", serde_json::to_string_pretty(&findings)?)?,
         "yaml" => crate::out!("{}", serde_yaml_ng::to_string(&findings)?)?,
-        _ if !source.is_empty() => print_table(&findings, &source)?,
-        _ => print_table(&findings, &format!("{read} file(s)"))?,
+        _ => print_table(&findings, &what)?,
     }
     if findings.iter().any(|f| f.severity <= failure) {
         Ok(ExitCode::from(FOUND_ISSUES))
     } else {
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Whether `f` is about an object in namespace `ns` (the Namespace object `ns`
+/// itself included).
+fn in_namespace(f: &Finding, ns: &str) -> bool {
+    match f.object.split_once('/') {
+        Some((namespace, _)) => namespace == ns,
+        None => f.kind == "Namespace" && f.object == ns,
     }
 }
 

@@ -43,6 +43,13 @@ pub enum Command {
         /// Where mesh-wide policies live (Istio's meshConfig.rootNamespace).
         #[arg(long, default_value = ambit_k8s::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
+        /// Report only the findings about objects in this namespace (everything is
+        /// still read: a policy elsewhere may be what is wrong with it).
+        #[arg(short = 'n', long = "namespace", conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Report the findings of every namespace (the default).
+        #[arg(short = 'A', long = "all-namespaces")]
+        all_namespaces: bool,
         /// `table` (default), `json` or `yaml`.
         #[arg(short = 'o', long = "output", default_value = "table")]
         output: String,
@@ -396,6 +403,21 @@ pub enum LocalCommand {
         /// How long --wait waits.
         #[arg(long, default_value = "30m", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Upgrades the nodes' ztunnels in place, one node at a time, as a DaemonSet
+    /// rolling update with a surge does: a new ztunnel starts beside the running one,
+    /// the node agent hands it every pod, then the old one stops accepting and drains
+    /// its open connections. No connection is refused on the way.
+    UpgradeZtunnel {
+        /// Only this node (repeatable); default every node.
+        #[arg(long)]
+        node: Vec<String>,
+        /// The new ztunnel binary; default the one the mesh runs (a restart in place).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Wait up to this long for the replaced ztunnels to drain and exit.
+        #[arg(long, value_parser = parse_duration, num_args = 0..=1, default_missing_value = "60s")]
+        wait: Option<Duration>,
     },
     /// Owns a running mesh (started by `up`, stopped by `down`).
     #[command(hide = true)]

@@ -57,6 +57,9 @@ pub fn run(state_dir: &Path, command: LocalCommand) -> anyhow::Result<ExitCode> 
                 false => ExitCode::FAILURE,
             })
         }
+        LocalCommand::UpgradeZtunnel { node, binary, wait } => {
+            upgrade_ztunnel(state_dir, node, binary, wait)
+        }
         LocalCommand::Supervise {
             dir,
             bin_dir,
@@ -121,7 +124,11 @@ fn ask_supervisor(
     let reply = requests::send(
         state_dir,
         mesh.supervisor,
-        &requests::Request { delete, objects },
+        &requests::Request {
+            delete,
+            objects,
+            upgrade: None,
+        },
         REQUEST_TIMEOUT,
     )?;
     if !reply.ok {
@@ -142,6 +149,75 @@ fn ask_supervisor(
         crate::outln!("{line}")?;
     }
     Ok(())
+}
+
+/// `local upgrade-ztunnel`: asks the supervisor to replace the nodes' ztunnels one
+/// node at a time (each new one serves every pod before the old one stops); with
+/// `wait`, returns once the old ones have drained and exited.
+fn upgrade_ztunnel(
+    state_dir: &Path,
+    nodes: Vec<String>,
+    binary: Option<PathBuf>,
+    wait: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let mesh = running(state_dir)?;
+    for node in &nodes {
+        if !mesh.nodes.iter().any(|n| &n.name == node) {
+            anyhow::bail!(
+                "--node {node}: the running mesh has no such node (it has {})",
+                mesh.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let binary = match binary {
+        Some(b) => Some(fs::canonicalize(&b).with_context(|| format!("--binary {}", b.display()))?),
+        None => None,
+    };
+    let reply = requests::send(
+        state_dir,
+        mesh.supervisor,
+        &requests::Request {
+            delete: false,
+            objects: Vec::new(),
+            upgrade: Some(requests::UpgradeRequest { nodes, binary }),
+        },
+        REQUEST_TIMEOUT,
+    )?;
+    if !reply.ok {
+        for line in &reply.lines {
+            crate::output::stderr(format_args!("{line}"));
+        }
+        anyhow::bail!("the upgrade did not complete (the lines above say how far it got)");
+    }
+    for line in &reply.lines {
+        crate::outln!("{line}")?;
+    }
+    if let Some(timeout) = wait {
+        let start = Instant::now();
+        loop {
+            let left: Vec<u32> = reply
+                .draining
+                .iter()
+                .copied()
+                .filter(|p| state::pid_alive(*p))
+                .collect();
+            if left.is_empty() {
+                crate::outln!("the replaced ztunnels have drained and exited")?;
+                break;
+            }
+            if start.elapsed() > timeout {
+                anyhow::bail!(
+                    "ztunnel pid(s) {left:?} still draining after {timeout:?} (they exit at their drain deadline)"
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the control plane of the running mesh reads what `file` applies.

@@ -136,6 +136,46 @@ fn the_whole_directory_gives_each_finding_once_and_the_thresholds_choose_the_exi
 }
 
 #[test]
+fn a_namespace_filter_keeps_that_namespaces_findings_and_reads_everything() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/analyze/broken");
+    let dir = dir.to_str().unwrap();
+    let (_, all, _) = ambitctl(&["analyze", "-f", dir, "-o", "json"]);
+    let all = findings(&all);
+    let namespaces: std::collections::BTreeSet<&str> = all
+        .iter()
+        .filter_map(|(_, _, object)| object.split_once('/').map(|(ns, _)| ns))
+        .collect();
+    assert!(namespaces.len() > 1, "{all:?}");
+    for ns in namespaces {
+        let (status, out, err) = ambitctl(&["analyze", "-f", dir, "-n", ns, "-o", "json"]);
+        let expected: Vec<_> = all
+            .iter()
+            .filter(|(_, kind, object)| {
+                object.starts_with(&format!("{ns}/")) || (kind == "Namespace" && object == ns)
+            })
+            .cloned()
+            .collect();
+        assert_eq!(findings(&out), expected, "-n {ns}: {err}");
+        // The exit status follows what is reported, not what was read.
+        let fails = serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["severity"] == "Error");
+        assert_eq!(status, if fails { 79 } else { 0 }, "-n {ns}: {out}");
+    }
+    let (status, out, _) = ambitctl(&["analyze", "-f", dir, "-n", "no-such-namespace"]);
+    assert_eq!(status, 0);
+    assert!(
+        out.contains("No findings in namespace no-such-namespace of"),
+        "{out}"
+    );
+    let (status, _, err) = ambitctl(&["analyze", "-f", dir, "-n", "x", "-A"]);
+    assert_eq!(status, 2, "{err}");
+}
+
+#[test]
 fn the_examples_give_no_findings() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let (status, out, err) = ambitctl(&["analyze", "-f", examples.to_str().unwrap()]);

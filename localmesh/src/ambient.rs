@@ -100,6 +100,19 @@ pub struct Ambient {
     ztunnels: Vec<Ztunnel>,
     /// The CA's tokens file, entry by entry: the nodes', then each account's.
     tokens: Vec<(Option<ServiceAccount>, String)>,
+    /// ztunnels replaced by an upgrade, draining until they exit.
+    draining: Vec<Process>,
+}
+
+/// What [`Ambient::upgrade_ztunnel`] did.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// The node's ztunnel before: stopping (SIGTERM), draining its open connections.
+    pub old_pid: u32,
+    /// The one serving the node's pods now.
+    pub new_pid: u32,
+    /// From starting the new process to its serving every pod of the node.
+    pub handover: Duration,
 }
 
 #[derive(Debug)]
@@ -150,6 +163,7 @@ impl Ambient {
             control,
             ztunnels,
             tokens,
+            draining: Vec::new(),
         };
         if ambient.config.node_agent.is_some() {
             for node in mesh.nodes() {
@@ -199,6 +213,60 @@ impl Ambient {
             .ok_or_else(|| MeshError::BadTopology(format!("no node {node}")))?;
         z.process = process;
         Ok(())
+    }
+
+    /// Upgrades `node`'s ztunnel in place, as a DaemonSet rolling update with a surge
+    /// does: a new ztunnel (`binary`, else the configured one) starts beside the
+    /// running one; once the node agent has handed it every pod (it then holds their
+    /// listeners too), the old one is sent SIGTERM: it stops accepting and drains its
+    /// open connections for up to its drain deadline, while the new one takes every new
+    /// connection. Returns once the new one serves the node; the old one's exit is
+    /// waited for by [`Ambient::draining`] and when the mesh stops.
+    ///
+    /// Without node agents the new ztunnel is not handed any pod: this then fails.
+    pub fn upgrade_ztunnel(
+        &mut self,
+        mesh: &LocalMesh,
+        node: &str,
+        binary: Option<&std::path::Path>,
+    ) -> Result<Upgrade, MeshError> {
+        if self.config.node_agent.is_none() {
+            return Err(MeshError::BadTopology(
+                "an in-place upgrade needs node agents: they hand the pods to the new ztunnel"
+                    .into(),
+            ));
+        }
+        let index = self
+            .ztunnels
+            .iter()
+            .position(|z| z.node == node)
+            .ok_or_else(|| MeshError::BadTopology(format!("no node {node}")))?;
+        let started = std::time::Instant::now();
+        let mut config = self.config.clone();
+        if let Some(binary) = binary {
+            config.ztunnel = binary.to_owned();
+        }
+        let new = start_ztunnel(mesh, &config, node)?;
+        // The agent notices the new hand-off socket, hands it every pod, then ends
+        // its snapshot: from then on the new ztunnel holds every pod's listeners.
+        new.wait_for_log("node agent snapshot served", self.config.deadline)?;
+        let handover = started.elapsed();
+        let old = std::mem::replace(&mut self.ztunnels[index].process, new);
+        old.signal(nix::sys::signal::Signal::SIGTERM);
+        let upgrade = Upgrade {
+            old_pid: old.pid(),
+            new_pid: self.ztunnels[index].process.pid(),
+            handover,
+        };
+        self.draining.push(old);
+        Ok(upgrade)
+    }
+
+    /// The ztunnels an upgrade replaced that are still draining (those that exited are
+    /// forgotten).
+    pub fn draining(&mut self) -> &[Process] {
+        self.draining.retain(|p| matches!(p.try_wait(), Ok(None)));
+        &self.draining
     }
 
     /// The node agent of `node`, if the mesh runs them.

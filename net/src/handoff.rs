@@ -222,6 +222,9 @@ pub trait HandoffHandler: Send + Sync {
     fn remove(&self, uid: &str) -> impl std::future::Future<Output = Result<(), String>> + Send;
     /// The pods ztunnel currently serves.
     fn served(&self) -> BTreeSet<String>;
+    /// A node agent's snapshot has been served: ztunnel serves exactly the pods it
+    /// named.
+    fn snapshot_complete(&self) {}
 }
 
 /// Serves node agents on `listener` forever. One node agent at a time: a new
@@ -323,6 +326,7 @@ pub async fn serve_conn<H: HandoffHandler>(
                         }
                     }
                     if failures.is_empty() {
+                        handler.snapshot_complete();
                         Ok(())
                     } else {
                         Err(failures.join("; "))

@@ -450,6 +450,17 @@ pub struct ListenOpts {
     pub mark: Option<u32>,
     /// `SO_REUSEADDR`, so a restarted ztunnel can listen while old connections linger.
     pub reuse_addr: bool,
+    /// `SO_REUSEPORT`: another process of the same user may hold the same address at
+    /// the same time (a new ztunnel beside the one it replaces). The kernel spreads new
+    /// connections over the holders; when one closes its listener, the connections
+    /// queued on it move to another holder if `net.ipv4.tcp_migrate_req` is set in the
+    /// namespace (the redirect rules set it), instead of being reset.
+    pub reuse_port: bool,
+    /// With `reuse_port`: the kernel gives every new connection to the newest holder
+    /// of the address (a classic BPF program on the group), so the one it replaces
+    /// stops receiving any the moment the new one listens, and its queue is empty by
+    /// the time it closes. See [`steer_to_newest`].
+    pub steer_to_newest: bool,
     pub backlog: u32,
 }
 
@@ -459,6 +470,8 @@ impl Default for ListenOpts {
             transparent: false,
             mark: Some(ZTUNNEL_MARK),
             reuse_addr: true,
+            reuse_port: false,
+            steer_to_newest: false,
             backlog: 1024,
         }
     }
@@ -539,11 +552,62 @@ fn bind_listener(addr: SocketAddr, opts: &ListenOpts) -> io::Result<std::net::Tc
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(opts.reuse_addr)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     // The kernel caps it at net.core.somaxconn anyway.
     socket.listen(i32::try_from(opts.backlog).unwrap_or(i32::MAX))?;
+    if opts.reuse_port && opts.steer_to_newest {
+        steer_to_newest(&socket)?;
+    }
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Attaches to `socket`'s `SO_REUSEPORT` group a classic BPF program that picks the
+/// group's second socket for every new connection (`SO_ATTACH_REUSEPORT_CBPF`).
+///
+/// The kernel keeps a group's sockets in the order they joined and, when one leaves,
+/// moves the last one into its place; an index past the end falls back to the hash.
+/// So with one holder (a ztunnel alone) its connections are its own; when a second
+/// one listens (the ztunnel replacing it) every new connection goes to the newcomer;
+/// and once the old one has closed, the newcomer is alone at index 0 and the next
+/// replacement takes index 1. The program belongs to the group: each holder attaches
+/// the same one.
+pub fn steer_to_newest(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // One instruction: BPF_RET | BPF_K, return 1.
+    let mut program = [libc::sock_filter {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>())
+        .map_err(|_| io::Error::other("sock_fprog size"))?;
+    #[allow(unsafe_code)]
+    // SAFETY: `fprog` points at `program`, one valid instruction that outlives the
+    // call (the kernel copies it); `len` is the size of `fprog`, and the descriptor is
+    // `socket`'s, open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::addr_of!(fprog).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 impl Stock {

@@ -26,8 +26,9 @@
 //!
 //! The rules are pure functions of the config and of what the namespace holds now
 //! ([`rules`], [`routing`]), table-tested; [`install`] and [`remove`] only run
-//! `iptables-save`, `iptables-restore`, `nft` and `ip` inside the namespace with
-//! `nsenter`.
+//! `iptables-save`, `iptables-restore`, `nft`, `ip` and `sysctl` inside the namespace
+//! with `nsenter`. [`install`] also sets `net.ipv4.tcp_migrate_req`, so a ztunnel
+//! upgrade hands queued connections over instead of resetting them.
 //!
 //! This module must not: touch any chain not prefixed `AMBIT_`, any nftables table
 //! but its own ([`rules::NFT_TABLE`]), or flush a built-in chain (the namespace's other
@@ -218,7 +219,7 @@ impl RedirectError {
         match self {
             RedirectError::NetnsUnavailable { .. } => None,
             RedirectError::Spawn { step, .. } | RedirectError::CommandFailed { step, .. } => {
-                Some(step.family())
+                step.family()
             }
             RedirectError::RollbackFailed { install, .. } => install.failed_family(),
         }
@@ -233,16 +234,20 @@ pub enum Step {
     ReadRouting(IpFamily),
     WriteRouting(IpFamily),
     WriteTproxy(IpFamily),
+    /// `net.ipv4.tcp_migrate_req` (both families' TCP).
+    MigrateQueued,
 }
 
 impl Step {
-    pub fn family(self) -> IpFamily {
-        let (Step::ReadRules(family)
-        | Step::WriteRules(family)
-        | Step::ReadRouting(family)
-        | Step::WriteRouting(family)
-        | Step::WriteTproxy(family)) = self;
-        family
+    pub fn family(self) -> Option<IpFamily> {
+        match self {
+            Step::ReadRules(family)
+            | Step::WriteRules(family)
+            | Step::ReadRouting(family)
+            | Step::WriteRouting(family)
+            | Step::WriteTproxy(family) => Some(family),
+            Step::MigrateQueued => None,
+        }
     }
 }
 
@@ -256,6 +261,7 @@ impl fmt::Display for Step {
             Step::WriteTproxy(family) => {
                 write!(f, "writing the {family} outbound TPROXY rule (nftables)")
             }
+            Step::MigrateQueued => write!(f, "setting net.ipv4.tcp_migrate_req"),
         }
     }
 }
@@ -307,6 +313,19 @@ impl<'a> Netns<'a> {
     /// Per family: the return route and the outbound TPROXY rule first, then the
     /// iptables rules that start capturing.
     fn install(&self, config: &RedirectConfig) -> Result<(), RedirectError> {
+        // When a ztunnel closes a listener another one holds too (an upgrade: both
+        // listen with SO_REUSEPORT), the connections queued on it move to the other
+        // instead of being reset. Not fatal: without it (a kernel before 5.14) the
+        // pod is served as well, and only an upgrade may reset a connection queued
+        // at that instant.
+        if let Err(e) = self.run(
+            Step::MigrateQueued,
+            "sysctl",
+            &["-q", "-w", "net.ipv4.tcp_migrate_req=1"],
+            None,
+        ) {
+            tracing::warn!(netns = %self.path.display(), error = %e, "a ztunnel upgrade may reset connections queued in this pod");
+        }
         for family in IpFamily::ALL {
             let set = RuleSet::for_family(family, config);
             let capture = set == RuleSet::Capture;

@@ -11,7 +11,9 @@ use std::time::Duration;
 use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, HostTarget, TraceParent};
 use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::hbone::client::{HboneConnection, OutboundRequest, TunnelError};
-use ambit_net::hbone::server::{serve_connection, InboundHandler, InboundRequest, TunnelOutcome};
+use ambit_net::hbone::server::{
+    serve_connection, Ended, InboundHandler, InboundRequest, TunnelOutcome,
+};
 use ambit_net::hbone::{H2Settings, H2Stream};
 use ambit_net::tls::{self, CertSlot, ClientAuth};
 use rustls_pki_types::ServerName;
@@ -139,6 +141,8 @@ struct Setup {
     drain: Arc<tokio::sync::watch::Sender<bool>>,
     /// How many connections the server has finished serving.
     served: Arc<tokio::sync::watch::Sender<usize>>,
+    /// How each served connection ended, in order.
+    ends: Arc<Mutex<Vec<Result<Ended, String>>>>,
 }
 
 impl Setup {
@@ -169,7 +173,8 @@ async fn setup() -> Setup {
     let handler = recorder.clone();
     let drain = Arc::new(tokio::sync::watch::Sender::new(false));
     let served = Arc::new(tokio::sync::watch::Sender::new(0usize));
-    let (drain2, served2) = (drain.clone(), served.clone());
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    let (drain2, served2, ends2) = (drain.clone(), served.clone(), ends.clone());
     tokio::spawn(async move {
         loop {
             let (tcp, peer_addr) = listener.accept().await.unwrap();
@@ -177,6 +182,7 @@ async fn setup() -> Setup {
             let handler = handler.clone();
             let mut draining = drain2.subscribe();
             let served = served2.clone();
+            let ends = ends2.clone();
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
                 let peer =
@@ -184,9 +190,10 @@ async fn setup() -> Setup {
                 let drain = async move {
                     let _ = draining.wait_for(|d| *d).await;
                 };
-                let _ =
+                let ended =
                     serve_connection(tls, peer, peer_addr, H2Settings::default(), handler, drain)
                         .await;
+                ends.lock().unwrap().push(ended.map_err(|e| e.to_string()));
                 served.send_modify(|n| *n += 1);
             });
         }
@@ -215,6 +222,7 @@ async fn setup() -> Setup {
         client_cfg,
         drain,
         served,
+        ends,
     }
 }
 
@@ -772,6 +780,10 @@ async fn a_client_that_never_sends_the_preface_is_closed() {
             Err(_) => panic!("still open after 30 s without a preface"),
         }
     }
+    // The server says why, for its metrics (ztunnel counts it as a refusal).
+    s.served.subscribe().wait_for(|n| *n >= 1).await.unwrap();
+    assert_eq!(*s.ends.lock().unwrap(), vec![Ok(Ended::NoPreface)]);
+    assert_eq!(Ended::NoPreface.reason(), Some("h2_preface_timeout"));
 }
 
 /// A terminating handler (the waypoint's kind): takes the tunnel itself after the 200

@@ -433,6 +433,58 @@ async fn a_connection_to_the_outbound_listener_itself_has_no_original_destinatio
 // helpers for the code under test's tokio sockets and for worker threads are here.
 
 /// The next connection on a listener made by the code under test, within a deadline.
+/// Two ztunnels holding a pod's 15006 at once, as during an upgrade: with
+/// `steer_to_newest`, every new connection goes to the one that listened last, the
+/// older one gets none (its queue stays empty until it closes), and once it has
+/// closed the newer one takes everything, until a third listens and takes over.
+#[tokio::test]
+async fn the_newest_holder_of_a_shared_listener_takes_every_new_connection() {
+    let net = Network::new("steer");
+    redirect::install(net.pod.path(), &RedirectConfig::default()).unwrap();
+    let pod = NetnsHandle::from_path(net.pod.path()).unwrap();
+    let shared = ListenOpts {
+        transparent: true,
+        reuse_port: true,
+        steer_to_newest: true,
+        ..ListenOpts::default()
+    };
+    let addr = at("0.0.0.0", INBOUND_PLAINTEXT_PORT);
+    let dial = || {
+        net.peer
+            .connect(
+                at(POD, 8080),
+                &Dial {
+                    bind: Some(at(OTHER, 0)),
+                    ..Dial::default()
+                },
+            )
+            .unwrap()
+    };
+    let old = pod.listen(addr, shared).await.unwrap();
+    let first = dial();
+    accept(&old)
+        .await
+        .expect("the only holder takes its connections");
+    let new = pod.listen(addr, shared).await.unwrap();
+    let mut clients = vec![first];
+    for _ in 0..20 {
+        clients.push(dial());
+        accept(&new).await.expect("the newest holder takes it");
+        assert_nothing_pending(&old);
+    }
+    drop(old);
+    for _ in 0..5 {
+        clients.push(dial());
+        accept(&new).await.expect("the one left takes it");
+    }
+    let newer = pod.listen(addr, shared).await.unwrap();
+    for _ in 0..5 {
+        clients.push(dial());
+        accept(&newer).await.expect("the next replacement takes it");
+        assert_nothing_pending(&new);
+    }
+}
+
 async fn accept(listener: &tokio::net::TcpListener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     within(listener.accept()).await.map(Result::unwrap)
 }

@@ -76,16 +76,6 @@ fn namespaces_of(id: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].trim_start().chars().next())
-        })
-        .is_some_and(|state| state != 'Z' && state != 'X')
-}
-
 /// Polls `f` until it returns true, or panics with `what()` after the deadline.
 fn eventually(f: impl FnMut() -> bool, what: impl Fn() -> String) {
     support::poll_until(Duration::from_secs(30), f, what);
@@ -721,11 +711,13 @@ fn up_runs_the_bookshop_over_hbone_and_down_leaves_nothing() {
     assert!(down.contains("gone"), "{down}");
     assert_eq!(namespaces_of(&id), Vec::<String>::new());
     eventually(
-        || pids.iter().all(|p| !alive(*p)),
+        || pids.iter().all(|p| !support::ctl::alive(*p)),
         || {
             format!(
                 "processes still alive: {:?}",
-                pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+                pids.iter()
+                    .filter(|p| support::ctl::alive(**p))
+                    .collect::<Vec<_>>()
             )
         },
     );
@@ -788,7 +780,7 @@ fn a_failure_while_starting_removes_what_was_made() {
         .and_then(|rest| rest.split(':').next())
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("no supervisor pid in: {stderr}"));
-    assert!(!alive(pid));
+    assert!(!support::ctl::alive(pid));
     let prefix = format!("am{pid}x");
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .unwrap()
@@ -1087,7 +1079,7 @@ fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_
         "{status}"
     );
     let waypoint_pid = ctl.process_in("wp-0");
-    assert!(alive(waypoint_pid));
+    assert!(support::ctl::alive(waypoint_pid));
 
     // A VirtualService, as Istio users write it: its fault abort is injected by the
     // waypoint, `local status` shows it accepted, and deleting it undoes it.
@@ -1154,7 +1146,10 @@ fn apply_of_a_gateway_and_a_waypoint_label_takes_effect_on_the_running_mesh_and_
         },
         || format!("not direct again: {}\n{}", seen.borrow(), ctl.logs()),
     );
-    eventually(|| !alive(waypoint_pid), || "the waypoint still runs".into());
+    eventually(
+        || !support::ctl::alive(waypoint_pid),
+        || "the waypoint still runs".into(),
+    );
     let status = ctl.ok(&["local", "status"]);
     assert!(!status.contains("shop/wp-0"), "{status}");
     ctl.ok(&["local", "down"]);
@@ -1202,7 +1197,10 @@ fn a_stopped_waypoint_refuses_its_traffic_naming_it_and_a_restarted_one_serves_i
         .args(["-KILL", &pid.to_string()])
         .status()
         .unwrap();
-    eventually(|| !alive(pid), || "the waypoint still runs".into());
+    eventually(
+        || !support::ctl::alive(pid),
+        || "the waypoint still runs".into(),
+    );
     let logs = Path::new(ctl.mesh()["dir"].as_str().unwrap()).join("logs");
     let refusals = || -> Vec<String> {
         std::fs::read_dir(&logs)

@@ -19,31 +19,6 @@ use base64::Engine as _;
 use support::bin;
 use support::ctl::Ctl;
 
-/// A client that keeps one TCP connection to the echo at argv[1]:argv[2] and sends a
-/// line every 100 ms until the file argv[3] exists; any error or wrong echo fails it.
-const LONG_LIVED: &str = r#"
-import os, socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
-n = 0
-buf = b""
-while not os.path.exists(sys.argv[3]):
-    line = b"ping %d\n" % n
-    s.sendall(line)
-    while b"\n" not in buf:
-        chunk = s.recv(4096)
-        if not chunk:
-            print("FAILED: connection closed after %d echoes" % n, flush=True)
-            sys.exit(1)
-        buf += chunk
-    got, buf = buf.split(b"\n", 1)
-    if got + b"\n" != line:
-        print("FAILED: echo %r for %r" % (got, line), flush=True)
-        sys.exit(1)
-    n += 1
-    time.sleep(0.1)
-print("OK %d echoes" % n, flush=True)
-"#;
-
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples")
@@ -151,7 +126,7 @@ fn rotate_root_with_traffic_flowing_fails_no_connection() {
             "--",
             "python3",
             "-c",
-            LONG_LIVED,
+            support::ctl::LONG_LIVED_ECHO,
         ])
         .arg(&vip)
         .arg("9000")

@@ -134,10 +134,24 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))
+    // SO_REUSEPORT: a new ztunnel starting beside the one it replaces in the same
+    // network namespace (the local mesh's nodes, a host-network deployment) can open
+    // these too; until the old one exits, the kernel spreads requests over both.
+    let bind = |addr: std::net::SocketAddr| async move {
+        let listen = || -> std::io::Result<TcpListener> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            socket.set_nonblocking(true)?;
+            TcpListener::from_std(socket.into())
+        };
+        listen().with_context(|| format!("cannot listen on {addr}"))
     };
     let admin = Arc::new(Admin {
         callers: shared.callers.clone(),
@@ -188,6 +202,21 @@ pub async fn run(
     });
     drop(starting);
     tracing::info!(node = %config.node, handoff = %config.handoff_socket.display(), "ztunnel ready");
+    // Ready for traffic once the node agent's snapshot is served: a ztunnel that
+    // replaces another one (an upgrade) must hold every pod's listeners before the
+    // old one is stopped.
+    {
+        let waiting = readiness.block("node agent snapshot");
+        let mut served = pods.snapshot_served();
+        tokio::spawn(async move {
+            if served.wait_for(|s| *s).await.is_ok() {
+                tracing::info!(
+                    "node agent snapshot served: serving every enrolled pod of the node"
+                );
+                drop(waiting);
+            }
+        });
+    }
 
     shutdown.await;
     // Drain: not ready any more, stop taking pods and new connections, tell HBONE

@@ -15,15 +15,17 @@
 //! Also Istio's: `istio_tcp_sockets_open{reporter}` (accepted sockets open now),
 //! `istio_build{component,tag}`, `workload_manager_active_proxy_count` (pods served),
 //! `workload_manager_proxies_started_total` / `_stopped_total`, and the xDS client's
-//! `istio_xds_*` (`ambit_net::xds::client::XdsMetrics`).
+//! `istio_xds_*` (`ambit_net::xds::client::XdsMetrics`, with Ambit's
+//! `ambit_xds_resources_rejected_total{url}` for every resource NACKed).
 //!
 //! Ambit's own: `ambit_authorization_denials_total`, and
 //! `ambit_connections_refused_total`, every connection or tunnel refused before it
 //! carried data, by `reporter` and a stable `reason` (`descriptors_exhausted` when
 //! ztunnel ran out of file descriptors; `tls_handshake_failed`,
-//! `tls_handshake_timeout`, `no_peer_identity` for an inbound HBONE connection that
-//! never got as far as a CONNECT; `accept_failed` when a listener could not accept,
-//! the connection left queued). A refused client is always
+//! `tls_handshake_timeout`, `no_peer_identity`, `h2_preface_timeout` for an inbound
+//! HBONE connection that never got as far as a CONNECT; `accept_failed` when a listener could not accept,
+//! the connection left queued); `ambit_hbone_connections_dropped_total{reason}`, HBONE
+//! connections ztunnel closed with their tunnels (`ping_unanswered`). A refused client is always
 //! told — an HBONE status, or a TCP reset — never accepted and then closed as if it
 //! were done.
 //!
@@ -341,6 +343,7 @@ pub struct Metrics {
     registry: Registry,
     denied: Family<DenialLabels, Counter>,
     refused: Family<RefusalLabels, Counter>,
+    dropped: Family<DroppedLabels, Counter>,
     opened: Family<ConnectionLabels, Counter>,
     closed: Family<ConnectionLabels, Counter>,
     failed: Family<ConnectionLabels, Counter>,
@@ -374,6 +377,7 @@ impl Metrics {
             registry: Registry::default(),
             denied: Family::default(),
             refused: Family::default(),
+            dropped: Family::default(),
             opened: Family::default(),
             closed: Family::default(),
             failed: Family::default(),
@@ -442,7 +446,22 @@ impl Metrics {
             "Connections and HBONE tunnels refused before carrying data, by reason; the client was told (HBONE status or TCP reset)",
             m.refused.clone(),
         );
+        registry.register(
+            "ambit_hbone_connections_dropped",
+            "HBONE connections ztunnel closed with their tunnels, by reason (ping_unanswered: the peer stopped answering keepalive PINGs)",
+            m.dropped.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts an HBONE connection closed by ztunnel, with its tunnels, for `reason`.
+    pub fn hbone_dropped(&self, reporter: Reporter, reason: &str) {
+        self.dropped
+            .get_or_create(&DroppedLabels {
+                reporter,
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a connection denied by authorization policy.
@@ -541,6 +560,13 @@ pub struct DenialLabels {
     pub reason: String,
     /// `connect` (refused at its start) or `late` (open, closed on a policy change).
     pub when: String,
+}
+
+/// Labels of `ambit_hbone_connections_dropped_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    pub reporter: Reporter,
+    pub reason: String,
 }
 
 /// Labels of `ambit_connections_refused_total`.

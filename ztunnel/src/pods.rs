@@ -5,6 +5,18 @@
 //! pod's namespace: 15001 (outbound capture), 15006 (inbound plaintext, TPROXY) and
 //! 15008 (inbound HBONE). Removing the pod closes them. The traffic paths themselves
 //! are in [`crate::proxy`].
+//!
+//! # Upgrade
+//! A new ztunnel takes a node over while the old one runs: the node agent sees the
+//! new hand-off socket and hands every pod to it (`ambit-cni`'s `agent::ztunnel`), and
+//! the new process opens the pods' listeners beside the old ones (`SO_REUSEPORT`),
+//! and from then on the kernel gives it every new connection
+//! (`ambit_net::netns::steer_to_newest`). Only once the agent's snapshot is served is
+//! the new ztunnel ready. Then the old one, on SIGTERM, closes its listeners — by then
+//! their queues are empty; a connection still queued moves to the new ones
+//! (`net.ipv4.tcp_migrate_req`, set by the redirect rules where the kernel lets it) —
+//! sends GOAWAY on its HBONE connections, and lets its open connections run to their
+//! end or to `--drain-deadline`. No connection is refused or reset on the way.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -102,6 +114,8 @@ impl Drop for Pod {
 pub struct Pods {
     shared: Arc<Shared>,
     pods: Arc<Mutex<HashMap<String, Arc<Pod>>>>,
+    /// True once a node agent's snapshot has been served.
+    snapshot_served: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Pods {
@@ -109,7 +123,14 @@ impl Pods {
         Pods {
             shared,
             pods: Arc::default(),
+            snapshot_served: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Becomes true once a node agent's snapshot has been served: this ztunnel serves
+    /// every enrolled pod of the node (a new ztunnel is ready from then on).
+    pub fn snapshot_served(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.snapshot_served.subscribe()
     }
 
     pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
@@ -154,6 +175,11 @@ impl Pods {
             async move {
                 let opts = ListenOpts {
                     transparent,
+                    // A new ztunnel listens beside the one it replaces, which then
+                    // closes its listeners: no connection is refused in between
+                    // (`upgrade` in the module docs).
+                    reuse_port: true,
+                    steer_to_newest: true,
                     ..ListenOpts::default()
                 };
                 netns.listen(addr, opts).await
@@ -411,5 +437,9 @@ impl HandoffHandler for Pods {
 
     fn served(&self) -> BTreeSet<String> {
         self.lock().keys().cloned().collect()
+    }
+
+    fn snapshot_complete(&self) {
+        self.snapshot_served.send_replace(true);
     }
 }

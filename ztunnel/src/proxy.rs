@@ -737,7 +737,7 @@ pub async fn inbound_hbone(
     // Draining sends GOAWAY: peers open their next tunnels elsewhere, and the
     // connection ends with its last open tunnel.
     let drained = shared.drained();
-    if let Err(e) = serve_connection(
+    match serve_connection(
         tls_stream,
         client_id,
         peer,
@@ -747,7 +747,18 @@ pub async fn inbound_hbone(
     )
     .await
     {
-        tracing::debug!(pod = %pod.uid, %peer, error = %e, "inbound HBONE connection ended");
+        // Before any CONNECT: a refusal like a failed handshake.
+        Ok(ended @ ambit_net::hbone::server::Ended::NoPreface) => {
+            handshake_refused(ended.reason().unwrap_or_default());
+        }
+        Ok(ended) => {
+            if let Some(reason) = ended.reason() {
+                shared.metrics.hbone_dropped(Reporter::destination, reason);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(pod = %pod.uid, %peer, error = %e, "inbound HBONE connection ended");
+        }
     }
 }
 

@@ -2,6 +2,11 @@
 //! it, reconnects when ztunnel restarts, and then replays every pod it was told to
 //! serve, as a snapshot, so ztunnel serves exactly those pods again.
 //!
+//! A new ztunnel (an upgrade) binds the hand-off socket's path anew while the old one
+//! still runs: the agent notices the path now names another socket, connects to it and
+//! hands it every pod, so both serve them until the old one stops. The old connection
+//! is dropped; the old ztunnel keeps serving its pods until it is stopped.
+//!
 //! The snapshot's end (`SnapshotSent`, after which ztunnel drops pods not named) is
 //! held back until the agent has rebuilt its own state after starting
 //! ([`ZtunnelHandle::state_complete`]): an agent that just started knows no pods yet,
@@ -127,8 +132,18 @@ async fn run(
     let mut served: BTreeMap<String, Served> = BTreeMap::new();
     let mut backoff = MIN_BACKOFF;
     let mut last_error = String::new();
+    // A connection to a new ztunnel, made while connected to the old one.
+    let mut successor: Option<(HandoffClient, Option<SocketFile>)> = None;
     loop {
-        let client = match HandoffClient::connect(&socket).await {
+        let attempt = match successor.take() {
+            Some(next) => Ok(next),
+            None => {
+                // Before connecting: a socket replaced in between is noticed later.
+                let file = SocketFile::of(&socket);
+                HandoffClient::connect(&socket).await.map(|c| (c, file))
+            }
+        };
+        let (client, file) = match attempt {
             Ok(client) => client,
             Err(e) => {
                 let error = e.to_string();
@@ -154,10 +169,92 @@ async fn run(
         };
         backoff = MIN_BACKOFF;
         last_error.clear();
-        match session(&client, &mut served, &mut ops, &mut complete, &connected).await {
+        let watch = Successor {
+            path: &socket,
+            file,
+        };
+        match session(
+            &client,
+            &watch,
+            &mut served,
+            &mut ops,
+            &mut complete,
+            &connected,
+        )
+        .await
+        {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "connection to ztunnel lost; reconnecting"),
+            Err(SessionEnd::Replaced(next, file)) => {
+                tracing::info!(socket = %socket.display(), "a new ztunnel listens on the hand-off socket; handing every pod to it");
+                successor = Some((next, file));
+            }
+            Err(SessionEnd::Lost(e)) => {
+                tracing::warn!(error = %e, "connection to ztunnel lost; reconnecting");
+            }
         }
+    }
+}
+
+/// Which socket a hand-off path names (device and inode): a new ztunnel binding the
+/// path makes a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketFile {
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn of(path: &std::path::Path) -> Option<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| SocketFile {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// How often the agent looks whether a new ztunnel has bound the hand-off path.
+const SUCCESSOR_POLL: Duration = Duration::from_millis(100);
+
+/// The hand-off path and the socket the current connection went to.
+struct Successor<'a> {
+    path: &'a std::path::Path,
+    file: Option<SocketFile>,
+}
+
+impl Successor<'_> {
+    /// Completes with a connection to a new ztunnel once one listens on the path.
+    async fn appeared(&self) -> (HandoffClient, Option<SocketFile>) {
+        let mut tick = tokio::time::interval(SUCCESSOR_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = SocketFile::of(self.path);
+            if now.is_none() || now == self.file {
+                continue;
+            }
+            // A path bound but not listening yet is tried again at the next tick.
+            match HandoffClient::connect(self.path).await {
+                Ok(client) => return (client, now),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a new hand-off socket, not answering yet");
+                }
+            }
+        }
+    }
+}
+
+/// Why a session with ztunnel ended.
+enum SessionEnd {
+    /// The connection broke or ztunnel went away.
+    Lost(String),
+    /// A new ztunnel took the hand-off path: the connection to it.
+    Replaced(HandoffClient, Option<SocketFile>),
+}
+
+impl From<String> for SessionEnd {
+    fn from(e: String) -> Self {
+        SessionEnd::Lost(e)
     }
 }
 
@@ -178,11 +275,12 @@ fn disconnected(op: Op, served: &mut BTreeMap<String, Served>, error: &str) {
 /// or the agent stops (`Ok`).
 async fn session(
     client: &HandoffClient,
+    successor: &Successor<'_>,
     served: &mut BTreeMap<String, Served>,
     ops: &mut mpsc::Receiver<Op>,
     complete: &mut watch::Receiver<bool>,
     connected: &watch::Sender<u64>,
-) -> Result<(), String> {
+) -> Result<(), SessionEnd> {
     let started = std::time::Instant::now();
     let mut refused = Vec::new();
     for (uid, pod) in served.iter() {
@@ -192,7 +290,7 @@ async fn session(
                     tracing::warn!(pod = %uid, error = %e, "ztunnel refused a pod of the snapshot");
                     refused.push(uid.clone());
                 }
-                other => return Err(other.to_string()),
+                other => return Err(other.to_string().into()),
             }
         }
     }
@@ -233,7 +331,7 @@ async fn session(
                             }
                             Err(e) => {
                                 let _ = reply.send(Err(format!("ztunnel connection lost: {e}")));
-                                return Err(e.to_string());
+                                return Err(e.to_string().into());
                             }
                         }
                     }
@@ -249,14 +347,17 @@ async fn session(
                             Err(e) => {
                                 // Gone with the connection: not in the next snapshot.
                                 let _ = reply.send(Ok(()));
-                                return Err(e.to_string());
+                                return Err(e.to_string().into());
                             }
                         }
                     }
                 }
             }
             closed = client.closed() => {
-                return Err(closed);
+                return Err(closed.into());
+            }
+            (next, file) = successor.appeared() => {
+                return Err(SessionEnd::Replaced(next, file));
             }
         }
     }

@@ -58,6 +58,9 @@ pub struct Values {
     pub ztunnel: Component,
     pub cni: Component,
     pub control_replicas: i64,
+    /// `ztunnel.terminationGracePeriodSeconds`: the pod's, and one second less (at
+    /// least one) as ztunnel's drain deadline.
+    pub ztunnel_grace: i64,
     pub cni_bin_dir: String,
     pub cni_conf_dir: String,
 }
@@ -111,6 +114,10 @@ impl Values {
             cni: component("cni"),
             control_replicas: tree
                 .pointer("/control/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
+            ztunnel_grace: tree
+                .pointer("/ztunnel/terminationGracePeriodSeconds")
                 .and_then(Value::as_i64)
                 .unwrap_or(0),
             cni_bin_dir: s("/cni/binDir"),
@@ -409,12 +416,19 @@ fn transform(object: &mut Value, values: &Values) {
     if object["kind"] == "Deployment" && app == "ambit-control" {
         object["spec"]["replicas"] = values.control_replicas.into();
     }
+    let ztunnel = object["kind"] == "DaemonSet" && app == "ztunnel";
     let Some(spec) = object
         .pointer_mut("/spec/template/spec")
         .and_then(Value::as_object_mut)
     else {
         return;
     };
+    if ztunnel {
+        spec.insert(
+            "terminationGracePeriodSeconds".into(),
+            values.ztunnel_grace.into(),
+        );
+    }
     if let Some(volumes) = spec.get_mut("volumes").and_then(Value::as_array_mut) {
         for volume in volumes {
             let dir = match volume["name"].as_str() {
@@ -451,6 +465,9 @@ fn transform(object: &mut Value, values: &Values) {
                 Some("AMBIT_LOG_FORMAT") => values.log_format.clone(),
                 Some("AMBIT_WAYPOINT_IMAGE") => values.image("waypoint"),
                 Some("AMBIT_CA_IDENTITY" | "AMBIT_CONTROL_IDENTITY") => identity.clone(),
+                Some("AMBIT_DRAIN_DEADLINE") if ztunnel => {
+                    format!("{}s", (values.ztunnel_grace - 1).max(1))
+                }
                 _ => continue,
             };
             var["value"] = value.into();

@@ -332,7 +332,13 @@ impl Live {
     ) -> Reply {
         let changes = match self.check(request) {
             Ok(c) => c,
-            Err(lines) => return Reply { ok: false, lines },
+            Err(lines) => {
+                return Reply {
+                    ok: false,
+                    lines,
+                    draining: Vec::new(),
+                }
+            }
         };
         let mut lines = Vec::new();
         let mut labels_changed = false;
@@ -357,7 +363,11 @@ impl Live {
                 Ok(line) => lines.push(line),
                 Err(e) => {
                     lines.push(e);
-                    return Reply { ok: false, lines };
+                    return Reply {
+                        ok: false,
+                        lines,
+                        draining: Vec::new(),
+                    };
                 }
             }
         }
@@ -365,10 +375,18 @@ impl Live {
             mesh.declare_kubernetes(self.declared.clone());
             if let Err(e) = mesh.write_kubernetes() {
                 lines.push(format!("cannot write the control plane's objects: {e}"));
-                return Reply { ok: false, lines };
+                return Reply {
+                    ok: false,
+                    lines,
+                    draining: Vec::new(),
+                };
             }
         }
-        Reply { ok: true, lines }
+        Reply {
+            ok: true,
+            lines,
+            draining: Vec::new(),
+        }
     }
 
     fn start(
@@ -563,6 +581,7 @@ mod tests {
                 .into_iter()
                 .map(|o| ("f.yaml:1".to_owned(), o))
                 .collect(),
+            upgrade: None,
         }
     }
 

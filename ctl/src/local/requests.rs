@@ -1,6 +1,6 @@
-//! How `local apply` and `local delete` ask the supervisor, which owns the running
-//! mesh, for what only it can do (start or stop a waypoint, change a running object's
-//! waypoint labels): a request file in the state directory's `requests/`, answered by
+//! How `local apply`, `local delete` and `local upgrade-ztunnel` ask the supervisor,
+//! which owns the running mesh, for what only it can do (start or stop a waypoint,
+//! change a running object's waypoint labels, replace a node's ztunnel): a request file in the state directory's `requests/`, answered by
 //! a reply file next to it. Each is written under a temporary name and renamed, so
 //! neither side reads half a file.
 
@@ -23,6 +23,18 @@ pub struct Request {
     pub delete: bool,
     /// Each object with where it was written (`file:line`), for messages.
     pub objects: Vec<(String, Value)>,
+    /// `local upgrade-ztunnel` instead: no objects.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeRequest>,
+}
+
+/// Upgrade these nodes' ztunnels in place, one node at a time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    /// The nodes, in order; empty: every node.
+    pub nodes: Vec<String>,
+    /// The new ztunnel binary; none: the one the mesh runs.
+    pub binary: Option<PathBuf>,
 }
 
 /// The supervisor's answer: done (each line says what it did) or refused (each line
@@ -31,6 +43,9 @@ pub struct Request {
 pub struct Reply {
     pub ok: bool,
     pub lines: Vec<String>,
+    /// After an upgrade: the replaced ztunnels, still draining.
+    #[serde(default)]
+    pub draining: Vec<u32>,
 }
 
 /// Sends `request` to the supervisor `pid` and waits for its reply.

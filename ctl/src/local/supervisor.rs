@@ -236,13 +236,35 @@ async fn supervise(
     let shutdown = ambit_net::process::shutdown_signal();
     tokio::pin!(shutdown);
     let mut poll = tokio::time::interval(requests::POLL);
+    // ztunnels an upgrade replaced, by node, until they have drained.
+    let mut draining: Vec<(String, u32)> = Vec::new();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = poll.tick() => {}
         }
+        // Replaced ztunnels that have drained are reaped.
+        draining.retain(|(node, pid)| {
+            let still = ambient.draining().iter().any(|p| p.pid() == *pid);
+            if !still {
+                println!("==> {node}: the replaced ztunnel (pid {pid}) has drained and exited");
+                recorded.pids.retain(|p| p != pid);
+            }
+            still
+        });
         for (reply_at, request) in requests::take(state_dir) {
             let reply = match request {
+                Ok(request) if request.upgrade.is_some() => {
+                    let upgrade = request.upgrade.as_ref().map_or(&[][..], |u| &u.nodes[..]);
+                    let binary = request.upgrade.as_ref().and_then(|u| u.binary.as_deref());
+                    let (reply, replaced) =
+                        upgrade_ztunnels(&mesh, &mut ambient, &mut recorded, upgrade, binary);
+                    for line in &reply.lines {
+                        println!("==> upgrade: {line}");
+                    }
+                    draining.extend(replaced);
+                    reply
+                }
                 Ok(request) => {
                     let reply = live
                         .handle(&mesh, &mut ambient, &mut recorded, &request)
@@ -258,6 +280,7 @@ async fn supervise(
                 Err(why) => Reply {
                     ok: false,
                     lines: vec![why],
+                    draining: Vec::new(),
                 },
             };
             if let Err(e) = recorded.write(state_dir) {
@@ -275,6 +298,62 @@ async fn supervise(
     mesh.teardown()?;
     println!("==> stopped; nothing is left");
     Ok(())
+}
+
+/// Replaces the ztunnels of `nodes` (every node when empty), one node at a time, each
+/// new one serving every pod before the old one is stopped. The reply says what each
+/// node went through; with it, the replaced ztunnels, still draining.
+fn upgrade_ztunnels(
+    mesh: &LocalMesh,
+    ambient: &mut Ambient,
+    recorded: &mut MeshState,
+    nodes: &[String],
+    binary: Option<&Path>,
+) -> (Reply, Vec<(String, u32)>) {
+    let nodes: Vec<String> = if nodes.is_empty() {
+        recorded.nodes.iter().map(|n| n.name.clone()).collect()
+    } else {
+        nodes.to_vec()
+    };
+    let mut lines = Vec::new();
+    let mut replaced = Vec::new();
+    for node in &nodes {
+        match ambient.upgrade_ztunnel(mesh, node, binary) {
+            Ok(u) => {
+                lines.push(format!(
+                    "{node}: ztunnel pid {} serves every pod (handed over in {} ms); pid {} stopped accepting and drains its open connections",
+                    u.new_pid,
+                    u.handover.as_millis(),
+                    u.old_pid
+                ));
+                recorded.pids.push(u.new_pid);
+                replaced.push((node.clone(), u.old_pid));
+            }
+            Err(e) => {
+                lines.push(format!(
+                    "{node}: {e:#}; its running ztunnel was left serving the node"
+                ));
+                let draining = replaced.iter().map(|(_, p)| *p).collect();
+                return (
+                    Reply {
+                        ok: false,
+                        lines,
+                        draining,
+                    },
+                    replaced,
+                );
+            }
+        }
+    }
+    let draining = replaced.iter().map(|(_, p)| *p).collect();
+    (
+        Reply {
+            ok: true,
+            lines,
+            draining,
+        },
+        replaced,
+    )
 }
 
 fn make_pods(mesh: &LocalMesh, app: &App) -> anyhow::Result<Vec<Pod>> {

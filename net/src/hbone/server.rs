@@ -194,7 +194,7 @@ pub async fn serve_connection<IO, H>(
     settings: H2Settings,
     handler: H,
     drain: impl Future<Output = ()>,
-) -> Result<(), h2::Error>
+) -> Result<Ended, h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: TunnelHandler,
@@ -211,7 +211,7 @@ where
     let Ok(conn) = tokio::time::timeout(settings.handshake_timeout, handshake).await else {
         // Dropping the handshake closes the connection.
         tracing::info!(%peer, %peer_addr, "HBONE client sent no HTTP/2 preface in time; connection closed");
-        return Ok(());
+        return Ok(Ended::NoPreface);
     };
     let mut conn = conn?;
     let mut drain = std::pin::pin!(drain);
@@ -228,7 +228,7 @@ where
             waited = &mut keepalive => {
                 // Returning drops the connection, which closes it and its tunnels.
                 tracing::info!(%peer, ?waited, "HBONE peer did not answer a PING; connection closed");
-                return Ok(());
+                return Ok(Ended::PingUnanswered);
             }
         };
         let Some(next) = next else { break };
@@ -244,7 +244,29 @@ where
             handler: handler.clone(),
         });
     }
-    Ok(())
+    Ok(Ended::Closed)
+}
+
+/// How an HBONE connection that [`serve_connection`] served ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The peer closed it, or it drained.
+    Closed,
+    /// The client sent no HTTP/2 preface within the handshake timeout: closed.
+    NoPreface,
+    /// The peer did not answer a keepalive PING in time: closed with its tunnels.
+    PingUnanswered,
+}
+
+impl Ended {
+    /// A stable metric label for an end that was ours, `None` for a normal close.
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Ended::Closed => None,
+            Ended::NoPreface => Some("h2_preface_timeout"),
+            Ended::PingUnanswered => Some("ping_unanswered"),
+        }
+    }
 }
 
 /// Why an accepted TCP connection did not become an HBONE connection.

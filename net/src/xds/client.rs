@@ -57,6 +57,7 @@ pub struct XdsMetrics {
     terminations: Family<TerminationLabels, Counter>,
     messages: Family<UrlLabels, Counter>,
     message_bytes: Family<UrlLabels, Counter>,
+    rejected: Family<UrlLabels, Counter>,
 }
 
 /// Why a stream to the xDS server ended (Istio's reasons).
@@ -95,6 +96,29 @@ impl XdsMetrics {
             "Total number of bytes received",
             self.message_bytes.clone(),
         );
+        registry.register(
+            "ambit_xds_resources_rejected",
+            "Resources received over xDS and refused (NACKed; the previous state of each is kept)",
+            self.rejected.clone(),
+        );
+    }
+
+    /// Counts `n` resources of `type_url` rejected.
+    pub fn rejected(&self, type_url: &str, n: usize) {
+        self.rejected
+            .get_or_create(&UrlLabels {
+                url: type_url.to_owned(),
+            })
+            .inc_by(n as u64);
+    }
+
+    /// Resources of `type_url` rejected so far.
+    pub fn rejected_count(&self, type_url: &str) -> u64 {
+        self.rejected
+            .get_or_create(&UrlLabels {
+                url: type_url.to_owned(),
+            })
+            .get()
     }
 
     /// Counts one stream ended.
@@ -329,6 +353,11 @@ impl XdsClient {
             self.model.send_replace(Arc::new(model));
             self.published = true;
         }
+        if !applied.rejected.is_empty() {
+            self.config
+                .metrics
+                .rejected(ADDRESS_TYPE_URL, applied.rejected.len());
+        }
         applied
     }
 }
@@ -337,4 +366,54 @@ impl XdsClient {
 fn jittered(d: Duration) -> Duration {
     let quarter = d / 4;
     d - quarter + quarter.mul_f64(2.0 * rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambit_proto::xds::Resource;
+
+    #[test]
+    fn rejected_resources_are_counted_by_type() {
+        let config = ClientConfig::new("ztunnel~a");
+        let metrics = config.metrics.clone();
+        let mut client = XdsClient::new(config, watch::channel(Arc::default()).0);
+        let response = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE_URL.to_owned(),
+            resources: vec![
+                Resource {
+                    name: "empty".into(),
+                    version: "1".into(),
+                    resource: Some(prost_types::Any {
+                        type_url: ADDRESS_TYPE_URL.to_owned(),
+                        value: Address { r#type: None }.encode_to_vec(),
+                    }),
+                    ..Resource::default()
+                },
+                Resource {
+                    name: "garbage".into(),
+                    version: "1".into(),
+                    resource: Some(prost_types::Any {
+                        type_url: ADDRESS_TYPE_URL.to_owned(),
+                        value: vec![0xff, 0xff, 0xff],
+                    }),
+                    ..Resource::default()
+                },
+            ],
+            ..DeltaDiscoveryResponse::default()
+        };
+        let applied = client.apply(&response);
+        assert_eq!(applied.rejected.len(), 2, "{applied:?}");
+        assert_eq!(metrics.rejected_count(ADDRESS_TYPE_URL), 2);
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(&format!(
+                "ambit_xds_resources_rejected_total{{url=\"{ADDRESS_TYPE_URL}\"}} 2"
+            )),
+            "{text}"
+        );
+    }
 }

@@ -147,3 +147,96 @@ impl Drop for Ctl {
         let _ = self.run(&["local", "down"]);
     }
 }
+
+/// A client that keeps one TCP connection to the echo at argv[1]:argv[2] and sends a
+/// line every 100 ms until the file argv[3] exists; any error or wrong echo fails it.
+pub const LONG_LIVED_ECHO: &str = r#"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+n = 0
+buf = b""
+while not os.path.exists(sys.argv[3]):
+    line = b"ping %d\n" % n
+    s.sendall(line)
+    while b"\n" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            print("FAILED: connection closed after %d echoes" % n, flush=True)
+            sys.exit(1)
+        buf += chunk
+    got, buf = buf.split(b"\n", 1)
+    if got + b"\n" != line:
+        print("FAILED: echo %r for %r" % (got, line), flush=True)
+        sys.exit(1)
+    n += 1
+    time.sleep(0.1)
+print("OK %d echoes" % n, flush=True)
+"#;
+
+/// A client that opens a new TCP connection to the echo at argv[1]:argv[2] every
+/// 10 ms (each in its own thread, so a slow one never delays the next), sends a line,
+/// reads it back and closes, until the file argv[3] exists. It writes how many it has
+/// made to argv[4] as it goes, and when it stops prints `made N failed M` and one
+/// line per failure (refused, reset, timed out, closed early, wrong echo).
+pub const CHURN_ECHO: &str = r#"
+import os, socket, sys, threading, time
+host, port, stop, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+lock = threading.Lock()
+made = 0
+failures = []
+def one(n):
+    global made
+    line = b"conn %d\n" % n
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        try:
+            s.sendall(line)
+            buf = b""
+            while b"\n" not in buf:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise EOFError("closed after %r" % buf)
+                buf += chunk
+            if buf != line:
+                raise ValueError("echo %r for %r" % (buf, line))
+        finally:
+            s.close()
+        with lock:
+            made += 1
+    except Exception as e:
+        with lock:
+            failures.append("connection %d: %s: %s" % (n, type(e).__name__, e))
+threads = []
+start = time.monotonic()
+n = 0
+while not os.path.exists(stop):
+    t = threading.Thread(target=one, args=(n,))
+    t.start()
+    threads.append(t)
+    n += 1
+    if n % 10 == 0:
+        with lock:
+            done = made
+        with open(progress + ".tmp", "w") as f:
+            f.write(str(done))
+        os.replace(progress + ".tmp", progress)
+    delay = start + n * 0.01 - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+for t in threads:
+    t.join()
+print("made %d failed %d" % (made, len(failures)), flush=True)
+for f in failures:
+    print(f, flush=True)
+"#;
+
+/// Whether process `pid` runs (a zombie does not).
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].trim_start().chars().next())
+        })
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
