@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 pub const PROTOS: &[&str] = &[
     "ca.proto",
     "handoff.proto",
+    "istio_authorization.proto",
+    "istio_workload.proto",
     "nodeagent.proto",
     "workload.proto",
     "xds.proto",

@@ -140,9 +140,12 @@ pub enum TokensFileError {
     },
     #[error("{path}: not a YAML list of {{token, identity, nodeAgent, node}}: {reason}")]
     Parse { path: String, reason: String },
-    #[error("{path}: entry {index}: {reason}")]
+    #[error("{path}:{line}: entry {index}: {reason}")]
     Entry {
         path: String,
+        /// The line the entry starts on (1-based); 0 when it cannot be told (a flow
+        /// sequence).
+        line: usize,
         index: usize,
         reason: String,
     },
@@ -185,10 +188,12 @@ impl TokenAuthenticator {
                 reason: e.to_string(),
             })?
             .unwrap_or_default();
+        let lines = entry_lines(text, entries.len());
         let mut callers = HashMap::new();
         for (index, e) in entries.into_iter().enumerate() {
             let bad = |reason: &str| TokensFileError::Entry {
                 path: origin.to_string(),
+                line: lines.get(index).copied().unwrap_or(0),
                 index,
                 reason: reason.to_string(),
             };
@@ -243,6 +248,23 @@ impl Authenticator for TokenAuthenticator {
     }
 }
 
+/// The line (1-based) each of the `count` top-level entries of a block sequence
+/// starts on: the lines beginning with `-`. Empty when that count does not match (a
+/// flow sequence, or a layout this does not follow), so no wrong line is ever named.
+fn entry_lines(text: &str, count: usize) -> Vec<usize> {
+    let lines: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("- ") || *l == "-")
+        .map(|(i, _)| i + 1)
+        .collect();
+    if lines.len() == count {
+        lines
+    } else {
+        Vec::new()
+    }
+}
+
 /// The tokens file, read again whenever it changes (its modification time or size),
 /// so a caller added while the CA runs (a waypoint `ambitctl local apply` starts) is
 /// recognised, and one removed is no longer. A file that changed but cannot be read or
@@ -253,8 +275,9 @@ pub struct TokensFile {
     current: std::sync::RwLock<(Option<FileStamp>, Arc<TokenAuthenticator>)>,
 }
 
-/// What tells that the file changed.
-type FileStamp = (std::time::SystemTime, u64);
+/// What tells that the file changed: modification time, size, and inode (a file
+/// replaced by a rename).
+type FileStamp = (std::time::SystemTime, u64, u64);
 
 impl fmt::Debug for TokensFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -263,8 +286,9 @@ impl fmt::Debug for TokensFile {
 }
 
 fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
 
 impl TokensFile {
@@ -380,6 +404,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tokens_file_replaced_by_a_rename_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        std::fs::write(&path, FILE).unwrap();
+        let tokens = TokensFile::open(&path).unwrap();
+        // Same length, same modification time: only the inode tells.
+        let swapped = FILE.replace("workload-token-0123456789", "workload-token-9876543210");
+        let next = dir.path().join("tokens.yaml.new");
+        std::fs::write(&next, &swapped).unwrap();
+        let at = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&next)
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        let creds = creds(Some("workload-token-9876543210"), None);
+        assert!(futures::executor::block_on(tokens.authenticate(&creds))
+            .unwrap()
+            .is_some());
+    }
+
+    #[tokio::test]
     async fn a_changed_tokens_file_is_read_again_and_a_broken_one_keeps_the_last_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.yaml");
@@ -455,10 +503,14 @@ mod tests {
     #[test]
     fn tokens_file_errors_name_the_entry() {
         let cases = [
-            ("- token: short\n  identity: spiffe://cluster.local/ns/a/sa/b\n", "entry 0: token must be at least 16"),
+            ("- token: short\n  identity: spiffe://cluster.local/ns/a/sa/b\n", "t.yaml:1: entry 0: token must be at least 16"),
             ("- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/b\n  nodeAgent: true\n", "entry 0: nodeAgent: true requires"),
-            ("- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/b\n- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/c\n", "entry 1: token repeats"),
+            ("- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/b\n- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/c\n", "t.yaml:3: entry 1: token repeats"),
             ("- token: aaaaaaaaaaaaaaaaaaaa\n  identity: http://x\n", "must start with \"spiffe://\""),
+            // A parse error names the line (the YAML library's position).
+            ("- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/b\n- token: [\n", "line 3 column 10"),
+            // A flow sequence: the entry, without a line that might be wrong.
+            ("[{token: short, identity: spiffe://cluster.local/ns/a/sa/b}]", "t.yaml:0: entry 0: token must"),
             ("- token: aaaaaaaaaaaaaaaaaaaa\n  identity: spiffe://cluster.local/ns/a/sa/b\n  nodeagent: true\n", "unknown field `nodeagent`"),
             ("token: x\n", "not a YAML list"),
         ];

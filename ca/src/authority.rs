@@ -336,7 +336,8 @@ impl CertificateAuthority {
     }
 
     /// Issues a certificate and a fresh P-256 key for the CA's own use (its serving
-    /// certificate), with `dns_names` beside the identity. Returns (chain, key PEM).
+    /// certificate), with `dns_names` beside the identity (those that are IP
+    /// addresses as IP SANs). Returns (chain, key PEM).
     pub fn issue_own(
         &self,
         identity: &SpiffeId,
@@ -375,10 +376,13 @@ impl CertificateAuthority {
         // Empty subject: the identity lives only in the (then critical) URI SAN.
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
-        for dns in dns_names {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(dns.as_str().try_into()?));
+        for name in dns_names {
+            // An address is an IP SAN: a client reaching the CA by IP checks that.
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into()?),
+            };
+            params.subject_alt_names.push(san);
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![

@@ -44,6 +44,12 @@ pub struct Config {
     #[arg(long = "dns-name", env = "AMBIT_CA_DNS_NAMES", value_delimiter = ',')]
     pub dns_names: Vec<String>,
 
+    /// IP addresses for the serving certificate (IP SANs), so a client that reaches
+    /// the CA and xDS by address (Istio's ztunnel with `CA_ADDRESS=https://<ip>:15012`)
+    /// can verify it.
+    #[arg(long = "ip-san", env = "AMBIT_CA_IP_SANS", value_delimiter = ',')]
+    pub ip_sans: Vec<std::net::IpAddr>,
+
     /// Lifetime of a certificate whose request names none (e.g. 24h, 90m, 3600s).
     #[arg(long, env = "AMBIT_CA_DEFAULT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub default_ttl: Duration,
@@ -67,12 +73,14 @@ impl Config {
         )
     }
 
-    /// DNS names on the serving certificate.
+    /// Names on the serving certificate besides its identity: DNS names, then the
+    /// `--ip-san` addresses (a name that is an IP address becomes an IP SAN).
     pub fn serving_dns_names(&self) -> Vec<String> {
         let mut names = vec![format!("ambit-control.{}.svc", self.system_namespace)];
-        for n in &self.dns_names {
-            if !names.contains(n) {
-                names.push(n.clone());
+        let ips = self.ip_sans.iter().map(ToString::to_string);
+        for n in self.dns_names.iter().cloned().chain(ips) {
+            if !names.contains(&n) {
+                names.push(n);
             }
         }
         names
@@ -126,6 +134,8 @@ mod tests {
             "127.0.0.1:0",
             "--dns-name",
             "ca.local,ca2.local",
+            "--ip-san",
+            "10.0.0.1,fd00::1",
         ])
         .unwrap();
         assert_eq!(
@@ -134,8 +144,15 @@ mod tests {
         );
         assert_eq!(
             c.serving_dns_names(),
-            ["ambit-control.ambit-system.svc", "ca.local", "ca2.local"]
+            [
+                "ambit-control.ambit-system.svc",
+                "ca.local",
+                "ca2.local",
+                "10.0.0.1",
+                "fd00::1"
+            ]
         );
+        assert!(Config::try_parse_from(["ambit-ca", "--ip-san", "ca.local"]).is_err());
         assert!(
             Config::try_parse_from(["ambit-ca", "--root-dir", "x", "--trust-domain", "Bad"])
                 .is_err()

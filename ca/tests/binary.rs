@@ -178,7 +178,7 @@ fn bad_tokens_file_stops_startup_naming_file_and_entry() {
     let (code, stderr) = run_failing(&dir.path().join("ca"), Some(&tokens));
     assert_ne!(code, 0);
     assert!(
-        stderr.contains("tokens.yaml: entry 2: token must be at least 16 characters"),
+        stderr.contains("tokens.yaml:7: entry 2: token must be at least 16 characters"),
         "{stderr}"
     );
 

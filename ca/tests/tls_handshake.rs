@@ -428,3 +428,50 @@ async fn replaced_server_certificate_is_presented_by_new_handshakes() {
         .unwrap();
     assert_eq!(out.server_leaf, second.chain()[0]);
 }
+
+/// Issue 19: Istio's ztunnel checks the CA's serving certificate against the host in
+/// `CA_ADDRESS` with the Web PKI rules. Reached by an address given with `--ip-san`,
+/// the certificate verifies; by another address, it does not; its DNS names still do.
+#[test]
+fn the_serving_certificate_verifies_by_the_ip_addresses_it_was_given() {
+    let ca = new_ca();
+    let identity = id("spiffe://cluster.local/ns/ambit-system/sa/ambit-control");
+    let names = [
+        "ambit-control.ambit-system.svc".to_owned(),
+        "127.0.0.1".to_owned(),
+        "fd00::7".to_owned(),
+    ];
+    let cert = ambit_ca::server::serving_cert(&ca, &identity, &names, now()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for root in cert.roots() {
+        roots.add(root.clone()).unwrap();
+    }
+    use rustls::client::danger::ServerCertVerifier;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let (leaf, intermediates) = cert.chain().split_first().unwrap();
+    let verify = |name: &str| {
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        verifier
+            .verify_server_cert(
+                leaf,
+                intermediates,
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    for ok in ["127.0.0.1", "fd00::7", "ambit-control.ambit-system.svc"] {
+        assert_eq!(verify(ok), Ok(()), "{ok}");
+    }
+    for bad in ["127.0.0.2", "10.0.0.1", "ambit-control"] {
+        let e = verify(bad).unwrap_err();
+        assert!(e.contains("not valid for name"), "{bad}: {e}");
+    }
+}

@@ -23,6 +23,7 @@ pub mod app;
 pub mod cluster_ca;
 pub mod config;
 pub mod directory;
+pub mod istio;
 pub mod kubernetes;
 pub mod leader;
 pub mod placement;

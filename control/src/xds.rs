@@ -24,6 +24,12 @@
 //!
 //! A view is recomputed with every snapshot, so a waypoint that loses a binding is
 //! sent its removal like any other change.
+//!
+//! Istio's ztunnel is served too, on the same port (decision record 0017): a stream
+//! whose first request asks for `istio.workload.Address` or
+//! `istio.security.Authorization` gets both types on that one stream, as Istio's
+//! aggregated client asks for them, translated from the same snapshot
+//! ([`crate::istio`]); only node agents may subscribe.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -33,6 +39,8 @@ use ambit_ca::auth::{authenticate_request, Authenticator};
 use ambit_ca::server::PeerInfo;
 use ambit_core::model::MeshConfig;
 use ambit_core::{SpiffeId, TrustDomain};
+use ambit_proto::istio_security::AUTHORIZATION_TYPE_URL as ISTIO_AUTHORIZATION_TYPE_URL;
+use ambit_proto::istio_workload::ADDRESS_TYPE_URL as ISTIO_ADDRESS_TYPE_URL;
 use ambit_proto::workload::{Address, ADDRESS_TYPE_URL};
 use ambit_proto::xds::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use ambit_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
@@ -52,6 +60,47 @@ pub struct Snapshot {
     /// Each waypoint identity's view, by (namespace, service account): the names of
     /// the resources it may see.
     pub waypoint_views: BTreeMap<(String, String), BTreeSet<String>>,
+    /// The same model in Istio's types, made when an Istio ztunnel first asks.
+    istio: std::sync::OnceLock<Arc<IstioSnapshot>>,
+}
+
+/// The snapshot in Istio's types: type URL → name → (version, encoded resource).
+#[derive(Debug, Clone, Default)]
+pub struct IstioSnapshot {
+    pub types: BTreeMap<&'static str, BTreeMap<String, (String, Vec<u8>)>>,
+}
+
+impl Snapshot {
+    /// The model in Istio's types (`trust_domain` fills implicit identities); made once
+    /// per snapshot.
+    pub fn istio(&self, trust_domain: &TrustDomain) -> Arc<IstioSnapshot> {
+        self.istio
+            .get_or_init(|| {
+                let out = crate::istio::translate(
+                    self.resources.iter().map(|(name, (_, a))| (name, a)),
+                    trust_domain,
+                );
+                let versioned =
+                    |bytes: Vec<u8>| (format!("{:016x}", ambit_core::fnv1a(&bytes)), bytes);
+                let mut types = BTreeMap::new();
+                types.insert(
+                    ISTIO_ADDRESS_TYPE_URL,
+                    out.addresses
+                        .into_iter()
+                        .map(|(n, a)| (n, versioned(a.encode_to_vec())))
+                        .collect(),
+                );
+                types.insert(
+                    ISTIO_AUTHORIZATION_TYPE_URL,
+                    out.authorizations
+                        .into_iter()
+                        .map(|(n, a)| (n, versioned(a.encode_to_vec())))
+                        .collect(),
+                );
+                Arc::new(IstioSnapshot { types })
+            })
+            .clone()
+    }
 }
 
 /// Resource names of L7 policies start with this; only waypoints get them.
@@ -77,6 +126,7 @@ impl Snapshot {
             version,
             resources,
             waypoint_views: waypoint_views(config),
+            istio: std::sync::OnceLock::new(),
         }
     }
 }
@@ -277,9 +327,36 @@ impl AggregatedDiscoveryService for XdsServer {
             Some(Err(e)) => return Err(e),
             None => return Err(Status::cancelled("stream ended before its first request")),
         };
+        if ISTIO_TYPE_URLS.contains(&first.type_url.as_str()) {
+            if view != View::NodeAgent {
+                return Err(Status::permission_denied(format!(
+                    "{} may not subscribe to Istio's workload types: only ztunnels (the trusted node-agent accounts) may",
+                    caller.identity
+                )));
+            }
+            let node = first
+                .node
+                .as_ref()
+                .map(|n| n.id.clone())
+                .unwrap_or_default();
+            tracing::info!(%node, %peer, caller = %caller.identity, "Istio xDS client connected");
+            let (tx, rx) = mpsc::channel(4);
+            let stream = IstioStream {
+                node,
+                peer,
+                trust_domain: self.trust_domain.clone(),
+                snapshots: self.snapshots.clone(),
+                sent: BTreeMap::new(),
+                nonce: 0,
+            };
+            tokio::spawn(stream.run(first, requests, tx));
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
         if first.type_url != ADDRESS_TYPE_URL {
             return Err(Status::invalid_argument(format!(
-                "type {:?} is not served; only {ADDRESS_TYPE_URL}",
+                "type {:?} is not served; only {ADDRESS_TYPE_URL}, {ISTIO_ADDRESS_TYPE_URL} and {ISTIO_AUTHORIZATION_TYPE_URL}",
                 first.type_url
             )));
         }
@@ -413,6 +490,145 @@ impl ClientStream {
             }
             None => {}
         }
+    }
+}
+
+/// The types an Istio ztunnel subscribes to.
+const ISTIO_TYPE_URLS: [&str; 2] = [ISTIO_ADDRESS_TYPE_URL, ISTIO_AUTHORIZATION_TYPE_URL];
+
+/// One Istio ztunnel's aggregated stream: both of Istio's types, each subscribed by its
+/// own request, each with what it has been sent.
+struct IstioStream {
+    node: String,
+    peer: String,
+    trust_domain: TrustDomain,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Type URL → name → version sent. A type is here once subscribed.
+    sent: BTreeMap<&'static str, BTreeMap<String, String>>,
+    nonce: u64,
+}
+
+impl IstioStream {
+    async fn run(
+        mut self,
+        first: DeltaDiscoveryRequest,
+        mut requests: Streaming<DeltaDiscoveryRequest>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) {
+        let mut pending = vec![first];
+        'stream: loop {
+            // Subscriptions first: each new type gets the current snapshot at once.
+            for request in pending.drain(..) {
+                if let Some(type_url) = self.on_request(&request) {
+                    let snapshot = self.snapshots.borrow().clone();
+                    if let Some(response) = self.diff(type_url, &snapshot, true) {
+                        if tx.send(Ok(response)).await.is_err() {
+                            break 'stream;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snapshot = self.snapshots.borrow_and_update().clone();
+                    let types: Vec<&'static str> = self.sent.keys().copied().collect();
+                    for type_url in types {
+                        if let Some(response) = self.diff(type_url, &snapshot, false) {
+                            if tx.send(Ok(response)).await.is_err() {
+                                break 'stream;
+                            }
+                        }
+                    }
+                }
+                request = requests.next() => match request {
+                    Some(Ok(request)) => pending.push(request),
+                    Some(Err(e)) => {
+                        tracing::info!(node = %self.node, error = %e, "Istio xDS stream failed");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        tracing::info!(node = %self.node, peer = %self.peer, "Istio xDS client disconnected");
+    }
+
+    /// Logs ACKs and NACKs; returns the type a request newly subscribes to.
+    fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> Option<&'static str> {
+        if let Some(error) = &request.error_detail {
+            tracing::warn!(node = %self.node, type_url = %request.type_url, nonce = %request.response_nonce, reason = %error.message, "Istio xDS client rejected resources (NACK)");
+        }
+        let type_url = ISTIO_TYPE_URLS.into_iter().find(|t| *t == request.type_url);
+        let Some(type_url) = type_url else {
+            tracing::info!(node = %self.node, type_url = %request.type_url, "Istio xDS client asked for a type that is not served; ignored");
+            return None;
+        };
+        if self.sent.contains_key(type_url) {
+            return None;
+        }
+        // Every resource of the type is sent (a wildcard subscription, whatever
+        // names it lists); what it still holds is not sent again.
+        self.sent.insert(
+            type_url,
+            request
+                .initial_resource_versions
+                .clone()
+                .into_iter()
+                .collect(),
+        );
+        Some(type_url)
+    }
+
+    /// What brings the client's `type_url` resources to `snapshot`; the first response
+    /// of a type goes out even when empty (the client waits for it to be ready).
+    fn diff(
+        &mut self,
+        type_url: &'static str,
+        snapshot: &Snapshot,
+        first: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let istio = snapshot.istio(&self.trust_domain);
+        let current = istio.types.get(type_url)?;
+        let sent = self.sent.get_mut(type_url)?;
+        let resources: Vec<Resource> = current
+            .iter()
+            .filter(|(name, (version, _))| sent.get(*name) != Some(version))
+            .map(|(name, (version, bytes))| Resource {
+                version: version.clone(),
+                resource: Some(prost_types::Any {
+                    type_url: type_url.to_owned(),
+                    value: bytes.clone(),
+                }),
+                name: name.clone(),
+                aliases: Vec::new(),
+            })
+            .collect();
+        let removed: Vec<String> = sent
+            .keys()
+            .filter(|name| !current.contains_key(*name))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() && !first {
+            return None;
+        }
+        for r in &resources {
+            sent.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            sent.remove(name);
+        }
+        self.nonce += 1;
+        tracing::debug!(node = %self.node, type_url, nonce = self.nonce, changed = resources.len(), removed = removed.len(), "Istio xDS push");
+        Some(DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.to_string(),
+            resources,
+            type_url: type_url.to_owned(),
+            nonce: self.nonce.to_string(),
+            removed_resources: removed,
+        })
     }
 }
 

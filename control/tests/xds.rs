@@ -362,3 +362,134 @@ async fn a_waypoint_sees_only_what_it_serves_and_node_agents_never_see_l7_polici
     }
     server.abort();
 }
+
+/// Opens a delta xDS stream with `token`, sending what `requests` yields.
+async fn raw_stream(
+    addr: SocketAddr,
+    token: &str,
+    requests: tokio::sync::mpsc::Receiver<ambit_proto::xds::DeltaDiscoveryRequest>,
+) -> Result<tonic::Streaming<ambit_proto::xds::DeltaDiscoveryResponse>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        ambit_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(
+            channel,
+        );
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(requests));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    Ok(client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner())
+}
+
+async fn next(
+    responses: &mut tonic::Streaming<ambit_proto::xds::DeltaDiscoveryResponse>,
+) -> ambit_proto::xds::DeltaDiscoveryResponse {
+    tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .expect("no response in time")
+        .unwrap()
+        .unwrap()
+}
+
+/// Issue 19: Istio's ztunnel subscribes to Istio's two types on one aggregated stream;
+/// each gets its first response at once (even empty), then changes as diffs; workloads
+/// may not subscribe.
+#[tokio::test]
+async fn an_istio_client_gets_both_istio_types_on_one_stream_then_their_changes() {
+    use ambit_proto::istio_security::{Authorization, AUTHORIZATION_TYPE_URL};
+    use ambit_proto::istio_workload::{self as iw, ADDRESS_TYPE_URL};
+    use ambit_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+    use prost::Message;
+    let addr: SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::new(1, &v1())));
+    let server = serve(addr, snapshots_rx).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let subscribe = |type_url: &str| DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        ..Default::default()
+    };
+    tx.send(subscribe(ADDRESS_TYPE_URL)).await.unwrap();
+    tx.send(subscribe(AUTHORIZATION_TYPE_URL)).await.unwrap();
+    let mut responses = raw_stream(addr, TOKEN, rx).await.unwrap();
+    let names = |r: &DeltaDiscoveryResponse| {
+        let mut n: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
+        n.sort();
+        n
+    };
+    let mut first: Vec<DeltaDiscoveryResponse> =
+        vec![next(&mut responses).await, next(&mut responses).await];
+    first.sort_by(|a, b| a.type_url.cmp(&b.type_url));
+    assert_eq!(first[0].type_url, AUTHORIZATION_TYPE_URL);
+    assert!(first[0].resources.is_empty(), "{:?}", first[0]);
+    assert_eq!(first[1].type_url, ADDRESS_TYPE_URL);
+    assert_eq!(
+        names(&first[1]),
+        ["shop/a", "shop/b", "shop/web.shop.svc.cluster.local"]
+    );
+    let b = first[1]
+        .resources
+        .iter()
+        .find(|r| r.name == "shop/b")
+        .unwrap();
+    let any = b.resource.as_ref().unwrap();
+    assert_eq!(any.type_url, ADDRESS_TYPE_URL);
+    let Some(iw::address::Type::Workload(w)) = iw::Address::decode(&any.value[..]).unwrap().r#type
+    else {
+        panic!("shop/b is not a workload")
+    };
+    assert_eq!(
+        (w.uid.as_str(), w.trust_domain.as_str(), w.node.as_str()),
+        ("shop/b", "cluster.local", "node-b")
+    );
+    assert_eq!(
+        w.services["shop/web.shop.svc.cluster.local"].ports[0].target_port,
+        8080
+    );
+    for r in &first {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    // A change: shop/a leaves, shop/c comes, the service's port moves, a policy comes.
+    let mut v3 = v2();
+    v3.policies = config(
+        "policies:\n\
+         - {scope: NAMESPACE, namespace: shop, name: deny-all, action: DENY, rules: [{}]}\n",
+    )
+    .policies;
+    snapshots.send_replace(Arc::new(Snapshot::new(2, &v3)));
+    let mut changed = [next(&mut responses).await, next(&mut responses).await];
+    changed.sort_by(|a, b| a.type_url.cmp(&b.type_url));
+    assert_eq!(names(&changed[0]), ["shop/deny-all"]);
+    let policy =
+        Authorization::decode(&changed[0].resources[0].resource.as_ref().unwrap().value[..])
+            .unwrap();
+    assert_eq!(policy.action(), ambit_proto::istio_security::Action::Deny);
+    assert_eq!(
+        names(&changed[1]),
+        ["shop/b", "shop/c", "shop/web.shop.svc.cluster.local"]
+    );
+    assert_eq!(changed[1].removed_resources, ["shop/a"]);
+
+    // A workload's token may not subscribe to the mesh in Istio's types either.
+    let (tx2, rx2) = tokio::sync::mpsc::channel(1);
+    tx2.send(subscribe(ADDRESS_TYPE_URL)).await.unwrap();
+    let status = raw_stream(addr, WORKLOAD_TOKEN, rx2).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    server.abort();
+}

@@ -5,8 +5,13 @@
 //! `:authority` is the inner target `ip:port`, with `forwarded: for="<src ip:port>"`
 //! (plus `;host=<service hostname>` when the client targeted a service), `baggage`
 //! carrying the source workload's metadata for telemetry, and a W3C `traceparent`.
-//! `200` opens the byte stream; `400` bad or non-local target, `401` denied by policy,
-//! `503` the upstream connect failed.
+//! `200` opens the byte stream; `400` bad or non-local target (or not a CONNECT, as
+//! Istio's ztunnel answers), `401` denied by policy, `503` the upstream connect failed.
+//!
+//! The `:authority` may also be `<service hostname>:<port>` ([`ConnectTarget::Host`]):
+//! Istio's double HBONE through an east-west gateway sends its inner CONNECT that way,
+//! since the client does not know the endpoint's address. The destination resolves it
+//! through the model (`inbound::resolve_host`).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -66,6 +71,102 @@ impl HboneTarget {
     }
 }
 
+/// A CONNECT target named by a service host name and the service port, as Istio's
+/// double HBONE sends it: lower-cased, a valid DNS name (never an IP address).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostTarget {
+    hostname: String,
+    port: u16,
+}
+
+impl HostTarget {
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for HostTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.hostname, self.port)
+    }
+}
+
+/// What a CONNECT's `:authority` names: an address, or a service host name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ConnectTarget {
+    Addr(HboneTarget),
+    Host(HostTarget),
+}
+
+impl ConnectTarget {
+    /// Parses `ip:port`, `[ipv6]:port` or `hostname:port`. A host name must be a DNS
+    /// name (labels of letters, digits and `-`, at most 253 bytes); anything else is
+    /// a bad target.
+    pub fn parse_authority(authority: &str) -> Result<Self, ConnectRefusal> {
+        let bad = |reason: &str| ConnectRefusal::BadTarget {
+            authority: authority.chars().take(128).collect(),
+            reason: reason.to_string(),
+        };
+        if let Ok(addr) = HboneTarget::parse_authority(authority) {
+            return Ok(ConnectTarget::Addr(addr));
+        }
+        let Some((host, port)) = authority.rsplit_once(':') else {
+            return Err(bad(
+                "must be <ip>:<port> (IPv6 in brackets) or <hostname>:<port>",
+            ));
+        };
+        if host.starts_with('[') || host.parse::<IpAddr>().is_ok() {
+            // An address that HboneTarget refused: say why it did.
+            return HboneTarget::parse_authority(authority).map(ConnectTarget::Addr);
+        }
+        let port: u16 = match port.parse() {
+            Ok(0) => return Err(bad("port 0 is not a valid target")),
+            Ok(p) => p,
+            Err(_) => return Err(bad("port is not a number from 1 to 65535")),
+        };
+        if !is_dns_name(host) {
+            return Err(bad(
+                "must be <ip>:<port> (IPv6 in brackets) or <hostname>:<port> with a DNS host name",
+            ));
+        }
+        Ok(ConnectTarget::Host(HostTarget {
+            hostname: host.to_ascii_lowercase(),
+            port,
+        }))
+    }
+}
+
+impl fmt::Display for ConnectTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectTarget::Addr(a) => a.fmt(f),
+            ConnectTarget::Host(h) => h.fmt(f),
+        }
+    }
+}
+
+/// RFC 1123 host name: dot-separated labels of 1–63 letters, digits and `-`, not
+/// starting or ending with `-`; 253 bytes at most; not all digits (an IPv4 look-alike).
+fn is_dns_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 impl fmt::Display for HboneTarget {
     /// The `:authority` form; `SocketAddr` already brackets IPv6.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -85,6 +186,13 @@ pub enum ConnectRefusal {
     ZtunnelPort(HboneTarget),
     #[error("CONNECT method required, got {0}")]
     NotConnect(String),
+    /// A host-name target the model has no service for, or whose port that service
+    /// (or its endpoint here) does not have.
+    #[error("CONNECT target {host}: {reason}")]
+    UnknownHost { host: HostTarget, reason: String },
+    /// A host-name target on a listener that accepts only addresses (the waypoint).
+    #[error("CONNECT target {0}: host names are not accepted here")]
+    HostNotAccepted(HostTarget),
     #[error("denied by policy {policy}")]
     Denied { policy: String },
     #[error("connecting to {target} failed: {reason}")]
@@ -116,8 +224,13 @@ impl ConnectRefusal {
         match self {
             ConnectRefusal::BadTarget { .. }
             | ConnectRefusal::NotLocal(_)
-            | ConnectRefusal::ZtunnelPort(_) => 400,
-            ConnectRefusal::NotConnect(_) => 405,
+            | ConnectRefusal::ZtunnelPort(_)
+            | ConnectRefusal::HostNotAccepted(_)
+            // Istio's ztunnel answers a non-CONNECT method with 400 too.
+            | ConnectRefusal::NotConnect(_) => 400,
+            // Istio's ztunnel answers 503 when a host name does not resolve to a
+            // service port of the local workload.
+            ConnectRefusal::UnknownHost { .. } => 503,
             ConnectRefusal::Denied { .. }
             | ConnectRefusal::WrongWaypoint { .. }
             | ConnectRefusal::BypassesWaypoint { .. } => 401,
@@ -132,6 +245,8 @@ impl ConnectRefusal {
             ConnectRefusal::NotLocal(_) => "not_local",
             ConnectRefusal::ZtunnelPort(_) => "ztunnel_port",
             ConnectRefusal::NotConnect(_) => "not_connect",
+            ConnectRefusal::UnknownHost { .. } => "unknown_host",
+            ConnectRefusal::HostNotAccepted(_) => "host_not_accepted",
             ConnectRefusal::Denied { .. } => "denied",
             ConnectRefusal::UpstreamConnect { .. } => "upstream_connect_failed",
             ConnectRefusal::WrongWaypoint { .. } => "wrong_waypoint",
@@ -415,6 +530,66 @@ mod tests {
     }
 
     #[test]
+    fn connect_targets_are_addresses_or_dns_host_names() {
+        let host = |h: &str, p: u16| {
+            ConnectTarget::Host(HostTarget {
+                hostname: h.into(),
+                port: p,
+            })
+        };
+        let ok = [
+            (
+                "10.0.0.1:8080",
+                ConnectTarget::Addr(HboneTarget::new("10.0.0.1:8080".parse().unwrap())),
+            ),
+            (
+                "[2001:db8::1]:443",
+                ConnectTarget::Addr(HboneTarget::new("[2001:db8::1]:443".parse().unwrap())),
+            ),
+            ("cart.shop.svc:80", host("cart.shop.svc", 80)),
+            (
+                "Cart.Shop.svc.cluster.local:9000",
+                host("cart.shop.svc.cluster.local", 9000),
+            ),
+            ("api-1.example.com.:443", host("api-1.example.com.", 443)),
+            ("localhost:1", host("localhost", 1)),
+        ];
+        for (input, want) in ok {
+            assert_eq!(
+                ConnectTarget::parse_authority(input).unwrap(),
+                want,
+                "{input}"
+            );
+        }
+        let bad = [
+            ("cart.shop.svc", "must be"),
+            ("cart.shop.svc:0", "port 0"),
+            ("cart.shop.svc:http", "port is not a number"),
+            ("cart.shop.svc:70000", "port is not a number"),
+            ("-cart.shop:80", "DNS host name"),
+            ("cart..shop:80", "DNS host name"),
+            ("cart_shop:80", "DNS host name"),
+            ("cart shop:80", "DNS host name"),
+            ("1.2.3:80", "DNS host name"),
+            (":80", "DNS host name"),
+            ("0.0.0.0:80", "cannot be a connection target"),
+            ("[::1]:0", "port 0"),
+            ("", "must be"),
+        ];
+        for (input, want) in bad {
+            let e = ConnectTarget::parse_authority(input).unwrap_err();
+            assert_eq!((e.status(), e.reason()), (400, "bad_target"), "{input}");
+            assert!(e.to_string().contains(want), "{input}: {e}");
+        }
+        let long = format!("{}.svc:80", "a".repeat(64));
+        assert!(ConnectTarget::parse_authority(&long).is_err());
+        assert_eq!(
+            host("cart.shop.svc", 80).to_string(),
+            "cart.shop.svc:80".to_string()
+        );
+    }
+
+    #[test]
     fn refusal_statuses() {
         let t = HboneTarget::parse_authority("10.0.0.1:80").unwrap();
         let cases = [
@@ -442,7 +617,7 @@ mod tests {
                 503,
                 "descriptors_exhausted",
             ),
-            (ConnectRefusal::NotConnect("GET".into()), 405, "not_connect"),
+            (ConnectRefusal::NotConnect("GET".into()), 400, "not_connect"),
         ];
         for (r, status, reason) in cases {
             assert_eq!((r.status(), r.reason()), (status, reason), "{r}");

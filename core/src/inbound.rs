@@ -3,6 +3,9 @@
 //! scheduled on this node, and has been handed to this ztunnel by the node agent;
 //! anything else is answered 400 (HBONE) or closed (plaintext).
 //!
+//! A CONNECT naming a service host name (Istio's double HBONE) is first turned into
+//! the local workload's address by [`resolve_host`].
+//!
 //! Then [`waypoint_peer`]: a peer that is a waypoint is accepted only for targets bound
 //! to that waypoint (reference §3.3), and a target bound to a waypoint that enforces
 //! policy takes traffic only from that waypoint, so no client can go around the L7
@@ -11,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::hbone::{ConnectRefusal, Forwarded, HboneTarget, ZTUNNEL_POD_PORTS};
+use crate::hbone::{ConnectRefusal, Forwarded, HboneTarget, HostTarget, ZTUNNEL_POD_PORTS};
 use crate::identity::SpiffeId;
 use crate::model::{MeshState, Waypoint, Workload};
 
@@ -31,6 +34,73 @@ pub fn local_target<'a>(
         Some(w) if w.spec.node == node && is_served(w.uid()) => Ok(w),
         _ => Err(ConnectRefusal::NotLocal(target)),
     }
+}
+
+/// The address a host-name CONNECT reaches on `workload`, the workload this
+/// listener serves (Istio's double HBONE: the inner CONNECT names
+/// `<service hostname>:<service port>` because its sender does not know which endpoint
+/// the east-west gateway picks). As in Istio's ztunnel: the service of that host name,
+/// the workload's own namespace first when several namespaces have one; the endpoint's
+/// target port for that service port, else the service's. The address is the
+/// workload's own, in the family of `like` (the connection's). Stricter than Istio: the
+/// workload must be an endpoint of that service, so a host name never reaches a pod
+/// that does not back it.
+pub fn resolve_host(
+    state: &MeshState,
+    workload: &Workload,
+    like: std::net::IpAddr,
+    host: &HostTarget,
+) -> Result<HboneTarget, ConnectRefusal> {
+    let unknown = |reason: String| ConnectRefusal::UnknownHost {
+        host: host.clone(),
+        reason,
+    };
+    let wanted = host.hostname().trim_end_matches('.');
+    let mut services: Vec<_> = state
+        .services()
+        .filter(|s| {
+            s.hostname
+                .trim_end_matches('.')
+                .eq_ignore_ascii_case(wanted)
+        })
+        .collect();
+    if services.is_empty() {
+        return Err(unknown("no service has this host name".into()));
+    }
+    // Own namespace first, then by namespace name, so the choice is stable.
+    services.sort_by_key(|s| (s.spec.namespace != workload.spec.namespace, s.key()));
+    let service = services[0];
+    let Some(endpoint) = service
+        .spec
+        .endpoints
+        .iter()
+        .find(|e| e.workload_uid == workload.spec.uid)
+    else {
+        return Err(unknown(format!(
+            "{} is not an endpoint of service {}",
+            workload.spec.uid,
+            service.key()
+        )));
+    };
+    let target_port = endpoint
+        .ports
+        .iter()
+        .chain(&service.spec.ports)
+        .find(|p| p.port == host.port())
+        .map(|p| p.target_port)
+        .filter(|&p| p != 0)
+        .ok_or_else(|| {
+            unknown(format!(
+                "service {} has no port {}",
+                service.key(),
+                host.port()
+            ))
+        })?;
+    let ip = workload
+        .ip_like(like)
+        .or_else(|| workload.spec.ips.first().copied())
+        .ok_or_else(|| unknown(format!("{} has no address", workload.spec.uid)))?;
+    Ok(HboneTarget::new(SocketAddr::new(ip, target_port)))
 }
 
 /// Who a connection to a local workload comes from, as far as waypoints go.
@@ -179,6 +249,115 @@ mod tests {
                 (got, want) => panic!("{target}: {got:?} vs {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn host_names_resolve_to_the_local_endpoints_target_port() {
+        let config: MeshConfig = serde_yaml_ng::from_str(
+            "workloads:\n\
+             - {uid: shop/cart, name: cart, namespace: shop, node: node-a, ips: [10.1.0.5, 'fd00::5'], protocol: HBONE}\n\
+             - {uid: shop/pay, name: pay, namespace: shop, node: node-a, ips: [10.1.0.6], protocol: HBONE}\n\
+             services:\n\
+             - {name: cart, namespace: shop, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}, {port: 90, targetPort: 9090}],\n\
+                endpoints: [{workloadUid: shop/cart, ports: [{port: 90, targetPort: 9999}]}]}\n\
+             - {name: cart, namespace: other, vips: [10.96.0.11], ports: [{port: 80, targetPort: 7070}], endpoints: [{workloadUid: shop/pay}]}\n\
+             - {name: ext, namespace: shop, hostname: api.example.com, vips: [], ports: [{port: 443, targetPort: 8443}], endpoints: [{workloadUid: shop/cart}]}\n",
+        )
+        .unwrap();
+        let state = MeshState::build(&config, &TrustDomain::default()).unwrap();
+        let host = |a: &str| match crate::hbone::ConnectTarget::parse_authority(a).unwrap() {
+            crate::hbone::ConnectTarget::Host(h) => h,
+            other => panic!("{other:?}"),
+        };
+        let v4: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: std::net::IpAddr = "fd00::1".parse().unwrap();
+        let cases = [
+            (
+                "shop/cart",
+                v4,
+                "cart.shop.svc.cluster.local:80",
+                "10.1.0.5:8080",
+            ),
+            (
+                "shop/cart",
+                v6,
+                "cart.shop.svc.cluster.local:80",
+                "[fd00::5]:8080",
+            ),
+            // The endpoint's own port for the service port wins over the service's.
+            (
+                "shop/cart",
+                v4,
+                "CART.shop.svc.cluster.local.:90",
+                "10.1.0.5:9999",
+            ),
+            ("shop/cart", v4, "api.example.com:443", "10.1.0.5:8443"),
+            (
+                "shop/pay",
+                v6,
+                "cart.other.svc.cluster.local:80",
+                "10.1.0.6:7070",
+            ),
+            (
+                "shop/cart",
+                v4,
+                "cart.shop.svc.cluster.local:81",
+                "503 unknown_host",
+            ),
+            (
+                "shop/cart",
+                v4,
+                "nothing.shop.svc.cluster.local:80",
+                "503 unknown_host",
+            ),
+            // pay does not back shop/cart: refused, never sent to pay.
+            (
+                "shop/pay",
+                v4,
+                "cart.shop.svc.cluster.local:80",
+                "503 unknown_host",
+            ),
+        ];
+        for (uid, like, authority, want) in cases {
+            let w = state.workload(uid).unwrap();
+            let got = match resolve_host(&state, w, like, &host(authority)) {
+                Ok(t) => t.to_string(),
+                Err(e) => format!("{} {}", e.status(), e.reason()),
+            };
+            assert_eq!(got, want, "{uid} {authority}");
+        }
+        let e = resolve_host(
+            &state,
+            state.workload("shop/pay").unwrap(),
+            v4,
+            &host("cart.shop.svc.cluster.local:80"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "CONNECT target cart.shop.svc.cluster.local:80: shop/pay is not an endpoint of service shop/cart"
+        );
+    }
+
+    #[test]
+    fn a_host_name_served_in_two_namespaces_prefers_the_workloads_own() {
+        let config: MeshConfig = serde_yaml_ng::from_str(
+            "workloads:\n\
+             - {uid: b/db, name: db, namespace: b, node: node-a, ips: [10.1.0.7], protocol: HBONE}\n\
+             services:\n\
+             - {name: db, namespace: a, hostname: db.example.com, vips: [], ports: [{port: 5432, targetPort: 1111}], endpoints: [{workloadUid: b/db}]}\n\
+             - {name: db, namespace: b, hostname: db.example.com, vips: [], ports: [{port: 5432, targetPort: 2222}], endpoints: [{workloadUid: b/db}]}\n",
+        )
+        .unwrap();
+        let state = MeshState::build(&config, &TrustDomain::default()).unwrap();
+        let crate::hbone::ConnectTarget::Host(h) =
+            crate::hbone::ConnectTarget::parse_authority("db.example.com:5432").unwrap()
+        else {
+            panic!()
+        };
+        let w = state.workload("b/db").unwrap();
+        let t = resolve_host(&state, w, "10.0.0.1".parse().unwrap(), &h).unwrap();
+        assert_eq!(t.to_string(), "10.1.0.7:2222");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! parses must round-trip.
 #![no_main]
 
-use ambit_core::hbone::{Baggage, Forwarded, HboneTarget, TraceParent};
+use ambit_core::hbone::{Baggage, ConnectTarget, Forwarded, HboneTarget, TraceParent};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &str| {
     if let Ok(t) = HboneTarget::parse_authority(input) {
         assert_eq!(HboneTarget::parse_authority(&t.to_string()), Ok(t));
+    }
+    if let Ok(t) = ConnectTarget::parse_authority(input) {
+        assert_eq!(ConnectTarget::parse_authority(&t.to_string()), Ok(t));
     }
     if let Ok(f) = Forwarded::parse(input) {
         assert_eq!(Forwarded::parse(&f.header_value()).ok().map(|g| g.for_addr), Some(f.for_addr));

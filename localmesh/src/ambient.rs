@@ -822,6 +822,10 @@ fn start_control(mesh: &LocalMesh, config: &AmbientConfig) -> Result<Process, Me
             path("tokens.yaml"),
             "--status-file".to_owned(),
             path(STATUS_FILE),
+            // Reached by address: a foreign ztunnel (Istio's, `CA_ADDRESS=https://<ip>:15012`)
+            // checks the serving certificate against it.
+            "--ip-san".to_owned(),
+            control_address(mesh).ip().to_string(),
         ]),
         &manifest.env_refs(),
     )?;

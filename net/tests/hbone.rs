@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, TraceParent};
+use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, HostTarget, TraceParent};
 use ambit_core::{SpiffeId, TrustDomain};
 use ambit_net::hbone::client::{HboneConnection, OutboundRequest, TunnelError};
 use ambit_net::hbone::server::{
@@ -92,6 +92,25 @@ impl InboundHandler for Recorder {
             .lock()
             .unwrap()
             .push(refusal.reason().to_string());
+    }
+
+    /// `echo.test:<port>` is loopback's port (the echo server's, when tests ask for
+    /// it); any other host name is unknown.
+    fn resolve_host(
+        &self,
+        host: &HostTarget,
+        _peer_addr: SocketAddr,
+    ) -> Result<HboneTarget, ConnectRefusal> {
+        if host.hostname() == "echo.test" {
+            return Ok(HboneTarget::new(SocketAddr::from((
+                [127, 0, 0, 1],
+                host.port(),
+            ))));
+        }
+        Err(ConnectRefusal::UnknownHost {
+            host: host.clone(),
+            reason: "no service has this host name".into(),
+        })
     }
 }
 
@@ -330,30 +349,44 @@ async fn refusals_arrive_with_their_status_and_leave_the_connection_usable() {
 }
 
 #[tokio::test]
-async fn malformed_requests_from_a_foreign_client_get_400_and_405() {
-    // Talk h2 directly, as a client that does not use our typed request would: a
-    // host-name authority cannot even be expressed with HboneTarget.
+async fn foreign_requests_get_istios_statuses_and_host_names_go_to_the_handler() {
+    // Talk h2 directly, as a client that does not use our typed request would (Istio's
+    // ztunnel, an east-west gateway's inner CONNECT): a host-name authority cannot
+    // even be expressed with HboneTarget.
     let s = setup().await;
     let (h2, connection) = h2::client::handshake(s.tls().await).await.unwrap();
     tokio::spawn(connection);
     let cases = [
         (
             http::Method::CONNECT,
-            "cart.shop.svc:80",
+            "bad_host!:80".to_string(),
             400u16,
             "bad_target",
         ),
         (
+            http::Method::CONNECT,
+            "nothing.test:80".into(),
+            503,
+            "unknown_host",
+        ),
+        // Not a CONNECT: 400, as Istio's ztunnel answers (not 405).
+        (
             http::Method::GET,
-            "https://127.0.0.1:80/",
-            405,
+            "https://127.0.0.1:80/".into(),
+            400,
+            "not_connect",
+        ),
+        (
+            http::Method::POST,
+            format!("https://{}/", s.echo),
+            400,
             "not_connect",
         ),
     ];
     for (method, uri, status, reason) in cases {
         let req = http::Request::builder()
             .method(method)
-            .uri(uri)
+            .uri(&uri)
             .body(())
             .unwrap();
         let mut h2 = h2.clone().ready().await.unwrap();
@@ -366,6 +399,38 @@ async fn malformed_requests_from_a_foreign_client_get_400_and_405() {
             "{uri}"
         );
     }
+
+    // A host name the handler resolves opens a tunnel to what it resolved to.
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("Echo.Test:{}", s.echo.port()))
+        .body(())
+        .unwrap();
+    let mut h2 = h2.clone().ready().await.unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    send.send_data(bytes::Bytes::from_static(b"double hbone"), true)
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut back = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        back.extend_from_slice(&chunk);
+    }
+    assert_eq!(back, b"double hbone");
+    let requests = s.recorder.requests.lock().unwrap();
+    let last = requests.last().unwrap();
+    assert_eq!(last.target.addr(), s.echo);
+    assert_eq!(
+        last.host.as_ref().map(|h| h.to_string()),
+        Some(format!("echo.test:{}", s.echo.port()))
+    );
+    assert_eq!(
+        *s.recorder.refusals.lock().unwrap(),
+        ["bad_target", "unknown_host", "not_connect", "not_connect"]
+    );
 }
 
 #[tokio::test]
@@ -651,8 +716,8 @@ async fn a_malformed_header_resets_only_its_stream() {
         ("te other than trailers", &[(b"te", b"gzip")]),
         ("CONNECT with a path", &[(b":path", b"/")]),
         (
-            "host name authority",
-            &[(b":authority", b"cart.shop.svc:80")],
+            "authority that is neither an address nor a host name",
+            &[(b":authority", b"cart_shop:80")],
         ),
     ];
     let mut raw = RawH2::start(&s).await;

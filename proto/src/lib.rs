@@ -40,6 +40,26 @@ pub mod workload {
     pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/ambit.workload.v1.Address";
 }
 
+/// Istio's workload xDS API (`istio_workload.proto`): workloads and services as Istio's
+/// ztunnel takes them (decision record 0017).
+pub mod istio_workload {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/istio.workload.rs");
+
+    /// The type URL of [`Address`] resources in delta xDS.
+    pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+}
+
+/// Istio's L4 authorization policies (`istio_authorization.proto`), as Istio's ztunnel
+/// takes them (decision record 0017).
+pub mod istio_security {
+    #![allow(missing_debug_implementations, clippy::all)]
+    include!("gen/istio.security.rs");
+
+    /// The type URL of [`Authorization`] resources in delta xDS.
+    pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+}
+
 /// Envoy's delta xDS transport (`xds.proto`): the aggregated discovery service's
 /// `DeltaAggregatedResources` stream, with the fields Ambit uses.
 pub mod xds {

@@ -1,7 +1,8 @@
 //! HBONE interoperability: an independent client (Python's `ssl` + the `h2` package,
 //! `tests/interop/hbone_client.py`, sharing no code with Ambit) holding a certificate
 //! from the mesh CA CONNECTs to a pod's 15008 through the real ztunnel. A local target
-//! gets `200` and an echo, a non-local one `400` — so the wire format is HBONE, not
+//! gets `200` and an echo, a non-local one `400`, a service host name (Istio's double
+//! HBONE) is resolved to the pod's target port — so the wire format is HBONE, not
 //! something only our own client understands.
 //!
 //! The interpreter comes from `$AMBIT_PYTHON` (default `.venv/bin/python` in the
@@ -279,6 +280,43 @@ async fn a_python_h2_client_with_a_ca_certificate_speaks_hbone_to_ztunnel() {
         .unwrap_or_else(|e| panic!("{e}\n{}", h.logs()));
     assert!(why.contains("not_local"), "{why}");
     println!("200: {}\n400: {}", ok.raw, refused.raw);
+
+    // Istio's double HBONE: the inner CONNECT names the service's host name and port,
+    // which node-b's ztunnel resolves to the server pod's target port (issue 19).
+    let service = h
+        .mesh
+        .add_service(
+            ambit_localmesh::ServiceSpec::new("shop", "server")
+                .port(80, 8080)
+                .endpoints([&server]),
+        )
+        .unwrap();
+    h.update_model().await;
+    let by_name = python_connect(
+        &h,
+        &node_a,
+        &certs,
+        &connect,
+        &format!("{}.shop.svc.cluster.local:80", service.name()),
+        "by host name",
+        None,
+    );
+    assert_eq!(by_name.status, 200, "{by_name:?}\n{}", h.logs());
+    assert_eq!(by_name.echo.as_deref(), Some("by host name"), "{by_name:?}");
+    let unknown = python_connect(
+        &h,
+        &node_a,
+        &certs,
+        &connect,
+        "nothing.shop.svc.cluster.local:80",
+        text,
+        None,
+    );
+    assert_eq!(
+        (unknown.status, unknown.reason.as_deref()),
+        (503, Some("unknown_host")),
+        "{unknown:?}"
+    );
 
     // Claiming another identity's address (the server pod's own) in `forwarded` is not
     // honoured: the app sees the connection's real address, and ztunnel says why.

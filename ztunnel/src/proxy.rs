@@ -24,8 +24,8 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use ambit_core::authz::{self, Denial};
-use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, TraceParent};
-use ambit_core::inbound::{client_source, local_target, waypoint_peer, PeerRole};
+use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, HostTarget, TraceParent};
+use ambit_core::inbound::{client_source, local_target, resolve_host, waypoint_peer, PeerRole};
 use ambit_core::model::{MeshState, Service, Workload};
 use ambit_core::outbound::{route, OrigDst, OutboundRoute};
 use ambit_core::SpiffeId;
@@ -789,11 +789,13 @@ impl PodInbound {
         };
         let destination_workload = state.workload(&self.pod.uid);
         let service = destination_workload.and_then(|w| {
-            inbound_service(
-                &state,
-                w,
-                request.forwarded.as_ref().and_then(|f| f.host.as_deref()),
-            )
+            // A host-name CONNECT names its service itself (double HBONE).
+            let host = request
+                .host
+                .as_ref()
+                .map(|h| h.hostname())
+                .or(request.forwarded.as_ref().and_then(|f| f.host.as_deref()));
+            inbound_service(&state, w, host)
         });
         // The principals are the identities of the handshake: the peer's certificate,
         // and the pod's own, which this ztunnel presented.
@@ -918,6 +920,24 @@ impl InboundHandler for PodInbound {
             outcome.error.as_deref(),
         );
         tunnel.caller.finish();
+    }
+
+    /// Istio's double HBONE: the service host name and port, resolved to this pod's
+    /// port for it (`ambit_core::inbound::resolve_host`).
+    fn resolve_host(
+        &self,
+        host: &HostTarget,
+        peer_addr: SocketAddr,
+    ) -> Result<HboneTarget, ConnectRefusal> {
+        let state = self.shared.model.borrow().state.clone();
+        let workload =
+            state
+                .workload(&self.pod.uid)
+                .ok_or_else(|| ConnectRefusal::UnknownHost {
+                    host: host.clone(),
+                    reason: format!("pod {} is not in the model", self.pod.uid),
+                })?;
+        resolve_host(&state, workload, peer_addr.ip(), host)
     }
 
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {

@@ -85,15 +85,19 @@ async fn supervise(
             ztunnel_flags: vec!["--log-format".into(), log_format.to_string()],
             deadline: DEADLINE,
             node_agent: Some(bin_dir.join("ambit-cni")),
-            // Waypoints talk to the control plane as their own service accounts.
+            // Every pod's service account gets a CA token, as Kubernetes projects one
+            // (audience istio-ca) into every pod: waypoints talk to the control plane
+            // as themselves, and a foreign proxy serving a pod (Istio's ztunnel) gets
+            // that workload's certificate with it (`<mesh dir>/sa-<ns>-<sa>.token`).
             accounts: app
                 .pods
                 .iter()
-                .filter(|p| p.waypoint.is_some())
                 .map(|p| ServiceAccount {
                     namespace: p.namespace.clone(),
                     name: p.service_account.clone(),
                 })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .collect(),
         },
     )?;

@@ -4,6 +4,11 @@
 //! refusal is answered with its status (400/401/503) and never affects the
 //! connection's other tunnels.
 //!
+//! A CONNECT naming `<hostname>:<port>` (Istio's double HBONE) is resolved by the
+//! handler ([`TunnelHandler::resolve_host`]) before it is accepted; handlers that do
+//! not resolve host names refuse it with 400. A request that is not a CONNECT is
+//! answered 400, as Istio's ztunnel does.
+//!
 //! After the `200` a tunnel either is relayed to the upstream the handler opened
 //! ([`InboundHandler`], ztunnel), or is handed to the handler as a byte stream
 //! ([`TunnelHandler::serve`], the waypoint, which serves HTTP inside it).
@@ -14,7 +19,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use ambit_core::hbone::{Baggage, ConnectRefusal, Forwarded, HboneTarget, TraceParent};
+use ambit_core::hbone::{
+    Baggage, ConnectRefusal, ConnectTarget, Forwarded, HboneTarget, HostTarget, TraceParent,
+};
 use ambit_core::SpiffeId;
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -31,7 +38,12 @@ pub struct InboundRequest {
     pub peer: SpiffeId,
     /// Address of the TLS connection's remote end (the source node or pod).
     pub peer_addr: SocketAddr,
+    /// The address the tunnel reaches: the `:authority`, or what its host name
+    /// resolved to.
     pub target: HboneTarget,
+    /// The `:authority` when it named a service host name (boxed: rare, and the
+    /// request is kept small).
+    pub host: Option<Box<HostTarget>>,
     pub forwarded: Option<Forwarded>,
     pub baggage: Baggage,
     pub traceparent: Option<TraceParent>,
@@ -62,6 +74,17 @@ pub trait InboundHandler: Clone + Send + Sync + Unpin + 'static {
     ) -> impl Future<Output = Result<(Self::Upstream, Self::Tunnel), ConnectRefusal>> + Send;
     fn finished(&self, tunnel: Self::Tunnel, outcome: TunnelOutcome);
     fn refused(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
+    /// The address a host-name CONNECT reaches (`peer_addr`: the connection's remote
+    /// end, whose address family the answer should have). By default host names are
+    /// refused.
+    fn resolve_host(
+        &self,
+        host: &HostTarget,
+        peer_addr: SocketAddr,
+    ) -> Result<HboneTarget, ConnectRefusal> {
+        let _ = peer_addr;
+        Err(ConnectRefusal::HostNotAccepted(host.clone()))
+    }
 }
 
 /// Any handler: decides each CONNECT ([`TunnelHandler::accept`]), then, once `200` is
@@ -84,6 +107,15 @@ pub trait TunnelHandler: Clone + Send + Sync + Unpin + 'static {
     /// Told of each refusal, after it is answered (`request` is `None` when the
     /// CONNECT itself could not be parsed).
     fn report_refusal(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal);
+    /// As [`InboundHandler::resolve_host`]: by default host names are refused.
+    fn resolve_host(
+        &self,
+        host: &HostTarget,
+        peer_addr: SocketAddr,
+    ) -> Result<HboneTarget, ConnectRefusal> {
+        let _ = peer_addr;
+        Err(ConnectRefusal::HostNotAccepted(host.clone()))
+    }
 }
 
 impl<H: InboundHandler> TunnelHandler for H {
@@ -108,6 +140,14 @@ impl<H: InboundHandler> TunnelHandler for H {
 
     fn report_refusal(&self, request: Option<&InboundRequest>, refusal: &ConnectRefusal) {
         self.refused(request, refusal);
+    }
+
+    fn resolve_host(
+        &self,
+        host: &HostTarget,
+        peer_addr: SocketAddr,
+    ) -> Result<HboneTarget, ConnectRefusal> {
+        InboundHandler::resolve_host(self, host, peer_addr)
     }
 }
 
@@ -316,7 +356,7 @@ async fn accept_stream<H: TunnelHandler>(
     handler: H,
 ) -> Option<Accepted<H>> {
     let (parts, recv) = request.into_parts();
-    let inbound = match parse(&parts, peer, peer_addr) {
+    let inbound = match parse(&parts, peer, peer_addr, &handler) {
         Ok(r) => r,
         Err(refusal) => {
             handler.report_refusal(None, &refusal);
@@ -337,21 +377,29 @@ async fn accept_stream<H: TunnelHandler>(
     Some((accepted, H2Stream::new(send, recv)))
 }
 
-fn parse(
+fn parse<H: TunnelHandler>(
     parts: &http::request::Parts,
     peer: SpiffeId,
     peer_addr: SocketAddr,
+    handler: &H,
 ) -> Result<InboundRequest, ConnectRefusal> {
     if parts.method != Method::CONNECT {
         return Err(ConnectRefusal::NotConnect(parts.method.to_string()));
     }
     let authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
-    let target = HboneTarget::parse_authority(authority)?;
+    let (target, host) = match ConnectTarget::parse_authority(authority)? {
+        ConnectTarget::Addr(target) => (target, None),
+        ConnectTarget::Host(host) => (
+            handler.resolve_host(&host, peer_addr)?,
+            Some(Box::new(host)),
+        ),
+    };
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     Ok(InboundRequest {
         peer,
         peer_addr,
         target,
+        host,
         // Telemetry headers are advisory: a malformed one is dropped, not fatal.
         forwarded: header("forwarded").and_then(|v| Forwarded::parse(v).ok()),
         baggage: header("baggage").map(Baggage::parse).unwrap_or_default(),
