@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# ztunnel's whole-path benchmark in the local mesh (as root): iperf3 (1 and 8 streams),
-# sockperf 1 KB ping-pong latency, wrk new connections/s and hey at a fixed rate against
-# nginx, each direct vs through two ztunnels in the same run, and ztunnel memory per
-# idle proxied connection. Release build. Report: target/bench-report.md.
+# ztunnel's whole-path benchmark in the local mesh (as root), side by side with Istio's
+# ztunnel when its release binary is there (AMBIT_ISTIO_ZTUNNEL, else
+# /work/shared/anchors/istio-ztunnel, else ../shared/anchors/istio-ztunnel beside the
+# repository; without it the Istio column is skipped and the report says why): direct,
+# Istio x2 and Ambit x2, interleaved over 4 rounds, medians and ranges. iperf3 (1 and 8
+# streams), sockperf 1 KB ping-pong latency (p50/p90/p99), wrk new connections/s and
+# keep-alive requests/s, hey at 1,000 requests/s (both proxies' CPU, added latency),
+# and both proxies' memory, idle and per idle proxied connection. Release build.
+# Report: target/bench-report.md.
+#
+# `scripts/bench.sh quick`: one short round (for development); AMBIT_BENCH_ROUNDS=N
+# sets the rounds. `scripts/bench.sh profile [direct|istio|ambit]
+# [sockperf|keepalive|iperf|fixed]`: one tool on one path for 30 s, the proxies' pids
+# printed first, for `perf record -g -p PID`.
 #
 # `scripts/bench.sh waypoint [quick]`: the waypoint's benchmark instead, Ambit's
 # waypoint against Envoy 1.40 as the same L7 hop, and the ztunnel-only path, in the

@@ -709,13 +709,20 @@ pub async fn node_request(
     method: &str,
     path: &str,
 ) -> std::io::Result<String> {
+    let netns = mesh.node(node).map_err(std::io::Error::other)?.netns();
+    netns_request(netns, port, method, path).await
+}
+
+/// [`node_request`] to port `port` of any namespace's loopback (a node's or a pod's:
+/// a proxy running inside a pod, such as the benchmark's Istio ztunnel).
+pub async fn netns_request(
+    netns: &crate::Netns,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
-    let netns = mesh
-        .node(node)
-        .map_err(std::io::Error::other)?
-        .netns()
-        .path();
-    let ns = ambit_net::netns::NetnsHandle::from_path(netns)?;
+    let ns = ambit_net::netns::NetnsHandle::from_path(netns.path())?;
     let request = format!(
         "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     );

@@ -33,7 +33,7 @@ use ambit_net::redirect::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use ambit_net::tls::{self, CertSlot, ClientAuth};
 use ambit_proto::handoff::WorkloadInfo;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::metrics::{RefusalLabels, Reporter};
 use crate::proxy::{self, Shared};
@@ -49,32 +49,111 @@ pub struct Pod {
     pub pool: HbonePool<MeshConnector>,
     /// Accept loops and certificate rotation; aborted when the pod is removed.
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// Becomes true when the pod is removed: its open connections close.
-    removed: tokio::sync::watch::Sender<bool>,
+    /// The tasks of its open connections, aborted when it is removed.
+    connections: ConnectionTasks,
+}
+
+/// A pod's open connections: each one's task, by a number of its own. Registered once
+/// when the connection starts and removed when it ends, so that a connection's
+/// per-wake-up work has nothing to do with its pod: an earlier version had every
+/// connection's task also wait on one pod-wide `watch`, whose waiter list it locked at
+/// every wake-up (per relayed message), all of the pod's connections contending for
+/// that one lock across the worker threads.
+#[derive(Debug, Clone)]
+struct ConnectionTasks(Arc<Mutex<Connections>>);
+
+#[derive(Debug)]
+struct Connections {
+    /// `None` once closed: connections starting then are closed at once.
+    open: Option<HashMap<u64, AbortHandle>>,
+    next: u64,
+}
+
+/// Takes a connection's task out of its [`ConnectionTasks`] when it ends.
+struct Registered {
+    tasks: ConnectionTasks,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut connections = self.tasks.lock();
+        if let Some(open) = connections.open.as_mut() {
+            open.remove(&self.id);
+            // Give back what a burst of connections grew it to, once they are gone.
+            if open.capacity() > 64 && open.len() * 4 < open.capacity() {
+                open.shrink_to(open.len() * 2);
+            }
+        }
+    }
+}
+
+impl ConnectionTasks {
+    fn new() -> Self {
+        ConnectionTasks(Arc::new(Mutex::new(Connections {
+            open: Some(HashMap::new()),
+            next: 0,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Spawns `connection`, to be aborted by [`ConnectionTasks::close`]; after that,
+    /// drops it unstarted (its sockets close).
+    fn spawn(&self, connection: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut connections = self.lock();
+        let id = connections.next;
+        connections.next += 1;
+        let Some(open) = connections.open.as_mut() else {
+            return;
+        };
+        let registered = Registered {
+            tasks: self.clone(),
+            id,
+        };
+        // Registered while the lock is held: a task ending at once on another thread
+        // waits for it, and then finds its entry to remove.
+        let task = tokio::spawn(async move {
+            let _registered = registered;
+            connection.await;
+        });
+        open.insert(id, task.abort_handle());
+    }
+
+    /// Aborts every connection's task, and any spawned from now on.
+    fn close(&self) {
+        let open = self.lock().open.take();
+        for task in open.into_iter().flat_map(HashMap::into_values) {
+            task.abort();
+        }
+    }
+
+    /// Connections running now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().open.as_ref().map_or(0, HashMap::len)
+    }
 }
 
 impl Pod {
-    /// Runs `connection` until it ends, or until the pod is removed: then its sockets
-    /// are closed, so the app sees its connection end cleanly while the pod's rules
-    /// still steer its packets here (a connection left open would hang once the rules
-    /// are gone: its packets would reach a peer that never had it).
-    pub fn until_removed(
+    /// Runs `connection` in a task of its own until it ends, or until the pod is
+    /// removed: then its sockets are closed (the task is aborted), so the app sees its
+    /// connection end cleanly while the pod's rules still steer its packets here (a
+    /// connection left open would hang once the rules are gone: its packets would
+    /// reach a peer that never had it). A pod already removed closes it at once.
+    pub fn spawn_connection(
         &self,
         connection: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut removed = self.removed.subscribe();
-        async move {
-            tokio::select! {
-                () = connection => {}
-                _ = removed.wait_for(|r| *r) => {}
-            }
-        }
+    ) {
+        self.connections.spawn(connection);
     }
 
     /// Closes the pod's open connections (it is removed; its listeners are stopped
     /// with [`Pod::stop`]).
     pub fn close_connections(&self) {
-        self.removed.send_replace(true);
+        self.connections.close();
     }
 
     /// Closes the pod's listeners; connections already open run to their end. The
@@ -106,6 +185,8 @@ impl Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         self.stop();
+        // As when it is removed: none of its connections outlives it.
+        self.close_connections();
     }
 }
 
@@ -252,7 +333,7 @@ impl Pods {
             netns,
             pool,
             tasks: Mutex::new(Vec::new()),
-            removed: tokio::sync::watch::channel(false).0,
+            connections: ConnectionTasks::new(),
         };
         Ok((
             pod,
@@ -338,7 +419,7 @@ impl Pods {
                                 stream,
                                 peer,
                             ));
-                            tokio::spawn(pod.until_removed(task));
+                            pod.spawn_connection(task);
                         }
                         Role::InboundPlaintext => {
                             let task = proxy::ConnectionTask::new(proxy::open_inbound_plaintext(
@@ -347,13 +428,13 @@ impl Pods {
                                 stream,
                                 peer,
                             ));
-                            tokio::spawn(pod.until_removed(task));
+                            pod.spawn_connection(task);
                         }
                         Role::InboundHbone => {
                             let until = pod.clone();
-                            tokio::spawn(until.until_removed(async move {
+                            until.spawn_connection(async move {
                                 proxy::inbound_hbone(&shared, &pod, stream, peer, server_tls).await
-                            }));
+                            });
                         }
                     }
                 }
@@ -441,5 +522,54 @@ impl HandoffHandler for Pods {
 
     fn snapshot_complete(&self) {
         self.snapshot_served.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (bounded) until `done` holds, yielding to the runtime meanwhile.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not within 10 s: {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ended_connections_are_forgotten_and_closing_ends_the_rest_and_later_ones() {
+        let tasks = ConnectionTasks::new();
+        // Ten that end at once, and three that would run for ever, each holding a
+        // channel's sender: dropping the task drops it.
+        for _ in 0..10 {
+            tasks.spawn(async {});
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        for _ in 0..3 {
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                let _tx = tx;
+                std::future::pending::<()>().await;
+            });
+        }
+        drop(tx);
+        until("the ten ended connections forgotten", || tasks.len() == 3).await;
+        tasks.close();
+        // Every sender is gone once the three tasks are dropped.
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the open connections were not aborted");
+        assert_eq!(tasks.len(), 0);
+        // Closed: a connection starting now is dropped without running.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        tasks.spawn(async move {
+            let _ = tx.send(()).await;
+        });
+        assert_eq!(rx.recv().await, None, "a connection ran after close");
     }
 }

@@ -57,8 +57,8 @@ use ambit_localmesh::{Pod, PodSpec, Process, Protocol, ServiceAccount, WaypointC
 
 use super::support::{bin, poll_until, two_nodes, Harness, DEADLINE};
 use super::{
-    process_ticks, rss_bytes, run, start_nginx_with, ticks_per_second, FIXED_RATE_EACH,
-    FIXED_WORKERS,
+    number_after, process_ticks, rss_bytes, run, spread, start_nginx_with, ticks_per_second,
+    FIXED_RATE_EACH, FIXED_WORKERS,
 };
 
 const NS: &str = "bench";
@@ -1033,20 +1033,6 @@ fn anon_rss_bytes(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// The first number after `anchor` in `text`.
-fn number_after(text: &str, anchor: &str) -> f64 {
-    let at = text
-        .find(anchor)
-        .unwrap_or_else(|| panic!("no {anchor:?} in:\n{text}"));
-    let num: String = text[at + anchor.len()..]
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    num.parse()
-        .unwrap_or_else(|_| panic!("bad number {num:?} after {anchor:?} in:\n{text}"))
-}
-
 /// Starts Envoy in `pod` as waypoint `envoy-wp` of two Services: (c)'s, whose only
 /// endpoint is `server`, and (e)'s (routes and JWT, `jwks`), whose only endpoint is
 /// `routed`.
@@ -1391,18 +1377,6 @@ request; Envoy keeps only its own counters and histograms), the peer metadata fr
 subscription and certificate rotation (Envoy's configuration and certificate are static \
 files, its certificate signed with the mesh CA's key by openssl). Both access logs are \
 buffered and flushed every second.\n";
-
-/// The median and the range of `values`.
-fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let median = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    (median, values[0], values[n - 1])
-}
 
 fn report(samples: &[[Sample; 5]], plan: &Plan) -> String {
     let fmt = |v: Vec<f64>, digits: usize| {
