@@ -223,7 +223,8 @@ pub trait HandoffHandler: Send + Sync {
     /// The pods ztunnel currently serves.
     fn served(&self) -> BTreeSet<String>;
     /// A node agent's snapshot has been served: ztunnel serves exactly the pods it
-    /// named.
+    /// named, every one of them (a snapshot in which a pod was refused is not
+    /// complete: a ztunnel replacing another must not turn ready without it).
     fn snapshot_complete(&self) {}
 }
 
@@ -275,6 +276,8 @@ pub async fn serve_conn<H: HandoffHandler>(
 ) -> Result<(), HandoffError> {
     // Pods named since Hello; None once the snapshot is complete.
     let mut snapshot: Option<BTreeSet<String>> = None;
+    // Pods of the current snapshot that could not be served.
+    let mut refused: Vec<String> = Vec::new();
     while let Some((data, fd)) = conn.recv().await? {
         let msg = NodeAgentMessage::decode(data.as_slice());
         let result: Result<(), String> = match msg.map(|m| m.payload) {
@@ -286,6 +289,7 @@ pub async fn serve_conn<H: HandoffHandler>(
             )),
             Ok(Some(Payload::Hello(_))) => {
                 snapshot = Some(BTreeSet::new());
+                refused.clear();
                 Ok(())
             }
             Ok(Some(Payload::Add(add))) => match fd {
@@ -296,10 +300,12 @@ pub async fn serve_conn<H: HandoffHandler>(
                 Some(netns) => {
                     let info = add.workload_info.unwrap_or_default();
                     let r = handler.add(&add.uid, &info, netns).await;
-                    if r.is_ok() {
-                        if let Some(s) = snapshot.as_mut() {
+                    match (&r, snapshot.as_mut()) {
+                        (Ok(()), Some(s)) => {
                             s.insert(add.uid.clone());
                         }
+                        (Err(_), Some(_)) => refused.push(add.uid.clone()),
+                        (_, None) => {}
                     }
                     r
                 }
@@ -325,8 +331,13 @@ pub async fn serve_conn<H: HandoffHandler>(
                             failures.push(format!("{stale}: {e}"));
                         }
                     }
-                    if failures.is_empty() {
+                    if !refused.is_empty() {
+                        tracing::warn!(pods = ?refused, "the node agent's snapshot is not complete: these pods could not be served");
+                    }
+                    if failures.is_empty() && refused.is_empty() {
                         handler.snapshot_complete();
+                        Ok(())
+                    } else if failures.is_empty() {
                         Ok(())
                     } else {
                         Err(failures.join("; "))

@@ -20,6 +20,8 @@ use prost::Message;
 #[derive(Clone, Default)]
 struct Served {
     pods: Arc<Mutex<BTreeMap<String, (WorkloadInfo, String)>>>,
+    /// Snapshots completed.
+    complete: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn ns_of(fd: &impl AsRawFd) -> String {
@@ -32,6 +34,9 @@ fn ns_of(fd: &impl AsRawFd) -> String {
 impl HandoffHandler for Served {
     async fn add(&self, uid: &str, info: &WorkloadInfo, netns: OwnedFd) -> Result<(), String> {
         let ns = ns_of(&netns);
+        if uid.starts_with("refuse") {
+            return Err(format!("{uid}: cannot listen"));
+        }
         if !ns.starts_with("net:[") {
             return Err(format!("descriptor is not a network namespace: {ns}"));
         }
@@ -50,6 +55,39 @@ impl HandoffHandler for Served {
     fn served(&self) -> BTreeSet<String> {
         self.pods.lock().unwrap().keys().cloned().collect()
     }
+
+    fn snapshot_complete(&self) {
+        self.complete
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A snapshot is complete only when every pod it named is served: a ztunnel that
+/// could not take one (it cannot listen in the pod) must not say it serves the node.
+#[tokio::test]
+async fn a_snapshot_with_a_refused_pod_is_not_complete() {
+    use std::sync::atomic::Ordering;
+    let s = start();
+    let own_ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let client = HandoffClient::connect(&s.path).await.unwrap();
+    client
+        .add("uid-a", info("a"), own_ns.as_fd())
+        .await
+        .unwrap();
+    client.snapshot_sent().await.unwrap();
+    assert_eq!(s.served.complete.load(Ordering::SeqCst), 1);
+
+    let again = HandoffClient::connect(&s.path).await.unwrap();
+    again.add("uid-a", info("a"), own_ns.as_fd()).await.unwrap();
+    let refused = again.add("refuse-b", info("b"), own_ns.as_fd()).await;
+    assert!(refused.is_err(), "{refused:?}");
+    again.snapshot_sent().await.unwrap();
+    assert_eq!(
+        s.served.complete.load(Ordering::SeqCst),
+        1,
+        "a snapshot with a refused pod counted as complete"
+    );
+    assert_eq!(s.served.served(), BTreeSet::from(["uid-a".to_string()]));
 }
 
 fn info(name: &str) -> WorkloadInfo {
