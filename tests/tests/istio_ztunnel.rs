@@ -17,12 +17,15 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit_localmesh::{Netns, Protocol, ServiceSpec};
 use support::{apply, pod, two_nodes, Harness};
 
 /// Where the anchor binary is, if it is on this machine.
+/// How long each step may take (Istio's ztunnel fetches certificates and config lazily).
+const WAIT: Duration = Duration::from_secs(30);
+
 fn istio_ztunnel() -> Option<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let candidates = [
@@ -176,30 +179,27 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
         .unwrap_or_else(|e| panic!("starting Istio's ztunnel: {e}"));
 
     // Its view of the mesh, once xDS delivered it.
-    let start = Instant::now();
-    let dump = loop {
-        let last = get_in(web.netns(), 15000, "/config_dump").await;
-        if let Ok(body) = &last {
-            if let Ok(dump) = serde_json::from_str::<serde_json::Value>(body) {
-                let workloads = names(&dump, "workloads", "uid");
-                let policies = names(&dump, "policies", "name");
-                if workloads.iter().any(|w| w.contains("client"))
-                    && workloads.iter().any(|w| w.contains("web"))
-                    && policies.iter().any(|p| p == "deny-legacy")
-                {
-                    break dump;
-                }
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "Istio's ztunnel never showed the mesh in /config_dump; last answer: {last:?}\n\
-             Istio's ztunnel:\n{}\n{}",
-            istio.log(),
-            h.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let dump = support::eventually(
+        WAIT,
+        || async {
+            let body = get_in(web.netns(), 15000, "/config_dump").await.ok()?;
+            let dump = serde_json::from_str::<serde_json::Value>(&body).ok()?;
+            let workloads = names(&dump, "workloads", "uid");
+            let policies = names(&dump, "policies", "name");
+            (workloads.iter().any(|w| w.contains("client"))
+                && workloads.iter().any(|w| w.contains("web"))
+                && policies.iter().any(|p| p == "deny-legacy"))
+            .then_some(dump)
+        },
+        || {
+            format!(
+                "Istio's ztunnel to show the mesh in /config_dump\nIstio's ztunnel:\n{}\n{}",
+                istio.log(),
+                h.logs()
+            )
+        },
+    )
+    .await;
     let workloads = dump["workloads"].as_array().unwrap();
     let client_dump = workloads
         .iter()
@@ -228,17 +228,18 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
     // Istio's ztunnel terminates it with a certificate from Ambit's CA.
     let _echo = h.serve(&web, &["echo", "--port", "8080"]);
     let to = SocketAddr::new(web.ip().into(), 8080);
-    let start = Instant::now();
-    while !support::connects(&h, &client, to) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "client → web over HBONE through Istio's ztunnel never connected\n\
-             Istio's ztunnel:\n{}\n{}",
-            istio.log(),
-            h.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::eventually(
+        WAIT,
+        || async { support::connects(&h, &client, to).then_some(()) },
+        || {
+            format!(
+                "client → web over HBONE through Istio's ztunnel\nIstio's ztunnel:\n{}\n{}",
+                istio.log(),
+                h.logs()
+            )
+        },
+    )
+    .await;
     let tunnel = h
         .ztunnel("node-a")
         .wait_for_log("direction=\"outbound\"", Duration::from_secs(10))
@@ -302,17 +303,18 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
     assert!(capture.status.success(), "iptables: {}", capture.log);
     let _client_echo = h.serve(&client, &["echo", "--port", "8080"]);
     let back = SocketAddr::new(client.ip().into(), 8080);
-    let start = Instant::now();
-    while !support::connects(&h, &web, back) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "web → client through Istio's ztunnel and Ambit's never connected\n\
-             Istio's ztunnel:\n{}\n{}",
-            istio.log(),
-            h.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::eventually(
+        WAIT,
+        || async { support::connects(&h, &web, back).then_some(()) },
+        || {
+            format!(
+                "web → client through Istio's ztunnel and Ambit's\nIstio's ztunnel:\n{}\n{}",
+                istio.log(),
+                h.logs()
+            )
+        },
+    )
+    .await;
     let inbound = h
         .ztunnel("node-a")
         .wait_for_log("direction=\"inbound\"", Duration::from_secs(10))
@@ -331,26 +333,26 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
     for (from, to) in [(&client, &web), (&web, &client)] {
         let to = SocketAddr::new(to.ip().into(), 8081).to_string();
         let path = format!("/{secret}");
-        let start = Instant::now();
-        loop {
-            let out = h.run_app(
-                from,
-                &["get", "--to", &to, "--path", &path, "--count", "1"],
-                Duration::from_secs(10),
-            );
-            if out.status.success() && out.log.contains("200 pod=") {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "GET {to} from {} failed: {}\nIstio's ztunnel:\n{}\n{}",
-                from.uid(),
-                out.log,
-                istio.log(),
-                h.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        support::eventually(
+            WAIT,
+            || async {
+                let out = h.run_app(
+                    from,
+                    &["get", "--to", &to, "--path", &path, "--count", "1"],
+                    Duration::from_secs(10),
+                );
+                (out.status.success() && out.log.contains("200 pod=")).then_some(())
+            },
+            || {
+                format!(
+                    "GET {to} from {} to succeed\nIstio's ztunnel:\n{}\n{}",
+                    from.uid(),
+                    istio.log(),
+                    h.logs()
+                )
+            },
+        )
+        .await;
     }
     for pod in [&web, &client] {
         wire.wait_for_log(&format!("{}.15008", pod.ip()), Duration::from_secs(10))
@@ -396,26 +398,24 @@ async fn an_istio_ztunnel_takes_its_certificate_and_config_from_ambit_control() 
     );
 
     // The certificate Istio's ztunnel presented came from Ambit's CA, for web.
-    let start = Instant::now();
-    loop {
-        let dump = get_in(web.netns(), 15000, "/config_dump").await;
-        let certs = dump
-            .as_deref()
-            .ok()
-            .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-            .map(|d| d["certificates"].to_string())
-            .unwrap_or_default();
-        if certs.contains("spiffe://cluster.local/ns/shop/sa/web") && certs.contains("Available") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "Istio's ztunnel holds no certificate for shop/web from Ambit's CA: {certs}\n{}\n{}",
-            istio.log(),
-            h.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::eventually(
+        WAIT,
+        || async {
+            let dump = get_in(web.netns(), 15000, "/config_dump").await.ok()?;
+            let dump = serde_json::from_str::<serde_json::Value>(&dump).ok()?;
+            let certs = dump["certificates"].to_string();
+            (certs.contains("spiffe://cluster.local/ns/shop/sa/web") && certs.contains("Available"))
+                .then_some(())
+        },
+        || {
+            format!(
+                "Istio's ztunnel to hold a certificate for shop/web from Ambit's CA\n{}\n{}",
+                istio.log(),
+                h.logs()
+            )
+        },
+    )
+    .await;
     println!(
         "Istio's ztunnel took {} workloads, {} services and {} policies from ambit-control",
         workloads.len(),
